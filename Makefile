@@ -1,0 +1,59 @@
+# group-worker: `make help` lists the targets. CI (.ci/run) calls the same ones.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KAFKA := deploy/local-kafka/kafka.sh
+# The test suite gets a broker of its own, so it never touches the one `make run` uses.
+TEST_KAFKA_PORT ?= 19092
+PYTEST_ARGS ?=
+
+.PHONY: help venv kafka-up kafka-down kafka-status run topics test test-unit lint typecheck check
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+venv: $(VENV)/.installed ## create .venv with the worker and its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+kafka-up: ## start the local Kafka broker on 127.0.0.1:9092 (fetches the jars once)
+	@bash $(KAFKA) up
+
+kafka-down: ## stop the local Kafka broker
+	@bash $(KAFKA) down
+
+kafka-status: ## say whether the local Kafka broker runs
+	@bash $(KAFKA) status
+
+run: venv kafka-up ## set up, start Kafka, run the worker in the foreground (Ctrl-C stops it)
+	$(BIN)/group-worker run
+
+topics: venv kafka-up ## create the worker's topics and check their layout
+	$(BIN)/group-worker topics create
+
+test: venv ## set up, start a test broker, run every test, stop the broker it started
+	@started=0; \
+	if ! KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) status >/dev/null; then \
+	  KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) up || exit 1; started=1; fi; \
+	GROUP_WORKER_TEST_BOOTSTRAP=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) down; fi; \
+	exit $$rc
+
+test-unit: venv ## run the unit tests only (seconds, no broker)
+	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: venv ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv ## mypy --strict on worker/ and tests/
+	$(BIN)/mypy
+
+check: lint typecheck test ## everything CI runs

@@ -1,0 +1,35 @@
+"""JSON encoding and decoding: the only module that imports the JSON library.
+
+orjson is strict where it matters for dead-lettering: it rejects invalid UTF-8,
+``NaN``/``Infinity``, integers beyond 64 bits and nesting deeper than 1024 levels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+__all__ = ["DecodeError", "decode", "encode", "encode_lenient", "encode_sorted"]
+
+DecodeError = orjson.JSONDecodeError
+
+
+def decode(data: bytes | str) -> Any:
+    """Parse one JSON document; raises ``DecodeError`` (a ``ValueError``) when invalid."""
+    return orjson.loads(data)
+
+
+def encode(value: Any) -> bytes:
+    """Serialise ``value`` to compact JSON bytes; raises ``TypeError`` for non-JSON values."""
+    return orjson.dumps(value)
+
+
+def encode_sorted(value: Any) -> bytes:
+    """Serialise with sorted keys: the same value always gives the same bytes."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def encode_lenient(value: Any, **_: Any) -> bytes:
+    """Serialise for logs: anything that is not JSON becomes its ``str``."""
+    return orjson.dumps(value, default=str)

@@ -1,0 +1,201 @@
+"""Configuration: loaded once at start, validated, frozen, passed explicitly.
+
+Sources, later ones winning: the defaults below (mirrored, commented, in
+``config/worker.toml``), a TOML file, then environment variables
+``GROUP_WORKER_<SECTION>_<KEY>`` (``GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS``). Any other
+``GROUP_WORKER_KAFKA_*`` variable sets a librdkafka property (``_`` becomes ``.``:
+``GROUP_WORKER_KAFKA_SASL_PASSWORD`` sets ``sasl.password``); a ``_FILE`` suffix reads
+the value from that file, for mounted secrets. Every problem raises ``ConfigError``
+with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from worker.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "HttpConfig",
+    "KafkaConfig",
+    "LogConfig",
+    "ProcessingGuarantee",
+    "TopicsConfig",
+    "WorkerConfig",
+    "load_config",
+    "redact",
+]
+
+ProcessingGuarantee = Literal["exactly_once", "at_least_once"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_ENV_PREFIX = "GROUP_WORKER_"
+_SECRET_MARKERS = ("password", "secret", "key", "token", "credentials")
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # Any other librdkafka property, passed to every client as is.
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicsConfig:
+    input: str = "segment.raw"
+    enriched: str = "segment.group.enriched"
+    state: str = "segment.group.state"
+    members: str = "segment.group.members"
+    dlq: str = "segment.group.dlq"
+    partitions: int = 6
+    replication_factor: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    group_id: str = "group-worker"
+    processing_guarantee: ProcessingGuarantee = "exactly_once"
+    input_keyed_by_group_id: bool = False
+    dedupe_window_seconds: int = 86_400
+    max_event_bytes: int = 32_768
+    max_batch_bytes: int = 524_288
+    phone_default_region: str = ""
+    instance_id: str = ""
+    group_instance_id: str = ""
+    batch_size: int = 1_000
+    commit_interval_ms: int = 100
+    shutdown_timeout_seconds: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = typing.get_type_hints(Config)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from ``path`` (TOML, optional) and ``environ``.
+
+    Reads the file and any ``_FILE`` secrets; raises ``ConfigError`` on any problem.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+        for section, values in document.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"config: unknown section [{section}]")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config: [{section}] must be a table")
+            raw[section] = dict(values)
+    _apply_environment(raw, os.environ if environ is None else environ)
+    return Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
+
+
+def redact(properties: Mapping[str, Any]) -> dict[str, Any]:
+    """``properties`` with the values of secret-looking keys replaced, for logging."""
+    return {
+        k: "***" if any(m in k.lower() for m in _SECRET_MARKERS) else v
+        for k, v in properties.items()
+    }
+
+
+def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        rest = name[len(_ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(f"config: unknown environment variable {name}")
+        if key.endswith("_file"):
+            key = key.removesuffix("_file")
+            try:
+                value = Path(value).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"config: cannot read {name}={value}: {e.strerror}") from None
+        if section == "kafka" and key != "bootstrap_servers":
+            key = key.replace("_", ".")
+        raw.setdefault(section, {})[key] = value
+
+
+def _build(section: str, values: dict[str, Any]) -> Any:
+    cls = _SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    properties: dict[str, str] = {}
+    for key, value in values.items():
+        if key not in hints or key == "properties":
+            if section == "kafka":
+                properties[key] = _librdkafka_value(key, value)
+                continue
+            raise ConfigError(f"config: unknown key {section}.{key}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    if section == "kafka":
+        kwargs["properties"] = properties
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"config: {name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"config: {name} must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config: {name} must be an integer, got {value!r}")
+        if value < 0 and not name.endswith("replication_factor"):
+            raise ConfigError(f"config: {name} must not be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"config: {name} must be a string, got {value!r}")
+    return value
+
+
+def _librdkafka_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise ConfigError(f"config: kafka.{key} must be a string, number or boolean")

@@ -1,0 +1,59 @@
+"""The one error tree of group-worker.
+
+::
+
+    WorkerError
+    ├── ConfigError          bad configuration: fatal at start, one line naming the key
+    ├── TopicError           topic layout wrong (missing and not creatable, mismatched
+    │                        partition counts): fatal at start
+    └── KafkaError           a Kafka failure, translated from confluent-kafka in one place
+        ├── RetriableError   transient (broker away, timeouts): retried with backoff,
+        │                    nothing committed meanwhile
+        ├── AbortableError   the open transaction must be aborted: the worker aborts it
+        │                    and rewinds to the committed offsets
+        └── FatalError       cannot continue (fenced producer, undeliverable output):
+                             the process exits non-zero so the orchestrator restarts it
+
+An *invalid event* is not an exception: it becomes a dead letter (``events.DeadLetter``),
+is committed like any other outcome, and is never retried.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AbortableError",
+    "ConfigError",
+    "FatalError",
+    "KafkaError",
+    "RetriableError",
+    "TopicError",
+    "WorkerError",
+]
+
+
+class WorkerError(Exception):
+    """Base of every error group-worker raises on purpose."""
+
+
+class ConfigError(WorkerError):
+    """The configuration is invalid; the message names the key."""
+
+
+class TopicError(WorkerError):
+    """The topics cannot be used as configured."""
+
+
+class KafkaError(WorkerError):
+    """A Kafka operation failed."""
+
+
+class RetriableError(KafkaError):
+    """A transient Kafka failure; the operation may succeed if retried."""
+
+
+class AbortableError(KafkaError):
+    """The open transaction cannot commit; abort it and replay from committed offsets."""
+
+
+class FatalError(KafkaError):
+    """A Kafka failure the worker cannot recover from in-process."""

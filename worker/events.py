@@ -1,0 +1,116 @@
+"""Value objects that flow through the worker, and the shape of a consumed record.
+
+``SourceRecord`` stands in for ``confluent_kafka.Message``, which Python code cannot
+construct: the real message satisfies it, and tests build ``events.Record`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "DeadLetter",
+    "Enriched",
+    "Outcome",
+    "OutcomeKind",
+    "Position",
+    "Record",
+    "Skipped",
+    "SourceRecord",
+]
+
+OutcomeKind = Literal["enriched", "duplicate", "skipped", "dead_letter"]
+
+
+class SourceRecord(Protocol):
+    """The part of a consumed Kafka message the pipeline reads."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> str | bytes | None: ...
+    def value(self) -> str | bytes | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A plain ``SourceRecord`` for tests and for the offline ``normalise`` command."""
+
+    topic_: str
+    partition_: int
+    offset_: int
+    value_: bytes | None
+    key_: bytes | None = None
+    timestamp_ms: int = 0
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self.timestamp_ms)  # TIMESTAMP_CREATE_TIME
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a call came from: its record, and its index inside a batch envelope."""
+
+    topic: str
+    partition: int
+    offset: int
+    index: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+        }
+        if self.index is not None:
+            out["index"] = self.index
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Enriched:
+    """A valid group call, normalised; ``call`` is the enriched record's value."""
+
+    group_id: str
+    call: dict[str, Any]
+    event_time_ms: int
+    warnings: tuple[str, ...] = ()  # warning codes, for the metrics
+    kind: Literal["enriched"] = "enriched"
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A call of another type (track, identify...), counted and dropped."""
+
+    call_type: str
+    kind: Literal["skipped"] = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A call that cannot be processed; ``letter`` is the dead-letter record's value."""
+
+    reason: str
+    key: bytes | None
+    letter: dict[str, Any]
+    kind: Literal["dead_letter"] = "dead_letter"
+
+
+Outcome = Enriched | Skipped | DeadLetter

@@ -1,0 +1,91 @@
+"""Every Prometheus metric of group-worker, defined once, each with what it means.
+
+Names carry the ``group_worker_`` prefix and base units; counters end in ``_total``;
+labels are low-cardinality only (never a groupId).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from worker import __version__
+from worker.events import OutcomeKind
+
+__all__ = ["OUTCOMES", "Metrics"]
+
+OUTCOMES: tuple[OutcomeKind, ...] = ("enriched", "duplicate", "skipped", "dead_letter")
+_PREFIX = "group_worker"
+
+
+class Metrics:
+    """The worker's metrics, registered in ``registry`` (a fresh one per worker)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # Kafka records read from the input topic.
+        self.records_consumed = Counter(
+            f"{_PREFIX}_records_consumed", "Kafka records consumed", registry=r
+        )
+        # Calls read (a batch envelope counts each call); equals the sum of outcomes.
+        self.calls_consumed = Counter(
+            f"{_PREFIX}_calls_consumed", "Calls consumed, envelopes split", registry=r
+        )
+        # Each call's single outcome: enriched, duplicate, skipped or dead_letter.
+        self.outcomes = Counter(f"{_PREFIX}_outcomes", "Calls by outcome", ["outcome"], registry=r)
+        # Skipped calls by their type (identify, track...; unknown types are "other").
+        self.skipped = Counter(
+            f"{_PREFIX}_skipped_calls", "Non-group calls skipped, by type", ["type"], registry=r
+        )
+        # Dead letters by reason code.
+        self.dead_letters = Counter(
+            f"{_PREFIX}_dead_letters", "Dead letters by reason", ["reason"], registry=r
+        )
+        # Traits dropped or overridden during normalisation, by warning code.
+        self.trait_warnings = Counter(
+            f"{_PREFIX}_trait_warnings", "Trait warnings by code", ["code"], registry=r
+        )
+        # Time to process one consumed batch, decode to produce (not the commit).
+        self.processing_duration = Histogram(
+            f"{_PREFIX}_processing_duration_seconds",
+            "Batch processing time",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        # Wall-clock time from a call's event time to its processing.
+        self.event_age = Histogram(
+            f"{_PREFIX}_event_age_seconds",
+            "Age of calls when processed",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600, 86400),
+        )
+        # Time to commit: flush and offset commit, or the transaction commit.
+        self.commit_duration = Histogram(
+            f"{_PREFIX}_commit_duration_seconds",
+            "Commit time",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        # Commits that failed and were aborted or retried.
+        self.commit_failures = Counter(f"{_PREFIX}_commit_failures", "Failed commits", registry=r)
+        # Output records the producer could not deliver.
+        self.produce_errors = Counter(
+            f"{_PREFIX}_produce_errors", "Undeliverable output records", registry=r
+        )
+        # Input partitions currently assigned to this worker.
+        self.assigned_partitions = Gauge(
+            f"{_PREFIX}_assigned_partitions", "Assigned input partitions", registry=r
+        )
+        # Rebalance events by kind: assign, revoke, lost.
+        self.rebalances = Counter(
+            f"{_PREFIX}_rebalances", "Rebalance callbacks by kind", ["kind"], registry=r
+        )
+        # Records between the committed position and the end of each assigned partition.
+        self.consumer_lag = Gauge(
+            f"{_PREFIX}_consumer_lag", "Consumer lag in records", ["topic", "partition"], registry=r
+        )
+        # The running version, as a label on a constant 1.
+        self.build = Info(f"{_PREFIX}_build", "Build information", registry=r)
+        self.build.info({"version": __version__})
+        for outcome in OUTCOMES:  # export zeros, so rate() and sums work from the start
+            self.outcomes.labels(outcome)

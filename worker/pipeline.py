@@ -1,0 +1,255 @@
+"""The pure core of a stage: one consumed record in, one outcome per call out.
+
+``process_record`` decodes the record, splits a ``{"batch": [...]}`` envelope, validates
+each call, normalises its traits and event time, and returns an ``Enriched``, ``Skipped``
+or ``DeadLetter`` for every call. No Kafka, no clock, no globals: the ``normalise``
+command runs exactly this code on a file.
+
+Dead-letter reason codes (stable; also sent as the ``reason`` header):
+
+==================== ==========================================================
+``invalid_json``     the value is empty, not UTF-8, or not valid JSON
+``not_an_object``    the value (or a call in a batch) is not a JSON object
+``too_large``        a call over ``max_event_bytes``, or a record over ``max_batch_bytes``
+``invalid_batch``    ``batch`` is present but not a list
+``missing_type``     no ``type`` string, so the call cannot be routed
+``missing_group_id`` no usable ``groupId`` (absent, null, blank, or not a string/number)
+``missing_identity`` neither a usable ``userId`` nor ``anonymousId``
+``invalid_traits``   ``traits`` present but not an object
+``invalid_message_id`` ``messageId`` not a string, or longer than 100 characters
+==================== ==========================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from worker import codec
+from worker.config import WorkerConfig
+from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
+from worker.normalise import normalise_traits
+from worker.times import event_time, format_time
+
+__all__ = ["KNOWN_CALL_TYPES", "REASONS", "Settings", "process_record"]
+
+REASONS = (
+    "invalid_json",
+    "not_an_object",
+    "too_large",
+    "invalid_batch",
+    "missing_type",
+    "missing_group_id",
+    "missing_identity",
+    "invalid_traits",
+    "invalid_message_id",
+)
+# Skipped calls are counted by type; anything else is "other", to bound label cardinality.
+KNOWN_CALL_TYPES = frozenset({"identify", "track", "page", "screen", "alias", "group"})
+_MAX_MESSAGE_ID = 100
+# Fields a delivery may change: left out of a derived messageId, so replays dedupe.
+_DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the pipeline needs from the configuration."""
+
+    max_event_bytes: int = 32_768
+    max_batch_bytes: int = 524_288
+    phone_region: str | None = None
+
+    @classmethod
+    def from_config(cls, worker: WorkerConfig) -> Settings:
+        """The pipeline's share of the ``[worker]`` configuration."""
+        return cls(
+            worker.max_event_bytes, worker.max_batch_bytes, worker.phone_default_region or None
+        )
+
+
+class _Invalid(Exception):
+    """Control signal inside this module: the call is a dead letter."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
+    """Turn one consumed record into the outcomes of the calls it carries.
+
+    Pure and total: never raises for any record value; every call in the record yields
+    exactly one outcome, in order.
+    """
+    source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
+    value = record.value()
+    raw = value.encode() if isinstance(value, str) else value
+    try:
+        if not raw:
+            raise _Invalid("invalid_json", "the record has an empty value")
+        if len(raw) > settings.max_batch_bytes:
+            raise _Invalid("too_large", f"the record is {len(raw)} bytes")
+        try:
+            document = codec.decode(raw)
+        except codec.DecodeError as e:
+            raise _Invalid("invalid_json", str(e)) from None
+        if not isinstance(document, dict):
+            raise _Invalid("not_an_object", f"the value is a JSON {_json_type(document)}")
+    except _Invalid as e:
+        return [_dead_letter(e, record, source, raw)]
+
+    if "batch" not in document or "type" in document:
+        if len(raw) > settings.max_event_bytes:
+            return [
+                _dead_letter(
+                    _Invalid("too_large", f"the call is {len(raw)} bytes"), record, source, raw
+                )
+            ]
+        return [_process_call(document, record, source, raw, settings, check_size=False)]
+
+    calls = document["batch"]
+    if not isinstance(calls, list):
+        invalid = _Invalid("invalid_batch", f"batch is a JSON {_json_type(calls)}")
+        return [_dead_letter(invalid, record, source, raw)]
+    # Envelope fields (context, sentAt...) apply to every call that lacks them.
+    defaults = {k: v for k, v in document.items() if k != "batch"}
+    outcomes: list[Outcome] = []
+    for index, call in enumerate(calls):
+        position = Position(source.topic, source.partition, source.offset, index)
+        if isinstance(call, dict) and defaults:
+            call = defaults | call
+        outcomes.append(_process_call(call, record, position, None, settings, check_size=True))
+    return outcomes
+
+
+def _process_call(
+    call: Any,
+    record: SourceRecord,
+    source: Position,
+    raw: bytes | None,
+    settings: Settings,
+    *,
+    check_size: bool,
+) -> Outcome:
+    try:
+        if not isinstance(call, dict):
+            raise _Invalid("not_an_object", f"the call is a JSON {_json_type(call)}")
+        if check_size:
+            size = len(codec.encode(call))
+            if size > settings.max_event_bytes:
+                raise _Invalid("too_large", f"the call is {size} bytes")
+        call_type = call.get("type")
+        if not isinstance(call_type, str) or not call_type.strip():
+            raise _Invalid("missing_type", "the call has no type")
+        call_type = call_type.strip().lower()
+        if call_type != "group":
+            return Skipped(call_type if call_type in KNOWN_CALL_TYPES else "other")
+        return _enrich(call, record, source, settings)
+    except _Invalid as e:
+        return _dead_letter(e, record, source, raw if raw is not None else _reencode(call))
+
+
+def _enrich(
+    call: dict[str, Any], record: SourceRecord, source: Position, settings: Settings
+) -> Enriched:
+    group_id = _identifier(call.get("groupId"))
+    if group_id is None:
+        raise _Invalid("missing_group_id", "the call has no usable groupId")
+    user_id = _identifier(call.get("userId"))
+    anonymous_id = _identifier(call.get("anonymousId"))
+    if user_id is None and anonymous_id is None:
+        raise _Invalid("missing_identity", "the call has neither userId nor anonymousId")
+    traits = call.get("traits")
+    if traits is None:
+        traits = {}
+    elif not isinstance(traits, dict):
+        raise _Invalid("invalid_traits", f"traits is a JSON {_json_type(traits)}")
+    message_id = call.get("messageId")
+    if message_id is None or (isinstance(message_id, str) and not message_id.strip()):
+        message_id = _derive_message_id(call)
+    elif not isinstance(message_id, str) or len(message_id) > _MAX_MESSAGE_ID:
+        raise _Invalid(
+            "invalid_message_id",
+            f"messageId must be a string of at most {_MAX_MESSAGE_ID} characters",
+        )
+
+    normalised, warnings = normalise_traits(traits, phone_region=settings.phone_region)
+    when = event_time(call, record.timestamp()[1])
+    enriched = dict(call)
+    enriched.update(
+        type="group",
+        groupId=group_id,
+        messageId=message_id,
+        traits=normalised,
+        timestamp=format_time(when),
+        enrichment={
+            "warnings": [{"code": w.code, "trait": w.trait, "value": w.value} for w in warnings],
+            "source": source.as_dict(),
+        },
+    )
+    # Identities become strings; an explicit null beside the other identity stays null.
+    if user_id is not None:
+        enriched["userId"] = user_id
+    if anonymous_id is not None:
+        enriched["anonymousId"] = anonymous_id
+    return Enriched(group_id, enriched, when, tuple(w.code for w in warnings))
+
+
+def _identifier(value: Any) -> str | None:
+    """An ID as a string: numbers are converted; blank, null and other types are missing."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
+    return None
+
+
+def _derive_message_id(call: Mapping[str, Any]) -> str:
+    content = {k: v for k, v in call.items() if k not in _DELIVERY_FIELDS}
+    return "gw-" + hashlib.blake2b(codec.encode_sorted(content), digest_size=16).hexdigest()
+
+
+def _dead_letter(
+    error: _Invalid, record: SourceRecord, source: Position, raw: bytes | None
+) -> DeadLetter:
+    key = record.key()
+    key_bytes = key.encode() if isinstance(key, str) else key
+    origin = source.as_dict()
+    origin["key"] = _text(key_bytes)[0]
+    origin["timestamp"] = format_time(record.timestamp()[1])
+    letter: dict[str, Any] = {"reason": error.reason, "message": str(error), "source": origin}
+    letter["value"], encoding = _text(raw)
+    if encoding:
+        letter["encoding"] = encoding
+    return DeadLetter(error.reason, key_bytes, letter)
+
+
+def _text(data: bytes | None) -> tuple[str | None, str | None]:
+    """Bytes as text, or as base64 with its encoding named when they are not UTF-8."""
+    if data is None:
+        return None, None
+    try:
+        return data.decode(), None
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def _reencode(call: Any) -> bytes | None:
+    try:
+        return codec.encode(call)
+    except TypeError:
+        return None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")

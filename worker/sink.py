@@ -1,0 +1,194 @@
+"""The output edge: a Kafka producer behind the ``Sink`` protocol.
+
+With ``exactly_once`` every output and the input offsets of a commit go into one
+transaction; with ``at_least_once`` the offsets are committed through the source only
+after every output is delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError as ClientError
+from confluent_kafka import KafkaException, Message, Producer, TopicPartition
+
+from worker.clock import Clock
+from worker.config import ProcessingGuarantee
+from worker.errors import AbortableError, RetriableError
+from worker.kafka import client_config, raise_for, translate
+from worker.source import Offsets, Source
+
+__all__ = ["Headers", "KafkaSink", "Sink"]
+
+Headers = Sequence[tuple[str, bytes]]
+_RETRY_BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class Sink(Protocol):
+    """Where outputs go, and how a batch of them is committed with its input offsets."""
+
+    def begin(self) -> None: ...
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> None: ...
+    def commit(self, offsets: Offsets, source: Source) -> None: ...
+    def abort(self) -> None: ...
+    def poll(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class KafkaSink:
+    """A ``Sink`` over ``confluent_kafka.Producer``: idempotent, optionally transactional."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        properties: Mapping[str, str],
+        guarantee: ProcessingGuarantee,
+        transactional_id: str,
+        clock: Clock,
+        *,
+        commit_timeout: float = 30.0,
+        on_delivery_error: Callable[[], None] | None = None,
+    ) -> None:
+        config = client_config(bootstrap_servers, properties)
+        config.update(
+            {
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                # The Java client's default partitioner, so other tools agree on placement.
+                "partitioner": "murmur2_random",
+            }
+        )
+        if guarantee == "exactly_once":
+            config["transactional.id"] = transactional_id
+            # A killed worker's open transaction blocks read_committed readers until it
+            # times out: keep that short, as Kafka Streams does.
+            config["transaction.timeout.ms"] = 10_000
+        for key, value in properties.items():
+            if key.startswith("producer."):
+                config[key.removeprefix("producer.")] = value
+        self._producer = Producer(config)
+        self._transactional = guarantee == "exactly_once"
+        self._in_transaction = False
+        self._clock = clock
+        self._commit_timeout = commit_timeout
+        self._failed: list[str] = []
+        self._on_delivery_error = on_delivery_error
+        if self._transactional:
+            try:
+                self._producer.init_transactions(commit_timeout)
+            except KafkaException as e:
+                raise_for(e.args[0])
+
+    def begin(self) -> None:
+        """Open a transaction if none is open (no-op at least once)."""
+        if self._transactional and not self._in_transaction:
+            self._producer.begin_transaction()
+            self._in_transaction = True
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Queue one record; blocks, serving deliveries, while the local queue is full."""
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value,
+                    key,
+                    -1 if partition is None else partition,
+                    on_delivery=self._delivered,
+                    headers=list(headers) if headers else None,
+                )
+                return
+            except BufferError:
+                # Backpressure: the queue is full, so wait for deliveries to drain it.
+                self._producer.poll(0.05)
+
+    def commit(self, offsets: Offsets, source: Source) -> None:
+        """Make every output produced since the last commit durable, with ``offsets``.
+
+        Steps: (1) exactly once: send the offsets to the transaction and commit it,
+        retrying retriable errors; at least once: flush every output and check each was
+        delivered; (2) at least once: commit the offsets through the source.
+        Raises ``RetriableError`` (nothing committed, try again), ``AbortableError``
+        (abort and rewind: an output was not delivered, or retries ran out) or
+        ``FatalError`` (the producer was fenced).
+        """
+        if self._transactional:
+            if not self._in_transaction:
+                return
+            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            if positions:  # (1)
+                self._retry(
+                    lambda: self._producer.send_offsets_to_transaction(
+                        positions, source.group_metadata(), self._commit_timeout
+                    )
+                )
+            self._retry(lambda: self._producer.commit_transaction(self._commit_timeout))
+            self._in_transaction = False
+            self._failed.clear()  # the transaction commit already vouched for delivery
+            return
+        remaining = self._producer.flush(self._commit_timeout)  # (1)
+        if remaining:
+            raise RetriableError(
+                f"{remaining} outputs still undelivered after {self._commit_timeout:.0f}s"
+            )
+        failed, self._failed = self._failed, []
+        if failed:  # replaying the batch re-sends them: duplicates, never loss
+            raise AbortableError(f"{len(failed)} outputs undelivered: {failed[0]}")
+        source.commit(offsets)  # (2)
+
+    def abort(self) -> None:
+        """Abort the open transaction (its outputs are never seen by read_committed readers)."""
+        if self._transactional and self._in_transaction:
+            self._retry(lambda: self._producer.abort_transaction(self._commit_timeout))
+            self._in_transaction = False
+        self._failed.clear()
+
+    def poll(self) -> None:
+        """Serve delivery reports without blocking."""
+        self._producer.poll(0)
+
+    def close(self) -> None:
+        """Deliver what is queued, waiting up to the commit timeout."""
+        self._producer.flush(self._commit_timeout)
+
+    def _delivered(self, error: ClientError | None, message: Message) -> None:
+        if error is not None:
+            # Delivery reports run on the thread that polls: no lock needed.
+            self._failed.append(f"{message.topic()}: {error.str()}")
+            if self._on_delivery_error is not None:
+                self._on_delivery_error()
+
+    def _retry(self, operation: Any) -> None:
+        """Run a transactional ``operation``, retrying retriable errors for a while.
+
+        When retries run out the transaction cannot be trusted to commit: it is
+        reported as ``AbortableError``, so the caller aborts and replays.
+        """
+        for backoff in (*_RETRY_BACKOFF, None):
+            try:
+                operation()
+                return
+            except KafkaException as e:
+                error = translate(e.args[0])
+                if not isinstance(error, RetriableError):
+                    raise error from None
+                if backoff is None:
+                    raise AbortableError(f"gave up retrying: {error}") from None
+                self._clock.sleep(backoff)

@@ -1,0 +1,166 @@
+"""The input edge: a Kafka consumer in a consumer group, behind the ``Source`` protocol.
+
+Offsets are never committed automatically: the runner commits them, through the
+source (at least once) or inside the producer's transaction (exactly once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from worker.errors import RetriableError
+from worker.events import SourceRecord
+from worker.kafka import client_config, raise_for, translate
+
+__all__ = ["KafkaSource", "Offsets", "Partition", "RebalanceListener", "Source"]
+
+Partition = tuple[str, int]
+# The next offset to read, per partition: what a commit stores.
+Offsets = Mapping[Partition, int]
+
+
+class RebalanceListener(Protocol):
+    """Called by ``Source.consume`` when partitions move, before they move."""
+
+    def on_assign(self, partitions: Sequence[Partition]) -> None: ...
+    def on_revoke(self, partitions: Sequence[Partition]) -> None: ...
+    def on_lost(self, partitions: Sequence[Partition]) -> None: ...
+
+
+class Source(Protocol):
+    """Records from the subscribed topics of one consumer-group member."""
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None: ...
+    def consume(self, max_records: int, timeout: float) -> list[SourceRecord]: ...
+    def commit(self, offsets: Offsets) -> None: ...
+    def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]: ...
+    def seek(self, offsets: Offsets) -> None: ...
+    def group_metadata(self) -> Any: ...
+    def lag(self, partition: Partition) -> int | None: ...
+    def close(self) -> None: ...
+
+
+class KafkaSource:
+    """A ``Source`` over ``confluent_kafka.Consumer``, reading committed data only."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        group_id: str,
+        properties: Mapping[str, str],
+        *,
+        group_instance_id: str = "",
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        config = client_config(bootstrap_servers, properties)
+        config.update(
+            {
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
+        )
+        if group_instance_id:
+            config["group.instance.id"] = group_instance_id
+        for key, value in properties.items():
+            if key.startswith("consumer."):
+                config[key.removeprefix("consumer.")] = value
+        self._consumer = Consumer(config)
+        self._listener: RebalanceListener | None = None
+        # Exceptions raised in rebalance callbacks are swallowed by the C client; keep
+        # the first one and re-raise it from consume().
+        self._callback_error: BaseException | None = None
+        self._on_error = on_error
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        """Join the group for ``topics``; ``listener`` hears of every partition move."""
+        self._listener = listener
+        self._consumer.subscribe(
+            list(topics),
+            on_assign=self._guard(listener.on_assign),
+            on_revoke=self._guard(listener.on_revoke),
+            on_lost=self._guard(listener.on_lost),
+        )
+
+    def consume(self, max_records: int, timeout: float) -> list[SourceRecord]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds.
+
+        Runs rebalance callbacks. Raises what a callback raised, and ``KafkaError``
+        subclasses for fatal consumer errors; per-partition errors are logged by the
+        caller's ``on_error`` and skipped.
+        """
+        messages = self._consumer.consume(max_records, timeout)
+        if self._callback_error is not None:
+            raised, self._callback_error = self._callback_error, None
+            raise raised
+        records: list[SourceRecord] = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(message)
+            elif error.fatal():
+                raise_for(error)
+            elif self._on_error is not None:
+                self._on_error(translate(error))
+        return records
+
+    def commit(self, offsets: Offsets) -> None:
+        """Commit ``offsets`` synchronously; raises ``KafkaError`` when it fails."""
+        if offsets:
+            try:
+                self._consumer.commit(offsets=_partitions(offsets), asynchronous=False)
+            except KafkaException as e:
+                raise_for(e.args[0])
+
+    def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        """The committed next offset of each partition (-1001 when none)."""
+        try:
+            found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], 10)
+        except KafkaException as e:
+            raise_for(e.args[0])
+        return {(tp.topic, tp.partition): tp.offset for tp in found}
+
+    def seek(self, offsets: Offsets) -> None:
+        """Move the read position of assigned partitions back (or forward) to ``offsets``."""
+        for tp in _partitions(offsets):
+            try:
+                self._consumer.seek(tp)
+            except KafkaException as e:
+                raise RetriableError(f"seek {tp.topic}[{tp.partition}] failed: {e}") from None
+
+    def group_metadata(self) -> Any:
+        """The consumer group metadata a transactional producer commits offsets with."""
+        return self._consumer.consumer_group_metadata()
+
+    def lag(self, partition: Partition) -> int | None:
+        """High watermark minus read position, from cached values; None when unknown."""
+        tp = TopicPartition(*partition)
+        _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+        position = self._consumer.position([tp])[0].offset
+        if high < 0 or position < 0:
+            return None
+        return max(high - position, 0)
+
+    def close(self) -> None:
+        """Leave the group (running the revoke callback) and release the client."""
+        self._consumer.close()
+
+    def _guard(self, callback: Callable[[Sequence[Partition]], None]) -> Callable[..., None]:
+        def run(_: Consumer, partitions: list[TopicPartition]) -> None:
+            try:
+                callback([(tp.topic, tp.partition) for tp in partitions])
+            except BaseException as e:  # surfaced from consume()
+                if self._callback_error is None:
+                    self._callback_error = e
+
+        return run
+
+
+def _partitions(offsets: Offsets) -> list[TopicPartition]:
+    return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]

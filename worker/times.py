@@ -1,0 +1,172 @@
+"""Instants as epoch milliseconds: parsing what Segment libraries send, formatting output.
+
+Every instant in the worker is an ``int`` of milliseconds since 1970-01-01T00:00:00Z.
+Integers are cheap to compare and to store in state, and our output precision is
+milliseconds anyway. Parsers never raise: a value they cannot read is ``None``, and the
+caller decides what a missing time means.
+
+The range is the one RFC 3339 can write, ``0001-01-01T00:00:00.000Z`` to
+``9999-12-31T23:59:59.999Z`` (``MIN_MS`` .. ``MAX_MS``). The parsers only return
+instants inside it, so ``format_time`` never fails on what they return.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+__all__ = [
+    "MAX_MS",
+    "MIN_MS",
+    "SECONDS_THRESHOLD",
+    "event_time",
+    "format_time",
+    "parse_created_at",
+    "parse_iso_time",
+]
+
+_EPOCH: Final = datetime(1970, 1, 1)
+_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
+
+MIN_MS: Final[int] = (datetime(1, 1, 1) - _EPOCH) // _ONE_MS
+"""``0001-01-01T00:00:00.000Z``, the earliest instant the parsers return."""
+
+MAX_MS: Final[int] = (datetime(9999, 12, 31, 23, 59, 59, 999000) - _EPOCH) // _ONE_MS
+"""``9999-12-31T23:59:59.999Z``, the latest instant the parsers return."""
+
+SECONDS_THRESHOLD: Final[int] = 31_557_600_000
+"""Epoch numbers below this (in magnitude) are seconds, others milliseconds.
+
+31,557,600,000 seconds is about the year 2970, and as milliseconds it is mid-1971: no
+real timestamp is ambiguous between the two readings.
+"""
+
+# Digit strings longer than this are out of range anyway; the cap also keeps int()
+# away from Python's limit on very long digit strings.
+_MAX_EPOCH_DIGITS: Final = 20
+
+# Characters an ISO-8601 date or date-time may contain. fromisoformat() accepts any
+# character as the date/time separator, so "2015-02-23x22:28" would parse; we refuse
+# strings with letters other than the designators instead.
+_ISO_CHARS: Final = "0123456789-:.,+TWZ "
+
+
+def parse_iso_time(value: object) -> int | None:
+    """Read an ISO-8601 date or date-time string as epoch milliseconds.
+
+    Accepts what Segment's libraries send (``2015-02-23T22:28:55.111Z`` from Node,
+    ``2015-02-23T22:28:55.111000+00:00`` from Python), any UTC offset (``+05:30``,
+    ``-0800``, ``Z``, ``z``), fractional seconds of any length (truncated to the
+    millisecond), a space or ``T`` between date and time, the basic format
+    (``20150223T222855Z``) and ISO week dates. A date-time without an offset and a bare
+    date (``2015-02-23``, midnight) are taken as UTC. Surrounding whitespace is ignored.
+
+    Returns ``None`` for anything else: non-strings, garbage, impossible dates, and
+    instants outside ``MIN_MS`` .. ``MAX_MS`` after applying the offset. Never raises.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    # ASCII first: upper() maps some non-ASCII letters to ASCII ones (long s -> "S").
+    if not text.isascii():
+        return None
+    # RFC 3339 allows "t" and "z"; fromisoformat() only the upper-case designators.
+    text = text.upper()
+    # strip(chars) returns "" exactly when every character is one of them.
+    if text.strip(_ISO_CHARS):
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    epoch = _EPOCH if parsed.tzinfo is None else _EPOCH_UTC
+    ms = (parsed - epoch) // _ONE_MS
+    return ms if MIN_MS <= ms <= MAX_MS else None
+
+
+def parse_created_at(value: object) -> int | None:
+    """Read a ``createdAt``-style value as epoch milliseconds.
+
+    Accepts everything ``parse_iso_time`` does, plus epoch numbers: an ``int`` or
+    ``float``, or a string of ASCII digits (surrounding whitespace ignored). A number
+    whose magnitude is below ``SECONDS_THRESHOLD`` is seconds, otherwise milliseconds;
+    fractions below a millisecond are truncated towards the past. A digit string is
+    always an epoch number, never an ISO basic-format date. ``bool`` is not a number.
+
+    Returns ``None`` when the value is none of these or falls outside
+    ``MIN_MS`` .. ``MAX_MS``. Never raises.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            if len(text) > _MAX_EPOCH_DIGITS:
+                return None
+            return _epoch_to_ms(int(text))
+        return parse_iso_time(text)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return _epoch_to_ms(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        # repr() gives the shortest decimal that reads back as this float, i.e. the
+        # digits the sender wrote; multiplying the binary float by 1000 would turn
+        # 1424730535.111 into ...110.99999 on some values.
+        exact = Decimal(repr(value))
+        if abs(exact) < SECONDS_THRESHOLD:
+            exact *= 1000
+        return _in_range(math.floor(exact))
+    return None
+
+
+def format_time(ms: int) -> str:
+    """Format epoch milliseconds as RFC 3339 UTC, e.g. ``2015-02-23T22:28:55.111Z``.
+
+    Always exactly three fractional digits and a ``Z``; years are zero-padded to four
+    digits. Raises ``OverflowError`` when ``ms`` is outside ``MIN_MS`` .. ``MAX_MS``
+    (the parsers in this module never return such values).
+    """
+    return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
+
+
+def event_time(call: Mapping[str, Any], fallback_ms: int) -> int:
+    """Pick the event time of a Segment call, in epoch milliseconds.
+
+    In order of preference (DESIGN.md "Event time"):
+
+    1. ``timestamp``, when it is a valid ISO-8601 time;
+    2. the clock-skew corrected time ``receivedAt - (sentAt - originalTimestamp)``,
+       when all three are valid and the result is in range;
+    3. ``receivedAt``, when valid;
+    4. ``fallback_ms``: the caller passes the Kafka record timestamp.
+
+    Pure and never raises; ``fallback_ms`` is returned as given.
+    """
+    timestamp = parse_iso_time(call.get("timestamp"))
+    if timestamp is not None:
+        return timestamp
+    received_at = parse_iso_time(call.get("receivedAt"))
+    if received_at is None:
+        return fallback_ms
+    sent_at = parse_iso_time(call.get("sentAt"))
+    original = parse_iso_time(call.get("originalTimestamp"))
+    if sent_at is not None and original is not None:
+        corrected = _in_range(received_at - (sent_at - original))
+        if corrected is not None:
+            return corrected
+    return received_at
+
+
+def _epoch_to_ms(number: int) -> int | None:
+    if abs(number) < SECONDS_THRESHOLD:
+        number *= 1000
+    return _in_range(number)
+
+
+def _in_range(ms: int) -> int | None:
+    return ms if MIN_MS <= ms <= MAX_MS else None

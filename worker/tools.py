@@ -1,0 +1,207 @@
+"""Commands for looking at data: ``send``, ``tail`` and ``normalise``.
+
+``send`` and ``tail`` talk to Kafka; ``normalise`` runs the pipeline on a file with no
+Kafka at all, so users can check their own data before deploying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
+
+from worker import codec
+from worker.config import Config
+from worker.errors import WorkerError
+from worker.events import DeadLetter, Enriched, Record
+from worker.kafka import client_config
+from worker.pipeline import Settings, process_record
+
+__all__ = ["add_commands", "read_calls"]
+
+
+def add_commands(commands: Any) -> None:
+    """Register the data commands on the ``group-worker`` subparsers."""
+    send = commands.add_parser("send", help="produce JSON calls to the input topic")
+    send.add_argument("file", help="JSON lines, or one JSON array; - for standard input")
+    send.add_argument("--topic", help="topic to send to (default: topics.input)")
+    send.add_argument(
+        "--key-field",
+        default="userId",
+        help="call field used as the record key, falling back to anonymousId",
+    )
+    send.set_defaults(command=_send)
+
+    tail = commands.add_parser("tail", help="print a topic's records as JSON lines")
+    tail.add_argument("topic")
+    tail.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="start at the oldest record (default: only new records)",
+    )
+    tail.add_argument("--max", type=int, metavar="N", help="stop after N records")
+    tail.add_argument(
+        "--timeout", type=float, metavar="S", help="stop after S seconds without a new record"
+    )
+    tail.set_defaults(command=_tail)
+
+    for name in ("normalise", "normalize"):
+        normalise = commands.add_parser(
+            name, help="print what the worker would produce for JSON-lines calls (no Kafka)"
+        )
+        normalise.add_argument("file", nargs="?", default="-", help="JSON lines; - for stdin")
+        normalise.add_argument(
+            "--summary",
+            action="store_true",
+            help="print counts by outcome, reason and warning code instead",
+        )
+        normalise.set_defaults(command=_normalise)
+
+
+def read_calls(text: str) -> Iterator[bytes]:
+    """The raw values in ``text``: each element of a JSON array, else each non-blank line.
+
+    Lines are sent verbatim (so invalid JSON can be sent on purpose to test dead letters).
+    """
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            calls = codec.decode(stripped)
+        except codec.DecodeError:
+            calls = None
+        if isinstance(calls, list):
+            yield from (codec.encode(call) for call in calls)
+            return
+    for line in text.splitlines():
+        if line.strip():
+            yield line.encode()
+
+
+def _open(path: str) -> TextIO:
+    return sys.stdin if path == "-" else open(path, encoding="utf-8")
+
+
+def _send(config: Config, args: argparse.Namespace) -> int:
+    topic = args.topic or config.topics.input
+    with _open(args.file) as f:
+        values = list(read_calls(f.read()))
+    producer = Producer(
+        client_config(config.kafka.bootstrap_servers, {})
+        | {"enable.idempotence": True, "partitioner": "murmur2_random"}
+    )
+    failures: list[str] = []
+
+    def delivered(error: Any, _: Any) -> None:
+        if error is not None:
+            failures.append(error.str())
+
+    for value in values:
+        producer.produce(topic, value, _key(value, args.key_field), on_delivery=delivered)
+        producer.poll(0)
+    if producer.flush(30) or failures:
+        raise WorkerError(f"send: {len(failures) or 'some'} calls not delivered to {topic}")
+    print(f"sent {len(values)} calls to {topic}", file=sys.stderr)
+    return 0
+
+
+def _key(value: bytes, field: str) -> bytes | None:
+    try:
+        call = codec.decode(value)
+    except codec.DecodeError:
+        return None
+    if not isinstance(call, dict):
+        return None
+    key = call.get(field) or call.get("anonymousId")
+    return str(key).encode() if isinstance(key, str | int) else None
+
+
+def _tail(config: Config, args: argparse.Namespace) -> int:
+    consumer = Consumer(
+        client_config(config.kafka.bootstrap_servers, {})
+        | {
+            "group.id": f"group-worker-tail-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    metadata = consumer.list_topics(args.topic, timeout=10)
+    topic = metadata.topics.get(args.topic)
+    if topic is None or topic.error is not None:
+        raise WorkerError(f"tail: no topic {args.topic}")
+    start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+    consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
+    seen, last = 0, time.monotonic()
+    try:
+        while args.max is None or seen < args.max:
+            if args.timeout is not None and time.monotonic() - last > args.timeout:
+                break
+            message = consumer.poll(0.2)
+            if message is None or message.error() is not None:
+                continue
+            last = time.monotonic()
+            seen += 1
+            sys.stdout.buffer.write(codec.encode(_printable(message)) + b"\n")
+            sys.stdout.flush()
+    finally:
+        consumer.close()
+    return 0
+
+
+def _printable(message: Any) -> dict[str, Any]:
+    value = message.value()
+    try:
+        shown = codec.decode(value) if value else value
+    except codec.DecodeError:
+        shown = value.decode(errors="replace")
+    key = message.key()
+    return {
+        "partition": message.partition(),
+        "offset": message.offset(),
+        "key": key.decode(errors="replace") if key is not None else None,
+        "headers": {k: v.decode(errors="replace") for k, v in message.headers() or []},
+        "value": shown,
+    }
+
+
+def _normalise(config: Config, args: argparse.Namespace) -> int:
+    settings = Settings.from_config(config.worker)
+    source = "stdin" if args.file == "-" else args.file
+    counts: Counter[str] = Counter()
+    now_ms = time.time_ns() // 1_000_000
+    out = sys.stdout.buffer
+    with _open(args.file) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            record = Record(source, 0, number, line.rstrip("\r\n").encode(), timestamp_ms=now_ms)
+            for outcome in process_record(record, settings):
+                counts[f"outcome {outcome.kind}"] += 1
+                if isinstance(outcome, Enriched):
+                    counts.update(f"warning {code}" for code in outcome.warnings)
+                    shown = {
+                        "topic": config.topics.enriched,
+                        "key": outcome.group_id,
+                        "value": outcome.call,
+                    }
+                elif isinstance(outcome, DeadLetter):
+                    counts[f"reason {outcome.reason}"] += 1
+                    shown = {
+                        "topic": config.topics.dlq,
+                        "key": outcome.letter["source"]["key"],
+                        "value": outcome.letter,
+                    }
+                else:
+                    counts[f"skipped {outcome.call_type}"] += 1
+                    continue
+                if not args.summary:
+                    out.write(codec.encode(shown) + b"\n")
+    if args.summary:
+        for name, n in sorted(counts.items()):
+            print(f"{name}\t{n}")
+    return 0

@@ -1,0 +1,122 @@
+"""Topic layout: create what is missing, refuse to start on a layout that breaks the design.
+
+Output topics get the input's partition count, so a group's records land on the
+partition number its input came from; the state and members topics are compacted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from worker.config import Config
+from worker.errors import TopicError
+from worker.kafka import client_config
+
+__all__ = ["TopicSpec", "ensure_topics", "plan_topics"]
+
+_TIMEOUT = 30.0
+_COMPACT = {"cleanup.policy": "compact"}
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic the worker needs, with the configs it must have."""
+
+    name: str
+    configs: Mapping[str, str]
+    copartitioned: bool
+
+
+def plan_topics(config: Config) -> list[TopicSpec]:
+    """The output topics of ``config``, in creation order (the input is handled apart)."""
+    t = config.topics
+    return [
+        TopicSpec(t.enriched, {}, copartitioned=False),
+        TopicSpec(t.dlq, {}, copartitioned=False),
+        TopicSpec(t.state, _COMPACT, copartitioned=True),
+        TopicSpec(t.members, _COMPACT, copartitioned=True),
+    ]
+
+
+def ensure_topics(config: Config) -> dict[str, int]:
+    """Create missing topics and check existing ones; return partitions per topic.
+
+    Blocks on the admin API (up to 30 s per step). Raises ``TopicError`` with one
+    clear line when the broker cannot be reached, a topic cannot be created, a
+    co-partitioned topic's partition count differs from the input's, or a topic that
+    must be compacted is not.
+    """
+    admin = AdminClient(
+        client_config(
+            config.kafka.bootstrap_servers,
+            {
+                k.removeprefix("admin."): v
+                for k, v in config.kafka.properties.items()
+                if not k.startswith(("consumer.", "producer."))
+            },
+        )
+    )
+    existing = _partition_counts(admin)
+    input_topic = config.topics.input
+    if input_topic not in existing:
+        _create(
+            admin, NewTopic(input_topic, config.topics.partitions, config.topics.replication_factor)
+        )
+        existing[input_topic] = config.topics.partitions
+    partitions = existing[input_topic]
+    specs = plan_topics(config)
+    for spec in specs:
+        if spec.name not in existing:
+            _create(
+                admin,
+                NewTopic(
+                    spec.name,
+                    partitions,
+                    config.topics.replication_factor,
+                    config=dict(spec.configs),
+                ),
+            )
+            existing[spec.name] = partitions
+        elif spec.copartitioned and existing[spec.name] != partitions:
+            raise TopicError(
+                f"topic {spec.name} has {existing[spec.name]} partitions but input "
+                f"{input_topic} has {partitions}: they must match (state is co-partitioned)"
+            )
+    _check_configs(admin, [s for s in specs if s.configs])
+    return {name: existing[name] for name in [input_topic, *(s.name for s in specs)]}
+
+
+def _partition_counts(admin: AdminClient) -> dict[str, int]:
+    try:
+        metadata = admin.list_topics(timeout=_TIMEOUT)
+    except KafkaException as e:
+        raise TopicError(f"cannot reach Kafka to list topics: {e.args[0].str()}") from None
+    return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
+
+
+def _create(admin: AdminClient, topic: NewTopic) -> None:
+    future = admin.create_topics([topic], operation_timeout=_TIMEOUT)[topic.topic]
+    try:
+        future.result(_TIMEOUT)
+    except KafkaException as e:
+        if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:  # a peer created it first
+            raise TopicError(f"cannot create topic {topic.topic}: {e.args[0].str()}") from None
+
+
+def _check_configs(admin: AdminClient, specs: list[TopicSpec]) -> None:
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+    futures = admin.describe_configs(resources, request_timeout=_TIMEOUT)
+    for spec, resource in zip(specs, resources, strict=True):
+        try:
+            actual = futures[resource].result(_TIMEOUT)
+        except KafkaException as e:
+            raise TopicError(f"cannot describe topic {spec.name}: {e.args[0].str()}") from None
+        for key, wanted in spec.configs.items():
+            entry = actual.get(key)
+            if entry is None or entry.value != wanted:
+                found = None if entry is None else entry.value
+                raise TopicError(f"topic {spec.name} must have {key}={wanted}, has {found}")
