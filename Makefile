@@ -42,7 +42,7 @@ test: venv ## set up, start a test broker, run every test, stop the broker it st
 	@started=0; \
 	if ! KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) status >/dev/null; then \
 	  KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) up || exit 1; started=1; fi; \
-	GROUP_WORKER_TEST_BOOTSTRAP=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	KAFKA_TEST_BOOTSTRAP=127.0.0.1:$(TEST_KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$started = 1 ]; then KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) down; fi; \
 	exit $$rc
 

@@ -118,7 +118,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                 raise ConfigError(f"config: [{section}] must be a table")
             raw[section] = dict(values)
     _apply_environment(raw, os.environ if environ is None else environ)
-    return Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
+    config = Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
+    _validate(config)
+    return config
 
 
 def redact(properties: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,6 +129,44 @@ def redact(properties: Mapping[str, Any]) -> dict[str, Any]:
         k: "***" if any(m in k.lower() for m in _SECRET_MARKERS) else v
         for k, v in properties.items()
     }
+
+
+# (key, lowest, highest) for the numbers whose range the types do not say.
+_RANGES = (
+    ("topics.partitions", 1, 10_000),
+    ("worker.batch_size", 1, 100_000),
+    ("worker.commit_interval_ms", 1, 600_000),
+    ("worker.max_event_bytes", 1, 100_000_000),
+    ("worker.shutdown_timeout_seconds", 1, 3_600),
+    ("http.port", 0, 65_535),
+)
+
+
+def _validate(config: Config) -> None:
+    for name, lowest, highest in _RANGES:
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        if value < lowest:
+            raise ConfigError(f"config: {name} must be at least {lowest}, got {value}")
+        if value > highest:
+            raise ConfigError(f"config: {name} must be at most {highest}, got {value}")
+    if config.worker.max_batch_bytes < config.worker.max_event_bytes:
+        raise ConfigError("config: worker.max_batch_bytes must be at least worker.max_event_bytes")
+    t = config.topics
+    names = {
+        "input": t.input,
+        "enriched": t.enriched,
+        "state": t.state,
+        "members": t.members,
+        "dlq": t.dlq,
+    }
+    seen: dict[str, str] = {}
+    for key, topic in names.items():
+        if not topic:
+            raise ConfigError(f"config: topics.{key} must not be empty")
+        if topic in seen:
+            raise ConfigError(f"config: topics.{key} and topics.{seen[topic]} are both {topic!r}")
+        seen[topic] = key
 
 
 def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:

@@ -6,7 +6,14 @@ labels are low-cardinality only (never a groupId).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 
 from worker import __version__
 from worker.events import OutcomeKind
@@ -15,6 +22,8 @@ __all__ = ["OUTCOMES", "Metrics"]
 
 OUTCOMES: tuple[OutcomeKind, ...] = ("enriched", "duplicate", "skipped", "dead_letter")
 _PREFIX = "group_worker"
+# The *_created series double the exposition for no use on dashboards or alerts.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

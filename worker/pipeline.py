@@ -91,7 +91,13 @@ def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
         if not raw:
             raise _Invalid("invalid_json", "the record has an empty value")
         if len(raw) > settings.max_batch_bytes:
-            raise _Invalid("too_large", f"the record is {len(raw)} bytes")
+            # Keep the letter producible: only the head of a huge value is kept.
+            invalid = _Invalid("too_large", f"the record is {len(raw)} bytes")
+            return [
+                _dead_letter(
+                    invalid, record, source, raw[: settings.max_batch_bytes], truncated=True
+                )
+            ]
         try:
             document = codec.decode(raw)
         except codec.DecodeError as e:
@@ -219,17 +225,26 @@ def _derive_message_id(call: Mapping[str, Any]) -> str:
 
 
 def _dead_letter(
-    error: _Invalid, record: SourceRecord, source: Position, raw: bytes | None
+    error: _Invalid,
+    record: SourceRecord,
+    source: Position,
+    raw: bytes | None,
+    *,
+    truncated: bool = False,
 ) -> DeadLetter:
     key = record.key()
     key_bytes = key.encode() if isinstance(key, str) else key
     origin = source.as_dict()
-    origin["key"] = _text(key_bytes)[0]
+    origin["key"], key_encoding = _text(key_bytes)
+    if key_encoding:
+        origin["keyEncoding"] = key_encoding
     origin["timestamp"] = format_time(record.timestamp()[1])
     letter: dict[str, Any] = {"reason": error.reason, "message": str(error), "source": origin}
     letter["value"], encoding = _text(raw)
     if encoding:
         letter["encoding"] = encoding
+    if truncated:
+        letter["truncated"] = True
     return DeadLetter(error.reason, key_bytes, letter)
 
 

@@ -158,6 +158,14 @@ class Runner:
                     )
                 elif isinstance(outcome, DeadLetter):
                     reasons[outcome.reason] += 1
+                    source = outcome.letter["source"]
+                    log.info(
+                        "dead_letter",
+                        reason=outcome.reason,
+                        topic=source["topic"],
+                        partition=source["partition"],
+                        offset=source["offset"],
+                    )
                     self._sink.produce(
                         settings.dlq_topic,
                         outcome.key,

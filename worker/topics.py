@@ -62,31 +62,25 @@ def ensure_topics(config: Config) -> dict[str, int]:
     )
     existing = _partition_counts(admin)
     input_topic = config.topics.input
+    replication = config.topics.replication_factor
     if input_topic not in existing:
-        _create(
-            admin, NewTopic(input_topic, config.topics.partitions, config.topics.replication_factor)
-        )
+        _create(admin, [NewTopic(input_topic, config.topics.partitions, replication)])
         existing[input_topic] = config.topics.partitions
     partitions = existing[input_topic]
     specs = plan_topics(config)
+    missing = [s for s in specs if s.name not in existing]
     for spec in specs:
-        if spec.name not in existing:
-            _create(
-                admin,
-                NewTopic(
-                    spec.name,
-                    partitions,
-                    config.topics.replication_factor,
-                    config=dict(spec.configs),
-                ),
-            )
-            existing[spec.name] = partitions
-        elif spec.copartitioned and existing[spec.name] != partitions:
+        if spec.copartitioned and existing.get(spec.name, partitions) != partitions:
             raise TopicError(
                 f"topic {spec.name} has {existing[spec.name]} partitions but input "
                 f"{input_topic} has {partitions}: they must match (state is co-partitioned)"
             )
-    _check_configs(admin, [s for s in specs if s.configs])
+    # Topics that exist must have the configs the design needs; new ones are made so.
+    _check_configs(admin, [s for s in specs if s.configs and s.name in existing])
+    _create(
+        admin, [NewTopic(s.name, partitions, replication, config=dict(s.configs)) for s in missing]
+    )
+    existing.update((s.name, partitions) for s in missing)
     return {name: existing[name] for name in [input_topic, *(s.name for s in specs)]}
 
 
@@ -98,16 +92,21 @@ def _partition_counts(admin: AdminClient) -> dict[str, int]:
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 
 
-def _create(admin: AdminClient, topic: NewTopic) -> None:
-    future = admin.create_topics([topic], operation_timeout=_TIMEOUT)[topic.topic]
-    try:
-        future.result(_TIMEOUT)
-    except KafkaException as e:
-        if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:  # a peer created it first
-            raise TopicError(f"cannot create topic {topic.topic}: {e.args[0].str()}") from None
+def _create(admin: AdminClient, topics: list[NewTopic]) -> None:
+    if not topics:
+        return
+    futures = admin.create_topics(topics, operation_timeout=_TIMEOUT)
+    for name, future in futures.items():
+        try:
+            future.result(_TIMEOUT)
+        except KafkaException as e:
+            if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:  # a peer created it first
+                raise TopicError(f"cannot create topic {name}: {e.args[0].str()}") from None
 
 
 def _check_configs(admin: AdminClient, specs: list[TopicSpec]) -> None:
+    if not specs:
+        return
     resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
     futures = admin.describe_configs(resources, request_timeout=_TIMEOUT)
     for spec, resource in zip(specs, resources, strict=True):

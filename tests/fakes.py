@@ -1,0 +1,190 @@
+"""Test doubles for the worker's boundaries: ``FakeSource``, ``FakeSink``, ``FakeClock``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import KafkaError
+from worker.events import Record, SourceRecord
+from worker.sink import Headers
+from worker.source import Offsets, Partition, RebalanceListener, Source
+
+__all__ = ["FakeClock", "FakeSink", "FakeSource", "Produced"]
+
+
+class FakeClock:
+    """A clock that moves only when told to (``sleep`` and ``advance`` move it)."""
+
+    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
+        self.now = start_ms / 1000
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def now_ms(self) -> int:
+        return int(self.now * 1000)
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeSource:
+    """A single-member consumer group over in-memory partitions.
+
+    ``consume`` hands out records from the read position; ``commit`` stores offsets;
+    ``rebalance`` revokes and assigns partitions the next time ``consume`` runs.
+    Each ``consume`` call advances the fake clock by the poll timeout.
+    """
+
+    def __init__(self, clock: FakeClock, partitions: int = 1, topic: str = "in") -> None:
+        self.topic = topic
+        self.clock = clock
+        self.log: dict[Partition, list[Record]] = {(topic, p): [] for p in range(partitions)}
+        self.position: dict[Partition, int] = {}
+        self.committed_offsets: dict[Partition, int] = {}
+        self.commits: list[dict[Partition, int]] = []
+        self.listener: RebalanceListener | None = None
+        self.pending_assign: list[Partition] = list(self.log)
+        self.pending_revoke: list[Partition] = []
+        self.fail_commit: KafkaError | None = None
+        self.closed = False
+        self.consumes = 0
+        # Called at the start of every consume(), with the number of calls so far.
+        self.on_consume: Callable[[int], None] | None = None
+
+    def append(self, value: bytes | None, partition: int = 0, key: bytes | None = None) -> None:
+        tp = (self.topic, partition)
+        offset = len(self.log[tp])
+        self.log[tp].append(Record(self.topic, partition, offset, value, key, self.clock.now_ms()))
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        self.listener = listener
+
+    def consume(self, max_records: int, timeout: float) -> list[SourceRecord]:
+        assert self.listener is not None
+        self.consumes += 1
+        if self.on_consume is not None:
+            self.on_consume(self.consumes)
+        if self.pending_revoke:
+            revoked, self.pending_revoke = self.pending_revoke, []
+            self.listener.on_revoke(revoked)
+            for tp in revoked:
+                self.position.pop(tp, None)
+        if self.pending_assign:
+            assigned, self.pending_assign = self.pending_assign, []
+            for tp in assigned:
+                self.position[tp] = max(self.committed_offsets.get(tp, 0), 0)
+            self.listener.on_assign(assigned)
+        out: list[SourceRecord] = []
+        for tp, offset in self.position.items():
+            chunk = self.log[tp][offset : offset + max_records - len(out)]
+            out.extend(chunk)
+            self.position[tp] = offset + len(chunk)
+        if not out:
+            self.clock.advance(timeout)
+        return out
+
+    def commit(self, offsets: Offsets) -> None:
+        if self.fail_commit is not None:
+            raise self.fail_commit
+        self.committed_offsets.update(offsets)
+        self.commits.append(dict(offsets))
+
+    def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        return {tp: self.committed_offsets.get(tp, -1001) for tp in partitions}
+
+    def seek(self, offsets: Offsets) -> None:
+        self.position.update(offsets)
+
+    def group_metadata(self) -> Any:
+        return "fake-group-metadata"
+
+    def lag(self, partition: Partition) -> int | None:
+        return len(self.log[partition]) - self.position.get(partition, 0)
+
+    def close(self) -> None:
+        assert self.listener is not None
+        self.listener.on_revoke(list(self.position))
+        self.closed = True
+
+    def rebalance(self, revoke: Sequence[Partition], assign: Sequence[Partition]) -> None:
+        self.pending_revoke.extend(revoke)
+        self.pending_assign.extend(assign)
+
+
+@dataclass(frozen=True, slots=True)
+class Produced:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None
+    partition: int | None
+
+
+@dataclass
+class FakeSink:
+    """A sink that keeps what it is given; ``committed`` is what a reader would see.
+
+    With ``transactional`` it behaves like a transactional producer: outputs become
+    visible only at ``commit``, and ``abort`` discards them.
+    """
+
+    transactional: bool = True
+    open: list[Produced] = field(default_factory=list)
+    committed: list[Produced] = field(default_factory=list)
+    offset_commits: list[dict[Partition, int]] = field(default_factory=list)
+    fail_next_commit: KafkaError | None = None
+    aborts: int = 0
+    in_transaction: bool = False
+
+    def begin(self) -> None:
+        if self.transactional:
+            assert not self.in_transaction, "begin inside an open transaction"
+            self.in_transaction = True
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> None:
+        if self.transactional:
+            assert self.in_transaction, "produce outside a transaction"
+        self.open.append(Produced(topic, key, value, headers, partition))
+
+    def commit(self, offsets: Offsets, source: Source) -> None:
+        if self.fail_next_commit is not None:
+            error, self.fail_next_commit = self.fail_next_commit, None
+            raise error
+        self.committed.extend(self.open)
+        self.open.clear()
+        if self.transactional:
+            # The transaction commits the offsets to the group, as the broker does.
+            self.offset_commits.append(dict(offsets))
+            if isinstance(source, FakeSource):
+                source.committed_offsets.update(offsets)
+            self.in_transaction = False
+        else:
+            source.commit(offsets)
+
+    def abort(self) -> None:
+        self.aborts += 1
+        if self.transactional:
+            self.open.clear()
+            self.in_transaction = False
+
+    def poll(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def topic(self, name: str) -> list[Produced]:
+        return [p for p in self.committed if p.topic == name]

@@ -1,0 +1,212 @@
+"""Helpers for tests against the real local broker: worker processes, topics, readers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker import codec
+
+__all__ = ["BOOTSTRAP", "Topics", "WorkerProcess", "produce", "read_topic", "wait_until"]
+
+BOOTSTRAP = os.environ.get("KAFKA_TEST_BOOTSTRAP", "127.0.0.1:9092")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Unique topic names and group id for one test, so tests never share data."""
+
+    input: str
+    enriched: str
+    state: str
+    members: str
+    dlq: str
+    group_id: str
+
+    @classmethod
+    def unique(cls) -> Topics:
+        tag = uuid.uuid4().hex[:10]
+        return cls(
+            f"it-{tag}.raw",
+            f"it-{tag}.enriched",
+            f"it-{tag}.state",
+            f"it-{tag}.members",
+            f"it-{tag}.dlq",
+            f"it-{tag}",
+        )
+
+    def environ(self) -> dict[str, str]:
+        return {
+            "GROUP_WORKER_TOPICS_INPUT": self.input,
+            "GROUP_WORKER_TOPICS_ENRICHED": self.enriched,
+            "GROUP_WORKER_TOPICS_STATE": self.state,
+            "GROUP_WORKER_TOPICS_MEMBERS": self.members,
+            "GROUP_WORKER_TOPICS_DLQ": self.dlq,
+            "GROUP_WORKER_WORKER_GROUP_ID": self.group_id,
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until true; fail the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class WorkerProcess:
+    """``group-worker run`` in a child process, with its own HTTP port and log file."""
+
+    def __init__(
+        self, topics: Topics, log_dir: Path, name: str = "worker", **settings: str
+    ) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+        env.update(topics.environ())
+        env.update(
+            {
+                "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP,
+                "GROUP_WORKER_HTTP_PORT": str(self.port),
+                "GROUP_WORKER_TOPICS_PARTITIONS": "3",
+            }
+        )
+        env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})
+        self._env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker",
+                    "--config",
+                    str(ROOT / "config" / "worker.toml"),
+                    "run",
+                ],
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        wait_until(self.ready, 60, f"the worker to be ready (log: {self.log_path})")
+        return self
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+        return self.get("/readyz")[0] == 200
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics, keyed by name and sorted labels."""
+        status, text = self.get("/metrics")
+        assert status == 200, f"/metrics answered {status}"
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
+        """Send ``sig`` and wait for the exit code."""
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def produce(topic: str, values: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+    """Produce (key, value) pairs to ``topic`` and wait for every delivery."""
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+    errors: list[Any] = []
+    count = 0
+    for key, value in values:
+        producer.produce(
+            topic, value, key, on_delivery=lambda e, _: errors.append(e) if e else None
+        )
+        producer.poll(0)
+        count += 1
+    assert producer.flush(30) == 0, "produce timed out"
+    assert not errors, errors
+    return count
+
+
+def read_topic(
+    topic: str, expect: int = 0, idle: float = 3.0, timeout: float = 60.0
+) -> list[Message]:
+    """Every committed record of ``topic``: at least ``expect`` (waiting up to ``timeout``
+    seconds for them), then until ``idle`` seconds pass without a new one."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": BOOTSTRAP,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
+        records: list[Message] = []
+        start = last = time.monotonic()
+        while time.monotonic() - last < idle or (
+            len(records) < expect and time.monotonic() - start < timeout
+        ):
+            for message in consumer.consume(500, 0.2):
+                if message.error() is None:
+                    records.append(message)
+                    last = time.monotonic()
+        return records
+    finally:
+        consumer.close()
+
+
+def values(records: Iterable[Message]) -> list[Any]:
+    """The decoded JSON values of ``records``."""
+    return [codec.decode(r.value() or b"") for r in records]

@@ -1,0 +1,249 @@
+"""The worker end to end on the real local broker: every call lands in exactly one place."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tests.integration.harness import (
+    BOOTSTRAP,
+    ROOT,
+    Topics,
+    WorkerProcess,
+    produce,
+    read_topic,
+    values,
+    wait_until,
+)
+from worker import codec
+
+pytestmark = pytest.mark.integration
+
+
+def group_call(n: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "group",
+        "messageId": f"m{n}",
+        "userId": f"u{n % 7}",
+        "groupId": f"g{n % 5}",
+        "traits": {"name": f"Group {n % 5}", "Employees": "1,200"},
+        **extra,
+    }
+
+
+def mixed_stream() -> tuple[list[tuple[bytes | None, bytes | None]], set[str], Counter[str], int]:
+    """Records of every kind; returns them with the expected enriched ids, dead-letter
+    reasons and skipped count."""
+    records: list[tuple[bytes | None, bytes | None]] = []
+    good: set[str] = set()
+    for n in range(30):
+        records.append((f"u{n}".encode(), codec.encode(group_call(n))))
+        good.add(f"m{n}")
+    skipped = 0
+    for n, kind in enumerate(["identify", "track", "page", "screen", "alias", "track"]):
+        records.append((None, codec.encode({"type": kind, "userId": "u", "messageId": f"o{n}"})))
+        skipped += 1
+    reasons: Counter[str] = Counter()
+    for n in range(3):
+        batch = [
+            group_call(100 + n),
+            group_call(200 + n),
+            {"type": "track", "userId": "u"},
+            {"type": "group", "userId": "u", "messageId": f"nogroup{n}"},
+        ]
+        records.append((b"batch", codec.encode({"batch": batch, "context": {"ip": "1.2.3.4"}})))
+        good.update({f"m{100 + n}", f"m{200 + n}"})
+        skipped += 1
+        reasons["missing_group_id"] += 1
+    bad: list[tuple[str, bytes | None]] = [
+        ("invalid_json", b"{not json"),
+        ("invalid_json", b"\xff\xfe\x00"),
+        ("invalid_json", b""),
+        ("invalid_json", None),
+        ("not_an_object", b"[1, 2, 3]"),
+        ("too_large", codec.encode(group_call(900, traits={"description": "x" * 40_000}))),
+        ("invalid_batch", b'{"batch": "nope"}'),
+        ("missing_type", codec.encode({"groupId": "g", "userId": "u"})),
+        ("missing_group_id", codec.encode(group_call(901, groupId="   "))),
+        ("missing_identity", codec.encode(group_call(902, userId=None))),
+        ("invalid_traits", codec.encode(group_call(903, traits=["a"]))),
+        ("invalid_message_id", codec.encode(group_call(904, messageId="x" * 101))),
+    ]
+    for reason, value in bad:
+        records.append((b"bad-" + reason.encode(), value))
+        reasons[reason] += 1
+    return records, good, reasons, skipped
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_every_consumed_call_lands_in_exactly_one_place(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path, guarantee: str
+) -> None:
+    """Good calls are enriched once, bad ones dead-lettered once, others counted as skipped."""
+    records, good, reasons, skipped = mixed_stream()
+    total = len(good) + sum(reasons.values()) + skipped
+    worker = WorkerProcess(topics, tmp_path, WORKER_PROCESSING_GUARANTEE=guarantee)
+    workers.append(worker.start())
+    produce(topics.input, records)
+
+    wait_until(
+        lambda: worker.sample("group_worker_calls_consumed_total") == total,
+        60,
+        f"{total} calls consumed",
+    )
+    enriched = values(read_topic(topics.enriched, expect=len(good)))
+    letters = values(read_topic(topics.dlq, expect=sum(reasons.values())))
+
+    assert Counter(call["messageId"] for call in enriched) == Counter(good)
+    assert Counter(letter["reason"] for letter in letters) == reasons
+    sample = worker.sample
+    assert sample("group_worker_outcomes_total", outcome="enriched") == len(good)
+    assert sample("group_worker_outcomes_total", outcome="dead_letter") == sum(reasons.values())
+    assert sample("group_worker_outcomes_total", outcome="skipped") == skipped
+    for reason, n in reasons.items():
+        assert sample("group_worker_dead_letters_total", reason=reason) == n
+    assert sample("group_worker_skipped_calls_total", type="track") == 2 + 3
+    first = next(c for c in enriched if c["messageId"] == "m0")
+    assert first["traits"] == {"name": "Group 0", "employees": 1200}
+    assert first["enrichment"]["source"]["topic"] == topics.input
+    assert worker.stop() == 0
+
+
+def test_dead_letters_carry_source_position_and_reason_header(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A dead letter keeps the input key, its position, the raw value and a reason header."""
+    workers.append(WorkerProcess(topics, tmp_path).start())
+    produce(topics.input, [(b"the-key", b"\xffnot utf8")])
+    [record] = read_topic(topics.dlq, expect=1)
+    letter = codec.decode(record.value() or b"")
+    assert record.key() == b"the-key"
+    assert record.headers() == [("reason", b"invalid_json")]
+    assert letter["source"]["topic"] == topics.input
+    assert letter["source"]["key"] == "the-key"
+    assert letter["encoding"] == "base64"
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_restarted_worker_resumes_from_committed_offsets(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path, guarantee: str
+) -> None:
+    """After SIGTERM a new worker reads on from the committed offsets: nothing lost or repeated."""
+    first = WorkerProcess(topics, tmp_path, "first", WORKER_PROCESSING_GUARANTEE=guarantee)
+    workers.append(first.start())
+    produce(topics.input, [(None, codec.encode(group_call(n))) for n in range(50)])
+    wait_until(lambda: first.sample("group_worker_calls_consumed_total") == 50, 60, "50 calls")
+    assert first.stop(signal.SIGTERM) == 0
+
+    produce(topics.input, [(None, codec.encode(group_call(n))) for n in range(50, 120)])
+    second = WorkerProcess(topics, tmp_path, "second", WORKER_PROCESSING_GUARANTEE=guarantee)
+    workers.append(second.start())
+    wait_until(lambda: second.sample("group_worker_calls_consumed_total") >= 70, 60, "70 calls")
+    enriched = values(read_topic(topics.enriched, expect=120))
+    assert second.sample("group_worker_calls_consumed_total") == 70
+    assert Counter(c["messageId"] for c in enriched) == Counter(f"m{n}" for n in range(120))
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_killed_worker_loses_nothing(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path, guarantee: str
+) -> None:
+    """After SIGKILL mid-stream a new worker delivers every call: once each at exactly_once."""
+    first = WorkerProcess(
+        topics, tmp_path, "first", WORKER_PROCESSING_GUARANTEE=guarantee, WORKER_BATCH_SIZE="20"
+    )
+    workers.append(first.start())
+    produce(topics.input, [(None, codec.encode(group_call(n))) for n in range(3000)])
+    wait_until(lambda: first.sample("group_worker_calls_consumed_total") >= 200, 60, "progress")
+    first.stop(signal.SIGKILL)
+
+    second = WorkerProcess(topics, tmp_path, "second", WORKER_PROCESSING_GUARANTEE=guarantee)
+    workers.append(second.start())
+    enriched = values(read_topic(topics.enriched, expect=3000, idle=5))
+    counts = Counter(c["messageId"] for c in enriched)
+    assert set(counts) == {f"m{n}" for n in range(3000)}
+    if guarantee == "exactly_once":
+        assert max(counts.values()) == 1
+    assert second.stop() == 0
+
+
+def test_probes_and_metrics_are_served(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """/healthz and /readyz answer 200 on a running worker; /metrics exports build info."""
+    worker = WorkerProcess(topics, tmp_path)
+    workers.append(worker.start())
+    assert worker.get("/healthz")[0] == 200
+    assert worker.get("/readyz")[0] == 200
+    assert worker.get("/nope")[0] == 404
+    assert worker.sample("group_worker_assigned_partitions") == 3
+    assert any(name == "group_worker_build_info" for name, _ in worker.metrics())
+
+
+def cli(topics: Topics, *args: str, **environ: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``group-worker ARGS`` against the test broker with ``topics``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    env.update(topics.environ(), GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS=BOOTSTRAP)
+    env.update({f"GROUP_WORKER_{k}": v for k, v in environ.items()})
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+        env=env,
+    )
+
+
+def test_send_and_tail_round_trip(topics: Topics) -> None:
+    """`send` produces each line of a file; `tail --from-beginning` prints each as JSON."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin.create_topics([NewTopic(topics.input, 2, 1)])[topics.input].result(30)
+    sent = cli(topics, "send", str(ROOT / "examples" / "group.json"))
+    assert sent.returncode == 0, sent.stderr
+    tailed = cli(topics, "tail", topics.input, "--from-beginning", "--max", "6", "--timeout", "20")
+    assert tailed.returncode == 0, tailed.stderr
+    lines = [codec.decode(line) for line in tailed.stdout.splitlines()]
+    assert len(lines) == 6
+    assert {
+        line["value"]["messageId"]
+        for line in lines
+        if isinstance(line["value"], dict) and "messageId" in line["value"]
+    } >= {"ex-1", "ex-2", "ex-3", "ex-6"}
+
+
+def test_topics_create_refuses_a_mismatched_state_topic(topics: Topics) -> None:
+    """A state topic partitioned unlike the input stops the worker with one line."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    futures = admin.create_topics(
+        [
+            NewTopic(topics.input, 3, 1),
+            NewTopic(topics.state, 2, 1, config={"cleanup.policy": "compact"}),
+        ]
+    )
+    for future in futures.values():
+        future.result(30)
+    result = cli(topics, "topics", "create")
+    assert result.returncode == 2
+    message = result.stderr.decode().strip()
+    assert message.count("\n") == 0
+    assert f"topic {topics.state} has 2 partitions but input {topics.input} has 3" in message
+
+
+def test_topics_create_makes_outputs_with_the_input_partition_count(topics: Topics) -> None:
+    """`topics create` creates every output with the input's partitions, state compacted."""
+    result = cli(topics, "topics", "create", TOPICS_PARTITIONS="4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines == [
+        f"{name}: 4 partitions"
+        for name in (topics.input, topics.enriched, topics.dlq, topics.state, topics.members)
+    ]

@@ -1,0 +1,138 @@
+"""Loading and validating configuration (worker.config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.config import Config, load_config, redact
+from worker.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "worker.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_file_equals_the_built_in_defaults() -> None:
+    """config/worker.toml documents exactly the built-in defaults."""
+    assert load_config(ROOT / "config" / "worker.toml", {}) == Config()
+
+
+def test_file_values_and_librdkafka_properties_are_read(tmp_path: Path) -> None:
+    """Known keys are typed; quoted dotted keys in [kafka] become librdkafka properties."""
+    path = write(
+        tmp_path,
+        """
+[kafka]
+bootstrap_servers = "b:9092"
+"security.protocol" = "SASL_SSL"
+"consumer.fetch.max.bytes" = 1048576
+[worker]
+processing_guarantee = "at_least_once"
+batch_size = 50
+""",
+    )
+    config = load_config(path, {})
+    assert config.kafka.bootstrap_servers == "b:9092"
+    assert config.kafka.properties == {
+        "security.protocol": "SASL_SSL",
+        "consumer.fetch.max.bytes": "1048576",
+    }
+    assert config.worker.processing_guarantee == "at_least_once"
+    assert config.worker.batch_size == 50
+
+
+def test_environment_overrides_single_keys(tmp_path: Path) -> None:
+    """GROUP_WORKER_<SECTION>_<KEY> overrides one key, typed like the key."""
+    config = load_config(
+        None,
+        {
+            "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": "k:1",
+            "GROUP_WORKER_TOPICS_INPUT": "raw",
+            "GROUP_WORKER_WORKER_INPUT_KEYED_BY_GROUP_ID": "true",
+            "GROUP_WORKER_HTTP_PORT": "9000",
+            "GROUP_WORKER_KAFKA_SASL_USERNAME": "svc",
+            "OTHER": "ignored",
+        },
+    )
+    assert config.kafka.bootstrap_servers == "k:1"
+    assert config.topics.input == "raw"
+    assert config.worker.input_keyed_by_group_id is True
+    assert config.http.port == 9000
+    assert config.kafka.properties == {"sasl.username": "svc"}
+
+
+def test_secret_is_read_from_a_file(tmp_path: Path) -> None:
+    """A _FILE variable reads the value from the named file, for mounted secrets."""
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    config = load_config(None, {"GROUP_WORKER_KAFKA_SASL_PASSWORD_FILE": str(secret)})
+    assert config.kafka.properties == {"sasl.password": "s3cret"}
+    assert redact(config.kafka.properties) == {"sasl.password": "***"}
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        pytest.param(
+            "[worker]\nbatch_sise = 1\n", {}, "unknown key worker.batch_sise", id="unknown-key"
+        ),
+        pytest.param("[wroker]\n", {}, "unknown section [wroker]", id="unknown-section"),
+        pytest.param(
+            "[worker]\nbatch_size = 'many'\n",
+            {},
+            "worker.batch_size must be an integer",
+            id="not-an-integer",
+        ),
+        pytest.param(
+            "[worker]\nbatch_size = 0\n",
+            {},
+            "worker.batch_size must be at least 1",
+            id="zero-batch",
+        ),
+        pytest.param(
+            "[worker]\nprocessing_guarantee = 'maybe'\n",
+            {},
+            "worker.processing_guarantee must be one of",
+            id="bad-literal",
+        ),
+        pytest.param(
+            "[http]\nport = 70000\n", {}, "http.port must be at most 65535", id="port-range"
+        ),
+        pytest.param(
+            "[topics]\nenriched = 'segment.raw'\n", {}, "topics.enriched", id="topic-reused"
+        ),
+        pytest.param("[worker\n", {}, "is not valid TOML", id="bad-toml"),
+        pytest.param(
+            "", {"GROUP_WORKER_WORKER_BATCH_SIZE": "x"}, "worker.batch_size", id="bad-env-value"
+        ),
+        pytest.param(
+            "", {"GROUP_WORKER_NOPE_KEY": "x"}, "GROUP_WORKER_NOPE_KEY", id="bad-env-section"
+        ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_WORKER_X_FILE": "/nonexistent/x"},
+            "cannot read",
+            id="missing-secret-file",
+        ),
+    ],
+)
+def test_bad_configuration_fails_with_one_line_naming_the_key(
+    tmp_path: Path, text: str, environ: dict[str, str], message: str
+) -> None:
+    """Every configuration error is one line that names the key or file."""
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), environ)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    """A configuration file that cannot be read is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml", {})

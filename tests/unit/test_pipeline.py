@@ -1,0 +1,327 @@
+"""Decoding, validation and enrichment of consumed records (worker.pipeline)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker import codec
+from worker.events import DeadLetter, Enriched, Outcome, Record, Skipped
+from worker.pipeline import REASONS, Settings, process_record
+
+SETTINGS = Settings()
+RECORD_MS = 1_424_730_535_000  # 2015-02-23T22:28:55.000Z
+
+
+def run(
+    value: bytes | None, settings: Settings = SETTINGS, key: bytes | None = b"k"
+) -> list[Outcome]:
+    return process_record(Record("raw", 3, 42, value, key, RECORD_MS), settings)
+
+
+def call(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"type": "group", "messageId": "m1", "userId": "u1", "groupId": "g1"}
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def one(value: bytes | None, settings: Settings = SETTINGS) -> Outcome:
+    outcomes = run(value, settings)
+    assert len(outcomes) == 1
+    return outcomes[0]
+
+
+def enriched(fields: dict[str, Any]) -> Enriched:
+    outcome = one(codec.encode(fields))
+    assert isinstance(outcome, Enriched), outcome
+    return outcome
+
+
+def dead(value: bytes | None, settings: Settings = SETTINGS) -> DeadLetter:
+    outcome = one(value, settings)
+    assert isinstance(outcome, DeadLetter), outcome
+    return outcome
+
+
+SPEC_EXAMPLE = {
+    "anonymousId": "507f191e810c19729de860ea",
+    "channel": "browser",
+    "context": {"ip": "8.8.8.8", "userAgent": "Mozilla/5.0"},
+    "integrations": {"All": True, "Mixpanel": False, "Salesforce": False},
+    "messageId": "022bb90c-bbac-11e4-8dfc-aa07a5b093db",
+    "receivedAt": "2015-02-23T22:28:55.387Z",
+    "sentAt": "2015-02-23T22:28:55.111Z",
+    "timestamp": "2015-02-23T22:28:55.111Z",
+    "traits": {
+        "name": "Initech",
+        "industry": "Technology",
+        "employees": 329,
+        "plan": "enterprise",
+        "total billed": 830,
+    },
+    "type": "group",
+    "userId": "97980cfea0067",
+    "groupId": "0e8c78ea9d97a7b8185e8632",
+    "version": "1.1",
+}
+
+
+def test_spec_example_is_enriched_with_its_fields_kept() -> None:
+    """The complete example of the spec passes through with every field kept and a source."""
+    out = enriched(SPEC_EXAMPLE)
+    assert out.group_id == "0e8c78ea9d97a7b8185e8632"
+    for key in (
+        "anonymousId",
+        "channel",
+        "context",
+        "integrations",
+        "messageId",
+        "userId",
+        "receivedAt",
+        "sentAt",
+        "version",
+    ):
+        assert out.call[key] == SPEC_EXAMPLE[key]
+    assert out.call["traits"] == SPEC_EXAMPLE["traits"]
+    assert out.call["timestamp"] == "2015-02-23T22:28:55.111Z"
+    assert out.call["enrichment"] == {
+        "warnings": [],
+        "source": {"topic": "raw", "partition": 3, "offset": 42},
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param(None, "invalid_json", id="null-value"),
+        pytest.param(b"", "invalid_json", id="empty-value"),
+        pytest.param(b"{", "invalid_json", id="truncated"),
+        pytest.param(b"\xff\xfe{}", "invalid_json", id="not-utf8"),
+        pytest.param(b'{"a": NaN}', "invalid_json", id="nan"),
+        pytest.param(b"[" * 2000 + b"]" * 2000, "invalid_json", id="too-deep"),
+        pytest.param(b"[1, 2]", "not_an_object", id="array"),
+        pytest.param(b'"group"', "not_an_object", id="string"),
+        pytest.param(b"null", "not_an_object", id="json-null"),
+        pytest.param(b'{"batch": {"type": "group"}}', "invalid_batch", id="batch-not-list"),
+        pytest.param(codec.encode(call(type=...)), "missing_type", id="no-type"),
+        pytest.param(codec.encode(call(type=7)), "missing_type", id="type-not-string"),
+        pytest.param(codec.encode(call(groupId=...)), "missing_group_id", id="no-group-id"),
+        pytest.param(codec.encode(call(groupId="  ")), "missing_group_id", id="blank-group-id"),
+        pytest.param(codec.encode(call(groupId=None)), "missing_group_id", id="null-group-id"),
+        pytest.param(codec.encode(call(groupId=True)), "missing_group_id", id="bool-group-id"),
+        pytest.param(codec.encode(call(groupId={"id": 1})), "missing_group_id", id="obj-group-id"),
+        pytest.param(codec.encode(call(userId=...)), "missing_identity", id="no-identity"),
+        pytest.param(
+            codec.encode(call(userId=" ", anonymousId="")),
+            "missing_identity",
+            id="blank-identities",
+        ),
+        pytest.param(codec.encode(call(traits=[1])), "invalid_traits", id="traits-list"),
+        pytest.param(codec.encode(call(traits="x")), "invalid_traits", id="traits-string"),
+        pytest.param(
+            codec.encode(call(messageId="m" * 101)), "invalid_message_id", id="message-id-too-long"
+        ),
+        pytest.param(
+            codec.encode(call(messageId=["m"])), "invalid_message_id", id="message-id-list"
+        ),
+    ],
+)
+def test_bad_input_is_a_dead_letter_with_its_reason(value: bytes | None, reason: str) -> None:
+    """Each kind of bad input becomes one dead letter with a stable reason code."""
+    letter = dead(value)
+    assert letter.reason == reason
+    assert letter.reason in REASONS
+    assert letter.letter["reason"] == reason
+    assert letter.letter["message"]
+    assert letter.letter["source"] == {
+        "topic": "raw",
+        "partition": 3,
+        "offset": 42,
+        "key": "k",
+        "timestamp": "2015-02-23T22:28:55.000Z",
+    }
+    assert letter.key == b"k"
+
+
+def test_dead_letter_keeps_raw_text() -> None:
+    """A dead letter carries the raw value as text when it is UTF-8."""
+    assert dead(b"not json").letter["value"] == "not json"
+    assert "encoding" not in dead(b"not json").letter
+
+
+def test_dead_letter_keeps_non_utf8_bytes_as_base64() -> None:
+    """A value that is not UTF-8 is kept as base64, with its encoding named."""
+    letter = dead(b"\xff\x00\x80").letter
+    assert letter["encoding"] == "base64"
+    assert base64.b64decode(letter["value"]) == b"\xff\x00\x80"
+
+
+def test_call_over_the_size_limit_is_too_large() -> None:
+    """A single call over max_event_bytes is dead-lettered as too_large."""
+    value = codec.encode(call(traits={"description": "x" * 200}))
+    assert dead(value, Settings(max_event_bytes=100)).reason == "too_large"
+    assert isinstance(one(value, Settings(max_event_bytes=len(value))), Enriched)
+
+
+def test_record_over_the_batch_limit_is_too_large_and_truncated() -> None:
+    """A record over max_batch_bytes is too_large without being parsed, its value truncated."""
+    letter = dead(b"x" * 5000, Settings(max_event_bytes=100, max_batch_bytes=1000))
+    assert letter.reason == "too_large"
+    assert letter.letter["truncated"] is True
+    assert len(letter.letter["value"]) == 1000
+
+
+@pytest.mark.parametrize("call_type", ["identify", "track", "page", "screen", "alias"])
+def test_other_call_types_are_skipped_by_type(call_type: str) -> None:
+    """Calls that are not group calls are skipped and named by their type."""
+    assert one(codec.encode(call(type=call_type))) == Skipped(call_type)
+
+
+def test_unknown_call_types_are_skipped_as_other() -> None:
+    """An unknown type is skipped as "other", so metric labels stay bounded."""
+    assert one(codec.encode(call(type="Custom-Thing"))) == Skipped("other")
+
+
+def test_type_is_case_insensitive() -> None:
+    """`Group` and ` group ` are group calls."""
+    assert isinstance(one(codec.encode(call(type=" Group "))), Enriched)
+
+
+def test_batch_envelope_is_split_into_one_outcome_per_call() -> None:
+    """Each call in a batch envelope gets its own outcome, in order, with its index."""
+    envelope = {
+        "batch": [
+            call(messageId="a"),
+            call(type="track"),
+            "oops",
+            call(messageId="b", groupId=None),
+        ],
+        "context": {"library": {"name": "analytics-python"}},
+    }
+    outcomes = run(codec.encode(envelope))
+    assert [o.kind for o in outcomes] == ["enriched", "skipped", "dead_letter", "dead_letter"]
+    first = outcomes[0]
+    assert isinstance(first, Enriched)
+    assert first.call["enrichment"]["source"]["index"] == 0
+    assert first.call["context"] == {"library": {"name": "analytics-python"}}
+    third, fourth = outcomes[2], outcomes[3]
+    assert isinstance(third, DeadLetter)
+    assert third.reason == "not_an_object"
+    assert third.letter["value"] == '"oops"'
+    assert third.letter["source"]["index"] == 2
+    assert isinstance(fourth, DeadLetter)
+    assert fourth.reason == "missing_group_id"
+
+
+def test_empty_batch_has_no_outcomes() -> None:
+    """An empty batch envelope carries no calls, so it has no outcomes."""
+    assert run(b'{"batch": []}') == []
+
+
+def test_call_in_batch_over_the_size_limit_is_too_large() -> None:
+    """Each call in an envelope is held to max_event_bytes on its own."""
+    small, big = call(messageId="s"), call(messageId="b", traits={"d": "x" * 500})
+    outcomes = run(codec.encode({"batch": [small, big]}), Settings(max_event_bytes=300))
+    assert [o.kind for o in outcomes] == ["enriched", "dead_letter"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "user", "anonymous"),
+    [
+        pytest.param({"userId": 42}, "42", ..., id="number-user-id"),
+        pytest.param({"userId": 4.0}, "4", ..., id="whole-float-user-id"),
+        pytest.param({"userId": None, "anonymousId": "a1"}, None, "a1", id="null-user-id"),
+        pytest.param({"userId": "  ", "anonymousId": 7}, "  ", "7", id="blank-user-id"),
+    ],
+)
+def test_identities_become_strings(fields: dict[str, Any], user: Any, anonymous: Any) -> None:
+    """Numeric IDs become strings; a null or blank ID beside the other identity is kept as sent."""
+    out = enriched(call(**fields))
+    assert out.call.get("userId", ...) == user
+    assert out.call.get("anonymousId", ...) == anonymous
+
+
+def test_numeric_group_id_becomes_a_string() -> None:
+    """A numeric groupId is turned into a string for the key and the call."""
+    out = enriched(call(groupId=12345))
+    assert out.group_id == "12345"
+    assert out.call["groupId"] == "12345"
+
+
+def test_missing_message_id_is_derived_stably() -> None:
+    """A call without messageId gets one derived from its content, the same on replay."""
+    a = enriched(call(messageId=..., sentAt="2015-02-23T22:28:55.111Z"))
+    b = enriched(call(messageId=..., sentAt="2015-02-23T22:29:00.000Z"))
+    c = enriched(call(messageId=..., traits={"plan": "pro"}))
+    assert a.call["messageId"] == b.call["messageId"]
+    assert a.call["messageId"] != c.call["messageId"]
+    assert len(a.call["messageId"]) <= 100
+
+
+def test_null_traits_count_as_empty() -> None:
+    """`"traits": null` is treated as no traits rather than a dead letter."""
+    assert enriched(call(traits=None)).call["traits"] == {}
+
+
+def test_event_time_falls_back_to_the_record_timestamp() -> None:
+    """Without any usable time field the event time is the Kafka record timestamp."""
+    out = enriched(call(timestamp="yesterday"))
+    assert out.call["timestamp"] == "2015-02-23T22:28:55.000Z"
+    assert out.event_time_ms == RECORD_MS
+
+
+def test_trait_warnings_are_reported_with_their_code() -> None:
+    """A bad trait is dropped, the call kept, and the warning listed with its value."""
+    out = enriched(call(traits={"email": "not-an-email", "name": "Initech"}))
+    assert out.call["traits"] == {"name": "Initech"}
+    assert out.call["enrichment"]["warnings"] == [
+        {"code": "invalid_email", "trait": "email", "value": "not-an-email"}
+    ]
+    assert out.warnings == ("invalid_email",)
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+FIELDS = st.sampled_from(
+    [
+        "type",
+        "groupId",
+        "userId",
+        "anonymousId",
+        "messageId",
+        "traits",
+        "timestamp",
+        "sentAt",
+        "receivedAt",
+        "originalTimestamp",
+        "batch",
+    ]
+)
+
+
+@given(st.dictionaries(FIELDS, JSON | st.just("group"), max_size=8) | JSON)
+def test_any_json_gives_outcomes_never_an_exception(document: Any) -> None:
+    """Any JSON value, as a call or an envelope, yields outcomes and never raises."""
+    outcomes = run(codec.encode(document))
+    assert all(o.kind in ("enriched", "skipped", "dead_letter") for o in outcomes)
+    if not (isinstance(document, dict) and "batch" in document and "type" not in document):
+        assert len(outcomes) == 1
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_give_outcomes_never_an_exception(value: bytes) -> None:
+    """Arbitrary bytes yield outcomes and never raise."""
+    assert all(o.kind in ("enriched", "skipped", "dead_letter") for o in run(value))

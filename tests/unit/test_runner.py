@@ -1,0 +1,218 @@
+"""The loop (worker.runner) driven with fakes: commits, aborts, rebalances, accounting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.fakes import FakeClock, FakeSink, FakeSource
+from worker import codec
+from worker.errors import AbortableError, FatalError, RetriableError
+from worker.metrics import Metrics
+from worker.runner import Runner, RunnerSettings
+
+SETTINGS = RunnerSettings(
+    input_topic="in", enriched_topic="out", dlq_topic="dlq", batch_size=10, commit_interval=0.1
+)
+
+
+def group_call(n: int, **extra: Any) -> bytes:
+    return codec.encode(
+        {"type": "group", "messageId": f"m{n}", "userId": f"u{n}", "groupId": f"g{n % 3}", **extra}
+    )
+
+
+def make(
+    transactional: bool = True, partitions: int = 1
+) -> tuple[Runner, FakeSource, FakeSink, Metrics]:
+    clock = FakeClock()
+    source = FakeSource(clock, partitions)
+    sink = FakeSink(transactional=transactional)
+    metrics = Metrics(CollectorRegistry())
+    return Runner(SETTINGS, source, sink, metrics, clock), source, sink, metrics
+
+
+def run_for(runner: Runner, source: FakeSource, consumes: int) -> None:
+    """Run the loop until ``consumes`` calls of consume() have happened."""
+    source.on_consume = lambda n: runner.stop() if n >= consumes else None
+    runner.run()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def message_ids(sink: FakeSink, topic: str = "out") -> list[str]:
+    return [codec.decode(p.value)["messageId"] for p in sink.topic(topic)]
+
+
+@pytest.mark.parametrize("transactional", [True, False], ids=["exactly_once", "at_least_once"])
+def test_every_call_ends_in_one_outcome_and_offsets_commit(transactional: bool) -> None:
+    """Good calls are enriched, bad ones dead-lettered, others skipped; then offsets commit."""
+    runner, source, sink, metrics = make(transactional)
+    for n in range(5):
+        source.append(group_call(n))
+    source.append(b"not json", key=b"bad")
+    source.append(codec.encode({"type": "track", "userId": "u"}))
+    source.append(codec.encode({"batch": [codec.decode(group_call(9)), {"type": "page"}]}))
+    run_for(runner, source, 5)
+
+    assert message_ids(sink) == ["m0", "m1", "m2", "m3", "m4", "m9"]
+    [letter] = sink.topic("dlq")
+    assert letter.key == b"bad"
+    assert letter.headers == [("reason", b"invalid_json")]
+    assert source.committed_offsets == {("in", 0): 8}
+    if transactional:
+        assert sink.offset_commits[-1] == {("in", 0): 8}
+    outcomes = {
+        k: sample(metrics, "group_worker_outcomes_total", outcome=k)
+        for k in ("enriched", "skipped", "dead_letter", "duplicate")
+    }
+    assert outcomes == {"enriched": 6, "skipped": 2, "dead_letter": 1, "duplicate": 0}
+    assert sample(metrics, "group_worker_calls_consumed_total") == 9
+    assert sample(metrics, "group_worker_records_consumed_total") == 8
+    assert sample(metrics, "group_worker_dead_letters_total", reason="invalid_json") == 1
+    assert sample(metrics, "group_worker_skipped_calls_total", type="page") == 1
+    assert source.closed
+
+
+def test_enriched_records_are_keyed_by_group_id() -> None:
+    """The enriched topic is keyed by groupId."""
+    runner, source, sink, _ = make()
+    source.append(group_call(4))
+    run_for(runner, source, 3)
+    assert [p.key for p in sink.topic("out")] == [b"g1"]
+
+
+def test_offsets_are_not_committed_until_outputs_are_delivered() -> None:
+    """At least once: a failed delivery check leaves offsets uncommitted, and a retry commits."""
+    runner, source, sink, metrics = make(transactional=False)
+    source.append(group_call(1))
+    sink.fail_next_commit = RetriableError("broker away")
+
+    def check(n: int) -> None:
+        if n == 2:
+            assert source.commits == []
+        if n >= 6:
+            runner.stop()
+
+    source.on_consume = check
+    runner.run()
+    assert source.committed_offsets == {("in", 0): 1}
+    assert message_ids(sink) == ["m1"]
+    assert sample(metrics, "group_worker_commit_failures_total") == 1
+
+
+def test_commit_waits_for_the_interval() -> None:
+    """Records consumed within one commit interval are committed together."""
+    runner, source, sink, _ = make()
+    source.append(group_call(1))
+    source.append(group_call(2))
+    run_for(runner, source, 4)
+    assert sink.offset_commits == [{("in", 0): 2}]
+
+
+def test_abortable_commit_aborts_and_replays_exactly_once() -> None:
+    """An aborted transaction discards its outputs and the records are processed again."""
+    runner, source, sink, _ = make()
+    for n in range(3):
+        source.append(group_call(n))
+    sink.fail_next_commit = AbortableError("fenced epoch bump")
+    run_for(runner, source, 8)
+    assert sink.aborts == 1
+    assert message_ids(sink) == ["m0", "m1", "m2"]
+    assert sink.offset_commits[-1] == {("in", 0): 3}
+
+
+def test_revoke_commits_before_partitions_move() -> None:
+    """Partitions revoked in a rebalance have their processed offsets committed first."""
+    runner, source, sink, metrics = make(partitions=2)
+    source.append(group_call(1), partition=0)
+    source.append(group_call(2), partition=1)
+
+    def rebalance(n: int) -> None:
+        if n == 2:
+            source.rebalance(revoke=[("in", 1)], assign=[])
+        if n >= 4:
+            runner.stop()
+
+    source.on_consume = rebalance
+    runner.run()
+    assert sink.offset_commits[0] == {("in", 0): 1, ("in", 1): 1}
+    assert message_ids(sink) == ["m1", "m2"]
+    assert sample(metrics, "group_worker_rebalances_total", kind="revoke") >= 1
+
+
+def test_lost_partitions_abort_and_keep_the_rest() -> None:
+    """Lost partitions abort the open batch; kept partitions are read again and committed."""
+    runner, source, sink, _ = make(partitions=2)
+    source.append(group_call(1), partition=0)
+    source.append(group_call(2), partition=1)
+
+    def lose(n: int) -> None:
+        if n == 2:
+            assert runner is not None
+            runner.on_lost([("in", 1)])
+            source.position.pop(("in", 1))
+        if n >= 5:
+            runner.stop()
+
+    source.on_consume = lose
+    runner.run()
+    assert sink.aborts == 1
+    assert message_ids(sink) == ["m1"]
+    assert sink.offset_commits[-1] == {("in", 0): 1}
+
+
+def test_fatal_error_stops_the_loop_and_closes() -> None:
+    """A fatal Kafka error propagates out of run() after the source is closed."""
+    runner, source, sink, _ = make()
+    source.append(group_call(1))
+    sink.fail_next_commit = FatalError("producer fenced")
+    with pytest.raises(FatalError):
+        run_for(runner, source, 10)
+    assert source.closed
+
+
+def test_readiness_follows_the_group() -> None:
+    """The worker is ready once it has joined the group, and not once it is stopping."""
+    runner, source, _, _ = make()
+    assert not runner.ready
+    states: list[bool] = []
+
+    def watch(n: int) -> None:
+        states.append(runner.ready)
+        if n >= 3:
+            runner.stop()
+
+    source.on_consume = watch
+    runner.run()
+    assert states == [False, True, True]
+    assert not runner.ready
+
+
+def test_lag_is_exported_per_assigned_partition() -> None:
+    """Consumer lag is exported per assigned partition and removed on revoke."""
+    runner, source, _, metrics = make(partitions=2)
+    for n in range(15):
+        source.append(group_call(n), partition=0)
+
+    def revoke(n: int) -> None:
+        if n == 2:
+            assert sample(metrics, "group_worker_consumer_lag", topic="in", partition="0") == 5
+            source.rebalance(revoke=[("in", 0)], assign=[])
+        if n >= 3:
+            runner.stop()
+
+    source.clock.advance(10)
+    source.on_consume = revoke
+    runner.run()
+    assert (
+        metrics.registry.get_sample_value(
+            "group_worker_consumer_lag", {"topic": "in", "partition": "0"}
+        )
+        is None
+    )

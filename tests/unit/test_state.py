@@ -1,0 +1,556 @@
+"""Tests for worker.state: merge rules, dedupe, records, memberships and their keys."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker import codec
+from worker.state import (
+    AddressStamps,
+    Applied,
+    GroupState,
+    MemberKind,
+    Membership,
+    group_snapshot,
+    membership_from_record,
+    membership_key,
+    membership_record,
+    merge_call,
+    merge_membership,
+    state_from_record,
+    state_record,
+)
+
+T0 = 1_424_730_535_111  # 2015-02-23T22:28:55.111Z
+WINDOW = 86_400_000
+NOW = 1_700_000_000_000
+
+States = dict[str, GroupState]
+Members = dict[str, Membership]
+
+
+def call(
+    mid: str = "m1",
+    ms: int = T0,
+    traits: Mapping[str, Any] | None = None,
+    *,
+    group: str = "g1",
+    kind: MemberKind = "userId",
+    member: str = "u1",
+) -> Applied:
+    """A call; times are given relative to T0 by callers that pass small numbers."""
+    return Applied(group, mid, ms, kind, member, traits if traits is not None else {})
+
+
+def merged(state: GroupState | None, c: Applied, *, window: int = WINDOW) -> GroupState:
+    """Merge a call that is known not to be a duplicate."""
+    out = merge_call(state, c, new_member=False, window_ms=window, now_ms=NOW)
+    assert out is not None
+    return out
+
+
+def fold(
+    calls: Iterable[Applied],
+    states: States | None = None,
+    members: Members | None = None,
+    *,
+    window: int = WINDOW,
+) -> tuple[States, Members]:
+    """Apply calls in order, as the runner does, with a membership dict for new_member."""
+    states, members = dict(states or {}), dict(members or {})
+    for now, c in enumerate(calls):
+        key = membership_key(c.group_id, c.member_kind, c.member_id)
+        state = merge_call(
+            states.get(c.group_id),
+            c,
+            new_member=key not in members,
+            window_ms=window,
+            now_ms=NOW + now,
+        )
+        if state is None:
+            continue
+        states[c.group_id] = state
+        membership = merge_membership(members.get(key), c)
+        if membership is not None:
+            members[key] = membership
+    return states, members
+
+
+def timeless(states: States) -> States:
+    """States with processing time removed: the part that is a function of the call set."""
+    return {g: replace(s, updated_ms=0) for g, s in states.items()}
+
+
+def traits_after(calls: Iterable[Applied]) -> Mapping[str, Any]:
+    return fold(calls)[0]["g1"].traits
+
+
+# --- Registers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        pytest.param(
+            call("m2", T0, {"name": "A"}), call("m1", T0 + 1, {"name": "B"}), "B", id="later-wins"
+        ),
+        pytest.param(
+            call("m1", T0, {"name": "A"}), call("m2", T0, {"name": "B"}), "B", id="tie-mid-wins"
+        ),
+        pytest.param(
+            call("m1", T0, {"name": "A"}), call("m2", T0 + 1, {"name": None}), None, id="null-wins"
+        ),
+        pytest.param(
+            call("m1", T0 + 1, {"name": "A"}), call("m2", T0, {"name": None}), "A", id="old-null"
+        ),
+        pytest.param(
+            call("m1", T0, {"name": None}), call("m2", T0 + 1, {"name": "A"}), "A", id="after-null"
+        ),
+        pytest.param(
+            call("m1", T0, {"name": "A"}), call("m2", T0 + 1, {"plan": "p"}), "A", id="left-out"
+        ),
+    ],
+)
+def test_trait_is_last_writer_wins_by_time_then_message_id(
+    first: Applied, second: Applied, expected: Any
+) -> None:
+    """A trait holds the value of the call with the greatest (event time, messageId)."""
+    assert traits_after([first, second])["name"] == expected
+    assert traits_after([second, first])["name"] == expected
+
+
+def test_traits_merge_key_by_key() -> None:
+    """Each trait is its own register: a call changes only the traits it carries."""
+    calls = [
+        call("m1", T0, {"name": "A", "plan": "free", "x": [1]}),
+        call("m2", T0 + 5, {"plan": "pro", "y": None}),
+        call("m3", T0 + 2, {"name": "C", "plan": "old"}),
+    ]
+    for order in itertools.permutations(calls):
+        assert traits_after(order) == {"name": "C", "plan": "pro", "x": [1], "y": None}
+
+
+def addr(*writes: tuple[int, Any]) -> list[Applied]:
+    return [call(f"m{i}", T0 + ms, {"address": a}) for i, (ms, a) in enumerate(writes)]
+
+
+@pytest.mark.parametrize(
+    ("calls", "expected"),
+    [
+        pytest.param(addr((1, {"city": "X"}), (2, {"street": "S"})), {"city": "X", "street": "S"}),
+        pytest.param(addr((1, {"city": "X"}), (2, {"city": "Y"})), {"city": "Y"}, id="sub-lww"),
+        pytest.param(addr((1, {"city": "X"}), (2, {"city": None})), {"city": None}, id="sub-null"),
+        pytest.param(addr((1, None)), None, id="only-null"),
+        pytest.param(addr((1, {})), {}, id="only-empty"),
+        pytest.param(addr((1, {"city": "X"}), (2, None)), None, id="null-newest"),
+        pytest.param(addr((1, None), (2, {"city": "X"})), {"city": "X"}, id="null-oldest"),
+        pytest.param(
+            addr((1, {"city": "X", "street": "S"}), (2, None), (3, {"city": "Y"})),
+            {"city": "Y"},
+            id="null-clears-older-sub-fields",
+        ),
+        pytest.param(
+            addr((3, {"city": "X"}), (2, None), (1, {"street": "S"})),
+            {"city": "X"},
+            id="object-before-null-ignored",
+        ),
+        pytest.param(addr((1, None), (2, {})), {}, id="empty-after-null"),
+        pytest.param(addr((1, {}), (2, None)), None, id="null-after-empty"),
+        pytest.param(addr((1, {"city": "X"}), (2, None), (3, {})), {}, id="empty-hides-cleared"),
+    ],
+)
+def test_address_sub_fields_and_null_merge_in_any_order(
+    calls: list[Applied], expected: Any
+) -> None:
+    """Address sub-fields are registers; address null clears those written before it."""
+    for order in itertools.permutations(calls):
+        states, _ = fold(order)
+        assert states["g1"].traits["address"] == expected
+        assert timeless(states) == timeless(fold(calls)[0])
+
+
+def test_address_that_is_not_an_object_raises() -> None:
+    """merge_call refuses an address that is neither None nor a mapping."""
+    with pytest.raises(ValueError, match="address"):
+        merge_call(None, call(traits={"address": "x"}), new_member=True, window_ms=1, now_ms=1)
+
+
+def test_call_for_another_group_raises() -> None:
+    """merge_call refuses to merge a call into another group's state."""
+    with pytest.raises(ValueError, match="another group"):
+        merged(merged(None, call()), call("m2", group="g2"))
+
+
+# --- Counters, times, dedupe --------------------------------------------------------------
+
+
+def test_first_and_last_seen_are_min_and_max_event_time() -> None:
+    """firstSeen and lastSeen are the least and greatest event times, whatever the order."""
+    states, _ = fold([call("m1", T0 + 5), call("m2", T0 + 2), call("m3", T0 + 9)])
+    assert (states["g1"].first_seen_ms, states["g1"].last_seen_ms) == (T0 + 2, T0 + 9)
+
+
+def test_counts_and_processing_time() -> None:
+    """eventCount counts calls, memberCount new members, and updated_ms is now_ms."""
+    state = merge_call(None, call("m1"), new_member=True, window_ms=WINDOW, now_ms=7)
+    state = merge_call(state, call("m2"), new_member=False, window_ms=WINDOW, now_ms=9)
+    state = merge_call(state, call("m3", member="u2"), new_member=True, window_ms=WINDOW, now_ms=8)
+    assert state is not None
+    assert (state.event_count, state.member_count, state.updated_ms) == (3, 2, 8)
+
+
+def test_duplicate_returns_none() -> None:
+    """A call whose messageId the group holds in its recent set is a duplicate."""
+    state = merged(None, call("m1", traits={"name": "A"}))
+    again = call("m1", traits={"name": "changed"})
+    assert merge_call(state, again, new_member=True, window_ms=WINDOW, now_ms=NOW) is None
+
+
+def test_recent_set_is_pruned_to_the_window() -> None:
+    """Only messageIds within window_ms of lastSeen are kept, the boundary included."""
+    state = None
+    for mid, ms in [("m1", 100), ("m2", 101), ("m3", 111)]:
+        state = merged(state, call(mid, ms), window=10)
+    assert state is not None
+    assert state.recent == {"m2": 101, "m3": 111}
+
+
+def test_call_older_than_the_window_is_applied_but_not_remembered() -> None:
+    """A call older than the window is never a duplicate: it merges and counts each time."""
+    state = merged(merged(None, call("new", 200)), call("old", 100, {"name": "A"}), window=10)
+    again = merged(state, call("old", 100, {"name": "A"}), window=10)
+    assert "old" not in again.recent
+    assert again.event_count == 3
+    assert again.traits == state.traits == {"name": "A"}
+
+
+# --- Records ------------------------------------------------------------------------------
+
+
+def rich_state() -> GroupState:
+    calls = [
+        call("m1", T0, {"name": "Initech", "plan": "free", "address": {"city": "A", "x": 1}}),
+        call("m2", T0 + 10, {"plan": None, "address": None}),
+        call("m3", T0 + 20, {"address": {"street": "S"}, "total billed": 830}, member="u2"),
+    ]
+    return fold(calls)[0]["g1"]
+
+
+def test_group_snapshot_shape() -> None:
+    """The enriched call's group object carries id, traits, counts and RFC 3339 times."""
+    assert group_snapshot(rich_state()) == {
+        "id": "g1",
+        "traits": {
+            "name": "Initech",
+            "plan": None,
+            "address": {"street": "S"},
+            "total billed": 830,
+        },
+        "memberCount": 2,
+        "eventCount": 3,
+        "firstSeenAt": "2015-02-23T22:28:55.111Z",
+        "lastSeenAt": "2015-02-23T22:28:55.131Z",
+    }
+
+
+def test_state_record_shape() -> None:
+    """The state record is the profile plus merge stamps, address registers and recent ids."""
+    record = state_record(rich_state())
+    assert record["groupId"] == "g1"
+    assert record["updatedAt"] == "2023-11-14T22:13:20.002Z"
+    assert record["merge"] == {
+        "stamps": {"name": [T0, "m1"], "plan": [T0 + 10, "m2"], "total billed": [T0 + 20, "m3"]},
+        "address": {
+            "null": [T0 + 10, "m2"],
+            "object": [T0 + 20, "m3"],
+            "fields": {"street": [T0 + 20, "m3"]},
+        },
+        "recent": {"m1": T0, "m2": T0 + 10, "m3": T0 + 20},
+    }
+
+
+def test_outputs_do_not_share_writable_dicts_with_the_state() -> None:
+    """Changing a snapshot or record's traits leaves the state as it was."""
+    state = rich_state()
+    before = state_record(state)
+    for out in (group_snapshot(state)["traits"], state_record(state)["traits"]):
+        out["name"] = "changed"
+        out["address"]["street"] = "changed"
+    assert state_record(state) == before
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        pytest.param(merged(None, call()), id="no-traits"),
+        pytest.param(merged(None, call(traits={"address": None})), id="address-null"),
+        pytest.param(merged(None, call(traits={"address": {}})), id="address-empty"),
+        pytest.param(rich_state(), id="rich"),
+    ],
+)
+def test_record_round_trips(state: GroupState) -> None:
+    """state_from_record(state_record(s)) == s, also through JSON."""
+    assert state_from_record(state_record(state)) == state
+    assert state_from_record(codec.decode(codec.encode(state_record(state)))) == state
+
+
+def test_restored_state_shares_stamps_like_a_merged_one() -> None:
+    """Restoring interns stamps: traits written by one call share one stamp tuple."""
+    state = state_from_record(codec.decode(codec.encode(state_record(rich_state()))))
+    assert state.address is not None
+    assert state.stamps["total billed"] is state.address.field_stamps["street"]
+    assert state.stamps["name"][1] is next(iter(state.recent))
+
+
+_DELETE = object()
+
+
+def _broken(path: str, value: Any) -> dict[str, Any]:
+    """A valid record of rich_state() with the value at a dotted path replaced (or removed)."""
+    record: dict[str, Any] = codec.decode(codec.encode(state_record(rich_state())))
+    *parents, last = path.split(".")
+    target = record
+    for key in parents:
+        target = target[key]
+    if value is _DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return record
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("groupId", _DELETE),
+        ("groupId", 7),
+        ("traits", []),
+        ("memberCount", -1),
+        ("memberCount", True),
+        ("eventCount", "3"),
+        ("firstSeenAt", "yesterday"),
+        ("firstSeenAt", "2030-01-01T00:00:00.000Z"),
+        ("updatedAt", None),
+        ("merge", None),
+        ("merge.stamps", _DELETE),
+        ("merge.stamps.name", [T0]),
+        ("merge.stamps.name", [T0, 5]),
+        ("merge.stamps.name", ["1", "m1"]),
+        ("merge.stamps.extra", [T0, "m1"]),
+        ("merge.recent", []),
+        ("merge.recent.m1", "x"),
+        ("merge.address", _DELETE),
+        ("merge.address.fields", _DELETE),
+        ("merge.address.null", [T0 + 30, "m9"]),
+        ("merge.address.object", _DELETE),
+        ("merge.address.fields.city", [T0, "m1"]),
+        ("traits.address", None),
+        ("traits.address", "street"),
+        ("traits.name", _DELETE),
+    ],
+)
+def test_malformed_state_record_raises(path: str, value: Any) -> None:
+    """A state record with a missing, mistyped or contradictory part raises ValueError."""
+    with pytest.raises(ValueError, match="record"):
+        state_from_record(_broken(path, value))
+
+
+# --- Memberships --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("at", "expected"),
+    [
+        pytest.param(50, None, id="inside"),
+        pytest.param(10, None, id="at-first"),
+        pytest.param(90, None, id="at-last"),
+        pytest.param(95, (10, 95), id="last-moves"),
+        pytest.param(5, (5, 90), id="first-moves"),
+    ],
+)
+def test_membership_emitted_only_when_its_times_move(
+    at: int, expected: tuple[int, int] | None
+) -> None:
+    """merge_membership returns a membership only when first or last seen moves."""
+    current = Membership("g1", "userId", "u1", 10, 90)
+    out = merge_membership(current, call(ms=at))
+    assert (None if out is None else (out.first_seen_ms, out.last_seen_ms)) == expected
+
+
+def test_new_member_is_emitted() -> None:
+    """A member with no stored membership gets one, first and last seen at the call."""
+    new = merge_membership(None, call(ms=T0, kind="anonymousId", member="a1"))
+    assert new == Membership("g1", "anonymousId", "a1", T0, T0)
+
+
+def test_membership_of_another_member_raises() -> None:
+    """merge_membership refuses a membership that is not the call's member's."""
+    with pytest.raises(ValueError, match="member"):
+        merge_membership(Membership("g1", "userId", "u2", 1, 2), call())
+
+
+@pytest.mark.parametrize("kind", ["userId", "anonymousId"])
+def test_membership_record_round_trips(kind: MemberKind) -> None:
+    """A membership record names the member by its kind and reads back exactly."""
+    m = Membership("g1", kind, "u1", T0, T0 + 1)
+    record = membership_record(m)
+    assert record == {
+        "groupId": "g1",
+        kind: "u1",
+        "firstSeenAt": "2015-02-23T22:28:55.111Z",
+        "lastSeenAt": "2015-02-23T22:28:55.112Z",
+    }
+    assert membership_from_record(codec.decode(codec.encode(record))) == m
+
+
+_MEMBER = {"groupId": "g", "userId": "u", "firstSeenAt": "2015-02-23", "lastSeenAt": "2015-02-24"}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {k: v for k, v in _MEMBER.items() if k != "userId"},
+        _MEMBER | {"anonymousId": "a"},
+        _MEMBER | {"userId": 5},
+        _MEMBER | {"groupId": None},
+        _MEMBER | {"firstSeenAt": "2015-02-25"},
+        {k: v for k, v in _MEMBER.items() if k != "lastSeenAt"},
+    ],
+)
+def test_malformed_membership_record_raises(record: dict[str, Any]) -> None:
+    """A membership record without exactly one identity, or with bad fields, raises."""
+    with pytest.raises(ValueError, match="record"):
+        membership_from_record(record)
+
+
+_TRICKY_IDS = ['a"b', "a,b", "[a]", "a\\", "\\", '\\"', "é🙂", "a\nb\x00\x1f", "\ud800", ""]
+
+
+@pytest.mark.parametrize("tricky", _TRICKY_IDS)
+def test_membership_key_is_json_of_the_three_parts(tricky: str) -> None:
+    """The key parses as the JSON array [groupId, kind, memberId] for tricky ids."""
+    key = membership_key(tricky, "userId", tricky + "x")
+    assert json.loads(key) == [tricky, "userId", tricky + "x"]
+    key.encode()  # always valid UTF-8, lone surrogates included
+
+
+def test_membership_keys_are_distinct_where_naive_joins_collide() -> None:
+    """Ids that a separator-joined key would confuse give different keys."""
+    parts = [("a,b", "c"), ("a", "b,c"), ('a"', "b"), ("a", '"b'), ("a\\", "b"), ("a", "\\b")]
+    keys = {membership_key(g, "userId", m) for g, m in parts}
+    keys.add(membership_key("a", "anonymousId", "b"))
+    keys.add(membership_key("a", "userId", "b"))
+    assert len(keys) == len(parts) + 2
+
+
+@given(st.text(), st.sampled_from(["userId", "anonymousId"]), st.text())
+def test_membership_key_parses_back(group: str, kind: MemberKind, member: str) -> None:
+    """Any ids give a key that parses back to them (so keys are unambiguous)."""
+    assert json.loads(membership_key(group, kind, member)) == [group, kind, member]
+
+
+@given(st.text(st.characters(exclude_categories=["Cs"])), st.text(st.characters(codec="utf-8")))
+def test_membership_key_is_compact_json(group: str, member: str) -> None:
+    """Without lone surrogates the key is exactly compact JSON with unescaped unicode."""
+    expected = json.dumps([group, "userId", member], ensure_ascii=False, separators=(",", ":"))
+    assert membership_key(group, "userId", member) == expected
+
+
+# --- Properties ---------------------------------------------------------------------------
+
+_VALUES = st.none() | st.sampled_from(["a", "b", ""]) | st.integers(0, 3)
+_ADDRESS = st.none() | st.dictionaries(st.sampled_from(["city", "street", "zip"]), _VALUES)
+_TRAITS = st.fixed_dictionaries(
+    {}, optional={"name": _VALUES, "plan": _VALUES, "employees": _VALUES, "address": _ADDRESS}
+)
+# Ties on event time are likely, so messageIds decide; the whole range fits the window.
+_EVENT_MS = st.integers(0, 2).map(lambda d: T0 + d) | st.integers(T0, T0 + WINDOW)
+
+
+@st.composite
+def call_sets(draw: st.DrawFn) -> list[Applied]:
+    """Distinct calls (one content per messageId) over a few groups and members."""
+    return [
+        Applied(
+            group_id=draw(st.sampled_from(["g1", "g2"])),
+            message_id=f"m{i}",
+            event_ms=draw(_EVENT_MS),
+            member_kind=draw(st.sampled_from(["userId", "anonymousId"])),
+            member_id=draw(st.sampled_from(["u1", "u2"])),
+            traits=draw(_TRAITS),
+        )
+        for i in range(draw(st.integers(1, 8)))
+    ]
+
+
+@st.composite
+def deliveries(draw: st.DrawFn) -> tuple[list[Applied], list[Applied]]:
+    """A call set, and the same calls delivered in some order with some of them repeated."""
+    calls = draw(call_sets())
+    repeats = draw(st.lists(st.sampled_from(calls), max_size=6))
+    return calls, draw(st.permutations(calls + repeats))
+
+
+@given(deliveries())
+def test_merge_is_order_independent_and_idempotent(
+    case: tuple[list[Applied], list[Applied]],
+) -> None:
+    """Any order of the calls, with any repeated, gives the same states and memberships."""
+    calls, delivered = case
+    states, members = fold(calls)
+    again_states, again_members = fold(delivered)
+    assert timeless(again_states) == timeless(states)
+    assert again_members == members
+
+
+@given(call_sets(), st.data())
+def test_merging_a_call_twice_equals_once(calls: list[Applied], data: st.DataObject) -> None:
+    """Re-merging an applied call is a duplicate, and even when forgotten changes no trait."""
+    states, members = fold(calls)
+    c = data.draw(st.sampled_from(calls))
+    assert timeless(fold([c], states, members)[0]) == timeless(states)
+    state = states[c.group_id]
+    forgotten = replace(state, recent={})
+    again = merged(forgotten, c)
+    assert (again.traits, again.stamps, again.address) == (
+        state.traits,
+        state.stamps,
+        state.address,
+    )
+    assert again.event_count == state.event_count + 1
+
+
+@given(deliveries(), st.data())
+def test_restoring_from_records_then_merging_equals_merging_everything(
+    case: tuple[list[Applied], list[Applied]], data: st.DataObject
+) -> None:
+    """Records written after any prefix restore states that merge the rest identically."""
+    calls, delivered = case
+    cut = data.draw(st.integers(0, len(delivered)))
+    states, members = fold(delivered[:cut])
+    restored = {
+        g: state_from_record(codec.decode(codec.encode(state_record(s)))) for g, s in states.items()
+    }
+    assert restored == states
+    restored_members = {
+        k: membership_from_record(codec.decode(codec.encode(membership_record(m))))
+        for k, m in members.items()
+    }
+    final_states, final_members = fold(delivered[cut:], restored, restored_members)
+    expected_states, expected_members = fold(calls)
+    assert timeless(final_states) == timeless(expected_states)
+    assert final_members == expected_members
+
+
+def test_address_stamps_are_canonical_after_null() -> None:
+    """Once address null is newest the registers hold only its stamp."""
+    state = fold(addr((1, {"city": "X"}), (2, None)))[0]["g1"]
+    assert state.address == AddressStamps((T0 + 2, "m1"), None, {})

@@ -1,0 +1,463 @@
+"""Group state: merging calls into it, and its records (DESIGN.md "Merging into group state").
+
+Pure: no I/O, no clock, no JSON library. A group's state is a function of the *set* of
+calls applied to it, in any order and however often, with two exceptions: ``updated_ms``
+(processing time) and the dedupe limitation below.
+
+Registers. Every top-level trait is a last-writer-wins register stamped with the
+``(event_ms, message_id)`` of the call that wrote it; the greater stamp (tuple order)
+wins and ``None`` is a value like any other. Equal stamps mean the same call, which
+always carries the same content.
+
+``address`` is held as three kinds of register (``AddressStamps``):
+
+- ``null_stamp``: the newest ``address: null``. It clears every sub-field written before it.
+- ``object_stamp``: the newest ``address: {...}``, even ``{}``.
+- one register per sub-field (``city``, ``postalCode``, custom sub-keys).
+
+The merged ``address`` is ``None`` when ``null_stamp`` is newer than ``object_stamp``,
+otherwise the object of the sub-fields written after ``null_stamp``. A sub-field written
+before ``null_stamp`` can never show again, so it is dropped; an object written before
+it is ignored. The registers held are therefore exactly the visible ones.
+
+Dedupe. ``recent`` maps the messageIds whose event time is within ``window_ms`` of the
+group's ``last_seen_ms`` to that time. A call in it is a duplicate. Limitation: a call
+older than the window is applied (its traits merge idempotently) but not remembered, so
+a redelivery of it counts again in ``event_count``.
+
+The ``merge`` member of a state record (``state_record``) is what the next merge needs::
+
+    {"stamps": {trait: [event_ms, messageId], ...},    # every top-level trait but address
+     "address": {"null": [ms, mid], "object": [ms, mid], "fields": {sub: [ms, mid]}},
+     "recent": {messageId: event_ms, ...}}
+
+``address`` is there only when the trait is; ``null`` and ``object`` only when set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from worker.times import format_time, parse_iso_time
+
+__all__ = [
+    "AddressStamps",
+    "Applied",
+    "GroupState",
+    "MemberKind",
+    "Membership",
+    "Stamp",
+    "group_snapshot",
+    "membership_from_record",
+    "membership_key",
+    "membership_record",
+    "merge_call",
+    "merge_membership",
+    "state_from_record",
+    "state_record",
+]
+
+Stamp = tuple[int, str]
+"""``(event_ms, message_id)`` of the call that wrote a register."""
+
+MemberKind = Literal["userId", "anonymousId"]
+
+# Shared by every state without them; never mutated (states copy before writing).
+_NO_STAMPS: Final[Mapping[str, Stamp]] = {}
+_NO_RECENT: Final[Mapping[str, int]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A valid, normalised group call as the merge sees it.
+
+    ``member_id`` is the ``userId`` when present, else the ``anonymousId``. ``traits``
+    are normalised: ``address``, when present and not ``None``, is a mapping.
+    """
+
+    group_id: str
+    message_id: str
+    event_ms: int
+    member_kind: MemberKind
+    member_id: str
+    traits: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AddressStamps:
+    """The registers behind the ``address`` trait (see the module docstring).
+
+    Canonical form: either ``address`` is null (``object_stamp`` is ``None``,
+    ``field_stamps`` empty), or it is an object (``object_stamp`` is newer than
+    ``null_stamp`` and every field stamp is newer than ``null_stamp``).
+    """
+
+    null_stamp: Stamp | None
+    object_stamp: Stamp | None
+    field_stamps: Mapping[str, Stamp]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """One group's merged profile and what the next merge needs.
+
+    Never mutated: ``merge_call`` returns a new state, sharing what did not change.
+    ``traits`` is the merged traits; ``stamps`` the stamp of each of them but ``address``,
+    whose registers are in ``address`` (``None`` when never sent). Not hashable.
+    """
+
+    group_id: str
+    traits: Mapping[str, Any]
+    stamps: Mapping[str, Stamp]
+    address: AddressStamps | None
+    recent: Mapping[str, int]
+    member_count: int
+    event_count: int
+    first_seen_ms: int
+    last_seen_ms: int
+    updated_ms: int
+
+
+def merge_call(
+    state: GroupState | None, call: Applied, *, new_member: bool, window_ms: int, now_ms: int
+) -> GroupState | None:
+    """Merge one call into a group's state; ``None`` when the call is a duplicate.
+
+    ``state`` is ``None`` for a group never seen. ``new_member`` says whether the call's
+    member is new to the group (the caller asks the membership store); ``window_ms``
+    (>= 0) is the dedupe window in event time; ``now_ms`` becomes ``updated_ms``.
+    Raises ``ValueError`` when the call is for another group, or its ``address`` trait
+    is neither ``None`` nor a mapping.
+    """
+    if state is not None:
+        if call.message_id in state.recent:
+            return None
+        if state.group_id != call.group_id:
+            raise ValueError("merge_call: the call is for another group")
+    stamp = (call.event_ms, call.message_id)
+    traits = dict(state.traits) if state is not None else {}
+    stamps = dict(state.stamps) if state is not None else {}
+    address = state.address if state is not None else None
+    for name, value in call.traits.items():
+        if name == "address":
+            address = _merge_address(address, traits, value, stamp)
+            continue
+        old = stamps.get(name)
+        if old is None or stamp > old:
+            traits[name] = value
+            stamps[name] = stamp
+    if state is None:
+        first = last = call.event_ms
+        recent: Mapping[str, int] = _NO_RECENT
+        members = events = 0
+    else:
+        first = min(state.first_seen_ms, call.event_ms)
+        last = max(state.last_seen_ms, call.event_ms)
+        recent, members, events = state.recent, state.member_count, state.event_count
+    return GroupState(
+        group_id=call.group_id,
+        traits=traits,
+        stamps=stamps or _NO_STAMPS,
+        address=address,
+        recent=_remember(recent, call, last - window_ms),
+        member_count=members + 1 if new_member else members,
+        event_count=events + 1,
+        first_seen_ms=first,
+        last_seen_ms=last,
+        updated_ms=now_ms,
+    )
+
+
+def _merge_address(
+    regs: AddressStamps | None, traits: dict[str, Any], value: Any, stamp: Stamp
+) -> AddressStamps:
+    """Apply one ``address`` write; sets ``traits["address"]`` and returns the registers."""
+    if regs is None:
+        regs = AddressStamps(None, None, _NO_STAMPS)
+    null = regs.null_stamp
+    shown: Any = traits.get("address")
+    if value is None:
+        if null is not None and stamp <= null:
+            return regs
+        if regs.object_stamp is None or stamp > regs.object_stamp:
+            traits["address"] = None
+            return AddressStamps(stamp, None, _NO_STAMPS)
+        fields = {k: s for k, s in regs.field_stamps.items() if s > stamp}
+        traits["address"] = {k: shown[k] for k in fields}
+        return AddressStamps(stamp, regs.object_stamp, fields or _NO_STAMPS)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"address must be a mapping or None, not {type(value).__name__}")
+    if null is not None and stamp <= null:
+        return regs  # cleared after this call was made
+    obj = regs.object_stamp
+    fields = dict(regs.field_stamps)
+    out = dict(shown) if shown is not None else {}
+    for key, item in value.items():
+        old = fields.get(key)
+        if old is None or stamp > old:
+            fields[key] = stamp
+            out[key] = item
+    traits["address"] = out
+    return AddressStamps(null, stamp if obj is None or stamp > obj else obj, fields or _NO_STAMPS)
+
+
+def _remember(recent: Mapping[str, int], call: Applied, cutoff: int) -> Mapping[str, int]:
+    """The recent set with the call added, pruned to event times at or after ``cutoff``."""
+    # min() runs in C; the Python-level filter only when something actually expires.
+    if recent and min(recent.values()) < cutoff:
+        kept = {mid: ms for mid, ms in recent.items() if ms >= cutoff}
+    else:
+        kept = dict(recent)
+    if call.event_ms >= cutoff:
+        kept[call.message_id] = call.event_ms
+    return kept or _NO_RECENT
+
+
+def group_snapshot(state: GroupState) -> dict[str, Any]:
+    """The ``group`` object of an enriched call (DESIGN.md "Records out").
+
+    Trait values are shared with the state: the caller encodes them, never mutates them.
+    """
+    return {
+        "id": state.group_id,
+        "traits": _traits_out(state.traits),
+        "memberCount": state.member_count,
+        "eventCount": state.event_count,
+        "firstSeenAt": format_time(state.first_seen_ms),
+        "lastSeenAt": format_time(state.last_seen_ms),
+    }
+
+
+def state_record(state: GroupState) -> dict[str, Any]:
+    """The state-topic record of a group: its profile plus ``merge`` (module docstring).
+
+    JSON-ready (dicts, lists, strings, ints); ``state_from_record`` reads it back exactly.
+    """
+    merge: dict[str, Any] = {"stamps": {k: [ms, mid] for k, (ms, mid) in state.stamps.items()}}
+    if state.address is not None:
+        regs = state.address
+        address: dict[str, Any] = {}
+        if regs.null_stamp is not None:
+            address["null"] = list(regs.null_stamp)
+        if regs.object_stamp is not None:
+            address["object"] = list(regs.object_stamp)
+        address["fields"] = {k: [ms, mid] for k, (ms, mid) in regs.field_stamps.items()}
+        merge["address"] = address
+    merge["recent"] = dict(state.recent)
+    return {
+        "groupId": state.group_id,
+        "traits": _traits_out(state.traits),
+        "memberCount": state.member_count,
+        "eventCount": state.event_count,
+        "firstSeenAt": format_time(state.first_seen_ms),
+        "lastSeenAt": format_time(state.last_seen_ms),
+        "updatedAt": format_time(state.updated_ms),
+        "merge": merge,
+    }
+
+
+def state_from_record(record: Mapping[str, Any]) -> GroupState:
+    """Read a state record (as decoded from JSON) back into the state it was made from.
+
+    Raises ``ValueError`` naming the first problem when the record is malformed or its
+    parts disagree (a trait without a stamp, an address contradicting its registers).
+    """
+    merge = _get(record, "merge", dict)
+    recent = _get(merge, "recent", dict)
+    for mid, ms in recent.items():
+        if not isinstance(mid, str):
+            raise ValueError("state record: merge.recent has a key that is not a string")
+        _int(ms, f"merge.recent[{mid!r}]")
+    # One tuple per distinct stamp, sharing the messageId string with ``recent``: a
+    # restored state takes the same memory as a merged one.
+    mids = {mid: mid for mid in recent}
+    interned: dict[Stamp, Stamp] = {}
+
+    def stamp(value: Any, where: str) -> Stamp:
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], str)):
+            raise ValueError(f"state record: {where} is not [event_ms, messageId]")
+        ms, mid = _int(value[0], where), mids.setdefault(value[1], value[1])
+        return interned.setdefault((ms, mid), (ms, mid))
+
+    traits = dict(_get(record, "traits", dict))
+    stamps = {k: stamp(v, f"merge.stamps[{k!r}]") for k, v in _get(merge, "stamps", dict).items()}
+    if set(traits) - {"address"} != set(stamps):
+        raise ValueError("state record: traits and merge.stamps name different traits")
+    address: AddressStamps | None = None
+    if ("address" in merge) != ("address" in traits):
+        raise ValueError("state record: traits.address and merge.address disagree")
+    if "address" in merge:
+        raw = _get(merge, "address", dict)
+        null = stamp(raw["null"], "merge.address.null") if "null" in raw else None
+        obj = stamp(raw["object"], "merge.address.object") if "object" in raw else None
+        fields = {
+            k: stamp(v, f"merge.address.fields[{k!r}]")
+            for k, v in _get(raw, "fields", dict).items()
+        }
+        address = AddressStamps(null, obj, fields or _NO_STAMPS)
+        shown = traits["address"]
+        if isinstance(shown, dict):
+            shown = traits["address"] = dict(shown)
+        if not _canonical(address, shown):
+            raise ValueError("state record: traits.address contradicts merge.address")
+    first, last = _time(record, "firstSeenAt"), _time(record, "lastSeenAt")
+    if first > last:
+        raise ValueError("state record: firstSeenAt is after lastSeenAt")
+    return GroupState(
+        group_id=_get(record, "groupId", str),
+        traits=traits,
+        stamps=stamps or _NO_STAMPS,
+        address=address,
+        recent=dict(recent) or _NO_RECENT,
+        member_count=_count(record, "memberCount"),
+        event_count=_count(record, "eventCount"),
+        first_seen_ms=first,
+        last_seen_ms=last,
+        updated_ms=_time(record, "updatedAt"),
+    )
+
+
+def _canonical(regs: AddressStamps, shown: Any) -> bool:
+    """Whether the registers are in canonical form and agree with the shown address."""
+    null, obj, fields = regs.null_stamp, regs.object_stamp, regs.field_stamps
+    if obj is None:
+        return null is not None and not fields and shown is None
+    return (
+        (null is None or null < obj)
+        and all((null is None or null < s) and s <= obj for s in fields.values())
+        and isinstance(shown, dict)
+        and shown.keys() == fields.keys()
+    )
+
+
+def _traits_out(traits: Mapping[str, Any]) -> dict[str, Any]:
+    # Copies the two levels a merge writes, so a caller cannot change the state.
+    out = dict(traits)
+    address = out.get("address")
+    if address is not None:
+        out["address"] = dict(address)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """One member of one group: when the group first and last saw it (event time)."""
+
+    group_id: str
+    member_kind: MemberKind
+    member_id: str
+    first_seen_ms: int
+    last_seen_ms: int
+
+
+def merge_membership(current: Membership | None, call: Applied) -> Membership | None:
+    """The membership after ``call``, or ``None`` when nothing moved (nothing to emit).
+
+    ``current`` is the stored membership of the call's member in the call's group, or
+    ``None`` when the member is new. Raises ``ValueError`` when it is another member's.
+    """
+    if current is None:
+        return Membership(
+            call.group_id, call.member_kind, call.member_id, call.event_ms, call.event_ms
+        )
+    if (current.group_id, current.member_kind, current.member_id) != (
+        call.group_id,
+        call.member_kind,
+        call.member_id,
+    ):
+        raise ValueError("merge_membership: the membership is not the call's member's")
+    if current.first_seen_ms <= call.event_ms <= current.last_seen_ms:
+        return None
+    return Membership(
+        current.group_id,
+        current.member_kind,
+        current.member_id,
+        min(current.first_seen_ms, call.event_ms),
+        max(current.last_seen_ms, call.event_ms),
+    )
+
+
+def membership_record(m: Membership) -> dict[str, Any]:
+    """The members-topic record: ``{"groupId", "userId"|"anonymousId", "firstSeenAt", ...}``."""
+    return {
+        "groupId": m.group_id,
+        m.member_kind: m.member_id,
+        "firstSeenAt": format_time(m.first_seen_ms),
+        "lastSeenAt": format_time(m.last_seen_ms),
+    }
+
+
+def membership_from_record(record: Mapping[str, Any]) -> Membership:
+    """Read a membership record back; raises ``ValueError`` when it is malformed."""
+    kinds = [k for k in ("userId", "anonymousId") if k in record]
+    if len(kinds) != 1:
+        raise ValueError("membership record: needs exactly one of userId and anonymousId")
+    kind: MemberKind = "userId" if kinds[0] == "userId" else "anonymousId"
+    first, last = _time(record, "firstSeenAt"), _time(record, "lastSeenAt")
+    if first > last:
+        raise ValueError("membership record: firstSeenAt is after lastSeenAt")
+    return Membership(_get(record, "groupId", str), kind, _get(record, kind, str), first, last)
+
+
+# What JSON must escape, plus lone surrogates: escaped, they keep the key valid UTF-8.
+_JSON_ESCAPE: Final = re.compile(r'["\\\x00-\x1f\ud800-\udfff]')
+_SHORT_ESCAPES: Final = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
+def membership_key(group_id: str, member_kind: MemberKind, member_id: str) -> str:
+    """The members-topic key: the compact JSON text ``["<groupId>","<kind>","<memberId>"]``.
+
+    Unambiguous (JSON strings are escaped) and readable; it equals Python's
+    ``json.dumps([...], ensure_ascii=False, separators=(",", ":"))`` except that lone
+    surrogates are written as ``\\uXXXX``, so the key always encodes to UTF-8.
+    """
+    return f"[{_json_string(group_id)},{_json_string(member_kind)},{_json_string(member_id)}]"
+
+
+def _json_string(text: str) -> str:
+    if _JSON_ESCAPE.search(text) is None:
+        return f'"{text}"'
+    return '"' + _JSON_ESCAPE.sub(_escape, text) + '"'
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT_ESCAPES.get(char) or f"\\u{ord(char):04x}"
+
+
+def _get(record: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
+    value = record.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(f"record: {key} is missing or not a {kind.__name__}")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"record: {where} is not an integer")
+    return value
+
+
+def _count(record: Mapping[str, Any], key: str) -> int:
+    value = _int(record.get(key), key)
+    if value < 0:
+        raise ValueError(f"record: {key} is negative")
+    return value
+
+
+def _time(record: Mapping[str, Any], key: str) -> int:
+    ms = parse_iso_time(record.get(key))
+    if ms is None:
+        raise ValueError(f"record: {key} is missing or not an ISO-8601 time")
+    return ms
