@@ -266,23 +266,22 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
     parts disagree (a trait without a stamp, an address contradicting its registers).
     """
     merge = _get(record, "merge", dict)
-    recent = _get(merge, "recent", dict)
-    for mid, ms in recent.items():
-        if not isinstance(mid, str):
-            raise ValueError("state record: merge.recent has a key that is not a string")
-        _int(ms, f"merge.recent[{mid!r}]")
-    # One tuple per distinct stamp, sharing the messageId string with ``recent``: a
-    # restored state takes the same memory as a merged one.
-    mids = {mid: mid for mid in recent}
+    # One tuple per distinct stamp, and messageIds and times shared between stamps and
+    # ``recent``: a restored state takes the memory of a merged one.
     interned: dict[Stamp, Stamp] = {}
 
     def stamp(value: Any, where: str) -> Stamp:
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], str)):
             raise ValueError(f"state record: {where} is not [event_ms, messageId]")
-        ms, mid = _int(value[0], where), mids.setdefault(value[1], value[1])
-        return interned.setdefault((ms, mid), (ms, mid))
+        key = (_int(value[0], where), value[1])
+        return interned.setdefault(key, key)
 
-    traits = dict(_get(record, "traits", dict))
+    recent: dict[str, int] = {}
+    for mid, ms in _get(merge, "recent", dict).items():
+        ms, mid = stamp([ms, mid], "an entry of merge.recent")
+        recent[mid] = ms
+    # Built by insertion: decoded dicts are presized larger than merged ones.
+    traits = {k: v for k, v in _get(record, "traits", dict).items()}
     stamps = {k: stamp(v, f"merge.stamps[{k!r}]") for k, v in _get(merge, "stamps", dict).items()}
     if set(traits) - {"address"} != set(stamps):
         raise ValueError("state record: traits and merge.stamps name different traits")
@@ -300,7 +299,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         address = AddressStamps(null, obj, fields or _NO_STAMPS)
         shown = traits["address"]
         if isinstance(shown, dict):
-            shown = traits["address"] = dict(shown)
+            shown = traits["address"] = {k: v for k, v in shown.items()}
         if not _canonical(address, shown):
             raise ValueError("state record: traits.address contradicts merge.address")
     first, last = _time(record, "firstSeenAt"), _time(record, "lastSeenAt")
@@ -311,7 +310,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
-        recent=dict(recent) or _NO_RECENT,
+        recent=recent or _NO_RECENT,
         member_count=_count(record, "memberCount"),
         event_count=_count(record, "eventCount"),
         first_seen_ms=first,
