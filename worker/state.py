@@ -36,7 +36,6 @@ The ``merge`` member of a state record (``state_record``) is what the next merge
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -48,14 +47,11 @@ __all__ = [
     "Applied",
     "GroupState",
     "MemberKind",
-    "Membership",
     "Stamp",
     "group_snapshot",
-    "membership_from_record",
-    "membership_key",
-    "membership_record",
     "merge_call",
-    "merge_membership",
+    "record_field",
+    "record_time",
     "state_from_record",
     "state_record",
 ]
@@ -265,7 +261,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
     Raises ``ValueError`` naming the first problem when the record is malformed or its
     parts disagree (a trait without a stamp, an address contradicting its registers).
     """
-    merge = _get(record, "merge", dict)
+    merge = record_field(record, "merge", dict)
     # One tuple per distinct stamp, and messageIds and times shared between stamps and
     # ``recent``: a restored state takes the memory of a merged one.
     interned: dict[Stamp, Stamp] = {}
@@ -277,24 +273,26 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         return interned.setdefault(key, key)
 
     recent: dict[str, int] = {}
-    for mid, ms in _get(merge, "recent", dict).items():
+    for mid, ms in record_field(merge, "recent", dict).items():
         ms, mid = stamp([ms, mid], "an entry of merge.recent")
         recent[mid] = ms
     # Built by insertion: decoded dicts are presized larger than merged ones.
-    traits = {k: v for k, v in _get(record, "traits", dict).items()}
-    stamps = {k: stamp(v, f"merge.stamps[{k!r}]") for k, v in _get(merge, "stamps", dict).items()}
+    traits = {k: v for k, v in record_field(record, "traits", dict).items()}
+    stamps = {
+        k: stamp(v, f"merge.stamps[{k!r}]") for k, v in record_field(merge, "stamps", dict).items()
+    }
     if set(traits) - {"address"} != set(stamps):
         raise ValueError("state record: traits and merge.stamps name different traits")
     address: AddressStamps | None = None
     if ("address" in merge) != ("address" in traits):
         raise ValueError("state record: traits.address and merge.address disagree")
     if "address" in merge:
-        raw = _get(merge, "address", dict)
+        raw = record_field(merge, "address", dict)
         null = stamp(raw["null"], "merge.address.null") if "null" in raw else None
         obj = stamp(raw["object"], "merge.address.object") if "object" in raw else None
         fields = {
             k: stamp(v, f"merge.address.fields[{k!r}]")
-            for k, v in _get(raw, "fields", dict).items()
+            for k, v in record_field(raw, "fields", dict).items()
         }
         address = AddressStamps(null, obj, fields or _NO_STAMPS)
         shown = traits["address"]
@@ -302,11 +300,11 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
             shown = traits["address"] = {k: v for k, v in shown.items()}
         if not _canonical(address, shown):
             raise ValueError("state record: traits.address contradicts merge.address")
-    first, last = _time(record, "firstSeenAt"), _time(record, "lastSeenAt")
+    first, last = record_time(record, "firstSeenAt"), record_time(record, "lastSeenAt")
     if first > last:
         raise ValueError("state record: firstSeenAt is after lastSeenAt")
     return GroupState(
-        group_id=_get(record, "groupId", str),
+        group_id=record_field(record, "groupId", str),
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
@@ -315,7 +313,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         event_count=_count(record, "eventCount"),
         first_seen_ms=first,
         last_seen_ms=last,
-        updated_ms=_time(record, "updatedAt"),
+        updated_ms=record_time(record, "updatedAt"),
     )
 
 
@@ -341,101 +339,8 @@ def _traits_out(traits: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Membership:
-    """One member of one group: when the group first and last saw it (event time)."""
-
-    group_id: str
-    member_kind: MemberKind
-    member_id: str
-    first_seen_ms: int
-    last_seen_ms: int
-
-
-def merge_membership(current: Membership | None, call: Applied) -> Membership | None:
-    """The membership after ``call``, or ``None`` when nothing moved (nothing to emit).
-
-    ``current`` is the stored membership of the call's member in the call's group, or
-    ``None`` when the member is new. Raises ``ValueError`` when it is another member's.
-    """
-    if current is None:
-        return Membership(
-            call.group_id, call.member_kind, call.member_id, call.event_ms, call.event_ms
-        )
-    if (current.group_id, current.member_kind, current.member_id) != (
-        call.group_id,
-        call.member_kind,
-        call.member_id,
-    ):
-        raise ValueError("merge_membership: the membership is not the call's member's")
-    if current.first_seen_ms <= call.event_ms <= current.last_seen_ms:
-        return None
-    return Membership(
-        current.group_id,
-        current.member_kind,
-        current.member_id,
-        min(current.first_seen_ms, call.event_ms),
-        max(current.last_seen_ms, call.event_ms),
-    )
-
-
-def membership_record(m: Membership) -> dict[str, Any]:
-    """The members-topic record: ``{"groupId", "userId"|"anonymousId", "firstSeenAt", ...}``."""
-    return {
-        "groupId": m.group_id,
-        m.member_kind: m.member_id,
-        "firstSeenAt": format_time(m.first_seen_ms),
-        "lastSeenAt": format_time(m.last_seen_ms),
-    }
-
-
-def membership_from_record(record: Mapping[str, Any]) -> Membership:
-    """Read a membership record back; raises ``ValueError`` when it is malformed."""
-    kinds = [k for k in ("userId", "anonymousId") if k in record]
-    if len(kinds) != 1:
-        raise ValueError("membership record: needs exactly one of userId and anonymousId")
-    kind: MemberKind = "userId" if kinds[0] == "userId" else "anonymousId"
-    first, last = _time(record, "firstSeenAt"), _time(record, "lastSeenAt")
-    if first > last:
-        raise ValueError("membership record: firstSeenAt is after lastSeenAt")
-    return Membership(_get(record, "groupId", str), kind, _get(record, kind, str), first, last)
-
-
-# What JSON must escape, plus lone surrogates: escaped, they keep the key valid UTF-8.
-_JSON_ESCAPE: Final = re.compile(r'["\\\x00-\x1f\ud800-\udfff]')
-_SHORT_ESCAPES: Final = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-}
-
-
-def membership_key(group_id: str, member_kind: MemberKind, member_id: str) -> str:
-    """The members-topic key: the compact JSON text ``["<groupId>","<kind>","<memberId>"]``.
-
-    Unambiguous (JSON strings are escaped) and readable; it equals Python's
-    ``json.dumps([...], ensure_ascii=False, separators=(",", ":"))`` except that lone
-    surrogates are written as ``\\uXXXX``, so the key always encodes to UTF-8.
-    """
-    return f"[{_json_string(group_id)},{_json_string(member_kind)},{_json_string(member_id)}]"
-
-
-def _json_string(text: str) -> str:
-    if _JSON_ESCAPE.search(text) is None:
-        return f'"{text}"'
-    return '"' + _JSON_ESCAPE.sub(_escape, text) + '"'
-
-
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    return _SHORT_ESCAPES.get(char) or f"\\u{ord(char):04x}"
-
-
-def _get(record: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
+def record_field(record: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
+    """``record[key]`` when it is a ``kind``; raises ``ValueError`` naming the key otherwise."""
     value = record.get(key)
     if not isinstance(value, kind):
         raise ValueError(f"record: {key} is missing or not a {kind.__name__}")
@@ -455,7 +360,8 @@ def _count(record: Mapping[str, Any], key: str) -> int:
     return value
 
 
-def _time(record: Mapping[str, Any], key: str) -> int:
+def record_time(record: Mapping[str, Any], key: str) -> int:
+    """``record[key]`` as epoch ms; raises ``ValueError`` unless it is an ISO-8601 time."""
     ms = parse_iso_time(record.get(key))
     if ms is None:
         raise ValueError(f"record: {key} is missing or not an ISO-8601 time")

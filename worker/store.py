@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
-from worker.state import GroupState, Membership
+from worker.members import Membership
+from worker.state import GroupState
 
 __all__ = ["InMemoryStateStore", "StateStore"]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.state import GroupState, Membership
+from worker.members import Membership
+from worker.state import GroupState
 from worker.store import InMemoryStateStore, StateStore
 
 
