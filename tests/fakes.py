@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ from worker.events import Record, SourceRecord
 from worker.sink import Headers
 from worker.source import Offsets, Partition, RebalanceListener, Source
 
-__all__ = ["FakeClock", "FakeSink", "FakeSource", "Produced"]
+__all__ = ["FakeClock", "FakeRestorer", "FakeSink", "FakeSource", "Produced"]
 
 
 class FakeClock:
@@ -188,3 +188,20 @@ class FakeSink:
 
     def topic(self, name: str) -> list[Produced]:
         return [p for p in self.committed if p.topic == name]
+
+
+class FakeRestorer:
+    """Reads back what a ``FakeSink`` committed, as a read_committed consumer would."""
+
+    def __init__(self, sink: FakeSink) -> None:
+        self.sink = sink
+        self.reads: list[tuple[str, int]] = []
+
+    def read(self, topic: str, partition: int) -> Iterator[tuple[bytes | None, bytes | None]]:
+        self.reads.append((topic, partition))
+        for p in self.sink.topic(topic):
+            if p.partition == partition:
+                yield p.key, p.value
+
+    def close(self) -> None:
+        pass

@@ -24,10 +24,13 @@ from worker.errors import ConfigError, FatalError, TopicError, WorkerError
 from worker.logs import configure_logging
 from worker.metrics import Metrics
 from worker.pipeline import Settings
+from worker.processor import Processor, Routes
+from worker.restore import KafkaRestorer
 from worker.runner import Runner, RunnerSettings
 from worker.server import Probes, serve
 from worker.sink import KafkaSink
 from worker.source import KafkaSource
+from worker.store import InMemoryStateStore
 from worker.topics import ensure_topics
 
 __all__ = ["main"]
@@ -99,24 +102,35 @@ def _run(config: Config, _: argparse.Namespace) -> int:
     ensure_topics(config)
     metrics = Metrics()
     clock = SystemClock()
-    w = config.worker
+    kafka, w = config.kafka, config.worker
     instance = w.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     source = KafkaSource(
-        config.kafka.bootstrap_servers,
+        kafka.bootstrap_servers,
         w.group_id,
-        config.kafka.properties,
+        kafka.properties,
         group_instance_id=w.group_instance_id,
         on_error=lambda e: log.warning("consumer_error", error=str(e)),
     )
     sink = KafkaSink(
-        config.kafka.bootstrap_servers,
-        config.kafka.properties,
+        kafka.bootstrap_servers,
+        kafka.properties,
         w.processing_guarantee,
         f"{w.group_id}-{instance}",
         clock,
         on_delivery_error=metrics.produce_errors.inc,
     )
-    runner = Runner(_runner_settings(config), source, sink, metrics, clock)
+    store = InMemoryStateStore()
+    settings = _runner_settings(config)
+    processor = Processor(
+        settings.routes,
+        Settings.from_config(w),
+        store,
+        sink,
+        clock,
+        dedupe_window_ms=w.dedupe_window_seconds * 1000,
+    )
+    restorer = KafkaRestorer(kafka.bootstrap_servers, w.group_id, kafka.properties)
+    runner = Runner(settings, source, sink, processor, store, restorer, metrics, clock)
     probes = Probes(
         live=lambda: clock.monotonic() - runner.last_progress < _LIVENESS_SECONDS,
         ready=lambda: runner.ready,
@@ -141,12 +155,13 @@ def _run(config: Config, _: argparse.Namespace) -> int:
 
 
 def _runner_settings(config: Config) -> RunnerSettings:
-    w = config.worker
-    return RunnerSettings(
-        input_topic=config.topics.input,
-        enriched_topic=config.topics.enriched,
-        dlq_topic=config.topics.dlq,
-        batch_size=w.batch_size,
-        commit_interval=w.commit_interval_ms / 1000,
-        pipeline=Settings.from_config(config.worker),
+    t, w = config.topics, config.worker
+    routes = Routes(
+        input=t.input,
+        enriched=t.enriched,
+        dlq=t.dlq,
+        state=t.state,
+        members=t.members,
+        repartition=None if w.input_keyed_by_group_id else t.repartition,
     )
+    return RunnerSettings(routes, w.batch_size, w.commit_interval_ms / 1000)

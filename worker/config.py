@@ -54,6 +54,7 @@ class TopicsConfig:
     state: str = "segment.group.state"
     members: str = "segment.group.members"
     dlq: str = "segment.group.dlq"
+    repartition: str = "segment.group.repartition"
     partitions: int = 6
     replication_factor: int = -1
 

@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol
 
 __all__ = [
     "DeadLetter",
+    "Duplicate",
     "Enriched",
     "Outcome",
     "OutcomeKind",
@@ -91,8 +92,20 @@ class Enriched:
     group_id: str
     call: dict[str, Any]
     event_time_ms: int
+    # The member: its userId when usable, else its anonymousId.
+    member_kind: Literal["userId", "anonymousId"]
+    member_id: str
     warnings: tuple[str, ...] = ()  # warning codes, for the metrics
     kind: Literal["enriched"] = "enriched"
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """A group call whose messageId its group already applied within the dedupe window."""
+
+    group_id: str
+    message_id: str
+    kind: Literal["duplicate"] = "duplicate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,4 +126,4 @@ class DeadLetter:
     kind: Literal["dead_letter"] = "dead_letter"
 
 
-Outcome = Enriched | Skipped | DeadLetter
+Outcome = Enriched | Duplicate | Skipped | DeadLetter

@@ -81,9 +81,9 @@ class Metrics:
         self.produce_errors = Counter(
             f"{_PREFIX}_produce_errors", "Undeliverable output records", registry=r
         )
-        # Input partitions currently assigned to this worker.
+        # Partitions currently assigned to this worker, by topic (input, repartition).
         self.assigned_partitions = Gauge(
-            f"{_PREFIX}_assigned_partitions", "Assigned input partitions", registry=r
+            f"{_PREFIX}_assigned_partitions", "Assigned partitions", ["topic"], registry=r
         )
         # Rebalance events by kind: assign, revoke, lost.
         self.rebalances = Counter(
@@ -92,6 +92,37 @@ class Metrics:
         # Records between the committed position and the end of each assigned partition.
         self.consumer_lag = Gauge(
             f"{_PREFIX}_consumer_lag", "Consumer lag in records", ["topic", "partition"], registry=r
+        )
+        # Valid group calls sent to the repartition topic by the first stage.
+        self.repartitioned_calls = Counter(
+            f"{_PREFIX}_repartitioned_calls", "Calls re-keyed by groupId", registry=r
+        )
+        # State and membership records written to the changelog topics (coalesced).
+        self.changelog_records = Counter(
+            f"{_PREFIX}_changelog_records", "Changelog records written", registry=r
+        )
+        # Group states held in memory, over every assigned partition.
+        self.groups_in_state = Gauge(
+            f"{_PREFIX}_groups_in_state", "Groups held in state", registry=r
+        )
+        # Memberships held in memory, over every assigned partition.
+        self.members_in_state = Gauge(
+            f"{_PREFIX}_members_in_state", "Memberships held in state", registry=r
+        )
+        # State and membership records loaded while restoring assigned partitions.
+        self.restored_records = Counter(
+            f"{_PREFIX}_restored_records", "Records restored from changelogs", registry=r
+        )
+        # Partitions being restored right now (the worker is not ready while > 0).
+        self.restoring_partitions = Gauge(
+            f"{_PREFIX}_restoring_partitions", "Partitions being restored", registry=r
+        )
+        # Time to restore one partition from its changelogs.
+        self.restore_duration = Histogram(
+            f"{_PREFIX}_restore_duration_seconds",
+            "Restore time per partition",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
         # The running version, as a label on a constant 1.
         self.build = Info(f"{_PREFIX}_build", "Build information", registry=r)

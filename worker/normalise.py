@@ -25,11 +25,12 @@ as sent (``Address.Zip``).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -116,6 +117,15 @@ _GROUPED_INTEGER: Final = re.compile(r"[0-9]{1,3}(?:[, \u00a0\u202f][0-9]{3})+")
 _DELETE_SEPARATORS: Final = str.maketrans("", "", ", \u00a0\u202f")
 _HTTP_SCHEMES: Final = frozenset({"http", "https"})
 
+# Memo bounds: entries per cache, and the longest string worth remembering.
+_MEMO_SIZE: Final = 4096
+_MEMO_MAX_LEN: Final = 256
+# Key as sent -> canonical name, "" for a key that matches none.
+_TRAIT_NAME_CACHE: dict[str, str] = {}
+_ADDRESS_NAME_CACHE: dict[str, str] = {}
+
+_R = TypeVar("_R")
+
 
 @dataclass(frozen=True, slots=True)
 class _Invalid:
@@ -146,50 +156,51 @@ def normalise_traits(
     numbers without a ``+country`` prefix; with ``None`` only those numbers become E.164.
 
     Pure, idempotent (normalising the output changes nothing and warns about nothing),
-    and never raises for JSON values. ``traits`` is not modified.
+    and never raises for JSON values. ``traits`` is not modified. Results of key
+    matching and of the costlier parsers are memoised process-wide, which changes no
+    result: a group sends the same traits call after call.
     """
-    matched, winners = _match_keys(traits, _TRAIT_BY_FOLDED)
     out: dict[str, Any] = {}
     warnings: list[TraitWarning] = []
-    for (key, value), name in zip(traits.items(), matched, strict=True):
+    claimed: set[str] = set()  # reserved names already won by a non-canonical key
+    for key, value in traits.items():
+        name = _TRAIT_NAME_CACHE.get(key)
         if name is None:
+            name = _match_key(key, _TRAIT_BY_FOLDED, _TRAIT_NAME_CACHE)
+        if not name:
             out[key] = value
-        elif winners[name] != key:
-            warnings.append(TraitWarning(DUPLICATE_TRAIT, key, value))
-        elif value is None:
+            continue
+        if key != name:
+            # The canonical spelling wins wherever it is; otherwise the first key does.
+            if name in traits or name in claimed:
+                warnings.append(TraitWarning(DUPLICATE_TRAIT, key, value))
+                continue
+            claimed.add(name)
+        if value is None:
             out[name] = None
+            continue
+        result: object
+        if name == "address":
+            result = _address(value, key, warnings)
+        elif name == "phone":
+            result = _phone(value, phone_region)
         else:
-            result: object
-            if name == "address":
-                result = _address(value, key, warnings)
-            elif name == "phone":
-                result = _phone(value, phone_region)
-            else:
-                result = _NORMALISERS[name](value)
-            if isinstance(result, _Invalid):
-                warnings.append(TraitWarning(result.code, key, value))
-            else:
-                out[name] = result
+            result = _NORMALISERS[name](value)
+        if isinstance(result, _Invalid):
+            warnings.append(TraitWarning(result.code, key, value))
+        else:
+            out[name] = result
     return out, warnings
 
 
-def _match_keys(
-    keys: Iterable[str], names: Mapping[str, str]
-) -> tuple[list[str | None], dict[str, str]]:
-    """Each key's canonical name (or None), and the key that wins each name.
-
-    The canonical spelling wins, else the first key in payload order.
-    """
-    matched: list[str | None] = []
-    winners: dict[str, str] = {}
-    for key in keys:
-        name = names.get(_fold(key))
-        matched.append(name)
-        if name is not None:
-            current = winners.setdefault(name, key)
-            if key == name and current != name:
-                winners[name] = key
-    return matched, winners
+def _match_key(key: str, names: Mapping[str, str], cache: dict[str, str]) -> str:
+    """The canonical name ``key`` matches in ``names``, or "" for none; remembered."""
+    name = names.get(_fold(key), "")
+    if len(key) <= _MEMO_MAX_LEN:
+        if len(cache) >= _MEMO_SIZE:
+            cache.clear()
+        cache[key] = name
+    return name
 
 
 def _fold(key: str) -> str:
@@ -201,6 +212,21 @@ def _fold(key: str) -> str:
         # Drop non-ASCII first: lower() turns some into ASCII (Kelvin sign -> "k").
         key = key.encode("ascii", "ignore").decode("ascii")
     return key.translate(_DELETE_ASCII_NON_ALNUM).lower()
+
+
+def _memoise(fn: Callable[[Any], _R]) -> Callable[[Any], _R]:
+    """Memoise a pure one-argument normaliser on short strings and other scalars."""
+    cached = functools.lru_cache(maxsize=_MEMO_SIZE, typed=True)(fn)
+
+    def lookup(value: Any) -> _R:
+        if isinstance(value, str) and len(value) > _MEMO_MAX_LEN:
+            return fn(value)  # not worth the memory
+        try:
+            return cached(value)
+        except TypeError:  # unhashable: a list or an object
+            return fn(value)
+
+    return lookup
 
 
 def _text(value: Any) -> str | _Invalid:
@@ -224,6 +250,7 @@ def _number_text(value: Any) -> str | _Invalid:
     return _WRONG_TYPE
 
 
+@_memoise
 def _created_at(value: Any) -> str | _Invalid:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return _WRONG_TYPE
@@ -234,14 +261,7 @@ def _created_at(value: Any) -> str | _Invalid:
 def _employees(value: Any) -> int | str | _Invalid:
     """A whole count as ``int``; other text ("51-200") kept; a fraction as its text."""
     if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit() and text.isascii():
-            return _count_text(text)
-        if _GROUPED_INTEGER.fullmatch(text):
-            return _count_text(text.translate(_DELETE_SEPARATORS))
-        if not text or (text[0] == "-" and _is_number(text[1:].lstrip())):
-            return _BAD_EMPLOYEES
-        return text
+        return _employees_text(value)
     if isinstance(value, bool):
         return _WRONG_TYPE
     if isinstance(value, int):
@@ -253,6 +273,18 @@ def _employees(value: Any) -> int | str | _Invalid:
         # its text, as for "51-200", rather than round it.
         return _count(int(value)) if value.is_integer() else repr(value)
     return _WRONG_TYPE
+
+
+@_memoise
+def _employees_text(value: str) -> int | str | _Invalid:
+    text = value.strip()
+    if text.isdigit() and text.isascii():
+        return _count_text(text)
+    if _GROUPED_INTEGER.fullmatch(text):
+        return _count_text(text.translate(_DELETE_SEPARATORS))
+    if not text or (text[0] == "-" and _is_number(text[1:].lstrip())):
+        return _BAD_EMPLOYEES
+    return text
 
 
 def _count(number: int) -> int | _Invalid:
@@ -274,6 +306,7 @@ def _is_number(text: str) -> bool:
     return (whole.isdigit() and whole.isascii()) or bool(_GROUPED_INTEGER.fullmatch(whole))
 
 
+@_memoise
 def _email(value: Any) -> str | _Invalid:
     if not isinstance(value, str):
         return _WRONG_TYPE
@@ -284,6 +317,7 @@ def _email(value: Any) -> str | _Invalid:
     return email if _is_domain(domain) else _BAD_EMAIL
 
 
+@_memoise
 def _website(value: Any) -> str | _Invalid:
     if not isinstance(value, str):
         return _WRONG_TYPE
@@ -304,6 +338,7 @@ def _website(value: Any) -> str | _Invalid:
     return url
 
 
+@_memoise
 def _avatar(value: Any) -> str | _Invalid:
     if not isinstance(value, str):
         return _WRONG_TYPE
@@ -324,14 +359,15 @@ def _is_http_url(url: str) -> bool:
 
 
 def _is_domain(domain: str) -> bool:
-    """Dot-separated labels of letters, digits and hyphens, the last one not all digits.
+    """Two or more dot-separated labels of letters, digits and hyphens, the last one not
+    all digits.
 
     Letters may be non-ASCII (internationalised domains); a trailing dot is refused.
     """
     labels = domain.split(".")
-    if len(labels) < 2 or labels[-1].isdigit():
+    if len(labels) < 2 or labels[-1].isdigit() or "" in labels:
         return False
-    return all(label and label.replace("-", "").isalnum() for label in labels)
+    return domain.replace(".", "").replace("-", "").isalnum()
 
 
 def _phone(value: Any, region: str | None) -> str | _Invalid:
@@ -346,6 +382,13 @@ def _phone(value: Any, region: str | None) -> str | _Invalid:
         if isinstance(number, _Invalid):
             return number
         text = number
+    if len(text) > _MEMO_MAX_LEN:
+        return _phone_text.__wrapped__(text, region)
+    return _phone_text(text, region)
+
+
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _phone_text(text: str, region: str | None) -> str:
     try:
         parsed = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
@@ -360,21 +403,25 @@ def _address(value: Any, key: str, warnings: list[TraitWarning]) -> dict[str, An
     """Sub-fields matched like traits (plus zip/zipcode/postcode); others kept as sent."""
     if not isinstance(value, dict):
         return _WRONG_TYPE
-    matched, winners = _match_keys(value, _ADDRESS_BY_FOLDED)
     out: dict[str, Any] = {}
-    for (sub, item), name in zip(value.items(), matched, strict=True):
+    claimed: set[str] = set()
+    for sub, item in value.items():
+        name = _ADDRESS_NAME_CACHE.get(sub)
         if name is None:
+            name = _match_key(sub, _ADDRESS_BY_FOLDED, _ADDRESS_NAME_CACHE)
+        if not name:
             out[sub] = item
-        elif winners[name] != sub:
-            warnings.append(TraitWarning(DUPLICATE_TRAIT, f"{key}.{sub}", item))
-        elif item is None:
-            out[name] = None
+            continue
+        if sub != name:
+            if name in value or name in claimed:
+                warnings.append(TraitWarning(DUPLICATE_TRAIT, f"{key}.{sub}", item))
+                continue
+            claimed.add(name)
+        text = None if item is None else _text(item)
+        if isinstance(text, _Invalid):
+            warnings.append(TraitWarning(text.code, f"{key}.{sub}", item))
         else:
-            text = _text(item)
-            if isinstance(text, _Invalid):
-                warnings.append(TraitWarning(text.code, f"{key}.{sub}", item))
-            else:
-                out[name] = text
+            out[name] = text
     return out
 
 

@@ -32,9 +32,9 @@ from worker import codec
 from worker.config import WorkerConfig
 from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
 from worker.normalise import normalise_traits
-from worker.times import event_time, format_time
+from worker.times import event_time, format_time, parse_iso_time
 
-__all__ = ["KNOWN_CALL_TYPES", "REASONS", "Settings", "process_record"]
+__all__ = ["KNOWN_CALL_TYPES", "REASONS", "Settings", "process_forwarded", "process_record"]
 
 REASONS = (
     "invalid_json",
@@ -131,6 +131,30 @@ def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
     return outcomes
 
 
+def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
+    """Read back a call the first stage wrote to the repartition topic.
+
+    The value is an enriched call already validated and normalised, so nothing is done
+    twice; a value that is not one (never written by a worker) is a dead letter.
+    """
+    source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
+    value = record.value()
+    raw = value.encode() if isinstance(value, str) else value
+    try:
+        call = codec.decode(raw or b"")
+        group_id, when = call["groupId"], parse_iso_time(call["timestamp"])
+        user_id = _identifier(call.get("userId"))
+        anonymous_id = _identifier(call.get("anonymousId"))
+        if not isinstance(group_id, str) or when is None or not (user_id or anonymous_id):
+            raise TypeError
+    except (codec.DecodeError, TypeError, KeyError, AttributeError):
+        invalid = _Invalid("invalid_json", "not a call written by the first stage")
+        return _dead_letter(invalid, record, source, raw)
+    if user_id is not None:
+        return Enriched(group_id, call, when, "userId", user_id)
+    return Enriched(group_id, call, when, "anonymousId", anonymous_id or "")
+
+
 def _process_call(
     call: Any,
     record: SourceRecord,
@@ -201,7 +225,10 @@ def _enrich(
         enriched["userId"] = user_id
     if anonymous_id is not None:
         enriched["anonymousId"] = anonymous_id
-    return Enriched(group_id, enriched, when, tuple(w.code for w in warnings))
+    codes = tuple(w.code for w in warnings)
+    if user_id is not None:
+        return Enriched(group_id, enriched, when, "userId", user_id, codes)
+    return Enriched(group_id, enriched, when, "anonymousId", anonymous_id or "", codes)
 
 
 def _identifier(value: Any) -> str | None:

@@ -1,27 +1,28 @@
-"""The loop: consume a batch, process it, produce the outputs, commit on an interval.
+"""The loop: consume a batch, process it, and commit on an interval.
 
-The runner owns no Kafka client: it drives a ``Source`` and a ``Sink`` and is tested
-with fakes. It is the ``RebalanceListener`` of its source, so it commits (or aborts)
-before partitions move.
+The runner owns no Kafka client: it drives a ``Source``, a ``Sink``, a ``Processor``
+and a ``StateStore`` and is tested with fakes. It is its source's
+``RebalanceListener``: it restores state for assigned partitions before processing
+them, and commits (or aborts) before partitions are revoked.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import structlog
 
-from worker import codec
 from worker.clock import Clock
 from worker.errors import AbortableError, RetriableError
-from worker.events import DeadLetter, Enriched, SourceRecord
+from worker.events import SourceRecord
 from worker.metrics import Metrics
-from worker.pipeline import Settings, process_record
+from worker.processor import Processor, Routes, Tally
+from worker.restore import Restorer, restore_partition
 from worker.sink import Sink
 from worker.source import Partition, Source
+from worker.store import StateStore
 
 __all__ = ["Runner", "RunnerSettings"]
 
@@ -34,24 +35,32 @@ _ERROR_BACKOFF = 0.5
 class RunnerSettings:
     """Topics and pacing of the loop."""
 
-    input_topic: str
-    enriched_topic: str
-    dlq_topic: str
+    routes: Routes
     batch_size: int = 1_000
     commit_interval: float = 0.1
     poll_timeout: float = 0.1
-    pipeline: Settings = field(default_factory=Settings)
 
 
 class Runner:
     """Runs one worker's loop until ``stop()``; see ``run``."""
 
     def __init__(
-        self, settings: RunnerSettings, source: Source, sink: Sink, metrics: Metrics, clock: Clock
+        self,
+        settings: RunnerSettings,
+        source: Source,
+        sink: Sink,
+        processor: Processor,
+        store: StateStore,
+        restorer: Restorer,
+        metrics: Metrics,
+        clock: Clock,
     ) -> None:
         self._settings = settings
         self._source = source
         self._sink = sink
+        self._processor = processor
+        self._store = store
+        self._restorer = restorer
         self._metrics = metrics
         self._clock = clock
         self._stopping = False
@@ -60,14 +69,15 @@ class Runner:
         self._batch_start: dict[Partition, int] = {}
         self._batch_opened: float | None = None
         self._assigned: set[Partition] = set()
+        self._restoring = 0
         self._lag_checked = 0.0
         self.joined = False
         self.last_progress = clock.monotonic()
 
     @property
     def ready(self) -> bool:
-        """Joined the consumer group (and, later, restored every assigned partition)."""
-        return self.joined and not self._stopping
+        """Joined the group with every assigned partition restored, and not stopping."""
+        return self.joined and not self._restoring and not self._stopping
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from a signal handler. Returns at once."""
@@ -79,8 +89,10 @@ class Runner:
         Blocks. Retriable Kafka errors are logged and retried; an abortable commit is
         aborted and the uncommitted records are read again; ``FatalError`` propagates.
         """
-        self._source.subscribe([self._settings.input_topic], self)
-        log.info("worker_started", topic=self._settings.input_topic)
+        routes = self._settings.routes
+        topics = [routes.input] + ([routes.repartition] if routes.repartition else [])
+        self._source.subscribe(topics, self)
+        log.info("worker_started", topics=topics)
         try:
             while not self._stopping:
                 self.last_progress = self._clock.monotonic()
@@ -104,16 +116,20 @@ class Runner:
         finally:
             self._source.close()
             self._sink.close()
+            self._restorer.close()
         log.info("worker_stopped")
 
     # RebalanceListener: called from inside Source.consume.
 
     def on_assign(self, partitions: Sequence[Partition]) -> None:
+        self._metrics.rebalances.labels("assign").inc()
+        log.info("partitions_assigned", partitions=_names(partitions))
+        for topic, partition in partitions:
+            if topic == self._settings.routes.stateful_input:
+                self._restore(partition)
         self._assigned.update(partitions)
         self.joined = True
-        self._metrics.rebalances.labels("assign").inc()
-        self._metrics.assigned_partitions.set(len(self._assigned))
-        log.info("partitions_assigned", partitions=_names(partitions))
+        self._export_assignment()
 
     def on_revoke(self, partitions: Sequence[Partition]) -> None:
         self._metrics.rebalances.labels("revoke").inc()
@@ -133,75 +149,61 @@ class Runner:
         self._forget(partitions)
         log.warning("partitions_lost", partitions=_names(partitions))
 
+    def _restore(self, partition: int) -> None:
+        routes = self._settings.routes
+        m = self._metrics
+        started = self._clock.monotonic()
+        m.restoring_partitions.inc()
+        try:
+            restored = restore_partition(
+                self._restorer, self._store, routes.state, routes.members, partition
+            )
+        finally:
+            m.restoring_partitions.dec()
+        seconds = self._clock.monotonic() - started
+        m.restore_duration.observe(seconds)
+        m.restored_records.inc(restored.states + restored.members)
+        self._export_state_size()
+        log.info(
+            "partition_restored",
+            topic=routes.stateful_input,
+            partition=partition,
+            groups=restored.states,
+            members=restored.members,
+            skipped=restored.skipped,
+            seconds=round(seconds, 3),
+        )
+
     def _process(self, records: list[SourceRecord]) -> None:
         started = self._clock.monotonic()
         if self._batch_opened is None:
             self._sink.begin()
             self._batch_opened = started
-        settings = self._settings
-        outcomes: Counter[str] = Counter()
-        reasons: Counter[str] = Counter()
-        skipped: Counter[str] = Counter()
-        warnings: Counter[str] = Counter()
-        now_ms = self._clock.now_ms()
-        ages = []
+        tally = self._processor.process(records)
         for record in records:
-            for outcome in process_record(record, settings.pipeline):
-                outcomes[outcome.kind] += 1
-                if isinstance(outcome, Enriched):
-                    warnings.update(outcome.warnings)
-                    ages.append(now_ms - outcome.event_time_ms)
-                    self._sink.produce(
-                        settings.enriched_topic,
-                        outcome.group_id.encode(),
-                        codec.encode(outcome.call),
-                    )
-                elif isinstance(outcome, DeadLetter):
-                    reasons[outcome.reason] += 1
-                    source = outcome.letter["source"]
-                    log.info(
-                        "dead_letter",
-                        reason=outcome.reason,
-                        topic=source["topic"],
-                        partition=source["partition"],
-                        offset=source["offset"],
-                    )
-                    self._sink.produce(
-                        settings.dlq_topic,
-                        outcome.key,
-                        codec.encode(outcome.letter),
-                        [("reason", outcome.reason.encode())],
-                    )
-                else:
-                    skipped[outcome.call_type] += 1
             partition = (record.topic() or "", record.partition() or 0)
             offset = record.offset() or 0
             self._batch_start.setdefault(partition, offset)
             self._pending[partition] = offset + 1
-        self._count(len(records), outcomes, reasons, skipped, warnings)
-        for age in ages:
-            self._metrics.event_age.observe(max(age, 0) / 1000)
+        self._count(tally)
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
 
-    def _count(
-        self,
-        records: int,
-        outcomes: Counter[str],
-        reasons: Counter[str],
-        skipped: Counter[str],
-        warnings: Counter[str],
-    ) -> None:
+    def _count(self, tally: Tally) -> None:
         m = self._metrics
-        m.records_consumed.inc(records)
-        m.calls_consumed.inc(sum(outcomes.values()))
+        m.records_consumed.inc(tally.records)
+        m.calls_consumed.inc(tally.calls)
+        m.repartitioned_calls.inc(tally.forwarded)
         for labels, counter in (
-            (outcomes, m.outcomes),
-            (reasons, m.dead_letters),
-            (skipped, m.skipped),
-            (warnings, m.trait_warnings),
+            (tally.outcomes, m.outcomes),
+            (tally.reasons, m.dead_letters),
+            (tally.skipped, m.skipped),
+            (tally.warnings, m.trait_warnings),
         ):
             for label, n in labels.items():
                 counter.labels(label).inc(n)
+        now_ms = self._clock.now_ms()
+        for event_ms in tally.event_times_ms:
+            m.event_age.observe(max(now_ms - event_ms, 0) / 1000)
 
     def _commit_due(self) -> bool:
         opened = self._batch_opened
@@ -210,24 +212,29 @@ class Runner:
         )
 
     def _commit(self) -> None:
-        """Commit every output and input offset since the last commit (no-op if none).
+        """Commit every output, changelog record and input offset since the last commit.
 
-        Steps: (1) the sink makes outputs durable and commits the offsets with them;
-        (2) the batch is forgotten. On an error nothing is forgotten, so a retry commits
-        the same batch, and an abort rewinds to its start.
+        Steps: (1) write the coalesced state and membership changes; (2) the sink makes
+        every output durable and commits the offsets with them; (3) the store and the
+        batch are closed. On an error nothing is closed, so a retry commits the same
+        batch, and an abort rolls the store back and rewinds to the batch's start.
+        No-op when nothing was consumed since the last commit.
         """
         if self._batch_opened is None:
             return
         started = self._clock.monotonic()
         try:
-            self._sink.commit(self._pending, self._source)  # (1)
+            self._metrics.changelog_records.inc(self._processor.write_changelog())  # (1)
+            self._sink.commit(self._pending, self._source)  # (2)
         except Exception:
             self._metrics.commit_failures.inc()
             raise
-        self._metrics.commit_duration.observe(self._clock.monotonic() - started)
-        self._pending.clear()  # (2)
+        self._store.commit()  # (3)
+        self._pending.clear()
         self._batch_start.clear()
         self._batch_opened = None
+        self._metrics.commit_duration.observe(self._clock.monotonic() - started)
+        self._export_state_size()
 
     def _commit_final(self) -> None:
         try:
@@ -235,10 +242,12 @@ class Runner:
         except (AbortableError, RetriableError) as e:
             log.warning("final_commit_failed", error=str(e))
             self._sink.abort()
+            self._store.rollback()
 
     def _abort_and_rewind(self, gone: set[Partition]) -> None:
         """Abort the open batch and read its records again, except those of ``gone``."""
         self._sink.abort()
+        self._store.rollback()
         rewind = {p: o for p, o in self._batch_start.items() if p not in gone}
         if rewind:
             self._source.seek(rewind)
@@ -247,14 +256,27 @@ class Runner:
         self._batch_start.clear()
         self._batch_opened = None
 
-    def _forget(self, partitions: Sequence[Partition]) -> None:
+    def _forget(self, partitions: Iterable[Partition]) -> None:
         for partition in partitions:
             self._assigned.discard(partition)
             self._pending.pop(partition, None)
             self._batch_start.pop(partition, None)
+            if partition[0] == self._settings.routes.stateful_input:
+                self._store.drop(partition[1])
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(*map(str, partition))
-        self._metrics.assigned_partitions.set(len(self._assigned))
+        self._export_assignment()
+        self._export_state_size()
+
+    def _export_assignment(self) -> None:
+        routes = self._settings.routes
+        for topic in {routes.input, routes.stateful_input}:
+            count = sum(1 for t, _ in self._assigned if t == topic)
+            self._metrics.assigned_partitions.labels(topic).set(count)
+
+    def _export_state_size(self) -> None:
+        self._metrics.groups_in_state.set(self._store.group_count())
+        self._metrics.members_in_state.set(self._store.member_count())
 
     def _export_lag(self) -> None:
         now = self._clock.monotonic()
@@ -267,5 +289,5 @@ class Runner:
                 self._metrics.consumer_lag.labels(*map(str, partition)).set(lag)
 
 
-def _names(partitions: Sequence[Partition] | dict[Partition, int]) -> list[str]:
+def _names(partitions: Iterable[Partition]) -> list[str]:
     return [f"{t}[{p}]" for t, p in partitions]

@@ -42,7 +42,7 @@ class StateStore(Protocol):
         ...
 
     def put_member(self, partition: int, key: str, m: Membership) -> None:
-        """Store a membership; it is part of the open change set (undone by rollback)."""
+        """Store a membership and mark it changed; rollback undoes it."""
         ...
 
     def changed(self) -> list[tuple[int, GroupState]]:
@@ -51,6 +51,10 @@ class StateStore(Protocol):
         One entry per group (changelog writes are coalesced), in the order the groups
         were first changed.
         """
+        ...
+
+    def changed_members(self) -> list[tuple[int, str, Membership]]:
+        """The newest membership of each key put since the last commit or rollback."""
         ...
 
     def commit(self) -> None:
@@ -96,6 +100,7 @@ class InMemoryStateStore:
         self._groups: dict[int, dict[str, GroupState]] = {}
         self._members: dict[int, dict[str, Membership]] = {}
         self._changed: dict[tuple[int, str], GroupState] = {}
+        self._changed_members: dict[tuple[int, str], Membership] = {}
         self._undo_groups: dict[tuple[int, str], GroupState | None] = {}
         self._undo_members: dict[tuple[int, str], Membership | None] = {}
 
@@ -121,12 +126,17 @@ class InMemoryStateStore:
         if undo_key not in self._undo_members:
             self._undo_members[undo_key] = members.get(key)
         members[key] = m
+        self._changed_members[undo_key] = m
 
     def changed(self) -> list[tuple[int, GroupState]]:
         return [(partition, state) for (partition, _), state in self._changed.items()]
 
+    def changed_members(self) -> list[tuple[int, str, Membership]]:
+        return [(partition, key, m) for (partition, key), m in self._changed_members.items()]
+
     def commit(self) -> None:
         self._changed.clear()
+        self._changed_members.clear()
         self._undo_groups.clear()
         self._undo_members.clear()
 
@@ -147,6 +157,7 @@ class InMemoryStateStore:
         self._groups.pop(partition, None)
         self._members.pop(partition, None)
         _forget(self._changed, partition)
+        _forget(self._changed_members, partition)
         _forget(self._undo_groups, partition)
         _forget(self._undo_members, partition)
 

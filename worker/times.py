@@ -12,9 +12,10 @@ instants inside it, so ``format_time`` never fails on what they return.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 _EPOCH: Final = datetime(1970, 1, 1)
+_EPOCH_DATE: Final = date(1970, 1, 1)
 _EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 
@@ -49,10 +51,10 @@ real timestamp is ambiguous between the two readings.
 # away from Python's limit on very long digit strings.
 _MAX_EPOCH_DIGITS: Final = 20
 
-# Characters an ISO-8601 date or date-time may contain. fromisoformat() accepts any
-# character as the date/time separator, so "2015-02-23x22:28" would parse; we refuse
-# strings with letters other than the designators instead.
-_ISO_CHARS: Final = "0123456789-:.,+TWZ "
+# Characters an ISO-8601 date or date-time may contain. We check them ourselves because
+# fromisoformat() takes any character as the date/time separator ("2015-02-23x22:28")
+# and stops reading at a NUL ("...55Z\x00" parses).
+_ISO_CHARS: Final = "0123456789-:.,+TtWZ "
 
 
 def parse_iso_time(value: object) -> int | None:
@@ -71,13 +73,14 @@ def parse_iso_time(value: object) -> int | None:
     if not isinstance(value, str):
         return None
     text = value.strip()
-    # ASCII first: upper() maps some non-ASCII letters to ASCII ones (long s -> "S").
-    if not text.isascii():
-        return None
-    # RFC 3339 allows "t" and "z"; fromisoformat() only the upper-case designators.
-    text = text.upper()
+    if text[-1:] == "z":  # RFC 3339 allows it; fromisoformat() does not
+        text = text[:-1] + "Z"
     # strip(chars) returns "" exactly when every character is one of them.
-    if text.strip(_ISO_CHARS):
+    if not text.isascii() or text.strip(_ISO_CHARS):
+        return None
+    # The separator follows the date: 10 characters in extended format, 8 in basic.
+    separator = text[10:11] if text[4:5] == "-" else text[8:9]
+    if separator not in "Tt ":  # "" (a bare date) is in every string
         return None
     try:
         parsed = datetime.fromisoformat(text)
@@ -131,7 +134,14 @@ def format_time(ms: int) -> str:
     digits. Raises ``OverflowError`` when ``ms`` is outside ``MIN_MS`` .. ``MAX_MS``
     (the parsers in this module never return such values).
     """
-    return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds") + "Z"
+    days, in_day = divmod(ms, 86_400_000)
+    return "%sT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 - twice as fast as an f-string here
+        _format_day(days),
+        in_day // 3_600_000,
+        in_day // 60_000 % 60,
+        in_day // 1000 % 60,
+        in_day % 1000,
+    )
 
 
 def event_time(call: Mapping[str, Any], fallback_ms: int) -> int:
@@ -160,6 +170,13 @@ def event_time(call: Mapping[str, Any], fallback_ms: int) -> int:
         if corrected is not None:
             return corrected
     return received_at
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_day(days: int) -> str:
+    # Cached because a stream's instants crowd into few days; date arithmetic and
+    # isoformat() are most of format_time's cost.
+    return (_EPOCH_DATE + timedelta(days=days)).isoformat()
 
 
 def _epoch_to_ms(number: int) -> int | None:

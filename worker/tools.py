@@ -19,7 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, To
 from worker import codec
 from worker.config import Config
 from worker.errors import WorkerError
-from worker.events import DeadLetter, Enriched, Record
+from worker.events import DeadLetter, Enriched, Record, Skipped
 from worker.kafka import client_config
 from worker.pipeline import Settings, process_record
 
@@ -196,8 +196,10 @@ def _normalise(config: Config, args: argparse.Namespace) -> int:
                         "key": outcome.letter["source"]["key"],
                         "value": outcome.letter,
                     }
-                else:
+                elif isinstance(outcome, Skipped):
                     counts[f"skipped {outcome.call_type}"] += 1
+                    continue
+                else:  # pragma: no cover - the stateless stage never finds duplicates
                     continue
                 if not args.summary:
                     out.write(codec.encode(shown) + b"\n")

@@ -34,12 +34,15 @@ class TopicSpec:
 def plan_topics(config: Config) -> list[TopicSpec]:
     """The output topics of ``config``, in creation order (the input is handled apart)."""
     t = config.topics
-    return [
+    specs = [
         TopicSpec(t.enriched, {}, copartitioned=False),
         TopicSpec(t.dlq, {}, copartitioned=False),
         TopicSpec(t.state, _COMPACT, copartitioned=True),
         TopicSpec(t.members, _COMPACT, copartitioned=True),
     ]
+    if not config.worker.input_keyed_by_group_id:
+        specs.append(TopicSpec(t.repartition, {}, copartitioned=True))
+    return specs
 
 
 def ensure_topics(config: Config) -> dict[str, int]:

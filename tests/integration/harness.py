@@ -36,6 +36,7 @@ class Topics:
     state: str
     members: str
     dlq: str
+    repartition: str
     group_id: str
 
     @classmethod
@@ -47,6 +48,7 @@ class Topics:
             f"it-{tag}.state",
             f"it-{tag}.members",
             f"it-{tag}.dlq",
+            f"it-{tag}.repartition",
             f"it-{tag}",
         )
 
@@ -57,6 +59,7 @@ class Topics:
             "GROUP_WORKER_TOPICS_STATE": self.state,
             "GROUP_WORKER_TOPICS_MEMBERS": self.members,
             "GROUP_WORKER_TOPICS_DLQ": self.dlq,
+            "GROUP_WORKER_TOPICS_REPARTITION": self.repartition,
             "GROUP_WORKER_WORKER_GROUP_ID": self.group_id,
         }
 

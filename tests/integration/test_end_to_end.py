@@ -184,7 +184,8 @@ def test_probes_and_metrics_are_served(
     assert worker.get("/healthz")[0] == 200
     assert worker.get("/readyz")[0] == 200
     assert worker.get("/nope")[0] == 404
-    assert worker.sample("group_worker_assigned_partitions") == 3
+    assert worker.sample("group_worker_assigned_partitions", topic=topics.input) == 3
+    assert worker.sample("group_worker_assigned_partitions", topic=topics.repartition) == 3
     assert any(name == "group_worker_build_info" for name, _ in worker.metrics())
 
 
@@ -245,5 +246,6 @@ def test_topics_create_makes_outputs_with_the_input_partition_count(topics: Topi
     lines = result.stdout.decode().splitlines()
     assert lines == [
         f"{name}: 4 partitions"
-        for name in (topics.input, topics.enriched, topics.dlq, topics.state, topics.members)
+        for name in (topics.input, topics.enriched, topics.dlq, topics.state, topics.members,
+                     topics.repartition)
     ]

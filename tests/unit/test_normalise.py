@@ -41,6 +41,22 @@ def test_spec_example_traits_pass_unchanged() -> None:
     assert warnings == []
 
 
+def test_repeated_calls_give_the_same_result() -> None:
+    """Normalising the same traits again (answered from the memos) gives the same result."""
+    traits = {
+        "created_at": "2015-02-23T22:28:55.111000+00:00",
+        "Email": " A@B.CO ",
+        "website": "initech.com",
+        "avatar": "ftp://x",
+        "employees": "1,200",
+        "phone": "+1 415-555-2671",
+        "Address": {"Zip": 1},
+    }
+    first = normalise_traits(traits, phone_region="US")
+    assert normalise_traits(traits, phone_region="US") == first
+    assert normalise_traits(dict(reversed(traits.items())), phone_region="US")[0] == first[0]
+
+
 def test_input_is_not_modified() -> None:
     """normalise_traits leaves its argument as it was."""
     traits = {"Created At": 1424730535, "address": {"zip": 94107}, "x": [1]}
@@ -184,6 +200,12 @@ VALID = [
     ("website", "http://localhost:3000/", "http://localhost:3000/", "url-any-host"),
     # avatar
     ("avatar", " https://cdn.initech.com/a.png ", "https://cdn.initech.com/a.png", "url"),
+    (
+        "avatar",
+        "https://cdn.initech.com/" + "a" * 300,
+        "https://cdn.initech.com/" + "a" * 300,
+        "long",
+    ),
     ("avatar", "http://[::1]/a.png", "http://[::1]/a.png", "ipv6-host"),
     # text traits
     ("name", " Initech ", "Initech", "str-trimmed"),
@@ -220,6 +242,7 @@ def test_valid_values_are_normalised(trait: str, value: Any, expected: Any) -> N
         pytest.param("555-0100", "US", "555-0100", id="not-valid-kept"),
         pytest.param("+1 415-555-2671 ext. 12", None, "+1 415-555-2671 ext. 12", id="ext-kept"),
         pytest.param("call us", "US", "call us", id="not-a-number-kept"),
+        pytest.param("+1" + "5" * 300, None, "+1" + "5" * 300, id="too-long-kept"),
     ],
 )
 def test_phone_becomes_e164_when_valid(value: Any, region: str | None, expected: str) -> None:
@@ -288,6 +311,8 @@ INVALID = [
     ("website", "mailto:a@initech.com", "website", "invalid_url", {}, "website-mailto"),
     ("website", "", "website", "invalid_url", {}, "website-empty"),
     ("website", 7, "website", "invalid_type", {}, "website-number"),
+    ("website", ["initech.com"], "website", "invalid_type", {}, "website-list"),
+    ("website", "initech.com/" + "a b" * 200, "website", "invalid_url", {}, "website-long"),
     ("Avatar", "cdn.initech.com/a.png", "Avatar", "invalid_url", {}, "avatar-bare-domain"),
     ("avatar", "https://x.com:99999/a", "avatar", "invalid_url", {}, "avatar-bad-port"),
     ("avatar", "data:image/png;base64,AA", "avatar", "invalid_url", {}, "avatar-data-uri"),
@@ -407,6 +432,22 @@ def test_normalising_twice_changes_nothing(traits: dict[str, Any], region: str |
     once, _ = normalise_traits(traits, phone_region=region)
     twice, warnings = normalise_traits(once, phone_region=region)
     # repr() also compares types (1 vs 1.0) and key order, which == does not.
+    assert repr(twice) == repr(once)
+    assert warnings == []
+
+
+_TRAIT_TEXT = st.text(alphabet="0123456789+-.,:/@ ()extTZabcwhtps\u00a0\u0130_[]?#%", max_size=40)
+
+
+@given(
+    st.sampled_from(RESERVED_TRAITS),
+    _TRAIT_TEXT | st.text() | st.integers() | st.floats(),
+    _REGIONS,
+)
+def test_each_trait_is_idempotent_on_scalars(name: str, value: Any, region: str | None) -> None:
+    """Normalising one reserved trait twice gives what normalising it once gave, silently."""
+    once, _ = normalise_traits({name: value}, phone_region=region)
+    twice, warnings = normalise_traits(once, phone_region=region)
     assert repr(twice) == repr(once)
     assert warnings == []
 

@@ -7,15 +7,17 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.fakes import FakeClock, FakeSink, FakeSource
+from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource
 from worker import codec
 from worker.errors import AbortableError, FatalError, RetriableError
 from worker.metrics import Metrics
+from worker.pipeline import Settings
+from worker.processor import Processor, Routes
 from worker.runner import Runner, RunnerSettings
+from worker.store import InMemoryStateStore
 
-SETTINGS = RunnerSettings(
-    input_topic="in", enriched_topic="out", dlq_topic="dlq", batch_size=10, commit_interval=0.1
-)
+ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
+SETTINGS = RunnerSettings(ROUTES, batch_size=10, commit_interval=0.1)
 
 
 def group_call(n: int, **extra: Any) -> bytes:
@@ -27,11 +29,24 @@ def group_call(n: int, **extra: Any) -> bytes:
 def make(
     transactional: bool = True, partitions: int = 1
 ) -> tuple[Runner, FakeSource, FakeSink, Metrics]:
-    clock = FakeClock()
-    source = FakeSource(clock, partitions)
+    source = FakeSource(FakeClock(), partitions)
     sink = FakeSink(transactional=transactional)
+    runner, metrics = build(source, sink)
+    return runner, source, sink, metrics
+
+
+def build(
+    source: FakeSource, sink: FakeSink, settings: RunnerSettings = SETTINGS
+) -> tuple[Runner, Metrics]:
+    """A runner with a fresh store over ``source`` and ``sink`` (which also restores)."""
     metrics = Metrics(CollectorRegistry())
-    return Runner(SETTINGS, source, sink, metrics, clock), source, sink, metrics
+    store = InMemoryStateStore()
+    processor = Processor(
+        settings.routes, Settings(), store, sink, source.clock, dedupe_window_ms=86_400_000
+    )
+    restorer = FakeRestorer(sink)
+    runner = Runner(settings, source, sink, processor, store, restorer, metrics, source.clock)
+    return runner, metrics
 
 
 def run_for(runner: Runner, source: FakeSource, consumes: int) -> None:
@@ -216,3 +231,67 @@ def test_lag_is_exported_per_assigned_partition() -> None:
         )
         is None
     )
+
+
+def states(sink: FakeSink) -> dict[str, Any]:
+    """The newest committed state record per group, as a compacted topic reads."""
+    return {p.key.decode(): codec.decode(p.value) for p in sink.topic("state") if p.key}
+
+
+def test_restarted_runner_restores_state_and_keeps_counting() -> None:
+    """A new runner restores state; counts go on and memberships are not sent again."""
+    runner, source, sink, _ = make()
+    for n in range(6):
+        source.append(group_call(n, timestamp="2015-02-23T22:28:55.111Z"))
+    run_for(runner, source, 4)
+    assert states(sink)["g0"]["eventCount"] == 2
+    members_before = len(sink.topic("members"))
+
+    restarted = FakeSource(source.clock)
+    restarted.log = source.log
+    restarted.committed_offsets = dict(source.committed_offsets)
+    source.append(group_call(3, messageId="again", timestamp="2015-02-23T22:28:55.111Z"))
+    second, metrics = build(restarted, sink)
+    held: list[float] = []
+
+    def watch(n: int) -> None:
+        held.append(sample(metrics, "group_worker_groups_in_state"))
+        if n >= 4:
+            second.stop()
+
+    restarted.on_consume = watch
+    second.run()
+
+    assert held[1:] == [3, 3, 3]
+    assert sample(metrics, "group_worker_groups_in_state") == 0  # revoked at close
+    assert states(sink)["g0"]["eventCount"] == 3
+    assert states(sink)["g0"]["memberCount"] == 2
+    assert len(sink.topic("members")) == members_before
+    assert sample(metrics, "group_worker_restored_records_total") == 3 + 6
+
+
+def test_replayed_duplicates_do_not_change_state() -> None:
+    """Calls read twice (at least once after a failure) are duplicates, and state is unchanged."""
+    runner, source, sink, metrics = make(transactional=False)
+    source.append(group_call(1))
+    run_for(runner, source, 3)
+    source.committed_offsets.clear()  # as if the offset commit had been lost
+    again = FakeSource(source.clock)
+    again.log = source.log
+    second, metrics = build(again, sink)
+    run_for(second, again, 3)
+    assert sample(metrics, "group_worker_outcomes_total", outcome="duplicate") == 1
+    assert message_ids(sink) == ["m1"]
+    assert states(sink)["g1"]["eventCount"] == 1
+
+
+def test_abort_rolls_state_back_before_the_replay() -> None:
+    """After an aborted transaction the replayed calls are merged once, not counted twice."""
+    runner, source, sink, metrics = make()
+    for n in range(3):
+        source.append(group_call(n * 3))  # all in group g0
+    sink.fail_next_commit = AbortableError("aborted")
+    run_for(runner, source, 8)
+    assert sink.aborts == 1
+    assert states(sink)["g0"]["eventCount"] == 3
+    assert sample(metrics, "group_worker_outcomes_total", outcome="duplicate") == 0

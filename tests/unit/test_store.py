@@ -57,6 +57,21 @@ def test_changed_coalesces_to_the_newest_state_per_group() -> None:
     assert store.changed() == [(0, state("g1", 2)), (0, state("g2", 1)), (1, state("g1", 3))]
 
 
+def test_changed_members_coalesce_to_the_newest_per_key() -> None:
+    """changed_members() lists each changed membership once, newest, until commit or rollback."""
+    store = InMemoryStateStore()
+    store.put_member(0, "k1", member("u1", 1))
+    store.put_member(0, "k2", member("u2", 1))
+    store.put_member(0, "k1", member("u1", 5))
+    assert store.changed_members() == [(0, "k1", member("u1", 5)), (0, "k2", member("u2", 1))]
+    store.commit()
+    assert store.changed_members() == []
+    store.put_member(1, "k3", member("u3"))
+    store.rollback()
+    assert store.changed_members() == []
+    assert store.get_member(1, "k3") is None
+
+
 def test_commit_clears_the_change_set_and_keeps_values() -> None:
     """After commit() nothing is changed and every value stays readable."""
     store = committed((0, state("g1", 1)))

@@ -76,6 +76,8 @@ def test_parse_iso_time_reads_iso_8601(text: str, expected: int) -> None:
         pytest.param("2015-02-23T25:00:00Z", id="impossible-hour"),
         pytest.param("2015-02", id="month-only"),
         pytest.param("2015-02-23x22:28:55Z", id="odd-separator"),
+        pytest.param("2015-02-23Z22:28:55Z", id="designator-as-separator"),
+        pytest.param("2015-02-23T22:28:55.111Z\x00", id="trailing-nul"),
         pytest.param("2015-02-23T22:28:55.111 UTC", id="zone-name"),
         pytest.param("Mon, 23 Feb 2015 22:28:55 GMT", id="rfc-2822"),
         pytest.param("\uff12\uff10\uff11\uff15-02-23", id="full-width-digits"),

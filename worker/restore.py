@@ -1,0 +1,120 @@
+"""Restoring a partition's state from its compacted topics when the partition is assigned.
+
+``restore_partition`` is the logic, over any ``Restorer``; ``KafkaRestorer`` reads a
+topic partition from the beginning to its end with ``read_committed``, so the writes of
+an aborted or still-open transaction are never restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as ClientError
+
+from worker import codec
+from worker.kafka import client_config, raise_for
+from worker.members import membership_from_record
+from worker.state import state_from_record
+from worker.store import StateStore
+
+__all__ = ["KafkaRestorer", "Restored", "Restorer", "restore_partition"]
+
+log = structlog.get_logger("worker.restore")
+Entry = tuple[bytes | None, bytes | None]  # (key, value)
+_T = TypeVar("_T")
+
+
+class Restorer(Protocol):
+    """Reads a whole topic partition, oldest first."""
+
+    def read(self, topic: str, partition: int) -> Iterator[Entry]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What restoring one partition loaded."""
+
+    states: int
+    members: int
+    skipped: int
+
+
+def restore_partition(
+    restorer: Restorer, store: StateStore, state_topic: str, members_topic: str, partition: int
+) -> Restored:
+    """Load ``partition``'s states and memberships into ``store``; blocks until done.
+
+    The newest record of each key wins (the topics are compacted, maybe not yet);
+    tombstones delete. A malformed record is logged (without its value) and skipped.
+    Raises ``KafkaError`` subclasses when the topics cannot be read.
+    """
+    states, bad_states = _latest(restorer, state_topic, partition, state_from_record)
+    members, bad_members = _latest(restorer, members_topic, partition, membership_from_record)
+    for state in states.values():
+        store.restore(partition, state)
+    for key, membership in members.items():
+        store.restore_member(partition, key, membership)
+    return Restored(len(states), len(members), bad_states + bad_members)
+
+
+def _latest(
+    restorer: Restorer, topic: str, partition: int, parse: Callable[[Any], _T]
+) -> tuple[dict[str, _T], int]:
+    """The newest parsed value per key of a partition, and how many records were malformed."""
+    latest: dict[str, _T] = {}
+    skipped = 0
+    for key, value in restorer.read(topic, partition):
+        name = (key or b"").decode(errors="replace")
+        if value is None:
+            latest.pop(name, None)
+            continue
+        try:
+            latest[name] = parse(codec.decode(value))
+        except (ValueError, TypeError, AttributeError) as e:
+            skipped += 1
+            log.warning("restore_record_skipped", topic=topic, partition=partition, error=str(e))
+    return latest, skipped
+
+
+class KafkaRestorer:
+    """A ``Restorer`` over a consumer that is assigned partitions by hand, never commits."""
+
+    def __init__(
+        self, bootstrap_servers: str, group_id: str, properties: Mapping[str, str]
+    ) -> None:
+        config = client_config(bootstrap_servers, properties)
+        config.update(
+            {
+                "group.id": f"{group_id}-restore",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+            }
+        )
+        self._consumer = Consumer(config)
+
+    def read(self, topic: str, partition: int) -> Iterator[Entry]:
+        """Every record of the partition up to its last committed offset, oldest first."""
+        self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        try:
+            while True:
+                for message in self._consumer.consume(1000, 1.0):
+                    error = message.error()
+                    if error is None:
+                        yield message.key(), message.value()
+                    elif error.code() == ClientError._PARTITION_EOF:
+                        return
+                    else:
+                        raise_for(error)
+        except KafkaException as e:
+            raise_for(e.args[0])
+        finally:
+            self._consumer.unassign()
+
+    def close(self) -> None:
+        self._consumer.close()
