@@ -7,6 +7,7 @@ configuration (one line on standard error naming the problem).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `group-worker tail ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:

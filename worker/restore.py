@@ -16,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka import KafkaError as ClientError
 
 from worker import codec
+from worker.errors import TopicError
 from worker.kafka import client_config, raise_for
 from worker.members import membership_from_record
 from worker.state import state_from_record
@@ -115,6 +116,13 @@ class KafkaRestorer:
             raise_for(e.args[0])
         finally:
             self._consumer.unassign()
+
+    def partitions(self, topic: str) -> list[int]:
+        """The partition numbers of ``topic``; raises ``TopicError`` when it does not exist."""
+        metadata = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise TopicError(f"no topic {topic}")
+        return sorted(metadata.partitions)
 
     def close(self) -> None:
         self._consumer.close()

@@ -1,4 +1,4 @@
-"""Commands for looking at data: ``send``, ``tail`` and ``normalise``.
+"""Commands for looking at data: ``send``, ``tail``, ``state`` and ``normalise``.
 
 ``send`` and ``tail`` talk to Kafka; ``normalise`` runs the pipeline on a file with no
 Kafka at all, so users can check their own data before deploying.
@@ -22,6 +22,7 @@ from worker.errors import WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
 from worker.kafka import client_config
 from worker.pipeline import Settings, process_record
+from worker.restore import KafkaRestorer
 
 __all__ = ["add_commands", "read_calls"]
 
@@ -50,6 +51,14 @@ def add_commands(commands: Any) -> None:
         "--timeout", type=float, metavar="S", help="stop after S seconds without a new record"
     )
     tail.set_defaults(command=_tail)
+
+    state = commands.add_parser("state", help="print group profiles from the state topic")
+    state_commands = state.add_subparsers(required=True, metavar="ACTION")
+    get = state_commands.add_parser("get", help="print one group's current profile")
+    get.add_argument("group_id")
+    get.set_defaults(command=_state_get)
+    dump = state_commands.add_parser("dump", help="print every group's profile as JSON lines")
+    dump.set_defaults(command=_state_dump)
 
     for name in ("normalise", "normalize"):
         normalise = commands.add_parser(
@@ -167,6 +176,41 @@ def _printable(message: Any) -> dict[str, Any]:
         "headers": {k: v.decode(errors="replace") for k, v in message.headers() or []},
         "value": shown,
     }
+
+
+def _profiles(config: Config) -> dict[bytes, bytes]:
+    """The newest committed state record per groupId (what compaction will keep)."""
+    restorer = KafkaRestorer(
+        config.kafka.bootstrap_servers, f"{config.worker.group_id}-cli", config.kafka.properties
+    )
+    latest: dict[bytes, bytes] = {}
+    try:
+        for partition in restorer.partitions(config.topics.state):
+            for key, value in restorer.read(config.topics.state, partition):
+                if key is None:
+                    continue
+                if value is None:
+                    latest.pop(key, None)
+                else:
+                    latest[key] = value
+    finally:
+        restorer.close()
+    return latest
+
+
+def _state_get(config: Config, args: argparse.Namespace) -> int:
+    profile = _profiles(config).get(args.group_id.encode())
+    if profile is None:
+        print(f"group-worker: no group {args.group_id} in {config.topics.state}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(profile + b"\n")
+    return 0
+
+
+def _state_dump(config: Config, _: argparse.Namespace) -> int:
+    for profile in _profiles(config).values():
+        sys.stdout.buffer.write(profile + b"\n")
+    return 0
 
 
 def _normalise(config: Config, args: argparse.Namespace) -> int:

@@ -246,6 +246,12 @@ def test_topics_create_makes_outputs_with_the_input_partition_count(topics: Topi
     lines = result.stdout.decode().splitlines()
     assert lines == [
         f"{name}: 4 partitions"
-        for name in (topics.input, topics.enriched, topics.dlq, topics.state, topics.members,
-                     topics.repartition)
+        for name in (
+            topics.input,
+            topics.enriched,
+            topics.dlq,
+            topics.state,
+            topics.members,
+            topics.repartition,
+        )
     ]

@@ -247,3 +247,14 @@ def test_parsers_never_raise_and_stay_in_range(value: object) -> None:
     """The parsers return None or an instant format_time can write, whatever they get."""
     for parsed in (parse_iso_time(value), parse_created_at(value)):
         assert parsed is None or format_time(parsed).endswith("Z")
+
+
+_TIME_FIELDS = st.sampled_from(["timestamp", "originalTimestamp", "sentAt", "receivedAt"])
+_TIME_VALUES = _JSON_SCALARS | st.integers(MIN_MS, MAX_MS).map(format_time)
+
+
+@given(st.dictionaries(_TIME_FIELDS, _TIME_VALUES))
+def test_event_time_is_always_formattable(call: dict[str, Any]) -> None:
+    """event_time never raises and returns the fallback or an instant format_time can write."""
+    when = event_time(call, FALLBACK)
+    assert when == FALLBACK or format_time(when).endswith("Z")
