@@ -95,13 +95,22 @@ class KafkaRestorer:
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",
                 "enable.partition.eof": True,
+                # Restores read to the end: do not let the broker wait to fill a fetch.
+                "fetch.wait.max.ms": 10,
             }
         )
         self._consumer = Consumer(config)
 
     def read(self, topic: str, partition: int) -> Iterator[Entry]:
         """Every record of the partition up to its last committed offset, oldest first."""
-        self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
+        try:
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=10)
+        except KafkaException as e:
+            raise_for(e.args[0])
+        if high <= low:  # empty: no need to wait for the end-of-partition event
+            return
+        self._consumer.assign([tp])
         try:
             while True:
                 for message in self._consumer.consume(1000, 1.0):

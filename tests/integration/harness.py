@@ -149,6 +149,12 @@ class WorkerProcess:
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def progress(self) -> float:
+        """Calls read from the input plus calls finished by the stateful stage."""
+        metrics = self.metrics()
+        names = ("group_worker_calls_consumed_total", "group_worker_outcomes_total")
+        return sum(v for (name, _), v in metrics.items() if name in names)
+
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
         """Send ``sig`` and wait for the exit code."""
         assert self.process is not None

@@ -1,0 +1,161 @@
+"""Group state on the real broker: many workers, kills and rebalances end in the exact fold."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes import FakeClock, FakeSink
+from tests.integration.harness import Topics, WorkerProcess, produce, read_topic, wait_until
+from worker import codec
+from worker.events import Record
+from worker.pipeline import Settings
+from worker.processor import Processor, Routes
+from worker.store import InMemoryStateStore
+
+pytestmark = pytest.mark.integration
+
+DAY_MS = 86_400_000
+T0 = 1_764_000_000_000
+
+
+def calls(n: int, seed: int) -> list[dict[str, Any]]:
+    """Seeded group calls over 30 groups and 80 members, with repeated messageIds."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        if out and rng.random() < 0.05:
+            out.append(rng.choice(out))  # a redelivery: same messageId, same content
+            continue
+        traits: dict[str, Any] = {
+            rng.choice(["name", "Plan", "industry", "employees"]): rng.choice(
+                ["a", "b", "c", None, 10]
+            )
+        }
+        if rng.random() < 0.2:
+            traits["address"] = {"city": rng.choice(["Paris", "Oslo", None])}
+        out.append(
+            {
+                "type": "group",
+                "messageId": f"m{seed}-{i}",
+                "userId": f"u{rng.randrange(80)}",
+                "groupId": f"g{rng.randrange(30)}",
+                "timestamp": _iso(T0 + rng.randrange(DAY_MS // 2)),
+                "traits": traits,
+            }
+        )
+    return out
+
+
+def _iso(ms: int) -> str:
+    from worker.times import format_time
+
+    return format_time(ms)
+
+
+def fold(all_calls: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Group profiles and memberships from folding every call in one process."""
+    sink = FakeSink(transactional=False)
+    store = InMemoryStateStore()
+    routes = Routes("in", "out", "dlq", "state", "members")
+    processor = Processor(routes, Settings(), store, sink, FakeClock(), dedupe_window_ms=DAY_MS)
+    processor.process([Record("in", 0, n, codec.encode(c)) for n, c in enumerate(all_calls)])
+    processor.write_changelog()
+    return latest(sink.open, "state"), latest(sink.open, "members")
+
+
+def latest(records: list[Any], topic: str | None = None) -> dict[str, Any]:
+    """The newest value per key, without processing time, as compaction keeps it."""
+    out: dict[str, Any] = {}
+    for r in records:
+        if topic is not None and r.topic != topic:
+            continue
+        key = r.key if topic is not None else r.key()
+        value = codec.decode(r.value if topic is not None else r.value())
+        value.pop("updatedAt", None)
+        out[key.decode()] = value
+    return out
+
+
+def topic_state(topics: Topics) -> tuple[dict[str, Any], dict[str, Any]]:
+    return latest(read_topic(topics.state, idle=2)), latest(read_topic(topics.members, idle=2))
+
+
+def assert_converges(topics: Topics, expected: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """Wait until the state and members topics hold exactly the fold, then compare."""
+    seen: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def matches() -> bool:
+        seen.append(topic_state(topics))
+        return seen[-1] == expected
+
+    try:
+        wait_until(matches, 180, "the state topic to equal the fold")
+    except AssertionError:
+        states, members = seen[-1]
+        wrong = [g for g in expected[0] if states.get(g) != expected[0][g]]
+        raise AssertionError(
+            f"{len(wrong)} groups differ, e.g. {wrong[:3]}; "
+            f"members {len(members)} vs {len(expected[1])}"
+        ) from None
+
+
+def keyed_by_user(batch: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes | None]]:
+    return [(c["userId"].encode(), codec.encode(c)) for c in batch]
+
+
+def test_workers_killed_joining_and_leaving_end_with_the_fold(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Two workers, one SIGKILLed and restarted, a third joining and leaving: state is the fold."""
+    all_calls = calls(6000, seed=1)
+    thirds = [all_calls[:2000], all_calls[2000:4000], all_calls[4000:]]
+    settings = {"TOPICS_PARTITIONS": "6", "WORKER_BATCH_SIZE": "200"}
+    a = WorkerProcess(topics, tmp_path, "a", WORKER_INSTANCE_ID="a", **settings)
+    b = WorkerProcess(topics, tmp_path, "b", WORKER_INSTANCE_ID="b", **settings)
+    workers.extend([a.start(), b.start()])
+    produce(topics.input, keyed_by_user(thirds[0]))
+    wait_until(lambda: a.progress() > 0, 60, "a to work")
+    a.stop(signal.SIGKILL)
+
+    produce(topics.input, keyed_by_user(thirds[1]))
+    a2 = WorkerProcess(topics, tmp_path, "a2", WORKER_INSTANCE_ID="a", **settings)
+    workers.append(a2.start())
+    c = WorkerProcess(topics, tmp_path, "c", WORKER_INSTANCE_ID="c", **settings)
+    workers.append(c.start())
+    produce(topics.input, keyed_by_user(thirds[2]))
+    wait_until(lambda: c.progress() > 0, 60, "c to work")
+    assert c.stop(signal.SIGTERM) == 0
+
+    assert_converges(topics, fold(all_calls))
+    assert a2.stop() == 0
+    assert b.stop() == 0
+
+
+def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Input keyed by groupId needs no repartition; a restart restores and re-sends nothing."""
+    first_calls = calls(1500, seed=2)
+    settings = {"WORKER_INPUT_KEYED_BY_GROUP_ID": "true"}
+    first = WorkerProcess(topics, tmp_path, "first", **settings)
+    workers.append(first.start())
+    produce(topics.input, [(c["groupId"].encode(), codec.encode(c)) for c in first_calls])
+    assert_converges(topics, fold(first_calls))
+    assert first.sample("group_worker_repartitioned_calls_total") == 0
+    assert first.stop() == 0
+    members_before = len(read_topic(topics.members, idle=2))
+
+    # The same members again, within the times already seen: no membership moves.
+    again = [dict(c, messageId=f"again-{n}") for n, c in enumerate(first_calls[:300])]
+    second = WorkerProcess(topics, tmp_path, "second", **settings)
+    workers.append(second.start())
+    assert second.sample("group_worker_restored_records_total") > 0
+    produce(topics.input, [(c["groupId"].encode(), codec.encode(c)) for c in again])
+    assert_converges(topics, fold(first_calls + again))
+    assert len(read_topic(topics.members, idle=2)) == members_before
+    assert second.stop() == 0
