@@ -53,6 +53,7 @@ class FakeSource:
         self.pending_revoke: list[Partition] = []
         self.fail_commit: KafkaError | None = None
         self.closed = False
+        self.paused: set[Partition] = set()
         self.consumes = 0
         # Called at the start of every consume(), with the number of calls so far.
         self.on_consume: Callable[[int], None] | None = None
@@ -82,6 +83,8 @@ class FakeSource:
             self.listener.on_assign(assigned)
         out: list[SourceRecord] = []
         for tp, offset in self.position.items():
+            if tp in self.paused:
+                continue
             chunk = self.log[tp][offset : offset + max_records - len(out)]
             out.extend(chunk)
             self.position[tp] = offset + len(chunk)
@@ -95,8 +98,11 @@ class FakeSource:
         self.committed_offsets.update(offsets)
         self.commits.append(dict(offsets))
 
-    def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
-        return {tp: self.committed_offsets.get(tp, -1001) for tp in partitions}
+    def pause(self, partitions: Sequence[Partition]) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, partitions: Sequence[Partition]) -> None:
+        self.paused.difference_update(partitions)
 
     def seek(self, offsets: Offsets) -> None:
         self.position.update(offsets)
@@ -141,6 +147,7 @@ class FakeSink:
     fail_next_commit: KafkaError | None = None
     aborts: int = 0
     in_transaction: bool = False
+    queued: int = 0  # what backlog() reports, set by tests
 
     def begin(self) -> None:
         if self.transactional:
@@ -182,6 +189,9 @@ class FakeSink:
 
     def poll(self) -> None:
         pass
+
+    def backlog(self) -> int:
+        return self.queued
 
     def close(self) -> None:
         pass

@@ -77,6 +77,14 @@ class Metrics:
         )
         # Commits that failed and were aborted or retried.
         self.commit_failures = Counter(f"{_PREFIX}_commit_failures", "Failed commits", registry=r)
+        # Open batches aborted and read again (transactions, at exactly_once).
+        self.aborts = Counter(
+            f"{_PREFIX}_transaction_aborts", "Batches aborted and replayed", registry=r
+        )
+        # Partitions paused because the producer's backlog is too long (backpressure).
+        self.paused_partitions = Gauge(
+            f"{_PREFIX}_paused_partitions", "Partitions paused for backpressure", registry=r
+        )
         # Output records the producer could not deliver.
         self.produce_errors = Counter(
             f"{_PREFIX}_produce_errors", "Undeliverable output records", registry=r

@@ -29,6 +29,10 @@ __all__ = ["Runner", "RunnerSettings"]
 log = structlog.get_logger("worker.runner")
 _LAG_INTERVAL = 5.0
 _ERROR_BACKOFF = 0.5
+# Backpressure: pause every partition when this many outputs wait for delivery, and
+# resume below the low mark, so a slow broker never grows memory without bound.
+_BACKLOG_HIGH = 50_000
+_BACKLOG_LOW = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class Runner:
         self._batch_opened: float | None = None
         self._assigned: set[Partition] = set()
         self._restoring = 0
+        self._paused = False
         self._lag_checked = 0.0
         self.joined = False
         self.last_progress = clock.monotonic()
@@ -103,6 +108,7 @@ class Runner:
                     if records:
                         self._process(records)
                     self._sink.poll()
+                    self._apply_backpressure()
                     if self._commit_due():
                         self._commit()
                     self._export_lag()
@@ -128,6 +134,8 @@ class Runner:
             if topic == self._settings.routes.stateful_input:
                 self._restore(partition)
         self._assigned.update(partitions)
+        if self._paused:
+            self._source.pause(partitions)
         self.joined = True
         self._export_assignment()
 
@@ -244,8 +252,21 @@ class Runner:
             self._sink.abort()
             self._store.rollback()
 
+    def _apply_backpressure(self) -> None:
+        backlog = self._sink.backlog()
+        if not self._paused and backlog >= _BACKLOG_HIGH:
+            self._paused = True
+            self._source.pause(list(self._assigned))
+            log.warning("backpressure_paused", backlog=backlog)
+        elif self._paused and backlog <= _BACKLOG_LOW:
+            self._paused = False
+            self._source.resume(list(self._assigned))
+            log.info("backpressure_resumed", backlog=backlog)
+        self._metrics.paused_partitions.set(len(self._assigned) if self._paused else 0)
+
     def _abort_and_rewind(self, gone: set[Partition]) -> None:
         """Abort the open batch and read its records again, except those of ``gone``."""
+        self._metrics.aborts.inc()
         self._sink.abort()
         self._store.rollback()
         rewind = {p: o for p, o in self._batch_start.items() if p not in gone}

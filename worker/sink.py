@@ -40,6 +40,7 @@ class Sink(Protocol):
     def commit(self, offsets: Offsets, source: Source) -> None: ...
     def abort(self) -> None: ...
     def poll(self) -> None: ...
+    def backlog(self) -> int: ...
     def close(self) -> None: ...
 
 
@@ -66,6 +67,8 @@ class KafkaSink:
                 "compression.type": "lz4",
                 # The Java client's default partitioner, so other tools agree on placement.
                 "partitioner": "murmur2_random",
+                # Bounded queue: the runner pauses consumption long before it fills.
+                "queue.buffering.max.kbytes": 262_144,
             }
         )
         if guarantee == "exactly_once":
@@ -163,6 +166,10 @@ class KafkaSink:
     def poll(self) -> None:
         """Serve delivery reports without blocking."""
         self._producer.poll(0)
+
+    def backlog(self) -> int:
+        """Outputs queued or in flight, not yet delivered."""
+        return len(self._producer)
 
     def close(self) -> None:
         """Deliver what is queued, waiting up to the commit timeout."""

@@ -36,7 +36,8 @@ class Source(Protocol):
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None: ...
     def consume(self, max_records: int, timeout: float) -> list[SourceRecord]: ...
     def commit(self, offsets: Offsets) -> None: ...
-    def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]: ...
+    def pause(self, partitions: Sequence[Partition]) -> None: ...
+    def resume(self, partitions: Sequence[Partition]) -> None: ...
     def seek(self, offsets: Offsets) -> None: ...
     def group_metadata(self) -> Any: ...
     def lag(self, partition: Partition) -> int | None: ...
@@ -118,13 +119,13 @@ class KafkaSource:
             except KafkaException as e:
                 raise_for(e.args[0])
 
-    def committed(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
-        """The committed next offset of each partition (-1001 when none)."""
-        try:
-            found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], 10)
-        except KafkaException as e:
-            raise_for(e.args[0])
-        return {(tp.topic, tp.partition): tp.offset for tp in found}
+    def pause(self, partitions: Sequence[Partition]) -> None:
+        """Stop fetching ``partitions`` (backpressure); consume() still serves rebalances."""
+        self._consumer.pause([TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions: Sequence[Partition]) -> None:
+        """Fetch ``partitions`` again after ``pause``."""
+        self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
 
     def seek(self, offsets: Offsets) -> None:
         """Move the read position of assigned partitions back (or forward) to ``offsets``."""

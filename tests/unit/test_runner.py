@@ -295,3 +295,19 @@ def test_abort_rolls_state_back_before_the_replay() -> None:
     assert sink.aborts == 1
     assert states(sink)["g0"]["eventCount"] == 3
     assert sample(metrics, "group_worker_outcomes_total", outcome="duplicate") == 0
+
+
+def test_a_long_producer_backlog_pauses_consumption_until_it_drains() -> None:
+    """Backpressure: past the high mark every partition is paused, and resumed below the low."""
+    runner, source, sink, metrics = make(partitions=2)
+    seen: list[tuple[int, float]] = []
+
+    def drive(n: int) -> None:
+        seen.append((len(source.paused), sample(metrics, "group_worker_paused_partitions")))
+        sink.queued = {2: 60_000, 4: 20_000, 5: 5_000}.get(n, sink.queued)
+        if n >= 7:
+            runner.stop()
+
+    source.on_consume = drive
+    runner.run()
+    assert seen == [(0, 0), (0, 0), (2, 2), (2, 2), (2, 2), (0, 0), (0, 0)]
