@@ -43,6 +43,10 @@ def translate(error: ClientError | Any) -> KafkaError:
         ClientError.NOT_COORDINATOR,
         ClientError.COORDINATOR_NOT_AVAILABLE,
         ClientError.COORDINATOR_LOAD_IN_PROGRESS,
+        # Metadata not settled yet: a topic just created, or a broker just restarted.
+        ClientError.NOT_LEADER_FOR_PARTITION,
+        ClientError.LEADER_NOT_AVAILABLE,
+        ClientError.UNKNOWN_TOPIC_OR_PART,
     ):
         return RetriableError(text)
     return KafkaError(text)

@@ -117,14 +117,16 @@ _GROUPED_INTEGER: Final = re.compile(r"[0-9]{1,3}(?:[, \u00a0\u202f][0-9]{3})+")
 _DELETE_SEPARATORS: Final = str.maketrans("", "", ", \u00a0\u202f")
 _HTTP_SCHEMES: Final = frozenset({"http", "https"})
 
-# Memo bounds: entries per cache, and the longest string worth remembering.
-_MEMO_SIZE: Final = 4096
+# Memo bounds: entries per cache, and the longest string worth remembering. A cache
+# holds the distinct values of about as many groups (a group repeats its traits).
+_MEMO_SIZE: Final = 16_384
 _MEMO_MAX_LEN: Final = 256
 # Key as sent -> canonical name, "" for a key that matches none.
 _TRAIT_NAME_CACHE: dict[str, str] = {}
 _ADDRESS_NAME_CACHE: dict[str, str] = {}
 
 _R = TypeVar("_R")
+_MISSING: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,16 +217,26 @@ def _fold(key: str) -> str:
 
 
 def _memoise(fn: Callable[[Any], _R]) -> Callable[[Any], _R]:
-    """Memoise a pure one-argument normaliser on short strings and other scalars."""
-    cached = functools.lru_cache(maxsize=_MEMO_SIZE, typed=True)(fn)
+    """Memoise a pure one-argument normaliser on short strings.
+
+    A plain dict, emptied when full: a hit costs one lookup, where ``lru_cache`` also
+    keeps an order. Only ``str`` values are remembered, so ``1``, ``1.0`` and ``True``
+    (equal as dict keys) never share an entry; numbers are cheap to normalise anyway.
+    """
+    memo: dict[str, _R] = {}
 
     def lookup(value: Any) -> _R:
-        if isinstance(value, str) and len(value) > _MEMO_MAX_LEN:
-            return fn(value)  # not worth the memory
-        try:
-            return cached(value)
-        except TypeError:  # unhashable: a list or an object
+        if type(value) is not str:
             return fn(value)
+        hit = memo.get(value, _MISSING)
+        if hit is not _MISSING:
+            return hit  # type: ignore[return-value]
+        result = fn(value)
+        if len(value) <= _MEMO_MAX_LEN:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[value] = result
+        return result
 
     return lookup
 

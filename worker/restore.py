@@ -7,6 +7,7 @@ an aborted or still-open transaction are never restored.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -16,8 +17,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka import KafkaError as ClientError
 
 from worker import codec
-from worker.errors import TopicError
-from worker.kafka import client_config, raise_for
+from worker.errors import RetriableError, TopicError
+from worker.kafka import client_config, raise_for, translate
 from worker.members import membership_from_record
 from worker.state import state_from_record
 from worker.store import StateStore
@@ -27,6 +28,11 @@ __all__ = ["KafkaRestorer", "Restored", "Restorer", "restore_partition"]
 log = structlog.get_logger("worker.restore")
 Entry = tuple[bytes | None, bytes | None]  # (key, value)
 _T = TypeVar("_T")
+# How long a restore retries while the broker's metadata settles before giving up.
+_RETRY_SECONDS = 60.0
+# consume() waits for a full batch or its timeout: keep the timeout short, so the
+# end-of-partition event of a small partition is seen at once.
+_BATCH = 10_000
 
 
 class Restorer(Protocol):
@@ -104,27 +110,40 @@ class KafkaRestorer:
     def read(self, topic: str, partition: int) -> Iterator[Entry]:
         """Every record of the partition up to its last committed offset, oldest first."""
         tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
-        try:
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=10)
-        except KafkaException as e:
-            raise_for(e.args[0])
+        low, high = self._watermarks(tp)
         if high <= low:  # empty: no need to wait for the end-of-partition event
             return
         self._consumer.assign([tp])
         try:
             while True:
-                for message in self._consumer.consume(1000, 1.0):
+                for message in self._consumer.consume(_BATCH, 0.05):
                     error = message.error()
                     if error is None:
                         yield message.key(), message.value()
                     elif error.code() == ClientError._PARTITION_EOF:
                         return
-                    else:
-                        raise_for(error)
+                    elif not isinstance(translate(error), RetriableError):
+                        raise_for(error)  # retriable ones are retried by the client
         except KafkaException as e:
             raise_for(e.args[0])
         finally:
             self._consumer.unassign()
+
+    def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        """Low and high (last committed) offsets, retrying while metadata settles."""
+        deadline = time.monotonic() + _RETRY_SECONDS
+        while True:
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=10)
+                return low, high
+            except KafkaException as e:
+                error = translate(e.args[0])
+                if not isinstance(error, RetriableError) or time.monotonic() > deadline:
+                    raise error from None
+                log.info(
+                    "restore_retrying", topic=tp.topic, partition=tp.partition, error=str(error)
+                )
+                time.sleep(0.5)
 
     def partitions(self, topic: str) -> list[int]:
         """The partition numbers of ``topic``; raises ``TopicError`` when it does not exist."""

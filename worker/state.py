@@ -21,9 +21,11 @@ before ``null_stamp`` can never show again, so it is dropped; an object written 
 it is ignored. The registers held are therefore exactly the visible ones.
 
 Dedupe. ``recent`` maps the messageIds whose event time is within ``window_ms`` of the
-group's ``last_seen_ms`` to that time. A call in it is a duplicate. Limitation: a call
-older than the window is applied (its traits merge idempotently) but not remembered, so
-a redelivery of it counts again in ``event_count``.
+group's ``last_seen_ms`` to that time. A call in it is a duplicate. After a merge or a
+restore it is a ``RecentIds`` (``worker.recent``), so adding an id is O(1) amortised;
+any mapping is accepted. Limitation: a call older than the window is applied (its
+traits merge idempotently) but not remembered, so a redelivery of it counts again in
+``event_count``.
 
 The ``merge`` member of a state record (``state_record``) is what the next merge needs::
 
@@ -40,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from worker.recent import RecentIds
 from worker.times import format_time, parse_iso_time
 
 __all__ = [
@@ -63,7 +66,6 @@ MemberKind = Literal["userId", "anonymousId"]
 
 # Shared by every state without them; never mutated (states copy before writing).
 _NO_STAMPS: Final[Mapping[str, Stamp]] = {}
-_NO_RECENT: Final[Mapping[str, int]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,18 +149,19 @@ def merge_call(
             stamps[name] = stamp
     if state is None:
         first = last = call.event_ms
-        recent: Mapping[str, int] = _NO_RECENT
+        recent: RecentIds = RecentIds({}, 0)
         members = events = 0
     else:
         first = min(state.first_seen_ms, call.event_ms)
         last = max(state.last_seen_ms, call.event_ms)
-        recent, members, events = state.recent, state.member_count, state.event_count
+        recent = RecentIds.of(state.recent)
+        members, events = state.member_count, state.event_count
     return GroupState(
         group_id=call.group_id,
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
-        recent=_remember(recent, call, last - window_ms),
+        recent=recent.added(call.message_id, call.event_ms, last - window_ms),
         member_count=members + 1 if new_member else members,
         event_count=events + 1,
         first_seen_ms=first,
@@ -200,18 +203,6 @@ def _merge_address(
     return AddressStamps(null, stamp if obj is None or stamp > obj else obj, fields or _NO_STAMPS)
 
 
-def _remember(recent: Mapping[str, int], call: Applied, cutoff: int) -> Mapping[str, int]:
-    """The recent set with the call added, pruned to event times at or after ``cutoff``."""
-    # min() runs in C; the Python-level filter only when something actually expires.
-    if recent and min(recent.values()) < cutoff:
-        kept = {mid: ms for mid, ms in recent.items() if ms >= cutoff}
-    else:
-        kept = dict(recent)
-    if call.event_ms >= cutoff:
-        kept[call.message_id] = call.event_ms
-    return kept or _NO_RECENT
-
-
 def group_snapshot(state: GroupState) -> dict[str, Any]:
     """The ``group`` object of an enriched call (DESIGN.md "Records out").
 
@@ -242,7 +233,8 @@ def state_record(state: GroupState) -> dict[str, Any]:
             address["object"] = list(regs.object_stamp)
         address["fields"] = {k: [ms, mid] for k, (ms, mid) in regs.field_stamps.items()}
         merge["address"] = address
-    merge["recent"] = dict(state.recent)
+    recent = state.recent
+    merge["recent"] = recent.as_dict() if isinstance(recent, RecentIds) else dict(recent)
     return {
         "groupId": state.group_id,
         "traits": _traits_out(state.traits),
@@ -308,7 +300,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
-        recent=recent or _NO_RECENT,
+        recent=RecentIds(recent, len(recent)),
         member_count=_count(record, "memberCount"),
         event_count=_count(record, "eventCount"),
         first_seen_ms=first,

@@ -56,6 +56,12 @@ _MAX_EPOCH_DIGITS: Final = 20
 # and stops reading at a NUL ("...55Z\x00" parses).
 _ISO_CHARS: Final = "0123456789-:.,+TtWZ "
 
+# Instants formatted lately: a call's event time is formatted again for its group
+# snapshot, state and membership records, and a group's first seen time at every call.
+# A plain dict, emptied when full, is cheaper than lru_cache's bookkeeping.
+_FORMATTED_SIZE: Final = 16_384
+_FORMATTED: dict[int, str] = {}
+
 
 def parse_iso_time(value: object) -> int | None:
     """Read an ISO-8601 date or date-time string as epoch milliseconds.
@@ -134,14 +140,20 @@ def format_time(ms: int) -> str:
     digits. Raises ``OverflowError`` when ``ms`` is outside ``MIN_MS`` .. ``MAX_MS``
     (the parsers in this module never return such values).
     """
-    days, in_day = divmod(ms, 86_400_000)
-    return "%sT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 - twice as fast as an f-string here
-        _format_day(days),
-        in_day // 3_600_000,
-        in_day // 60_000 % 60,
-        in_day // 1000 % 60,
-        in_day % 1000,
-    )
+    text = _FORMATTED.get(ms)
+    if text is None:
+        days, in_day = divmod(ms, 86_400_000)
+        text = "%sT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031 - twice as fast as an f-string
+            _format_day(days),
+            in_day // 3_600_000,
+            in_day // 60_000 % 60,
+            in_day // 1000 % 60,
+            in_day % 1000,
+        )
+        if len(_FORMATTED) >= _FORMATTED_SIZE:
+            _FORMATTED.clear()
+        _FORMATTED[ms] = text
+    return text
 
 
 def event_time(call: Mapping[str, Any], fallback_ms: int) -> int:

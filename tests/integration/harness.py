@@ -17,11 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker import codec
 
-__all__ = ["BOOTSTRAP", "Topics", "WorkerProcess", "produce", "read_topic", "wait_until"]
+__all__ = [
+    "BOOTSTRAP",
+    "Topics",
+    "WorkerProcess",
+    "create_topic",
+    "produce",
+    "read_topic",
+    "wait_until",
+]
 
 BOOTSTRAP = os.environ.get("KAFKA_TEST_BOOTSTRAP", "127.0.0.1:9092")
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +105,8 @@ class WorkerProcess:
                 "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP,
                 "GROUP_WORKER_HTTP_PORT": str(self.port),
                 "GROUP_WORKER_TOPICS_PARTITIONS": "3",
+                # The broker's minimum: a killed worker's partitions move on in seconds.
+                "GROUP_WORKER_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000",
             }
         )
         env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})
@@ -170,18 +181,37 @@ class WorkerProcess:
             self.process.wait(10)
 
 
-def produce(topic: str, values: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+def create_topic(name: str, partitions: int, **configs: str) -> None:
+    """Create ``name`` on the test broker (replication factor 1)."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin.create_topics([NewTopic(name, partitions, 1, config=configs)])[name].result(30)
+
+
+def produce(
+    topic: str, values: Iterable[tuple[bytes | None, bytes | None]], max_bytes: int = 1_000_000
+) -> int:
     """Produce (key, value) pairs to ``topic`` and wait for every delivery."""
-    producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+    producer = Producer(
+        {
+            "bootstrap.servers": BOOTSTRAP,
+            "enable.idempotence": True,
+            "message.max.bytes": max_bytes + 1000,
+        }
+    )
     errors: list[Any] = []
     count = 0
     for key, value in values:
-        producer.produce(
-            topic, value, key, on_delivery=lambda e, _: errors.append(e) if e else None
-        )
+        while True:
+            try:
+                producer.produce(
+                    topic, value, key, on_delivery=lambda e, _: errors.append(e) if e else None
+                )
+                break
+            except BufferError:
+                producer.poll(0.1)
         producer.poll(0)
         count += 1
-    assert producer.flush(30) == 0, "produce timed out"
+    assert producer.flush(60) == 0, "produce timed out"
     assert not errors, errors
     return count
 

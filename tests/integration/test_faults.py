@@ -1,0 +1,226 @@
+"""Faults on the real broker: kills, a broker restart, hostile input, shutdown under load."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import (
+    BOOTSTRAP,
+    ROOT,
+    Topics,
+    WorkerProcess,
+    create_topic,
+    produce,
+    read_topic,
+    values,
+    wait_until,
+)
+from tests.integration.test_state import assert_converges, calls, fold
+from worker import codec
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = {"TOPICS_PARTITIONS": "6"}
+
+
+def stream(n: int, seed: int) -> tuple[list[tuple[bytes | None, bytes | None]], set[str], int]:
+    """Keyed records: group calls (some redelivered) with 1% bad ones mixed in.
+
+    Returns the records, the distinct valid messageIds and the number of bad records.
+    """
+    rng = random.Random(seed)
+    good = calls(n, seed)
+    records: list[tuple[bytes | None, bytes | None]] = []
+    bad = 0
+    for call in good:
+        records.append((call["userId"].encode(), codec.encode(call)))
+        if rng.random() < 0.01:
+            records.append((b"bad", b'{"type": "group", "userId": "u", "traits": {}}'))
+            bad += 1
+    return records, {c["messageId"] for c in good}, bad
+
+
+def assert_exactly_once(topics: Topics, valid: set[str], bad: int) -> list[dict[str, Any]]:
+    """Every valid call enriched once (by messageId and by source), every bad one dead once."""
+    enriched = values(read_topic(topics.enriched, expect=len(valid), idle=5, timeout=240))
+    by_id = Counter(c["messageId"] for c in enriched)
+    by_source = Counter(tuple(c["enrichment"]["source"].values()) for c in enriched)
+    assert set(by_id) == valid, f"lost: {len(valid - set(by_id))}"
+    assert max(by_id.values()) == 1, f"duplicated: {sum(v > 1 for v in by_id.values())}"
+    assert max(by_source.values()) == 1
+    letters = values(read_topic(topics.dlq, expect=bad, idle=2))
+    assert Counter(letter["reason"] for letter in letters) == {"missing_group_id": bad}
+    return enriched
+
+
+def kill_repeatedly(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path, kills: int, **settings: str
+) -> WorkerProcess:
+    """Start a worker, SIGKILL it ``kills`` times at random moments, return the last one.
+
+    Static membership (as with the StatefulSet) lets each restart take over at once
+    instead of waiting for the killed member's session to time out.
+    """
+    rng = random.Random(7)
+    for n in range(kills + 1):
+        worker = WorkerProcess(
+            topics,
+            tmp_path,
+            f"w{n}",
+            WORKER_INSTANCE_ID="w",
+            WORKER_BATCH_SIZE="500",
+            **PARTITIONS,
+            **settings,
+        )
+        workers.append(worker.start())
+        if n < kills:
+            time.sleep(rng.uniform(0.5, 3.0))
+            worker.stop(signal.SIGKILL)
+    return worker
+
+
+def test_kill_test_exactly_once(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """100,000 calls with five SIGKILLs: every call enriched once, state equal to the fold."""
+    records, valid, bad = stream(100_000, seed=11)
+    create_topic(topics.input, 6)
+    produce(topics.input, records)
+    last = kill_repeatedly(topics, workers, tmp_path, kills=5)
+    assert_exactly_once(topics, valid, bad)
+    assert_converges(topics, fold(calls(100_000, seed=11)))
+    assert last.stop() == 0
+
+
+def test_kill_test_at_least_once_loses_nothing(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """At least once, five SIGKILLs lose no call; repeats are allowed and counted."""
+    records, valid, bad = stream(30_000, seed=12)
+    create_topic(topics.input, 6)
+    produce(topics.input, records)
+    last = kill_repeatedly(
+        topics, workers, tmp_path, kills=5, WORKER_PROCESSING_GUARANTEE="at_least_once"
+    )
+    enriched = values(read_topic(topics.enriched, expect=len(valid), idle=5, timeout=240))
+    by_id = Counter(c["messageId"] for c in enriched)
+    assert set(by_id) == valid
+    repeated = sum(n - 1 for n in by_id.values())
+    print(f"at_least_once: {repeated} repeated enriched records after 5 kills")
+    letters = values(read_topic(topics.dlq, expect=bad, idle=2))
+    assert len(letters) >= bad
+    assert last.stop() == 0
+
+
+def kafka_script(action: str) -> None:
+    port = BOOTSTRAP.rsplit(":", 1)[1]
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "local-kafka" / "kafka.sh"), action],
+        env={"KAFKA_PORT": port, "PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_broker_restart_loses_and_duplicates_nothing(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """The broker stopped for 10 s mid-stream: the worker recovers alone, exactly once.
+
+    This stops and starts the broker the tests run against.
+    """
+    records, valid, bad = stream(20_000, seed=13)
+    worker = WorkerProcess(topics, tmp_path, WORKER_INSTANCE_ID="solo", **PARTITIONS)
+    workers.append(worker.start())
+    produce(topics.input, records[:10_000])
+    wait_until(lambda: worker.progress() > 1_000, 60, "progress before the outage")
+    kafka_script("down")
+    time.sleep(10)
+    kafka_script("up")
+    produce(topics.input, records[10_000:])
+    assert worker.process is not None
+    assert worker.process.poll() is None, worker.log()
+    assert_exactly_once(topics, valid, bad)
+    assert worker.stop() == 0
+
+
+POISON: list[tuple[str, bytes | None]] = [
+    ("invalid_json", b"\xc3\x28\xa0\xa1 invalid utf-8"),
+    ("invalid_json", b'{"type": "group", "groupId": "g", "userId": "u", "traits": {"na'),
+    ("invalid_json", b"[" * 100_000 + b"]" * 100_000),
+    ("invalid_json", b'{"type": "group", "groupId": "g", "userId": "u", "n": NaN}'),
+    ("invalid_json", b'{"type": "group", "groupId": "g", "userId": "u", "n": Infinity}'),
+    (
+        "invalid_json",
+        b'{"type": "group", "groupId": "g", "userId": "u", "n": 1' + b"0" * 400 + b"}",
+    ),
+    ("invalid_json", b""),
+    ("invalid_json", None),
+    ("not_an_object", b"12345"),
+    ("too_large", b'{"type": "group", "traits": {"d": "' + b"x" * 200_000 + b'"}}'),
+    ("too_large", b'"' + b"x" * 10_000_000 + b'"'),
+    ("missing_type", b'{"type": 7, "groupId": "g", "userId": "u"}'),
+    ("missing_group_id", b'{"type": "group", "groupId": {"id": "g"}, "userId": "u"}'),
+    ("missing_group_id", b'{"type": "group", "groupId": "g", "groupId": null, "userId": "u"}'),
+    ("missing_identity", b'{"type": "group", "groupId": "g", "userId": ["u"]}'),
+    ("invalid_traits", b'{"type": "group", "groupId": "g", "userId": "u", "traits": 5}'),
+    ("invalid_message_id", b'{"type": "group", "groupId": "g", "userId": "u", "messageId": {}}'),
+    ("invalid_batch", b'{"batch": 1}'),
+]
+
+
+def test_poison_corpus_is_dead_lettered_and_the_worker_goes_on(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Each hostile input lands in the dead-letter topic with its reason; the worker never stops."""
+    create_topic(topics.input, 3, **{"max.message.bytes": str(16 * 1024 * 1024)})
+    worker = WorkerProcess(topics, tmp_path)
+    workers.append(worker.start())
+    produce(topics.input, [(None, value) for _, value in POISON], max_bytes=16 * 1024 * 1024)
+    produce(topics.input, [(b"k", codec.encode(calls(1, seed=3)[0]))])
+
+    letters = values(read_topic(topics.dlq, expect=len(POISON)))
+    assert Counter(letter["reason"] for letter in letters) == Counter(r for r, _ in POISON)
+    huge = next(letter for letter in letters if len(letter.get("value") or "") > 500_000)
+    assert huge["truncated"] is True
+    assert len(values(read_topic(topics.enriched, expect=1))) == 1
+    assert worker.process is not None
+    assert worker.process.poll() is None
+
+
+def test_duplicate_keys_take_the_last_value_like_segment() -> None:
+    """A JSON object with a repeated key keeps its last value, as JSON.parse does."""
+    from worker.events import Enriched, Record
+    from worker.pipeline import Settings, process_record
+
+    value = b'{"type": "group", "groupId": "a", "groupId": "b", "userId": "u"}'
+    [outcome] = process_record(Record("t", 0, 0, value), Settings())
+    assert isinstance(outcome, Enriched)
+    assert outcome.group_id == "b"
+
+
+def test_sigterm_under_load_exits_promptly_and_loses_nothing(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """SIGTERM while calls flow: exit 0 within 10 s, and a successor finishes the rest once."""
+    records, valid, bad = stream(40_000, seed=14)
+    worker = WorkerProcess(topics, tmp_path, "first", **PARTITIONS)
+    workers.append(worker.start())
+    produce(topics.input, records)
+    wait_until(lambda: worker.progress() > 2_000, 60, "load")
+    started = time.monotonic()
+    assert worker.stop(signal.SIGTERM, timeout=10) == 0
+    print(f"SIGTERM to exit: {time.monotonic() - started:.2f}s")
+    successor = WorkerProcess(topics, tmp_path, "second", **PARTITIONS)
+    workers.append(successor.start())
+    assert_exactly_once(topics, valid, bad)
+    assert successor.stop() == 0
