@@ -120,9 +120,11 @@ class Runner:
                     self._abort_and_rewind(set())
             self._commit_final()
         finally:
-            self._source.close()
-            self._sink.close()
-            self._restorer.close()
+            for close in (self._source.close, self._sink.close, self._restorer.close):
+                try:
+                    close()
+                except Exception as e:  # closing must not hide why the loop ended
+                    log.warning("close_failed", error=str(e))
         log.info("worker_stopped")
 
     # RebalanceListener: called from inside Source.consume.

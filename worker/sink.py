@@ -7,22 +7,30 @@ after every output is delivered.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
+import structlog
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException, Message, Producer, TopicPartition
 
 from worker.clock import Clock
 from worker.config import ProcessingGuarantee
-from worker.errors import AbortableError, RetriableError
+from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
 from worker.kafka import client_config, raise_for, translate
 from worker.source import Offsets, Source
 
 __all__ = ["Headers", "KafkaSink", "Sink"]
 
 Headers = Sequence[tuple[str, bytes]]
-_RETRY_BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)
+# Waits between retries of a transactional operation (each also waits up to its timeout).
+_RETRY_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0)
+
+# How long past its own timeout a transactional call may block before it is abandoned.
+_DEADLINE_MARGIN = 5.0
+
+log = structlog.get_logger("worker.sink")
 
 
 class Sink(Protocol):
@@ -55,7 +63,7 @@ class KafkaSink:
         transactional_id: str,
         clock: Clock,
         *,
-        commit_timeout: float = 30.0,
+        commit_timeout: float = 10.0,
         on_delivery_error: Callable[[], None] | None = None,
     ) -> None:
         config = client_config(bootstrap_servers, properties)
@@ -93,9 +101,15 @@ class KafkaSink:
                 raise_for(e.args[0])
 
     def begin(self) -> None:
-        """Open a transaction if none is open (no-op at least once)."""
+        """Open a transaction if none is open (no-op at least once).
+
+        Raises ``KafkaError`` when the producer cannot start one (it needs rebuilding).
+        """
         if self._transactional and not self._in_transaction:
-            self._producer.begin_transaction()
+            try:
+                self._producer.begin_transaction()
+            except KafkaException as e:
+                raise_for(e.args[0])
             self._in_transaction = True
 
     def produce(
@@ -121,6 +135,9 @@ class KafkaSink:
             except BufferError:
                 # Backpressure: the queue is full, so wait for deliveries to drain it.
                 self._producer.poll(0.05)
+            except KafkaException as e:
+                # The transaction failed under us (e.g. the broker went away): replay.
+                raise AbortableError(f"produce refused: {e.args[0].str()}") from None
 
     def commit(self, offsets: Offsets, source: Source) -> None:
         """Make every output produced since the last commit durable, with ``offsets``.
@@ -159,7 +176,10 @@ class KafkaSink:
     def abort(self) -> None:
         """Abort the open transaction (its outputs are never seen by read_committed readers)."""
         if self._transactional and self._in_transaction:
-            self._retry(lambda: self._producer.abort_transaction(self._commit_timeout))
+            try:
+                self._retry(lambda: self._producer.abort_transaction(self._commit_timeout))
+            except AbortableError as e:  # an abort that cannot abort: rebuild the producer
+                raise KafkaError(f"abort failed: {e}") from None
             self._in_transaction = False
         self._failed.clear()
 
@@ -182,20 +202,48 @@ class KafkaSink:
             if self._on_delivery_error is not None:
                 self._on_delivery_error()
 
-    def _retry(self, operation: Any) -> None:
+    def _retry(self, operation: Callable[[], None]) -> None:
         """Run a transactional ``operation``, retrying retriable errors for a while.
 
-        When retries run out the transaction cannot be trusted to commit: it is
-        reported as ``AbortableError``, so the caller aborts and replays.
+        A fatal error (a fenced producer) raises ``FatalError``. When retries run out,
+        or the operation fails otherwise, the transaction cannot be trusted to commit:
+        ``AbortableError``, so the caller aborts and replays.
         """
         for backoff in (*_RETRY_BACKOFF, None):
             try:
-                operation()
+                self._with_deadline(operation)
                 return
             except KafkaException as e:
                 error = translate(e.args[0])
-                if not isinstance(error, RetriableError):
+                if isinstance(error, FatalError):
                     raise error from None
-                if backoff is None:
-                    raise AbortableError(f"gave up retrying: {error}") from None
+                if not isinstance(error, RetriableError) or backoff is None:
+                    raise AbortableError(str(error)) from None
+                log.warning("transaction_retrying", error=str(error), backoff=backoff)
                 self._clock.sleep(backoff)
+
+    def _with_deadline(self, operation: Callable[[], None]) -> None:
+        """Run a transactional call, giving up on it shortly after its own timeout.
+
+        After a broker restart librdkafka can block in ``send_offsets_to_transaction``
+        past its timeout, for good (librdkafka issues 5456 and 5511). The call runs in
+        a daemon thread; if it has not returned in time the producer is declared
+        broken (``KafkaError``): the service builds a new one, whose
+        ``init_transactions`` fences this one and aborts its transaction.
+        """
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                operation()
+            except BaseException as e:  # handed to the waiting thread
+                failure.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name="transaction-call", daemon=True).start()
+        if not done.wait(self._commit_timeout + _DEADLINE_MARGIN):
+            raise KafkaError(f"a transactional call hung past {self._commit_timeout:.0f}s")
+        if failure:
+            raise failure[0]

@@ -258,21 +258,37 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
     # ``recent``: a restored state takes the memory of a merged one.
     interned: dict[Stamp, Stamp] = {}
 
+    # Restores read millions of stamps: the valid case costs no message and no call.
     def stamp(value: Any, where: str) -> Stamp:
-        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], str)):
-            raise ValueError(f"state record: {where} is not [event_ms, messageId]")
-        key = (_int(value[0], where), value[1])
-        return interned.setdefault(key, key)
+        if type(value) is list and len(value) == 2:
+            ms, mid = value
+            if (type(ms) is int or _is_int(ms)) and isinstance(mid, str):
+                key = (ms, mid)
+                return interned.setdefault(key, key)
+        raise ValueError(f"state record: {where} is not [event_ms, messageId]")
+
+    def stamps_of(raw: dict[str, Any], where: str) -> dict[str, Stamp]:
+        out: dict[str, Stamp] = {}
+        for k, v in raw.items():
+            if type(v) is list and len(v) == 2:
+                ms, mid = v
+                if (type(ms) is int or _is_int(ms)) and isinstance(mid, str):
+                    key = (ms, mid)
+                    out[k] = interned.setdefault(key, key)
+                    continue
+            stamp(v, f"{where}[{k!r}]")  # raises
+        return out
 
     recent: dict[str, int] = {}
     for mid, ms in record_field(merge, "recent", dict).items():
-        ms, mid = stamp([ms, mid], "an entry of merge.recent")
+        if not ((type(ms) is int or _is_int(ms)) and isinstance(mid, str)):
+            raise ValueError("state record: an entry of merge.recent is not messageId: event_ms")
+        key = (ms, mid)
+        ms, mid = interned.setdefault(key, key)
         recent[mid] = ms
     # Built by insertion: decoded dicts are presized larger than merged ones.
     traits = {k: v for k, v in record_field(record, "traits", dict).items()}
-    stamps = {
-        k: stamp(v, f"merge.stamps[{k!r}]") for k, v in record_field(merge, "stamps", dict).items()
-    }
+    stamps = stamps_of(record_field(merge, "stamps", dict), "merge.stamps")
     if set(traits) - {"address"} != set(stamps):
         raise ValueError("state record: traits and merge.stamps name different traits")
     address: AddressStamps | None = None
@@ -282,10 +298,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         raw = record_field(merge, "address", dict)
         null = stamp(raw["null"], "merge.address.null") if "null" in raw else None
         obj = stamp(raw["object"], "merge.address.object") if "object" in raw else None
-        fields = {
-            k: stamp(v, f"merge.address.fields[{k!r}]")
-            for k, v in record_field(raw, "fields", dict).items()
-        }
+        fields = stamps_of(record_field(raw, "fields", dict), "merge.address.fields")
         address = AddressStamps(null, obj, fields or _NO_STAMPS)
         shown = traits["address"]
         if isinstance(shown, dict):
@@ -340,9 +353,13 @@ def record_field(record: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
 
 
 def _int(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not _is_int(value):
         raise ValueError(f"record: {where} is not an integer")
-    return value
+    return int(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _count(record: Mapping[str, Any], key: str) -> int:
