@@ -72,6 +72,7 @@ class WorkerConfig:
     group_instance_id: str = ""
     batch_size: int = 1_000
     commit_interval_ms: int = 100
+    commit_max_records: int = 10_000
     shutdown_timeout_seconds: int = 10
 
 
@@ -137,6 +138,7 @@ _RANGES = (
     ("topics.partitions", 1, 10_000),
     ("worker.batch_size", 1, 100_000),
     ("worker.commit_interval_ms", 1, 600_000),
+    ("worker.commit_max_records", 1, 1_000_000),
     ("worker.max_event_bytes", 1, 100_000_000),
     ("worker.shutdown_timeout_seconds", 1, 3_600),
     ("http.port", 0, 65_535),

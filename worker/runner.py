@@ -42,6 +42,7 @@ class RunnerSettings:
     routes: Routes
     batch_size: int = 1_000
     commit_interval: float = 0.1
+    commit_max_records: int = 10_000
     poll_timeout: float = 0.1
 
 
@@ -72,6 +73,7 @@ class Runner:
         self._pending: dict[Partition, int] = {}
         self._batch_start: dict[Partition, int] = {}
         self._batch_opened: float | None = None
+        self._uncommitted = 0  # records consumed since the last commit
         self._assigned: set[Partition] = set()
         self._restoring = 0
         self._paused = False
@@ -190,6 +192,7 @@ class Runner:
             self._sink.begin()
             self._batch_opened = started
         tally = self._processor.process(records)
+        self._uncommitted += len(records)
         for record in records:
             partition = (record.topic() or "", record.partition() or 0)
             offset = record.offset() or 0
@@ -218,7 +221,8 @@ class Runner:
     def _commit_due(self) -> bool:
         opened = self._batch_opened
         return opened is not None and (
-            self._clock.monotonic() - opened >= self._settings.commit_interval
+            self._uncommitted >= self._settings.commit_max_records
+            or self._clock.monotonic() - opened >= self._settings.commit_interval
         )
 
     def _commit(self) -> None:
@@ -243,6 +247,7 @@ class Runner:
         self._pending.clear()
         self._batch_start.clear()
         self._batch_opened = None
+        self._uncommitted = 0
         self._metrics.commit_duration.observe(self._clock.monotonic() - started)
         self._export_state_size()
 
@@ -278,6 +283,7 @@ class Runner:
         self._pending.clear()
         self._batch_start.clear()
         self._batch_opened = None
+        self._uncommitted = 0
 
     def _forget(self, partitions: Iterable[Partition]) -> None:
         for partition in partitions:

@@ -155,4 +155,4 @@ def runner_settings(config: Config) -> RunnerSettings:
         members=t.members,
         repartition=None if w.input_keyed_by_group_id else t.repartition,
     )
-    return RunnerSettings(routes, w.batch_size, w.commit_interval_ms / 1000)
+    return RunnerSettings(routes, w.batch_size, w.commit_interval_ms / 1000, w.commit_max_records)

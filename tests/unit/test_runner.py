@@ -311,3 +311,15 @@ def test_a_long_producer_backlog_pauses_consumption_until_it_drains() -> None:
     source.on_consume = drive
     runner.run()
     assert seen == [(0, 0), (0, 0), (2, 2), (2, 2), (2, 2), (0, 0), (0, 0)]
+
+
+def test_commit_comes_early_when_the_record_bound_is_reached() -> None:
+    """Past commit_max_records uncommitted records a commit happens before the interval."""
+    source = FakeSource(FakeClock())
+    sink = FakeSink()
+    settings = RunnerSettings(ROUTES, batch_size=2, commit_interval=60, commit_max_records=4)
+    runner, _ = build(source, sink, settings)
+    for n in range(6):
+        source.append(group_call(n))
+    run_for(runner, source, 4)
+    assert sink.offset_commits[0] == {("in", 0): 4}
