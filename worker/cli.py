@@ -77,4 +77,5 @@ def _topics_create(config: Config, _: argparse.Namespace) -> int:
 
 def _run(config: Config, _: argparse.Namespace) -> int:
     configure_logging(config.log.level)
+    ensure_topics(config)
     return run_service(config)

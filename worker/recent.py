@@ -10,9 +10,10 @@ log: its first ``size`` entries whose event time is at or after ``cutoff``. Addi
 the newest view (the one whose ``size`` is the log's length) appends to the log and
 returns a longer view; older views still see exactly their prefix. Adding to an older
 view (a state put back by a rollback) copies what it sees into a new log first. Ids that
-fell out of the window stay in the log, hidden by the cutoff, until the log has doubled
-since it was last built; it is then rebuilt with the visible entries only, so memory
-stays within twice the window's ids and each id is copied O(1) times on average.
+fell out of the window stay in the log, hidden by the cutoff, until the log has grown by
+a quarter since it was last built; it is then rebuilt with the visible entries only, so
+each id is copied O(1) times on average. A state record stores the log as it is, with
+the cutoff when it hides ids (``to_record``), so writing one costs no Python-level loop.
 
 Pure and not thread-safe, like the rest of the state: one runner thread owns it.
 """
@@ -27,8 +28,16 @@ __all__ = ["RecentIds"]
 
 # Below any event time the parsers return (worker.times.MIN_MS): a view that hides nothing.
 _NO_CUTOFF: Final = -(2**63)
+# Above any event time: the floor of a view without entries.
+_NO_FLOOR: Final = 2**63 - 1
 # Smallest log length at which a rebuild is considered: tiny logs are not worth it.
 _MIN_REBUILD: Final = 8
+
+
+def _next_rebuild(size: int) -> int:
+    # A log is rebuilt once a quarter of it may be hidden ids: each id is copied about
+    # four times over its life, and a state record carries at most a fifth hidden ids.
+    return max(size + size // 4, _MIN_REBUILD)
 
 
 class RecentIds(Mapping[str, int]):
@@ -37,7 +46,7 @@ class RecentIds(Mapping[str, int]):
     Compares equal to any mapping with the same items (a plain ``dict`` included).
     """
 
-    __slots__ = ("_cutoff", "_log", "_rebuild_at", "_size")
+    __slots__ = ("_cutoff", "_floor", "_log", "_rebuild_at", "_size")
 
     def __init__(
         self,
@@ -46,11 +55,14 @@ class RecentIds(Mapping[str, int]):
         size: int,
         cutoff: int = _NO_CUTOFF,
         rebuild_at: int = _MIN_REBUILD,
+        floor: int | None = None,
     ) -> None:
         self._log = log
         self._size = size
         self._cutoff = cutoff
         self._rebuild_at = rebuild_at
+        # The least event time among the view's entries, hidden ones included.
+        self._floor = floor if floor is not None else min(log.values(), default=_NO_FLOOR)
 
     @classmethod
     def of(cls, ids: Mapping[str, int]) -> RecentIds:
@@ -58,7 +70,14 @@ class RecentIds(Mapping[str, int]):
         if isinstance(ids, RecentIds):
             return ids
         log = dict(ids)
-        return cls(log, len(log), _NO_CUTOFF, max(2 * len(log), _MIN_REBUILD))
+        return cls(log, len(log), _NO_CUTOFF, _next_rebuild(len(log)))
+
+    @classmethod
+    def restored(cls, ids: dict[str, int], since: int | None) -> RecentIds:
+        """The set a state record holds: ``ids`` (owned from here on), minus those
+        older than ``since`` (``to_record``'s second value)."""
+        cutoff = _NO_CUTOFF if since is None else since
+        return cls(ids, len(ids), cutoff, _next_rebuild(len(ids)))
 
     def added(self, message_id: str, event_ms: int, cutoff: int) -> RecentIds:
         """This set with ``message_id`` added, hiding ids older than ``cutoff``.
@@ -70,23 +89,41 @@ class RecentIds(Mapping[str, int]):
         cutoff = max(cutoff, self._cutoff)
         log = self._log
         if event_ms < cutoff:
-            return RecentIds(log, self._size, cutoff, self._rebuild_at)
-        tip = self._size == len(log)
-        if not tip or message_id in log or len(log) >= self._rebuild_at:
-            # An older view, an id back after it left the window, or a log grown to twice
-            # its built size: build a new log from what is visible (O(visible)).
-            log = {m: ms for m, ms in self._visible() if ms >= cutoff}
-            log[message_id] = event_ms
-            return RecentIds(log, len(log), cutoff, max(2 * len(log), _MIN_REBUILD))
+            return RecentIds(log, self._size, cutoff, self._rebuild_at, self._floor)
+        floor = min(self._floor, event_ms)
+        if self._size == len(log) and message_id not in log:
+            if len(log) < self._rebuild_at:
+                log[message_id] = event_ms
+                return RecentIds(log, len(log), cutoff, self._rebuild_at, floor)
+            if self._floor >= cutoff:  # grown, but nothing is hidden: no need to copy
+                log[message_id] = event_ms
+                return RecentIds(log, len(log), cutoff, _next_rebuild(len(log)), floor)
+        # An older view, an id back after it left the window, or a log holding enough
+        # hidden ids: build a new log from what is visible (O(visible)).
+        log = {m: ms for m, ms in self._visible() if ms >= cutoff}
         log[message_id] = event_ms
-        return RecentIds(log, len(log), cutoff, self._rebuild_at)
+        return RecentIds(log, len(log), cutoff, _next_rebuild(len(log)))
+
+    def to_record(self) -> tuple[dict[str, int], int | None]:
+        """What a state record stores: ids, and the cutoff when some of them are hidden.
+
+        A new ``dict`` of the view's entries, hidden ones included (copied at C speed:
+        filtering in Python cost more than encoding), and ``None`` or the event time below
+        which those ids are expired. ``restored`` reads the pair back.
+        """
+        log = self._log
+        if self._size == len(log):
+            ids = dict(log)
+        else:
+            ids = dict(itertools.islice(log.items(), self._size))
+        return ids, (self._cutoff if self._floor < self._cutoff else None)
 
     def as_dict(self) -> dict[str, int]:
-        """A new plain ``dict`` of the visible ids (for the state record)."""
-        log, cutoff = self._log, self._cutoff
-        if self._size != len(log):
-            return dict(self._visible())
-        return {m: ms for m, ms in log.items() if ms >= cutoff}
+        """A new plain ``dict`` of the visible ids."""
+        ids, since = self.to_record()
+        if since is None:
+            return ids
+        return {m: ms for m, ms in ids.items() if ms >= since}
 
     def _visible(self) -> Iterator[tuple[str, int]]:
         items: Iterator[tuple[str, int]] = iter(self._log.items())

@@ -1,12 +1,12 @@
 """The worker as a service: wiring it from configuration, and keeping it running.
 
 ``run_service`` serves the HTTP endpoints, builds a ``Runner`` over real Kafka clients
-and runs it until SIGTERM or Ctrl-C. When the Kafka clients end up in a state they
-cannot leave (a transaction that cannot be aborted, a broker gone for long), it closes
-them and builds fresh ones, as an orchestrator would restart the process, but faster;
-uncommitted work is replayed from the committed offsets, so nothing is lost or
-duplicated. A fenced producer (``FatalError``) or too many rebuilds end the process
-with exit code 1 instead.
+and runs it until SIGTERM or Ctrl-C, under a ``Supervisor``. When the Kafka clients end
+up in a state they cannot leave (a transaction that cannot be aborted, a call that
+hangs after a broker restart), it closes them and builds fresh ones, as an orchestrator
+would restart the process, but faster; uncommitted work is replayed from the committed
+offsets, so nothing is lost or duplicated. A fenced producer (``FatalError``) or too
+many rebuilds end the process with exit code 1 instead.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import signal
 import socket
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import KafkaException
@@ -31,23 +32,86 @@ from worker.server import Probes, serve
 from worker.sink import KafkaSink
 from worker.source import KafkaSource
 from worker.store import InMemoryStateStore
-from worker.topics import ensure_topics
 
-__all__ = ["build_runner", "run_service"]
+__all__ = ["Loop", "Supervisor", "build_runner", "run_service", "runner_settings"]
 
 log = structlog.get_logger("worker.service")
 # Liveness fails when the loop has not come round for this long.
-_LIVENESS_SECONDS = 60.0
+_LIVENESS = 60.0
 # At most this many rebuilds within the window, then exit and let the orchestrator act.
 _MAX_REBUILDS = 10
 _REBUILD_WINDOW = 600.0
 _REBUILD_BACKOFF = (1.0, 2.0, 5.0, 10.0)
 
 
-def run_service(config: Config) -> int:
-    """Run the worker until a signal; returns the exit code. Blocks.
+class Loop(Protocol):
+    """What the supervisor needs of a ``Runner``."""
 
-    Raises ``TopicError`` when the topic layout is wrong.
+    last_progress: float
+
+    @property
+    def ready(self) -> bool: ...
+    def run(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Supervisor:
+    """Runs loops made by ``build`` one after another until one ends cleanly.
+
+    A loop that fails with a ``KafkaError`` other than ``FatalError`` is replaced by a
+    fresh one after a backoff; ``FatalError`` or too many rebuilds end with exit code 1.
+    """
+
+    def __init__(self, build: Callable[[], Loop], clock: Clock) -> None:
+        self._build = build
+        self._clock = clock
+        self._current: Loop | None = None
+        self._stopping = False
+
+    def live(self) -> bool:
+        """The current loop came round within the liveness window."""
+        loop = self._current
+        return loop is not None and self._clock.monotonic() - loop.last_progress < _LIVENESS
+
+    def ready(self) -> bool:
+        """The current loop is ready (joined and restored)."""
+        return self._current is not None and self._current.ready
+
+    def stop(self) -> None:
+        """Ask the current loop to finish and build no other; safe from a signal handler."""
+        self._stopping = True
+        if self._current is not None:
+            self._current.stop()
+
+    def run(self) -> int:
+        """Run loops until one returns or a stop; returns the exit code. Blocks."""
+        rebuilds: list[float] = []
+        while not self._stopping:
+            try:
+                self._current = self._build()
+                if self._stopping:  # a signal while building
+                    self._current.stop()
+                self._current.run()
+                return 0
+            except FatalError as e:
+                log.error("fatal_kafka_error", error=str(e))
+                return 1
+            except (KafkaError, KafkaException) as e:
+                now = self._clock.monotonic()
+                rebuilds = [t for t in rebuilds if now - t < _REBUILD_WINDOW] + [now]
+                if len(rebuilds) > _MAX_REBUILDS:
+                    log.error("too_many_rebuilds", error=str(e), window_seconds=_REBUILD_WINDOW)
+                    return 1
+                backoff = _REBUILD_BACKOFF[min(len(rebuilds), len(_REBUILD_BACKOFF)) - 1]
+                log.warning("worker_rebuilding", error=str(e), backoff=backoff)
+                self._clock.sleep(backoff)
+        return 0
+
+
+def run_service(config: Config) -> int:
+    """Serve the HTTP endpoints and run the worker until a signal; returns the exit code.
+
+    Blocks. Expects the topics to exist (``topics.ensure_topics``).
     """
     log.info(
         "config_loaded",
@@ -56,55 +120,22 @@ def run_service(config: Config) -> int:
         input=config.topics.input,
         guarantee=config.worker.processing_guarantee,
     )
-    ensure_topics(config)
     metrics, clock = Metrics(), SystemClock()
-    current: list[Runner] = []
-    stopping = False
-
-    def live() -> bool:
-        return bool(current) and clock.monotonic() - current[-1].last_progress < _LIVENESS_SECONDS
-
-    server = serve(
-        config.http.host,
-        config.http.port,
-        metrics.registry,
-        Probes(live=live, ready=lambda: bool(current) and current[-1].ready),
-    )
+    # One transactional.id for the process: a rebuilt producer fences the one it replaces.
+    instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    supervisor = Supervisor(lambda: build_runner(config, metrics, clock, instance), clock)
+    probes = Probes(live=supervisor.live, ready=supervisor.ready)
+    server = serve(config.http.host, config.http.port, metrics.registry, probes)
     log.info("http_listening", host=config.http.host, port=server.server_address[1])
 
     def on_signal(signum: int, _: Any) -> None:
-        nonlocal stopping
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        stopping = True
-        if current:
-            current[-1].stop()
+        supervisor.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # One transactional.id for the process: a rebuilt producer fences the one it replaces.
-    instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    rebuilds: list[float] = []
     try:
-        while not stopping:
-            try:
-                current[:] = [build_runner(config, metrics, clock, instance)]
-                if stopping:  # a signal while building
-                    current[0].stop()
-                current[0].run()
-                return 0
-            except FatalError as e:
-                log.error("fatal_kafka_error", error=str(e))
-                return 1
-            except (KafkaError, KafkaException) as e:
-                now = clock.monotonic()
-                rebuilds = [t for t in rebuilds if now - t < _REBUILD_WINDOW] + [now]
-                if len(rebuilds) > _MAX_REBUILDS:
-                    log.error("too_many_rebuilds", error=str(e), window_seconds=_REBUILD_WINDOW)
-                    return 1
-                backoff = _REBUILD_BACKOFF[min(len(rebuilds), len(_REBUILD_BACKOFF)) - 1]
-                log.warning("worker_rebuilding", error=str(e), backoff=backoff)
-                clock.sleep(backoff)
-        return 0
+        return supervisor.run()
     finally:
         server.shutdown()
 

@@ -31,9 +31,13 @@ The ``merge`` member of a state record (``state_record``) is what the next merge
 
     {"stamps": {trait: [event_ms, messageId], ...},    # every top-level trait but address
      "address": {"null": [ms, mid], "object": [ms, mid], "fields": {sub: [ms, mid]}},
-     "recent": {messageId: event_ms, ...}}
+     "recent": {messageId: event_ms, ...},
+     "recentFrom": event_ms}
 
 ``address`` is there only when the trait is; ``null`` and ``object`` only when set.
+``recentFrom`` is there only when ``recent`` still holds expired ids (older than it),
+which are ignored: leaving them in saves filtering every busy group's ids at each
+commit (``worker.recent``).
 """
 
 from __future__ import annotations
@@ -234,7 +238,10 @@ def state_record(state: GroupState) -> dict[str, Any]:
         address["fields"] = {k: [ms, mid] for k, (ms, mid) in regs.field_stamps.items()}
         merge["address"] = address
     recent = state.recent
-    merge["recent"] = recent.as_dict() if isinstance(recent, RecentIds) else dict(recent)
+    ids, since = recent.to_record() if isinstance(recent, RecentIds) else (dict(recent), None)
+    merge["recent"] = ids
+    if since is not None:
+        merge["recentFrom"] = since
     return {
         "groupId": state.group_id,
         "traits": _traits_out(state.traits),
@@ -279,6 +286,9 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
             stamp(v, f"{where}[{k!r}]")  # raises
         return out
 
+    since = merge.get("recentFrom")
+    if since is not None and not _is_int(since):
+        raise ValueError("state record: merge.recentFrom is not an integer")
     recent: dict[str, int] = {}
     for mid, ms in record_field(merge, "recent", dict).items():
         if not ((type(ms) is int or _is_int(ms)) and isinstance(mid, str)):
@@ -313,7 +323,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
-        recent=RecentIds(recent, len(recent)),
+        recent=RecentIds.restored(recent, since),
         member_count=_count(record, "memberCount"),
         event_count=_count(record, "eventCount"),
         first_seen_ms=first,

@@ -1,0 +1,95 @@
+"""The supervisor (worker.service): rebuilding failed loops, and when to give up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.fakes import FakeClock
+from worker.errors import FatalError, KafkaError, RetriableError
+from worker.service import Loop, Supervisor
+
+
+class FakeLoop:
+    """A loop whose run() raises ``error``, or calls ``on_run`` and returns."""
+
+    def __init__(self, error: Exception | None = None, on_run: Callable[[], None] | None = None):
+        self.error = error
+        self.on_run = on_run
+        self.last_progress = 0.0
+        self.ready = True
+        self.stopped = False
+
+    def run(self) -> None:
+        if self.on_run is not None:
+            self.on_run()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def supervise(*loops: FakeLoop) -> tuple[int, list[FakeLoop], FakeClock]:
+    built: list[FakeLoop] = []
+    pending = list(loops)
+
+    def build() -> Loop:
+        built.append(pending.pop(0))
+        return built[-1]
+
+    clock = FakeClock()
+    return Supervisor(build, clock).run(), built, clock
+
+
+def test_a_failed_loop_is_rebuilt_after_a_backoff() -> None:
+    """A loop that fails with a Kafka error is replaced, and a clean end exits 0."""
+    code, built, clock = supervise(
+        FakeLoop(KafkaError("stuck")), FakeLoop(RetriableError("x")), FakeLoop()
+    )
+    assert code == 0
+    assert len(built) == 3
+    assert clock.now_ms() - FakeClock().now_ms() == 3_000  # backoffs of 1 s and 2 s
+
+
+def test_a_fatal_error_exits_1_without_rebuilding() -> None:
+    """A fenced producer (FatalError) ends the process with exit code 1."""
+    code, built, _ = supervise(FakeLoop(FatalError("fenced")), FakeLoop())
+    assert code == 1
+    assert len(built) == 1
+
+
+def test_too_many_rebuilds_exit_1() -> None:
+    """More than ten rebuilds within ten minutes give up with exit code 1."""
+    code, built, _ = supervise(*[FakeLoop(KafkaError("stuck")) for _ in range(20)])
+    assert code == 1
+    assert len(built) == 11
+
+
+def test_stop_ends_the_current_loop_and_builds_no_other() -> None:
+    """stop() reaches the running loop, and no loop is built after it."""
+    clock = FakeClock()
+    loops: list[FakeLoop] = []
+
+    def build() -> Loop:
+        loops.append(FakeLoop(KafkaError("stuck"), on_run=supervisor.stop))
+        return loops[-1]
+
+    supervisor = Supervisor(build, clock)
+    assert supervisor.run() == 0
+    assert len(loops) == 1
+    assert loops[0].stopped
+
+
+def test_probes_follow_the_current_loop() -> None:
+    """Liveness needs a loop that came round within a minute; readiness is the loop's."""
+    clock = FakeClock()
+    loop = FakeLoop()
+    supervisor = Supervisor(lambda: loop, clock)
+    assert not supervisor.live()
+    assert not supervisor.ready()
+    supervisor.run()
+    loop.last_progress = clock.monotonic()
+    assert supervisor.live()
+    assert supervisor.ready()
+    clock.advance(61)
+    assert not supervisor.live()
