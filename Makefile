@@ -39,6 +39,7 @@ topics: venv kafka-up ## create the worker's topics and check their layout
 	$(BIN)/group-worker topics create
 
 test: venv ## set up, start a test broker, run every test, stop the broker it started
+	@bash deploy/tools.sh prometheus
 	@started=0; \
 	if ! KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) status >/dev/null; then \
 	  KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) up || exit 1; started=1; fi; \
@@ -57,3 +58,12 @@ typecheck: venv ## mypy --strict on worker/ and tests/
 	$(BIN)/mypy
 
 check: lint typecheck test ## everything CI runs
+
+# Deployment artefacts (deploy/): container, compose, Kubernetes, dashboard, alerts.
+.PHONY: deploy-tools deploy-check
+
+deploy-tools: venv ## install promtool, kustomize, hadolint, validators, CRDs (idempotent)
+	bash deploy/tools.sh all
+
+deploy-check: venv ## render and validate everything under deploy/ with real tools
+	bash deploy/check.sh
