@@ -33,6 +33,7 @@ _RETRY_SECONDS = 60.0
 # consume() waits for a full batch or its timeout: keep the timeout short, so the
 # end-of-partition event of a small partition is seen at once.
 _BATCH = 10_000
+_PROGRESS_EVERY = 10_000
 
 
 class Restorer(Protocol):
@@ -52,16 +53,25 @@ class Restored:
 
 
 def restore_partition(
-    restorer: Restorer, store: StateStore, state_topic: str, members_topic: str, partition: int
+    restorer: Restorer,
+    store: StateStore,
+    state_topic: str,
+    members_topic: str,
+    partition: int,
+    progress: Callable[[int], None] = lambda _: None,
 ) -> Restored:
     """Load ``partition``'s states and memberships into ``store``; blocks until done.
 
     The newest record of each key wins (the topics are compacted, maybe not yet);
     tombstones delete. A malformed record is logged (without its value) and skipped.
-    Raises ``KafkaError`` subclasses when the topics cannot be read.
+    ``progress`` is called with the number of records read since its last call, every
+    ``_PROGRESS_EVERY`` records and at the end. Raises ``KafkaError`` subclasses when the
+    topics cannot be read.
     """
-    states, bad_states = _latest(restorer, state_topic, partition, state_from_record)
-    members, bad_members = _latest(restorer, members_topic, partition, membership_from_record)
+    states, bad_states = _latest(restorer, state_topic, partition, state_from_record, progress)
+    members, bad_members = _latest(
+        restorer, members_topic, partition, membership_from_record, progress
+    )
     for state in states.values():
         store.restore(partition, state)
     for key, membership in members.items():
@@ -70,12 +80,21 @@ def restore_partition(
 
 
 def _latest(
-    restorer: Restorer, topic: str, partition: int, parse: Callable[[Any], _T]
+    restorer: Restorer,
+    topic: str,
+    partition: int,
+    parse: Callable[[Any], _T],
+    progress: Callable[[int], None],
 ) -> tuple[dict[str, _T], int]:
     """The newest parsed value per key of a partition, and how many records were malformed."""
     latest: dict[str, _T] = {}
     skipped = 0
+    read = 0
     for key, value in restorer.read(topic, partition):
+        read += 1
+        if read == _PROGRESS_EVERY:
+            progress(read)
+            read = 0
         name = (key or b"").decode(errors="replace")
         if value is None:
             latest.pop(name, None)
@@ -85,6 +104,7 @@ def _latest(
         except (ValueError, TypeError, AttributeError) as e:
             skipped += 1
             log.warning("restore_record_skipped", topic=topic, partition=partition, error=str(e))
+    progress(read)
     return latest, skipped
 
 

@@ -166,15 +166,21 @@ class Runner:
         m = self._metrics
         started = self._clock.monotonic()
         m.restoring_partitions.inc()
+        self._restoring += 1
         try:
             restored = restore_partition(
-                self._restorer, self._store, routes.state, routes.members, partition
+                self._restorer,
+                self._store,
+                routes.state,
+                routes.members,
+                partition,
+                self._restore_progress,
             )
         finally:
+            self._restoring -= 1
             m.restoring_partitions.dec()
         seconds = self._clock.monotonic() - started
         m.restore_duration.observe(seconds)
-        m.restored_records.inc(restored.states + restored.members)
         self._export_state_size()
         log.info(
             "partition_restored",
@@ -185,6 +191,11 @@ class Runner:
             skipped=restored.skipped,
             seconds=round(seconds, 3),
         )
+
+    def _restore_progress(self, records: int) -> None:
+        """A restore reading on is progress: it keeps liveness and shows on the metrics."""
+        self._metrics.restored_records.inc(records)
+        self.last_progress = self._clock.monotonic()
 
     def _process(self, records: list[SourceRecord]) -> None:
         started = self._clock.monotonic()

@@ -159,6 +159,7 @@ def build_runner(config: Config, metrics: Metrics, clock: Clock, instance: str) 
         w.processing_guarantee,
         f"{w.group_id}-{instance}",
         clock,
+        commit_timeout=w.shutdown_timeout_seconds,
         on_delivery_error=metrics.produce_errors.inc,
     )
     store = InMemoryStateStore()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,7 +37,10 @@ def make(
 
 
 def build(
-    source: FakeSource, sink: FakeSink, settings: RunnerSettings = SETTINGS
+    source: FakeSource,
+    sink: FakeSink,
+    settings: RunnerSettings = SETTINGS,
+    restorer: FakeRestorer | None = None,
 ) -> tuple[Runner, Metrics]:
     """A runner with a fresh store over ``source`` and ``sink`` (which also restores)."""
     metrics = Metrics(CollectorRegistry())
@@ -44,7 +48,7 @@ def build(
     processor = Processor(
         settings.routes, Settings(), store, sink, source.clock, dedupe_window_ms=86_400_000
     )
-    restorer = FakeRestorer(sink)
+    restorer = restorer or FakeRestorer(sink)
     runner = Runner(settings, source, sink, processor, store, restorer, metrics, source.clock)
     return runner, metrics
 
@@ -323,3 +327,31 @@ def test_commit_comes_early_when_the_record_bound_is_reached() -> None:
         source.append(group_call(n))
     run_for(runner, source, 4)
     assert sink.offset_commits[0] == {("in", 0): 4}
+
+
+def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:
+    """During a restore after a rebalance the worker is not ready; records read are counted."""
+    during: list[bool] = []
+
+    class WatchingRestorer(FakeRestorer):
+        def read(self, topic: str, partition: int) -> Iterator[tuple[bytes | None, bytes | None]]:
+            for entry in super().read(topic, partition):
+                during.append(runner.ready)
+                yield entry
+
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    runner, metrics = build(source, sink, restorer=WatchingRestorer(sink))
+    for n in range(3):
+        source.append(group_call(n))
+
+    def rebalance(n: int) -> None:
+        if n == 3:  # after a commit: the partition moves away and back
+            source.rebalance(revoke=[("in", 0)], assign=[("in", 0)])
+        if n >= 5:
+            runner.stop()
+
+    source.on_consume = rebalance
+    runner.run()
+    assert len(during) == 3 + 3  # three groups, three members
+    assert not any(during)
+    assert sample(metrics, "group_worker_restored_records_total") == len(during)
