@@ -26,6 +26,7 @@ __all__ = [
     "BOOTSTRAP",
     "Topics",
     "WorkerProcess",
+    "cli",
     "create_topic",
     "produce",
     "read_topic",
@@ -249,3 +250,18 @@ def read_topic(
 def values(records: Iterable[Message]) -> list[Any]:
     """The decoded JSON values of ``records``."""
     return [codec.decode(r.value() or b"") for r in records]
+
+
+def cli(topics: Topics, *args: str, **environ: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``group-worker ARGS`` against the test broker with ``topics``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    env.update(topics.environ(), GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS=BOOTSTRAP)
+    env.update({f"GROUP_WORKER_{k}": v for k, v in environ.items()})
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+        env=env,
+    )

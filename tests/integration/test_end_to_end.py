@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from tests.integration.harness import (
     ROOT,
     Topics,
     WorkerProcess,
+    cli,
     produce,
     read_topic,
     values,
@@ -187,21 +185,6 @@ def test_probes_and_metrics_are_served(
     assert worker.sample("group_worker_assigned_partitions", topic=topics.input) == 3
     assert worker.sample("group_worker_assigned_partitions", topic=topics.repartition) == 3
     assert any(name == "group_worker_build_info" for name, _ in worker.metrics())
-
-
-def cli(topics: Topics, *args: str, **environ: str) -> subprocess.CompletedProcess[bytes]:
-    """Run ``group-worker ARGS`` against the test broker with ``topics``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
-    env.update(topics.environ(), GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS=BOOTSTRAP)
-    env.update({f"GROUP_WORKER_{k}": v for k, v in environ.items()})
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        capture_output=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-        env=env,
-    )
 
 
 def test_send_and_tail_round_trip(topics: Topics) -> None:

@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from tests.fakes import FakeClock, FakeSink
-from tests.integration.harness import Topics, WorkerProcess, produce, read_topic, wait_until
+from tests.integration.harness import (
+    Topics,
+    WorkerProcess,
+    cli,
+    produce,
+    read_topic,
+    wait_until,
+)
 from worker import codec
 from worker.events import Record
 from worker.pipeline import Settings
@@ -156,6 +163,18 @@ def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
     workers.append(second.start())
     assert second.sample("group_worker_restored_records_total") > 0
     produce(topics.input, [(c["groupId"].encode(), codec.encode(c)) for c in again])
+    expected_states, _ = fold(first_calls + again)
     assert_converges(topics, fold(first_calls + again))
     assert len(read_topic(topics.members, idle=2)) == members_before
     assert second.stop() == 0
+
+    dumped = cli(topics, "state", "dump")
+    assert dumped.returncode == 0, dumped.stderr
+    profiles = [codec.decode(line) for line in dumped.stdout.splitlines()]
+    for profile in profiles:
+        profile.pop("updatedAt")
+    assert {profile["groupId"]: profile for profile in profiles} == expected_states
+    one = codec.decode(cli(topics, "state", "get", "g7").stdout)
+    one.pop("updatedAt")
+    assert one == expected_states["g7"]
+    assert cli(topics, "state", "get", "no-such-group").returncode == 1

@@ -325,3 +325,52 @@ def test_any_json_gives_outcomes_never_an_exception(document: Any) -> None:
 def test_any_bytes_give_outcomes_never_an_exception(value: bytes) -> None:
     """Arbitrary bytes yield outcomes and never raise."""
     assert all(o.kind in ("enriched", "skipped", "dead_letter") for o in run(value))
+
+
+ANALYTICS_PYTHON = {  # as analytics-python 2.x sends it: null userId, +00:00 with microseconds
+    "groupId": "acme",
+    "traits": {"name": "Acme", "created_at": "2023-01-05T10:00:00.123456+00:00"},
+    "context": {"library": {"name": "analytics-python", "version": "2.3.2"}},
+    "timestamp": "2024-03-01T12:30:45.123456+00:00",
+    "integrations": {},
+    "anonymousId": "9b8f1c2e-0d6c-4a2e-9f5e-7c0e7f1d2a3b",
+    "userId": None,
+    "type": "group",
+    "messageId": "3c4e2f3a-9b1d-4d7e-8f0a-1b2c3d4e5f60",
+    "sentAt": "2024-03-01T12:30:46.000000+00:00",
+}
+ANALYTICS_NODE = {  # as @segment/analytics-node sends it, inside a batch envelope
+    "batch": [
+        {
+            "type": "group",
+            "groupId": "acme",
+            "traits": {"Employees": "1,200", "plan": "pro"},
+            "userId": "u-42",
+            "messageId": "node-next-1709296245123-abc",
+            "timestamp": "2024-03-01T12:30:45.123Z",
+            "context": {"library": {"name": "@segment/analytics-node", "version": "2.1.0"}},
+            "_metadata": {"jsRuntime": "node"},
+            "integrations": {},
+        }
+    ],
+    "sentAt": "2024-03-01T12:30:46.500Z",
+}
+
+
+def test_call_as_analytics_python_sends_it() -> None:
+    """analytics-python's call (null userId, microsecond +00:00 times) is enriched as expected."""
+    out = enriched(ANALYTICS_PYTHON)
+    assert out.member_kind == "anonymousId"
+    assert out.call["userId"] is None
+    assert out.call["timestamp"] == "2024-03-01T12:30:45.123Z"
+    assert out.call["traits"] == {"name": "Acme", "createdAt": "2023-01-05T10:00:00.123Z"}
+
+
+def test_batch_as_analytics_node_sends_it() -> None:
+    """analytics-node's batch is split, its sentAt applied, its traits normalised."""
+    [out] = run(codec.encode(ANALYTICS_NODE))
+    assert isinstance(out, Enriched)
+    assert out.call["sentAt"] == "2024-03-01T12:30:46.500Z"
+    assert out.call["traits"] == {"employees": 1200, "plan": "pro"}
+    assert out.call["_metadata"] == {"jsRuntime": "node"}
+    assert (out.member_kind, out.member_id) == ("userId", "u-42")
