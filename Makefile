@@ -59,6 +59,34 @@ typecheck: venv ## mypy --strict on worker/ and tests/
 
 check: lint typecheck test ## everything CI runs
 
+# Benchmark (bench/; never part of `make test`): a broker of its own on BENCH_KAFKA_PORT,
+# stopped afterwards if the benchmark started it. BENCH_ARGS adds `python -m bench` flags.
+BENCH_KAFKA_PORT ?= 39092
+BENCH_ARGS ?=
+BENCH_QUICK := --calls 100000 --restore-groups 100000 --memory-groups 20000 \
+	--hot-path-calls 100000 --latency-seconds 15 --keyed --variants --name quick
+
+.PHONY: bench bench-quick
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+define bench_run
+	@started=0; \
+	if ! KAFKA_PORT=$(BENCH_KAFKA_PORT) bash $(KAFKA) status >/dev/null; then \
+	  KAFKA_PORT=$(BENCH_KAFKA_PORT) bash $(KAFKA) up || exit 1; started=1; fi; \
+	$(BIN)/python -m bench --bootstrap 127.0.0.1:$(BENCH_KAFKA_PORT) $(1) $(BENCH_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then KAFKA_PORT=$(BENCH_KAFKA_PORT) bash $(KAFKA) down; fi; \
+	exit $$rc
+endef
+
+bench: venv $(VENV)/.bench-installed ## benchmark 1,000,000 calls on a broker of its own (~15 min)
+	$(call bench_run,--keyed --variants)
+
+bench-quick: venv $(VENV)/.bench-installed ## the benchmark at 100,000 calls (~2 min): bench/results/quick.*
+	$(call bench_run,$(BENCH_QUICK))
+
 # Deployment artefacts (deploy/): container, compose, Kubernetes, dashboard, alerts.
 .PHONY: deploy-tools deploy-check
 

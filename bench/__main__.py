@@ -1,0 +1,309 @@
+"""``python -m bench``: the whole benchmark against one broker; ``make bench`` runs it.
+
+Steps, each timed (the table says which target each figure answers):
+
+1. generate ``--calls`` calls (seeded) into a fresh input topic;
+2. the ceiling (``bench.ceiling``) and the worker (``group-worker run``) drain that same
+   topic, at ``exactly_once`` then ``at_least_once``; with ``--keyed`` also a worker on
+   a copy of the input keyed by groupId;
+3. latency: a fresh worker fed at half the exactly-once worker's measured rate;
+4. restore: a state topic of ``--restore-groups`` groups, read back in a fresh process;
+5. memory: bytes per group with 10 traits (tracemalloc);
+   (with ``--variants``, steps 2 and 3 also run ``bench.variants``: proposed runner changes);
+6. the hot path in this process (``bench.hotpath``), one and two stages.
+
+Writes ``latest.json``, ``latest.png`` and ``README-table.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import report
+from bench.hotpath import make_records, measure_hot_path
+from bench.latency import measure_latency
+from bench.runs import Topics, delete_topics, drain_worker, fill_topic, run_ceiling
+from bench.state import measure_group_memory, measure_restore
+
+TARGETS = {
+    "ratio": 0.5,
+    "hot_path": 150_000,
+    "restore": 250_000,
+    "bytes_per_group": 1024,
+    "p99_ms": 250,
+}
+_T = TypeVar("_T")
+# Proposed runner changes, applied by bench.variants (the worker's code is unchanged).
+VARIANT = ("--gc-freeze", "--poll-timeout", "0.01")
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), ""
+        )
+    except OSError:
+        pass
+    memory = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory = int(line.split()[1]) * 1024
+    cores = os.cpu_count() or 0
+    return {
+        "cores": cores,
+        "cpu": model,
+        "memory_bytes": memory,
+        "python": platform.python_version(),
+        "load_average_at_start": list(os.getloadavg()),
+        "summary": f"{cores} cores, {model or platform.machine()}, {memory / 2**30:.0f} GiB",
+    }
+
+
+class Steps:
+    """Runs named steps, printing and recording how long each took."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def run(self, name: str, step: Callable[[], _T]) -> _T:
+        print(f"bench: {name}...", flush=True)
+        started = time.perf_counter()
+        try:
+            return step()
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 1)
+            print(f"bench: {name} took {self.seconds[name]:.1f} s", flush=True)
+
+
+def _error(e: BaseException) -> str:
+    traceback.print_exception(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--bootstrap", default="127.0.0.1:39092")
+    parser.add_argument("--calls", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--restore-groups", type=int, default=1_000_000)
+    parser.add_argument("--memory-groups", type=int, default=50_000)
+    parser.add_argument("--hot-path-calls", type=int, default=200_000)
+    parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument("--keyed", action="store_true", help="also drain input keyed by groupId")
+    parser.add_argument("--no-keyed", dest="keyed", action="store_false")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also run the worker with the runner changes bench/README-section.md proposes",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", default="latest", help="file name stem of the outputs")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out / "logs.tmp"
+    steps = Steps()
+    b = args.bootstrap
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "calls": args.calls,
+        "seed": args.seed,
+        "machine": _machine(),
+        "targets": TARGETS,
+        "ceiling": {},
+        "drains": {},
+        "hot_path": {},
+    }
+
+    inputs = Topics.fresh("input")
+    raw, keyed = inputs.name("raw"), inputs.name("keyed")
+    try:
+        fill = steps.run(
+            f"fill {args.calls:,} calls",
+            lambda: fill_topic(b, raw, args.calls, args.seed, by_group=False),
+        )
+        results["input"] = {
+            "mix": {
+                "group": fill.mix.group,
+                "other": fill.mix.other,
+                "bad": fill.mix.bad,
+                "duplicate": fill.mix.duplicate,
+            },
+            "bytes_per_call": fill.bytes / args.calls,
+            "fill_seconds": fill.seconds,
+        }
+        for guarantee in ("exactly_once", "at_least_once"):
+            seconds = steps.run(
+                f"ceiling {guarantee}", partial(run_ceiling, b, raw, guarantee, args.calls)
+            )
+            results["ceiling"][guarantee] = {"seconds": seconds, "rate": args.calls / seconds}
+            try:
+                drain = steps.run(
+                    f"worker {guarantee}",
+                    partial(drain_worker, b, raw, args.calls, guarantee, log_dir),
+                )
+                results["drains"][f"{guarantee}"] = {
+                    "guarantee": guarantee,
+                    "keyed": False,
+                    "seconds": drain.seconds,
+                    "rate": drain.calls_per_second,
+                    "peak_rss_bytes": drain.peak_rss_bytes,
+                    "outcomes": drain.outcomes,
+                }
+            except Exception as e:
+                results["drains"][guarantee] = {
+                    "guarantee": guarantee,
+                    "keyed": False,
+                    "error": _error(e),
+                }
+        if args.keyed:
+            steps.run(
+                "fill keyed copy",
+                lambda: fill_topic(b, keyed, args.calls, args.seed, by_group=True),
+            )
+            try:
+                drain = steps.run(
+                    "worker exactly_once, keyed input",
+                    lambda: drain_worker(b, keyed, args.calls, "exactly_once", log_dir, keyed=True),
+                )
+                results["drains"]["keyed"] = {
+                    "guarantee": "exactly_once",
+                    "keyed": True,
+                    "seconds": drain.seconds,
+                    "rate": drain.calls_per_second,
+                    "peak_rss_bytes": drain.peak_rss_bytes,
+                    "outcomes": drain.outcomes,
+                }
+            except Exception as e:
+                results["drains"]["keyed"] = {
+                    "guarantee": "exactly_once",
+                    "keyed": True,
+                    "error": _error(e),
+                }
+        if args.variants:
+            try:
+                drain = steps.run(
+                    "worker exactly_once, proposed runner changes",
+                    partial(
+                        drain_worker, b, raw, args.calls, "exactly_once", log_dir, variant=VARIANT
+                    ),
+                )
+                results["variant"] = {
+                    "args": list(VARIANT),
+                    "seconds": drain.seconds,
+                    "rate": drain.calls_per_second,
+                    "peak_rss_bytes": drain.peak_rss_bytes,
+                }
+            except Exception as e:
+                results["variant"] = {"args": list(VARIANT), "error": _error(e)}
+    finally:
+        delete_topics(b, [raw, keyed])
+
+    eos = results["drains"].get("exactly_once", {})
+    if "rate" in eos:
+        rate = eos["rate"] / 2
+        try:
+            latency = steps.run(
+                "latency", lambda: measure_latency(b, rate, args.latency_seconds, log_dir)
+            )
+            results["latency"] = {
+                "rate": rate,
+                "seconds": args.latency_seconds,
+                "calls": latency.calls,
+                "measured": len(latency.produce_ms),
+                "produce": latency.percentiles("produce"),
+                "visible": latency.percentiles("visible"),
+            }
+        except Exception as e:
+            results["latency"] = {"rate": rate, "error": _error(e)}
+        if args.variants and "variant" in results:
+            try:
+                latency = steps.run(
+                    "latency, proposed runner changes",
+                    partial(
+                        measure_latency, b, rate, args.latency_seconds, log_dir, variant=VARIANT
+                    ),
+                )
+                results["variant"]["latency"] = {
+                    "rate": rate,
+                    "produce": latency.percentiles("produce"),
+                    "visible": latency.percentiles("visible"),
+                }
+            except Exception as e:
+                results["variant"]["latency"] = {"error": _error(e)}
+
+    restore = steps.run(
+        f"restore {args.restore_groups:,} groups", lambda: measure_restore(b, args.restore_groups)
+    )
+    results["restore"] = {
+        "records": restore.records,
+        "seconds": restore.seconds,
+        "rate": restore.records_per_second,
+        "fill_seconds": restore.fill_seconds,
+        "rss_growth_bytes": restore.rss_growth_bytes,
+        "record_bytes": restore.record_bytes,
+        "lazy_rate": restore.records / restore.lazy_seconds if restore.lazy_seconds else 0.0,
+        "lazy_large_fetch_rate": (
+            restore.records / restore.lazy_large_fetch_seconds
+            if restore.lazy_large_fetch_seconds
+            else 0.0
+        ),
+    }
+    memory = steps.run("memory", lambda: measure_group_memory(args.memory_groups))
+    results["memory"] = {
+        "groups": memory.groups,
+        "bytes_per_group": memory.bytes_per_group,
+        "bytes_per_membership": memory.bytes_per_membership,
+    }
+
+    records = steps.run("generate hot-path records", lambda: make_records(args.hot_path_calls))
+    for stages, name in ((1, "1 stage (keyed input)"), (2, "2 stages (default)")):
+        hot = steps.run(f"hot path {name}", partial(measure_hot_path, records, stages=stages))
+        results["hot_path"][name] = {
+            "calls": hot.calls,
+            "cpu_seconds": hot.cpu_seconds,
+            "wall_seconds": hot.wall_seconds,
+            "rate": hot.calls_per_second,
+            "bytes_out_per_call": {t: n / hot.calls for t, n in hot.bytes_out.items()},
+            "largest_record_bytes": hot.largest_out,
+        }
+
+    results["step_seconds"] = steps.seconds
+    results["wall_seconds"] = round(time.perf_counter() - steps.started, 1)
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
+    rows = report.rows_from_results(results)
+    table = report.write_table(rows)
+    print()
+    print(table)
+    print(f"\nwall time {results['wall_seconds']:.0f} s; machine: {results['machine']['summary']}")
+    report.write_json(results, args.out / f"{args.name}.json")
+    preamble = (
+        f"`{results['command']}` on {results['machine']['summary']}, "
+        f"{results['started_at']}, wall time {results['wall_seconds']:.0f} s."
+    )
+    report.write_markdown(
+        rows,
+        args.out / f"README-table{'' if args.name == 'latest' else '-' + args.name}.md",
+        preamble,
+    )
+    report.write_chart(results, args.out / f"{args.name}.png")
+    print(f"bench: wrote {args.out}/{args.name}.json, .png and the markdown table")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The hot path without Kafka: decode, normalise, merge, encode, in this process.
+
+``measure_hot_path`` runs the worker's own ``Processor`` over generated records with a
+sink that only counts what it is given and an ``InMemoryStateStore``, committing (and
+so writing the coalesced changelog) after every batch as the runner does. It measures
+one core: the calling thread, and CPU time as well as wall time.
+
+``python -m bench.hotpath --calls 200000 [--stages 1|2] [--profile]`` runs it alone;
+``--profile`` prints a pyinstrument profile (``pip install '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.generator import generate_calls
+from worker.events import Record, SourceRecord
+from worker.pipeline import Settings
+from worker.processor import Processor, Routes
+from worker.sink import Headers
+from worker.source import Offsets, Source
+from worker.store import InMemoryStateStore
+
+__all__ = ["CountingSink", "FixedClock", "HotPathResult", "make_records", "measure_hot_path"]
+
+_TOPIC = "segment.raw"
+_REPARTITION = "segment.group.repartition"
+_BATCH = 1000
+_DEDUPE_WINDOW_MS = 86_400_000
+
+
+class CountingSink:
+    """A ``Sink`` that keeps only the repartition records and counts the rest."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.bytes: Counter[str] = Counter()
+        self.largest: Counter[str] = Counter()
+        self.forwarded: list[tuple[bytes | None, bytes]] = []
+
+    def begin(self) -> None:
+        pass
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> None:
+        self.records += 1
+        self.bytes[topic] += len(value)
+        if len(value) > self.largest[topic]:
+            self.largest[topic] = len(value)
+        if topic == _REPARTITION:
+            self.forwarded.append((key, value))
+
+    def commit(self, offsets: Offsets, source: Source) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def backlog(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class FixedClock:
+    """A clock that never moves: the hot path reads it once per batch."""
+
+    def monotonic(self) -> float:
+        return 0.0
+
+    def now_ms(self) -> int:
+        return 1_704_067_200_000
+
+    def sleep(self, seconds: float) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class HotPathResult:
+    """One hot-path measurement."""
+
+    stages: int
+    calls: int
+    wall_seconds: float
+    cpu_seconds: float
+    records_out: int
+    groups: int
+    bytes_out: dict[str, int]
+    largest_out: dict[str, int]
+
+    @property
+    def calls_per_second(self) -> float:
+        """Calls per second of CPU time of the one thread that ran them."""
+        return self.calls / self.cpu_seconds if self.cpu_seconds else 0.0
+
+
+def make_records(n: int, seed: int = 1) -> list[Record]:
+    """The generated calls as consumed records of one input partition."""
+    ts = 1_704_067_200_000
+    return [
+        Record(_TOPIC, 0, offset, value, key, ts)
+        for offset, (key, value, _) in enumerate(generate_calls(n, seed))
+    ]
+
+
+def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathResult:
+    """Process ``records`` in batches of 1,000 and time it.
+
+    ``stages=1`` is the input keyed by groupId (one stateful stage); ``stages=2`` is the
+    default layout, where stage one re-encodes each group call for the repartition topic
+    and stage two decodes it again before merging.
+    """
+    sink = CountingSink()
+    store = InMemoryStateStore()
+    routes = Routes(
+        _TOPIC, "enriched", "dlq", "state", "members", _REPARTITION if stages == 2 else None
+    )
+    processor = Processor(
+        routes, Settings(), store, sink, FixedClock(), dedupe_window_ms=_DEDUPE_WINDOW_MS
+    )
+    # The input records are the benchmark's, not the worker's: keep the collector from
+    # rescanning them (a worker holds one batch at a time, not the whole input).
+    gc.collect()
+    gc.freeze()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    offset = 0
+    for start in range(0, len(records), _BATCH):
+        batch: list[SourceRecord] = list(records[start : start + _BATCH])
+        processor.process(batch)
+        if sink.forwarded:
+            forwarded: list[SourceRecord] = [
+                Record(_REPARTITION, 0, offset + i, value, key, 0)
+                for i, (key, value) in enumerate(sink.forwarded)
+            ]
+            offset += len(forwarded)
+            sink.forwarded.clear()
+            processor.process(forwarded)
+        processor.write_changelog()
+        store.commit()
+    cpu = time.thread_time() - cpu
+    wall = time.perf_counter() - wall
+    gc.unfreeze()
+    return HotPathResult(
+        stages,
+        len(records),
+        wall,
+        cpu,
+        sink.records,
+        store.group_count(),
+        dict(sink.bytes),
+        dict(sink.largest),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=200_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stages", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--profile", action="store_true", help="print a pyinstrument profile")
+    args = parser.parse_args(argv)
+    records = make_records(args.calls, args.seed)
+    if args.profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.0005)
+        profiler.start()
+        result = measure_hot_path(records, stages=args.stages)
+        profiler.stop()
+        print(profiler.output_text(unicode=True, color=False, show_all=False))
+    else:
+        result = measure_hot_path(records, stages=args.stages)
+    print(
+        f"hot path, {result.stages} stage(s): {result.calls:,} calls in "
+        f"{result.cpu_seconds:.2f} s CPU ({result.wall_seconds:.2f} s wall): "
+        f"{result.calls_per_second:,.0f} calls/s; {result.groups:,} groups"
+    )
+    for topic, size in sorted(result.bytes_out.items()):
+        print(
+            f"  {topic}: {size / result.calls:,.0f} bytes per input call, "
+            f"largest record {result.largest_out[topic]:,} bytes"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""The benchmark's runs against a real broker: fill, ceiling, worker drains.
+
+Every run gets topics and a consumer group of its own (``bench-<tag>.*``), deleted
+afterwards, so runs never see each other's data. The worker is the real
+``group-worker run`` process, started as the integration tests start it (environment
+overrides of ``config/worker.toml``), and watched through its ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench.generator import Kind, Mix, generate_calls
+
+__all__ = [
+    "Drain",
+    "Fill",
+    "Topics",
+    "WorkerProcess",
+    "create_topic",
+    "delete_topics",
+    "drain_worker",
+    "fast_producer",
+    "fill_topic",
+    "outcome_total",
+    "produce_all",
+    "run_ceiling",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTITIONS = 6  # the worker's default topics.partitions
+# How often /metrics is read while a worker drains: each read costs the worker a
+# rendering of its registry, so not much more often than a Prometheus would.
+_POLL = 0.25
+# A group's state record carries every messageId of its dedupe window, so the busiest
+# generated group outgrows Kafka's default 1 MB record limit (the worker then stops with
+# MSG_SIZE_TOO_LARGE). Every worker run here lifts the limit on its state topic and
+# producer, the only change from the default configuration; see bench/README-section.md.
+MAX_RECORD_BYTES = 64 * 2**20
+_STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "max.message.bytes": str(MAX_RECORD_BYTES)}
+_WORKER_SETTINGS = {"kafka_producer_message_max_bytes": str(MAX_RECORD_BYTES)}
+# Latencies of calls sent in the first seconds (worker warming up) are left out.
+WARM_UP_SECONDS = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topics and consumer group of one run."""
+
+    tag: str
+
+    @classmethod
+    def fresh(cls, what: str) -> Topics:
+        return cls(f"bench-{what}-{uuid.uuid4().hex[:6]}")
+
+    def name(self, role: str) -> str:
+        return f"{self.tag}.{role}"
+
+    @property
+    def all(self) -> list[str]:
+        roles = ("raw", "enriched", "state", "members", "dlq", "repartition", "out")
+        return [self.name(r) for r in roles]
+
+    def worker_environ(self, input_topic: str) -> dict[str, str]:
+        return {
+            "GROUP_WORKER_TOPICS_INPUT": input_topic,
+            "GROUP_WORKER_TOPICS_ENRICHED": self.name("enriched"),
+            "GROUP_WORKER_TOPICS_STATE": self.name("state"),
+            "GROUP_WORKER_TOPICS_MEMBERS": self.name("members"),
+            "GROUP_WORKER_TOPICS_DLQ": self.name("dlq"),
+            "GROUP_WORKER_TOPICS_REPARTITION": self.name("repartition"),
+            "GROUP_WORKER_WORKER_GROUP_ID": self.tag,
+        }
+
+
+def _admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap})
+
+
+def create_topic(
+    bootstrap: str, name: str, partitions: int = PARTITIONS, config: Mapping[str, str] | None = None
+) -> None:
+    """Create ``name`` and wait until it exists."""
+    admin = _admin(bootstrap)  # kept alive until the futures resolve
+    futures = admin.create_topics(
+        [NewTopic(name, partitions, 1, config=dict(config or {}))], request_timeout=30
+    )
+    for future in futures.values():
+        future.result(30)
+
+
+def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
+    """Delete the topics that exist among ``names``; errors are ignored."""
+    admin = _admin(bootstrap)
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [n for n in names if n in existing]
+    if wanted:
+        for future in admin.delete_topics(wanted, request_timeout=30).values():
+            try:
+                future.result(30)
+            except Exception:  # noqa: S112 - best effort cleanup
+                continue
+
+
+def fast_producer(bootstrap: str, **extra: Any) -> Producer:
+    """A producer tuned to load data quickly (big batches), not the worker's settings."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "linger.ms": 20,
+        "batch.size": 1_000_000,
+        "compression.type": "lz4",
+        "partitioner": "murmur2_random",
+        "queue.buffering.max.kbytes": 1_048_576,
+    }
+    config.update(extra)
+    return Producer(config)
+
+
+def produce_all(producer: Producer, topic: str, pairs: Iterable[tuple[bytes, bytes]]) -> int:
+    """Produce every ``(key, value)``; waits for delivery; raises on the first error."""
+    errors: list[str] = []
+
+    def delivered(error: Any, _: Any) -> None:
+        if error is not None:
+            errors.append(str(error))
+
+    count = 0
+    for key, value in pairs:
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        count += 1
+        if count % 1000 == 0:
+            producer.poll(0)
+    if producer.flush(120) or errors:
+        raise RuntimeError(f"producing to {topic} failed: {errors[:3]}")
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """A pre-filled input topic."""
+
+    topic: str
+    mix: Mix
+    bytes: int
+    seconds: float
+
+
+def fill_topic(bootstrap: str, topic: str, calls: int, seed: int, *, by_group: bool) -> Fill:
+    """Create ``topic`` and produce ``calls`` generated calls to it.
+
+    Keyed by the sender (``userId``) like a raw topic, or by ``groupId`` when
+    ``by_group`` (for the worker's ``input_keyed_by_group_id`` mode).
+    """
+    create_topic(bootstrap, topic)
+    counts: dict[Kind, int] = {"group": 0, "other": 0, "bad": 0, "duplicate": 0}
+    size = 0
+
+    def pairs() -> Iterable[tuple[bytes, bytes]]:
+        nonlocal size
+        for key, value, kind in generate_calls(calls, seed):
+            counts[kind] += 1
+            size += len(value)
+            yield (_group_key(value) if by_group else key), value
+
+    started = time.perf_counter()
+    produce_all(fast_producer(bootstrap), topic, pairs())
+    mix = Mix(counts["group"], counts["other"], counts["bad"], counts["duplicate"])
+    return Fill(topic, mix, size, time.perf_counter() - started)
+
+
+def _group_key(value: bytes) -> bytes:
+    # Cheap and good enough for generated calls: the groupId is near the end.
+    at = value.rfind(b'"groupId":"')
+    if at < 0:
+        return b""
+    start = at + len(b'"groupId":"')
+    end = value.find(b'"', start)
+    return value[start:end] if end >= 0 else b""  # a truncated (bad) call
+
+
+def run_ceiling(bootstrap: str, input_topic: str, guarantee: str, expect: int) -> float:
+    """Seconds the pass-through loop (``bench.ceiling``) takes to copy ``expect`` records."""
+    topics = Topics.fresh("ceiling")
+    output = topics.name("out")
+    create_topic(bootstrap, output)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.ceiling",
+                "--bootstrap",
+                bootstrap,
+                "--input",
+                input_topic,
+                "--output",
+                output,
+                "--guarantee",
+                guarantee,
+                "--expect",
+                str(expect),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=True,
+        )
+    finally:
+        delete_topics(bootstrap, [output])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["seconds"] is None:
+        raise RuntimeError(f"the ceiling did not finish: {done.stderr[-2000:]}")
+    return float(result["seconds"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class WorkerProcess:
+    """``python -m worker --config config/worker.toml run`` with environment overrides."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        input_topic: str,
+        log_dir: Path,
+        variant: Sequence[str] = (),
+        **settings: str,
+    ) -> None:
+        self.port = _free_port()
+        self.log_path = log_dir / f"{topics.tag}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+        env.update(topics.worker_environ(input_topic))
+        env["GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+        env["GROUP_WORKER_HTTP_PORT"] = str(self.port)
+        env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})
+        env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in _WORKER_SETTINGS.items()})
+        create_topic(bootstrap, topics.name("state"), config=_STATE_TOPIC_CONFIG)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            # A variant (bench.variants) runs the same CLI with a proposed change applied.
+            launcher = ["bench.variants", *variant, "--"] if variant else ["worker"]
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", *launcher, "--config", "config/worker.toml", "run"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def _get(self, path: str) -> tuple[int, str]:
+        try:
+            url = f"http://127.0.0.1:{self.port}{path}"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return int(r.status), r.read().decode()
+        except OSError:
+            return 0, ""
+
+    def check_alive(self) -> None:
+        """Raise with the log's tail when the worker has exited."""
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"worker exited with {self.process.returncode}:\n{tail}")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if self._get("/readyz")[0] == 200:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready after {timeout:.0f}s (log: {self.log_path})")
+
+    def samples(self) -> dict[str, float]:
+        """``name{labels}`` -> value for every sample of ``/metrics``."""
+        status, text = self._get("/metrics")
+        out: dict[str, float] = {}
+        if status != 200:
+            return out
+        for line in text.splitlines():
+            if line and line[0] != "#":
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def peak_rss_bytes(self) -> int:
+        """The process's peak resident set size (``VmHWM``)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def outcome_total(samples: Mapping[str, float]) -> float:
+    return sum(v for k, v in samples.items() if k.startswith("group_worker_outcomes_total{"))
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """One worker run over a pre-filled topic."""
+
+    guarantee: str
+    keyed: bool
+    calls: int
+    seconds: float
+    peak_rss_bytes: int
+    outcomes: dict[str, float]
+    groups_in_state: float
+
+    @property
+    def calls_per_second(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+
+def drain_worker(
+    bootstrap: str,
+    input_topic: str,
+    expect: int,
+    guarantee: str,
+    log_dir: Path,
+    *,
+    keyed: bool = False,
+    timeout: float = 900,
+    extra: Mapping[str, str] | None = None,
+    variant: Sequence[str] = (),
+) -> Drain:
+    """Start a worker on ``input_topic`` and time it until every call has an outcome.
+
+    The clock starts when ``/metrics`` first shows a consumed call and stops when the
+    outcomes add up to ``expect`` (polled every 250 ms, so within 0.25 s).
+    """
+    topics = Topics.fresh("eos" if guarantee == "exactly_once" else "alo")
+    worker = WorkerProcess(
+        bootstrap,
+        topics,
+        input_topic,
+        log_dir,
+        variant,
+        worker_processing_guarantee=guarantee,
+        worker_input_keyed_by_group_id="true" if keyed else "false",
+        **dict(extra or {}),
+    )
+    try:
+        started: float | None = None
+        deadline = time.monotonic() + timeout
+        samples: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            worker.check_alive()
+            samples = worker.samples()
+            now = time.perf_counter()
+            if started is None and samples.get("group_worker_calls_consumed_total", 0) > 0:
+                started = now
+            if started is not None and outcome_total(samples) >= expect:
+                outcomes = {
+                    k.split('"')[1]: v
+                    for k, v in samples.items()
+                    if k.startswith("group_worker_outcomes_total{")
+                }
+                return Drain(
+                    guarantee,
+                    keyed,
+                    expect,
+                    now - started,
+                    worker.peak_rss_bytes(),
+                    outcomes,
+                    samples.get("group_worker_groups_in_state", 0.0),
+                )
+            time.sleep(_POLL)
+        done = outcome_total(samples)
+        raise RuntimeError(f"worker drained {done:.0f} of {expect} calls in {timeout:.0f}s")
+    finally:
+        worker.stop()
+        delete_topics(bootstrap, topics.all)
