@@ -65,6 +65,7 @@ class WorkerConfig:
     processing_guarantee: ProcessingGuarantee = "exactly_once"
     input_keyed_by_group_id: bool = False
     dedupe_window_seconds: int = 86_400
+    dedupe_max_ids: int = 1_000
     max_event_bytes: int = 32_768
     max_batch_bytes: int = 524_288
     phone_default_region: str = ""
@@ -137,6 +138,7 @@ def redact(properties: Mapping[str, Any]) -> dict[str, Any]:
 _RANGES = (
     ("topics.partitions", 1, 10_000),
     ("worker.batch_size", 1, 100_000),
+    ("worker.dedupe_max_ids", 1, 100_000),
     ("worker.commit_interval_ms", 1, 600_000),
     ("worker.commit_max_records", 1, 1_000_000),
     ("worker.max_event_bytes", 1, 100_000_000),

@@ -20,7 +20,7 @@ from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
 from worker.members import membership_key, membership_record, merge_membership
 from worker.pipeline import Settings, process_forwarded, process_record
 from worker.sink import Sink
-from worker.state import Applied, group_snapshot, merge_call, state_record
+from worker.state import MAX_RECENT_IDS, Applied, group_snapshot, merge_call, state_record
 from worker.store import StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]
@@ -70,6 +70,7 @@ class Processor:
         clock: Clock,
         *,
         dedupe_window_ms: int,
+        dedupe_max_ids: int = MAX_RECENT_IDS,
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -77,6 +78,7 @@ class Processor:
         self._sink = sink
         self._clock = clock
         self._window_ms = dedupe_window_ms
+        self._max_ids = dedupe_max_ids
 
     def process(self, records: list[SourceRecord]) -> Tally:
         """Produce every output of ``records`` and update the store; returns the tally."""
@@ -164,6 +166,7 @@ class Processor:
             applied,
             new_member=membership is None,
             window_ms=self._window_ms,
+            max_ids=self._max_ids,
             now_ms=now_ms,
         )
         if state is None:

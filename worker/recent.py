@@ -20,6 +20,7 @@ Pure and not thread-safe, like the rest of the state: one runner thread owns it.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
@@ -79,19 +80,21 @@ class RecentIds(Mapping[str, int]):
         cutoff = _NO_CUTOFF if since is None else since
         return cls(ids, len(ids), cutoff, _next_rebuild(len(ids)))
 
-    def added(self, message_id: str, event_ms: int, cutoff: int) -> RecentIds:
+    def added(self, message_id: str, event_ms: int, cutoff: int, limit: int) -> RecentIds:
         """This set with ``message_id`` added, hiding ids older than ``cutoff``.
 
         The id is added only when ``event_ms >= cutoff``. ``cutoff`` never moves back:
-        the greater of it and this set's cutoff applies. O(1) amortised on the newest
-        view of a log.
+        the greater of it and this set's cutoff applies. When more than ``limit`` ids
+        are visible (checked once the log passes a quarter over it) the cutoff rises to
+        keep the ``limit`` newest by event time (ties kept). O(1) amortised on the
+        newest view of a log.
         """
         cutoff = max(cutoff, self._cutoff)
         log = self._log
         if event_ms < cutoff:
             return RecentIds(log, self._size, cutoff, self._rebuild_at, self._floor)
         floor = min(self._floor, event_ms)
-        if self._size == len(log) and message_id not in log:
+        if self._size == len(log) and message_id not in log and len(log) < limit + limit // 4:
             if len(log) < self._rebuild_at:
                 log[message_id] = event_ms
                 return RecentIds(log, len(log), cutoff, self._rebuild_at, floor)
@@ -102,6 +105,9 @@ class RecentIds(Mapping[str, int]):
         # hidden ids: build a new log from what is visible (O(visible)).
         log = {m: ms for m, ms in self._visible() if ms >= cutoff}
         log[message_id] = event_ms
+        if len(log) > limit:
+            cutoff = max(cutoff, heapq.nlargest(limit, log.values())[-1])
+            log = {m: ms for m, ms in log.items() if ms >= cutoff}
         return RecentIds(log, len(log), cutoff, _next_rebuild(len(log)))
 
     def to_record(self) -> tuple[dict[str, int], int | None]:

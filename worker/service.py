@@ -171,6 +171,7 @@ def build_runner(config: Config, metrics: Metrics, clock: Clock, instance: str) 
         sink,
         clock,
         dedupe_window_ms=w.dedupe_window_seconds * 1000,
+        dedupe_max_ids=w.dedupe_max_ids,
     )
     restorer = KafkaRestorer(kafka.bootstrap_servers, w.group_id, kafka.properties)
     return Runner(settings, source, sink, processor, store, restorer, metrics, clock)

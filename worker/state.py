@@ -50,6 +50,7 @@ from worker.recent import RecentIds
 from worker.times import format_time, parse_iso_time
 
 __all__ = [
+    "MAX_RECENT_IDS",
     "AddressStamps",
     "Applied",
     "GroupState",
@@ -70,6 +71,11 @@ MemberKind = Literal["userId", "anonymousId"]
 
 # Shared by every state without them; never mutated (states copy before writing).
 _NO_STAMPS: Final[Mapping[str, Stamp]] = {}
+
+
+# Default bound on the messageIds a group remembers for dedupe: its state record (and
+# every commit's rewrite of it) stays far below Kafka's 1 MB record limit.
+MAX_RECENT_IDS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +130,21 @@ class GroupState:
 
 
 def merge_call(
-    state: GroupState | None, call: Applied, *, new_member: bool, window_ms: int, now_ms: int
+    state: GroupState | None,
+    call: Applied,
+    *,
+    new_member: bool,
+    window_ms: int,
+    now_ms: int,
+    max_ids: int = MAX_RECENT_IDS,
 ) -> GroupState | None:
     """Merge one call into a group's state; ``None`` when the call is a duplicate.
 
     ``state`` is ``None`` for a group never seen. ``new_member`` says whether the call's
     member is new to the group (the caller asks the membership store); ``window_ms``
-    (>= 0) is the dedupe window in event time; ``now_ms`` becomes ``updated_ms``.
+    (>= 0) is the dedupe window in event time; at most about ``max_ids`` of the newest
+    messageIds (by event time) are remembered, so a busy group's state stays small;
+    ``now_ms`` becomes ``updated_ms``.
     Raises ``ValueError`` when the call is for another group, or its ``address`` trait
     is neither ``None`` nor a mapping.
     """
@@ -165,7 +179,7 @@ def merge_call(
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
-        recent=recent.added(call.message_id, call.event_ms, last - window_ms),
+        recent=recent.added(call.message_id, call.event_ms, last - window_ms, max_ids),
         member_count=members + 1 if new_member else members,
         event_count=events + 1,
         first_seen_ms=first,

@@ -555,3 +555,33 @@ def test_address_stamps_are_canonical_after_null() -> None:
     """Once address null is newest the registers hold only its stamp."""
     state = fold(addr((1, {"city": "X"}), (2, None)))[0]["g1"]
     assert state.address == AddressStamps((T0 + 2, "m1"), None, {})
+
+
+def test_a_busy_group_remembers_a_bounded_number_of_ids() -> None:
+    """A busy group keeps about max_ids recent ids, the newest, and its record stays small."""
+    state: GroupState | None = None
+    for n in range(5_000):
+        state = merge_call(
+            state,
+            call(f"m{n}", T0 + n),
+            new_member=False,
+            window_ms=WINDOW,
+            now_ms=NOW,
+            max_ids=100,
+        )
+    assert state is not None
+    assert 100 <= len(state.recent) <= 125
+    assert "m4999" in state.recent
+    assert "m0" not in state.recent
+    assert (
+        merge_call(
+            state,
+            call("m4999", T0 + 4999),
+            new_member=False,
+            window_ms=WINDOW,
+            now_ms=NOW,
+            max_ids=100,
+        )
+        is None
+    )
+    assert len(codec.encode(state_record(state))) < 10_000
