@@ -64,7 +64,7 @@ check: lint typecheck test ## everything CI runs
 BENCH_KAFKA_PORT ?= 39092
 BENCH_ARGS ?=
 BENCH_QUICK := --calls 100000 --restore-groups 100000 --memory-groups 20000 \
-	--hot-path-calls 100000 --latency-seconds 15 --keyed --variants --name quick
+	--hot-path-calls 100000 --latency-seconds 15 --keyed --name quick
 
 .PHONY: bench bench-quick
 
@@ -82,7 +82,7 @@ define bench_run
 endef
 
 bench: venv $(VENV)/.bench-installed ## benchmark 1,000,000 calls on a broker of its own (~15 min)
-	$(call bench_run,--keyed --variants)
+	$(call bench_run,--keyed)
 
 bench-quick: venv $(VENV)/.bench-installed ## the benchmark at 100,000 calls (~2 min): bench/results/quick.*
 	$(call bench_run,$(BENCH_QUICK))

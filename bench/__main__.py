@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="also run the worker with the runner changes bench/README-section.md proposes",
+        help="also run the worker with the changes bench.variants applies (for experiments)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="latest", help="file name stem of the outputs")

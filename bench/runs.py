@@ -47,13 +47,6 @@ PARTITIONS = 6  # the worker's default topics.partitions
 # How often /metrics is read while a worker drains: each read costs the worker a
 # rendering of its registry, so not much more often than a Prometheus would.
 _POLL = 0.25
-# A group's state record carries every messageId of its dedupe window, so the busiest
-# generated group outgrows Kafka's default 1 MB record limit (the worker then stops with
-# MSG_SIZE_TOO_LARGE). Every worker run here lifts the limit on its state topic and
-# producer, the only change from the default configuration; see bench/README-section.md.
-MAX_RECORD_BYTES = 64 * 2**20
-_STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "max.message.bytes": str(MAX_RECORD_BYTES)}
-_WORKER_SETTINGS = {"kafka_producer_message_max_bytes": str(MAX_RECORD_BYTES)}
 # Latencies of calls sent in the first seconds (worker warming up) are left out.
 WARM_UP_SECONDS = 3.0
 
@@ -261,8 +254,6 @@ class WorkerProcess:
         env["GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
         env["GROUP_WORKER_HTTP_PORT"] = str(self.port)
         env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})
-        env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in _WORKER_SETTINGS.items()})
-        create_topic(bootstrap, topics.name("state"), config=_STATE_TOPIC_CONFIG)
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # A variant (bench.variants) runs the same CLI with a proposed change applied.

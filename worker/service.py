@@ -11,6 +11,7 @@ many rebuilds end the process with exit code 1 instead.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 import uuid
@@ -120,6 +121,9 @@ def run_service(config: Config) -> int:
         input=config.topics.input,
         guarantee=config.worker.processing_guarantee,
     )
+    # Each call allocates many short-lived dicts: collect the young generation less
+    # often (bench: about +7% drained calls/s; with the freeze after restores, +31%).
+    gc.set_threshold(50_000, 20, 20)
     metrics, clock = Metrics(), SystemClock()
     # One transactional.id for the process: a rebuilt producer fences the one it replaces.
     instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"

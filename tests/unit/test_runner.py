@@ -18,7 +18,7 @@ from worker.runner import Runner, RunnerSettings
 from worker.store import InMemoryStateStore
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
-SETTINGS = RunnerSettings(ROUTES, batch_size=10, commit_interval=0.1)
+SETTINGS = RunnerSettings(ROUTES, batch_size=10, commit_interval=0.1, poll_timeout=0.1)
 
 
 def group_call(n: int, **extra: Any) -> bytes:
@@ -321,7 +321,7 @@ def test_commit_comes_early_when_the_record_bound_is_reached() -> None:
     """Past commit_max_records uncommitted records a commit happens before the interval."""
     source = FakeSource(FakeClock())
     sink = FakeSink()
-    settings = RunnerSettings(ROUTES, batch_size=2, commit_interval=60, commit_max_records=4)
+    settings = RunnerSettings(ROUTES, 2, commit_interval=60, commit_max_records=4, poll_timeout=0.1)
     runner, _ = build(source, sink, settings)
     for n in range(6):
         source.append(group_call(n))
