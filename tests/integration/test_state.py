@@ -11,6 +11,7 @@ import pytest
 
 from tests.fakes import FakeClock, FakeSink
 from tests.integration.harness import (
+    DEDUPE_MAX_IDS,
     Topics,
     WorkerProcess,
     cli,
@@ -69,7 +70,15 @@ def fold(all_calls: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any
     sink = FakeSink(transactional=False)
     store = InMemoryStateStore()
     routes = Routes("in", "out", "dlq", "state", "members")
-    processor = Processor(routes, Settings(), store, sink, FakeClock(), dedupe_window_ms=DAY_MS)
+    processor = Processor(
+        routes,
+        Settings(),
+        store,
+        sink,
+        FakeClock(),
+        dedupe_window_ms=DAY_MS,
+        dedupe_max_ids=DEDUPE_MAX_IDS,
+    )
     processor.process([Record("in", 0, n, codec.encode(c)) for n, c in enumerate(all_calls)])
     processor.write_changelog()
     return latest(sink.open, "state"), latest(sink.open, "members")
