@@ -26,6 +26,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.generator import Kind, Mix, generate_calls
+from worker import kafka
 
 __all__ = [
     "Drain",
@@ -127,24 +128,8 @@ def fast_producer(bootstrap: str, **extra: Any) -> Producer:
 
 def produce_all(producer: Producer, topic: str, pairs: Iterable[tuple[bytes, bytes]]) -> int:
     """Produce every ``(key, value)``; waits for delivery; raises on the first error."""
-    errors: list[str] = []
-
-    def delivered(error: Any, _: Any) -> None:
-        if error is not None:
-            errors.append(str(error))
-
-    count = 0
-    for key, value in pairs:
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=delivered)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        count += 1
-        if count % 1000 == 0:
-            producer.poll(0)
-    if producer.flush(120) or errors:
+    count, errors = kafka.produce_all(producer, topic, pairs, timeout=120)
+    if errors:
         raise RuntimeError(f"producing to {topic} failed: {errors[:3]}")
     return count
 

@@ -114,18 +114,17 @@ class KafkaRestorer:
     def __init__(
         self, bootstrap_servers: str, group_id: str, properties: Mapping[str, str]
     ) -> None:
-        config = client_config(bootstrap_servers, properties)
-        config.update(
-            {
-                "group.id": f"{group_id}-restore",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                # Restores read to the end: do not let the broker wait to fill a fetch.
-                "fetch.wait.max.ms": 10,
-            }
+        settings = {
+            "group.id": f"{group_id}-restore",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            # Restores read to the end: do not let the broker wait to fill a fetch.
+            "fetch.wait.max.ms": 10,
+        }
+        self._consumer = Consumer(
+            client_config(bootstrap_servers, properties, "consumer", settings)
         )
-        self._consumer = Consumer(config)
 
     def read(self, topic: str, partition: int) -> Iterator[Entry]:
         """Every record of the partition up to its last committed offset, oldest first."""

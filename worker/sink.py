@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import KafkaError as ClientError
@@ -66,28 +66,24 @@ class KafkaSink:
         commit_timeout: float = 10.0,
         on_delivery_error: Callable[[], None] | None = None,
     ) -> None:
-        config = client_config(bootstrap_servers, properties)
-        config.update(
-            {
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                # The Java client's default partitioner, so other tools agree on placement.
-                "partitioner": "murmur2_random",
-                # Bounded queue: the runner pauses consumption long before it fills.
-                "queue.buffering.max.kbytes": 262_144,
-            }
-        )
+        settings: dict[str, Any] = {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            # The Java client's default partitioner, so other tools agree on placement.
+            "partitioner": "murmur2_random",
+            # Bounded queue: the runner pauses consumption long before it fills.
+            "queue.buffering.max.kbytes": 262_144,
+        }
         if guarantee == "exactly_once":
-            config["transactional.id"] = transactional_id
+            settings["transactional.id"] = transactional_id
             # A killed worker's open transaction blocks read_committed readers until it
             # times out: keep that short, as Kafka Streams does.
-            config["transaction.timeout.ms"] = 10_000
-        for key, value in properties.items():
-            if key.startswith("producer."):
-                config[key.removeprefix("producer.")] = value
-        self._producer = Producer(config)
+            settings["transaction.timeout.ms"] = 10_000
+        self._producer = Producer(
+            client_config(bootstrap_servers, properties, "producer", settings)
+        )
         self._transactional = guarantee == "exactly_once"
         self._in_transaction = False
         self._clock = clock

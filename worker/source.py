@@ -56,23 +56,19 @@ class KafkaSource:
         group_instance_id: str = "",
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
-        config = client_config(bootstrap_servers, properties)
-        config.update(
-            {
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "partition.assignment.strategy": "cooperative-sticky",
-            }
-        )
+        settings: dict[str, Any] = {
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "partition.assignment.strategy": "cooperative-sticky",
+        }
         if group_instance_id:
-            config["group.instance.id"] = group_instance_id
-        for key, value in properties.items():
-            if key.startswith("consumer."):
-                config[key.removeprefix("consumer.")] = value
-        self._consumer = Consumer(config)
+            settings["group.instance.id"] = group_instance_id
+        self._consumer = Consumer(
+            client_config(bootstrap_servers, properties, "consumer", settings)
+        )
         self._listener: RebalanceListener | None = None
         # Exceptions raised in rebalance callbacks are swallowed by the C client; keep
         # the first one and re-raise it from consume().

@@ -20,7 +20,7 @@ from worker import codec
 from worker.config import Config
 from worker.errors import WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
-from worker.kafka import client_config
+from worker.kafka import client_config, produce_all
 from worker.pipeline import Settings, process_record
 from worker.restore import KafkaRestorer
 
@@ -100,21 +100,14 @@ def _send(config: Config, args: argparse.Namespace) -> int:
     topic = args.topic or config.topics.input
     with _open(args.file) as f:
         values = list(read_calls(f.read()))
+    settings = {"enable.idempotence": True, "partitioner": "murmur2_random"}
     producer = Producer(
-        client_config(config.kafka.bootstrap_servers, {})
-        | {"enable.idempotence": True, "partitioner": "murmur2_random"}
+        client_config(config.kafka.bootstrap_servers, config.kafka.properties, "producer", settings)
     )
-    failures: list[str] = []
-
-    def delivered(error: Any, _: Any) -> None:
-        if error is not None:
-            failures.append(error.str())
-
-    for value in values:
-        producer.produce(topic, value, _key(value, args.key_field), on_delivery=delivered)
-        producer.poll(0)
-    if producer.flush(30) or failures:
-        raise WorkerError(f"send: {len(failures) or 'some'} calls not delivered to {topic}")
+    records = ((_key(value, args.key_field), value) for value in values)
+    _, failures = produce_all(producer, topic, records)
+    if failures:
+        raise WorkerError(f"send: not every call reached {topic}: {failures[0]}")
     print(f"sent {len(values)} calls to {topic}", file=sys.stderr)
     return 0
 
@@ -131,13 +124,13 @@ def _key(value: bytes, field: str) -> bytes | None:
 
 
 def _tail(config: Config, args: argparse.Namespace) -> int:
+    settings = {
+        "group.id": f"group-worker-tail-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+    }
     consumer = Consumer(
-        client_config(config.kafka.bootstrap_servers, {})
-        | {
-            "group.id": f"group-worker-tail-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
+        client_config(config.kafka.bootstrap_servers, config.kafka.properties, "consumer", settings)
     )
     metadata = consumer.list_topics(args.topic, timeout=10)
     topic = metadata.topics.get(args.topic)

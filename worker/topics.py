@@ -54,14 +54,7 @@ def ensure_topics(config: Config) -> dict[str, int]:
     must be compacted is not.
     """
     admin = AdminClient(
-        client_config(
-            config.kafka.bootstrap_servers,
-            {
-                k.removeprefix("admin."): v
-                for k, v in config.kafka.properties.items()
-                if not k.startswith(("consumer.", "producer."))
-            },
-        )
+        client_config(config.kafka.bootstrap_servers, config.kafka.properties, "admin")
     )
     existing = _partition_counts(admin)
     input_topic = config.topics.input

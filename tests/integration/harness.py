@@ -21,6 +21,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker import codec
+from worker.kafka import produce_all
 
 __all__ = [
     "BOOTSTRAP",
@@ -203,20 +204,7 @@ def produce(
             "message.max.bytes": max_bytes + 1000,
         }
     )
-    errors: list[Any] = []
-    count = 0
-    for key, value in values:
-        while True:
-            try:
-                producer.produce(
-                    topic, value, key, on_delivery=lambda e, _: errors.append(e) if e else None
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-        count += 1
-    assert producer.flush(60) == 0, "produce timed out"
+    count, errors = produce_all(producer, topic, values)
     assert not errors, errors
     return count
 
