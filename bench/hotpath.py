@@ -22,7 +22,7 @@ from bench.generator import generate_calls
 from worker.events import Record, SourceRecord
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
-from worker.sink import Headers
+from worker.sink import Headers, Refusal
 from worker.source import Offsets, Source
 from worker.store import InMemoryStateStore
 
@@ -72,6 +72,9 @@ class CountingSink:
 
     def backlog(self) -> int:
         return 0
+
+    def take_refused(self) -> list[Refusal]:
+        return []
 
     def close(self) -> None:
         pass

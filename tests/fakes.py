@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.errors import KafkaError
+from worker.errors import AbortableError, KafkaError
 from worker.events import Record, SourceRecord
-from worker.sink import Headers
+from worker.sink import Headers, Refusal
 from worker.source import Offsets, Partition, RebalanceListener, Source
 
 __all__ = ["FakeClock", "FakeRestorer", "FakeSink", "FakeSource", "Produced"]
@@ -148,6 +148,10 @@ class FakeSink:
     aborts: int = 0
     in_transaction: bool = False
     queued: int = 0  # what backlog() reports, set by tests
+    # A broker's verdict on each record at commit: an error text refuses it for good
+    # (the commit fails and ``take_refused`` reports it), ``None`` accepts it.
+    refuse: Callable[[Produced], str | None] = lambda _: None
+    refused: list[Refusal] = field(default_factory=list)
 
     def begin(self) -> None:
         if self.transactional:
@@ -170,6 +174,20 @@ class FakeSink:
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
             raise error
+        accepted = []
+        for p in self.open:
+            verdict = self.refuse(p)
+            if verdict is None:
+                accepted.append(p)
+                continue
+            size = len(p.key or b"") + len(p.value)
+            too_large = "too large" in verdict
+            self.refused.append(Refusal(p.topic, p.key, p.value, size, verdict, too_large))
+        if self.refused:
+            if not self.transactional:  # the rest were delivered; the refused never will be
+                self.committed.extend(accepted)
+                self.open.clear()
+            raise AbortableError(f"{len(self.refused)} outputs refused")
         self.committed.extend(self.open)
         self.open.clear()
         if self.transactional:
@@ -192,6 +210,10 @@ class FakeSink:
 
     def backlog(self) -> int:
         return self.queued
+
+    def take_refused(self) -> list[Refusal]:
+        refused, self.refused = self.refused, []
+        return refused
 
     def close(self) -> None:
         pass

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config) if args.config else load_config(_default_config())
+        configure_logging(config.log.level)  # before any Kafka client: its lines are JSON too
         result: int = args.command(config, args)
         return result
     except (ConfigError, TopicError) as e:
@@ -70,12 +71,14 @@ def _default_config() -> Path | None:
 
 
 def _topics_create(config: Config, _: argparse.Namespace) -> int:
-    for name, partitions in ensure_topics(config).items():
-        print(f"{name}: {partitions} partitions")
+    layout = ensure_topics(config)
+    for name, partitions in layout.partitions.items():
+        limit = layout.max_message_bytes.get(name)
+        print(
+            f"{name}: {partitions} partitions" + (f", max.message.bytes={limit}" if limit else "")
+        )
     return 0
 
 
 def _run(config: Config, _: argparse.Namespace) -> int:
-    configure_logging(config.log.level)
-    ensure_topics(config)
-    return run_service(config)
+    return run_service(config, ensure_topics(config))

@@ -89,6 +89,21 @@ class Metrics:
         self.produce_errors = Counter(
             f"{_PREFIX}_produce_errors", "Undeliverable output records", registry=r
         )
+        # Outputs that could not be written as they were, by route (enriched, repartition,
+        # state, members, dlq): too large for their topic, or refused by the broker for
+        # good. Each became a dead letter, except a dead letter itself (then dropped).
+        self.unwritable_outputs = Counter(
+            f"{_PREFIX}_unwritable_outputs",
+            "Outputs dead-lettered or dropped instead of produced, by route",
+            ["route"],
+            registry=r,
+        )
+        # Consecutive aborts of the same batch (same start offsets); 0 after a commit. Above
+        # 1 the worker is replaying one batch again and again: see the log line
+        # batch_aborted_again for its partitions and offsets.
+        self.abort_streak = Gauge(
+            f"{_PREFIX}_batch_abort_streak", "Consecutive aborts of the same batch", registry=r
+        )
         # Partitions currently assigned to this worker, by topic (input, repartition).
         self.assigned_partitions = Gauge(
             f"{_PREFIX}_assigned_partitions", "Assigned partitions", ["topic"], registry=r

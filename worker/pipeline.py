@@ -17,7 +17,14 @@ Dead-letter reason codes (stable; also sent as the ``reason`` header):
 ``missing_identity`` neither a usable ``userId`` nor ``anonymousId``
 ``invalid_traits``   ``traits`` present but not an object
 ``invalid_message_id`` ``messageId`` not a string, or longer than 100 characters
+``output_too_large`` the call is valid, but a record it leads to (its enriched call with
+                     the group snapshot, a changelog record) is over its topic's limit
+``output_refused``   the call is valid, but the broker refused a record it leads to for
+                     good (an invalid record): it was dead-lettered on replay
 ==================== ==========================================================
+
+A dead letter always fits the dead-letter topic: a value too large for it is cut
+(``fit_letter``) and marked ``"truncated": true``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,15 @@ from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, Sour
 from worker.normalise import normalise_traits
 from worker.times import event_time, format_time, parse_iso_time
 
-__all__ = ["KNOWN_CALL_TYPES", "REASONS", "Settings", "process_forwarded", "process_record"]
+__all__ = [
+    "KNOWN_CALL_TYPES",
+    "REASONS",
+    "Settings",
+    "fit_letter",
+    "output_dead_letter",
+    "process_forwarded",
+    "process_record",
+]
 
 REASONS = (
     "invalid_json",
@@ -46,6 +61,8 @@ REASONS = (
     "missing_identity",
     "invalid_traits",
     "invalid_message_id",
+    "output_too_large",
+    "output_refused",
 )
 # Skipped calls are counted by type; anything else is "other", to bound label cardinality.
 KNOWN_CALL_TYPES = frozenset({"identify", "track", "page", "screen", "alias", "group"})
@@ -92,7 +109,11 @@ def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
             raise _Invalid("invalid_json", "the record has an empty value")
         if len(raw) > settings.max_batch_bytes:
             # Keep the letter producible: only the head of a huge value is kept.
-            invalid = _Invalid("too_large", f"the record is {len(raw)} bytes")
+            invalid = _Invalid(
+                "too_large",
+                f"the record is {len(raw)} bytes, over the limit of "
+                f"{settings.max_batch_bytes} (worker.max_batch_bytes)",
+            )
             return [
                 _dead_letter(
                     invalid, record, source, raw[: settings.max_batch_bytes], truncated=True
@@ -109,11 +130,7 @@ def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
 
     if "batch" not in document or "type" in document:
         if len(raw) > settings.max_event_bytes:
-            return [
-                _dead_letter(
-                    _Invalid("too_large", f"the call is {len(raw)} bytes"), record, source, raw
-                )
-            ]
+            return [_dead_letter(_call_too_large(len(raw), settings), record, source, raw)]
         return [_process_call(document, record, source, raw, settings, check_size=False)]
 
     calls = document["batch"]
@@ -170,7 +187,7 @@ def _process_call(
         if check_size:
             size = len(codec.encode(call))
             if size > settings.max_event_bytes:
-                raise _Invalid("too_large", f"the call is {size} bytes")
+                raise _call_too_large(size, settings)
         call_type = call.get("type")
         if not isinstance(call_type, str) or not call_type.strip():
             raise _Invalid("missing_type", "the call has no type")
@@ -229,6 +246,45 @@ def _enrich(
     if user_id is not None:
         return Enriched(group_id, enriched, when, "userId", user_id, codes)
     return Enriched(group_id, enriched, when, "anonymousId", anonymous_id or "", codes)
+
+
+def _call_too_large(size: int, settings: Settings) -> _Invalid:
+    return _Invalid(
+        "too_large",
+        f"the call is {size} bytes, over the limit of {settings.max_event_bytes} "
+        "(worker.max_event_bytes)",
+    )
+
+
+def output_dead_letter(
+    reason: str, message: str, record: SourceRecord, call: Mapping[str, Any]
+) -> DeadLetter:
+    """The dead letter of a valid call whose output cannot be produced (``reason``).
+
+    ``call`` is its enriched call; the letter carries it without the group snapshot,
+    and its ``source`` is where the call entered the worker.
+    """
+    origin = call["enrichment"]["source"]
+    position = Position(origin["topic"], origin["partition"], origin["offset"], origin.get("index"))
+    raw = codec.encode({k: v for k, v in call.items() if k != "group"})
+    return _dead_letter(_Invalid(reason, message), record, position, raw)
+
+
+def fit_letter(letter: dict[str, Any], max_bytes: int) -> bytes:
+    """``letter`` encoded in at most ``max_bytes`` (when it can be): its ``value``, then its
+    source ``key``, are cut as needed, and the letter is marked ``"truncated": true``."""
+    encoded = codec.encode(letter)
+    for holder, field in ((letter, "value"), (letter["source"], "key")):
+        while len(encoded) > max_bytes and holder.get(field):
+            text: str = holder[field]
+            # Cutting n characters saves at least n bytes (more when they were escaped).
+            keep = max(len(text) - (len(encoded) - max_bytes) - 16, 0)
+            if field == "value" and letter.get("encoding") == "base64":
+                keep -= keep % 4
+            holder[field] = text[:keep]
+            letter["truncated"] = True
+            encoded = codec.encode(letter)
+    return encoded
 
 
 def _identifier(value: Any) -> str | None:

@@ -7,23 +7,54 @@ Stage two (records of the repartition topic, or stage one's calls) merges each c
 into its group's state and emits the enriched call, or counts a duplicate.
 State and membership changes are written to their compacted topics at each commit,
 coalesced, on the partition number of the stateful input (co-partitioning).
+
+Nothing is handed to the sink that the broker must refuse: every output is checked
+against its topic's limit (``worker.limits``) first. A call whose output does not fit,
+or whose output the broker refused for good before (``learn``), becomes a dead letter
+(``output_too_large``, ``output_refused``); a dead letter is cut to fit its topic. A
+refused record is never produced again, so no batch aborts for it twice.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
 
 from worker import codec
 from worker.clock import Clock
 from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
+from worker.limits import GroupBound, Headers, Limits, group_bound
 from worker.members import membership_key, membership_record, merge_membership
-from worker.pipeline import Settings, process_forwarded, process_record
-from worker.sink import Sink
-from worker.state import MAX_RECENT_IDS, Applied, group_snapshot, merge_call, state_record
+from worker.pipeline import (
+    Settings,
+    fit_letter,
+    output_dead_letter,
+    process_forwarded,
+    process_record,
+)
+from worker.sink import Refusal, Sink
+from worker.state import (
+    MAX_RECENT_IDS,
+    Applied,
+    GroupState,
+    group_snapshot,
+    merge_call,
+    state_record,
+    trim_recent,
+)
 from worker.store import StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]
+
+log = structlog.get_logger("worker.processor")
+# At most one dead_letter log line per reason in this many seconds (the rest are counted).
+_LOG_EVERY = 10.0
+# Refused outputs remembered (by where their call came from), oldest forgotten first.
+_MAX_REFUSED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +90,13 @@ class Tally:
 
 
 class Processor:
-    """Turns records into outputs on ``sink`` and state in ``store``; never raises for input."""
+    """Turns records into outputs on ``sink`` and state in ``store``; never raises for input.
+
+    ``limits`` says what each topic accepts (shared with the service: what ``learn``
+    lowers outlives a rebuilt processor); ``bound`` how large one group may grow
+    (default: what fits ``limits``). ``on_unwritable`` hears of each output that could
+    not be written as it was, by route (``enriched``, ``state``...).
+    """
 
     def __init__(
         self,
@@ -71,6 +108,9 @@ class Processor:
         *,
         dedupe_window_ms: int,
         dedupe_max_ids: int = MAX_RECENT_IDS,
+        limits: Limits | None = None,
+        bound: GroupBound | None = None,
+        on_unwritable: Callable[[str], None] = lambda _: None,
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -79,6 +119,22 @@ class Processor:
         self._clock = clock
         self._window_ms = dedupe_window_ms
         self._max_ids = dedupe_max_ids
+        self._limits = limits if limits is not None else Limits({})
+        self._bound = bound or group_bound(
+            self._limits, routes.enriched, routes.state, settings.max_event_bytes, 0
+        )
+        self._on_unwritable = on_unwritable
+        self._route_of = {
+            routes.enriched: "enriched",
+            routes.dlq: "dlq",
+            routes.state: "state",
+            routes.members: "members",
+        }
+        if routes.repartition is not None:
+            self._route_of[routes.repartition] = "repartition"
+        # Outputs the broker refused for good, by ``_identity``: dead-lettered on replay.
+        self._refused: dict[tuple[Any, ...], str] = {}
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
 
     def process(self, records: list[SourceRecord]) -> Tally:
         """Produce every output of ``records`` and update the store; returns the tally."""
@@ -88,64 +144,83 @@ class Processor:
         for record in records:
             partition = record.partition() or 0
             if record.topic() == repartition:
-                self._finish(process_forwarded(record), partition, now_ms, tally)
+                self._finish(process_forwarded(record), record, partition, now_ms, tally)
                 continue
             tally.records += 1
             for outcome in process_record(record, self._settings):
                 tally.calls += 1
-                if isinstance(outcome, Enriched):
-                    tally.warnings.update(outcome.warnings)
-                    if repartition is not None:
+                if isinstance(outcome, Enriched) and repartition is not None:
+                    key, value = outcome.group_id.encode(), codec.encode(outcome.call)
+                    reason = self._refusal(repartition, key, value)
+                    if reason is None:
+                        tally.warnings.update(outcome.warnings)
                         tally.forwarded += 1
-                        self._sink.produce(
-                            repartition, outcome.group_id.encode(), codec.encode(outcome.call)
-                        )
+                        self._sink.produce(repartition, key, value)
                         continue
-                self._finish(outcome, partition, now_ms, tally)
+                    outcome = self._unwritable(reason, repartition, value, record, outcome.call)
+                self._finish(outcome, record, partition, now_ms, tally)
         return tally
 
     def write_changelog(self) -> int:
         """Produce the newest state and membership of everything changed; returns how many.
 
-        Called just before a commit, so the changelog commits with the outputs.
+        Called just before a commit, so the changelog commits with the outputs. A record
+        too large for its topic, or refused before, is dead-lettered instead (a state
+        record first drops its oldest dedupe ids, to fit).
         """
-        produce, routes = self._sink.produce, self._routes
+        routes = self._routes
         changed = self._store.changed()
         for partition, state in changed:
-            produce(
-                routes.state,
-                state.group_id.encode(),
-                codec.encode(state_record(state)),
-                partition=partition,
-            )
+            self._write_changelog(routes.state, partition, state.group_id, self._state(state))
         members = self._store.changed_members()
         for partition, key, membership in members:
-            produce(
-                routes.members,
-                key.encode(),
-                codec.encode(membership_record(membership)),
-                partition=partition,
-            )
+            value = codec.encode(membership_record(membership))
+            self._write_changelog(routes.members, partition, key, value)
         return len(changed) + len(members)
 
-    def _finish(self, outcome: Outcome, partition: int, now_ms: int, tally: Tally) -> None:
+    def learn(self, refusals: Iterable[Refusal]) -> None:
+        """Take in records the broker or producer refused for good (the batch was aborted).
+
+        A record refused as too large lowers its topic's limit below its size; any other
+        is remembered, so replaying the batch dead-letters it instead of producing it.
+        """
+        for refusal in refusals:
+            if refusal.too_large:
+                limit = self._limits.lower(refusal.topic, refusal.size)
+                log.warning(
+                    "output_limit_lowered",
+                    topic=refusal.topic,
+                    refused_bytes=refusal.size,
+                    limit_bytes=limit,
+                    error=refusal.error,
+                )
+                continue
+            identity = self._identity(refusal.topic, refusal.key, refusal.value)
+            self._refused[identity] = refusal.error
+            while len(self._refused) > _MAX_REFUSED:
+                del self._refused[next(iter(self._refused))]
+            log.warning("output_refused", topic=refusal.topic, error=refusal.error)
+
+    def _finish(
+        self, outcome: Outcome, record: SourceRecord, partition: int, now_ms: int, tally: Tally
+    ) -> None:
         if isinstance(outcome, Enriched):
             outcome = self._merge(outcome, partition, now_ms)
-        tally.outcomes[outcome.kind] += 1
         if isinstance(outcome, Enriched):
-            tally.event_times_ms.append(outcome.event_time_ms)
-            self._sink.produce(
-                self._routes.enriched, outcome.group_id.encode(), codec.encode(outcome.call)
-            )
-        elif isinstance(outcome, DeadLetter):
+            enriched = self._routes.enriched
+            key, value = outcome.group_id.encode(), codec.encode(outcome.call)
+            reason = self._refusal(enriched, key, value)
+            if reason is None:
+                tally.warnings.update(outcome.warnings)
+                tally.event_times_ms.append(outcome.event_time_ms)
+                self._sink.produce(enriched, key, value)
+            else:
+                outcome = self._unwritable(reason, enriched, value, record, outcome.call)
+        tally.outcomes[outcome.kind] += 1
+        if isinstance(outcome, DeadLetter):
             tally.reasons[outcome.reason] += 1
-            self._sink.produce(
-                self._routes.dlq,
-                outcome.key,
-                codec.encode(outcome.letter),
-                [("reason", outcome.reason.encode())],
-            )
-        elif not isinstance(outcome, Duplicate):
+            self._dead_letter(outcome)
+        elif not isinstance(outcome, Enriched | Duplicate):
             tally.skipped[outcome.call_type] += 1
 
     def _merge(self, enriched: Enriched, partition: int, now_ms: int) -> Enriched | Duplicate:
@@ -161,6 +236,7 @@ class Processor:
         )
         key = membership_key(applied.group_id, applied.member_kind, applied.member_id)
         membership = self._store.get_member(partition, key)
+        dropped: list[str] = []
         state = merge_call(
             self._store.get(partition, applied.group_id),
             applied,
@@ -168,6 +244,8 @@ class Processor:
             window_ms=self._window_ms,
             max_ids=self._max_ids,
             now_ms=now_ms,
+            bound=self._bound,
+            dropped=dropped,
         )
         if state is None:
             return Duplicate(applied.group_id, applied.message_id)
@@ -176,4 +254,117 @@ class Processor:
         if moved is not None:
             self._store.put_member(partition, key, moved)
         call["group"] = group_snapshot(state)
+        if dropped:
+            # The call's own traits keep these keys; only the group's state could not.
+            warnings = call["enrichment"]["warnings"]
+            warnings.extend(
+                {"code": "group_state_full", "trait": k, "value": None} for k in dropped
+            )
+            codes = enriched.warnings + ("group_state_full",) * len(dropped)
+            return Enriched(
+                enriched.group_id,
+                call,
+                enriched.event_time_ms,
+                enriched.member_kind,
+                enriched.member_id,
+                codes,
+            )
         return enriched
+
+    def _state(self, state: GroupState) -> bytes:
+        """The state record of ``state``, without its oldest dedupe ids when it must to fit."""
+        record = state_record(state)
+        value = codec.encode(record)
+        room = self._limits.record_bytes(self._routes.state) - len(state.group_id.encode())
+        while len(value) > room and record["merge"]["recent"]:
+            recent = record["merge"]["recent"]
+            trim_recent(record, len(recent) * room // len(value) * 9 // 10)
+            value = codec.encode(record)
+        return value
+
+    def _write_changelog(self, topic: str, partition: int, key: str, value: bytes) -> None:
+        key_bytes = key.encode()
+        reason = self._refusal(topic, key_bytes, value)
+        if reason is None:
+            self._sink.produce(topic, key_bytes, value, partition=partition)
+            return
+        self._on_unwritable(self._route_of[topic])
+        source = {"topic": topic, "partition": partition, "key": key}
+        message = self._why(reason, topic, key_bytes, value)
+        letter = {"reason": reason, "message": message, "source": source}
+        letter["value"] = value.decode()
+        self._dead_letter(DeadLetter(reason, key_bytes, letter))
+
+    def _unwritable(
+        self, reason: str, topic: str, value: bytes, record: SourceRecord, call: dict[str, Any]
+    ) -> DeadLetter:
+        self._on_unwritable(self._route_of[topic])
+        key = call["groupId"].encode()
+        return output_dead_letter(reason, self._why(reason, topic, key, value), record, call)
+
+    def _why(self, reason: str, topic: str, key: bytes, value: bytes) -> str:
+        if reason == "output_too_large":
+            return (
+                f"its record for {topic} is {len(value)} bytes, over the topic's limit of "
+                f"{self._limits.record_bytes(topic)}"
+            )
+        return f"{topic} refused its record: {self._refused[self._identity(topic, key, value)]}"
+
+    def _dead_letter(self, letter: DeadLetter) -> None:
+        dlq, key = self._routes.dlq, letter.key
+        headers = [("reason", letter.reason.encode())]
+        room = self._limits.record_bytes(dlq) - len(letter.reason) - len("reason")
+        if key is not None and len(key) > room // 2:
+            key = None  # a huge input key would leave no room for the letter
+        value = fit_letter(letter.letter, room - len(key or b""))
+        if self._refusal(dlq, key, value, headers) is not None:
+            self._on_unwritable("dlq")
+            log.error("dead_letter_dropped", reason=letter.reason, source=letter.letter["source"])
+        else:
+            self._sink.produce(dlq, key, value, headers)
+        self._log_dead_letter(letter)
+
+    def _log_dead_letter(self, letter: DeadLetter) -> None:
+        """Log a dead letter (never its value), at most one line per reason per interval."""
+        now = self._clock.monotonic()
+        last, suppressed = self._logged.get(letter.reason, (-_LOG_EVERY, 0))
+        if now - last < _LOG_EVERY:
+            self._logged[letter.reason] = (last, suppressed + 1)
+            return
+        self._logged[letter.reason] = (now, 0)
+        source = {k: v for k, v in letter.letter["source"].items() if k != "key"}
+        log.warning(
+            "dead_letter",
+            reason=letter.reason,
+            message=letter.letter["message"],
+            suppressed=suppressed,
+            **source,
+        )
+
+    def _refusal(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> str | None:
+        """Why this output must not be produced (a dead-letter reason), or ``None``."""
+        if not self._limits.fits(topic, key, value, headers):
+            return "output_too_large"
+        if self._refused and self._identity(topic, key, value) in self._refused:
+            return "output_refused"
+        return None
+
+    def _identity(self, topic: str, key: bytes | None, value: bytes | None) -> tuple[Any, ...]:
+        """What stays the same when a batch is replayed: a changelog record's key, else
+        where its call came from (an enriched call's, or a dead letter's, ``source``)."""
+        if self._route_of.get(topic) in ("state", "members"):
+            return (topic, key)
+        try:
+            document = codec.decode(value or b"")
+            source: Mapping[str, Any] = (document.get("enrichment") or document)["source"]
+            return (
+                topic,
+                source["topic"],
+                source["partition"],
+                source.get("offset"),
+                source.get("index"),
+            )
+        except (codec.DecodeError, AttributeError, KeyError, TypeError):
+            return (topic, key, value)

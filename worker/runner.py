@@ -34,6 +34,8 @@ _ERROR_BACKOFF = 0.5
 # resume below the low mark, so a slow broker never grows memory without bound.
 _BACKLOG_HIGH = 50_000
 _BACKLOG_LOW = 10_000
+# Pause after the same batch aborted again: doubles from the first, up to the last.
+_ABORT_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,9 @@ class Runner:
         self._restoring = 0
         self._paused = False
         self._lag_checked = 0.0
+        # Where the last aborted batch started, and how often in a row it aborted.
+        self._aborted_start: dict[Partition, int] = {}
+        self._abort_streak = 0
         self.joined = False
         self.last_progress = clock.monotonic()
 
@@ -123,6 +128,9 @@ class Runner:
                 except AbortableError as e:
                     log.warning("transaction_aborted", error=str(e))
                     self._abort_and_rewind(set())
+                    if self._abort_streak > 1:
+                        step = min(self._abort_streak - 2, len(_ABORT_BACKOFF) - 1)
+                        self._clock.sleep(_ABORT_BACKOFF[step])
             self._commit_final()
         finally:
             for close in (self._source.close, self._sink.close, self._restorer.close):
@@ -261,6 +269,8 @@ class Runner:
             self._metrics.commit_failures.inc()
             raise
         self._store.commit()  # (3)
+        self._abort_streak = 0
+        self._metrics.abort_streak.set(0)
         self._pending.clear()
         self._batch_start.clear()
         self._batch_opened = None
@@ -289,10 +299,17 @@ class Runner:
         self._metrics.paused_partitions.set(len(self._assigned) if self._paused else 0)
 
     def _abort_and_rewind(self, gone: set[Partition]) -> None:
-        """Abort the open batch and read its records again, except those of ``gone``."""
+        """Abort the open batch and read its records again, except those of ``gone``.
+
+        Records the sink says were refused for good are handed to the processor first,
+        so the replay dead-letters them instead of failing again. A batch aborting again
+        from the same offsets shows in the abort streak and a log line naming them.
+        """
         self._metrics.aborts.inc()
         self._sink.abort()
         self._store.rollback()
+        self._processor.learn(self._sink.take_refused())
+        self._count_abort()
         rewind = {p: o for p, o in self._batch_start.items() if p not in gone}
         if rewind:
             self._source.seek(rewind)
@@ -301,6 +318,19 @@ class Runner:
         self._batch_start.clear()
         self._batch_opened = None
         self._uncommitted = 0
+
+    def _count_abort(self) -> None:
+        start = self._batch_start
+        same = bool(start) and start == self._aborted_start
+        self._abort_streak = self._abort_streak + 1 if same else 1
+        self._aborted_start = dict(start)
+        self._metrics.abort_streak.set(self._abort_streak)
+        if same:
+            log.error(
+                "batch_aborted_again",
+                streak=self._abort_streak,
+                offsets=[f"{t}[{p}]@{o}" for (t, p), o in sorted(start.items())],
+            )
 
     def _forget(self, partitions: Iterable[Partition]) -> None:
         for partition in partitions:

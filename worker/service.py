@@ -23,7 +23,9 @@ from confluent_kafka import KafkaException
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config, redact
-from worker.errors import FatalError, KafkaError
+from worker.errors import ConfigError, FatalError, KafkaError
+from worker.kafka import client_config
+from worker.limits import PRODUCER_MAX_DEFAULT, GroupBound, Limits, group_bound
 from worker.metrics import Metrics
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
@@ -33,8 +35,16 @@ from worker.server import Probes, serve
 from worker.sink import KafkaSink
 from worker.source import KafkaSource
 from worker.store import InMemoryStateStore
+from worker.topics import Layout
 
-__all__ = ["Loop", "Supervisor", "build_runner", "run_service", "runner_settings"]
+__all__ = [
+    "Loop",
+    "Supervisor",
+    "build_runner",
+    "record_limits",
+    "run_service",
+    "runner_settings",
+]
 
 log = structlog.get_logger("worker.service")
 # Liveness fails when the loop has not come round for this long.
@@ -109,17 +119,25 @@ class Supervisor:
         return 0
 
 
-def run_service(config: Config) -> int:
+def run_service(config: Config, layout: Layout) -> int:
     """Serve the HTTP endpoints and run the worker until a signal; returns the exit code.
 
-    Blocks. Expects the topics to exist (``topics.ensure_topics``).
+    Blocks. Expects the topics to exist, as ``layout`` (``topics.ensure_topics``) says.
+    Raises ``ConfigError`` or ``TopicError`` when one group's state cannot fit the
+    output topics' record limits.
     """
+    limits = record_limits(config, layout)
+    routes = runner_settings(config).routes
+    w = config.worker
+    bound = group_bound(limits, routes.enriched, routes.state, w.max_event_bytes, w.max_group_bytes)
     log.info(
         "config_loaded",
         bootstrap_servers=config.kafka.bootstrap_servers,
         kafka=redact(config.kafka.properties),
         input=config.topics.input,
         guarantee=config.worker.processing_guarantee,
+        max_group_bytes=bound.new_keys,
+        max_group_growth_bytes=bound.any_growth,
     )
     # Each call allocates many short-lived dicts: collect the young generation less
     # often (bench: about +7% drained calls/s; with the freeze after restores, +31%).
@@ -127,9 +145,17 @@ def run_service(config: Config) -> int:
     metrics, clock = Metrics(), SystemClock()
     # One transactional.id for the process: a rebuilt producer fences the one it replaces.
     instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    supervisor = Supervisor(lambda: build_runner(config, metrics, clock, instance), clock)
+    supervisor = Supervisor(
+        lambda: build_runner(config, metrics, clock, instance, limits, bound), clock
+    )
     probes = Probes(live=supervisor.live, ready=supervisor.ready)
-    server = serve(config.http.host, config.http.port, metrics.registry, probes)
+    http = config.http
+    try:
+        server = serve(http.host, http.port, metrics.registry, probes)
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        raise ConfigError(
+            f"config: http.port: cannot listen on {http.host}:{http.port}: {e.strerror or e}"
+        ) from None
     log.info("http_listening", host=config.http.host, port=server.server_address[1])
 
     def on_signal(signum: int, _: Any) -> None:
@@ -144,10 +170,18 @@ def run_service(config: Config) -> int:
         server.shutdown()
 
 
-def build_runner(config: Config, metrics: Metrics, clock: Clock, instance: str) -> Runner:
+def build_runner(
+    config: Config,
+    metrics: Metrics,
+    clock: Clock,
+    instance: str,
+    limits: Limits,
+    bound: GroupBound,
+) -> Runner:
     """A runner over new Kafka clients and an empty store. Raises ``KafkaError``.
 
-    ``instance`` names the process in its producer's ``transactional.id``.
+    ``instance`` names the process in its producer's ``transactional.id``; ``limits``
+    and ``bound`` are what the output topics accept (``record_limits``, ``group_bound``).
     """
     kafka, w = config.kafka, config.worker
     source = KafkaSource(
@@ -176,9 +210,23 @@ def build_runner(config: Config, metrics: Metrics, clock: Clock, instance: str) 
         clock,
         dedupe_window_ms=w.dedupe_window_seconds * 1000,
         dedupe_max_ids=w.dedupe_max_ids,
+        limits=limits,
+        bound=bound,
+        on_unwritable=lambda route: metrics.unwritable_outputs.labels(route).inc(),
     )
     restorer = KafkaRestorer(kafka.bootstrap_servers, w.group_id, kafka.properties)
     return Runner(settings, source, sink, processor, store, restorer, metrics, clock)
+
+
+def record_limits(config: Config, layout: Layout) -> Limits:
+    """What each output topic accepts: its ``max.message.bytes``, within the producer's
+    own ``message.max.bytes`` (a ``kafka`` property; librdkafka's default otherwise)."""
+    producer = client_config(config.kafka.bootstrap_servers, config.kafka.properties, "producer")
+    try:
+        producer_max = int(producer.get("message.max.bytes", PRODUCER_MAX_DEFAULT))
+    except ValueError:
+        raise ConfigError("config: kafka.message.max.bytes must be an integer") from None
+    return Limits(layout.max_message_bytes, producer_max)
 
 
 def runner_settings(config: Config) -> RunnerSettings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -21,7 +22,7 @@ from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
 from worker.kafka import client_config, raise_for, translate
 from worker.source import Offsets, Source
 
-__all__ = ["Headers", "KafkaSink", "Sink"]
+__all__ = ["Headers", "KafkaSink", "Refusal", "Sink"]
 
 Headers = Sequence[tuple[str, bytes]]
 # Waits between retries of a transactional operation (each also waits up to its timeout).
@@ -31,6 +32,33 @@ _RETRY_BACKOFF = (0.1, 0.5, 1.0, 2.0, 4.0)
 _DEADLINE_MARGIN = 5.0
 
 log = structlog.get_logger("worker.sink")
+
+# Errors that refuse one record for good: producing it again can only fail again.
+_TOO_LARGE = frozenset(
+    {
+        ClientError.MSG_SIZE_TOO_LARGE,  # the broker's, and the producer's own check
+        ClientError.RECORD_LIST_TOO_LARGE,
+    }
+)
+_REFUSED = _TOO_LARGE | {
+    ClientError.INVALID_RECORD,
+    ClientError.INVALID_MSG,  # CORRUPT_MESSAGE
+    ClientError.INVALID_MSG_SIZE,
+    ClientError.INVALID_TIMESTAMP,
+    ClientError.POLICY_VIOLATION,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A record the broker or the producer refused for good; its batch must be aborted."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    size: int  # key and value, in bytes
+    error: str
+    too_large: bool
 
 
 class Sink(Protocol):
@@ -49,6 +77,7 @@ class Sink(Protocol):
     def abort(self) -> None: ...
     def poll(self) -> None: ...
     def backlog(self) -> int: ...
+    def take_refused(self) -> list[Refusal]: ...
     def close(self) -> None: ...
 
 
@@ -89,6 +118,7 @@ class KafkaSink:
         self._clock = clock
         self._commit_timeout = commit_timeout
         self._failed: list[str] = []
+        self._refused: list[Refusal] = []
         self._on_delivery_error = on_delivery_error
         if self._transactional:
             try:
@@ -132,7 +162,9 @@ class KafkaSink:
                 # Backpressure: the queue is full, so wait for deliveries to drain it.
                 self._producer.poll(0.05)
             except KafkaException as e:
-                # The transaction failed under us (e.g. the broker went away): replay.
+                # The transaction failed under us (e.g. the broker went away), or the
+                # producer refused the record itself: replay (after learning of it).
+                self._note_refusal(e.args[0], topic, key, value)
                 raise AbortableError(f"produce refused: {e.args[0].str()}") from None
 
     def commit(self, offsets: Offsets, source: Source) -> None:
@@ -187,6 +219,11 @@ class KafkaSink:
         """Outputs queued or in flight, not yet delivered."""
         return len(self._producer)
 
+    def take_refused(self) -> list[Refusal]:
+        """The records refused for good since the last call (each failed its batch)."""
+        refused, self._refused = self._refused, []
+        return refused
+
     def close(self) -> None:
         """Deliver what is queued, waiting up to the commit timeout."""
         self._producer.flush(self._commit_timeout)
@@ -195,8 +232,24 @@ class KafkaSink:
         if error is not None:
             # Delivery reports run on the thread that polls: no lock needed.
             self._failed.append(f"{message.topic()}: {error.str()}")
+            topic = message.topic() or ""
+            self._note_refusal(error, topic, message.key(), message.value())
             if self._on_delivery_error is not None:
                 self._on_delivery_error()
+
+    def _note_refusal(
+        self,
+        error: ClientError,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+    ) -> None:
+        if error.code() not in _REFUSED:
+            return
+        size = len(key or b"") + len(value or b"")  # headers: a few bytes, left out
+        too_large = error.code() in _TOO_LARGE
+        self._refused.append(Refusal(topic, key, value, size, error.str(), too_large))
+        log.warning("output_refused_by_kafka", topic=topic, size=size, error=error.str())
 
     def _retry(self, operation: Callable[[], None]) -> None:
         """Run a transactional ``operation``, retrying retriable errors for a while.

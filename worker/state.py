@@ -27,6 +27,13 @@ any mapping is accepted. Limitation: a call older than the window is applied (it
 traits merge idempotently) but not remembered, so a redelivery of it counts again in
 ``event_count``.
 
+Bound. A group's ``size`` is what its traits and their stamps take in a state record
+(``group_size``). Given a ``GroupBound``, a trait key new to the group is dropped when it
+would take the size past ``bound.new_keys``, and no write (not even of a trait the group
+already has) may grow it past ``bound.any_growth``; dropped keys are reported to the
+caller. This is the one place where the order of calls matters: which keys get in
+depends on which came first.
+
 The ``merge`` member of a state record (``state_record``) is what the next merge needs::
 
     {"stamps": {trait: [event_ms, messageId], ...},    # every top-level trait but address
@@ -42,10 +49,12 @@ commit (``worker.recent``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from worker import codec
+from worker.limits import GroupBound
 from worker.recent import RecentIds
 from worker.times import format_time, parse_iso_time
 
@@ -56,12 +65,14 @@ __all__ = [
     "GroupState",
     "MemberKind",
     "Stamp",
+    "group_size",
     "group_snapshot",
     "merge_call",
     "record_field",
     "record_time",
     "state_from_record",
     "state_record",
+    "trim_recent",
 ]
 
 Stamp = tuple[int, str]
@@ -76,6 +87,10 @@ _NO_STAMPS: Final[Mapping[str, Stamp]] = {}
 # Default bound on the messageIds a group remembers for dedupe: its state record (and
 # every commit's rewrite of it) stays far below Kafka's 1 MB record limit.
 MAX_RECENT_IDS = 1_000
+_UNBOUNDED: Final = GroupBound(2**62, 2**62)
+# What a stamp adds to a state record beside its messageId: quotes, brackets, commas and
+# up to 14 digits of event time (``"k":[1424730535111,"m"],``).
+_STAMP_BYTES: Final = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +142,8 @@ class GroupState:
     first_seen_ms: int
     last_seen_ms: int
     updated_ms: int
+    # ``group_size``, carried from merge to merge; -1 until known (a restored state).
+    size: int = field(default=-1, compare=False)
 
 
 def merge_call(
@@ -137,6 +154,8 @@ def merge_call(
     window_ms: int,
     now_ms: int,
     max_ids: int = MAX_RECENT_IDS,
+    bound: GroupBound = _UNBOUNDED,
+    dropped: list[str] | None = None,
 ) -> GroupState | None:
     """Merge one call into a group's state; ``None`` when the call is a duplicate.
 
@@ -144,7 +163,8 @@ def merge_call(
     member is new to the group (the caller asks the membership store); ``window_ms``
     (>= 0) is the dedupe window in event time; at most about ``max_ids`` of the newest
     messageIds (by event time) are remembered, so a busy group's state stays small;
-    ``now_ms`` becomes ``updated_ms``.
+    ``now_ms`` becomes ``updated_ms``. Traits the ``bound`` keeps out (module docstring)
+    are appended to ``dropped`` when it is given.
     Raises ``ValueError`` when the call is for another group, or its ``address`` trait
     is neither ``None`` nor a mapping.
     """
@@ -157,14 +177,41 @@ def merge_call(
     traits = dict(state.traits) if state is not None else {}
     stamps = dict(state.stamps) if state is not None else {}
     address = state.address if state is not None else None
+    size = 0 if state is None else state.size if state.size >= 0 else group_size(state)
+    drop: Callable[[str], None] = dropped.append if dropped is not None else _ignore
+    mid_bytes = _json_bytes(call.message_id)
     for name, value in call.traits.items():
         if name == "address":
-            address = _merge_address(address, traits, value, stamp)
+            shown = traits.get("address")
+            before = 0 if address is None else _address_bytes(shown, address)
+            regs = _merge_address(address, traits, value, stamp)
+            grown = _address_bytes(traits["address"], regs) - before
+            adds = address is None or not regs.field_stamps.keys() <= address.field_stamps.keys()
+            if grown > 0 and size + grown > (bound.new_keys if adds else bound.any_growth):
+                if address is None:
+                    del traits["address"]
+                else:
+                    traits["address"] = shown
+                drop(name)
+                continue
+            address, size = regs, size + grown
             continue
         old = stamps.get(name)
-        if old is None or stamp > old:
-            traits[name] = value
-            stamps[name] = stamp
+        if old is None:
+            grown = 2 * _json_bytes(name) + _json_bytes(value) + mid_bytes + _STAMP_BYTES
+            limit = bound.new_keys
+        elif stamp > old:
+            grown = _json_bytes(value) - _json_bytes(traits[name]) + mid_bytes
+            grown -= _json_bytes(old[1])
+            limit = bound.any_growth
+        else:
+            continue
+        if grown > 0 and size + grown > limit:
+            drop(name)
+            continue
+        traits[name] = value
+        stamps[name] = stamp
+        size += grown
     if state is None:
         first = last = call.event_ms
         recent: RecentIds = RecentIds({}, 0)
@@ -185,7 +232,45 @@ def merge_call(
         first_seen_ms=first,
         last_seen_ms=last,
         updated_ms=now_ms,
+        size=size,
     )
+
+
+def group_size(state: GroupState) -> int:
+    """The bytes ``state``'s traits and their stamps take in its state record.
+
+    What ``merge_call`` keeps under the bound: the traits (keys twice, with the stamps),
+    the stamps' messageIds, and ``address`` with all its registers.
+    """
+    traits = state.traits
+    size = sum(
+        2 * _json_bytes(name) + _json_bytes(traits[name]) + _json_bytes(mid) + _STAMP_BYTES
+        for name, (_, mid) in state.stamps.items()
+    )
+    if state.address is not None:
+        size += _address_bytes(traits.get("address"), state.address)
+    return size
+
+
+def _address_bytes(shown: Any, regs: AddressStamps) -> int:
+    stamps = [s for s in (regs.null_stamp, regs.object_stamp) if s is not None]
+    fields = sum(_json_bytes(k) + _json_bytes(mid) for k, (_, mid) in regs.field_stamps.items())
+    registers = len(stamps) + len(regs.field_stamps)
+    return (
+        2 * len('"address"')
+        + _json_bytes(shown)
+        + fields
+        + sum(_json_bytes(mid) for _, mid in stamps)
+        + registers * _STAMP_BYTES
+    )
+
+
+def _json_bytes(value: Any) -> int:
+    return len(codec.encode(value))
+
+
+def _ignore(_: str) -> None:
+    pass
 
 
 def _merge_address(
@@ -266,6 +351,22 @@ def state_record(state: GroupState) -> dict[str, Any]:
         "updatedAt": format_time(state.updated_ms),
         "merge": merge,
     }
+
+
+def trim_recent(record: dict[str, Any], keep: int) -> None:
+    """Keep the ``keep`` newest dedupe ids (by event time) of a ``state_record``, in place.
+
+    ``recentFrom`` rises to the oldest id kept, so a restored state treats calls older
+    than it as ``max_ids`` does: applied, not remembered. For a record that must shrink
+    to fit its topic.
+    """
+    merge = record["merge"]
+    since = merge.pop("recentFrom", None)
+    ids = sorted((ms, mid) for mid, ms in merge["recent"].items() if since is None or ms >= since)
+    kept = ids[len(ids) - keep :] if keep > 0 else []
+    merge["recent"] = {mid: ms for ms, mid in kept}
+    if kept:
+        merge["recentFrom"] = kept[0][0]
 
 
 def state_from_record(record: Mapping[str, Any]) -> GroupState:

@@ -2,12 +2,16 @@
 
 Output topics get the input's partition count, so a group's records land on the
 partition number its input came from; the state and members topics are compacted.
+Each output topic's ``max.message.bytes`` is read back, so nothing is ever produced
+that the broker must refuse (``worker.limits``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
@@ -16,7 +20,7 @@ from worker.config import Config
 from worker.errors import TopicError
 from worker.kafka import client_config
 
-__all__ = ["TopicSpec", "ensure_topics", "plan_topics"]
+__all__ = ["Layout", "TopicSpec", "ensure_topics", "plan_topics"]
 
 _TIMEOUT = 30.0
 _COMPACT = {"cleanup.policy": "compact"}
@@ -29,6 +33,14 @@ class TopicSpec:
     name: str
     configs: Mapping[str, str]
     copartitioned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What the worker's topics are: partitions of each, ``max.message.bytes`` of outputs."""
+
+    partitions: Mapping[str, int]
+    max_message_bytes: Mapping[str, int]
 
 
 def plan_topics(config: Config) -> list[TopicSpec]:
@@ -45,8 +57,8 @@ def plan_topics(config: Config) -> list[TopicSpec]:
     return specs
 
 
-def ensure_topics(config: Config) -> dict[str, int]:
-    """Create missing topics and check existing ones; return partitions per topic.
+def ensure_topics(config: Config) -> Layout:
+    """Create missing topics, check existing ones, and read the output topics' limits.
 
     Blocks on the admin API (up to 30 s per step). Raises ``TopicError`` with one
     clear line when the broker cannot be reached, a topic cannot be created, a
@@ -77,7 +89,11 @@ def ensure_topics(config: Config) -> dict[str, int]:
         admin, [NewTopic(s.name, partitions, replication, config=dict(s.configs)) for s in missing]
     )
     existing.update((s.name, partitions) for s in missing)
-    return {name: existing[name] for name in [input_topic, *(s.name for s in specs)]}
+    limits = {
+        s.name: int(configs["max.message.bytes"].value)
+        for s, configs in zip(specs, _describe(admin, specs), strict=True)
+    }
+    return Layout({n: existing[n] for n in [input_topic, *(s.name for s in specs)]}, limits)
 
 
 def _partition_counts(admin: AdminClient) -> dict[str, int]:
@@ -100,16 +116,25 @@ def _create(admin: AdminClient, topics: list[NewTopic]) -> None:
                 raise TopicError(f"cannot create topic {name}: {e.args[0].str()}") from None
 
 
+def _describe(admin: AdminClient, specs: list[TopicSpec]) -> list[Mapping[str, Any]]:
+    """Each topic's configuration entries, retrying while a new topic's metadata settles."""
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+    deadline = time.monotonic() + _TIMEOUT
+    while True:
+        futures = admin.describe_configs(resources, request_timeout=_TIMEOUT)
+        try:
+            return [futures[r].result(_TIMEOUT) for r in resources]
+        except KafkaException as e:
+            error = e.args[0]
+            if error.code() != error.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+                raise TopicError(f"cannot describe topics: {error.str()}") from None
+            time.sleep(0.2)
+
+
 def _check_configs(admin: AdminClient, specs: list[TopicSpec]) -> None:
     if not specs:
         return
-    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
-    futures = admin.describe_configs(resources, request_timeout=_TIMEOUT)
-    for spec, resource in zip(specs, resources, strict=True):
-        try:
-            actual = futures[resource].result(_TIMEOUT)
-        except KafkaException as e:
-            raise TopicError(f"cannot describe topic {spec.name}: {e.args[0].str()}") from None
+    for spec, actual in zip(specs, _describe(admin, specs), strict=True):
         for key, wanted in spec.configs.items():
             entry = actual.get(key)
             if entry is None or entry.value != wanted:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from tests.fakes import FakeClock, FakeSink
 from worker import codec
 from worker.events import Record
+from worker.limits import GroupBound, Limits
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
+from worker.sink import Refusal
 from worker.store import InMemoryStateStore
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
@@ -151,3 +155,147 @@ def test_corrupt_repartition_record_is_a_dead_letter() -> None:
     tally = processor.process([Record("rep", 0, 0, b'{"groupId": 1}')])
     assert tally.outcomes == {"dead_letter": 1}
     assert emitted(sink, "dlq")[0]["source"]["topic"] == "rep"
+
+
+# --- Outputs that do not fit, and outputs the broker refused --------------------------------
+
+
+def test_a_hostile_group_is_bounded_and_other_groups_go_on() -> None:
+    """Calls that keep adding keys fill one group up to its bound; every record still fits."""
+    store = InMemoryStateStore()
+    sink = FakeSink(transactional=False)
+    limits = Limits({"out": 1_048_588, "state": 1_048_588, "dlq": 1_048_588})
+    processor = Processor(
+        ROUTES, Settings(), store, sink, FakeClock(), dedupe_window_ms=3_600_000, limits=limits
+    )
+    hostile = [
+        call(f"h{n}", group="big", **{f"k{n}_{i}": "v" * 100 for i in range(150)})
+        for n in range(40)
+    ]
+    tally = processor.process(records(*hostile, call("o1", group="ok", plan="pro")))
+    processor.write_changelog()
+    assert tally.outcomes == {"enriched": 41}
+    assert tally.warnings["group_state_full"] > 0
+    assert all(limits.fits(p.topic, p.key, p.value) for p in sink.open)
+    last = emitted(sink, "out")[-2]
+    assert last["groupId"] == "big"
+    assert {"code": "group_state_full", "trait": "k39_0", "value": None} in last["enrichment"][
+        "warnings"
+    ]
+    assert len(last["traits"]) == 150  # the call's own traits are kept
+    assert emitted(sink, "out")[-1]["group"]["traits"] == {"plan": "pro"}
+
+
+def test_an_enriched_call_too_large_for_its_topic_is_dead_lettered() -> None:
+    """An output over its topic's limit becomes an output_too_large letter carrying the call."""
+    store = InMemoryStateStore()
+    sink = FakeSink(transactional=False)
+    unwritable: list[str] = []
+    processor = Processor(
+        ROUTES,
+        Settings(max_event_bytes=2_000),
+        store,
+        sink,
+        FakeClock(),
+        dedupe_window_ms=3_600_000,
+        limits=Limits({"out": 1_000, "dlq": 100_000}),
+        bound=GroupBound(10_000, 10_000),
+        on_unwritable=unwritable.append,
+    )
+    tally = processor.process(records(call("m1", name="x" * 600), call("m2", plan="pro")))
+    assert tally.outcomes == {"dead_letter": 2}
+    assert tally.reasons == {"output_too_large": 2}
+    assert unwritable == ["enriched", "enriched"]
+    [first, _] = emitted(sink, "dlq")
+    assert first["reason"] == "output_too_large"
+    assert "over the topic's limit" in first["message"]
+    assert first["source"]["offset"] == 0
+    carried = codec.decode(first["value"])
+    assert (carried["messageId"], "group" in carried) == ("m1", False)
+    assert store.get(2, "g1") is not None  # the call was applied; only its record is missing
+
+
+def test_a_dead_letter_is_cut_to_fit_its_topic() -> None:
+    """A dead letter larger than the dead-letter topic accepts is truncated, and says so."""
+    sink = FakeSink(transactional=False)
+    limits = Limits({"dlq": 2_000})
+    processor = Processor(
+        ROUTES,
+        Settings(),
+        InMemoryStateStore(),
+        sink,
+        FakeClock(),
+        dedupe_window_ms=1,
+        limits=limits,
+        bound=GroupBound(1_000, 1_000),
+    )
+    processor.process(records(b"\x01" * 20_000 + b"not json"))
+    [letter] = sink.open
+    assert limits.fits(letter.topic, letter.key, letter.value, letter.headers)
+    decoded = codec.decode(letter.value)
+    assert (decoded["reason"], decoded["truncated"]) == ("invalid_json", True)
+
+
+def test_a_state_record_sheds_its_oldest_dedupe_ids_to_fit() -> None:
+    """A state record over its topic's limit keeps only its newest dedupe ids."""
+    sink = FakeSink(transactional=False)
+    limits = Limits({"state": 20_000})
+    processor = Processor(
+        ROUTES,
+        Settings(),
+        InMemoryStateStore(),
+        sink,
+        FakeClock(),
+        dedupe_window_ms=3_600_000,
+        dedupe_max_ids=100_000,
+        limits=limits,
+        bound=GroupBound(1_000, 1_000),
+    )
+    processor.process(records(*(call(f"message-{n:05}") for n in range(2_000))))
+    processor.write_changelog()
+    [state] = [p for p in sink.open if p.topic == "state"]
+    assert limits.fits("state", state.key, state.value)
+    recent = codec.decode(state.value)["merge"]["recent"]
+    assert 100 < len(recent) < 2_000
+    assert "message-01999" in recent
+
+
+def test_a_record_the_broker_refused_is_dead_lettered_on_replay() -> None:
+    """After learning of a refusal the same call is dead-lettered as output_refused."""
+    processor, sink, store = make()
+    batch = records(call("m1", name="A"), call("m2", group="g2"))
+    processor.process(batch)
+    [refused, _] = [p for p in sink.open if p.topic == "out"]
+    sink.open.clear()
+    store.rollback()
+    processor.learn(
+        [Refusal("out", refused.key, refused.value, 10, "Broker: Invalid record", False)]
+    )
+    tally = processor.process(batch)
+    assert tally.outcomes == {"dead_letter": 1, "enriched": 1}
+    [letter] = emitted(sink, "dlq")
+    assert letter["reason"] == "output_refused"
+    assert "Invalid record" in letter["message"]
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m2"]
+
+
+def test_a_refusal_for_size_lowers_the_topic_limit() -> None:
+    """A record refused as too large makes every record of that size a dead letter."""
+    processor, sink, _ = make()
+    processor.learn([Refusal("out", b"g1", b"x", 1_200, "Broker: Message size too large", True)])
+    tally = processor.process(records(call("m1", name="x" * 1_000), call("m2", group="g2")))
+    assert tally.reasons == {"output_too_large": 1}
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m2"]
+
+
+def test_dead_letters_are_logged_without_values_and_rate_limited() -> None:
+    """Each reason logs at most one line per interval, naming its position, never the value."""
+    processor, _, _ = make()
+    with structlog.testing.capture_logs() as logs:
+        processor.process(records(b"secret-value-1", b"secret-value-2", b"[1]"))
+    lines = [e for e in logs if e["event"] == "dead_letter"]
+    assert [(e["reason"], e["offset"]) for e in lines] == [
+        ("invalid_json", 0),
+        ("not_an_object", 2),
+    ]
+    assert "secret" not in repr(logs)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 
 from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource
@@ -355,3 +356,46 @@ def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:
     assert len(during) == 3 + 3  # three groups, three members
     assert not any(during)
     assert sample(metrics, "group_worker_restored_records_total") == len(during)
+
+
+@pytest.mark.parametrize("transactional", [True, False], ids=["exactly_once", "at_least_once"])
+def test_a_record_refused_for_good_costs_one_abort_not_a_loop(transactional: bool) -> None:
+    """A broker refusing one output aborts once; the replay dead-letters it and goes on."""
+    runner, source, sink, metrics = make(transactional)
+    for n in range(6):
+        source.append(group_call(n))
+    sink.refuse = lambda p: (
+        "Broker: Invalid record" if p.topic == "out" and b'"m4"' in p.value else None
+    )
+    run_for(runner, source, 20)
+
+    assert sink.aborts == 1
+    ids = message_ids(sink)  # at least once, the replay sends the batch's outputs again
+    assert (ids if transactional else sorted(set(ids))) == ["m0", "m1", "m2", "m3", "m5"]
+    [letter] = [codec.decode(p.value) for p in sink.topic("dlq")]
+    assert (letter["reason"], letter["source"]["offset"]) == ("output_refused", 4)
+    assert source.committed_offsets == {("in", 0): 6}
+    assert sample(metrics, "group_worker_dead_letters_total", reason="output_refused") == 1
+    assert sample(metrics, "group_worker_batch_abort_streak") == 0
+
+
+def test_a_batch_that_keeps_aborting_is_visible() -> None:
+    """The same batch aborting again raises the abort streak and logs its offsets."""
+    runner, source, sink, metrics = make()
+    source.append(group_call(1))
+    streaks: list[float] = []
+
+    def fail_every_commit(n: int) -> None:
+        sink.fail_next_commit = AbortableError("broker says no")
+        streaks.append(sample(metrics, "group_worker_batch_abort_streak"))
+        if n >= 12:
+            runner.stop()
+
+    source.on_consume = fail_every_commit
+    with structlog.testing.capture_logs() as logs:
+        runner.run()
+    assert max(streaks) >= 3
+    again = [e for e in logs if e["event"] == "batch_aborted_again"]
+    assert again
+    assert again[-1]["offsets"] == ["in[0]@0"]
+    assert source.commits == []

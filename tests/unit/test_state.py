@@ -25,11 +25,14 @@ from worker.state import (
     Applied,
     GroupState,
     MemberKind,
+    group_size,
     group_snapshot,
     merge_call,
     state_from_record,
     state_record,
+    trim_recent,
 )
+from worker.limits import GroupBound
 
 T0 = 1_424_730_535_111  # 2015-02-23T22:28:55.111Z
 WINDOW = 86_400_000
@@ -585,3 +588,98 @@ def test_a_busy_group_remembers_a_bounded_number_of_ids() -> None:
         is None
     )
     assert len(codec.encode(state_record(state))) < 10_000
+
+
+# --- The bound on one group's state ------------------------------------------------------
+
+
+def bounded(
+    state: GroupState | None, c: Applied, bound: GroupBound
+) -> tuple[GroupState, list[str]]:
+    dropped: list[str] = []
+    out = merge_call(
+        state, c, new_member=False, window_ms=WINDOW, now_ms=NOW, bound=bound, dropped=dropped
+    )
+    assert out is not None
+    return out, dropped
+
+
+def test_a_full_group_drops_new_keys_and_still_updates_the_ones_it_has() -> None:
+    """Past the bound a call's new trait keys are dropped and reported; known traits update."""
+    bound = GroupBound(new_keys=2_000, any_growth=4_000)
+    state: GroupState | None = None
+    for n in range(50):
+        state, _ = bounded(state, call(f"m{n}", T0 + n, {f"k{n}": "x" * 40}), bound)
+    assert state is not None
+    kept = set(state.traits)
+    assert 10 < len(kept) < 50
+    assert state.size == group_size(state) <= 2_000
+    state, dropped = bounded(state, call("late", T0 + 99, {"k0": "new", "fresh": "y"}), bound)
+    assert dropped == ["fresh"]
+    assert state.traits["k0"] == "new"
+    assert "fresh" not in state.traits
+    assert state.size <= 2_000
+
+
+def test_no_write_grows_a_group_past_the_hard_bound() -> None:
+    """Even an update of a trait the group has is dropped when it would pass any_growth."""
+    bound = GroupBound(new_keys=1_000, any_growth=1_500)
+    state, _ = bounded(None, call("m1", T0, {"a": "", "b": ""}), bound)
+    state, dropped = bounded(state, call("m2", T0 + 1, {"a": "x" * 1_200}), bound)
+    assert dropped == []
+    state, dropped = bounded(state, call("m3", T0 + 2, {"b": "x" * 1_200}), bound)
+    assert dropped == ["b"]
+    assert state.traits["b"] == ""
+    assert group_size(state) <= 1_500
+
+
+def test_address_sub_keys_count_as_new_keys() -> None:
+    """An address write that adds sub-fields past the bound is dropped whole."""
+    bound = GroupBound(new_keys=600, any_growth=10_000)
+    state, _ = bounded(None, call("m1", T0, {"address": {"city": "Paris"}}), bound)
+    many = {f"line{n}": "x" * 30 for n in range(20)}
+    state, dropped = bounded(state, call("m2", T0 + 1, {"address": many}), bound)
+    assert dropped == ["address"]
+    assert state.traits["address"] == {"city": "Paris"}
+    state, dropped = bounded(state, call("m3", T0 + 2, {"address": {"city": "Lyon"}}), bound)
+    assert (dropped, state.traits["address"]) == ([], {"city": "Lyon"})
+
+
+def test_group_size_bounds_the_state_record() -> None:
+    """A state record is its group size plus a small fixed part (and its dedupe ids)."""
+    state = fold(addr((1, {"city": "X"}), (2, {"zip": "75001"})))[0]["g1"]
+    state = merged(state, call("m9", T0 + 3, {"name": "\u0001" * 10, "plan": ["a", {"b": 1}]}))
+    record = state_record(state)
+    record["merge"]["recent"] = {}
+    assert len(codec.encode(record)) <= group_size(state) + 400
+
+
+@given(deliveries())
+def test_size_carried_by_merges_equals_group_size(
+    case: tuple[list[Applied], list[Applied]],
+) -> None:
+    """The size each merge carries forward is what group_size computes from scratch."""
+    _, delivered = case
+    states, _ = fold(delivered)
+    for state in states.values():
+        assert state.size == group_size(state)
+        restored = state_from_record(codec.decode(codec.encode(state_record(state))))
+        assert group_size(restored) == state.size
+
+
+def test_trimmed_recent_ids_keep_the_newest_and_restore() -> None:
+    """trim_recent keeps the newest ids; a restored state dedupes those and no older ones."""
+    state: GroupState | None = None
+    for n in range(10):
+        state = merged(state, call(f"m{n}", T0 + n))
+    assert state is not None
+    record = state_record(state)
+    trim_recent(record, 3)
+    assert record["merge"]["recent"] == {"m7": T0 + 7, "m8": T0 + 8, "m9": T0 + 9}
+    restored = state_from_record(record)
+    assert (
+        merge_call(restored, call("m9", T0 + 9), new_member=False, window_ms=WINDOW, now_ms=NOW)
+        is None
+    )
+    again = merge_call(restored, call("m2", T0 + 2), new_member=False, window_ms=WINDOW, now_ms=NOW)
+    assert again is not None
