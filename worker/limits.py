@@ -8,8 +8,9 @@ checks every output against them before handing it to the producer, and bounds e
 group's state so that its state record and the group snapshot of an enriched call
 always fit (``GroupBound``).
 
-Pure: no Kafka. ``Limits`` is the one mutable value here: ``lower`` applies what a
-broker refusal taught (a topic's limit was lowered while the worker ran).
+Pure: no Kafka. ``Limits`` is the one mutable value here: ``update`` takes limits read
+again after the broker refused a record as too large (a topic's limit was lowered while
+the worker ran).
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ class Limits:
             size += sum(len(k) + len(v) for k, v in headers)
         return size <= self.record_bytes(topic)
 
-    def lower(self, topic: str, refused_bytes: int) -> int:
-        """Learn that ``topic`` refused a record of ``refused_bytes``; returns the new limit."""
-        limit = min(self.record_bytes(topic), max(refused_bytes - 1, 0))
-        self._by_topic[topic] = limit
-        return limit
+    def batch_bytes(self) -> int:
+        """The most bytes one producer batch may hold so that every topic takes it."""
+        return min(self._by_topic.values(), default=self._producer_max)
+
+    def update(self, max_message_bytes: Mapping[str, int]) -> None:
+        """Take topics' ``max.message.bytes`` read again; other topics keep their limit."""
+        self._by_topic.update((t, self._usable(n)) for t, n in max_message_bytes.items())
 
     def _usable(self, max_message_bytes: int) -> int:
         return min(

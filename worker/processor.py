@@ -26,6 +26,7 @@ import structlog
 
 from worker import codec
 from worker.clock import Clock
+from worker.errors import KafkaError
 from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
 from worker.limits import GroupBound, Headers, Limits, group_bound
 from worker.members import membership_key, membership_record, merge_membership
@@ -95,7 +96,8 @@ class Processor:
     ``limits`` says what each topic accepts (shared with the service: what ``learn``
     lowers outlives a rebuilt processor); ``bound`` how large one group may grow
     (default: what fits ``limits``). ``on_unwritable`` hears of each output that could
-    not be written as it was, by route (``enriched``, ``state``...).
+    not be written as it was, by route (``enriched``, ``state``...). ``read_limits``
+    reads the output topics' ``max.message.bytes`` again (blocking) after a refusal.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class Processor:
         limits: Limits | None = None,
         bound: GroupBound | None = None,
         on_unwritable: Callable[[str], None] = lambda _: None,
+        read_limits: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -124,6 +127,7 @@ class Processor:
             self._limits, routes.enriched, routes.state, settings.max_event_bytes, 0
         )
         self._on_unwritable = on_unwritable
+        self._read_limits = read_limits
         self._route_of = {
             routes.enriched: "enriched",
             routes.dlq: "dlq",
@@ -181,25 +185,32 @@ class Processor:
     def learn(self, refusals: Iterable[Refusal]) -> None:
         """Take in records the broker or producer refused for good (the batch was aborted).
 
-        A record refused as too large lowers its topic's limit below its size; any other
-        is remembered, so replaying the batch dead-letters it instead of producing it.
+        Any other than too large is remembered, so replaying the batch dead-letters it
+        instead of producing it. After a too-large refusal the topics' limits are read
+        again, and a record over its topic's new limit is dead-lettered on replay.
+        Raises ``KafkaError`` when a refused record was within its topic's limit: the
+        producer's batches outgrew the topic and the producer must be rebuilt.
         """
+        too_large = []
         for refusal in refusals:
+            log.warning("output_refused", topic=refusal.topic, error=refusal.error)
             if refusal.too_large:
-                limit = self._limits.lower(refusal.topic, refusal.size)
-                log.warning(
-                    "output_limit_lowered",
-                    topic=refusal.topic,
-                    refused_bytes=refusal.size,
-                    limit_bytes=limit,
-                    error=refusal.error,
-                )
+                too_large.append(refusal)
                 continue
             identity = self._identity(refusal.topic, refusal.key, refusal.value)
             self._refused[identity] = refusal.error
             while len(self._refused) > _MAX_REFUSED:
                 del self._refused[next(iter(self._refused))]
-            log.warning("output_refused", topic=refusal.topic, error=refusal.error)
+        if not too_large:
+            return
+        self._limits.update(self._read_limits())
+        for refusal in too_large:
+            limit = self._limits.record_bytes(refusal.topic)
+            if refusal.size <= limit:
+                raise KafkaError(
+                    f"{refusal.topic} refused a batch of records within its limit of {limit} "
+                    "bytes: its max.message.bytes is below the producer's batches"
+                )
 
     def _finish(
         self, outcome: Outcome, record: SourceRecord, partition: int, now_ms: int, tally: Tally

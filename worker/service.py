@@ -35,7 +35,7 @@ from worker.server import Probes, serve
 from worker.sink import KafkaSink
 from worker.source import KafkaSource
 from worker.store import InMemoryStateStore
-from worker.topics import Layout
+from worker.topics import Layout, read_limits
 
 __all__ = [
     "Loop",
@@ -199,6 +199,7 @@ def build_runner(
         clock,
         commit_timeout=w.shutdown_timeout_seconds,
         on_delivery_error=metrics.produce_errors.inc,
+        batch_bytes=limits.batch_bytes(),
     )
     store = InMemoryStateStore()
     settings = runner_settings(config)
@@ -213,6 +214,7 @@ def build_runner(
         limits=limits,
         bound=bound,
         on_unwritable=lambda route: metrics.unwritable_outputs.labels(route).inc(),
+        read_limits=lambda: read_limits(config),
     )
     restorer = KafkaRestorer(kafka.bootstrap_servers, w.group_id, kafka.properties)
     return Runner(settings, source, sink, processor, store, restorer, metrics, clock)

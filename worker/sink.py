@@ -94,11 +94,14 @@ class KafkaSink:
         *,
         commit_timeout: float = 10.0,
         on_delivery_error: Callable[[], None] | None = None,
+        batch_bytes: int = 1_000_000,
     ) -> None:
         settings: dict[str, Any] = {
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
+            # A batch larger than a topic's max.message.bytes is refused whole.
+            "batch.size": batch_bytes,
             "compression.type": "lz4",
             # The Java client's default partitioner, so other tools agree on placement.
             "partitioner": "murmur2_random",

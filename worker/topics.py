@@ -20,7 +20,7 @@ from worker.config import Config
 from worker.errors import TopicError
 from worker.kafka import client_config
 
-__all__ = ["Layout", "TopicSpec", "ensure_topics", "plan_topics"]
+__all__ = ["Layout", "TopicSpec", "ensure_topics", "plan_topics", "read_limits"]
 
 _TIMEOUT = 30.0
 _COMPACT = {"cleanup.policy": "compact"}
@@ -65,9 +65,7 @@ def ensure_topics(config: Config) -> Layout:
     co-partitioned topic's partition count differs from the input's, or a topic that
     must be compacted is not.
     """
-    admin = AdminClient(
-        client_config(config.kafka.bootstrap_servers, config.kafka.properties, "admin")
-    )
+    admin = _admin(config)
     existing = _partition_counts(admin)
     input_topic = config.topics.input
     replication = config.topics.replication_factor
@@ -89,11 +87,31 @@ def ensure_topics(config: Config) -> Layout:
         admin, [NewTopic(s.name, partitions, replication, config=dict(s.configs)) for s in missing]
     )
     existing.update((s.name, partitions) for s in missing)
-    limits = {
+    return Layout(
+        {n: existing[n] for n in [input_topic, *(s.name for s in specs)]},
+        _max_message_bytes(admin, specs),
+    )
+
+
+def read_limits(config: Config) -> dict[str, int]:
+    """The output topics' ``max.message.bytes`` as the broker has them now. Blocks.
+
+    Raises ``TopicError`` when they cannot be read.
+    """
+    return _max_message_bytes(_admin(config), plan_topics(config))
+
+
+def _admin(config: Config) -> AdminClient:
+    return AdminClient(
+        client_config(config.kafka.bootstrap_servers, config.kafka.properties, "admin")
+    )
+
+
+def _max_message_bytes(admin: AdminClient, specs: list[TopicSpec]) -> dict[str, int]:
+    return {
         s.name: int(configs["max.message.bytes"].value)
         for s, configs in zip(specs, _describe(admin, specs), strict=True)
     }
-    return Layout({n: existing[n] for n in [input_topic, *(s.name for s in specs)]}, limits)
 
 
 def _partition_counts(admin: AdminClient) -> dict[str, int]:

@@ -20,12 +20,14 @@ def test_a_record_fits_the_smaller_of_the_topic_and_producer_limits() -> None:
     assert not limits.fits("small", None, b"v" * (room - 5), [("reason", b"too_large")])
 
 
-def test_a_refusal_lowers_the_limit_below_the_refused_size() -> None:
-    """What the broker refused is never considered to fit again."""
-    limits = Limits({"t": 1_048_588})
-    assert limits.lower("t", 50_000) == 49_999
+def test_limits_read_again_replace_the_old_ones_and_bound_batches() -> None:
+    """update takes new max.message.bytes; a producer batch fits the smallest topic."""
+    limits = Limits({"t": 1_048_588, "u": 1_048_588})
+    assert limits.batch_bytes() == 1_000_000
+    limits.update({"t": 50_000})
     assert not limits.fits("t", None, b"x" * 50_000)
-    assert limits.lower("t", 900_000) == 49_999  # never raised
+    assert limits.record_bytes("u") == 1_000_000
+    assert limits.batch_bytes() == limits.record_bytes("t") < 50_000
 
 
 def test_default_bound_fits_the_topics_and_is_capped() -> None:

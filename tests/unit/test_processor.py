@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import structlog
 
 from tests.fakes import FakeClock, FakeSink
 from worker import codec
+from worker.errors import KafkaError
 from worker.events import Record
 from worker.limits import GroupBound, Limits
 from worker.pipeline import Settings
@@ -279,13 +281,37 @@ def test_a_record_the_broker_refused_is_dead_lettered_on_replay() -> None:
     assert [c["messageId"] for c in emitted(sink, "out")] == ["m2"]
 
 
-def test_a_refusal_for_size_lowers_the_topic_limit() -> None:
-    """A record refused as too large makes every record of that size a dead letter."""
-    processor, sink, _ = make()
-    processor.learn([Refusal("out", b"g1", b"x", 1_200, "Broker: Message size too large", True)])
-    tally = processor.process(records(call("m1", name="x" * 1_000), call("m2", group="g2")))
+def test_a_refusal_for_size_reads_the_limits_again() -> None:
+    """After a too-large refusal the topic's new limit applies: larger records are letters."""
+    sink = FakeSink(transactional=False)
+    processor = Processor(
+        ROUTES,
+        Settings(),
+        InMemoryStateStore(),
+        sink,
+        FakeClock(),
+        dedupe_window_ms=1,
+        read_limits=lambda: {"out": 2_000},
+    )
+    processor.learn([Refusal("out", b"g1", b"x", 5_000, "Broker: Message size too large", True)])
+    tally = processor.process(records(call("m1", name="x" * 2_000), call("m2", group="g2")))
     assert tally.reasons == {"output_too_large": 1}
     assert [c["messageId"] for c in emitted(sink, "out")] == ["m2"]
+
+
+def test_a_refused_batch_within_the_limit_asks_for_a_new_producer() -> None:
+    """A too-large refusal of a record that fits the topic means batches outgrew it."""
+    processor = Processor(
+        ROUTES,
+        Settings(),
+        InMemoryStateStore(),
+        FakeSink(),
+        FakeClock(),
+        dedupe_window_ms=1,
+        read_limits=lambda: {"out": 100_000},
+    )
+    with pytest.raises(KafkaError, match="batches"):
+        processor.learn([Refusal("out", b"g1", b"x", 500, "Broker: Message size too large", True)])
 
 
 def test_dead_letters_are_logged_without_values_and_rate_limited() -> None:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker import codec
+from worker.limits import GroupBound
 from worker.members import (
     Membership,
     membership_from_record,
@@ -32,7 +33,6 @@ from worker.state import (
     state_record,
     trim_recent,
 )
-from worker.limits import GroupBound
 
 T0 = 1_424_730_535_111  # 2015-02-23T22:28:55.111Z
 WINDOW = 86_400_000

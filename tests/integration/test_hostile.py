@@ -1,0 +1,106 @@
+"""Hostile senders on the real broker: one huge group, records the broker refuses."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import (
+    Topics,
+    WorkerProcess,
+    create_topic,
+    produce,
+    read_topic,
+    values,
+    wait_until,
+)
+from worker import codec
+
+pytestmark = pytest.mark.integration
+
+# The broker's default max.message.bytes: what the worker's topics take unless configured.
+BROKER_LIMIT = 1_048_588
+
+
+def group_call(message_id: str, group: str, traits: dict[str, str]) -> bytes:
+    return codec.encode(
+        {
+            "type": "group",
+            "messageId": message_id,
+            "userId": f"u-{message_id}",
+            "groupId": group,
+            "timestamp": "2026-01-02T03:04:05.678Z",
+            "traits": traits,
+        }
+    )
+
+
+def test_one_huge_group_cannot_stall_the_others(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A group fed 4 MB of new trait keys is bounded; every other group's call is enriched."""
+    rng = random.Random(7)
+    hostile = [
+        (
+            b"attacker",
+            group_call(
+                f"h{n}", "huge", {f"k{n}_{i}": "%0124x" % rng.getrandbits(496) for i in range(150)}
+            ),
+        )
+        for n in range(200)
+    ]
+    assert all(20_000 < len(v) < 32_768 for _, v in hostile)
+    ordinary = [
+        (f"u{n}".encode(), group_call(f"o{n}", f"g{n % 300}", {"plan": "pro", "seats": str(n)}))
+        for n in range(2_000)
+    ]
+    workers.append(WorkerProcess(topics, tmp_path).start())
+    produce(topics.input, hostile)
+    produce(topics.input, ordinary)
+
+    enriched = values(read_topic(topics.enriched, expect=2_200, idle=5, timeout=240))
+    ids = {c["messageId"] for c in enriched}
+    assert {f"o{n}" for n in range(2_000)} <= ids
+    assert {f"h{n}" for n in range(200)} <= ids  # valid calls: enriched, their keys dropped
+    last = max(
+        (c for c in enriched if c["groupId"] == "huge"), key=lambda c: c["group"]["eventCount"]
+    )
+    assert last["group"]["eventCount"] == 200
+    assert any(w["code"] == "group_state_full" for w in last["enrichment"]["warnings"])
+
+    for topic in (topics.enriched, topics.state, topics.members, topics.repartition, topics.dlq):
+        sizes = [len(m.value() or b"") + len(m.key() or b"") for m in read_topic(topic, idle=2)]
+        assert max(sizes, default=0) < BROKER_LIMIT, topic
+    worker = workers[0]
+    assert worker.sample("group_worker_trait_warnings_total", code="group_state_full") > 0
+    assert worker.sample("group_worker_transaction_aborts_total") == 0
+
+
+def test_a_dead_letter_the_broker_refuses_does_not_loop(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A compacted dead-letter topic refuses keyless letters; the worker aborts once, goes on."""
+    create_topic(topics.input, 3)
+    create_topic(topics.dlq, 3, **{"cleanup.policy": "compact"})
+    workers.append(WorkerProcess(topics, tmp_path).start())
+    produce(topics.input, [(None, b"not json")])
+    produce(
+        topics.input,
+        [
+            (f"u{n}".encode(), group_call(f"m{n}", f"g{n % 10}", {"plan": "pro"}))
+            for n in range(300)
+        ],
+    )
+    enriched = values(read_topic(topics.enriched, expect=300, idle=3, timeout=120))
+    assert {c["messageId"] for c in enriched} == {f"m{n}" for n in range(300)}
+    worker = workers[0]
+    wait_until(
+        lambda: worker.sample("group_worker_unwritable_outputs_total", route="dlq") == 1,
+        30,
+        "the refused dead letter to be counted",
+    )
+    assert worker.sample("group_worker_transaction_aborts_total") <= 2
+    assert worker.sample("group_worker_batch_abort_streak") == 0
+    assert "dead_letter_dropped" in worker.log()
