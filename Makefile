@@ -9,11 +9,18 @@ KAFKA := deploy/local-kafka/kafka.sh
 # The test suite gets a broker of its own, so it never touches the one `make run` uses.
 TEST_KAFKA_PORT ?= 19092
 PYTEST_ARGS ?=
+# What run, test, deploy-check and bench need of this machine (python3, java, mvn,
+# prometheus, go...): checked first, one line naming what is missing (deploy/prereqs.sh).
+PREREQS := PYTHON='$(PYTHON)' VENV='$(VENV)' bash deploy/prereqs.sh
 
 .PHONY: help venv kafka-up kafka-down kafka-status run topics test test-unit lint typecheck check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+.PHONY: prereqs-run prereqs-test prereqs-deploy-check prereqs-bench
+prereqs-run prereqs-test prereqs-deploy-check prereqs-bench:
+	@$(PREREQS) $(@:prereqs-%=%)
 
 venv: $(VENV)/.installed ## create .venv with the worker and its dev tools
 
@@ -32,13 +39,13 @@ kafka-down: ## stop the local Kafka broker
 kafka-status: ## say whether the local Kafka broker runs
 	@bash $(KAFKA) status
 
-run: venv kafka-up ## set up, start Kafka, run the worker in the foreground (Ctrl-C stops it)
+run: prereqs-run venv kafka-up ## set up, start Kafka, run the worker in the foreground (Ctrl-C stops it)
 	$(BIN)/group-worker run
 
 topics: venv kafka-up ## create the worker's topics and check their layout
 	$(BIN)/group-worker topics create
 
-test: venv ## set up, start a test broker, run every test, stop the broker it started
+test: prereqs-test venv ## set up, start a test broker, run every test, stop the broker it started
 	@bash deploy/tools.sh prometheus
 	@started=0; \
 	if ! KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) status >/dev/null; then \
@@ -81,17 +88,17 @@ define bench_run
 	exit $$rc
 endef
 
-bench: venv $(VENV)/.bench-installed ## benchmark 1,000,000 calls on a broker of its own (~15 min)
+bench: prereqs-bench venv $(VENV)/.bench-installed ## benchmark 1,000,000 calls on a broker of its own (~15 min)
 	$(call bench_run,--keyed)
 
-bench-quick: venv $(VENV)/.bench-installed ## the benchmark at 100,000 calls (~2 min): bench/results/quick.*
+bench-quick: prereqs-bench venv $(VENV)/.bench-installed ## the benchmark at 100,000 calls (~2 min): bench/results/quick.*
 	$(call bench_run,$(BENCH_QUICK))
 
 # Deployment artefacts (deploy/): container, compose, Kubernetes, dashboard, alerts.
 .PHONY: deploy-tools deploy-check
 
-deploy-tools: venv ## install promtool, kustomize, hadolint, validators, CRDs (idempotent)
+deploy-tools: prereqs-deploy-check venv ## install promtool, kustomize, hadolint, validators, CRDs (idempotent)
 	bash deploy/tools.sh all
 
-deploy-check: venv ## render and validate everything under deploy/ with real tools
+deploy-check: prereqs-deploy-check venv ## render and validate everything under deploy/ with real tools
 	bash deploy/check.sh

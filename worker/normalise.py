@@ -1,4 +1,4 @@
-"""Normalise the reserved traits of a group call (DESIGN.md "Normalising reserved traits").
+"""Normalise the reserved traits of a group call (docs/design.md).
 
 ``normalise_traits`` is a pure function from the traits as sent to the traits we emit,
 plus a list of ``TraitWarning`` for every value it had to drop. A bad trait never loses

@@ -1,6 +1,6 @@
-"""Group state: merging calls into it, and its records (DESIGN.md "Merging into group state").
+"""Group state: merging calls into it, and its records (docs/design.md).
 
-Pure: no I/O, no clock, no JSON library. A group's state is a function of the *set* of
+Pure: no I/O, no clock (sizes come from ``worker.codec``). A group's state is a function of the *set* of
 calls applied to it, in any order and however often, with two exceptions: ``updated_ms``
 (processing time) and the dedupe limitation below.
 
@@ -307,7 +307,7 @@ def _merge_address(
 
 
 def group_snapshot(state: GroupState) -> dict[str, Any]:
-    """The ``group`` object of an enriched call (DESIGN.md "Records out").
+    """The ``group`` object of an enriched call (docs/design.md, "Records").
 
     Trait values are shared with the state: the caller encodes them, never mutates them.
     """

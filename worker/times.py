@@ -159,7 +159,7 @@ def format_time(ms: int) -> str:
 def event_time(call: Mapping[str, Any], fallback_ms: int) -> int:
     """Pick the event time of a Segment call, in epoch milliseconds.
 
-    In order of preference (DESIGN.md "Event time"):
+    In order of preference (docs/design.md, "Event time"):
 
     1. ``timestamp``, when it is a valid ISO-8601 time;
     2. the clock-skew corrected time ``receivedAt - (sentAt - originalTimestamp)``,
