@@ -17,7 +17,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from worker.config import Config
-from worker.errors import TopicError
+from worker.errors import KafkaError, TopicError
 from worker.kafka import client_config
 
 __all__ = ["Layout", "TopicSpec", "ensure_topics", "plan_topics", "read_limits"]
@@ -96,9 +96,13 @@ def ensure_topics(config: Config) -> Layout:
 def read_limits(config: Config) -> dict[str, int]:
     """The output topics' ``max.message.bytes`` as the broker has them now. Blocks.
 
-    Raises ``TopicError`` when they cannot be read.
+    For a running worker: raises ``KafkaError`` when they cannot be read, so its
+    clients are rebuilt and it tries again.
     """
-    return _max_message_bytes(_admin(config), plan_topics(config))
+    try:
+        return _max_message_bytes(_admin(config), plan_topics(config))
+    except TopicError as e:
+        raise KafkaError(f"cannot read the output topics' limits again: {e}") from None
 
 
 def _admin(config: Config) -> AdminClient:

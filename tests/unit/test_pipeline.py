@@ -163,7 +163,11 @@ def test_dead_letter_keeps_non_utf8_bytes_as_base64() -> None:
 def test_call_over_the_size_limit_is_too_large() -> None:
     """A single call over max_event_bytes is dead-lettered as too_large."""
     value = codec.encode(call(traits={"description": "x" * 200}))
-    assert dead(value, Settings(max_event_bytes=100)).reason == "too_large"
+    letter = dead(value, Settings(max_event_bytes=100))
+    assert letter.reason == "too_large"
+    assert letter.letter["message"] == (
+        f"the call is {len(value)} bytes, over the limit of 100 (worker.max_event_bytes)"
+    )
     assert isinstance(one(value, Settings(max_event_bytes=len(value))), Enriched)
 
 
@@ -171,6 +175,7 @@ def test_record_over_the_batch_limit_is_too_large_and_truncated() -> None:
     """A record over max_batch_bytes is too_large without being parsed, its value truncated."""
     letter = dead(b"x" * 5000, Settings(max_event_bytes=100, max_batch_bytes=1000))
     assert letter.reason == "too_large"
+    assert "over the limit of 1000 (worker.max_batch_bytes)" in letter.letter["message"]
     assert letter.letter["truncated"] is True
     assert len(letter.letter["value"]) == 1000
 
