@@ -12,9 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from confluent_kafka import KafkaException
+
 from worker import __version__, tools
 from worker.config import Config, load_config
 from worker.errors import ConfigError, TopicError, WorkerError
+from worker.kafka import translate
 from worker.logs import configure_logging
 from worker.service import run_service
 from worker.topics import ensure_topics
@@ -35,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except WorkerError as e:
         print(f"group-worker: {e}", file=sys.stderr)
+        return 1
+    except KafkaException as e:  # a client call of a data command (tail, state) failed
+        print(f"group-worker: {translate(e.args[0])}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -6,13 +6,16 @@ this is the one place they become the worker's error tree (``worker.errors``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any, Literal, NoReturn
 
 from confluent_kafka import KafkaError as ClientError
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
+from worker.limits import PRODUCER_MAX_DEFAULT
+from worker.logs import kafka_client_logger
 
 __all__ = ["client_config", "produce_all", "raise_for", "translate"]
 
@@ -31,8 +34,13 @@ def client_config(
     In order, later winning: the servers and every unscoped property (SASL, SSL...),
     the client's own ``settings``, then the properties scoped to ``role``
     (``consumer.fetch.max.bytes``), which a user sets on purpose for that client.
+    librdkafka's own log lines go to ``logs.kafka_client_logger`` (JSON, not raw lines
+    on standard error); confluent-kafka delivers them when the client is polled.
     """
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap_servers}
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "logger": kafka_client_logger(),
+    }
     config.update({k: v for k, v in properties.items() if not k.startswith(_SCOPES)})
     config.update(settings or {})
     scope = f"{role}."
@@ -76,31 +84,61 @@ def produce_all(
     topic: str,
     records: Iterable[tuple[bytes | None, bytes | None]],
     timeout: float = 60.0,
+    max_bytes: int = PRODUCER_MAX_DEFAULT,
 ) -> tuple[int, list[str]]:
     """Produce every ``(key, value)`` to ``topic`` and wait for them all to be delivered.
 
     Blocks, serving deliveries, while the local queue is full, then flushes for up to
-    ``timeout`` seconds. Returns how many were produced and the delivery errors (empty
-    when every record was delivered; records still queued at the timeout count as one).
+    ``timeout`` seconds. Returns how many were delivered and one line per failure,
+    naming the record by its position (from 1): a record the producer refuses outright
+    (e.g. larger than ``max_bytes``, the producer's ``message.max.bytes``), which does
+    not stop the others, or one whose delivery failed; records still queued at the
+    timeout make one line together. Never raises for a single record.
     """
     errors: list[str] = []
+    delivered = 0
 
-    def delivered(error: ClientError | None, _: object) -> None:
-        if error is not None:
-            errors.append(error.str())
+    def on_delivery(index: int, error: ClientError | None, _: object) -> None:
+        nonlocal delivered
+        if error is None:
+            delivered += 1
+        else:
+            errors.append(f"record {index}: {error.str()}")
 
-    count = 0
-    for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=delivered)
-                break
-            except BufferError:  # the queue is full: let deliveries drain it
-                producer.poll(0.05)
-        count += 1
-        if count % 1000 == 0:
+    for index, (key, value) in enumerate(records, start=1):
+        try:
+            _produce(producer, topic, key, value, partial(on_delivery, index))
+        except KafkaException as e:
+            errors.append(f"record {index}: {_refusal(e.args[0], value, max_bytes)}")
+        if index % 1000 == 0:
             producer.poll(0)
     remaining = producer.flush(timeout)
     if remaining:
         errors.append(f"{remaining} records still undelivered after {timeout:.0f}s")
-    return count, errors
+    return delivered, errors
+
+
+def _produce(
+    producer: Producer,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    on_delivery: Callable[[ClientError | None, object], None],
+) -> None:
+    """Queue one record, serving deliveries while the queue is full; raises
+    ``KafkaException`` when the producer refuses the record itself."""
+    while True:
+        try:
+            producer.produce(topic, value, key, on_delivery=on_delivery)
+            return
+        except BufferError:  # the queue is full: let deliveries drain it
+            producer.poll(0.05)
+
+
+def _refusal(error: ClientError, value: bytes | None, max_bytes: int) -> str:
+    if error.code() == ClientError.MSG_SIZE_TOO_LARGE:
+        return (
+            f"{error.str()} ({len(value or b'')} bytes; "
+            f"the producer's limit is message.max.bytes={max_bytes})"
+        )
+    return error.str()

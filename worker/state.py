@@ -1,8 +1,8 @@
 """Group state: merging calls into it, and its records (docs/design.md).
 
-Pure: no I/O, no clock (sizes come from ``worker.codec``). A group's state is a function of the *set* of
-calls applied to it, in any order and however often, with two exceptions: ``updated_ms``
-(processing time) and the dedupe limitation below.
+Pure: no I/O, no clock (sizes come from ``worker.codec``). A group's state is a function
+of the *set* of calls applied to it, in any order and however often, with three
+exceptions: ``updated_ms`` (processing time), the dedupe limitation and the bound below.
 
 Registers. Every top-level trait is a last-writer-wins register stamped with the
 ``(event_ms, message_id)`` of the call that wrote it; the greater stamp (tuple order)

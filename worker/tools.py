@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 
@@ -21,6 +21,7 @@ from worker.config import Config
 from worker.errors import WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
 from worker.kafka import client_config, produce_all
+from worker.limits import PRODUCER_MAX_DEFAULT
 from worker.pipeline import Settings, process_record
 from worker.restore import KafkaRestorer
 
@@ -73,13 +74,14 @@ def add_commands(commands: Any) -> None:
         normalise.set_defaults(command=_normalise)
 
 
-def read_calls(text: str) -> Iterator[bytes]:
-    """The raw values in ``text``: each element of a JSON array, else each non-blank line.
+def read_calls(data: bytes) -> Iterator[bytes]:
+    """The raw values in ``data``: each element of a JSON array, else each non-blank line.
 
-    Lines are sent verbatim (so invalid JSON can be sent on purpose to test dead letters).
+    Lines are sent verbatim, as bytes, even when they are not UTF-8 (so invalid input can
+    be sent on purpose to test dead letters).
     """
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    stripped = data.lstrip()
+    if stripped.startswith(b"["):
         try:
             calls = codec.decode(stripped)
         except codec.DecodeError:
@@ -87,13 +89,14 @@ def read_calls(text: str) -> Iterator[bytes]:
         if isinstance(calls, list):
             yield from (codec.encode(call) for call in calls)
             return
-    for line in text.splitlines():
+    for line in data.splitlines():
         if line.strip():
-            yield line.encode()
+            yield line
 
 
-def _open(path: str) -> TextIO:
-    return sys.stdin if path == "-" else open(path, encoding="utf-8")
+def _open(path: str) -> BinaryIO:
+    """``path`` (``-``: standard input) for reading bytes: input need not be UTF-8."""
+    return sys.stdin.buffer if path == "-" else open(path, "rb")
 
 
 def _send(config: Config, args: argparse.Namespace) -> int:
@@ -101,13 +104,17 @@ def _send(config: Config, args: argparse.Namespace) -> int:
     with _open(args.file) as f:
         values = list(read_calls(f.read()))
     settings = {"enable.idempotence": True, "partitioner": "murmur2_random"}
-    producer = Producer(
-        client_config(config.kafka.bootstrap_servers, config.kafka.properties, "producer", settings)
-    )
+    kafka = config.kafka
+    producer_config = client_config(kafka.bootstrap_servers, kafka.properties, "producer", settings)
+    producer = Producer(producer_config)
     records = ((_key(value, args.key_field), value) for value in values)
-    _, failures = produce_all(producer, topic, records)
+    limit = int(producer_config.get("message.max.bytes", PRODUCER_MAX_DEFAULT))
+    delivered, failures = produce_all(producer, topic, records, max_bytes=limit)
     if failures:
-        raise WorkerError(f"send: not every call reached {topic}: {failures[0]}")
+        raise WorkerError(
+            f"send: {len(values) - delivered} of {len(values)} calls not sent to {topic}: "
+            f"{failures[0]}"
+        )
     print(f"sent {len(values)} calls to {topic}", file=sys.stderr)
     return 0
 
@@ -216,7 +223,7 @@ def _normalise(config: Config, args: argparse.Namespace) -> int:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            record = Record(source, 0, number, line.rstrip("\r\n").encode(), timestamp_ms=now_ms)
+            record = Record(source, 0, number, line.rstrip(b"\r\n"), timestamp_ms=now_ms)
             for outcome in process_record(record, settings):
                 counts[f"outcome {outcome.kind}"] += 1
                 if isinstance(outcome, Enriched):

@@ -122,6 +122,7 @@ def _partition_counts(admin: AdminClient) -> dict[str, int]:
     try:
         metadata = admin.list_topics(timeout=_TIMEOUT)
     except KafkaException as e:
+        admin.poll(0)  # hand over the client's own lines (which broker failed, and how)
         raise TopicError(f"cannot reach Kafka to list topics: {e.args[0].str()}") from None
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 

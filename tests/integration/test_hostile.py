@@ -46,7 +46,7 @@ def test_one_huge_group_cannot_stall_the_others(
         (
             b"attacker",
             group_call(
-                f"h{n}", "huge", {f"k{n}_{i}": "%0124x" % rng.getrandbits(496) for i in range(150)}
+                f"h{n}", "huge", {f"k{n}_{i}": f"{rng.getrandbits(496):0124x}" for i in range(150)}
             ),
         )
         for n in range(200)

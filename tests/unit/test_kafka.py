@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 from confluent_kafka import KafkaError as ClientError
+from confluent_kafka import KafkaException, Producer
 
 from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
-from worker.kafka import client_config, translate
+from worker.kafka import client_config, produce_all, translate
+from worker.logs import kafka_client_logger
 
 PROPERTIES = {
     "security.protocol": "SASL_SSL",
@@ -23,6 +28,7 @@ def test_scoped_properties_reach_only_their_client_and_win() -> None:
     consumer = client_config("b:9092", PROPERTIES, "consumer", settings)
     assert consumer == {
         "bootstrap.servers": "b:9092",
+        "logger": kafka_client_logger(),  # librdkafka's lines become JSON log events
         "security.protocol": "SASL_SSL",
         "enable.auto.commit": False,  # the client's own setting beats an unscoped one
         "isolation.level": "read_uncommitted",  # a scoped one beats the client's
@@ -44,3 +50,48 @@ def test_errors_translate_by_class() -> None:
     assert isinstance(translate(ClientError(ClientError.NOT_LEADER_FOR_PARTITION)), RetriableError)
     other = translate(ClientError(ClientError.INVALID_CONFIG))
     assert type(other) is KafkaError
+
+
+class FakeProducer:
+    """Refuses values over ``max_bytes`` as librdkafka does; delivers the rest on flush."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.pending: list[tuple[bytes, Callable[[ClientError | None, Any], None]]] = []
+        self.delivered: list[bytes] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any) -> None:
+        if len(value) > self.max_bytes:
+            raise KafkaException(ClientError(ClientError.MSG_SIZE_TOO_LARGE))
+        self.pending.append((value, on_delivery))
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> int:
+        for value, on_delivery in self.pending:
+            self.delivered.append(value)
+            on_delivery(None, value)
+        self.pending.clear()
+        return 0
+
+
+def test_a_record_the_producer_refuses_is_reported_and_the_others_are_sent() -> None:
+    """A record refused at produce time is named with its size and limit; the rest go."""
+    producer = FakeProducer(max_bytes=1_000_000)
+    records = [(None, b"a"), (b"k", b"x" * 2_000_123), (None, b"c")]
+    delivered, errors = produce_all(cast(Producer, producer), "t", records)
+    assert (delivered, producer.delivered) == (2, [b"a", b"c"])
+    assert len(errors) == 1
+    assert errors[0].startswith("record 2: ")
+    assert errors[0].endswith("(2000123 bytes; the producer's limit is message.max.bytes=1000000)")
+
+
+def test_the_size_limit_named_is_the_one_given() -> None:
+    """A producer configured with another message.max.bytes is named with that limit."""
+    producer = cast(Producer, FakeProducer(max_bytes=1000))
+    _, errors = produce_all(producer, "t", [(None, b"x" * 2000)], max_bytes=1000)
+    assert errors == [
+        "record 1: Broker: Message size too large "
+        "(2000 bytes; the producer's limit is message.max.bytes=1000)"
+    ]

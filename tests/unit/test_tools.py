@@ -1,0 +1,46 @@
+"""The data commands without Kafka: reading input files, and ``normalise`` (worker.tools)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from worker import codec
+from worker.tools import read_calls
+
+GROUP = b'{"type":"group","groupId":"g1","userId":"u1","traits":{"name":"Acme"}}'
+NOT_UTF8 = b'{"type":"group","groupId":"g\xff","userId":"u1"}'
+
+
+def test_read_calls_keeps_a_line_that_is_not_utf8_verbatim() -> None:
+    """Each non-blank line is a value, byte for byte, even one that is not UTF-8."""
+    assert list(read_calls(GROUP + b"\r\n\n" + NOT_UTF8 + b"\n")) == [GROUP, NOT_UTF8]
+
+
+def test_read_calls_splits_a_json_array_into_calls() -> None:
+    """A JSON array gives one value per element."""
+    assert list(read_calls(b' [{"a": 1}, 2]')) == [b'{"a":1}', b"2"]
+
+
+def test_normalise_dead_letters_a_line_that_is_not_utf8_and_goes_on(tmp_path: Path) -> None:
+    """`normalise` turns a line that is not UTF-8 into an invalid_json dead letter."""
+    calls = tmp_path / "calls.jsonl"
+    calls.write_bytes(NOT_UTF8 + b"\n" + GROUP + b"\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "normalise", str(calls)],
+        capture_output=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, b"")
+    letter, enriched = (codec.decode(line) for line in result.stdout.splitlines())
+    assert letter["topic"] == "segment.group.dlq"
+    assert letter["value"]["reason"] == "invalid_json"
+    assert letter["value"]["encoding"] == "base64"
+    assert enriched["topic"] == "segment.group.enriched"
+    assert enriched["value"]["groupId"] == "g1"
