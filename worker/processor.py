@@ -94,7 +94,7 @@ class Processor:
     """Turns records into outputs on ``sink`` and state in ``store``; never raises for input.
 
     ``limits`` says what each topic accepts (shared with the service: what ``learn``
-    lowers outlives a rebuilt processor); ``bound`` how large one group may grow
+    reads again outlives a rebuilt processor); ``bound`` how large one group may grow
     (default: what fits ``limits``). ``on_unwritable`` hears of each output that could
     not be written as it was, by route (``enriched``, ``state``...). ``read_limits``
     reads the output topics' ``max.message.bytes`` again (blocking) after a refusal.
@@ -191,9 +191,11 @@ class Processor:
         Raises ``KafkaError`` when a refused record was within its topic's limit: the
         producer's batches outgrew the topic and the producer must be rebuilt.
         """
+        refusals = list(refusals)
+        for (topic, error), n in Counter((r.topic, r.error) for r in refusals).items():
+            log.warning("output_refused", topic=topic, error=error, records=n)
         too_large = []
         for refusal in refusals:
-            log.warning("output_refused", topic=refusal.topic, error=refusal.error)
             if refusal.too_large:
                 too_large.append(refusal)
                 continue

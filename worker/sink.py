@@ -252,7 +252,6 @@ class KafkaSink:
         size = len(key or b"") + len(value or b"")  # headers: a few bytes, left out
         too_large = error.code() in _TOO_LARGE
         self._refused.append(Refusal(topic, key, value, size, error.str(), too_large))
-        log.warning("output_refused_by_kafka", topic=topic, size=size, error=error.str())
 
     def _retry(self, operation: Callable[[], None]) -> None:
         """Run a transactional ``operation``, retrying retriable errors for a while.
