@@ -29,7 +29,7 @@ from worker.store import InMemoryStateStore
 __all__ = ["CountingSink", "FixedClock", "HotPathResult", "make_records", "measure_hot_path"]
 
 _TOPIC = "segment.raw"
-_REPARTITION = "segment.group.repartition"
+_REPARTITION = "group-worker.repartition"
 _BATCH = 1000
 _DEDUPE_WINDOW_MS = 86_400_000
 

@@ -7,15 +7,20 @@ Sources, later ones winning: the defaults below (mirrored, commented, in
 ``GROUP_WORKER_KAFKA_SASL_PASSWORD`` sets ``sasl.password``); a ``_FILE`` suffix reads
 the value from that file, for mounted secrets. Every problem raises ``ConfigError``
 with one line naming the key.
+
+Internal topics belong to their deployment: unless configured, ``topics.repartition``
+is ``<worker.group_id>.repartition`` (as Kafka Streams prefixes internal topics with
+its ``application.id``). A loaded ``Config`` always holds the resolved name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +43,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 _ENV_PREFIX = "GROUP_WORKER_"
 _SECRET_MARKERS = ("password", "secret", "key", "token", "credentials")
+# What Kafka accepts as a topic name (besides "." and "..").
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_TOPIC_RULE = "only letters, digits, '.', '_' and '-', at most 249 characters"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +62,8 @@ class TopicsConfig:
     state: str = "segment.group.state"
     members: str = "segment.group.members"
     dlq: str = "segment.group.dlq"
-    repartition: str = "segment.group.repartition"
+    # Internal. Empty: "<worker.group_id>.repartition", filled in by load_config.
+    repartition: str = ""
     partitions: int = 6
     replication_factor: int = -1
 
@@ -66,6 +75,9 @@ class WorkerConfig:
     input_keyed_by_group_id: bool = False
     dedupe_window_seconds: int = 86_400
     dedupe_max_ids: int = 1_000
+    # 0: the largest that fits the output topics' record limits (read at start), at most
+    # 256 KiB. See worker.limits.
+    max_group_bytes: int = 0
     max_event_bytes: int = 32_768
     max_batch_bytes: int = 524_288
     phone_default_region: str = ""
@@ -122,6 +134,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raw[section] = dict(values)
     _apply_environment(raw, os.environ if environ is None else environ)
     config = Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
+    config = _with_internal_topics(config)
     _validate(config)
     return config
 
@@ -142,9 +155,28 @@ _RANGES = (
     ("worker.commit_interval_ms", 1, 600_000),
     ("worker.commit_max_records", 1, 1_000_000),
     ("worker.max_event_bytes", 1, 100_000_000),
+    ("worker.max_group_bytes", 0, 100_000_000),
     ("worker.shutdown_timeout_seconds", 1, 3_600),
     ("http.port", 0, 65_535),
 )
+
+
+def _with_internal_topics(config: Config) -> Config:
+    """``config`` with an unset ``topics.repartition`` derived from ``worker.group_id``."""
+    if config.topics.repartition:
+        return config
+    name = f"{config.worker.group_id}.repartition"
+    if not _legal_topic(name):
+        raise ConfigError(
+            f"config: worker.group_id {config.worker.group_id!r} gives topics.repartition "
+            f"{name!r}, not a legal topic name ({_TOPIC_RULE}): change it or set "
+            "topics.repartition"
+        )
+    return replace(config, topics=replace(config.topics, repartition=name))
+
+
+def _legal_topic(name: str) -> bool:
+    return name not in (".", "..") and _TOPIC_NAME.fullmatch(name) is not None
 
 
 def _validate(config: Config) -> None:
@@ -157,6 +189,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"config: {name} must be at most {highest}, got {value}")
     if config.worker.max_batch_bytes < config.worker.max_event_bytes:
         raise ConfigError("config: worker.max_batch_bytes must be at least worker.max_event_bytes")
+    if not config.worker.group_id:
+        raise ConfigError("config: worker.group_id must not be empty")
     t = config.topics
     names = {
         "input": t.input,
@@ -164,11 +198,16 @@ def _validate(config: Config) -> None:
         "state": t.state,
         "members": t.members,
         "dlq": t.dlq,
+        "repartition": t.repartition,
     }
     seen: dict[str, str] = {}
     for key, topic in names.items():
         if not topic:
             raise ConfigError(f"config: topics.{key} must not be empty")
+        if not _legal_topic(topic):
+            raise ConfigError(
+                f"config: topics.{key} {topic!r} is not a legal topic name ({_TOPIC_RULE})"
+            )
         if topic in seen:
             raise ConfigError(f"config: topics.{key} and topics.{seen[topic]} are both {topic!r}")
         seen[topic] = key

@@ -106,9 +106,9 @@ class Runner:
         """
         routes = self._settings.routes
         topics = [routes.input] + ([routes.repartition] if routes.repartition else [])
-        self._source.subscribe(topics, self)
-        log.info("worker_started", topics=topics)
         try:
+            self._source.subscribe(topics, self)
+            log.info("worker_started", topics=topics)
             while not self._stopping:
                 self.last_progress = self._clock.monotonic()
                 try:

@@ -6,12 +6,13 @@ source (at least once) or inside the producer's transaction (exactly once).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from worker.errors import RetriableError
+from worker.errors import RetriableError, TopicError
 from worker.events import SourceRecord
 from worker.kafka import client_config, raise_for, translate
 
@@ -20,6 +21,8 @@ __all__ = ["KafkaSource", "Offsets", "Partition", "RebalanceListener", "Source"]
 Partition = tuple[str, int]
 # The next offset to read, per partition: what a commit stores.
 Offsets = Mapping[Partition, int]
+# How often subscribe() asks again for a topic the consumer's metadata does not show yet.
+_TOPIC_RETRY = 0.2
 
 
 class RebalanceListener(Protocol):
@@ -45,7 +48,11 @@ class Source(Protocol):
 
 
 class KafkaSource:
-    """A ``Source`` over ``confluent_kafka.Consumer``, reading committed data only."""
+    """A ``Source`` over ``confluent_kafka.Consumer``, reading committed data only.
+
+    ``subscribe`` waits up to ``topic_timeout`` seconds for the topics to be usable:
+    keep it below the service's liveness window (60 s), as the loop is not running yet.
+    """
 
     def __init__(
         self,
@@ -55,6 +62,7 @@ class KafkaSource:
         *,
         group_instance_id: str = "",
         on_error: Callable[[BaseException], None] | None = None,
+        topic_timeout: float = 30.0,
     ) -> None:
         settings: dict[str, Any] = {
             "group.id": group_id,
@@ -63,6 +71,10 @@ class KafkaSource:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "cooperative-sticky",
+            # A subscribed topic missing from the metadata is looked for again only at
+            # this refresh (librdkafka's default: 5 minutes). subscribe() waits for the
+            # topics, so this only bounds what slips past that (a lagging broker).
+            "topic.metadata.refresh.interval.ms": 30_000,
         }
         if group_instance_id:
             settings["group.instance.id"] = group_instance_id
@@ -74,9 +86,28 @@ class KafkaSource:
         # the first one and re-raise it from consume().
         self._callback_error: BaseException | None = None
         self._on_error = on_error
+        self._topic_timeout = topic_timeout
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
-        """Join the group for ``topics``; ``listener`` hears of every partition move."""
+        """Join the group for ``topics``; ``listener`` hears of every partition move.
+
+        Blocks until this consumer's metadata shows every topic with its partitions
+        and their leaders, so the first assignment covers them all (librdkafka leaves
+        a topic it does not see yet unassigned until its next metadata refresh).
+        Raises ``TopicError`` naming the topic when one does not exist within
+        ``topic_timeout`` seconds; ``KafkaError`` when no broker answers, or a partition
+        has no leader, by then (the supervisor retries those).
+        """
+        deadline = time.monotonic() + self._topic_timeout
+        for topic in topics:
+            while (problem := self._unusable(topic, deadline)) is not None:
+                if time.monotonic() >= deadline:
+                    # A topic without leaders is a cluster in trouble: retried, not fatal.
+                    error = RetriableError if "leader" in problem else TopicError
+                    raise error(
+                        f"topic {topic} is not usable after {self._topic_timeout:g}s: {problem}"
+                    )
+                time.sleep(_TOPIC_RETRY)
         self._listener = listener
         self._consumer.subscribe(
             list(topics),
@@ -147,6 +178,28 @@ class KafkaSource:
     def close(self) -> None:
         """Leave the group (running the revoke callback) and release the client."""
         self._consumer.close()
+
+    def _unusable(self, topic: str, deadline: float) -> str | None:
+        """Why this consumer's metadata shows ``topic`` unusable; None when it is usable.
+
+        Raises ``KafkaError`` when no broker answers by ``deadline``: the broker is
+        away, which the supervisor retries, not a topic layout to fix.
+        """
+        wait = max(deadline - time.monotonic(), _TOPIC_RETRY)
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=wait).topics.get(topic)
+        except KafkaException as e:
+            raise_for(e.args[0])
+        if metadata is None:
+            return "not in the metadata"
+        if metadata.error is not None:
+            return str(metadata.error.str())
+        if not metadata.partitions:
+            return "no partitions"
+        for partition in metadata.partitions.values():
+            if partition.error is not None or partition.leader < 0:
+                return f"partition {partition.id} has no leader"
+        return None
 
     def _guard(self, callback: Callable[[Sequence[Partition]], None]) -> Callable[..., None]:
         def run(_: Consumer, partitions: list[TopicPartition]) -> None:

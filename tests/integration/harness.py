@@ -37,11 +37,17 @@ __all__ = [
 BOOTSTRAP = os.environ.get("KAFKA_TEST_BOOTSTRAP", "127.0.0.1:9092")
 ROOT = Path(__file__).resolve().parents[2]
 DEDUPE_MAX_IDS = 100_000
+# Partitions of the input a worker creates, unless a test sets TOPICS_PARTITIONS.
+PARTITIONS = 3
 
 
 @dataclass(frozen=True)
 class Topics:
-    """Unique topic names and group id for one test, so tests never share data."""
+    """Unique topic names and group id for one test, so tests never share data.
+
+    With ``name_repartition`` false the worker is not told the repartition topic and
+    derives it from the group id, which gives the same name.
+    """
 
     input: str
     enriched: str
@@ -50,9 +56,10 @@ class Topics:
     dlq: str
     repartition: str
     group_id: str
+    name_repartition: bool = True
 
     @classmethod
-    def unique(cls) -> Topics:
+    def unique(cls, name_repartition: bool = True) -> Topics:
         tag = uuid.uuid4().hex[:10]
         return cls(
             f"it-{tag}.raw",
@@ -62,18 +69,21 @@ class Topics:
             f"it-{tag}.dlq",
             f"it-{tag}.repartition",
             f"it-{tag}",
+            name_repartition,
         )
 
     def environ(self) -> dict[str, str]:
-        return {
+        environ = {
             "GROUP_WORKER_TOPICS_INPUT": self.input,
             "GROUP_WORKER_TOPICS_ENRICHED": self.enriched,
             "GROUP_WORKER_TOPICS_STATE": self.state,
             "GROUP_WORKER_TOPICS_MEMBERS": self.members,
             "GROUP_WORKER_TOPICS_DLQ": self.dlq,
-            "GROUP_WORKER_TOPICS_REPARTITION": self.repartition,
             "GROUP_WORKER_WORKER_GROUP_ID": self.group_id,
         }
+        if self.name_repartition:
+            environ["GROUP_WORKER_TOPICS_REPARTITION"] = self.repartition
+        return environ
 
 
 def free_port() -> int:
@@ -107,7 +117,7 @@ class WorkerProcess:
             {
                 "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP,
                 "GROUP_WORKER_HTTP_PORT": str(self.port),
-                "GROUP_WORKER_TOPICS_PARTITIONS": "3",
+                "GROUP_WORKER_TOPICS_PARTITIONS": str(PARTITIONS),
                 # The broker's minimum: a killed worker's partitions move on in seconds.
                 "GROUP_WORKER_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000",
                 # Dedupe is order-independent only while a group's ids fit the bound;
@@ -137,6 +147,21 @@ class WorkerProcess:
             )
         wait_until(self.ready, 60, f"the worker to be ready (log: {self.log_path})")
         return self
+
+    def wait_assigned(self, *topics: str, partitions: int = PARTITIONS) -> None:
+        """Wait until this worker holds all ``partitions`` of each of ``topics``.
+
+        Ready means the worker has joined its group, not that every subscribed topic
+        was assigned: a test that needs stage two running waits for this as well.
+        """
+        wait_until(
+            lambda: all(
+                self.sample("group_worker_assigned_partitions", topic=t) == partitions
+                for t in topics
+            ),
+            10,
+            f"{self.log_path.stem} to hold {partitions} partitions of each of {topics}",
+        )
 
     def get(self, path: str) -> tuple[int, str]:
         try:

@@ -90,6 +90,7 @@ def test_every_consumed_call_lands_in_exactly_one_place(
     total = len(good) + sum(reasons.values()) + skipped
     worker = WorkerProcess(topics, tmp_path, WORKER_PROCESSING_GUARANTEE=guarantee)
     workers.append(worker.start())
+    worker.wait_assigned(topics.input, topics.repartition)
     produce(topics.input, records)
 
     wait_until(
@@ -223,18 +224,11 @@ def test_topics_create_refuses_a_mismatched_state_topic(topics: Topics) -> None:
 
 
 def test_topics_create_makes_outputs_with_the_input_partition_count(topics: Topics) -> None:
-    """`topics create` creates every output with the input's partitions, state compacted."""
+    """`topics create` creates every output with the input's partitions and shows its limit."""
     result = cli(topics, "topics", "create", TOPICS_PARTITIONS="4")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert lines == [
-        f"{name}: 4 partitions"
-        for name in (
-            topics.input,
-            topics.enriched,
-            topics.dlq,
-            topics.state,
-            topics.members,
-            topics.repartition,
-        )
+    outputs = (topics.enriched, topics.dlq, topics.state, topics.members, topics.repartition)
+    assert lines == [f"{topics.input}: 4 partitions"] + [
+        f"{name}: 4 partitions, max.message.bytes=1048588" for name in outputs
     ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import Config, load_config, redact
+from worker.config import load_config, redact
 from worker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,42 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_file_equals_the_built_in_defaults() -> None:
     """config/worker.toml documents exactly the built-in defaults."""
-    assert load_config(ROOT / "config" / "worker.toml", {}) == Config()
+    assert load_config(ROOT / "config" / "worker.toml", {}) == load_config(None, {})
+
+
+def test_repartition_topic_is_named_after_the_consumer_group() -> None:
+    """Unset, topics.repartition is <worker.group_id>.repartition, so deployments never share it."""
+    assert load_config(None, {}).topics.repartition == "group-worker.repartition"
+    billing = load_config(None, {"GROUP_WORKER_WORKER_GROUP_ID": "billing"})
+    assert billing.topics.repartition == "billing.repartition"
+    longest = load_config(None, {"GROUP_WORKER_WORKER_GROUP_ID": "g" * 237})
+    assert len(longest.topics.repartition) == 249
+
+
+def test_a_configured_repartition_topic_wins_over_the_derived_name(tmp_path: Path) -> None:
+    """A repartition name from the file or the environment is kept as it is."""
+    path = write(tmp_path, "[topics]\nrepartition = 'from.file'\n[worker]\ngroup_id = 'g'\n")
+    assert load_config(path, {}).topics.repartition == "from.file"
+    environ = {"GROUP_WORKER_TOPICS_REPARTITION": "from.env"}
+    assert load_config(path, environ).topics.repartition == "from.env"
+
+
+@pytest.mark.parametrize(
+    "group_id",
+    [
+        pytest.param("billing team", id="space"),
+        pytest.param("team/billing", id="slash"),
+        pytest.param("g" * 238, id="250-characters"),
+    ],
+)
+def test_a_group_id_that_gives_an_illegal_repartition_name_is_refused(group_id: str) -> None:
+    """A derived repartition name Kafka would reject fails with one line naming both keys."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"GROUP_WORKER_WORKER_GROUP_ID": group_id})
+    message = str(error.value)
+    assert "worker.group_id" in message
+    assert "topics.repartition" in message
+    assert "\n" not in message
 
 
 def test_file_values_and_librdkafka_properties_are_read(tmp_path: Path) -> None:
@@ -106,6 +141,18 @@ def test_secret_is_read_from_a_file(tmp_path: Path) -> None:
         ),
         pytest.param(
             "[topics]\nenriched = 'segment.raw'\n", {}, "topics.enriched", id="topic-reused"
+        ),
+        pytest.param(
+            "[worker]\ngroup_id = 'segment'\n[topics]\ninput = 'segment.repartition'\n",
+            {},
+            "topics.repartition and topics.input are both 'segment.repartition'",
+            id="derived-repartition-reused",
+        ),
+        pytest.param(
+            "[topics]\ndlq = 'dead letters'\n", {}, "topics.dlq 'dead letters'", id="illegal-topic"
+        ),
+        pytest.param(
+            "[worker]\ngroup_id = ''\n", {}, "worker.group_id must not be empty", id="no-group"
         ),
         pytest.param("[worker\n", {}, "is not valid TOML", id="bad-toml"),
         pytest.param(

@@ -1,0 +1,54 @@
+"""Two deployments on one broker: each keeps its internal topics, and its calls, to itself."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Topics, WorkerProcess, produce, read_topic, values
+from worker import codec
+
+pytestmark = pytest.mark.integration
+
+CALLS = 300
+
+
+def calls(prefix: str) -> list[tuple[bytes | None, bytes | None]]:
+    """``CALLS`` group calls keyed by user, so stage one re-keys them, in five shared groups."""
+    return [
+        (
+            f"u{n % 7}".encode(),
+            codec.encode(
+                {
+                    "type": "group",
+                    "messageId": f"{prefix}-{n}",
+                    "userId": f"u{n % 7}",
+                    "groupId": f"g{n % 5}",
+                    "traits": {"plan": prefix},
+                }
+            ),
+        )
+        for n in range(CALLS)
+    ]
+
+
+def test_deployments_with_their_own_group_ids_never_read_each_others_calls(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Each deployment, repartition topic left to its default, enriches exactly its own calls."""
+    deployments = [Topics.unique(name_repartition=False) for _ in range(2)]
+    for name, topics in zip("ab", deployments, strict=True):
+        worker = WorkerProcess(topics, tmp_path, name)
+        workers.append(worker.start())
+        worker.wait_assigned(topics.input, f"{topics.group_id}.repartition")
+    for name, topics in zip("ab", deployments, strict=True):
+        produce(topics.input, calls(name))
+
+    for name, topics in zip("ab", deployments, strict=True):
+        enriched = values(read_topic(topics.enriched, expect=CALLS))
+        assert Counter(c["messageId"] for c in enriched) == Counter(
+            f"{name}-{n}" for n in range(CALLS)
+        )
+        assert {c["group"]["traits"]["plan"] for c in enriched} == {name}

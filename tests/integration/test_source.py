@@ -1,0 +1,83 @@
+"""The consumer edge (worker.source) on the real local broker: subscribing to fresh topics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from tests.integration.harness import BOOTSTRAP, Topics, create_topic, free_port
+from worker.errors import RetriableError, TopicError
+from worker.source import KafkaSource, Partition
+
+pytestmark = pytest.mark.integration
+
+
+class RecordingListener:
+    """A ``RebalanceListener`` that remembers the partitions it holds."""
+
+    def __init__(self) -> None:
+        self.assigned: set[Partition] = set()
+
+    def on_assign(self, partitions: Sequence[Partition]) -> None:
+        self.assigned.update(partitions)
+
+    def on_revoke(self, partitions: Sequence[Partition]) -> None:
+        self.assigned.difference_update(partitions)
+
+    def on_lost(self, partitions: Sequence[Partition]) -> None:
+        self.assigned.difference_update(partitions)
+
+
+def test_a_topic_created_just_after_subscribing_is_assigned_at_once(topics: Topics) -> None:
+    """A subscribed topic created two seconds late is assigned with the others within seconds."""
+    create_topic(topics.input, 3)
+    late = threading.Timer(2.0, create_topic, (topics.repartition, 3))
+    source = KafkaSource(BOOTSTRAP, topics.group_id, {})
+    listener = RecordingListener()
+    late.start()
+    try:
+        started = time.monotonic()
+        source.subscribe([topics.input, topics.repartition], listener)
+        wanted = {(t, p) for t in (topics.input, topics.repartition) for p in range(3)}
+        while listener.assigned != wanted and time.monotonic() - started < 10:
+            source.consume(100, 0.1)
+        elapsed = time.monotonic() - started
+        assert listener.assigned == wanted, f"after {elapsed:.1f}s: {sorted(listener.assigned)}"
+    finally:
+        late.join()
+        source.close()
+
+
+def test_a_topic_that_never_appears_is_a_topic_error_within_the_bound(topics: Topics) -> None:
+    """Subscribing to a topic that does not exist fails with one line naming it, in time."""
+    create_topic(topics.input, 3)
+    source = KafkaSource(BOOTSTRAP, topics.group_id, {}, topic_timeout=2.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TopicError) as error:
+            source.subscribe([topics.input, topics.repartition], RecordingListener())
+        elapsed = time.monotonic() - started
+    finally:
+        source.close()
+    message = str(error.value)
+    assert topics.repartition in message
+    assert topics.input not in message
+    assert "\n" not in message
+    assert 2.0 <= elapsed < 4.0, f"raised after {elapsed:.1f}s"
+
+
+def test_a_subscribe_no_broker_answers_is_retriable_not_a_topic_error(topics: Topics) -> None:
+    """Without a broker, subscribe raises a RetriableError (the supervisor rebuilds), in time."""
+    source = KafkaSource(
+        f"127.0.0.1:{free_port()}", topics.group_id, {"log_level": "0"}, topic_timeout=1.0
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(RetriableError):
+            source.subscribe([topics.input], RecordingListener())
+        assert time.monotonic() - started < 3.0
+    finally:
+        source.close()
