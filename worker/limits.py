@@ -58,12 +58,13 @@ class Limits:
     def __init__(
         self, max_message_bytes: Mapping[str, int], producer_max: int = PRODUCER_MAX_DEFAULT
     ) -> None:
-        self._producer_max = producer_max
+        # The producer's limit counts the record's share of its request.
+        self._producer_room = producer_max - _BATCH_OVERHEAD
         self._by_topic = {t: self._usable(n) for t, n in max_message_bytes.items()}
 
     def record_bytes(self, topic: str) -> int:
         """The most bytes of key, value and headers one record of ``topic`` may have."""
-        return self._by_topic.get(topic, self._producer_max)
+        return self._by_topic.get(topic, self._producer_room)
 
     def fits(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
@@ -76,16 +77,15 @@ class Limits:
 
     def batch_bytes(self) -> int:
         """The most bytes one producer batch may hold so that every topic takes it."""
-        return min(self._by_topic.values(), default=self._producer_max)
+        return min(self._by_topic.values(), default=self._producer_room)
 
     def update(self, max_message_bytes: Mapping[str, int]) -> None:
         """Take topics' ``max.message.bytes`` read again; other topics keep their limit."""
         self._by_topic.update((t, self._usable(n)) for t, n in max_message_bytes.items())
 
     def _usable(self, max_message_bytes: int) -> int:
-        return min(
-            int(max_message_bytes * _COMPRESSION_SLACK) - _BATCH_OVERHEAD, self._producer_max
-        )
+        topic_room = int(max_message_bytes * _COMPRESSION_SLACK) - _BATCH_OVERHEAD
+        return min(topic_room, self._producer_room)
 
 
 @dataclass(frozen=True, slots=True)
