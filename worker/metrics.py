@@ -18,9 +18,11 @@ from prometheus_client import (
 from worker import __version__
 from worker.events import OutcomeKind
 
-__all__ = ["OUTCOMES", "Metrics"]
+__all__ = ["OUTCOMES", "ROUTES", "Metrics"]
 
 OUTCOMES: tuple[OutcomeKind, ...] = ("enriched", "duplicate", "skipped", "dead_letter")
+# Where outputs go, as the processor names them.
+ROUTES = ("enriched", "repartition", "state", "members", "dlq")
 _PREFIX = "group_worker"
 # The *_created series double the exposition for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -150,5 +152,8 @@ class Metrics:
         # The running version, as a label on a constant 1.
         self.build = Info(f"{_PREFIX}_build", "Build information", registry=r)
         self.build.info({"version": __version__})
-        for outcome in OUTCOMES:  # export zeros, so rate() and sums work from the start
+        # Export zeros, so rate() and sums work from the start.
+        for outcome in OUTCOMES:
             self.outcomes.labels(outcome)
+        for route in ROUTES:
+            self.unwritable_outputs.labels(route)
