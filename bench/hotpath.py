@@ -53,6 +53,7 @@ class CountingSink:
         value: bytes,
         headers: Headers | None = None,
         partition: int | None = None,
+        timestamp: int = 0,
     ) -> None:
         self.records += 1
         self.bytes[topic] += len(value)

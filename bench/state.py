@@ -29,14 +29,13 @@ from bench.runs import ROOT, Topics, create_topic, delete_topics, fast_producer,
 from worker import codec
 from worker.members import membership_key, merge_membership
 from worker.normalise import normalise_traits
-from worker.restore import KafkaRestorer, restore_partition
+from worker.restore import Changelogs, KafkaRestorer, restore_partition
 from worker.state import Applied, GroupState, merge_call, state_record
 from worker.store import InMemoryStateStore
 
 __all__ = ["GroupMemory", "Restore", "measure_group_memory", "measure_restore"]
 
 _TRAITS = 10
-_WINDOW_MS = 86_400_000
 _COMPACT = {"cleanup.policy": "compact"}
 # Consumer settings a restorer could use: whole partitions per fetch, not 1 MB.
 _LARGE_FETCHES = {"max.partition.fetch.bytes": "16777216", "fetch.max.bytes": "67108864"}
@@ -62,7 +61,7 @@ def _state(index: int, calls: int = 1) -> GroupState:
             f"user-{index:07d}-{call}",
             normalised,
         )
-        state = merge_call(state, applied, new_member=True, window_ms=_WINDOW_MS, now_ms=BASE_MS)
+        state = merge_call(state, applied, new_member=True, now_ms=BASE_MS)
     assert state is not None
     return state
 
@@ -77,10 +76,11 @@ class GroupMemory:
 
 
 def measure_group_memory(groups: int) -> GroupMemory:
-    """Build ``groups`` states with 10 traits and one recent messageId each; count bytes.
+    """Build ``groups`` states with 10 traits each; count bytes.
 
     Counted: everything the store holds for the group (state object, traits and their
-    values, stamps, address registers, the recent-id set, the store's dict entry).
+    values, stamps, address registers, the store's dict entry); dedupe ids, kept in
+    their own table, are not.
     Also one membership per group, counted apart.
     """
     gc.collect()
@@ -133,10 +133,10 @@ def _state_records(groups: int) -> Iterator[tuple[bytes, bytes]]:
 def measure_restore(bootstrap: str, groups: int) -> Restore:
     """Fill a state topic with ``groups`` records and time restoring it in a fresh process."""
     topics = Topics.fresh("restore")
-    state, members = topics.name("state"), topics.name("members")
+    state, members, dedupe = topics.name("state"), topics.name("members"), topics.name("dedupe")
     try:
-        create_topic(bootstrap, state, config=_COMPACT)
-        create_topic(bootstrap, members, config=_COMPACT)
+        for name in (state, members, dedupe):
+            create_topic(bootstrap, name, config=_COMPACT)
         size = 0
 
         def sized() -> Iterator[tuple[bytes, bytes]]:
@@ -149,7 +149,7 @@ def measure_restore(bootstrap: str, groups: int) -> Restore:
         produce_all(fast_producer(bootstrap), state, sized())
         fill = time.perf_counter() - started
         done = subprocess.run(
-            [sys.executable, "-m", "bench.state", "restore", bootstrap, state, members],
+            [sys.executable, "-m", "bench.state", "restore", bootstrap, state, members, dedupe],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -169,7 +169,7 @@ def measure_restore(bootstrap: str, groups: int) -> Restore:
             result["lazy_large_fetch_seconds"],
         )
     finally:
-        delete_topics(bootstrap, [state, members])
+        delete_topics(bootstrap, [state, members, dedupe])
 
 
 def _rss_bytes() -> int:
@@ -179,7 +179,7 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _restore_main(bootstrap: str, state: str, members: str) -> None:
+def _restore_main(bootstrap: str, state: str, members: str, dedupe: str) -> None:
     restorer = KafkaRestorer(bootstrap, "bench-restore", {})
     store = InMemoryStateStore()
     partitions = restorer.partitions(state)
@@ -187,7 +187,7 @@ def _restore_main(bootstrap: str, state: str, members: str) -> None:
     rss = _rss_bytes()
     started = time.perf_counter()
     for partition in partitions:
-        restore_partition(restorer, store, state, members, partition)
+        restore_partition(restorer, store, Changelogs(state, members, dedupe), partition)
     seconds = time.perf_counter() - started
     gc.collect()
     growth = _rss_bytes() - rss
@@ -233,11 +233,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     restore.add_argument("bootstrap")
     restore.add_argument("state")
     restore.add_argument("members")
+    restore.add_argument("dedupe")
     memory = commands.add_parser("memory", help="bytes per group with 10 traits")
     memory.add_argument("--groups", type=int, default=20_000)
     args = parser.parse_args(argv)
     if args.command == "restore":
-        _restore_main(args.bootstrap, args.state, args.members)
+        _restore_main(args.bootstrap, args.state, args.members, args.dedupe)
     else:
         print(measure_group_memory(args.groups))
 

@@ -130,6 +130,7 @@ class Produced:
     value: bytes
     headers: Headers | None
     partition: int | None
+    timestamp: int = 0
 
 
 @dataclass
@@ -165,10 +166,11 @@ class FakeSink:
         value: bytes,
         headers: Headers | None = None,
         partition: int | None = None,
+        timestamp: int = 0,
     ) -> None:
         if self.transactional:
             assert self.in_transaction, "produce outside a transaction"
-        self.open.append(Produced(topic, key, value, headers, partition))
+        self.open.append(Produced(topic, key, value, headers, partition, timestamp))
 
     def commit(self, offsets: Offsets, source: Source) -> None:
         if self.fail_next_commit is not None:

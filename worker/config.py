@@ -9,8 +9,9 @@ the value from that file, for mounted secrets. Every problem raises ``ConfigErro
 with one line naming the key.
 
 Internal topics belong to their deployment: unless configured, ``topics.repartition``
-is ``<worker.group_id>.repartition`` (as Kafka Streams prefixes internal topics with
-its ``application.id``). A loaded ``Config`` always holds the resolved name.
+and ``topics.dedupe`` are ``<worker.group_id>.repartition`` and ``<worker.group_id>.dedupe``
+(as Kafka Streams prefixes internal topics with its ``application.id``). A loaded
+``Config`` always holds the resolved names.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _ENV_PREFIX = "GROUP_WORKER_"
 _SECRET_MARKERS = ("password", "secret", "key", "token", "credentials")
 # What Kafka accepts as a topic name (besides "." and "..").
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_INTERNAL_TOPICS = ("repartition", "dedupe")
 _TOPIC_RULE = "only letters, digits, '.', '_' and '-', at most 249 characters"
 
 
@@ -64,6 +66,8 @@ class TopicsConfig:
     dlq: str = "segment.group.dlq"
     # Internal. Empty: "<worker.group_id>.repartition", filled in by load_config.
     repartition: str = ""
+    # Internal: the dedupe ids' changelog. Empty: "<worker.group_id>.dedupe".
+    dedupe: str = ""
     partitions: int = 6
     replication_factor: int = -1
 
@@ -73,7 +77,9 @@ class WorkerConfig:
     group_id: str = "group-worker"
     processing_guarantee: ProcessingGuarantee = "exactly_once"
     input_keyed_by_group_id: bool = False
+    # A messageId applied within this much *arrival* time (Kafka timestamps) is a duplicate.
     dedupe_window_seconds: int = 86_400
+    # No longer used (dedupe has no per-group bound): accepted so older files still load.
     dedupe_max_ids: int = 1_000
     # 0: the largest that fits the output topics' record limits (read at start), at most
     # 256 KiB. See worker.limits.
@@ -162,17 +168,20 @@ _RANGES = (
 
 
 def _with_internal_topics(config: Config) -> Config:
-    """``config`` with an unset ``topics.repartition`` derived from ``worker.group_id``."""
-    if config.topics.repartition:
-        return config
-    name = f"{config.worker.group_id}.repartition"
-    if not _legal_topic(name):
-        raise ConfigError(
-            f"config: worker.group_id {config.worker.group_id!r} gives topics.repartition "
-            f"{name!r}, not a legal topic name ({_TOPIC_RULE}): change it or set "
-            "topics.repartition"
-        )
-    return replace(config, topics=replace(config.topics, repartition=name))
+    """``config`` with each unset internal topic named after ``worker.group_id``."""
+    names: dict[str, Any] = {}
+    for key in _INTERNAL_TOPICS:
+        if getattr(config.topics, key):
+            continue
+        name = f"{config.worker.group_id}.{key}"
+        if not _legal_topic(name):
+            raise ConfigError(
+                f"config: worker.group_id {config.worker.group_id!r} gives topics.{key} "
+                f"{name!r}, not a legal topic name ({_TOPIC_RULE}): change it or set "
+                f"topics.{key}"
+            )
+        names[key] = name
+    return replace(config, topics=replace(config.topics, **names))
 
 
 def _legal_topic(name: str) -> bool:
@@ -199,6 +208,7 @@ def _validate(config: Config) -> None:
         "members": t.members,
         "dlq": t.dlq,
         "repartition": t.repartition,
+        "dedupe": t.dedupe,
     }
     seen: dict[str, str] = {}
     for key, topic in names.items():

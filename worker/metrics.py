@@ -22,7 +22,7 @@ __all__ = ["OUTCOMES", "ROUTES", "Metrics"]
 
 OUTCOMES: tuple[OutcomeKind, ...] = ("enriched", "duplicate", "skipped", "dead_letter")
 # Where outputs go, as the processor names them.
-ROUTES = ("enriched", "repartition", "state", "members", "dlq")
+ROUTES = ("enriched", "repartition", "state", "members", "dedupe", "dlq")
 _PREFIX = "group_worker"
 # The *_created series double the exposition for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -122,7 +122,7 @@ class Metrics:
         self.repartitioned_calls = Counter(
             f"{_PREFIX}_repartitioned_calls", "Calls re-keyed by groupId", registry=r
         )
-        # State and membership records written to the changelog topics (coalesced).
+        # State, membership and dedupe records written to the changelog topics (coalesced).
         self.changelog_records = Counter(
             f"{_PREFIX}_changelog_records", "Changelog records written", registry=r
         )
@@ -133,6 +133,10 @@ class Metrics:
         # Memberships held in memory, over every assigned partition.
         self.members_in_state = Gauge(
             f"{_PREFIX}_members_in_state", "Memberships held in state", registry=r
+        )
+        # Dedupe ids (groupId, messageId) held, over every assigned partition.
+        self.dedupe_ids_in_state = Gauge(
+            f"{_PREFIX}_dedupe_ids_in_state", "Dedupe ids held in state", registry=r
         )
         # State and membership records loaded while restoring assigned partitions.
         self.restored_records = Counter(

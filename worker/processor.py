@@ -3,10 +3,12 @@
 Stage one (records of the input topic) runs the pure pipeline: dead letters and skipped
 calls end there. A valid group call then goes either to the repartition topic, keyed
 by groupId, when the input is keyed by something else, or straight to stage two.
-Stage two (records of the repartition topic, or stage one's calls) merges each call
-into its group's state and emits the enriched call, or counts a duplicate.
-State and membership changes are written to their compacted topics at each commit,
-coalesced, on the partition number of the stateful input (co-partitioning).
+Stage two (records of the repartition topic, or stage one's calls) dedupes each call by
+its arrival time (``worker.dedupe``), merges it into its group's state and emits the
+enriched call, or counts a duplicate. A re-keyed call keeps its input record's
+timestamp, so both stages see the same arrival time.
+State, membership and dedupe-id changes are written to their changelog topics at each
+commit, coalesced, on the partition number of the stateful input (co-partitioning).
 
 Nothing is handed to the sink that the broker must refuse: every output is checked
 against its topic's limit (``worker.limits``) first. A call whose output does not fit,
@@ -26,6 +28,7 @@ import structlog
 
 from worker import codec
 from worker.clock import Clock
+from worker.dedupe import arrival_ms, is_duplicate, seen_record_key
 from worker.errors import KafkaError
 from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
 from worker.limits import GroupBound, Headers, Limits, group_bound
@@ -38,15 +41,7 @@ from worker.pipeline import (
     process_record,
 )
 from worker.sink import Refusal, Sink
-from worker.state import (
-    MAX_RECENT_IDS,
-    Applied,
-    GroupState,
-    group_snapshot,
-    merge_call,
-    state_record,
-    trim_recent,
-)
+from worker.state import Applied, group_snapshot, merge_call, state_record
 from worker.store import StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]
@@ -69,6 +64,7 @@ class Routes:
     members: str
     # None when the input is keyed by groupId: stage two then reads the input itself.
     repartition: str | None = None
+    dedupe: str = "dedupe"
 
     @property
     def stateful_input(self) -> str:
@@ -109,7 +105,6 @@ class Processor:
         clock: Clock,
         *,
         dedupe_window_ms: int,
-        dedupe_max_ids: int = MAX_RECENT_IDS,
         limits: Limits | None = None,
         bound: GroupBound | None = None,
         on_unwritable: Callable[[str], None] = lambda _: None,
@@ -121,7 +116,9 @@ class Processor:
         self._sink = sink
         self._clock = clock
         self._window_ms = dedupe_window_ms
-        self._max_ids = dedupe_max_ids
+        self._now_ms = 0  # read once per batch: a group's updatedAt
+        # The latest arrival processed, and the one at the last expiry of dedupe ids.
+        self._latest_arrival = self._expired_at = 0
         self._limits = limits if limits is not None else Limits({})
         self._bound = bound or group_bound(
             self._limits, routes.enriched, routes.state, settings.max_event_bytes, 0
@@ -133,6 +130,7 @@ class Processor:
             routes.dlq: "dlq",
             routes.state: "state",
             routes.members: "members",
+            routes.dedupe: "dedupe",
         }
         if routes.repartition is not None:
             self._route_of[routes.repartition] = "repartition"
@@ -143,12 +141,13 @@ class Processor:
     def process(self, records: list[SourceRecord]) -> Tally:
         """Produce every output of ``records`` and update the store; returns the tally."""
         tally = Tally()
-        now_ms = self._clock.now_ms()
+        now_ms = self._now_ms = self._clock.now_ms()
         repartition = self._routes.repartition
         for record in records:
             partition = record.partition() or 0
+            arrival = arrival_ms(record, now_ms)
             if record.topic() == repartition:
-                self._finish(process_forwarded(record), record, partition, now_ms, tally)
+                self._finish(process_forwarded(record), record, partition, arrival, tally)
                 continue
             tally.records += 1
             for outcome in process_record(record, self._settings):
@@ -159,28 +158,48 @@ class Processor:
                     if reason is None:
                         tally.warnings.update(outcome.warnings)
                         tally.forwarded += 1
-                        self._sink.produce(repartition, key, value)
+                        self._sink.produce(repartition, key, value, timestamp=arrival)
                         continue
                     outcome = self._unwritable(reason, repartition, value, record, outcome.call)
-                self._finish(outcome, record, partition, now_ms, tally)
+                self._finish(outcome, record, partition, arrival, tally)
         return tally
 
     def write_changelog(self) -> int:
-        """Produce the newest state and membership of everything changed; returns how many.
+        """Produce the newest state, membership and dedupe id of everything changed.
 
-        Called just before a commit, so the changelog commits with the outputs. A record
-        too large for its topic, or refused before, is dead-lettered instead (a state
-        record first drops its oldest dedupe ids, to fit).
+        Called just before a commit, so the changelog commits with the outputs; returns
+        how many records. A state or membership record too large for its topic, or
+        refused before, is dead-lettered instead. A dedupe record carries its call's
+        arrival time as its timestamp, so the topic's retention expires it.
         """
         routes = self._routes
         changed = self._store.changed()
         for partition, state in changed:
-            self._write_changelog(routes.state, partition, state.group_id, self._state(state))
+            value = codec.encode(state_record(state))
+            self._write_changelog(routes.state, partition, state.group_id, value)
         members = self._store.changed_members()
         for partition, key, membership in members:
             value = codec.encode(membership_record(membership))
             self._write_changelog(routes.members, partition, key, value)
-        return len(changed) + len(members)
+        seen = self._store.changed_seen()
+        for partition, (group_id, message_id), arrival in seen:
+            key = seen_record_key(group_id, message_id)
+            self._write_changelog(routes.dedupe, partition, key, b"%d" % arrival, arrival)
+            self._latest_arrival = max(self._latest_arrival, arrival)
+        self._expire_seen()
+        return len(changed) + len(members) + len(seen)
+
+    def _expire_seen(self) -> None:
+        """Forget ids older than the window, four times a window of arrival time.
+
+        Measured from the latest arrival processed, not the clock, so a worker catching
+        up on old records keeps the ids they need.
+        """
+        if self._latest_arrival - self._expired_at < self._window_ms // 4:
+            return
+        self._expired_at = self._latest_arrival
+        expired = self._store.expire_seen(self._latest_arrival - self._window_ms)
+        log.info("dedupe_ids_expired", ids=expired)
 
     def learn(self, refusals: Iterable[Refusal]) -> None:
         """Take in records the broker or producer refused for good (the batch was aborted).
@@ -215,10 +234,10 @@ class Processor:
                 )
 
     def _finish(
-        self, outcome: Outcome, record: SourceRecord, partition: int, now_ms: int, tally: Tally
+        self, outcome: Outcome, record: SourceRecord, partition: int, arrival: int, tally: Tally
     ) -> None:
         if isinstance(outcome, Enriched):
-            outcome = self._merge(outcome, partition, now_ms)
+            outcome = self._merge(outcome, partition, arrival)
         if isinstance(outcome, Enriched):
             enriched = self._routes.enriched
             key, value = outcome.group_id.encode(), codec.encode(outcome.call)
@@ -236,9 +255,13 @@ class Processor:
         elif not isinstance(outcome, Enriched | Duplicate):
             tally.skipped[outcome.call_type] += 1
 
-    def _merge(self, enriched: Enriched, partition: int, now_ms: int) -> Enriched | Duplicate:
-        """Apply a call to its group's state; the enriched call gains the group snapshot."""
+    def _merge(self, enriched: Enriched, partition: int, arrival: int) -> Enriched | Duplicate:
+        """Apply a call, unless its group already did, to its group's state; the enriched
+        call gains the group snapshot."""
         call = enriched.call
+        seen = (enriched.group_id, call["messageId"])
+        if is_duplicate(self._store.seen(partition, seen), arrival, self._window_ms):
+            return Duplicate(*seen)
         applied = Applied(
             enriched.group_id,
             call["messageId"],
@@ -254,15 +277,12 @@ class Processor:
             self._store.get(partition, applied.group_id),
             applied,
             new_member=membership is None,
-            window_ms=self._window_ms,
-            max_ids=self._max_ids,
-            now_ms=now_ms,
+            now_ms=self._now_ms,
             bound=self._bound,
             dropped=dropped,
         )
-        if state is None:
-            return Duplicate(applied.group_id, applied.message_id)
         self._store.put(partition, state)
+        self._store.put_seen(partition, seen, arrival)
         moved = merge_membership(membership, applied)
         if moved is not None:
             self._store.put_member(partition, key, moved)
@@ -284,22 +304,13 @@ class Processor:
             )
         return enriched
 
-    def _state(self, state: GroupState) -> bytes:
-        """The state record of ``state``, without its oldest dedupe ids when it must to fit."""
-        record = state_record(state)
-        value = codec.encode(record)
-        room = self._limits.record_bytes(self._routes.state) - len(state.group_id.encode())
-        while len(value) > room and record["merge"]["recent"]:
-            recent = record["merge"]["recent"]
-            trim_recent(record, len(recent) * room // len(value) * 9 // 10)
-            value = codec.encode(record)
-        return value
-
-    def _write_changelog(self, topic: str, partition: int, key: str, value: bytes) -> None:
+    def _write_changelog(
+        self, topic: str, partition: int, key: str, value: bytes, timestamp: int = 0
+    ) -> None:
         key_bytes = key.encode()
         reason = self._refusal(topic, key_bytes, value)
         if reason is None:
-            self._sink.produce(topic, key_bytes, value, partition=partition)
+            self._sink.produce(topic, key_bytes, value, partition=partition, timestamp=timestamp)
             return
         self._on_unwritable(self._route_of[topic])
         source = {"topic": topic, "partition": partition, "key": key}
@@ -367,7 +378,7 @@ class Processor:
     def _identity(self, topic: str, key: bytes | None, value: bytes | None) -> tuple[Any, ...]:
         """What stays the same when a batch is replayed: a changelog record's key, else
         where its call came from (an enriched call's, or a dead letter's, ``source``)."""
-        if self._route_of.get(topic) in ("state", "members"):
+        if self._route_of.get(topic) in ("state", "members", "dedupe"):
             return (topic, key)
         try:
             document = codec.decode(value or b"")

@@ -17,13 +17,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka import KafkaError as ClientError
 
 from worker import codec
+from worker.dedupe import arrival_value, seen_key
 from worker.errors import RetriableError, TopicError
 from worker.kafka import client_config, raise_for, translate
 from worker.members import membership_from_record
-from worker.state import state_from_record
+from worker.state import StateFormatError, state_from_record
 from worker.store import StateStore
 
-__all__ = ["KafkaRestorer", "Restored", "Restorer", "restore_partition"]
+__all__ = ["Changelogs", "KafkaRestorer", "Restored", "Restorer", "restore_partition"]
 
 log = structlog.get_logger("worker.restore")
 Entry = tuple[bytes | None, bytes | None]  # (key, value)
@@ -49,34 +50,56 @@ class Restored:
 
     states: int
     members: int
+    seen: int  # dedupe ids
     skipped: int
 
 
 def restore_partition(
     restorer: Restorer,
     store: StateStore,
-    state_topic: str,
-    members_topic: str,
+    topics: Changelogs,
     partition: int,
     progress: Callable[[int], None] = lambda _: None,
 ) -> Restored:
-    """Load ``partition``'s states and memberships into ``store``; blocks until done.
+    """Load ``partition``'s states, memberships and dedupe ids into ``store``; blocks.
 
     The newest record of each key wins (the topics are compacted, maybe not yet);
     tombstones delete. A malformed record is logged (without its value) and skipped.
     ``progress`` is called with the number of records read since its last call, every
     ``_PROGRESS_EVERY`` records and at the end. Raises ``KafkaError`` subclasses when the
-    topics cannot be read.
+    topics cannot be read, and ``TopicError`` when the state topic holds records in a
+    format this worker does not read (a newer worker wrote them).
     """
-    states, bad_states = _latest(restorer, state_topic, partition, state_from_record, progress)
+    try:
+        states, bad_states = _latest(restorer, topics.state, partition, state_from_record, progress)
+    except StateFormatError as e:
+        raise TopicError(f"topic {topics.state} partition {partition}: {e}") from None
     members, bad_members = _latest(
-        restorer, members_topic, partition, membership_from_record, progress
+        restorer, topics.members, partition, membership_from_record, progress
     )
+    seen, bad_seen = _latest(restorer, topics.dedupe, partition, arrival_value, progress)
     for state in states.values():
         store.restore(partition, state)
     for key, membership in members.items():
         store.restore_member(partition, key, membership)
-    return Restored(len(states), len(members), bad_states + bad_members)
+    for name, arrival in seen.items():
+        try:
+            store.restore_seen(partition, seen_key(name), arrival)
+        except ValueError as e:
+            bad_seen += 1
+            log.warning(
+                "restore_record_skipped", topic=topics.dedupe, partition=partition, error=str(e)
+            )
+    return Restored(len(states), len(members), len(seen), bad_states + bad_members + bad_seen)
+
+
+@dataclass(frozen=True, slots=True)
+class Changelogs:
+    """The topics a partition's state is restored from."""
+
+    state: str
+    members: str
+    dedupe: str
 
 
 def _latest(
@@ -101,6 +124,8 @@ def _latest(
             continue
         try:
             latest[name] = parse(codec.decode(value))
+        except StateFormatError:
+            raise
         except (ValueError, TypeError, AttributeError) as e:
             skipped += 1
             log.warning("restore_record_skipped", topic=topic, partition=partition, error=str(e))

@@ -20,7 +20,7 @@ from worker.errors import AbortableError, RetriableError
 from worker.events import SourceRecord
 from worker.metrics import Metrics
 from worker.processor import Processor, Routes, Tally
-from worker.restore import Restorer, restore_partition
+from worker.restore import Changelogs, Restorer, restore_partition
 from worker.sink import Sink
 from worker.source import Partition, Source
 from worker.store import StateStore
@@ -185,8 +185,7 @@ class Runner:
             restored = restore_partition(
                 self._restorer,
                 self._store,
-                routes.state,
-                routes.members,
+                Changelogs(routes.state, routes.members, routes.dedupe),
                 partition,
                 self._restore_progress,
             )
@@ -202,6 +201,7 @@ class Runner:
             partition=partition,
             groups=restored.states,
             members=restored.members,
+            dedupe_ids=restored.seen,
             skipped=restored.skipped,
             seconds=round(seconds, 3),
         )
@@ -353,6 +353,7 @@ class Runner:
     def _export_state_size(self) -> None:
         self._metrics.groups_in_state.set(self._store.group_count())
         self._metrics.members_in_state.set(self._store.member_count())
+        self._metrics.dedupe_ids_in_state.set(self._store.seen_count())
 
     def _export_lag(self) -> None:
         now = self._clock.monotonic()

@@ -210,7 +210,6 @@ def build_runner(
         sink,
         clock,
         dedupe_window_ms=w.dedupe_window_seconds * 1000,
-        dedupe_max_ids=w.dedupe_max_ids,
         limits=limits,
         bound=bound,
         on_unwritable=lambda route: metrics.unwritable_outputs.labels(route).inc(),
@@ -241,5 +240,6 @@ def runner_settings(config: Config) -> RunnerSettings:
         state=t.state,
         members=t.members,
         repartition=None if w.input_keyed_by_group_id else t.repartition,
+        dedupe=t.dedupe,
     )
     return RunnerSettings(routes, w.batch_size, w.commit_interval_ms / 1000, w.commit_max_records)

@@ -72,6 +72,7 @@ class Sink(Protocol):
         value: bytes,
         headers: Headers | None = None,
         partition: int | None = None,
+        timestamp: int = 0,
     ) -> None: ...
     def commit(self, offsets: Offsets, source: Source) -> None: ...
     def abort(self) -> None: ...
@@ -148,8 +149,12 @@ class KafkaSink:
         value: bytes,
         headers: Headers | None = None,
         partition: int | None = None,
+        timestamp: int = 0,
     ) -> None:
-        """Queue one record; blocks, serving deliveries, while the local queue is full."""
+        """Queue one record; blocks, serving deliveries, while the local queue is full.
+
+        ``timestamp`` (epoch ms) is the record's timestamp; 0 takes the current time.
+        """
         while True:
             try:
                 self._producer.produce(
@@ -158,6 +163,7 @@ class KafkaSink:
                     key,
                     -1 if partition is None else partition,
                     on_delivery=self._delivered,
+                    timestamp=timestamp,
                     headers=list(headers) if headers else None,
                 )
                 return

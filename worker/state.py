@@ -1,8 +1,10 @@
 """Group state: merging calls into it, and its records (docs/design.md).
 
 Pure: no I/O, no clock (sizes come from ``worker.codec``). A group's state is a function
-of the *set* of calls applied to it, in any order and however often, with three
-exceptions: ``updated_ms`` (processing time), the dedupe limitation and the bound below.
+of the *set* of calls applied to it, in any order, with two exceptions: ``updated_ms``
+(processing time) and the bound below. Dedupe is not here: the caller applies each
+messageId once (``worker.processor``, with the ids in their own store), and the merge
+itself is idempotent for the traits.
 
 Registers. Every top-level trait is a last-writer-wins register stamped with the
 ``(event_ms, message_id)`` of the call that wrote it; the greater stamp (tuple order)
@@ -20,13 +22,6 @@ otherwise the object of the sub-fields written after ``null_stamp``. A sub-field
 before ``null_stamp`` can never show again, so it is dropped; an object written before
 it is ignored. The registers held are therefore exactly the visible ones.
 
-Dedupe. ``recent`` maps the messageIds whose event time is within ``window_ms`` of the
-group's ``last_seen_ms`` to that time. A call in it is a duplicate. After a merge or a
-restore it is a ``RecentIds`` (``worker.recent``), so adding an id is O(1) amortised;
-any mapping is accepted. Limitation: a call older than the window is applied (its
-traits merge idempotently) but not remembered, so a redelivery of it counts again in
-``event_count``.
-
 Bound. A group's ``size`` is what its traits and their stamps take in a state record
 (``group_size``). Given a ``GroupBound``, a trait key new to the group is dropped when it
 would take the size past ``bound.new_keys``, and no write (not even of a trait the group
@@ -36,15 +31,14 @@ depends on which came first.
 
 The ``merge`` member of a state record (``state_record``) is what the next merge needs::
 
-    {"stamps": {trait: [event_ms, messageId], ...},    # every top-level trait but address
-     "address": {"null": [ms, mid], "object": [ms, mid], "fields": {sub: [ms, mid]}},
-     "recent": {messageId: event_ms, ...},
-     "recentFrom": event_ms}
+    {"format": 2,
+     "stamps": {trait: [event_ms, messageId], ...},    # every top-level trait but address
+     "address": {"null": [ms, mid], "object": [ms, mid], "fields": {sub: [ms, mid]}}}
 
 ``address`` is there only when the trait is; ``null`` and ``object`` only when set.
-``recentFrom`` is there only when ``recent`` still holds expired ids (older than it),
-which are ignored: leaving them in saves filtering every busy group's ids at each
-commit (``worker.recent``).
+Format 1 (no ``format``) also carried the group's recent messageIds (``recent``,
+``recentFrom``); it is still read, its ids ignored. Any other format raises
+``StateFormatError``: the record was written by a worker this one cannot follow.
 """
 
 from __future__ import annotations
@@ -55,16 +49,16 @@ from typing import Any, Final, Literal
 
 from worker import codec
 from worker.limits import GroupBound
-from worker.recent import RecentIds
 from worker.times import format_time, parse_iso_time
 
 __all__ = [
-    "MAX_RECENT_IDS",
+    "FORMAT",
     "AddressStamps",
     "Applied",
     "GroupState",
     "MemberKind",
     "Stamp",
+    "StateFormatError",
     "group_size",
     "group_snapshot",
     "merge_call",
@@ -72,7 +66,6 @@ __all__ = [
     "record_time",
     "state_from_record",
     "state_record",
-    "trim_recent",
 ]
 
 Stamp = tuple[int, str]
@@ -84,9 +77,9 @@ MemberKind = Literal["userId", "anonymousId"]
 _NO_STAMPS: Final[Mapping[str, Stamp]] = {}
 
 
-# Default bound on the messageIds a group remembers for dedupe: its state record (and
-# every commit's rewrite of it) stays far below Kafka's 1 MB record limit.
-MAX_RECENT_IDS = 1_000
+# The state record format written; ``state_from_record`` reads this one and format 1.
+FORMAT: Final = 2
+_READABLE_FORMATS: Final = (1, FORMAT)
 _UNBOUNDED: Final = GroupBound(2**62, 2**62)
 # What a stamp adds to a state record beside its messageId: quotes, brackets, commas and
 # up to 14 digits of event time (``"k":[1424730535111,"m"],``).
@@ -136,7 +129,6 @@ class GroupState:
     traits: Mapping[str, Any]
     stamps: Mapping[str, Stamp]
     address: AddressStamps | None
-    recent: Mapping[str, int]
     member_count: int
     event_count: int
     first_seen_ms: int
@@ -151,28 +143,22 @@ def merge_call(
     call: Applied,
     *,
     new_member: bool,
-    window_ms: int,
     now_ms: int,
-    max_ids: int = MAX_RECENT_IDS,
     bound: GroupBound = _UNBOUNDED,
     dropped: list[str] | None = None,
-) -> GroupState | None:
-    """Merge one call into a group's state; ``None`` when the call is a duplicate.
+) -> GroupState:
+    """Merge one call, not applied to the group before, into the group's state.
 
     ``state`` is ``None`` for a group never seen. ``new_member`` says whether the call's
-    member is new to the group (the caller asks the membership store); ``window_ms``
-    (>= 0) is the dedupe window in event time; at most about ``max_ids`` of the newest
-    messageIds (by event time) are remembered, so a busy group's state stays small;
-    ``now_ms`` becomes ``updated_ms``. Traits the ``bound`` keeps out (module docstring)
-    are appended to ``dropped`` when it is given.
+    member is new to the group (the caller asks the membership store); ``now_ms``
+    becomes ``updated_ms``. Traits the ``bound`` keeps out (module docstring) are
+    appended to ``dropped`` when it is given. The caller dedupes: merging a call again
+    leaves the traits as they are but counts it again in ``event_count``.
     Raises ``ValueError`` when the call is for another group, or its ``address`` trait
     is neither ``None`` nor a mapping.
     """
-    if state is not None:
-        if call.message_id in state.recent:
-            return None
-        if state.group_id != call.group_id:
-            raise ValueError("merge_call: the call is for another group")
+    if state is not None and state.group_id != call.group_id:
+        raise ValueError("merge_call: the call is for another group")
     stamp = (call.event_ms, call.message_id)
     traits = dict(state.traits) if state is not None else {}
     stamps = dict(state.stamps) if state is not None else {}
@@ -214,19 +200,16 @@ def merge_call(
         size += grown
     if state is None:
         first = last = call.event_ms
-        recent: RecentIds = RecentIds({}, 0)
         members = events = 0
     else:
         first = min(state.first_seen_ms, call.event_ms)
         last = max(state.last_seen_ms, call.event_ms)
-        recent = RecentIds.of(state.recent)
         members, events = state.member_count, state.event_count
     return GroupState(
         group_id=call.group_id,
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
-        recent=recent.added(call.message_id, call.event_ms, last - window_ms, max_ids),
         member_count=members + 1 if new_member else members,
         event_count=events + 1,
         first_seen_ms=first,
@@ -326,7 +309,10 @@ def state_record(state: GroupState) -> dict[str, Any]:
 
     JSON-ready (dicts, lists, strings, ints); ``state_from_record`` reads it back exactly.
     """
-    merge: dict[str, Any] = {"stamps": {k: [ms, mid] for k, (ms, mid) in state.stamps.items()}}
+    merge: dict[str, Any] = {
+        "format": FORMAT,
+        "stamps": {k: [ms, mid] for k, (ms, mid) in state.stamps.items()},
+    }
     if state.address is not None:
         regs = state.address
         address: dict[str, Any] = {}
@@ -336,11 +322,6 @@ def state_record(state: GroupState) -> dict[str, Any]:
             address["object"] = list(regs.object_stamp)
         address["fields"] = {k: [ms, mid] for k, (ms, mid) in regs.field_stamps.items()}
         merge["address"] = address
-    recent = state.recent
-    ids, since = recent.to_record() if isinstance(recent, RecentIds) else (dict(recent), None)
-    merge["recent"] = ids
-    if since is not None:
-        merge["recentFrom"] = since
     return {
         "groupId": state.group_id,
         "traits": _traits_out(state.traits),
@@ -353,31 +334,25 @@ def state_record(state: GroupState) -> dict[str, Any]:
     }
 
 
-def trim_recent(record: dict[str, Any], keep: int) -> None:
-    """Keep the ``keep`` newest dedupe ids (by event time) of a ``state_record``, in place.
-
-    ``recentFrom`` rises to the oldest id kept, so a restored state treats calls older
-    than it as ``max_ids`` does: applied, not remembered. For a record that must shrink
-    to fit its topic.
-    """
-    merge = record["merge"]
-    since = merge.pop("recentFrom", None)
-    ids = sorted((ms, mid) for mid, ms in merge["recent"].items() if since is None or ms >= since)
-    kept = ids[len(ids) - keep :] if keep > 0 else []
-    merge["recent"] = {mid: ms for ms, mid in kept}
-    if kept:
-        merge["recentFrom"] = kept[0][0]
+class StateFormatError(ValueError):
+    """A state record in a format this worker does not read (a newer worker wrote it)."""
 
 
 def state_from_record(record: Mapping[str, Any]) -> GroupState:
     """Read a state record (as decoded from JSON) back into the state it was made from.
 
-    Raises ``ValueError`` naming the first problem when the record is malformed or its
-    parts disagree (a trait without a stamp, an address contradicting its registers).
+    Raises ``StateFormatError`` for a format it does not read, and ``ValueError`` naming
+    the first problem when the record is malformed or its parts disagree (a trait
+    without a stamp, an address contradicting its registers).
     """
     merge = record_field(record, "merge", dict)
-    # One tuple per distinct stamp, and messageIds and times shared between stamps and
-    # ``recent``: a restored state takes the memory of a merged one.
+    version = merge.get("format", 1)
+    if version not in _READABLE_FORMATS:
+        raise StateFormatError(
+            f"state record format {version!r}: this worker reads formats "
+            f"{', '.join(map(str, _READABLE_FORMATS))}"
+        )
+    # One tuple per distinct stamp: a restored state takes the memory of a merged one.
     interned: dict[Stamp, Stamp] = {}
 
     # Restores read millions of stamps: the valid case costs no message and no call.
@@ -401,16 +376,6 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
             stamp(v, f"{where}[{k!r}]")  # raises
         return out
 
-    since = merge.get("recentFrom")
-    if since is not None and not _is_int(since):
-        raise ValueError("state record: merge.recentFrom is not an integer")
-    recent: dict[str, int] = {}
-    for mid, ms in record_field(merge, "recent", dict).items():
-        if not ((type(ms) is int or _is_int(ms)) and isinstance(mid, str)):
-            raise ValueError("state record: an entry of merge.recent is not messageId: event_ms")
-        key = (ms, mid)
-        ms, mid = interned.setdefault(key, key)
-        recent[mid] = ms
     # Built by insertion: decoded dicts are presized larger than merged ones.
     traits = {k: v for k, v in record_field(record, "traits", dict).items()}
     stamps = stamps_of(record_field(merge, "stamps", dict), "merge.stamps")
@@ -438,7 +403,6 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
         traits=traits,
         stamps=stamps or _NO_STAMPS,
         address=address,
-        recent=RecentIds.restored(recent, since),
         member_count=_count(record, "memberCount"),
         event_count=_count(record, "eventCount"),
         first_seen_ms=first,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -24,15 +24,26 @@ __all__ = ["Layout", "TopicSpec", "ensure_topics", "plan_topics", "read_limits"]
 
 _TIMEOUT = 30.0
 _COMPACT = {"cleanup.policy": "compact"}
+# Dedupe ids are kept this much longer than the window, so none expires early.
+_DEDUPE_MARGIN_MS = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
-    """A topic the worker needs, with the configs it must have."""
+    """A topic the worker needs, with the configs it must have.
+
+    ``configs`` must be as given (``cleanup.policy`` as a set of policies); ``at_least``
+    are numeric configs that may be larger. A topic the worker creates gets both.
+    """
 
     name: str
     configs: Mapping[str, str]
     copartitioned: bool
+    at_least: Mapping[str, int] = field(default_factory=dict)
+
+    def create_configs(self) -> dict[str, str]:
+        """The configs a new topic is created with."""
+        return {**self.configs, **{k: str(v) for k, v in self.at_least.items()}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +55,24 @@ class Layout:
 
 
 def plan_topics(config: Config) -> list[TopicSpec]:
-    """The output topics of ``config``, in creation order (the input is handled apart)."""
+    """The output topics of ``config``, in creation order (the input is handled apart).
+
+    The dedupe topic is compacted (one record per id) and deleted past the dedupe
+    window: its records carry their call's arrival time, so Kafka expires them.
+    """
     t = config.topics
+    window_ms = config.worker.dedupe_window_seconds * 1000
     specs = [
         TopicSpec(t.enriched, {}, copartitioned=False),
         TopicSpec(t.dlq, {}, copartitioned=False),
         TopicSpec(t.state, _COMPACT, copartitioned=True),
         TopicSpec(t.members, _COMPACT, copartitioned=True),
+        TopicSpec(
+            t.dedupe,
+            {"cleanup.policy": "compact,delete"},
+            copartitioned=True,
+            at_least={"retention.ms": window_ms + _DEDUPE_MARGIN_MS},
+        ),
     ]
     if not config.worker.input_keyed_by_group_id:
         specs.append(TopicSpec(t.repartition, {}, copartitioned=True))
@@ -82,9 +104,10 @@ def ensure_topics(config: Config) -> Layout:
                 f"{input_topic} has {partitions}: they must match (state is co-partitioned)"
             )
     # Topics that exist must have the configs the design needs; new ones are made so.
-    _check_configs(admin, [s for s in specs if s.configs and s.name in existing])
+    _check_configs(admin, [s for s in specs if s.create_configs() and s.name in existing])
     _create(
-        admin, [NewTopic(s.name, partitions, replication, config=dict(s.configs)) for s in missing]
+        admin,
+        [NewTopic(s.name, partitions, replication, config=s.create_configs()) for s in missing],
     )
     existing.update((s.name, partitions) for s in missing)
     return Layout(
@@ -159,7 +182,14 @@ def _check_configs(admin: AdminClient, specs: list[TopicSpec]) -> None:
         return
     for spec, actual in zip(specs, _describe(admin, specs), strict=True):
         for key, wanted in spec.configs.items():
-            entry = actual.get(key)
-            if entry is None or entry.value != wanted:
-                found = None if entry is None else entry.value
+            found = actual[key].value if key in actual else None
+            if found is None or _policies(found) != _policies(wanted):
                 raise TopicError(f"topic {spec.name} must have {key}={wanted}, has {found}")
+        for key, least in spec.at_least.items():
+            found = actual[key].value if key in actual else None
+            if found is None or 0 <= int(found) < least:  # -1: unlimited
+                raise TopicError(f"topic {spec.name} must have {key} >= {least}, has {found}")
+
+
+def _policies(value: str) -> frozenset[str]:
+    return frozenset(p.strip() for p in value.split(","))

@@ -36,7 +36,6 @@ __all__ = [
 
 BOOTSTRAP = os.environ.get("KAFKA_TEST_BOOTSTRAP", "127.0.0.1:9092")
 ROOT = Path(__file__).resolve().parents[2]
-DEDUPE_MAX_IDS = 100_000
 # Partitions of the input a worker creates, unless a test sets TOPICS_PARTITIONS.
 PARTITIONS = 3
 
@@ -120,9 +119,6 @@ class WorkerProcess:
                 "GROUP_WORKER_TOPICS_PARTITIONS": str(PARTITIONS),
                 # The broker's minimum: a killed worker's partitions move on in seconds.
                 "GROUP_WORKER_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000",
-                # Dedupe is order-independent only while a group's ids fit the bound;
-                # the tests compare with a fold in another order, so they raise it.
-                "GROUP_WORKER_WORKER_DEDUPE_MAX_IDS": str(DEDUPE_MAX_IDS),
             }
         )
         env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})

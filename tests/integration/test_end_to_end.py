@@ -228,7 +228,15 @@ def test_topics_create_makes_outputs_with_the_input_partition_count(topics: Topi
     result = cli(topics, "topics", "create", TOPICS_PARTITIONS="4")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    outputs = (topics.enriched, topics.dlq, topics.state, topics.members, topics.repartition)
+    dedupe = f"{topics.group_id}.dedupe"
+    outputs = (
+        topics.enriched,
+        topics.dlq,
+        topics.state,
+        topics.members,
+        dedupe,
+        topics.repartition,
+    )
     assert lines == [f"{topics.input}: 4 partitions"] + [
         f"{name}: 4 partitions, max.message.bytes=1048588" for name in outputs
     ]

@@ -11,7 +11,6 @@ import pytest
 
 from tests.fakes import FakeClock, FakeSink
 from tests.integration.harness import (
-    DEDUPE_MAX_IDS,
     Topics,
     WorkerProcess,
     cli,
@@ -77,7 +76,6 @@ def fold(all_calls: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any
         sink,
         FakeClock(),
         dedupe_window_ms=DAY_MS,
-        dedupe_max_ids=DEDUPE_MAX_IDS,
     )
     processor.process([Record("in", 0, n, codec.encode(c)) for n, c in enumerate(all_calls)])
     processor.write_changelog()

@@ -88,7 +88,7 @@ def test_changelog_is_coalesced_and_co_partitioned() -> None:
             partition=4,
         )
     )
-    assert processor.write_changelog() == 2 + 2  # two groups, two memberships
+    assert processor.write_changelog() == 2 + 2 + 3  # groups, memberships, dedupe ids
     states = [p for p in sink.open if p.topic == "state"]
     assert [(p.key, p.partition) for p in states] == [(b"g1", 4), (b"g2", 4)]
     g1 = codec.decode(states[0].value)
@@ -238,28 +238,67 @@ def test_a_dead_letter_is_cut_to_fit_its_topic() -> None:
     assert (decoded["reason"], decoded["truncated"]) == ("invalid_json", True)
 
 
-def test_a_state_record_sheds_its_oldest_dedupe_ids_to_fit() -> None:
-    """A state record over its topic's limit keeps only its newest dedupe ids."""
-    sink = FakeSink(transactional=False)
-    limits = Limits({"state": 20_000})
-    processor = Processor(
-        ROUTES,
-        Settings(),
-        InMemoryStateStore(),
-        sink,
-        FakeClock(),
-        dedupe_window_ms=3_600_000,
-        dedupe_max_ids=100_000,
-        limits=limits,
-        bound=GroupBound(1_000, 1_000),
+def test_a_redelivery_within_the_window_of_arrival_is_a_duplicate_however_old() -> None:
+    """Dedupe is by arrival: a call retried hours later is caught, whatever its event time."""
+    processor, sink, store = make()
+    day = 86_400_000
+    old = call("m1", name="A")  # event time in 2015: days older than any window
+    processor.process([Record("in", 2, 0, old, timestamp_ms=10 * day)])
+    processor.process(
+        [
+            Record("in", 2, 1, old, timestamp_ms=10 * day + 3_599_000),
+            Record("in", 2, 2, call("m2", name="B"), timestamp_ms=10 * day + 3_600_000),
+        ]
     )
-    processor.process(records(*(call(f"message-{n:05}") for n in range(2_000))))
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m1", "m2"]
+    assert store.seen(2, ("g1", "m1")) == 10 * day
+    tally = processor.process([Record("in", 2, 3, old, timestamp_ms=10 * day + 3_600_000)])
+    assert tally.outcomes == {"enriched": 1}  # an hour later: the window has passed
+    state = store.get(2, "g1")
+    assert state is not None
+    assert state.event_count == 3
+
+
+def test_dedupe_ids_expire_a_window_after_the_latest_arrival() -> None:
+    """Ids older than the window, counted from the latest arrival processed, are forgotten
+    (checked each quarter of a window of arrival time)."""
+    processor, _, store = make()  # a one-hour window
+    hour = 3_600_000
+    for offset, (mid, arrival) in enumerate(
+        [("m1", 1_000), ("m2", 1_000 + hour), ("m3", 1_000 + hour + hour // 4)]
+    ):
+        processor.process([Record("in", 0, offset, call(mid), timestamp_ms=arrival)])
+        processor.write_changelog()
+        if mid == "m2":
+            assert store.seen(0, ("g1", "m1")) == 1_000  # exactly a window old: kept
+    assert store.seen(0, ("g1", "m1")) is None
+    assert store.seen(0, ("g1", "m2")) == 1_000 + hour
+
+
+def test_dedupe_ids_are_written_with_their_arrival_time() -> None:
+    """Each applied id goes to the dedupe topic once, on its partition, stamped with arrival."""
+    processor, sink, _ = make()
+    processor.process(
+        [
+            Record("in", 5, 0, call("m1"), timestamp_ms=1_000),
+            Record("in", 5, 1, call("m1"), timestamp_ms=2_000),
+            Record("in", 5, 2, call("m2", group="g2"), timestamp_ms=3_000),
+        ]
+    )
     processor.write_changelog()
-    [state] = [p for p in sink.open if p.topic == "state"]
-    assert limits.fits("state", state.key, state.value)
-    recent = codec.decode(state.value)["merge"]["recent"]
-    assert 100 < len(recent) < 2_000
-    assert "message-01999" in recent
+    ids = [(p.key, p.value, p.partition, p.timestamp) for p in sink.open if p.topic == "dedupe"]
+    assert ids == [(b'["g1","m1"]', b"1000", 5, 1_000), (b'["g2","m2"]', b"3000", 5, 3_000)]
+    [state] = [codec.decode(p.value) for p in sink.open if p.key == b"g1" and p.topic == "state"]
+    assert "recent" not in state["merge"]
+
+
+def test_a_re_keyed_call_keeps_its_arrival_time() -> None:
+    """Stage one writes a call to the repartition topic with its input record's timestamp."""
+    routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
+    processor, sink, _ = make(routes)
+    processor.process([Record("in", 0, 0, call("m1"), timestamp_ms=1_234)])
+    [forwarded] = sink.open
+    assert (forwarded.topic, forwarded.timestamp) == ("rep", 1_234)
 
 
 def test_a_record_the_broker_refused_is_dead_lettered_on_replay() -> None:

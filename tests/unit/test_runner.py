@@ -9,9 +9,9 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource
+from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource, Produced
 from worker import codec
-from worker.errors import AbortableError, FatalError, RetriableError
+from worker.errors import AbortableError, FatalError, RetriableError, TopicError
 from worker.metrics import Metrics
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
@@ -272,7 +272,8 @@ def test_restarted_runner_restores_state_and_keeps_counting() -> None:
     assert states(sink)["g0"]["eventCount"] == 3
     assert states(sink)["g0"]["memberCount"] == 2
     assert len(sink.topic("members")) == members_before
-    assert sample(metrics, "group_worker_restored_records_total") == 3 + 6
+    # Three groups, six memberships, six dedupe ids.
+    assert sample(metrics, "group_worker_restored_records_total") == 3 + 6 + 6
 
 
 def test_replayed_duplicates_do_not_change_state() -> None:
@@ -353,7 +354,7 @@ def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:
 
     source.on_consume = rebalance
     runner.run()
-    assert len(during) == 3 + 3  # three groups, three members
+    assert len(during) == 3 + 3 + 3  # three groups, three members, three dedupe ids
     assert not any(during)
     assert sample(metrics, "group_worker_restored_records_total") == len(during)
 
@@ -399,3 +400,14 @@ def test_a_batch_that_keeps_aborting_is_visible() -> None:
     assert again
     assert again[-1]["offsets"] == ["in[0]@0"]
     assert source.commits == []
+
+
+def test_a_state_topic_in_an_unknown_format_stops_the_worker() -> None:
+    """Restoring a state record of a format this worker does not read raises TopicError."""
+    source = FakeSource(FakeClock())
+    sink = FakeSink()
+    record = {"groupId": "g1", "merge": {"format": 99}}
+    sink.committed.append(Produced("state", b"g1", codec.encode(record), None, 0))
+    runner, _ = build(source, sink)
+    with pytest.raises(TopicError, match=r"topic state partition 0: state record format 99"):
+        run_for(runner, source, 3)

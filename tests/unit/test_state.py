@@ -26,12 +26,12 @@ from worker.state import (
     Applied,
     GroupState,
     MemberKind,
+    StateFormatError,
     group_size,
     group_snapshot,
     merge_call,
     state_from_record,
     state_record,
-    trim_recent,
 )
 
 T0 = 1_424_730_535_111  # 2015-02-23T22:28:55.111Z
@@ -55,33 +55,29 @@ def call(
     return Applied(group, mid, ms, kind, member, traits if traits is not None else {})
 
 
-def merged(state: GroupState | None, c: Applied, *, window: int = WINDOW) -> GroupState:
+def merged(state: GroupState | None, c: Applied) -> GroupState:
     """Merge a call that is known not to be a duplicate."""
-    out = merge_call(state, c, new_member=False, window_ms=window, now_ms=NOW)
-    assert out is not None
-    return out
+    return merge_call(state, c, new_member=False, now_ms=NOW)
 
 
 def fold(
     calls: Iterable[Applied],
     states: States | None = None,
     members: Members | None = None,
-    *,
-    window: int = WINDOW,
+    seen: set[tuple[str, str]] | None = None,
 ) -> tuple[States, Members]:
-    """Apply calls in order, as the runner does, with a membership dict for new_member."""
+    """Apply calls in order, as the processor does: each messageId once per group (``seen``,
+    updated in place when given), with a membership dict for new_member."""
     states, members = dict(states or {}), dict(members or {})
+    seen = set() if seen is None else seen
     for now, c in enumerate(calls):
+        if (c.group_id, c.message_id) in seen:
+            continue
+        seen.add((c.group_id, c.message_id))
         key = membership_key(c.group_id, c.member_kind, c.member_id)
         state = merge_call(
-            states.get(c.group_id),
-            c,
-            new_member=key not in members,
-            window_ms=window,
-            now_ms=NOW + now,
+            states.get(c.group_id), c, new_member=key not in members, now_ms=NOW + now
         )
-        if state is None:
-            continue
         states[c.group_id] = state
         membership = merge_membership(members.get(key), c)
         if membership is not None:
@@ -185,7 +181,7 @@ def test_address_sub_fields_and_null_merge_in_any_order(
 def test_address_that_is_not_an_object_raises() -> None:
     """merge_call refuses an address that is neither None nor a mapping."""
     with pytest.raises(ValueError, match="address"):
-        merge_call(None, call(traits={"address": "x"}), new_member=True, window_ms=1, now_ms=1)
+        merge_call(None, call(traits={"address": "x"}), new_member=True, now_ms=1)
 
 
 def test_call_for_another_group_raises() -> None:
@@ -205,36 +201,11 @@ def test_first_and_last_seen_are_min_and_max_event_time() -> None:
 
 def test_counts_and_processing_time() -> None:
     """eventCount counts calls, memberCount new members, and updated_ms is now_ms."""
-    state = merge_call(None, call("m1"), new_member=True, window_ms=WINDOW, now_ms=7)
-    state = merge_call(state, call("m2"), new_member=False, window_ms=WINDOW, now_ms=9)
-    state = merge_call(state, call("m3", member="u2"), new_member=True, window_ms=WINDOW, now_ms=8)
+    state = merge_call(None, call("m1"), new_member=True, now_ms=7)
+    state = merge_call(state, call("m2"), new_member=False, now_ms=9)
+    state = merge_call(state, call("m3", member="u2"), new_member=True, now_ms=8)
     assert state is not None
     assert (state.event_count, state.member_count, state.updated_ms) == (3, 2, 8)
-
-
-def test_duplicate_returns_none() -> None:
-    """A call whose messageId the group holds in its recent set is a duplicate."""
-    state = merged(None, call("m1", traits={"name": "A"}))
-    again = call("m1", traits={"name": "changed"})
-    assert merge_call(state, again, new_member=True, window_ms=WINDOW, now_ms=NOW) is None
-
-
-def test_recent_set_is_pruned_to_the_window() -> None:
-    """Only messageIds within window_ms of lastSeen are kept, the boundary included."""
-    state = None
-    for mid, ms in [("m1", 100), ("m2", 101), ("m3", 111)]:
-        state = merged(state, call(mid, ms), window=10)
-    assert state is not None
-    assert state.recent == {"m2": 101, "m3": 111}
-
-
-def test_call_older_than_the_window_is_applied_but_not_remembered() -> None:
-    """A call older than the window is never a duplicate: it merges and counts each time."""
-    state = merged(merged(None, call("new", 200)), call("old", 100, {"name": "A"}), window=10)
-    again = merged(state, call("old", 100, {"name": "A"}), window=10)
-    assert "old" not in again.recent
-    assert again.event_count == 3
-    assert again.traits == state.traits == {"name": "A"}
 
 
 # --- Records ------------------------------------------------------------------------------
@@ -267,18 +238,18 @@ def test_group_snapshot_shape() -> None:
 
 
 def test_state_record_shape() -> None:
-    """The state record is the profile plus merge stamps, address registers and recent ids."""
+    """The state record is the profile plus its format, merge stamps and address registers."""
     record = state_record(rich_state())
     assert record["groupId"] == "g1"
     assert record["updatedAt"] == "2023-11-14T22:13:20.002Z"
     assert record["merge"] == {
+        "format": 2,
         "stamps": {"name": [T0, "m1"], "plan": [T0 + 10, "m2"], "total billed": [T0 + 20, "m3"]},
         "address": {
             "null": [T0 + 10, "m2"],
             "object": [T0 + 20, "m3"],
             "fields": {"street": [T0 + 20, "m3"]},
         },
-        "recent": {"m1": T0, "m2": T0 + 10, "m3": T0 + 20},
     }
 
 
@@ -312,7 +283,22 @@ def test_restored_state_shares_stamps_like_a_merged_one() -> None:
     state = state_from_record(codec.decode(codec.encode(state_record(rich_state()))))
     assert state.address is not None
     assert state.stamps["total billed"] is state.address.field_stamps["street"]
-    assert state.stamps["name"][1] is next(iter(state.recent))
+
+
+def test_a_format_1_record_is_read_without_its_ids() -> None:
+    """A record of the previous format (recent ids, no format) restores the same state."""
+    record = codec.decode(codec.encode(state_record(rich_state())))
+    del record["merge"]["format"]
+    record["merge"]["recent"] = {"m1": T0, "m2": T0 + 10}
+    record["merge"]["recentFrom"] = T0
+    assert state_from_record(record) == rich_state()
+
+
+@pytest.mark.parametrize("version", [3, "2", None])
+def test_a_record_in_an_unknown_format_is_refused(version: Any) -> None:
+    """A state record in a format this worker does not read raises StateFormatError."""
+    with pytest.raises(StateFormatError, match="format"):
+        state_from_record(_broken("merge.format", version))
 
 
 _DELETE = object()
@@ -350,8 +336,6 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         ("merge.stamps.name", [T0, 5]),
         ("merge.stamps.name", ["1", "m1"]),
         ("merge.stamps.extra", [T0, "m1"]),
-        ("merge.recent", []),
-        ("merge.recent.m1", "x"),
         ("merge.address", _DELETE),
         ("merge.address.fields", _DELETE),
         ("merge.address.null", [T0 + 30, "m9"]),
@@ -517,13 +501,11 @@ def test_merge_is_order_independent_and_idempotent(
 
 @given(call_sets(), st.data())
 def test_merging_a_call_twice_equals_once(calls: list[Applied], data: st.DataObject) -> None:
-    """Re-merging an applied call is a duplicate, and even when forgotten changes no trait."""
-    states, members = fold(calls)
+    """Merging an applied call again (its dedupe id forgotten) changes no trait, only counts."""
+    states, _ = fold(calls)
     c = data.draw(st.sampled_from(calls))
-    assert timeless(fold([c], states, members)[0]) == timeless(states)
     state = states[c.group_id]
-    forgotten = replace(state, recent={})
-    again = merged(forgotten, c)
+    again = merged(state, c)
     assert (again.traits, again.stamps, again.address) == (
         state.traits,
         state.stamps,
@@ -539,7 +521,8 @@ def test_restoring_from_records_then_merging_equals_merging_everything(
     """Records written after any prefix restore states that merge the rest identically."""
     calls, delivered = case
     cut = data.draw(st.integers(0, len(delivered)))
-    states, members = fold(delivered[:cut])
+    seen: set[tuple[str, str]] = set()  # the dedupe ids, restored from their own topic
+    states, members = fold(delivered[:cut], seen=seen)
     restored = {
         g: state_from_record(codec.decode(codec.encode(state_record(s)))) for g, s in states.items()
     }
@@ -548,7 +531,7 @@ def test_restoring_from_records_then_merging_equals_merging_everything(
         k: membership_from_record(codec.decode(codec.encode(membership_record(m))))
         for k, m in members.items()
     }
-    final_states, final_members = fold(delivered[cut:], restored, restored_members)
+    final_states, final_members = fold(delivered[cut:], restored, restored_members, seen)
     expected_states, expected_members = fold(calls)
     assert timeless(final_states) == timeless(expected_states)
     assert final_members == expected_members
@@ -560,36 +543,6 @@ def test_address_stamps_are_canonical_after_null() -> None:
     assert state.address == AddressStamps((T0 + 2, "m1"), None, {})
 
 
-def test_a_busy_group_remembers_a_bounded_number_of_ids() -> None:
-    """A busy group keeps about max_ids recent ids, the newest, and its record stays small."""
-    state: GroupState | None = None
-    for n in range(5_000):
-        state = merge_call(
-            state,
-            call(f"m{n}", T0 + n),
-            new_member=False,
-            window_ms=WINDOW,
-            now_ms=NOW,
-            max_ids=100,
-        )
-    assert state is not None
-    assert 100 <= len(state.recent) <= 125
-    assert "m4999" in state.recent
-    assert "m0" not in state.recent
-    assert (
-        merge_call(
-            state,
-            call("m4999", T0 + 4999),
-            new_member=False,
-            window_ms=WINDOW,
-            now_ms=NOW,
-            max_ids=100,
-        )
-        is None
-    )
-    assert len(codec.encode(state_record(state))) < 10_000
-
-
 # --- The bound on one group's state ------------------------------------------------------
 
 
@@ -597,10 +550,7 @@ def bounded(
     state: GroupState | None, c: Applied, bound: GroupBound
 ) -> tuple[GroupState, list[str]]:
     dropped: list[str] = []
-    out = merge_call(
-        state, c, new_member=False, window_ms=WINDOW, now_ms=NOW, bound=bound, dropped=dropped
-    )
-    assert out is not None
+    out = merge_call(state, c, new_member=False, now_ms=NOW, bound=bound, dropped=dropped)
     return out, dropped
 
 
@@ -650,7 +600,6 @@ def test_group_size_bounds_the_state_record() -> None:
     state = fold(addr((1, {"city": "X"}), (2, {"zip": "75001"})))[0]["g1"]
     state = merged(state, call("m9", T0 + 3, {"name": "\u0001" * 10, "plan": ["a", {"b": 1}]}))
     record = state_record(state)
-    record["merge"]["recent"] = {}
     assert len(codec.encode(record)) <= group_size(state) + 400
 
 
@@ -665,21 +614,3 @@ def test_size_carried_by_merges_equals_group_size(
         assert state.size == group_size(state)
         restored = state_from_record(codec.decode(codec.encode(state_record(state))))
         assert group_size(restored) == state.size
-
-
-def test_trimmed_recent_ids_keep_the_newest_and_restore() -> None:
-    """trim_recent keeps the newest ids; a restored state dedupes those and no older ones."""
-    state: GroupState | None = None
-    for n in range(10):
-        state = merged(state, call(f"m{n}", T0 + n))
-    assert state is not None
-    record = state_record(state)
-    trim_recent(record, 3)
-    assert record["merge"]["recent"] == {"m7": T0 + 7, "m8": T0 + 8, "m9": T0 + 9}
-    restored = state_from_record(record)
-    assert (
-        merge_call(restored, call("m9", T0 + 9), new_member=False, window_ms=WINDOW, now_ms=NOW)
-        is None
-    )
-    again = merge_call(restored, call("m2", T0 + 2), new_member=False, window_ms=WINDOW, now_ms=NOW)
-    assert again is not None

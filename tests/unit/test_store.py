@@ -12,9 +12,7 @@ from worker.store import InMemoryStateStore, StateStore
 
 def state(group_id: str, version: int = 1) -> GroupState:
     """A state told apart from others of its group by ``version`` (its event count)."""
-    return GroupState(
-        group_id, {"v": version}, {"v": (version, "m")}, None, {}, 1, version, 0, 0, 0
-    )
+    return GroupState(group_id, {"v": version}, {"v": (version, "m")}, None, 1, version, 0, 0, 0)
 
 
 def member(member_id: str, last_seen_ms: int = 1) -> Membership:
@@ -173,3 +171,18 @@ def test_rollback_returns_to_the_last_commit(
     store.rollback()
     assert [(store.get(p, g), store.get_member(p, g)) for p, g in keys] == snapshot
     assert store.changed() == []
+
+
+def test_dedupe_ids_roll_back_and_expire_by_arrival() -> None:
+    """Seen ids follow the change set; expire_seen forgets those that arrived too long ago."""
+    store = InMemoryStateStore()
+    store.put_seen(0, ("g1", "m1"), 100)
+    store.commit()
+    store.put_seen(0, ("g1", "m2"), 200)
+    assert store.changed_seen() == [(0, ("g1", "m2"), 200)]
+    store.rollback()
+    assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (100, None)
+    store.restore_seen(1, ("g2", "m3"), 300)
+    assert store.expire_seen(before_ms=250) == 1
+    assert (store.seen(0, ("g1", "m1")), store.seen(1, ("g2", "m3"))) == (None, 300)
+    assert store.seen_count() == 1
