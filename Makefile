@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # prometheus, go...): checked first, one line naming what is missing (deploy/prereqs.sh).
 PREREQS := PYTHON='$(PYTHON)' VENV='$(VENV)' bash deploy/prereqs.sh
 
-.PHONY: help venv kafka-up kafka-down kafka-status run topics test test-unit lint typecheck check
+.PHONY: help venv lock kafka-up kafka-down kafka-status run topics test test-unit lint typecheck check
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -22,13 +22,44 @@ help: ## list the targets
 prereqs-run prereqs-test prereqs-deploy-check prereqs-bench:
 	@$(PREREQS) $(@:prereqs-%=%)
 
+# Every dependency comes from a lock (requirements/, made by `make lock`): exact versions
+# with their hashes, then the package itself without resolving anything.
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
+
 venv: $(VENV)/.installed ## create .venv with the worker and its dev tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(PIP_INSTALL) --require-hashes -r requirements/dev.txt
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	@$(BIN)/pip check >/dev/null || { $(BIN)/pip check; \
+	  echo "requirements/dev.txt does not meet pyproject.toml: run make lock"; exit 1; }
 	@touch $@
+
+# `make lock` re-pins requirements/*.txt from pyproject.toml, keeping the versions already
+# pinned unless pyproject.toml excludes them; `make lock LOCK_ARGS=--upgrade` takes the
+# newest. dev.txt is resolved first and constrains the others, so the image (runtime.txt)
+# runs exactly the versions the tests ran with. --universal: one lock for every platform
+# and Python 3.11+.
+UV_VERSION := 0.13.8
+UV := .cache/uv-$(UV_VERSION)/bin/uv
+LOCK_ARGS ?=
+UV_COMPILE = $(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(LOCK_ARGS)
+BUILD_REQUIRES := $(PYTHON) -c 'import tomllib; \
+	print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
+
+$(UV):
+	$(PYTHON) -m venv .cache/uv-$(UV_VERSION)
+	.cache/uv-$(UV_VERSION)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+lock: $(UV) ## re-pin requirements/*.txt (versions and hashes) from pyproject.toml
+	@mkdir -p requirements
+	$(BUILD_REQUIRES) | $(UV_COMPILE) --extra dev pyproject.toml - -o requirements/dev.txt
+	$(UV_COMPILE) -c requirements/dev.txt pyproject.toml -o requirements/runtime.txt
+	$(BUILD_REQUIRES) | $(UV_COMPILE) -c requirements/dev.txt - -o requirements/build.txt
+	$(BUILD_REQUIRES) | $(UV_COMPILE) -c requirements/dev.txt --extra dev --extra bench \
+		pyproject.toml - -o requirements/bench.txt
 
 kafka-up: ## start the local Kafka broker on 127.0.0.1:9092 (fetches the jars once)
 	@bash $(KAFKA) up
@@ -75,8 +106,8 @@ BENCH_QUICK := --calls 100000 --restore-groups 100000 --memory-groups 20000 \
 
 .PHONY: bench bench-quick
 
-$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+$(VENV)/.bench-installed: $(VENV)/.installed requirements/bench.txt
+	$(PIP_INSTALL) --require-hashes -r requirements/bench.txt
 	@touch $@
 
 define bench_run

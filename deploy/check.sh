@@ -5,11 +5,15 @@
 #
 #   metrics     the worker's exposition              promtool check metrics
 #   container   deploy/Dockerfile                    hadolint + checks.py dockerfile
+#   locks       requirements/*.txt                   checks.py locks (hashed pins meet pyproject)
 #   compose     deploy/compose.yaml                  check-jsonschema (compose-spec) + checks.py
 #   prometheus  alerts.yaml, prometheus.yml          promtool check/test rules, check config
 #   grafana     the dashboard, its provisioning      checks.py dashboard (metrics exist, units)
 #   kubernetes  base and overlays dev, prod          kustomize build, kubernetes-validate
-#                                                    --strict, CRD schemas, checks.py policy
+#                                                    --strict, CRD schemas, checks.py policy,
+#                                                    pss-check (Pod Security "restricted")
+#   kafka acls  deploy/strimzi/kafkauser.yaml        Strimzi's KafkaUser CRD schema, checks.py
+#               README "Security"                    acls (the ACLs the configuration needs)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,9 +22,13 @@ VENV="${VENV:-$ROOT/.venv}"
 BIN="$VENV/bin"
 OUT="$ROOT/.cache/deploy-check"
 KUSTOMIZE="$ROOT/.cache/bin/kustomize"
+PSS_CHECK="$ROOT/.cache/bin/pss-check"
 # Validate against the oldest and the newest Kubernetes we expect to meet.
 KUBERNETES_VERSIONS=(1.31.0 1.37.0)
 OVERLAYS=(base overlays/dev overlays/prod)
+# The same versions as Pod Security policy versions (1.31.0 -> v1.31).
+PSS_VERSIONS="$(printf 'v%s,' "${KUBERNETES_VERSIONS[@]%.*}")"
+PSS_VERSIONS="${PSS_VERSIONS%,}"
 
 started=$SECONDS
 failures=0
@@ -92,7 +100,11 @@ step "promtool check metrics (every metric of worker/metrics.py)" promtool_check
 
 echo "deploy-check: container"
 step "hadolint deploy/Dockerfile" "$BIN/hadolint" deploy/Dockerfile
-step "Dockerfile: slim 3.11, multi-stage, numeric user, exec form" checks dockerfile deploy/Dockerfile
+step "Dockerfile: slim 3.11, multi-stage, numeric user, exec form, hashed locks" \
+    checks dockerfile deploy/Dockerfile
+
+echo "deploy-check: locks"
+step "requirements/*.txt: hashed pins that meet pyproject.toml" checks locks pyproject.toml
 
 echo "deploy-check: compose"
 step "compose.yaml against the compose-spec schema" \
@@ -134,9 +146,18 @@ for overlay in "${OVERLAYS[@]}"; do
         kubernetes_validate "$dir/core.yaml"
     step "$overlay: ScaledObject, TriggerAuthentication, PodMonitor against their CRDs" \
         validate_crd_objects "$dir"
-    step "$overlay: max replicas = partitions, grace period, ids, probes, secrets" \
+    step "$overlay: max replicas = partitions, grace period, ids, probes, secrets, read-only" \
         checks policy "$dir/all.yaml"
+    step "$overlay: Pod Security Standard restricted ($PSS_VERSIONS), upstream checks" \
+        "$PSS_CHECK" -level restricted -versions "$PSS_VERSIONS" "$dir/all.yaml"
 done
+
+echo "deploy-check: kafka acls"
+step "deploy/strimzi/kafkauser.yaml against Strimzi's KafkaUser CRD" \
+    "$BIN/check-jsonschema" --schemafile "$OUT/schemas/KafkaUser-v1.json" \
+    deploy/strimzi/kafkauser.yaml
+step "KafkaUser and README: the ACLs of config/worker.toml, no more" \
+    checks acls deploy/strimzi/kafkauser.yaml README.md
 
 elapsed=$((SECONDS - started))
 if ((failures)); then

@@ -10,6 +10,8 @@ Run with the project's virtualenv from the repository root, after ``deploy/tools
     python deploy/checks.py crd-schema CRD OUT       # CRD openAPIV3Schema -> strict JSON schema
     python deploy/checks.py split RENDERED DIR       # core objects to DIR/core.yaml, others to JSON
     python deploy/checks.py policy RENDERED          # the manifests agree with the worker's config
+    python deploy/checks.py acls KAFKAUSER README    # the ACLs the default configuration needs
+    python deploy/checks.py locks PYPROJECT          # requirements/*.txt pin what pyproject asks
 
 Each prints what it checked and exits 1 with one line per problem.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -169,7 +172,15 @@ def cmd_dockerfile(path: str) -> int:
     final = text[text.rfind("\nFROM ") :]
     for tool in ("gcc", "build-essential", "apt-get install"):
         problems.check(tool not in final, f"final stage installs {tool}")
-    return problems.exit(f"{len(stages)} stages, non-root, exec-form entrypoint")
+    # Reproducible: the locked, hashed dependencies, then the package alone.
+    problems.check("--require-hashes" in text, "dependencies not installed by hash")
+    for lock in ("requirements/runtime.txt", "requirements/build.txt"):
+        problems.check(f"-r {lock}" in text, f"{lock} not installed")
+    package = re.search(r"pip install [^\n]*--no-deps[^\n]* \.(?: \\)?$", text, re.M)
+    problems.check(package is not None, "the package is not installed alone (--no-deps)")
+    problems.check(bool(users) and users[-1].split(":")[0] != "0", "USER is root")
+    problems.check("PYTHONDONTWRITEBYTECODE=1" in final, "final stage writes .pyc files")
+    return problems.exit(f"{len(stages)} stages, non-root, exec-form entrypoint, hashed locks")
 
 
 def cmd_compose(path: str) -> int:
@@ -374,6 +385,8 @@ def cmd_policy(path: str) -> int:
         literal = source == "value" and not var.endswith(("_FILE", "_LOCATION"))
         problems.check(not (secret_like and literal), f"{var} is a literal secret")
 
+    check_hardening(problems, sts, Path(__file__).with_name("Dockerfile"))
+
     monitor = _one(docs, "PodMonitor", problems)
     pdb = _one(docs, "PodDisruptionBudget", problems)
     monitor_spec, pdb_spec = monitor.get("spec", {}), pdb.get("spec", {})
@@ -383,8 +396,212 @@ def cmd_policy(path: str) -> int:
     problems.check(_matches(pdb_spec.get("selector", {}), labels), "PDB misses the pods")
     return problems.exit(
         f"max replicas {most} = partitions {partitions}, "
-        f"grace {grace}s >= {budget}s + 10s, ids from the pod name, config loads"
+        f"grace {grace}s >= {budget}s + 10s, ids from the pod name, config loads, "
+        "read-only non-root pods"
     )
+
+
+def check_hardening(problems: Problems, sts: dict[str, Any], dockerfile: Path) -> None:
+    """What the restricted Pod Security Standard (pss-check) leaves to us: a non-root
+    group, the image's own user, a read-only root file system, and writable mounts only
+    on pod-local or claimed volumes."""
+    pod = sts["spec"]["template"]["spec"]
+    context = pod.get("securityContext", {})
+    user, group = context.get("runAsUser"), context.get("runAsGroup")
+    image_users = re.findall(r"^USER\s+(\d+):(\d+)", dockerfile.read_text(), re.M)
+    image = tuple(int(i) for i in image_users[-1]) if image_users else None
+    problems.check((user, group) == image, f"pod runs as {user}:{group}, the image as {image}")
+    problems.check(isinstance(group, int) and group > 0, f"runAsGroup {group} is root or unset")
+    # A volume the pod writes to (the state directory's claim, to come) must be its group's.
+    problems.check(context.get("fsGroup") == group, f"fsGroup {context.get('fsGroup')} != {group}")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    claims = {c["metadata"]["name"] for c in sts["spec"].get("volumeClaimTemplates", [])}
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        name, c = container["name"], container.get("securityContext", {})
+        problems.check(
+            c.get("readOnlyRootFilesystem") is True, f"{name}: root file system writable"
+        )
+        problems.check(c.get("runAsUser", user) == user, f"{name}: runAsUser differs from the pod")
+        for mount in container.get("volumeMounts", []):
+            volume = volumes.get(mount["name"], {})
+            writable_kind = "emptyDir" in volume or mount["name"] in claims
+            problems.check(
+                mount.get("readOnly") is True or writable_kind,
+                f"{name}: {mount['mountPath']} is writable but not an emptyDir or a claim",
+            )
+
+
+# The operations a Kafka ACL can name (kafka-acls.sh spelling = Strimzi's).
+_OPERATIONS = {
+    "Read", "Write", "Create", "Delete", "Alter", "Describe", "ClusterAction",
+    "DescribeConfigs", "AlterConfigs", "IdempotentWrite", "All",
+}  # fmt: skip
+_ACL_OPTIONS = {"--topic": "topic", "--group": "group", "--transactional-id": "transactionalId"}
+Acls = dict[tuple[str, str, str], set[str]]  # (resource type, name, pattern) -> operations
+
+
+def expected_acls(config: Any) -> Acls:
+    """The ACLs the worker needs with ``config``, as README "Security" explains them."""
+    from worker.topics import plan_topics
+
+    t, group = config.topics, config.worker.group_id
+    internal = f"{group}."  # <group_id>.repartition, <group_id>.dedupe
+    read_back = {t.state, t.members, t.repartition, getattr(t, "dedupe", t.repartition)}
+    acls: Acls = {("topic", t.input, "literal"): {"Read", "Create"}}
+    for spec in plan_topics(config):
+        ops = {"Write", "DescribeConfigs", "Create"} | (
+            {"Read"} if spec.name in read_back else set()
+        )
+        prefixed = spec.name.startswith(internal)
+        key = ("topic", internal, "prefix") if prefixed else ("topic", spec.name, "literal")
+        acls.setdefault(key, set()).update(ops)
+    acls[("group", group, "literal")] = {"Read"}
+    acls[("group", f"{group}-restore", "literal")] = {"Describe"}
+    acls[("transactionalId", f"{group}-", "prefix")] = {"Write", "Describe"}
+    return acls
+
+
+def compare_acls(problems: Problems, where: str, found: Acls, wanted: Acls) -> None:
+    for key in sorted(wanted.keys() | found.keys()):
+        name = "{}:{}({})".format(*key)
+        if key not in found:
+            problems.check(False, f"{where}: no ACL on {name} (wants {sorted(wanted[key])})")
+        elif key not in wanted:
+            problems.check(False, f"{where}: {name} is not needed ({sorted(found[key])})")
+        elif found[key] != wanted[key]:
+            has, wants = sorted(found[key]), sorted(wanted[key])
+            problems.check(False, f"{where}: {name} has {has}, wants {wants}")
+
+
+def kafkauser_acls(problems: Problems, user: dict[str, Any]) -> Acls:
+    spec = user.get("spec", {})
+    problems.check(user.get("metadata", {}).get("name") == "group-worker", "not user group-worker")
+    problems.check(spec.get("authentication", {}).get("type") == "scram-sha-512", "not SCRAM")
+    problems.check(
+        spec.get("authorization", {}).get("type") == "simple", "not simple authorization"
+    )
+    acls: Acls = {}
+    for acl in spec.get("authorization", {}).get("acls", []):
+        r = acl["resource"]
+        problems.check(acl.get("type", "allow") == "allow", f"{r.get('name')}: not an allow rule")
+        problems.check(acl.get("host", "*") == "*", f"{r.get('name')}: host restricted")
+        key = (r["type"], r.get("name", ""), r.get("patternType", "literal"))
+        acls.setdefault(key, set()).update(acl["operations"])
+    return acls
+
+
+def readme_acls(problems: Problems, readme: str) -> dict[str, Acls]:
+    """The ``kafka-acls.sh --add`` commands of README's "Security" section, by principal."""
+    section = readme.partition("\n## Security\n")[2].partition("\n## ")[0]
+    problems.check(bool(section), "README has no Security section")
+    by_principal: dict[str, Acls] = {}
+    for command in section.replace("\\\n", " ").splitlines():
+        if "kafka-acls.sh" not in command or "--add" not in command:
+            continue
+        words = shlex.split(command)
+        options: dict[str, list[str]] = {}
+        for flag, value in zip(words, [*words[1:], ""], strict=True):
+            if flag.startswith("--"):
+                options.setdefault(flag, []).append(value)
+        problems.check("--bootstrap-server" in options, f"no --bootstrap-server: {command}")
+        problems.check(
+            options.get("--command-config") == ["admin.properties"],
+            f"no --command-config admin.properties: {command}",
+        )
+        resources = [
+            (kind, n) for flag, kind in _ACL_OPTIONS.items() for n in options.get(flag, [])
+        ]
+        problems.check(bool(resources), f"no resource: {command}")
+        operations = set(options.get("--operation", []))
+        problems.check(bool(operations) and operations <= _OPERATIONS, f"operations: {command}")
+        pattern = options.get("--resource-pattern-type", ["literal"])[0]
+        pattern = {"prefixed": "prefix", "literal": "literal"}.get(pattern, pattern)
+        for principal in options.get("--allow-principal", []):
+            for kind, name in resources:
+                acls = by_principal.setdefault(principal, {})
+                acls.setdefault((kind, name, pattern), set()).update(operations)
+    return by_principal
+
+
+def cmd_acls(kafkauser: str, readme: str) -> int:
+    from worker.config import load_config
+
+    problems = Problems(kafkauser)
+    config = load_config(Path("config/worker.toml"), {})
+    wanted = expected_acls(config)
+    users = [d for d in yaml.safe_load_all(Path(kafkauser).read_text()) if d]
+    problems.check([u.get("kind") for u in users] == ["KafkaUser"], "not one KafkaUser")
+    compare_acls(problems, "KafkaUser", kafkauser_acls(problems, users[0]), wanted)
+    commands = readme_acls(problems, Path(readme).read_text())
+    worker_commands = commands.pop("User:group-worker", {})
+    compare_acls(problems, "README User:group-worker", worker_commands, wanted)
+    # The commands' own groups, for the people who run them (any other principal).
+    group = config.worker.group_id
+    tools = {("group", f"{group}-cli", "literal"), ("group", "group-worker-tail-", "prefix")}
+    for key in sorted(tools):
+        granted = any(key in acls for acls in commands.values())
+        problems.check(granted, "README grants no one {}:{}({})".format(*key))
+    return problems.exit(
+        f"{len(wanted)} ACLs for User:group-worker, the same in the KafkaUser and the README"
+    )
+
+
+def lock_pins(path: Path) -> dict[str, list[tuple[str, int]]]:
+    """``name -> [(version, number of hashes)]`` of a hashed requirements file."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, list[tuple[str, int]]] = {}
+    current: list[tuple[str, int]] | None = None
+    for line in path.read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9._-]+)==([^\s;\\]+)", line)
+        if match:
+            current = pins.setdefault(canonicalize_name(match.group(1)), [])
+            current.append((match.group(2), 0))
+        elif "--hash=" in line and current:
+            version, hashes = current[-1]
+            current[-1] = (version, hashes + line.count("--hash="))
+    return pins
+
+
+def cmd_locks(pyproject: str) -> int:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    problems = Problems("requirements/")
+    project = tomllib.loads(Path(pyproject).read_text())
+    here = Path(pyproject).parent / "requirements"
+    runtime = project["project"]["dependencies"]
+    extras = project["project"]["optional-dependencies"]
+    build = project["build-system"]["requires"]
+    wants = {
+        "runtime.txt": runtime,
+        "build.txt": build,
+        "dev.txt": runtime + extras["dev"] + build,
+        "bench.txt": runtime + extras["dev"] + extras["bench"] + build,
+    }
+    locks = {name: lock_pins(here / name) for name in wants if (here / name).is_file()}
+    for name, requirements in wants.items():
+        pins = locks.get(name)
+        if pins is None:
+            problems.check(False, f"no {name} (make lock)")
+            continue
+        for entry in requirements:
+            req = Requirement(entry)
+            found = pins.get(canonicalize_name(req.name), [])
+            problems.check(bool(found), f"{name} lacks {req.name} (make lock)")
+            for version, _ in found:
+                ok = req.specifier.contains(version, prereleases=True)
+                problems.check(ok, f"{name}: {req.name}=={version} is not {req.specifier}")
+        for package, versions in pins.items():
+            problems.check(all(h for _, h in versions), f"{name}: {package} has no hash")
+            # The image runs what the tests ran: one version of a package across the locks.
+            shared = locks.get("dev.txt", {}).get(package)
+            if shared and name != "dev.txt" and {v for v, _ in versions} - {v for v, _ in shared}:
+                problems.check(False, f"{name}: {package} differs from dev.txt")
+    count = sum(len(p) for p in locks.values())
+    return problems.exit(f"{len(locks)} locks, {count} hashed pins, each meets pyproject.toml")
 
 
 _COMMANDS: dict[str, tuple[int, Callable[..., int]]] = {
@@ -396,6 +613,8 @@ _COMMANDS: dict[str, tuple[int, Callable[..., int]]] = {
     "crd-schema": (2, cmd_crd_schema),
     "split": (2, cmd_split),
     "policy": (1, cmd_policy),
+    "acls": (2, cmd_acls),
+    "locks": (1, cmd_locks),
 }
 
 

@@ -132,6 +132,16 @@ check_go() {
         "$KUSTOMIZE_VERSION, which deploy/tools.sh builds, needs Go $GO_FOR_KUSTOMIZE+): $how"
 }
 
+# deploy/tools.sh's Strimzi CRD: generated once with mvn and a Java 21+ (any JDK it finds).
+check_strimzi_tools() {
+    [[ -s "$CRD_DIR/strimzi-$STRIMZI_VERSION/044-Crd-kafkauser.yaml" ]] && return 0
+    has mvn || missing "mvn not found (needed once, to fetch Strimzi $STRIMZI_VERSION's API" \
+        "model for the KafkaUser schema): install Maven (Debian/Ubuntu: apt-get install maven)"
+    find_java 21 >/dev/null || missing "no Java 21+ found in JAVA_HOME, on PATH or under" \
+        "/usr/lib/jvm (needed once, to generate Strimzi $STRIMZI_VERSION's KafkaUser schema):" \
+        "install a JDK 21 or newer"
+}
+
 # check FUNCTION [ARG]: run it once, however many targets ask (bash 3.2 has no dict).
 checked=" "
 check() {
@@ -157,6 +167,7 @@ main() {
             deploy-check)
                 check check_python
                 check check_go
+                check check_strimzi_tools
                 check check_prometheus "make deploy-check's promtool steps"
                 ;;
             *) missing "unknown target '$target' (run, test, deploy-check, bench)" ;;

@@ -343,7 +343,7 @@ class Processor:
         value = fit_letter(letter.letter, room - len(key or b""))
         if self._refusal(dlq, key, value, headers) is not None:
             self._on_unwritable("dlq")
-            log.error("dead_letter_dropped", reason=letter.reason, source=letter.letter["source"])
+            log.error("dead_letter_dropped", reason=letter.reason, **_position(letter))
         else:
             self._sink.produce(dlq, key, value, headers)
         self._log_dead_letter(letter)
@@ -356,13 +356,12 @@ class Processor:
             self._logged[letter.reason] = (last, suppressed + 1)
             return
         self._logged[letter.reason] = (now, 0)
-        source = {k: v for k, v in letter.letter["source"].items() if k != "key"}
         log.warning(
             "dead_letter",
             reason=letter.reason,
             message=letter.letter["message"],
             suppressed=suppressed,
-            **source,
+            **_position(letter),
         )
 
     def _refusal(
@@ -392,3 +391,8 @@ class Processor:
             )
         except (codec.DecodeError, AttributeError, KeyError, TypeError):
             return (topic, key, value)
+
+
+def _position(letter: DeadLetter) -> dict[str, Any]:
+    """Where a dead letter's call came from, for a log line: never its key (an id)."""
+    return {k: v for k, v in letter.letter["source"].items() if k not in ("key", "keyEncoding")}
