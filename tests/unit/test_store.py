@@ -1,13 +1,24 @@
-"""Tests for worker.store: the in-memory state store and its change-set semantics."""
+"""The StateStore contract, run against every store: in memory, and RocksDB (cached or not).
+
+What only RocksDB does (files, offsets, corruption, its cache) is in test_store_rocksdb.py.
+"""
 
 from __future__ import annotations
 
-from hypothesis import given
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.members import Membership
-from worker.state import GroupState
-from worker.store import InMemoryStateStore, StateStore
+from worker import codec
+from worker.dedupe import seen_record_key
+from worker.members import Membership, membership_record
+from worker.state import GroupState, StateFormatError, state_record
+from worker.store import ChangelogEntry, InMemoryStateStore, RocksDBStateStore, StateStore
+
+MakeStore = Callable[[], StateStore]
 
 
 def state(group_id: str, version: int = 1) -> GroupState:
@@ -19,24 +30,47 @@ def member(member_id: str, last_seen_ms: int = 1) -> Membership:
     return Membership("g1", "userId", member_id, 0, last_seen_ms)
 
 
-def committed(*states: tuple[int, GroupState]) -> InMemoryStateStore:
-    """A store holding the given states as committed data."""
-    store = InMemoryStateStore()
+def state_entry(offset: int, s: GroupState) -> tuple[int, bytes, bytes]:
+    """The state changelog record of ``s``, as read at ``offset``."""
+    return offset, s.group_id.encode(), codec.encode(state_record(s))
+
+
+def new_store(kind: str, directory: Path) -> StateStore:
+    if kind == "memory":
+        return InMemoryStateStore()
+    # Uncached, every read parses the record from the database.
+    return RocksDBStateStore(directory, cache_bytes=0 if kind == "rocksdb-uncached" else 1 << 20)
+
+
+@pytest.fixture(params=["memory", "rocksdb", "rocksdb-uncached"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeStore]:
+    """Makes empty stores of one kind, each in a directory of its own; closes them after."""
+    stores: list[StateStore] = []
+
+    def make() -> StateStore:
+        stores.append(new_store(request.param, tmp_path / f"store-{len(stores)}"))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store: MakeStore) -> StateStore:
+    return make_store()
+
+
+def committed(store: StateStore, *states: tuple[int, GroupState]) -> StateStore:
+    """``store`` holding the given states as committed data."""
     for partition, s in states:
         store.put(partition, s)
     store.commit()
     return store
 
 
-def test_satisfies_the_protocol() -> None:
-    """InMemoryStateStore is a StateStore (checked by mypy)."""
-    store: StateStore = InMemoryStateStore()
-    assert store.group_count() == 0
-
-
-def test_get_returns_what_was_put_per_partition() -> None:
+def test_get_returns_what_was_put_per_partition(store: StateStore) -> None:
     """States are kept per partition; unknown partitions and groups read as None."""
-    store = InMemoryStateStore()
     store.put(0, state("g1", 1))
     store.put(1, state("g1", 2))
     assert store.get(0, "g1") == state("g1", 1)
@@ -45,9 +79,8 @@ def test_get_returns_what_was_put_per_partition() -> None:
     assert store.get(7, "g1") is None
 
 
-def test_changed_coalesces_to_the_newest_state_per_group() -> None:
+def test_changed_coalesces_to_the_newest_state_per_group(store: StateStore) -> None:
     """changed() lists each changed group once, with its newest state, in first-change order."""
-    store = InMemoryStateStore()
     store.put(0, state("g1", 1))
     store.put(0, state("g2", 1))
     store.put(0, state("g1", 2))
@@ -55,9 +88,8 @@ def test_changed_coalesces_to_the_newest_state_per_group() -> None:
     assert store.changed() == [(0, state("g1", 2)), (0, state("g2", 1)), (1, state("g1", 3))]
 
 
-def test_changed_members_coalesce_to_the_newest_per_key() -> None:
+def test_changed_members_coalesce_to_the_newest_per_key(store: StateStore) -> None:
     """changed_members() lists each changed membership once, newest, until commit or rollback."""
-    store = InMemoryStateStore()
     store.put_member(0, "k1", member("u1", 1))
     store.put_member(0, "k2", member("u2", 1))
     store.put_member(0, "k1", member("u1", 5))
@@ -70,19 +102,29 @@ def test_changed_members_coalesce_to_the_newest_per_key() -> None:
     assert store.get_member(1, "k3") is None
 
 
-def test_commit_clears_the_change_set_and_keeps_values() -> None:
+def test_commit_clears_the_change_set_and_keeps_values(store: StateStore) -> None:
     """After commit() nothing is changed and every value stays readable."""
-    store = committed((0, state("g1", 1)))
+    committed(store, (0, state("g1", 1)))
     store.put_member(0, "k1", member("u1"))
+    store.put_seen(0, ("g1", "m1"), 100)
     store.commit()
-    assert store.changed() == []
+    assert (store.changed(), store.changed_members(), store.changed_seen()) == ([], [], [])
     assert store.get(0, "g1") == state("g1", 1)
     assert store.get_member(0, "k1") == member("u1")
+    assert store.seen(0, ("g1", "m1")) == 100
 
 
-def test_rollback_restores_earlier_values_and_removes_new_keys() -> None:
+def test_commit_takes_the_changelog_offsets_reached(store: StateStore) -> None:
+    """commit() accepts offsets per (changelog, partition), with or without changes."""
+    store.put(0, state("g1"))
+    store.commit({("state", 0): 7, ("dedupe", 0): 3, ("members", 2): 1})
+    store.commit({("state", 0): 8})
+    assert store.get(0, "g1") == state("g1")
+
+
+def test_rollback_restores_earlier_values_and_removes_new_keys(store: StateStore) -> None:
     """rollback() puts back every value as of the last commit, across partitions."""
-    store = committed((0, state("g1", 1)), (1, state("g9", 1)))
+    committed(store, (0, state("g1", 1)), (1, state("g9", 1)))
     store.put_member(0, "k1", member("u1"))
     store.commit()
     store.put(0, state("g1", 2))
@@ -102,42 +144,44 @@ def test_rollback_restores_earlier_values_and_removes_new_keys() -> None:
     assert (store.group_count(), store.member_count()) == (2, 1)
 
 
-def test_rollback_does_not_undo_committed_writes() -> None:
+def test_rollback_does_not_undo_committed_writes(store: StateStore) -> None:
     """A rollback right after a commit changes nothing."""
-    store = committed((0, state("g1", 2)))
+    committed(store, (0, state("g1", 2)))
     store.rollback()
     assert store.get(0, "g1") == state("g1", 2)
 
 
-def test_drop_forgets_a_partition_and_its_pending_changes() -> None:
-    """drop() removes a partition's states, memberships and change set, and nothing else."""
-    store = committed((0, state("g1", 1)), (1, state("g1", 1)))
+def test_drop_forgets_a_partition_and_its_pending_changes(store: StateStore) -> None:
+    """drop() removes a partition's change set and counts, and nothing of other partitions."""
+    committed(store, (0, state("g1", 1)), (1, state("g1", 1)))
     store.put(0, state("g1", 2))
     store.put(1, state("g1", 2))
     store.put_member(0, "k1", member("u1"))
     store.drop(0)
     assert store.changed() == [(1, state("g1", 2))]
-    assert store.get(0, "g1") is None
-    assert store.get_member(0, "k1") is None
+    assert store.changed_members() == []
+    assert (store.group_count(), store.member_count()) == (1, 0)
     store.rollback()
-    assert store.get(0, "g1") is None
     assert store.get(1, "g1") == state("g1", 1)
+    # RocksDB keeps the committed files for the partition's return (test_store_rocksdb.py).
+    assert store.get(0, "g1") in (None, state("g1", 1))
+    assert store.get_member(0, "k1") is None
 
 
-def test_restore_does_not_mark_changed() -> None:
+def test_restore_does_not_mark_changed(store: StateStore) -> None:
     """Restored states and memberships are readable, not in changed(), and survive rollback."""
-    store = InMemoryStateStore()
     store.restore(3, state("g1"))
     store.restore_member(3, "k1", member("u1"))
-    assert store.changed() == []
+    store.restore_seen(3, ("g1", "m1"), 5)
+    assert (store.changed(), store.changed_members(), store.changed_seen()) == ([], [], [])
     store.rollback()
     assert store.get(3, "g1") == state("g1")
     assert store.get_member(3, "k1") == member("u1")
+    assert store.seen(3, ("g1", "m1")) == 5
 
 
-def test_counts_cover_every_partition() -> None:
+def test_counts_cover_every_partition(store: StateStore) -> None:
     """group_count() and member_count() sum over partitions."""
-    store = InMemoryStateStore()
     store.put(0, state("g1"))
     store.put(0, state("g1", 2))
     store.restore(1, state("g1"))
@@ -145,6 +189,81 @@ def test_counts_cover_every_partition() -> None:
     store.restore_member(1, "k1", member("u1"))
     store.restore_member(1, "k2", member("u2"))
     assert (store.group_count(), store.member_count()) == (2, 3)
+    store.commit()
+    store.put(1, state("g1", 3))
+    store.put(1, state("g2"))
+    assert (store.group_count(), store.member_count()) == (3, 3)
+
+
+def test_a_fresh_partition_opens_with_no_offsets(store: StateStore) -> None:
+    """A partition never written opens as it is, to replay every changelog from the start."""
+    assert store.open_partition(4) is None
+    assert store.stored_offsets(4) == {}
+    assert store.group_count() == 0
+
+
+def test_apply_changelog_loads_records_and_tombstones_delete(store: StateStore) -> None:
+    """Applied records read back parsed, the newest per key; tombstones delete; not changed."""
+    states: list[ChangelogEntry] = [state_entry(0, state("g1", 1)), state_entry(1, state("g2"))]
+    states += [state_entry(2, state("g1", 2)), (3, b"g2", None), (4, b"g3", None)]
+    assert store.apply_changelog(0, "state", states, next_offset=5) == 0
+    key = '["g1","userId","u1"]'
+    members = [(0, key.encode(), codec.encode(membership_record(member("u1"))))]
+    store.apply_changelog(0, "members", members, next_offset=1)
+    ids: list[ChangelogEntry] = [(0, seen_record_key("g1", "m1").encode(), b"100")]
+    ids += [(1, seen_record_key("g1", "m2").encode(), b"200")]
+    ids += [(2, seen_record_key("g1", "m1").encode(), None)]
+    store.apply_changelog(0, "dedupe", ids, next_offset=3)
+    assert store.get(0, "g1") == state("g1", 2)
+    assert store.get(0, "g2") is None
+    assert store.get_member(0, key) == member("u1")
+    assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (None, 200)
+    assert (store.changed(), store.changed_members(), store.changed_seen()) == ([], [], [])
+    assert (store.group_count(), store.member_count(), store.seen_count()) == (1, 1, 1)
+    store.rollback()
+    assert store.get(0, "g1") == state("g1", 2)
+
+
+def test_applied_records_replace_what_was_read_before(store: StateStore) -> None:
+    """A record applied after a read (a catch-up replay) is what the next read returns."""
+    committed(store, (0, state("g1", 1)), (0, state("g2", 1)))
+    assert (store.get(0, "g1"), store.get(0, "g2")) == (state("g1", 1), state("g2", 1))
+    store.apply_changelog(0, "state", [state_entry(5, state("g1", 2)), (6, b"g2", None)], 7)
+    assert (store.get(0, "g1"), store.get(0, "g2")) == (state("g1", 2), None)
+    assert store.group_count() == 1
+
+
+def test_a_malformed_record_reads_as_absent(store: StateStore) -> None:
+    """A malformed changelog record is skipped (on apply or on read) and can be replaced."""
+    store.apply_changelog(0, "state", [(0, b"g1", b'{"groupId": "g1"}')], next_offset=1)
+    assert store.get(0, "g1") is None
+    store.put(0, state("g1"))
+    store.commit()
+    assert store.get(0, "g1") == state("g1")
+    assert store.group_count() == 1
+
+
+def test_a_state_record_of_a_newer_format_raises(store: StateStore) -> None:
+    """A state record in a format this worker does not read raises, on apply or on read."""
+    record = state_record(state("g1"))
+    record["merge"]["format"] = 99
+
+    def load_and_read() -> None:
+        store.apply_changelog(0, "state", [(0, b"g1", codec.encode(record))], next_offset=1)
+        store.get(0, "g1")
+
+    with pytest.raises(StateFormatError):
+        load_and_read()
+
+
+def test_wipe_forgets_a_partition(store: StateStore) -> None:
+    """wipe() leaves the partition empty, with no offsets, and other partitions as they were."""
+    committed(store, (0, state("g1")), (1, state("g1")))
+    store.commit({("state", 0): 1})
+    store.wipe(0)
+    assert (store.get(0, "g1"), store.get(1, "g1")) == (None, state("g1"))
+    assert store.stored_offsets(0) == {}
+    assert store.group_count() == 1
 
 
 _WRITES = st.lists(
@@ -153,29 +272,39 @@ _WRITES = st.lists(
 )
 
 
+# Each example makes a store of its own.
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(_WRITES, _WRITES)
 def test_rollback_returns_to_the_last_commit(
-    before: list[tuple[int, str, int]], after: list[tuple[int, str, int]]
+    make_store: MakeStore, before: list[tuple[int, str, int]], after: list[tuple[int, str, int]]
 ) -> None:
     """Whatever is put after a commit, rollback() leaves exactly the committed contents."""
-    store = InMemoryStateStore()
+    store = make_store()
     for partition, group, version in before:
         store.put(partition, state(group, version))
         store.put_member(partition, group, member(group, version))
+        store.put_seen(partition, (group, "m"), version)
     store.commit()
     keys = [(p, g) for p in range(3) for g in ("g1", "g2", "g3")]
-    snapshot = [(store.get(p, g), store.get_member(p, g)) for p, g in keys]
+
+    def contents() -> list[object]:
+        return [(store.get(p, g), store.get_member(p, g), store.seen(p, (g, "m"))) for p, g in keys]
+
+    counts = (store.group_count(), store.member_count(), store.seen_count())
+    snapshot = contents()
     for partition, group, version in after:
         store.put(partition, state(group, version + 10))
         store.put_member(partition, group, member(group, version + 10))
+        store.put_seen(partition, (group, "m"), version + 10)
     store.rollback()
-    assert [(store.get(p, g), store.get_member(p, g)) for p, g in keys] == snapshot
+    assert contents() == snapshot
+    assert (store.group_count(), store.member_count(), store.seen_count()) == counts
     assert store.changed() == []
+    store.close()
 
 
-def test_dedupe_ids_roll_back_and_expire_by_arrival() -> None:
+def test_dedupe_ids_roll_back_and_expire_by_arrival(store: StateStore) -> None:
     """Seen ids follow the change set; expire_seen forgets those that arrived too long ago."""
-    store = InMemoryStateStore()
     store.put_seen(0, ("g1", "m1"), 100)
     store.commit()
     store.put_seen(0, ("g1", "m2"), 200)
@@ -186,3 +315,11 @@ def test_dedupe_ids_roll_back_and_expire_by_arrival() -> None:
     assert store.expire_seen(before_ms=250) == 1
     assert (store.seen(0, ("g1", "m1")), store.seen(1, ("g2", "m3"))) == (None, 300)
     assert store.seen_count() == 1
+
+
+def test_close_forgets_everything(store: StateStore) -> None:
+    """After close() the store holds no pending change, and counts nothing."""
+    committed(store, (0, state("g1")))
+    store.put(1, state("g2"))
+    store.close()
+    assert (store.changed(), store.group_count()) == ([], 0)

@@ -1,128 +1,30 @@
-"""Where group states, memberships and dedupe ids live between calls, per input partition.
+"""``InMemoryStateStore``: the ``StateStore`` in dicts, one ``_Table`` per kind of entry.
 
-The runner's transaction maps onto the store: it ``put``s while processing a batch,
-writes the ``changed`` entries to their changelog topics in the Kafka transaction, then
-``commit()``s when the transaction commits or ``rollback()``s when it aborts.
-Partitions come and go with rebalances: ``restore_*`` loads an assigned partition from
-its topics, ``drop`` forgets a revoked one.
-
-Three tables, each keyed per partition: group states by groupId, memberships by their
-key (``members.membership_key``), and dedupe ids, ``(groupId, messageId)`` -> the
-arrival time (ms) of the call that applied it.
-
-A store is used from the runner's thread only; it is not thread-safe.
+Nothing outlives the process or a ``drop``: it stores no changelog offsets, so each
+assignment replays the changelogs from their beginning, parsing every record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from worker.members import Membership
-from worker.state import GroupState
+import structlog
 
-__all__ = ["InMemoryStateStore", "SeenKey", "StateStore"]
+from worker import codec
+from worker.dedupe import arrival_value, seen_key
+from worker.members import Membership, membership_from_record
+from worker.state import GroupState, StateFormatError, state_from_record
 
-SeenKey = tuple[str, str]
-"""``(groupId, messageId)``: a dedupe id."""
+if TYPE_CHECKING:
+    from worker.store import Changelog, ChangelogEntry, ChangelogOffsets, SeenKey
 
+__all__ = ["InMemoryStateStore"]
+
+log = structlog.get_logger("worker.store")
 _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
-
-
-class StateStore(Protocol):
-    """Group states, memberships and dedupe ids by partition, with one open change set.
-
-    Every write since the last ``commit()`` or ``rollback()`` belongs to the open change
-    set. No method blocks on I/O in the in-memory store; none raises for an unknown
-    partition (it is simply empty).
-    """
-
-    def get(self, partition: int, group_id: str) -> GroupState | None:
-        """The group's state, or ``None`` when the partition holds none for it."""
-        ...
-
-    def put(self, partition: int, state: GroupState) -> None:
-        """Store ``state`` as its group's state and mark the group changed."""
-        ...
-
-    def get_member(self, partition: int, key: str) -> Membership | None:
-        """The membership under ``key`` (``members.membership_key``), or ``None``."""
-        ...
-
-    def put_member(self, partition: int, key: str, m: Membership) -> None:
-        """Store a membership and mark it changed; rollback undoes it."""
-        ...
-
-    def seen(self, partition: int, key: SeenKey) -> int | None:
-        """When the call with this dedupe id was applied (its arrival ms), or ``None``."""
-        ...
-
-    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
-        """Record that the call with this dedupe id was applied; rollback undoes it."""
-        ...
-
-    def changed(self) -> list[tuple[int, GroupState]]:
-        """The newest state of each group put since the last commit or rollback.
-
-        One entry per group (changelog writes are coalesced), in the order the groups
-        were first changed.
-        """
-        ...
-
-    def changed_members(self) -> list[tuple[int, str, Membership]]:
-        """The newest membership of each key put since the last commit or rollback."""
-        ...
-
-    def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
-        """The dedupe ids put since the last commit or rollback, with their arrival ms."""
-        ...
-
-    def commit(self) -> None:
-        """Close the change set: its writes are durable (the transaction committed)."""
-        ...
-
-    def rollback(self) -> None:
-        """Undo every write of the change set (the transaction aborted)."""
-        ...
-
-    def restore(self, partition: int, state: GroupState) -> None:
-        """Load a state read from the state topic, outside the change set.
-
-        Meant for a partition being restored after assignment, with no pending writes.
-        """
-        ...
-
-    def restore_member(self, partition: int, key: str, m: Membership) -> None:
-        """Load a membership read from the members topic, outside the change set."""
-        ...
-
-    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
-        """Load a dedupe id read from the dedupe topic, outside the change set."""
-        ...
-
-    def expire_seen(self, before_ms: int) -> int:
-        """Forget dedupe ids that arrived before ``before_ms``; returns how many.
-
-        Outside the change set: an expired id is expired whatever the transaction does.
-        """
-        ...
-
-    def drop(self, partition: int) -> None:
-        """Forget a revoked partition: its entries and pending changes."""
-        ...
-
-    def group_count(self) -> int:
-        """How many group states are held, over every partition."""
-        ...
-
-    def member_count(self) -> int:
-        """How many memberships are held, over every partition."""
-        ...
-
-    def seen_count(self) -> int:
-        """How many dedupe ids are held, over every partition."""
-        ...
+_CHANGELOGS = ("state", "members", "dedupe")
 
 
 class _Table(Generic[_K, _V]):
@@ -152,6 +54,9 @@ class _Table(Generic[_K, _V]):
     def restore(self, partition: int, key: _K, value: _V) -> None:
         self._data.setdefault(partition, {})[key] = value
 
+    def remove(self, partition: int, key: _K) -> None:
+        self._data.get(partition, {}).pop(key, None)
+
     def changed(self) -> list[tuple[int, _K, _V]]:
         return [(partition, key, value) for (partition, key), value in self._changed.items()]
 
@@ -172,6 +77,10 @@ class _Table(Generic[_K, _V]):
         for log in (self._changed, self._undo):
             for log_key in [k for k in log if k[0] == partition]:
                 del log[log_key]
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.commit()
 
     def count(self) -> int:
         return sum(len(entries) for entries in self._data.values())
@@ -222,7 +131,8 @@ class InMemoryStateStore:
     def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
         return self._seen.changed()
 
-    def commit(self) -> None:
+    def commit(self, offsets: ChangelogOffsets | None = None) -> None:
+        """Close the change set; ``offsets`` are ignored (nothing outlives the process)."""
         for table in self._tables:
             table.commit()
 
@@ -239,12 +149,70 @@ class InMemoryStateStore:
     def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
         self._seen.restore(partition, key, arrival_ms)
 
+    def open_partition(self, partition: int) -> str | None:
+        """Nothing to open: always ``None``."""
+        return None
+
+    def stored_offsets(self, partition: int) -> dict[Changelog, int]:
+        """Always ``{}``: replay every changelog from its beginning."""
+        return {}
+
+    def apply_changelog(
+        self,
+        partition: int,
+        changelog: Changelog,
+        entries: Iterable[ChangelogEntry],
+        next_offset: int,
+    ) -> int:
+        """Parse and load each record (``StateStore.apply_changelog``); ignores offsets."""
+        if changelog not in _CHANGELOGS:
+            raise ValueError(f"unknown changelog {changelog!r}")
+        skipped = 0
+        for _, key, value in entries:
+            try:
+                self._apply(partition, changelog, key, value)
+            except StateFormatError:
+                raise
+            except (ValueError, TypeError, AttributeError) as e:
+                skipped += 1
+                log.warning(
+                    "store_record_skipped", changelog=changelog, partition=partition, error=str(e)
+                )
+        return skipped
+
+    def _apply(self, partition: int, changelog: str, key: bytes, value: bytes | None) -> None:
+        """Load one changelog record; raises ``ValueError`` when it is malformed."""
+        name = key.decode()
+        if changelog == "state":
+            if value is None:
+                self._groups.remove(partition, name)
+            else:
+                self._groups.restore(partition, name, state_from_record(codec.decode(value)))
+        elif changelog == "members":
+            if value is None:
+                self._members.remove(partition, name)
+            else:
+                m = membership_from_record(codec.decode(value))
+                self._members.restore(partition, name, m)
+        elif value is None:
+            self._seen.remove(partition, seen_key(name))
+        else:
+            self._seen.restore(partition, seen_key(name), arrival_value(codec.decode(value)))
+
+    def wipe(self, partition: int) -> None:
+        self.drop(partition)
+
     def expire_seen(self, before_ms: int) -> int:
         return self._seen.remove_if(lambda arrival: arrival < before_ms)
 
     def drop(self, partition: int) -> None:
         for table in self._tables:
             table.drop(partition)
+
+    def close(self) -> None:
+        """Forget everything."""
+        for table in self._tables:
+            table.clear()
 
     def group_count(self) -> int:
         return self._groups.count()

@@ -1,0 +1,344 @@
+"""What only RocksDBStateStore does: files that outlive it, offsets, corruption, its cache.
+
+The StateStore contract it shares with the in-memory store is tested in test_store.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rocksdict import AccessType, Options, Rdict
+from structlog.testing import capture_logs
+
+from tests.unit.test_store import member, state, state_entry
+from worker import codec
+from worker.dedupe import seen_record_key
+from worker.members import membership_record
+from worker.state import state_record
+from worker.store import ChangelogEntry, RocksDBStateStore
+from worker.store import partition as partition_module
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def store(directory: Path) -> Iterator[RocksDBStateStore]:
+    store = RocksDBStateStore(directory, cache_bytes=1 << 20)
+    yield store
+    store.close()
+
+
+def reopened(store: RocksDBStateStore, directory: Path) -> RocksDBStateStore:
+    """A new store on ``store``'s directory, once ``store`` is closed."""
+    store.close()
+    return RocksDBStateStore(directory, cache_bytes=1 << 20)
+
+
+def on_disk(store: RocksDBStateStore, partition: int) -> dict[bytes, bytes]:
+    """Everything the partition's files hold once flushed, read beside the open store."""
+    store.compact(partition)  # flushes the write buffers first
+    db = Rdict(
+        str(store.path(partition)),
+        Options(raw_mode=True),
+        access_type=AccessType.read_only(False),
+    )
+    try:
+        return {k: v for k, v in db.items() if isinstance(k, bytes)}
+    finally:
+        db.close()
+
+
+def test_committed_entries_and_offsets_survive_a_new_store(
+    store: RocksDBStateStore, directory: Path
+) -> None:
+    """A new store on the same directory reads what was committed, its offsets and counts."""
+    store.put(0, state("g1", 2))
+    store.put_member(0, "k1", member("u1"))
+    store.put_seen(0, ("g1", "m1"), 100)
+    store.put(3, state("g9"))
+    store.commit({("state", 0): 10, ("members", 0): 4, ("dedupe", 0): 7, ("state", 3): 1})
+    store.commit({("state", 0): 12})
+    again = reopened(store, directory)
+    try:
+        assert again.open_partition(0) is None
+        assert again.stored_offsets(0) == {"state": 12, "members": 4, "dedupe": 7}
+        assert again.stored_offsets(3) == {"state": 1}
+        assert again.get(0, "g1") == state("g1", 2)
+        assert again.get_member(0, "k1") == member("u1")
+        assert again.seen(0, ("g1", "m1")) == 100
+        assert (again.group_count(), again.member_count(), again.seen_count()) == (2, 1, 1)
+    finally:
+        again.close()
+
+
+def test_the_files_hold_the_changelog_records_byte_for_byte(store: RocksDBStateStore) -> None:
+    """Each entry is its kind byte and changelog key, to the changelog value."""
+    store.put(0, state("g1"))
+    store.put_member(0, "k1", member("u1"))
+    store.put_seen(0, ("g1", "m1"), 100)
+    store.commit({("state", 0): 5})
+    held = on_disk(store, 0)
+    assert held[b"sg1"] == codec.encode(state_record(state("g1")))
+    assert held[b"mk1"] == codec.encode(membership_record(member("u1")))
+    assert held[b"d" + seen_record_key("g1", "m1").encode()] == b"100"
+    assert held[b"ostate"] == b"5"
+
+
+def test_an_uncommitted_or_rolled_back_change_is_never_on_disk(
+    store: RocksDBStateStore, directory: Path
+) -> None:
+    """Puts stay in memory until commit: the files never see them, nor a rolled-back one."""
+    store.put(0, state("g1", 1))
+    store.commit()
+    store.put(0, state("g1", 2))
+    store.put(0, state("g2"))
+    store.put_member(0, "k1", member("u1"))
+    store.put_seen(0, ("g1", "m1"), 100)
+    assert store.get(0, "g2") == state("g2")
+    held = on_disk(store, 0)
+    assert held[b"sg1"] == codec.encode(state_record(state("g1", 1)))
+    assert {k[:1] for k in held} - {b"s", b"c", b"v"} == set()
+    assert b"sg2" not in held
+    store.rollback()
+    assert on_disk(store, 0) == held
+    store.put(0, state("g3"))
+    again = reopened(store, directory)  # closed without a commit
+    try:
+        assert (again.get(0, "g1"), again.get(0, "g3")) == (state("g1", 1), None)
+        assert again.group_count() == 1
+    finally:
+        again.close()
+
+
+def test_applied_records_are_parsed_on_read_and_tombstones_delete(
+    store: RocksDBStateStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records applied in many batches read back parsed, with exact counts and the offset."""
+    monkeypatch.setattr(partition_module, "APPLY_BATCH", 2)
+    entries: list[ChangelogEntry] = [state_entry(i, state(f"g{i % 4}", i)) for i in range(9)]
+    entries += [(9, b"g1", None), (10, b"g1", None), (11, b"g7", None)]
+    store.apply_changelog(0, "state", entries, next_offset=15)
+    assert store.stored_offsets(0) == {"state": 15}
+    again = reopened(store, directory)
+    try:
+        assert [again.get(0, f"g{i}") for i in range(4)] == [
+            state("g0", 8),
+            None,
+            state("g2", 6),
+            state("g3", 7),
+        ]
+        assert again.group_count() == 3
+        assert on_disk(again, 0)[b"sg2"] == entries[6][2]
+    finally:
+        again.close()
+
+
+def test_a_replay_cut_short_resumes_after_its_last_batch(
+    store: RocksDBStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error from the records read keeps the batches written, with their offset."""
+    monkeypatch.setattr(partition_module, "APPLY_BATCH", 3)
+
+    def entries() -> Iterator[ChangelogEntry]:
+        for i in range(7):
+            yield state_entry(100 + i, state(f"g{i}"))
+        raise ConnectionError("broker gone")
+
+    with pytest.raises(ConnectionError):
+        store.apply_changelog(0, "state", entries(), next_offset=200)
+    assert store.stored_offsets(0) == {"state": 106}
+    assert [store.get(0, f"g{i}") is not None for i in range(7)] == [True] * 6 + [False]
+    assert store.group_count() == 6
+
+
+def test_a_corrupt_partition_is_discarded_and_starts_empty(
+    store: RocksDBStateStore, directory: Path
+) -> None:
+    """Files RocksDB cannot open are deleted, the reason is returned, and the partition works."""
+    store.put(0, state("g1"))
+    store.put(1, state("g1"))
+    store.commit({("state", 0): 3, ("state", 1): 3})
+    store.close()
+    for file in store.path(0).iterdir():
+        file.write_bytes(b"garbage" * 100)
+    again = RocksDBStateStore(directory, cache_bytes=1 << 20)
+    try:
+        with capture_logs() as logs:
+            reason = again.open_partition(0)
+        assert reason is not None
+        assert [e["event"] for e in logs] == ["store_partition_discarded"]
+        assert (again.stored_offsets(0), again.get(0, "g1"), again.group_count()) == ({}, None, 0)
+        assert again.get(1, "g1") == state("g1")
+        again.put(0, state("g2"))
+        again.commit({("state", 0): 1})
+    finally:
+        again.close()
+    last = RocksDBStateStore(directory, cache_bytes=1 << 20)
+    try:
+        assert last.open_partition(0) is None
+        assert (last.get(0, "g2"), last.stored_offsets(0)) == (state("g2"), {"state": 1})
+    finally:
+        last.close()
+
+
+def test_files_of_another_layout_are_discarded(directory: Path) -> None:
+    """A database without this store's layout version is not read: it is rebuilt."""
+    path = directory / "partition-0"
+    directory.mkdir()
+    db = Rdict(str(path), Options(raw_mode=True))
+    db[b"sg1"] = b"{}"
+    db.close()
+    store = RocksDBStateStore(directory, cache_bytes=0)
+    try:
+        assert store.open_partition(0) == "no layout version"
+        assert store.get(0, "g1") is None
+    finally:
+        store.close()
+
+
+def test_files_locked_by_another_store_are_not_discarded(
+    store: RocksDBStateStore, directory: Path
+) -> None:
+    """Opening a partition another store has open raises, and deletes nothing."""
+    store.put(0, state("g1"))
+    store.commit()
+    other = RocksDBStateStore(directory, cache_bytes=0)
+    with pytest.raises(Exception, match="LOCK"):
+        other.open_partition(0)
+    assert store.get(0, "g1") == state("g1")
+    assert on_disk(store, 0)[b"sg1"] == codec.encode(state_record(state("g1")))
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 3_000])
+def test_the_cache_stays_within_its_bound(directory: Path, cache_bytes: int) -> None:
+    """However many groups pass through, the cache holds at most cache_bytes, reads stay right."""
+    store = RocksDBStateStore(directory, cache_bytes=cache_bytes)
+    try:
+        for i in range(300):
+            store.put(i % 2, state(f"g{i}", i))
+            store.put_member(i % 2, f"k{i}", member(f"u{i}", i))
+            if i % 50 == 49:
+                assert store.cached_bytes <= cache_bytes
+                store.commit()
+        assert store.cached_bytes <= cache_bytes
+        for i in reversed(range(300)):
+            assert store.get(i % 2, f"g{i}") == state(f"g{i}", i)
+            assert store.get_member(i % 2, f"k{i}") == member(f"u{i}", i)
+            assert store.cached_bytes <= cache_bytes
+        assert (store.cached_bytes > 0) == (cache_bytes > 0)
+    finally:
+        store.close()
+
+
+def test_pending_changes_stay_readable_whatever_the_cache_does(directory: Path) -> None:
+    """With no cache at all, what the change set holds reads back until commit or rollback."""
+    store = RocksDBStateStore(directory, cache_bytes=0)
+    try:
+        store.put(0, state("g1"))
+        store.put(0, state("g2"))
+        store.commit()
+        store.put(0, state("g1", 5))
+        assert (store.get(0, "g1"), store.get(0, "g2")) == (state("g1", 5), state("g2"))
+        store.rollback()
+        assert store.get(0, "g1") == state("g1")
+    finally:
+        store.close()
+
+
+def test_a_dropped_partition_keeps_its_files_for_its_return(
+    store: RocksDBStateStore, directory: Path
+) -> None:
+    """drop() closes a partition and keeps its files: reopened, it holds what was committed."""
+    store.put(0, state("g1"))
+    store.commit({("state", 0): 1})
+    store.put(0, state("g1", 2))
+    store.drop(0)
+    assert store.changed() == []
+    assert store.path(0).is_dir()
+    assert store.open_partition(0) is None
+    assert (store.get(0, "g1"), store.stored_offsets(0)) == (state("g1"), {"state": 1})
+    assert store.group_count() == 1
+    again = reopened(store, directory)
+    try:
+        assert again.get(0, "g1") == state("g1")
+    finally:
+        again.close()
+
+
+def test_wipe_deletes_the_files(store: RocksDBStateStore) -> None:
+    """wipe() deletes a partition's directory; the partition reopens empty."""
+    store.put(0, state("g1"))
+    store.commit({("state", 0): 1})
+    store.wipe(0)
+    assert not store.path(0).exists()
+    assert (store.get(0, "g1"), store.stored_offsets(0)) == (None, {})
+
+
+def test_expired_ids_leave_the_files(store: RocksDBStateStore, directory: Path) -> None:
+    """expire_seen deletes old ids from disk with their count; a pending id re-put is kept."""
+    for i in range(5):
+        store.put_seen(0, ("g1", f"m{i}"), 100 * i)
+    store.commit()
+    store.put_seen(0, ("g1", "m1"), 1_000)  # applied again, under the change set
+    store.put_seen(0, ("g1", "m9"), 50)
+    assert store.expire_seen(before_ms=250) == 4  # m0, m1 and m2 on disk, m9 pending
+    assert store.changed_seen() == [(0, ("g1", "m1"), 1_000)]
+    assert store.seen_count() == 3
+    store.commit()
+    again = reopened(store, directory)
+    try:
+        assert [again.seen(0, ("g1", f"m{i}")) for i in range(5)] == [None, 1_000, None, 300, 400]
+        assert again.seen_count() == 3
+    finally:
+        again.close()
+
+
+def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) -> None:
+    """A record that does not parse reads as absent and says so; a put replaces it."""
+    store.apply_changelog(0, "members", [(0, b"k1", b"not json")], next_offset=1)
+    store.apply_changelog(0, "dedupe", [(0, seen_record_key("g", "m").encode(), b"x")], 1)
+    with capture_logs() as logs:
+        assert store.get_member(0, "k1") is None
+        assert store.seen(0, ("g", "m")) is None
+    assert [e["event"] for e in logs] == ["store_record_skipped"] * 2
+    store.put_member(0, "k1", member("u1"))
+    store.commit()
+    assert (store.get_member(0, "k1"), store.member_count()) == (member("u1"), 1)
+    assert store.expire_seen(before_ms=0) == 1
+
+
+_KILLED = """
+import os, signal, sys
+from pathlib import Path
+from tests.unit.test_store import state
+from worker.store import RocksDBStateStore
+store = RocksDBStateStore(Path(sys.argv[1]), cache_bytes=0)
+store.put(0, state("g1"))
+store.commit({("state", 0): 1})
+store.compact(0)  # flushes what the commit wrote
+store.put(0, state("g2"))
+store.commit({("state", 0): 2})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_process_leaves_a_consistent_store(directory: Path) -> None:
+    """Killed, a store keeps the commits up to its last flush, each with its offsets."""
+    root = Path(__file__).resolve().parents[2]
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(directory)], cwd=root, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    store = RocksDBStateStore(directory, cache_bytes=0)
+    try:
+        assert store.open_partition(0) is None
+        assert (store.get(0, "g1"), store.get(0, "g2")) == (state("g1"), None)
+        assert (store.stored_offsets(0), store.group_count()) == ({"state": 1}, 1)
+    finally:
+        store.close()

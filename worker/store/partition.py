@@ -1,0 +1,271 @@
+"""One partition's RocksDB database: its files, its key layout, its counts and offsets.
+
+The database lives at a directory of its own (``RocksDBStateStore.path``) and is opened
+through rocksdict, the binding Quix Streams uses. A key is a kind byte then the
+changelog record's key; a value is the changelog record's value, byte for byte, so a
+replay writes records as it reads them::
+
+    b"s" + groupId          the state record (JSON of ``state.state_record``)
+    b"m" + membership key   the membership record (JSON of ``members.membership_record``)
+    b"d" + dedupe key       the arrival ms in ASCII digits (key: ``dedupe.seen_record_key``)
+    b"o" + changelog name   where to replay that changelog from, ASCII digits
+    b"c" + kind byte        how many entries of that kind the database holds
+    b"v"                    the layout version (``LAYOUT``)
+
+Every write is one atomic write batch carrying the counts it changes (and offsets, when
+it has them), so counts and offsets always agree with the entries. Writes skip RocksDB's
+write-ahead log, as Kafka Streams' stores do: a killed process loses what its write
+buffers held (up to 2 x ``WRITE_BUFFER_BYTES``), and since a database flushes its
+buffers in the order they were written, what stays is everything up to some write
+batch, offsets included; ``close`` flushes them. The store is a cache of its changelogs,
+so a lag only means more to replay.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import structlog
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    DBCompressionType,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
+
+if TYPE_CHECKING:
+    from worker.store import Changelog, ChangelogEntry
+
+__all__ = [
+    "APPLY_BATCH",
+    "CHANGELOGS",
+    "KIND",
+    "LAYOUT",
+    "MEMBERS",
+    "SEEN",
+    "STATES",
+    "WRITE_BUFFER_BYTES",
+    "PartitionDB",
+    "remove_files",
+]
+
+log = structlog.get_logger("worker.store")
+
+# Kinds of entry, by index: their key bytes, and their changelogs.
+STATES, MEMBERS, SEEN = 0, 1, 2
+KIND: Final = (b"s", b"m", b"d")
+CHANGELOGS: Final[tuple[Changelog, ...]] = ("state", "members", "dedupe")
+_OFFSET: Final = b"o"
+_COUNT: Final = b"c"
+_LAYOUT_KEY: Final = b"v"
+LAYOUT: Final = b"1"
+# Records per write batch when applying a changelog: a few MB, and what a kill loses.
+APPLY_BATCH = 10_000
+WRITE_BUFFER_BYTES: Final = 16 << 20
+# Without the write-ahead log (module docstring). Measured with bench/store.py: replays
+# about 20% faster; per call, no difference above the noise.
+_WRITES: Final = WriteOptions()
+_WRITES.disable_wal = True  # type: ignore[method-assign,assignment]  # a property
+
+
+class _Unusable(Exception):
+    """A partition's files cannot be used: corrupt, or of another layout."""
+
+
+class PartitionDB:
+    """An open partition database, and how many entries of each kind it holds.
+
+    ``new`` counts, per kind, the keys that the store's open change set adds: the next
+    ``write`` adds them to ``counts``. Not thread-safe.
+    """
+
+    __slots__ = ("counts", "db", "new")
+
+    def __init__(self, db: Rdict, counts: list[int]) -> None:
+        self.db = db
+        self.counts = counts
+        self.new = [0, 0, 0]
+
+    @classmethod
+    def open(cls, path: Path, block_cache: Cache) -> tuple[PartitionDB, str | None]:
+        """The database at ``path``, created when missing; blocks on the disk.
+
+        Files that RocksDB cannot open (but for a lock), without this layout version or
+        with unreadable counts are deleted and the database starts empty: the second
+        value says why (logged as ``store_partition_discarded``), else it is ``None``.
+        Raises RocksDB's error when the files are locked (another store has them open)
+        or a database cannot be created.
+        """
+        try:
+            return _open(path, block_cache), None
+        except _Unusable as e:
+            reason = str(e)
+        log.warning("store_partition_discarded", path=str(path), reason=reason)
+        remove_files(path)
+        return _open(path, block_cache), reason
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value under ``key``, or ``None``."""
+        value: bytes | None = self.db.get(key)
+        return value
+
+    def has(self, key: bytes) -> bool:
+        """Whether the database holds ``key`` (a bloom-filter miss when it does not)."""
+        return key in self.db
+
+    def offsets(self) -> dict[Changelog, int]:
+        """Where to replay each changelog from; a changelog never written is missing."""
+        offsets: dict[Changelog, int] = {}
+        for changelog in CHANGELOGS:
+            raw = self.db.get(_OFFSET + changelog.encode())
+            if raw is not None:
+                offsets[changelog] = int(raw)
+        return offsets
+
+    def write(
+        self, records: Iterable[tuple[bytes, bytes]], offsets: Mapping[Changelog, int]
+    ) -> None:
+        """Write ``records`` (each key's whole value), with the counts that ``new`` adds to
+        and ``offsets``, in one write batch; ``new`` then goes into ``counts``."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in records:
+            batch.put(key, value)
+        for changelog, offset in offsets.items():
+            batch.put(_OFFSET + changelog.encode(), b"%d" % offset)
+        counts = [held + new for held, new in zip(self.counts, self.new, strict=True)]
+        for kind, count in enumerate(counts):
+            if self.new[kind]:
+                batch.put(_COUNT + KIND[kind], b"%d" % count)
+        self.db.write(batch)
+        self.counts, self.new = counts, [0, 0, 0]
+
+    def write_one(self, kind: int, key: bytes, value: bytes) -> None:
+        """Write one entry of ``kind`` and its count, outside any change set."""
+        count = self.counts[kind] + (key not in self.db)
+        batch = WriteBatch(raw_mode=True)
+        batch.put(key, value)
+        batch.put(_COUNT + KIND[kind], b"%d" % count)
+        self.db.write(batch)
+        self.counts[kind] = count
+
+    def apply(self, changelog: Changelog, entries: Iterable[ChangelogEntry], end: int) -> None:
+        """Write changelog records as they are, ``APPLY_BATCH`` to a write batch, each
+        batch with the count and the offset after its last record; ``end`` is the offset
+        written last. A ``None`` value deletes its key."""
+        kind = CHANGELOGS.index(changelog)
+        db, prefix, count = self.db, KIND[kind], self.counts[kind]
+        batch = WriteBatch(raw_mode=True)
+        # Keys in the batch, and whether they exist once it is written (the database
+        # does not see the batch yet).
+        exists: dict[bytes, bool] = {}
+        for offset, key, value in entries:
+            db_key = prefix + key
+            existed = exists.get(db_key)
+            if existed is None:
+                existed = db_key in db
+            if value is None:
+                batch.delete(db_key)
+                count -= existed
+            else:
+                batch.put(db_key, value)
+                count += not existed
+            exists[db_key] = value is not None
+            if len(exists) >= APPLY_BATCH:
+                self._write_applied(changelog, kind, count, batch, offset + 1)
+                batch = WriteBatch(raw_mode=True)
+                exists.clear()
+        self._write_applied(changelog, kind, count, batch, end)
+
+    def _write_applied(
+        self, changelog: Changelog, kind: int, count: int, batch: WriteBatch, offset: int
+    ) -> None:
+        batch.put(_COUNT + KIND[kind], b"%d" % count)
+        batch.put(_OFFSET + changelog.encode(), b"%d" % offset)
+        self.db.write(batch)
+        self.counts[kind] = count
+
+    def expire(self, before_ms: int) -> int:
+        """Delete the dedupe ids that arrived before ``before_ms`` (and unreadable ones)
+        in one write batch, after a scan of every id; returns how many."""
+        bound = ReadOptions()
+        bound.set_iterate_upper_bound(bytes([KIND[SEEN][0] + 1]))
+        batch = WriteBatch(raw_mode=True)
+        gone = 0
+        for key, raw in self.db.items(from_key=KIND[SEEN], read_opt=bound):
+            arrival = arrival_of(raw)
+            if arrival is None or arrival < before_ms:
+                batch.delete(key)
+                gone += 1
+        if gone:
+            count = self.counts[SEEN] - gone
+            batch.put(_COUNT + KIND[SEEN], b"%d" % count)
+            self.db.write(batch)
+            self.counts[SEEN] = count
+        return gone
+
+    def compact(self) -> None:
+        """Compact every file into the last level; blocks."""
+        self.db.compact_range(None, None)
+
+    def close(self) -> None:
+        """Flush the write buffers and close; the files stay."""
+        self.db.close()
+
+
+def arrival_of(raw: bytes) -> int | None:
+    """A dedupe value's arrival ms, or ``None`` when it is not ASCII digits."""
+    return int(raw) if raw.isdigit() else None
+
+
+def remove_files(path: Path) -> None:
+    """Delete a partition's files, whatever is there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _open(path: Path, block_cache: Cache) -> PartitionDB:
+    """Open or create the database; raises ``_Unusable`` when its files cannot be used."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db = Rdict(str(path), _options(block_cache))
+        db.set_write_options(_WRITES)
+    except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
+        if str(path / "LOCK") in str(e):
+            raise
+        raise _Unusable(str(e)) from None
+    try:
+        layout = db.get(_LAYOUT_KEY)
+        if layout is None and next(iter(db.keys()), None) is None:
+            db.put(_LAYOUT_KEY, LAYOUT)
+            return PartitionDB(db, [0, 0, 0])
+        if layout == LAYOUT:
+            return PartitionDB(db, [int(db.get(_COUNT + kind) or 0) for kind in KIND])
+        problem = "no layout version" if layout is None else f"layout version {layout!r}"
+    except Exception as e:  # a read of corrupt files, or a count that is not a number
+        problem = str(e)
+    db.close()
+    raise _Unusable(problem)
+
+
+def _options(block_cache: Cache) -> Options:
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_compression_type(DBCompressionType.lz4())
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(2)
+    options.set_keep_log_file_num(2)  # RocksDB's own log of what it did
+    table = BlockBasedOptions()
+    table.set_block_cache(block_cache)
+    # Most lookups are of keys that are absent (a new dedupe id, a new group).
+    table.set_bloom_filter(10, False)
+    options.set_block_based_table_factory(table)
+    return options

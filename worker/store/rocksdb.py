@@ -1,0 +1,394 @@
+"""``RocksDBStateStore``: the ``StateStore`` in an embedded RocksDB per partition.
+
+Each partition has its database (``partition.PartitionDB``, which says how it lays out
+its keys and writes) at ``directory / "partition-<n>"``, opened on first use or by
+``open_partition`` and closed by ``drop``: a revoked partition's files stay, for its
+return.
+
+Durability. The files hold committed changes only: the change set stays in memory until
+``commit``, called once the Kafka transaction has committed, writes each partition's
+changes with the changelog offsets the transaction reached, in one write batch. The
+files may lag (a crash between the two commits; a killed process loses its write
+buffers): their offsets lag with them, and replaying the changelogs from there catches
+up, since a record holds its key's whole value. A partition whose files cannot be used
+is deleted, to rebuild from the changelogs (``open_partition``).
+
+Reads look in the change set, then in a cache of parsed states and memberships bounded
+by ``cache_bytes`` (least recently used out first), then in the database, parsing the
+record and caching the result. Dedupe ids are not cached: each is looked up about once
+per call and is mostly absent, which a bloom filter answers in about a µs.
+
+Counts are exact: kept in each database and updated with every write (a put or a
+replayed record looks up whether its key existed: a bloom-filter miss when it did not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import structlog
+from rocksdict import Cache
+
+from worker import codec
+from worker.members import Membership, membership_from_record, membership_record
+from worker.state import GroupState, StateFormatError, state_from_record, state_record
+from worker.store.cache import LRUCache
+from worker.store.partition import (
+    CHANGELOGS,
+    KIND,
+    MEMBERS,
+    SEEN,
+    STATES,
+    PartitionDB,
+    arrival_of,
+    remove_files,
+)
+
+if TYPE_CHECKING:
+    from worker.store import Changelog, ChangelogEntry, ChangelogOffsets, SeenKey
+
+__all__ = ["RocksDBStateStore"]
+
+log = structlog.get_logger("worker.store")
+_E = TypeVar("_E", GroupState, Membership)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+# What a parsed entry keeps alive, from its record's length (tracemalloc: a state takes
+# about 1.4 times its record, a membership 2 times its 130 bytes), plus the cache's own.
+_ENTRY_BYTES: Final = 200
+# RocksDB's block cache (uncompressed blocks), shared by the partitions.
+_BLOCK_CACHE_BYTES: Final = 64 << 20
+
+
+class RocksDBStateStore:
+    """A ``StateStore`` in RocksDB databases under ``directory``, one per partition.
+
+    ``cache_bytes`` bounds the parsed states and memberships kept (approximately: costs
+    are estimated from the records' lengths). RocksDB's own memory comes on top: a
+    64 MiB block cache shared by the partitions and up to 2 x 16 MiB of write buffers
+    per open partition. ``directory`` is created when missing. Two stores must not
+    share a directory (a partition's files are locked while open).
+    """
+
+    def __init__(self, directory: Path, cache_bytes: int) -> None:
+        self._directory = directory
+        self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
+        self._block_cache = Cache(_BLOCK_CACHE_BYTES)
+        self._partitions: dict[int, PartitionDB] = {}
+        # The change set: each value, its database key, and whether that key is new.
+        self._groups: dict[tuple[int, str], tuple[GroupState, bytes, bool]] = {}
+        self._members: dict[tuple[int, str], tuple[Membership, bytes, bool]] = {}
+        self._seen: dict[tuple[int, SeenKey], tuple[int, bytes, bool]] = {}
+        # Keys the database was just found to lack, so the put that usually follows a
+        # read that missed need not look again; forgotten whenever the database changes.
+        self._absent: set[tuple[int, bytes]] = set()
+
+    @property
+    def cached_bytes(self) -> int:
+        """The estimated bytes of the parsed entries cached, at most ``cache_bytes``."""
+        return self._cache.bytes
+
+    def path(self, partition: int) -> Path:
+        """Where the partition's database lives."""
+        return self._directory / f"partition-{partition}"
+
+    # Reads and the change set.
+
+    def get(self, partition: int, group_id: str) -> GroupState | None:
+        pending = self._groups.get((partition, group_id))
+        if pending is not None:
+            return pending[0]
+        key = b"s" + group_id.encode()
+        cached = self._cache.get((partition, key))
+        if isinstance(cached, GroupState):
+            return cached
+        return self._read(partition, key, _read_state)
+
+    def put(self, partition: int, state: GroupState) -> None:
+        log_key = (partition, state.group_id)
+        pending = self._groups.get(log_key)
+        if pending is None:
+            key = b"s" + state.group_id.encode()
+            self._groups[log_key] = (state, key, self._is_new(partition, STATES, key))
+        else:
+            self._groups[log_key] = (state, pending[1], pending[2])
+
+    def get_member(self, partition: int, key: str) -> Membership | None:
+        pending = self._members.get((partition, key))
+        if pending is not None:
+            return pending[0]
+        db_key = b"m" + key.encode()
+        cached = self._cache.get((partition, db_key))
+        if isinstance(cached, Membership):
+            return cached
+        return self._read(partition, db_key, _read_membership)
+
+    def put_member(self, partition: int, key: str, m: Membership) -> None:
+        log_key = (partition, key)
+        pending = self._members.get(log_key)
+        if pending is None:
+            db_key = b"m" + key.encode()
+            self._members[log_key] = (m, db_key, self._is_new(partition, MEMBERS, db_key))
+        else:
+            self._members[log_key] = (m, pending[1], pending[2])
+
+    def seen(self, partition: int, key: SeenKey) -> int | None:
+        pending = self._seen.get((partition, key))
+        if pending is not None:
+            return pending[0]
+        db_key = _seen_key(key)
+        raw = self._part(partition).get(db_key)
+        if raw is None:
+            self._absent.add((partition, db_key))
+            return None
+        arrival = arrival_of(raw)
+        if arrival is None:
+            log.warning("store_record_skipped", kind="dedupe", partition=partition)
+        return arrival
+
+    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
+        log_key = (partition, key)
+        pending = self._seen.get(log_key)
+        if pending is None:
+            db_key = _seen_key(key)
+            self._seen[log_key] = (arrival_ms, db_key, self._is_new(partition, SEEN, db_key))
+        else:
+            self._seen[log_key] = (arrival_ms, pending[1], pending[2])
+
+    def changed(self) -> list[tuple[int, GroupState]]:
+        return [(partition, entry[0]) for (partition, _), entry in self._groups.items()]
+
+    def changed_members(self) -> list[tuple[int, str, Membership]]:
+        return [(partition, key, entry[0]) for (partition, key), entry in self._members.items()]
+
+    def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
+        return [(partition, key, entry[0]) for (partition, key), entry in self._seen.items()]
+
+    def commit(self, offsets: ChangelogOffsets | None = None) -> None:
+        """Write the change set with ``offsets``, then close it (``StateStore.commit``).
+
+        Steps: (1) the records of the change set, by partition; (2) for each partition
+        changed or given offsets, one write batch of its records, counts and offsets;
+        (3) the change set closes, its states and memberships moving into the cache.
+        Blocks on the disk.
+        """
+        records: dict[int, list[tuple[bytes, bytes]]] = {}
+        parsed: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
+        for (partition, _), (state, key, _) in self._groups.items():  # (1)
+            value = codec.encode(state_record(state))
+            records.setdefault(partition, []).append((key, value))
+            parsed.append(((partition, key), state, _cost(value)))
+        for (partition, _), (m, key, _) in self._members.items():
+            value = codec.encode(membership_record(m))
+            records.setdefault(partition, []).append((key, value))
+            parsed.append(((partition, key), m, _cost(value)))
+        for (partition, _), (arrival, key, _) in self._seen.items():
+            records.setdefault(partition, []).append((key, b"%d" % arrival))
+        reached: dict[int, dict[Changelog, int]] = {}
+        for (changelog, partition), offset in (offsets or {}).items():
+            reached.setdefault(partition, {})[changelog] = offset
+        for partition in records.keys() | reached.keys():  # (2)
+            self._part(partition).write(records.get(partition, ()), reached.get(partition, {}))
+        for cache_key, entry, cost in parsed:  # (3)
+            self._cache.put(cache_key, entry, cost)
+        self._clear_changes()
+
+    def rollback(self) -> None:
+        """Forget the change set: the database never saw it."""
+        self._clear_changes()
+
+    # Restoring, expiring and forgetting: outside the change set.
+
+    def restore(self, partition: int, state: GroupState) -> None:
+        key, value = b"s" + state.group_id.encode(), codec.encode(state_record(state))
+        self._write_one(partition, STATES, key, value)
+        self._cache.put((partition, key), state, _cost(value))
+
+    def restore_member(self, partition: int, key: str, m: Membership) -> None:
+        db_key, value = b"m" + key.encode(), codec.encode(membership_record(m))
+        self._write_one(partition, MEMBERS, db_key, value)
+        self._cache.put((partition, db_key), m, _cost(value))
+
+    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
+        self._write_one(partition, SEEN, _seen_key(key), b"%d" % arrival_ms)
+
+    def open_partition(self, partition: int) -> str | None:
+        """Open the partition's database (``StateStore.open_partition``).
+
+        Files that RocksDB cannot open (but for a lock), without this store's layout
+        version or with unreadable counts are deleted, and the partition starts empty;
+        the reason is logged (``store_partition_discarded``) and returned.
+        """
+        if partition in self._partitions:
+            return None
+        return self._open(partition)
+
+    def stored_offsets(self, partition: int) -> dict[Changelog, int]:
+        return self._part(partition).offsets()
+
+    def apply_changelog(
+        self,
+        partition: int,
+        changelog: Changelog,
+        entries: Iterable[ChangelogEntry],
+        next_offset: int,
+    ) -> int:
+        """Write the records as they are (``StateStore.apply_changelog``); returns 0.
+
+        ``partition.APPLY_BATCH`` records to a write batch, each batch with its count
+        and offset. Malformed records are found on reading them (``get``).
+        """
+        if changelog not in CHANGELOGS:
+            raise ValueError(f"unknown changelog {changelog!r}")
+        part = self._part(partition)
+        self._absent.clear()
+        prefix = KIND[CHANGELOGS.index(changelog)]
+
+        def uncached() -> Iterator[ChangelogEntry]:
+            for entry in entries:
+                self._cache.discard((partition, prefix + entry[1]))  # to be read again
+                yield entry
+
+        part.apply(changelog, uncached(), next_offset)
+        return 0
+
+    def compact(self, partition: int) -> None:
+        """Compact the partition's files fully; blocks (seconds per million entries).
+
+        Reads then look in as few files as can be, which RocksDB otherwise reaches in
+        the background, later: worth it after a rebuild from the changelogs.
+        """
+        self._part(partition).compact()
+
+    def wipe(self, partition: int) -> None:
+        self.drop(partition)
+        remove_files(self.path(partition))
+
+    def expire_seen(self, before_ms: int) -> int:
+        """Forget ids that arrived before ``before_ms`` (``StateStore.expire_seen``).
+
+        Deletes them from the databases at once, one write batch per partition, after a
+        scan of every id (O(ids held)); an unreadable id goes too. Pending ids that old
+        leave the change set, ``changed_seen`` included.
+        """
+        removed = 0
+        for log_key, (arrival, _, new) in list(self._seen.items()):
+            if arrival < before_ms:
+                del self._seen[log_key]
+                if new:  # else the database holds the id: expired below, or kept
+                    self._partitions[log_key[0]].new[SEEN] -= 1
+                    removed += 1
+        for part in self._partitions.values():
+            removed += part.expire(before_ms)
+        for log_key, (arrival, key, new) in list(self._seen.items()):
+            part = self._partitions[log_key[0]]
+            if not new and not part.has(key):  # expired from under the change set
+                self._seen[log_key] = (arrival, key, True)
+                part.new[SEEN] += 1
+        return removed
+
+    def drop(self, partition: int) -> None:
+        """Forget the partition and close its database; its files stay."""
+        part = self._partitions.pop(partition, None)
+        self._absent.clear()
+        _forget(self._groups, partition)
+        _forget(self._members, partition)
+        _forget(self._seen, partition)
+        self._cache.discard_where(lambda cache_key: cache_key[0] == partition)
+        if part is not None:
+            part.close()
+
+    def close(self) -> None:
+        for partition in list(self._partitions):
+            self.drop(partition)
+
+    def group_count(self) -> int:
+        return self._count(STATES)
+
+    def member_count(self) -> int:
+        return self._count(MEMBERS)
+
+    def seen_count(self) -> int:
+        return self._count(SEEN)
+
+    # Internals.
+
+    def _count(self, kind: int) -> int:
+        return sum(part.counts[kind] + part.new[kind] for part in self._partitions.values())
+
+    def _part(self, partition: int) -> PartitionDB:
+        part = self._partitions.get(partition)
+        if part is None:
+            self._open(partition)
+            part = self._partitions[partition]
+        return part
+
+    def _open(self, partition: int) -> str | None:
+        part, reason = PartitionDB.open(self.path(partition), self._block_cache)
+        self._partitions[partition] = part
+        return reason
+
+    def _read(self, partition: int, key: bytes, read: Callable[[bytes], _E]) -> _E | None:
+        """Parse and cache the record under ``key``; ``None`` when absent or malformed."""
+        raw = self._part(partition).get(key)
+        if raw is None:
+            self._absent.add((partition, key))
+            return None
+        try:
+            entry = read(raw)
+        except StateFormatError:
+            raise
+        except (ValueError, TypeError, AttributeError) as e:
+            log.warning(
+                "store_record_skipped", kind=key[:1].decode(), partition=partition, error=str(e)
+            )
+            return None
+        self._cache.put((partition, key), entry, _cost(raw))
+        return entry
+
+    def _is_new(self, partition: int, kind: int, key: bytes) -> bool:
+        """Whether the database lacks ``key``; counts it as new to the change set if so."""
+        part = self._part(partition)
+        cache_key = (partition, key)
+        if cache_key not in self._absent and (cache_key in self._cache or part.has(key)):
+            return False
+        part.new[kind] += 1
+        return True
+
+    def _write_one(self, partition: int, kind: int, key: bytes, value: bytes) -> None:
+        self._absent.discard((partition, key))
+        self._part(partition).write_one(kind, key, value)
+
+    def _clear_changes(self) -> None:
+        self._absent.clear()
+        self._groups.clear()
+        self._members.clear()
+        self._seen.clear()
+        for part in self._partitions.values():
+            part.new = [0, 0, 0]
+
+
+def _forget(changes: dict[tuple[int, _K], _V], partition: int) -> None:
+    for log_key in [k for k in changes if k[0] == partition]:
+        del changes[log_key]
+
+
+def _read_state(raw: bytes) -> GroupState:
+    return state_from_record(codec.decode(raw))
+
+
+def _read_membership(raw: bytes) -> Membership:
+    return membership_from_record(codec.decode(raw))
+
+
+def _seen_key(key: SeenKey) -> bytes:
+    # ``seen_record_key(*key).encode()``, without the text in between.
+    return b"d" + codec.encode(key)
+
+
+def _cost(record: bytes) -> int:
+    """The bytes a parsed entry keeps alive, estimated from its record."""
+    return len(record) * 3 // 2 + _ENTRY_BYTES
