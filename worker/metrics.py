@@ -100,11 +100,11 @@ class Metrics:
             ["route"],
             registry=r,
         )
-        # Consecutive aborts of the same batch (same start offsets); 0 after a commit. Above
-        # 1 the worker is replaying one batch again and again: see the log line
-        # batch_aborted_again for its partitions and offsets.
+        # Batches aborted since the last commit (the same records tried again); 0 after a
+        # commit. Above 1 the worker is replaying one batch again and again: see the log
+        # line batch_aborted_again for its partitions and offsets.
         self.abort_streak = Gauge(
-            f"{_PREFIX}_batch_abort_streak", "Consecutive aborts of the same batch", registry=r
+            f"{_PREFIX}_batch_abort_streak", "Batches aborted since the last commit", registry=r
         )
         # Partitions currently assigned to this worker, by topic (input, repartition).
         self.assigned_partitions = Gauge(

@@ -83,8 +83,7 @@ class Runner:
         self._restoring = 0
         self._paused = False
         self._lag_checked = 0.0
-        # Where the last aborted batch started, and how often in a row it aborted.
-        self._aborted_start: dict[Partition, int] = {}
+        # Batches aborted since the last commit: the same records, tried again and again.
         self._abort_streak = 0
         self.joined = False
         self.last_progress = clock.monotonic()
@@ -302,8 +301,8 @@ class Runner:
         """Abort the open batch and read its records again, except those of ``gone``.
 
         Records the sink says were refused for good are handed to the processor first,
-        so the replay dead-letters them instead of failing again. A batch aborting again
-        from the same offsets shows in the abort streak and a log line naming them.
+        so the replay dead-letters them instead of failing again. Aborting again before
+        any commit shows in the abort streak and a log line naming the batch's offsets.
         """
         self._metrics.aborts.inc()
         self._sink.abort()
@@ -320,12 +319,14 @@ class Runner:
         self._uncommitted = 0
 
     def _count_abort(self) -> None:
+        # Counted by commits, not by exact offsets: a stuck batch picks up records of
+        # other partitions as they arrive, but its first offsets never get committed.
         start = self._batch_start
-        same = bool(start) and start == self._aborted_start
-        self._abort_streak = self._abort_streak + 1 if same else 1
-        self._aborted_start = dict(start)
+        if not start:  # nothing was consumed since the last commit: nothing retried
+            return
+        self._abort_streak += 1
         self._metrics.abort_streak.set(self._abort_streak)
-        if same:
+        if self._abort_streak > 1:
             log.error(
                 "batch_aborted_again",
                 streak=self._abort_streak,

@@ -411,3 +411,23 @@ def test_a_state_topic_in_an_unknown_format_stops_the_worker() -> None:
     runner, _ = build(source, sink)
     with pytest.raises(TopicError, match=r"topic state partition 0: state record format 99"):
         run_for(runner, source, 3)
+
+
+def test_the_abort_streak_counts_aborts_until_a_commit_whatever_joins_the_batch() -> None:
+    """A stuck batch that takes in another partition's records keeps raising the streak."""
+    runner, source, sink, metrics = make(partitions=2)
+    source.append(group_call(1))
+    streaks: list[float] = []
+
+    def fail_every_commit(n: int) -> None:
+        sink.fail_next_commit = AbortableError("broker says no")
+        if n == 5:
+            source.append(group_call(2), partition=1)
+        streaks.append(sample(metrics, "group_worker_batch_abort_streak"))
+        if n >= 14:
+            runner.stop()
+
+    source.on_consume = fail_every_commit
+    runner.run()
+    assert max(streaks) >= 4
+    assert streaks == sorted(streaks)  # never back to 1 while nothing commits
