@@ -200,7 +200,7 @@ def _restore_main(bootstrap: str, state: str, members: str, dedupe: str) -> None
     for partition in partitions:
         for topic in (state, members):
             latest: dict[bytes | None, bytes | None] = {}
-            for key, value in restorer.read(topic, partition):
+            for _, key, value in restorer.read(topic, partition):
                 latest[key] = value
             raw += len(latest)
     lazy = time.perf_counter() - started
@@ -211,7 +211,7 @@ def _restore_main(bootstrap: str, state: str, members: str, dedupe: str) -> None
     for partition in partitions:
         for topic in (state, members):
             latest = {}
-            for key, value in restorer.read(topic, partition):
+            for _, key, value in restorer.read(topic, partition):
                 latest[key] = value
     lazy_large = time.perf_counter() - started
     restorer.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 from worker.errors import AbortableError, KafkaError
 from worker.events import Record, SourceRecord
+from worker.restore import Entry
 from worker.sink import Headers, Refusal
 from worker.source import Offsets, Partition, RebalanceListener, Source
 
@@ -231,11 +232,11 @@ class FakeRestorer:
         self.sink = sink
         self.reads: list[tuple[str, int]] = []
 
-    def read(self, topic: str, partition: int) -> Iterator[tuple[bytes | None, bytes | None]]:
+    def read(self, topic: str, partition: int) -> Iterator[Entry]:
         self.reads.append((topic, partition))
-        for p in self.sink.topic(topic):
-            if p.partition == partition:
-                yield p.key, p.value
+        records = (p for p in self.sink.topic(topic) if p.partition == partition)
+        for offset, p in enumerate(records):
+            yield offset, p.key, p.value
 
     def close(self) -> None:
         pass

@@ -13,11 +13,11 @@ from typing import Any, Literal, NoReturn
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException, Producer
 
-from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
+from worker.errors import AbortableError, ConfigError, FatalError, KafkaError, RetriableError
 from worker.limits import PRODUCER_MAX_DEFAULT
 from worker.logs import kafka_client_logger
 
-__all__ = ["client_config", "produce_all", "raise_for", "translate"]
+__all__ = ["client_config", "produce_all", "producer_max_bytes", "raise_for", "translate"]
 
 # Prefixes that scope a librdkafka property to one client kind.
 _SCOPES = ("consumer.", "producer.", "admin.")
@@ -46,6 +46,15 @@ def client_config(
     scope = f"{role}."
     config.update({k.removeprefix(scope): v for k, v in properties.items() if k.startswith(scope)})
     return config
+
+
+def producer_max_bytes(config: Mapping[str, Any]) -> int:
+    """The largest record a producer with ``config`` (``client_config``) accepts itself:
+    its ``message.max.bytes``. Raises ``ConfigError`` when that is not an integer."""
+    try:
+        return int(config.get("message.max.bytes", PRODUCER_MAX_DEFAULT))
+    except ValueError:
+        raise ConfigError("config: kafka.message.max.bytes must be an integer") from None
 
 
 def translate(error: ClientError | Any) -> KafkaError:

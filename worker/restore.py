@@ -10,25 +10,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
-from worker import codec
-from worker.dedupe import arrival_value, seen_key
 from worker.errors import RetriableError, TopicError
 from worker.kafka import client_config, raise_for, translate
-from worker.members import membership_from_record
-from worker.state import StateFormatError, state_from_record
-from worker.store import StateStore
+from worker.state import StateFormatError
+from worker.store import Changelog, ChangelogEntry, StateStore
 
-__all__ = ["Changelogs", "KafkaRestorer", "Restored", "Restorer", "restore_partition"]
+__all__ = ["Changelogs", "Entry", "KafkaRestorer", "Restored", "Restorer", "restore_partition"]
 
 log = structlog.get_logger("worker.restore")
-Entry = tuple[bytes | None, bytes | None]  # (key, value)
-_T = TypeVar("_T")
+Entry = tuple[int, bytes | None, bytes | None]  # (offset, key, value)
 # How long a restore retries while the broker's metadata settles before giving up.
 _RETRY_SECONDS = 60.0
 # consume() waits for a full batch or its timeout: keep the timeout short, so the
@@ -40,7 +36,10 @@ _PROGRESS_EVERY = 10_000
 class Restorer(Protocol):
     """Reads a whole topic partition, oldest first."""
 
-    def read(self, topic: str, partition: int) -> Iterator[Entry]: ...
+    def read(self, topic: str, partition: int) -> Iterator[Entry]:
+        """Every record of the partition, oldest first, as ``(offset, key, value)``."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -48,6 +47,7 @@ class Restorer(Protocol):
 class Restored:
     """What restoring one partition loaded."""
 
+    # Records read from each changelog, and how many of them were malformed.
     states: int
     members: int
     seen: int  # dedupe ids
@@ -63,34 +63,29 @@ def restore_partition(
 ) -> Restored:
     """Load ``partition``'s states, memberships and dedupe ids into ``store``; blocks.
 
-    The newest record of each key wins (the topics are compacted, maybe not yet);
-    tombstones delete. A malformed record is logged (without its value) and skipped.
-    ``progress`` is called with the number of records read since its last call, every
-    ``_PROGRESS_EVERY`` records and at the end. Raises ``KafkaError`` subclasses when the
-    topics cannot be read, and ``TopicError`` when the state topic holds records in a
-    format this worker does not read (a newer worker wrote them).
+    Each changelog is read to its end and applied in order (``StateStore.apply_changelog``:
+    the newest record of a key wins, tombstones delete, a malformed record is logged
+    without its value and skipped). ``progress`` is called with the number of records
+    read since its last call, every ``_PROGRESS_EVERY`` records and at the end. Raises
+    ``KafkaError`` subclasses when the topics cannot be read, and ``TopicError`` when the
+    state topic holds records in a format this worker does not read (a newer worker
+    wrote them).
     """
-    try:
-        states, bad_states = _latest(restorer, topics.state, partition, state_from_record, progress)
-    except StateFormatError as e:
-        raise TopicError(f"topic {topics.state} partition {partition}: {e}") from None
-    members, bad_members = _latest(
-        restorer, topics.members, partition, membership_from_record, progress
+    read: dict[Changelog, int] = {}
+    skipped = 0
+    changelogs: tuple[tuple[Changelog, str], ...] = (
+        ("state", topics.state),
+        ("members", topics.members),
+        ("dedupe", topics.dedupe),
     )
-    seen, bad_seen = _latest(restorer, topics.dedupe, partition, arrival_value, progress)
-    for state in states.values():
-        store.restore(partition, state)
-    for key, membership in members.items():
-        store.restore_member(partition, key, membership)
-    for name, arrival in seen.items():
+    for changelog, topic in changelogs:
+        entries = _Counted(restorer.read(topic, partition), progress)
         try:
-            store.restore_seen(partition, seen_key(name), arrival)
-        except ValueError as e:
-            bad_seen += 1
-            log.warning(
-                "restore_record_skipped", topic=topics.dedupe, partition=partition, error=str(e)
-            )
-    return Restored(len(states), len(members), len(seen), bad_states + bad_members + bad_seen)
+            skipped += store.apply_changelog(partition, changelog, entries, 0)
+        except StateFormatError as e:
+            raise TopicError(f"topic {topic} partition {partition}: {e}") from None
+        read[changelog] = entries.count
+    return Restored(read["state"], read["members"], read["dedupe"], skipped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,35 +97,24 @@ class Changelogs:
     dedupe: str
 
 
-def _latest(
-    restorer: Restorer,
-    topic: str,
-    partition: int,
-    parse: Callable[[Any], _T],
-    progress: Callable[[int], None],
-) -> tuple[dict[str, _T], int]:
-    """The newest parsed value per key of a partition, and how many records were malformed."""
-    latest: dict[str, _T] = {}
-    skipped = 0
-    read = 0
-    for key, value in restorer.read(topic, partition):
-        read += 1
-        if read == _PROGRESS_EVERY:
-            progress(read)
-            read = 0
-        name = (key or b"").decode(errors="replace")
-        if value is None:
-            latest.pop(name, None)
-            continue
-        try:
-            latest[name] = parse(codec.decode(value))
-        except StateFormatError:
-            raise
-        except (ValueError, TypeError, AttributeError) as e:
-            skipped += 1
-            log.warning("restore_record_skipped", topic=topic, partition=partition, error=str(e))
-    progress(read)
-    return latest, skipped
+class _Counted:
+    """``entries`` passed through, counted, with ``progress`` told every so often."""
+
+    def __init__(self, entries: Iterator[Entry], progress: Callable[[int], None]) -> None:
+        self._entries = entries
+        self._progress = progress
+        self.count = 0
+
+    def __iter__(self) -> Iterator[ChangelogEntry]:
+        unreported = 0
+        for offset, key, value in self._entries:
+            self.count += 1
+            unreported += 1
+            if unreported == _PROGRESS_EVERY:
+                self._progress(unreported)
+                unreported = 0
+            yield offset, key or b"", value
+        self._progress(unreported)
 
 
 class KafkaRestorer:
@@ -163,7 +147,7 @@ class KafkaRestorer:
                 for message in self._consumer.consume(_BATCH, 0.05):
                     error = message.error()
                     if error is None:
-                        yield message.key(), message.value()
+                        yield message.offset() or 0, message.key(), message.value()
                     elif error.code() == ClientError._PARTITION_EOF:
                         return
                     elif not isinstance(translate(error), RetriableError):

@@ -198,9 +198,9 @@ class Runner:
             "partition_restored",
             topic=routes.stateful_input,
             partition=partition,
-            groups=restored.states,
-            members=restored.members,
-            dedupe_ids=restored.seen,
+            state_records=restored.states,
+            member_records=restored.members,
+            dedupe_records=restored.seen,
             skipped=restored.skipped,
             seconds=round(seconds, 3),
         )

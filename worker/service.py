@@ -24,8 +24,8 @@ from confluent_kafka import KafkaException
 from worker.clock import Clock, SystemClock
 from worker.config import Config, redact
 from worker.errors import ConfigError, FatalError, KafkaError
-from worker.kafka import client_config
-from worker.limits import PRODUCER_MAX_DEFAULT, GroupBound, Limits, group_bound
+from worker.kafka import client_config, producer_max_bytes
+from worker.limits import GroupBound, Limits, group_bound
 from worker.metrics import Metrics
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
@@ -223,11 +223,7 @@ def record_limits(config: Config, layout: Layout) -> Limits:
     """What each output topic accepts: its ``max.message.bytes``, within the producer's
     own ``message.max.bytes`` (a ``kafka`` property; librdkafka's default otherwise)."""
     producer = client_config(config.kafka.bootstrap_servers, config.kafka.properties, "producer")
-    try:
-        producer_max = int(producer.get("message.max.bytes", PRODUCER_MAX_DEFAULT))
-    except ValueError:
-        raise ConfigError("config: kafka.message.max.bytes must be an integer") from None
-    return Limits(layout.max_message_bytes, producer_max)
+    return Limits(layout.max_message_bytes, producer_max_bytes(producer))
 
 
 def runner_settings(config: Config) -> RunnerSettings:

@@ -20,8 +20,7 @@ from worker import codec
 from worker.config import Config
 from worker.errors import WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
-from worker.kafka import client_config, produce_all
-from worker.limits import PRODUCER_MAX_DEFAULT
+from worker.kafka import client_config, produce_all, producer_max_bytes
 from worker.pipeline import Settings, process_record
 from worker.restore import KafkaRestorer
 
@@ -108,7 +107,7 @@ def _send(config: Config, args: argparse.Namespace) -> int:
     producer_config = client_config(kafka.bootstrap_servers, kafka.properties, "producer", settings)
     producer = Producer(producer_config)
     records = ((_key(value, args.key_field), value) for value in values)
-    limit = int(producer_config.get("message.max.bytes", PRODUCER_MAX_DEFAULT))
+    limit = producer_max_bytes(producer_config)
     delivered, failures = produce_all(producer, topic, records, max_bytes=limit)
     if failures:
         raise WorkerError(
@@ -186,7 +185,7 @@ def _profiles(config: Config) -> dict[bytes, bytes]:
     latest: dict[bytes, bytes] = {}
     try:
         for partition in restorer.partitions(config.topics.state):
-            for key, value in restorer.read(config.topics.state, partition):
+            for _, key, value in restorer.read(config.topics.state, partition):
                 if key is None:
                     continue
                 if value is None:

@@ -15,6 +15,7 @@ from worker.errors import AbortableError, FatalError, RetriableError, TopicError
 from worker.metrics import Metrics
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
+from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
 from worker.store import InMemoryStateStore
 
@@ -336,7 +337,7 @@ def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:
     during: list[bool] = []
 
     class WatchingRestorer(FakeRestorer):
-        def read(self, topic: str, partition: int) -> Iterator[tuple[bytes | None, bytes | None]]:
+        def read(self, topic: str, partition: int) -> Iterator[Entry]:
             for entry in super().read(topic, partition):
                 during.append(runner.ready)
                 yield entry
