@@ -71,7 +71,7 @@ kafka-status: ## say whether the local Kafka broker runs
 	@bash $(KAFKA) status
 
 run: prereqs-run venv kafka-up ## set up, start Kafka, run the worker in the foreground (Ctrl-C stops it)
-	$(BIN)/group-worker run
+	GROUP_WORKER_WORKER_STATE_DIR="$${GROUP_WORKER_WORKER_STATE_DIR:-.cache/state}" $(BIN)/group-worker run
 
 topics: venv kafka-up ## create the worker's topics and check their layout
 	$(BIN)/group-worker topics create

@@ -79,8 +79,11 @@ class PassThrough(Processor):
 class _NoRestore:
     """A ``Restorer`` with nothing to restore: the pass-through keeps no state."""
 
-    def read(self, topic: str, partition: int) -> Iterator[Entry]:
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         return iter(())
+
+    def bounds(self, topic: str, partition: int) -> tuple[int, int]:
+        return 0, 0
 
     def close(self) -> None:
         pass

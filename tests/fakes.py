@@ -154,6 +154,8 @@ class FakeSink:
     # (the commit fails and ``take_refused`` reports it), ``None`` accepts it.
     refuse: Callable[[Produced], str | None] = lambda _: None
     refused: list[Refusal] = field(default_factory=list)
+    # Per topic partition, how many records were committed: the next offset.
+    ends: dict[Partition, int] = field(default_factory=dict)
 
     def begin(self) -> None:
         if self.transactional:
@@ -173,7 +175,7 @@ class FakeSink:
             assert self.in_transaction, "produce outside a transaction"
         self.open.append(Produced(topic, key, value, headers, partition, timestamp))
 
-    def commit(self, offsets: Offsets, source: Source) -> None:
+    def commit(self, offsets: Offsets, source: Source) -> Offsets:
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
             raise error
@@ -191,6 +193,10 @@ class FakeSink:
                 self.committed.extend(accepted)
                 self.open.clear()
             raise AbortableError(f"{len(self.refused)} outputs refused")
+        reached: dict[Partition, int] = {}
+        for p in self.open:  # a record's offset: how many its topic partition held
+            position = (p.topic, p.partition or 0)
+            reached[position] = self.ends[position] = self.ends.get(position, 0) + 1
         self.committed.extend(self.open)
         self.open.clear()
         if self.transactional:
@@ -201,6 +207,7 @@ class FakeSink:
             self.in_transaction = False
         else:
             source.commit(offsets)
+        return reached
 
     def abort(self) -> None:
         self.aborts += 1
@@ -232,11 +239,15 @@ class FakeRestorer:
         self.sink = sink
         self.reads: list[tuple[str, int]] = []
 
-    def read(self, topic: str, partition: int) -> Iterator[Entry]:
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         self.reads.append((topic, partition))
         records = (p for p in self.sink.topic(topic) if p.partition == partition)
         for offset, p in enumerate(records):
-            yield offset, p.key, p.value
+            if offset >= start:
+                yield offset, p.key, p.value
+
+    def bounds(self, topic: str, partition: int) -> tuple[int, int]:
+        return 0, self.sink.ends.get((topic, partition), 0)
 
     def close(self) -> None:
         pass

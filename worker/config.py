@@ -93,6 +93,11 @@ class WorkerConfig:
     commit_interval_ms: int = 100
     commit_max_records: int = 10_000
     shutdown_timeout_seconds: int = 10
+    # Local copies of group state, memberships and dedupe ids (RocksDB), per process
+    # under <state_dir>/<group_id>/<slot>; relative paths are from the working directory.
+    state_dir: str = "state"
+    # Parsed states and memberships kept in memory, in MiB (RocksDB's own cache aside).
+    state_cache_mb: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +168,7 @@ _RANGES = (
     ("worker.max_event_bytes", 1, 100_000_000),
     ("worker.max_group_bytes", 0, 100_000_000),
     ("worker.shutdown_timeout_seconds", 1, 3_600),
+    ("worker.state_cache_mb", 1, 1_000_000),
     ("http.port", 0, 65_535),
 )
 
@@ -200,6 +206,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: worker.max_batch_bytes must be at least worker.max_event_bytes")
     if not config.worker.group_id:
         raise ConfigError("config: worker.group_id must not be empty")
+    if not config.worker.state_dir:
+        raise ConfigError("config: worker.state_dir must not be empty")
     t = config.topics
     names = {
         "input": t.input,

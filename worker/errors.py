@@ -6,6 +6,9 @@
     ├── ConfigError          bad configuration: fatal at start, one line naming the key
     ├── TopicError           topic layout wrong (missing and not creatable, mismatched
     │                        partition counts): fatal at start
+    ├── StoreError           the local state store cannot be used (its directory is
+    │                        another process's, a disk error): fatal; a restart replays
+    │                        the changelogs
     └── KafkaError           a Kafka failure, translated from confluent-kafka in one place
         ├── RetriableError   transient (broker away, timeouts): retried with backoff,
         │                    nothing committed meanwhile
@@ -26,6 +29,7 @@ __all__ = [
     "FatalError",
     "KafkaError",
     "RetriableError",
+    "StoreError",
     "TopicError",
     "WorkerError",
 ]
@@ -41,6 +45,10 @@ class ConfigError(WorkerError):
 
 class TopicError(WorkerError):
     """The topics cannot be used as configured."""
+
+
+class StoreError(WorkerError):
+    """The local state store cannot be opened, read or written."""
 
 
 class KafkaError(WorkerError):

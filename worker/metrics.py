@@ -138,9 +138,15 @@ class Metrics:
         self.dedupe_ids_in_state = Gauge(
             f"{_PREFIX}_dedupe_ids_in_state", "Dedupe ids held in state", registry=r
         )
-        # State and membership records loaded while restoring assigned partitions.
+        # Changelog records replayed while restoring assigned partitions: only those
+        # after the local store's offsets, all of them when it is rebuilt.
         self.restored_records = Counter(
             f"{_PREFIX}_restored_records", "Records restored from changelogs", registry=r
+        )
+        # Partitions whose local store was unusable (corrupt, stale, from other topics)
+        # and was rebuilt from the beginning of their changelogs.
+        self.store_rebuilds = Counter(
+            f"{_PREFIX}_store_rebuilds", "Partition stores rebuilt from scratch", registry=r
         )
         # Partitions being restored right now (the worker is not ready while > 0).
         self.restoring_partitions = Gauge(

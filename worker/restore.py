@@ -1,8 +1,10 @@
 """Restoring a partition's state from its compacted topics when the partition is assigned.
 
-``restore_partition`` is the logic, over any ``Restorer``; ``KafkaRestorer`` reads a
-topic partition from the beginning to its end with ``read_committed``, so the writes of
-an aborted or still-open transaction are never restored.
+``restore_partition`` is the logic, over any ``Restorer``: a durable store replays only
+the changelog records after the offsets it stored, a fresh or in-memory one all of
+them. ``KafkaRestorer`` reads a topic partition from an offset to its end with
+``read_committed``, so the writes of an aborted or still-open transaction are never
+restored.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
 from worker.errors import RetriableError, TopicError
@@ -34,13 +36,34 @@ _PROGRESS_EVERY = 10_000
 
 
 class Restorer(Protocol):
-    """Reads a whole topic partition, oldest first."""
+    """Reads a topic partition, oldest first."""
 
-    def read(self, topic: str, partition: int) -> Iterator[Entry]:
-        """Every record of the partition, oldest first, as ``(offset, key, value)``."""
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+        """The partition's records from offset ``start`` to its end, oldest first, as
+        ``(offset, key, value)``; from its first record when ``start`` is below it."""
+        ...
+
+    def bounds(self, topic: str, partition: int) -> tuple[int, int]:
+        """The partition's first offset and the offset after its last record."""
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Changelogs:
+    """The topics a partition's state is restored from."""
+
+    state: str
+    members: str
+    dedupe: str
+
+    def by_role(self) -> tuple[tuple[Changelog, str], ...]:
+        return (("state", self.state), ("members", self.members), ("dedupe", self.dedupe))
+
+    def source(self) -> bytes:
+        """What a store built from these topics is a copy of: their names."""
+        return "\n".join((self.state, self.members, self.dedupe)).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +75,9 @@ class Restored:
     members: int
     seen: int  # dedupe ids
     skipped: int
+    # Why the partition's local data was not used, so it was rebuilt from the beginning
+    # of its changelogs; None when it was used (or there was none).
+    rebuilt: str | None = None
 
 
 def restore_partition(
@@ -61,40 +87,55 @@ def restore_partition(
     partition: int,
     progress: Callable[[int], None] = lambda _: None,
 ) -> Restored:
-    """Load ``partition``'s states, memberships and dedupe ids into ``store``; blocks.
+    """Bring ``store``'s copy of ``partition`` up to date with its changelogs; blocks.
 
-    Each changelog is read to its end and applied in order (``StateStore.apply_changelog``:
-    the newest record of a key wins, tombstones delete, a malformed record is logged
-    without its value and skipped). ``progress`` is called with the number of records
-    read since its last call, every ``_PROGRESS_EVERY`` records and at the end. Raises
-    ``KafkaError`` subclasses when the topics cannot be read, and ``TopicError`` when the
-    state topic holds records in a format this worker does not read (a newer worker
-    wrote them).
+    Steps: (1) open the partition's store, whose files are discarded when unreadable or
+    copied from other topics; (2) check its stored offsets against the topics: an offset
+    past a topic's end (the topic was recreated) or before its first record (records
+    were deleted under it; the dedupe changelog excepted, whose old records expire
+    anyway) means the files cannot be trusted, so they are wiped; (3) replay each
+    changelog from its stored offset (``StateStore.apply_changelog``: the newest record
+    of a key wins, tombstones delete, a malformed record is logged without its value
+    and skipped). ``progress`` is called with the number of records read since its last
+    call, every ``_PROGRESS_EVERY`` records and at the end. Raises ``KafkaError``
+    subclasses when the topics cannot be read, and ``TopicError`` when the state topic
+    holds records in a format this worker does not read (a newer worker wrote them).
     """
+    rebuilt = store.open_partition(partition, topics.source())  # (1)
+    starts = store.stored_offsets(partition)
+    stale = _stale(restorer, topics, partition, starts)  # (2)
+    if stale is not None:
+        log.warning("store_partition_stale", partition=partition, reason=stale)
+        store.wipe(partition)
+        store.open_partition(partition, topics.source())
+        starts, rebuilt = {}, stale
     read: dict[Changelog, int] = {}
     skipped = 0
-    changelogs: tuple[tuple[Changelog, str], ...] = (
-        ("state", topics.state),
-        ("members", topics.members),
-        ("dedupe", topics.dedupe),
-    )
-    for changelog, topic in changelogs:
-        entries = _Counted(restorer.read(topic, partition), progress)
+    for changelog, topic in topics.by_role():  # (3)
+        start = starts.get(changelog, 0)
+        entries = _Counted(restorer.read(topic, partition, start), progress)
         try:
-            skipped += store.apply_changelog(partition, changelog, entries, 0)
+            skipped += store.apply_changelog(partition, changelog, entries, start)
         except StateFormatError as e:
             raise TopicError(f"topic {topic} partition {partition}: {e}") from None
         read[changelog] = entries.count
-    return Restored(read["state"], read["members"], read["dedupe"], skipped)
+    return Restored(read["state"], read["members"], read["dedupe"], skipped, rebuilt)
 
 
-@dataclass(frozen=True, slots=True)
-class Changelogs:
-    """The topics a partition's state is restored from."""
-
-    state: str
-    members: str
-    dedupe: str
+def _stale(
+    restorer: Restorer, topics: Changelogs, partition: int, starts: Mapping[Changelog, int]
+) -> str | None:
+    """Why the stored offsets cannot be replayed from, or ``None`` when they can."""
+    for changelog, topic in topics.by_role():
+        start = starts.get(changelog)
+        if start is None:
+            continue
+        low, high = restorer.bounds(topic, partition)
+        if start > high:
+            return f"stored offset {start} is past the end ({high}) of {topic}[{partition}]"
+        if start < low and changelog != "dedupe":
+            return f"stored offset {start} is before the start ({low}) of {topic}[{partition}]"
+    return None
 
 
 class _Counted:
@@ -130,16 +171,18 @@ class KafkaRestorer:
             "enable.partition.eof": True,
             # Restores read to the end: do not let the broker wait to fill a fetch.
             "fetch.wait.max.ms": 10,
+            # A start below the first record (deleted by retention) reads from it.
+            "auto.offset.reset": "earliest",
         }
         self._consumer = Consumer(
             client_config(bootstrap_servers, properties, "consumer", settings)
         )
 
-    def read(self, topic: str, partition: int) -> Iterator[Entry]:
-        """Every record of the partition up to its last committed offset, oldest first."""
-        tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
-        low, high = self._watermarks(tp)
-        if high <= low:  # empty: no need to wait for the end-of-partition event
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+        """The partition's records from ``start`` up to its last committed offset."""
+        tp = TopicPartition(topic, partition, start)
+        low, high = self.bounds(topic, partition)
+        if high <= max(low, start):  # nothing to read: no need to wait for the end event
             return
         self._consumer.assign([tp])
         try:
@@ -157,8 +200,9 @@ class KafkaRestorer:
         finally:
             self._consumer.unassign()
 
-    def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
-        """Low and high (last committed) offsets, retrying while metadata settles."""
+    def bounds(self, topic: str, partition: int) -> tuple[int, int]:
+        """Low and high watermarks, retrying while metadata settles."""
+        tp = TopicPartition(topic, partition)
         deadline = time.monotonic() + _RETRY_SECONDS
         while True:
             try:

@@ -23,12 +23,13 @@ from worker.processor import Processor, Routes, Tally
 from worker.restore import Changelogs, Restorer, restore_partition
 from worker.sink import Sink
 from worker.source import Partition, Source
-from worker.store import StateStore
+from worker.store import Changelog, StateStore
 
 __all__ = ["Runner", "RunnerSettings"]
 
 log = structlog.get_logger("worker.runner")
 _LAG_INTERVAL = 5.0
+_RESTORE_LOG_INTERVAL = 10.0
 _ERROR_BACKOFF = 0.5
 # Backpressure: pause every partition when this many outputs wait for delivery, and
 # resume below the low mark, so a slow broker never grows memory without bound.
@@ -81,10 +82,18 @@ class Runner:
         self._uncommitted = 0  # records consumed since the last commit
         self._assigned: set[Partition] = set()
         self._restoring = 0
+        self._restore_logged = 0.0  # when the restore under way last logged its progress
+        self._restore_read = 0  # records it read so far
         self._paused = False
         self._lag_checked = 0.0
         # Batches aborted since the last commit: the same records, tried again and again.
         self._abort_streak = 0
+        routes = settings.routes
+        self._changelogs: dict[str, Changelog] = {
+            routes.state: "state",
+            routes.members: "members",
+            routes.dedupe: "dedupe",
+        }
         self.joined = False
         self.last_progress = clock.monotonic()
 
@@ -132,7 +141,8 @@ class Runner:
                         self._clock.sleep(_ABORT_BACKOFF[step])
             self._commit_final()
         finally:
-            for close in (self._source.close, self._sink.close, self._restorer.close):
+            closes = (self._source.close, self._sink.close, self._restorer.close, self._store.close)
+            for close in closes:
                 try:
                     close()
                 except Exception as e:  # closing must not hide why the loop ended
@@ -180,19 +190,23 @@ class Runner:
         started = self._clock.monotonic()
         m.restoring_partitions.inc()
         self._restoring += 1
+        self._restore_logged = started
+        self._restore_read = 0
         try:
             restored = restore_partition(
                 self._restorer,
                 self._store,
                 Changelogs(routes.state, routes.members, routes.dedupe),
                 partition,
-                self._restore_progress,
+                lambda records: self._restore_progress(partition, records),
             )
         finally:
             self._restoring -= 1
             m.restoring_partitions.dec()
         seconds = self._clock.monotonic() - started
         m.restore_duration.observe(seconds)
+        if restored.rebuilt is not None:
+            m.store_rebuilds.inc()
         self._export_state_size()
         log.info(
             "partition_restored",
@@ -202,13 +216,19 @@ class Runner:
             member_records=restored.members,
             dedupe_records=restored.seen,
             skipped=restored.skipped,
+            rebuilt=restored.rebuilt,
             seconds=round(seconds, 3),
         )
 
-    def _restore_progress(self, records: int) -> None:
-        """A restore reading on is progress: it keeps liveness and shows on the metrics."""
+    def _restore_progress(self, partition: int, records: int) -> None:
+        """A restore reading on is progress: it keeps liveness and shows on the metrics,
+        and in a log line every ``_RESTORE_LOG_INTERVAL`` seconds."""
         self._metrics.restored_records.inc(records)
-        self.last_progress = self._clock.monotonic()
+        now = self.last_progress = self._clock.monotonic()
+        self._restore_read += records
+        if now - self._restore_logged >= _RESTORE_LOG_INTERVAL:
+            self._restore_logged = now
+            log.info("partition_restoring", partition=partition, records=self._restore_read)
 
     def _process(self, records: list[SourceRecord]) -> None:
         started = self._clock.monotonic()
@@ -253,9 +273,11 @@ class Runner:
         """Commit every output, changelog record and input offset since the last commit.
 
         Steps: (1) write the coalesced state and membership changes; (2) the sink makes
-        every output durable and commits the offsets with them; (3) the store and the
-        batch are closed. On an error nothing is closed, so a retry commits the same
-        batch, and an abort rolls the store back and rewinds to the batch's start.
+        every output durable and commits the offsets with them; (3) the store writes the
+        change set with the changelog offsets it reached, and the batch is closed. On an
+        error before (3) nothing is closed, so a retry commits the same batch, and an
+        abort rolls the store back and rewinds to the batch's start. The store failing
+        at (3) (``StoreError``) ends the loop: its files lag, and a restart replays.
         No-op when nothing was consumed since the last commit.
         """
         if self._batch_opened is None:
@@ -263,11 +285,13 @@ class Runner:
         started = self._clock.monotonic()
         try:
             self._metrics.changelog_records.inc(self._processor.write_changelog())  # (1)
-            self._sink.commit(self._pending, self._source)  # (2)
+            reached = self._sink.commit(self._pending, self._source)  # (2)
         except Exception:
             self._metrics.commit_failures.inc()
             raise
-        self._store.commit()  # (3)
+        self._store.commit(  # (3)
+            {(role, p): o for (t, p), o in reached.items() if (role := self._changelogs.get(t))}
+        )
         self._abort_streak = 0
         self._metrics.abort_streak.set(0)
         self._pending.clear()

@@ -16,6 +16,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -34,7 +35,8 @@ from worker.runner import Runner, RunnerSettings
 from worker.server import Probes, serve
 from worker.sink import KafkaSink
 from worker.source import KafkaSource
-from worker.store import InMemoryStateStore
+from worker.store import RocksDBStateStore
+from worker.store.directory import claim
 from worker.topics import Layout, read_limits
 
 __all__ = [
@@ -145,8 +147,11 @@ def run_service(config: Config, layout: Layout) -> int:
     metrics, clock = Metrics(), SystemClock()
     # One transactional.id for the process: a rebuilt producer fences the one it replaces.
     instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    state = claim(Path(w.state_dir), w.group_id)  # held until the process ends
+    log.info("state_dir_claimed", path=str(state.path))
     supervisor = Supervisor(
-        lambda: build_runner(config, metrics, clock, instance, limits, bound), clock
+        lambda: build_runner(config, metrics, clock, instance, limits, bound, state.path),
+        clock,
     )
     probes = Probes(live=supervisor.live, ready=supervisor.ready)
     http = config.http
@@ -168,6 +173,7 @@ def run_service(config: Config, layout: Layout) -> int:
         return supervisor.run()
     finally:
         server.shutdown()
+        state.release()
 
 
 def build_runner(
@@ -177,11 +183,13 @@ def build_runner(
     instance: str,
     limits: Limits,
     bound: GroupBound,
+    state_dir: Path,
 ) -> Runner:
-    """A runner over new Kafka clients and an empty store. Raises ``KafkaError``.
+    """A runner over new Kafka clients and a store in ``state_dir``. Raises ``KafkaError``.
 
     ``instance`` names the process in its producer's ``transactional.id``; ``limits``
-    and ``bound`` are what the output topics accept (``record_limits``, ``group_bound``).
+    and ``bound`` are what the output topics accept (``record_limits``, ``group_bound``);
+    ``state_dir`` is this process's own (``store.directory.claim``).
     """
     kafka, w = config.kafka, config.worker
     source = KafkaSource(
@@ -201,7 +209,7 @@ def build_runner(
         on_delivery_error=metrics.produce_errors.inc,
         batch_bytes=limits.batch_bytes(),
     )
-    store = InMemoryStateStore()
+    store = RocksDBStateStore(state_dir, w.state_cache_mb << 20)
     settings = runner_settings(config)
     processor = Processor(
         settings.routes,

@@ -74,7 +74,7 @@ class Sink(Protocol):
         partition: int | None = None,
         timestamp: int = 0,
     ) -> None: ...
-    def commit(self, offsets: Offsets, source: Source) -> None: ...
+    def commit(self, offsets: Offsets, source: Source) -> Offsets: ...
     def abort(self) -> None: ...
     def poll(self) -> None: ...
     def backlog(self) -> int: ...
@@ -122,6 +122,9 @@ class KafkaSink:
         self._clock = clock
         self._commit_timeout = commit_timeout
         self._failed: list[str] = []
+        # Per topic partition, the offset after the last record delivered since the
+        # last commit or abort: where the outputs of the batch being committed end.
+        self._reached: dict[tuple[str, int], int] = {}
         self._refused: list[Refusal] = []
         self._on_delivery_error = on_delivery_error
         if self._transactional:
@@ -176,19 +179,21 @@ class KafkaSink:
                 self._note_refusal(e.args[0], topic, key, value)
                 raise AbortableError(f"produce refused: {e.args[0].str()}") from None
 
-    def commit(self, offsets: Offsets, source: Source) -> None:
+    def commit(self, offsets: Offsets, source: Source) -> Offsets:
         """Make every output produced since the last commit durable, with ``offsets``.
 
         Steps: (1) exactly once: send the offsets to the transaction and commit it,
         retrying retriable errors; at least once: flush every output and check each was
-        delivered; (2) at least once: commit the offsets through the source.
+        delivered; (2) at least once: commit the offsets through the source; (3) serve
+        the last delivery reports. Returns, per topic partition written to, the offset
+        after the batch's last record there (what a changelog reached).
         Raises ``RetriableError`` (nothing committed, try again), ``AbortableError``
         (abort and rewind: an output was not delivered, or retries ran out) or
         ``FatalError`` (the producer was fenced).
         """
         if self._transactional:
             if not self._in_transaction:
-                return
+                return {}
             positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
             if positions:  # (1)
                 self._retry(
@@ -199,7 +204,7 @@ class KafkaSink:
             self._retry(lambda: self._producer.commit_transaction(self._commit_timeout))
             self._in_transaction = False
             self._failed.clear()  # the transaction commit already vouched for delivery
-            return
+            return self._take_reached()
         remaining = self._producer.flush(self._commit_timeout)  # (1)
         if remaining:
             raise RetriableError(
@@ -209,6 +214,7 @@ class KafkaSink:
         if failed:  # replaying the batch re-sends them: duplicates, never loss
             raise AbortableError(f"{len(failed)} outputs undelivered: {failed[0]}")
         source.commit(offsets)  # (2)
+        return self._take_reached()
 
     def abort(self) -> None:
         """Abort the open transaction (its outputs are never seen by read_committed readers)."""
@@ -219,6 +225,7 @@ class KafkaSink:
                 raise KafkaError(f"abort failed: {e}") from None
             self._in_transaction = False
         self._failed.clear()
+        self._reached.clear()
 
     def poll(self) -> None:
         """Serve delivery reports without blocking."""
@@ -237,8 +244,19 @@ class KafkaSink:
         """Deliver what is queued, waiting up to the commit timeout."""
         self._producer.flush(self._commit_timeout)
 
+    def _take_reached(self) -> Offsets:
+        # Every record was delivered, but librdkafka may hold reports not yet served.
+        self._producer.poll(0)  # (3)
+        reached, self._reached = self._reached, {}
+        return reached
+
     def _delivered(self, error: ClientError | None, message: Message) -> None:
-        if error is not None:
+        if error is None:
+            position = (message.topic() or "", message.partition() or 0)
+            end = (message.offset() or 0) + 1
+            if end > self._reached.get(position, 0):
+                self._reached[position] = end
+        else:
             # Delivery reports run on the thread that polls: no lock needed.
             self._failed.append(f"{message.topic()}: {error.str()}")
             topic = message.topic() or ""

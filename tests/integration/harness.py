@@ -119,6 +119,8 @@ class WorkerProcess:
                 "GROUP_WORKER_TOPICS_PARTITIONS": str(PARTITIONS),
                 # The broker's minimum: a killed worker's partitions move on in seconds.
                 "GROUP_WORKER_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000",
+                # Its own local store, found again by a worker of the same name.
+                "GROUP_WORKER_WORKER_STATE_DIR": str(log_dir / f"{name}.state"),
             }
         )
         env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})

@@ -337,8 +337,8 @@ def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:
     during: list[bool] = []
 
     class WatchingRestorer(FakeRestorer):
-        def read(self, topic: str, partition: int) -> Iterator[Entry]:
-            for entry in super().read(topic, partition):
+        def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+            for entry in super().read(topic, partition, start):
                 during.append(runner.ready)
                 yield entry
 

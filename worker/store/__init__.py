@@ -144,14 +144,16 @@ class StateStore(Protocol):
         """Load a dedupe id read from the dedupe topic, outside the change set."""
         ...
 
-    def open_partition(self, partition: int) -> str | None:
+    def open_partition(self, partition: int, source: bytes = b"") -> str | None:
         """Open an assigned partition's store, before ``stored_offsets``; blocks on disk.
 
-        Returns why the partition's files were discarded (unreadable, corrupt, or of
-        another layout), or ``None`` when they opened as they were, or there were none:
-        a discarded partition is empty, to rebuild from the beginning of its changelogs.
-        Raises when the files are locked by another process. Other methods open a
-        partition on first use too (discarding it silently, with a warning logged).
+        ``source`` names what the data is a copy of (``restore.Changelogs.source``).
+        Returns why the partition's files were discarded (unreadable, corrupt, of
+        another layout, or copied from another ``source``), or ``None`` when they opened
+        as they were, or there were none: a discarded partition is empty, to rebuild
+        from the beginning of its changelogs. Raises when the files are locked by
+        another process. Other methods open a partition on first use too (discarding it
+        silently, with a warning logged, and without checking its source).
         """
         ...
 
@@ -171,9 +173,9 @@ class StateStore(Protocol):
     ) -> int:
         """Apply changelog records, oldest first, outside the change set; blocks.
 
-        Each value replaces its key's entry, a tombstone deletes it. ``next_offset`` is
-        where the next replay starts once ``entries`` are applied: the changelog
-        partition's end offset when read to the end. RocksDB writes the records as they
+        Each value replaces its key's entry, a tombstone deletes it. The next replay
+        starts after the last record applied, or at ``next_offset`` if that is later (or
+        there were none). RocksDB writes the records as they
         are, in batches, each with the offset after its last record, so a replay cut
         short (a crash, an error from ``entries``) resumes where it stopped; it parses
         them on ``get``. The in-memory store parses each record: it raises

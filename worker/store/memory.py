@@ -149,7 +149,7 @@ class InMemoryStateStore:
     def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
         self._seen.restore(partition, key, arrival_ms)
 
-    def open_partition(self, partition: int) -> str | None:
+    def open_partition(self, partition: int, source: bytes = b"") -> str | None:
         """Nothing to open: always ``None``."""
         return None
 

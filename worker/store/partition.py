@@ -11,6 +11,7 @@ replay writes records as it reads them::
     b"o" + changelog name   where to replay that changelog from, ASCII digits
     b"c" + kind byte        how many entries of that kind the database holds
     b"v"                    the layout version (``LAYOUT``)
+    b"t"                    what the data is a copy of (the changelog topics' names)
 
 Every write is one atomic write batch carrying the counts it changes (and offsets, when
 it has them), so counts and offsets always agree with the entries. Writes skip RocksDB's
@@ -40,6 +41,8 @@ from rocksdict import (
     WriteOptions,
 )
 
+from worker.errors import StoreError
+
 if TYPE_CHECKING:
     from worker.store import Changelog, ChangelogEntry
 
@@ -65,6 +68,7 @@ CHANGELOGS: Final[tuple[Changelog, ...]] = ("state", "members", "dedupe")
 _OFFSET: Final = b"o"
 _COUNT: Final = b"c"
 _LAYOUT_KEY: Final = b"v"
+_SOURCE_KEY: Final = b"t"
 LAYOUT: Final = b"1"
 # Records per write batch when applying a changelog: a few MB, and what a kill loses.
 APPLY_BATCH = 10_000
@@ -94,22 +98,26 @@ class PartitionDB:
         self.new = [0, 0, 0]
 
     @classmethod
-    def open(cls, path: Path, block_cache: Cache) -> tuple[PartitionDB, str | None]:
+    def open(
+        cls, path: Path, block_cache: Cache, source: bytes = b""
+    ) -> tuple[PartitionDB, str | None]:
         """The database at ``path``, created when missing; blocks on the disk.
 
-        Files that RocksDB cannot open (but for a lock), without this layout version or
-        with unreadable counts are deleted and the database starts empty: the second
-        value says why (logged as ``store_partition_discarded``), else it is ``None``.
-        Raises RocksDB's error when the files are locked (another store has them open)
-        or a database cannot be created.
+        Files that RocksDB cannot open (but for a lock), without this layout version,
+        with unreadable counts, or copied from another ``source`` (when one is given)
+        are deleted and the database starts empty: the second value says why (logged as
+        ``store_partition_discarded``), else it is ``None``. A database without a
+        source takes ``source``.
+        Raises ``StoreError`` when the files are locked (another store has them open),
+        and RocksDB's error when a database cannot be created.
         """
         try:
-            return _open(path, block_cache), None
+            return _open(path, block_cache, source), None
         except _Unusable as e:
             reason = str(e)
         log.warning("store_partition_discarded", path=str(path), reason=reason)
         remove_files(path)
-        return _open(path, block_cache), reason
+        return _open(path, block_cache, source), reason
 
     def get(self, key: bytes) -> bytes | None:
         """The value under ``key``, or ``None``."""
@@ -157,10 +165,11 @@ class PartitionDB:
 
     def apply(self, changelog: Changelog, entries: Iterable[ChangelogEntry], end: int) -> None:
         """Write changelog records as they are, ``APPLY_BATCH`` to a write batch, each
-        batch with the count and the offset after its last record; ``end`` is the offset
-        written last. A ``None`` value deletes its key."""
+        batch with the count and the offset after its last record; the last batch
+        stores ``end`` instead if that is later. A ``None`` value deletes its key."""
         kind = CHANGELOGS.index(changelog)
         db, prefix, count = self.db, KIND[kind], self.counts[kind]
+        reached = end
         batch = WriteBatch(raw_mode=True)
         # Keys in the batch, and whether they exist once it is written (the database
         # does not see the batch yet).
@@ -177,11 +186,12 @@ class PartitionDB:
                 batch.put(db_key, value)
                 count += not existed
             exists[db_key] = value is not None
+            reached = offset + 1
             if len(exists) >= APPLY_BATCH:
-                self._write_applied(changelog, kind, count, batch, offset + 1)
+                self._write_applied(changelog, kind, count, batch, reached)
                 batch = WriteBatch(raw_mode=True)
                 exists.clear()
-        self._write_applied(changelog, kind, count, batch, end)
+        self._write_applied(changelog, kind, count, batch, max(end, reached))
 
     def _write_applied(
         self, changelog: Changelog, kind: int, count: int, batch: WriteBatch, offset: int
@@ -232,7 +242,7 @@ def remove_files(path: Path) -> None:
         path.unlink()
 
 
-def _open(path: Path, block_cache: Cache) -> PartitionDB:
+def _open(path: Path, block_cache: Cache, source: bytes) -> PartitionDB:
     """Open or create the database; raises ``_Unusable`` when its files cannot be used."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -240,16 +250,22 @@ def _open(path: Path, block_cache: Cache) -> PartitionDB:
         db.set_write_options(_WRITES)
     except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
         if str(path / "LOCK") in str(e):
-            raise
+            raise StoreError(f"{path} is in use by another process: {e}") from None
         raise _Unusable(str(e)) from None
     try:
-        layout = db.get(_LAYOUT_KEY)
+        layout, stored = db.get(_LAYOUT_KEY), db.get(_SOURCE_KEY)
         if layout is None and next(iter(db.keys()), None) is None:
             db.put(_LAYOUT_KEY, LAYOUT)
-            return PartitionDB(db, [0, 0, 0])
-        if layout == LAYOUT:
+            layout = LAYOUT
+        if layout != LAYOUT:
+            problem = "no layout version" if layout is None else f"layout version {layout!r}"
+        elif source and stored not in (None, source):
+            problem = "copied from other topics: " + stored.decode(errors="replace")
+            problem = problem.replace("\n", ", ")
+        else:
+            if source and stored is None:
+                db.put(_SOURCE_KEY, source)
             return PartitionDB(db, [int(db.get(_COUNT + kind) or 0) for kind in KIND])
-        problem = "no layout version" if layout is None else f"layout version {layout!r}"
     except Exception as e:  # a read of corrupt files, or a count that is not a number
         problem = str(e)
     db.close()

@@ -32,6 +32,7 @@ import structlog
 from rocksdict import Cache
 
 from worker import codec
+from worker.errors import StoreError
 from worker.members import Membership, membership_from_record, membership_record
 from worker.state import GroupState, StateFormatError, state_from_record, state_record
 from worker.store.cache import LRUCache
@@ -173,7 +174,7 @@ class RocksDBStateStore:
         Steps: (1) the records of the change set, by partition; (2) for each partition
         changed or given offsets, one write batch of its records, counts and offsets;
         (3) the change set closes, its states and memberships moving into the cache.
-        Blocks on the disk.
+        Blocks on the disk. Raises ``StoreError`` when a write fails.
         """
         records: dict[int, list[tuple[bytes, bytes]]] = {}
         parsed: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
@@ -191,7 +192,10 @@ class RocksDBStateStore:
         for (changelog, partition), offset in (offsets or {}).items():
             reached.setdefault(partition, {})[changelog] = offset
         for partition in records.keys() | reached.keys():  # (2)
-            self._part(partition).write(records.get(partition, ()), reached.get(partition, {}))
+            try:
+                self._part(partition).write(records.get(partition, ()), reached.get(partition, {}))
+            except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
+                raise StoreError(f"cannot write {self.path(partition)}: {e}") from None
         for cache_key, entry, cost in parsed:  # (3)
             self._cache.put(cache_key, entry, cost)
         self._clear_changes()
@@ -215,16 +219,17 @@ class RocksDBStateStore:
     def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
         self._write_one(partition, SEEN, _seen_key(key), b"%d" % arrival_ms)
 
-    def open_partition(self, partition: int) -> str | None:
+    def open_partition(self, partition: int, source: bytes = b"") -> str | None:
         """Open the partition's database (``StateStore.open_partition``).
 
         Files that RocksDB cannot open (but for a lock), without this store's layout
-        version or with unreadable counts are deleted, and the partition starts empty;
-        the reason is logged (``store_partition_discarded``) and returned.
+        version, with unreadable counts or from another ``source`` are deleted, and the
+        partition starts empty; the reason is logged (``store_partition_discarded``)
+        and returned.
         """
         if partition in self._partitions:
             return None
-        return self._open(partition)
+        return self._open(partition, source)
 
     def stored_offsets(self, partition: int) -> dict[Changelog, int]:
         return self._part(partition).offsets()
@@ -326,8 +331,8 @@ class RocksDBStateStore:
             part = self._partitions[partition]
         return part
 
-    def _open(self, partition: int) -> str | None:
-        part, reason = PartitionDB.open(self.path(partition), self._block_cache)
+    def _open(self, partition: int, source: bytes = b"") -> str | None:
+        part, reason = PartitionDB.open(self.path(partition), self._block_cache, source)
         self._partitions[partition] = part
         return reason
 
