@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource, Produced
+from tests.unit.test_store_rocksdb import on_disk
 from worker import codec
 from worker.errors import AbortableError, FatalError, RetriableError, TopicError
 from worker.metrics import Metrics
@@ -17,7 +19,7 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
-from worker.store import InMemoryStateStore
+from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
 SETTINGS = RunnerSettings(ROUTES, batch_size=10, commit_interval=0.1, poll_timeout=0.1)
@@ -43,10 +45,12 @@ def build(
     sink: FakeSink,
     settings: RunnerSettings = SETTINGS,
     restorer: FakeRestorer | None = None,
+    store: StateStore | None = None,
 ) -> tuple[Runner, Metrics]:
-    """A runner with a fresh store over ``source`` and ``sink`` (which also restores)."""
+    """A runner over ``source`` and ``sink`` (which also restores), with ``store`` or a
+    fresh in-memory one."""
     metrics = Metrics(CollectorRegistry())
-    store = InMemoryStateStore()
+    store = store or InMemoryStateStore()
     processor = Processor(
         settings.routes, Settings(), store, sink, source.clock, dedupe_window_ms=86_400_000
     )
@@ -330,6 +334,83 @@ def test_commit_comes_early_when_the_record_bound_is_reached() -> None:
         source.append(group_call(n))
     run_for(runner, source, 4)
     assert sink.offset_commits[0] == {("in", 0): 4}
+
+
+def event_count(store: StateStore, group_id: str) -> int | None:
+    state = store.get(0, group_id)
+    return None if state is None else state.event_count
+
+
+def test_a_restart_on_the_same_store_replays_only_what_others_wrote(tmp_path: Path) -> None:
+    """A durable store comes back at the offsets it committed: only the changelog records
+    written since (here by another worker) are replayed, and the state is the fold."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    for n in range(6):
+        source.append(group_call(n))
+    first, _ = build(source, sink, store=RocksDBStateStore(tmp_path, 1 << 20))
+    run_for(first, source, 4)
+    committed = {role: sink.ends[(role, 0)] for role in ("state", "members", "dedupe")}
+    written_first = sum(committed.values())
+
+    def rerun(store: StateStore) -> Metrics:
+        restarted = FakeSource(source.clock)
+        restarted.log, restarted.committed_offsets = source.log, source.committed_offsets
+        runner, metrics = build(restarted, sink, store=store)
+        run_for(runner, restarted, 4)
+        return metrics
+
+    for n in range(6, 9):  # calls for g0..g2 again, and three new members
+        source.append(group_call(n))
+    rerun(InMemoryStateStore())  # another worker, which replays everything
+    written_since = sum(sink.ends[(role, 0)] for role in committed) - written_first
+    assert written_since == 3 + 3 + 3
+
+    store = RocksDBStateStore(tmp_path, 1 << 20)
+    source.append(group_call(9))
+    metrics = rerun(store)
+    assert sample(metrics, "group_worker_restored_records_total") == written_since
+    assert states(sink)["g0"]["eventCount"] == 4  # calls 0, 3, 6 and 9
+    reopened = RocksDBStateStore(tmp_path, 1 << 20)
+    assert event_count(reopened, "g0") == 4
+    assert reopened.stored_offsets(0) == {r: sink.ends[(r, 0)] for r in committed}
+    reopened.close()
+
+
+def test_an_aborted_transaction_leaves_the_store_exactly_as_before(tmp_path: Path) -> None:
+    """A commit that fails aborts: the store's files and reads are as the last commit left
+    them, and the replayed batch then commits with its changelog offsets."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    store = RocksDBStateStore(tmp_path, 1 << 20)
+    runner, metrics = build(source, sink, store=store)
+    for n in range(6):
+        source.append(group_call(n))
+    seen: dict[str, Any] = {}
+
+    def step(n: int) -> None:
+        if "files" not in seen and store.get(0, "g0") and not store.changed():
+            # The first batch committed: fail the next commit.
+            seen["files"], seen["g0"] = on_disk(store, 0), store.get(0, "g0")
+            for k in range(6, 12):
+                source.append(group_call(k))
+            sink.fail_next_commit = AbortableError("transaction aborted by the broker")
+        elif "files" in seen and "aborted" not in seen and sink.aborts:
+            # Aborted and rewound, not replayed yet.
+            seen["aborted"], seen["aborted g0"] = on_disk(store, 0), store.get(0, "g0")
+        if n >= 12:
+            runner.stop()
+
+    source.on_consume = step
+    runner.run()
+    assert sample(metrics, "group_worker_transaction_aborts_total") == 1
+    assert seen["aborted"] == seen["files"]
+    assert seen["aborted g0"] == seen["g0"]
+    assert seen["g0"].event_count == 2  # calls 0 and 3
+    reopened = RocksDBStateStore(tmp_path, 1 << 20)
+    assert event_count(reopened, "g0") == 4
+    assert reopened.stored_offsets(0) == {
+        r: sink.ends[(r, 0)] for r in ("state", "members", "dedupe")
+    }
+    reopened.close()
 
 
 def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:

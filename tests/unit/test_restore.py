@@ -1,0 +1,125 @@
+"""restore_partition over a durable store: what it replays, and when it rebuilds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import FakeRestorer, FakeSink
+from tests.unit.test_store import state
+from worker import codec
+from worker.restore import Changelogs, restore_partition
+from worker.state import state_record
+from worker.store import RocksDBStateStore
+from worker.store.directory import claim
+
+TOPICS = Changelogs("state", "members", "dedupe")
+
+
+def write_states(sink: FakeSink, *versions: tuple[str, int], topic: str = "state") -> None:
+    """Commit a state record per ``(group, version)`` to ``topic`` partition 0."""
+    sink.begin()
+    for group_id, version in versions:
+        value = codec.encode(state_record(state(group_id, version)))
+        sink.produce(topic, group_id.encode(), value, partition=0)
+    sink.commit({}, None)  # type: ignore[arg-type]  # no offsets: no source needed
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[RocksDBStateStore]:
+    store = RocksDBStateStore(tmp_path, cache_bytes=1 << 20)
+    yield store
+    store.close()
+
+
+def versions(store: RocksDBStateStore, *groups: str) -> list[int | None]:
+    return [(s.event_count if (s := store.get(0, g)) else None) for g in groups]
+
+
+def test_a_partition_coming_back_replays_only_what_was_written_meanwhile(
+    store: RocksDBStateStore,
+) -> None:
+    sink = FakeSink()
+    write_states(sink, ("a", 1), ("b", 1), ("c", 1))
+    first = restore_partition(FakeRestorer(sink), store, TOPICS, 0)
+    store.drop(0)  # revoked; another worker writes on
+    write_states(sink, ("a", 2), ("d", 1))
+    again = restore_partition(FakeRestorer(sink), store, TOPICS, 0)
+    assert (first.states, again.states, again.rebuilt) == (3, 2, None)
+    assert versions(store, "a", "b", "c", "d") == [2, 1, 1, 1]
+    assert store.stored_offsets(0) == {"state": 5, "members": 0, "dedupe": 0}
+
+
+def test_offsets_past_a_topics_end_rebuild_the_partition(store: RocksDBStateStore) -> None:
+    """The topic was deleted and created again: the files are wiped, not trusted."""
+    old = FakeSink()
+    write_states(old, ("a", 1), ("b", 1), ("c", 1))
+    restore_partition(FakeRestorer(old), store, TOPICS, 0)
+    store.drop(0)
+    new = FakeSink()
+    write_states(new, ("a", 7))
+    restored = restore_partition(FakeRestorer(new), store, TOPICS, 0)
+    assert restored.rebuilt == "stored offset 3 is past the end (1) of state[0]"
+    assert versions(store, "a", "b", "c") == [7, None, None]
+
+
+class Truncated(FakeRestorer):
+    """A restorer over topics whose records before ``low`` were deleted."""
+
+    def __init__(self, sink: FakeSink, low: dict[str, int]) -> None:
+        super().__init__(sink)
+        self.low = low
+
+    def bounds(self, topic: str, partition: int) -> tuple[int, int]:
+        return self.low.get(topic, 0), super().bounds(topic, partition)[1]
+
+    def read(
+        self, topic: str, partition: int, start: int = 0
+    ) -> Iterator[tuple[int, bytes | None, bytes | None]]:
+        return super().read(topic, partition, max(start, self.low.get(topic, 0)))
+
+
+def test_records_deleted_under_the_stored_offset_rebuild_state_but_not_dedupe(
+    store: RocksDBStateStore,
+) -> None:
+    sink = FakeSink()
+    write_states(sink, ("a", 1))
+    write_states(sink, ("d1", 1), topic="dedupe")
+    restore_partition(FakeRestorer(sink), store, TOPICS, 0)
+    store.drop(0)
+    write_states(sink, ("a", 2), ("b", 1), ("c", 1))
+    write_states(sink, ("d2", 1), ("d3", 1), topic="dedupe")
+    # Dedupe ids older than the retention went: replay from the first one left.
+    kept = restore_partition(Truncated(sink, {"dedupe": 2}), store, TOPICS, 0)
+    assert (kept.rebuilt, kept.states, kept.seen) == (None, 3, 1)
+    store.drop(0)
+    write_states(sink, ("a", 3), ("b", 2))
+    # State records gone from under the stored offset cannot be replayed: rebuild from
+    # what is left.
+    rebuilt = restore_partition(Truncated(sink, {"state": 5}), store, TOPICS, 0)
+    assert rebuilt.rebuilt == "stored offset 4 is before the start (5) of state[0]"
+    assert versions(store, "a", "b", "c") == [None, 2, None]
+
+
+def test_files_copied_from_other_topics_are_rebuilt(store: RocksDBStateStore) -> None:
+    sink = FakeSink()
+    write_states(sink, ("a", 1))
+    write_states(sink, ("a", 9), ("b", 9), topic="other-state")
+    restore_partition(FakeRestorer(sink), store, TOPICS, 0)
+    store.drop(0)
+    other = Changelogs("other-state", "other-members", "other-dedupe")
+    restored = restore_partition(FakeRestorer(sink), store, other, 0)
+    assert restored.rebuilt == "copied from other topics: state, members, dedupe"
+    assert (restored.states, versions(store, "a", "b")) == (2, [9, 9])
+
+
+def test_each_process_claims_a_slot_of_its_own(tmp_path: Path) -> None:
+    """Two processes with one state_dir never share files; a restart gets its slot back."""
+    first, second = claim(tmp_path, "group/one"), claim(tmp_path, "group/one")
+    assert (first.path.parent.name, first.path.name, second.path.name) == ("group%2Fone", "0", "1")
+    first.release()
+    third = claim(tmp_path, "group/one")
+    assert third.path == first.path
+    assert claim(tmp_path, "..").path.parent.name == "%2E."
