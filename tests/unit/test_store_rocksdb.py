@@ -323,22 +323,27 @@ from worker.store import RocksDBStateStore
 store = RocksDBStateStore(Path(sys.argv[1]), cache_bytes=0)
 store.put(0, state("g1"))
 store.commit({("state", 0): 1})
-store.compact(0)  # flushes what the commit wrote
-store.put(0, state("g2"))
-store.commit({("state", 0): 2})
+store.apply_changelog(0, "state", [(1, b"g2", sys.stdin.buffer.read())], next_offset=2)
+store.put(0, state("g3"))
+store.commit({("state", 0): 3})
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
 def test_a_killed_process_leaves_a_consistent_store(directory: Path) -> None:
-    """Killed, a store keeps the commits up to its last flush, each with its offsets."""
+    """Killed, a store keeps every commit and every finished replay, with their offsets."""
     root = Path(__file__).resolve().parents[2]
-    killed = subprocess.run([sys.executable, "-c", _KILLED, str(directory)], cwd=root, check=False)
+    g2 = codec.encode(state_record(state("g2")))
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED, str(directory)], cwd=root, check=False, input=g2
+    )
     assert killed.returncode == -signal.SIGKILL
     store = RocksDBStateStore(directory, cache_bytes=0)
     try:
         assert store.open_partition(0) is None
-        assert (store.get(0, "g1"), store.get(0, "g2")) == (state("g1"), None)
-        assert (store.stored_offsets(0), store.group_count()) == ({"state": 1}, 1)
+        assert [store.get(0, g) for g in ("g1", "g2", "g3")] == [
+            state(g) for g in ("g1", "g2", "g3")
+        ]
+        assert (store.stored_offsets(0), store.group_count()) == ({"state": 3}, 3)
     finally:
         store.close()
