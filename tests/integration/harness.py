@@ -71,6 +71,11 @@ class Topics:
             name_repartition,
         )
 
+    @property
+    def dedupe(self) -> str:
+        """The dedupe ids' changelog, named after the group id by the worker."""
+        return f"{self.group_id}.dedupe"
+
     def environ(self) -> dict[str, str]:
         environ = {
             "GROUP_WORKER_TOPICS_INPUT": self.input,

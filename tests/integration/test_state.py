@@ -125,29 +125,39 @@ def keyed_by_user(batch: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes
 def test_workers_killed_joining_and_leaving_end_with_the_fold(
     topics: Topics, workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
-    """Two workers, one SIGKILLed and restarted, a third joining and leaving: state is the fold."""
+    """Workers SIGKILLed, joining, leaving and rejoining on their own local stores, so
+    partitions move back and forth onto stale copies: state is the fold."""
     all_calls = calls(6000, seed=1)
-    thirds = [all_calls[:2000], all_calls[2000:4000], all_calls[4000:]]
+    quarters = [all_calls[n : n + 1500] for n in range(0, 6000, 1500)]
     settings = {"TOPICS_PARTITIONS": "6", "WORKER_BATCH_SIZE": "200"}
-    a = WorkerProcess(topics, tmp_path, "a", WORKER_INSTANCE_ID="a", **settings)
-    b = WorkerProcess(topics, tmp_path, "b", WORKER_INSTANCE_ID="b", **settings)
-    workers.extend([a.start(), b.start()])
-    produce(topics.input, keyed_by_user(thirds[0]))
+
+    def worker(name: str) -> WorkerProcess:
+        started = WorkerProcess(topics, tmp_path, name, WORKER_INSTANCE_ID=name, **settings)
+        workers.append(started.start())
+        return started
+
+    a, b = worker("a"), worker("b")
+    produce(topics.input, keyed_by_user(quarters[0]))
     wait_until(lambda: a.progress() > 0, 60, "a to work")
     a.stop(signal.SIGKILL)
 
-    produce(topics.input, keyed_by_user(thirds[1]))
-    a2 = WorkerProcess(topics, tmp_path, "a2", WORKER_INSTANCE_ID="a", **settings)
-    workers.append(a2.start())
-    c = WorkerProcess(topics, tmp_path, "c", WORKER_INSTANCE_ID="c", **settings)
-    workers.append(c.start())
-    produce(topics.input, keyed_by_user(thirds[2]))
+    produce(topics.input, keyed_by_user(quarters[1]))
+    a = worker("a")  # back on its files, which b's writes have since made stale
+    c = worker("c")
+    produce(topics.input, keyed_by_user(quarters[2]))
     wait_until(lambda: c.progress() > 0, 60, "c to work")
+    assert c.stop(signal.SIGTERM) == 0
+    c = worker("c")  # rejoins on its files
+    produce(topics.input, keyed_by_user(quarters[3]))
+    wait_until(lambda: c.progress() > 0, 60, "c to work again")
     assert c.stop(signal.SIGTERM) == 0
 
     assert_converges(topics, fold(all_calls))
-    assert a2.stop() == 0
+    assert a.stop() == 0
     assert b.stop() == 0
+    logs = "".join(w.log_path.read_text() for w in (a, b, c))
+    assert "partition_restored" in logs
+    assert "store_partition_stale" not in logs, "a copy was rebuilt, not replayed from"
 
 
 def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
