@@ -7,10 +7,13 @@ Steps, each timed (the table says which target each figure answers):
    topic, at ``exactly_once`` then ``at_least_once``; with ``--keyed`` also a worker on
    a copy of the input keyed by groupId;
 3. latency: a fresh worker fed at half the exactly-once worker's measured rate;
-4. restore: a state topic of ``--restore-groups`` groups, read back in a fresh process;
-5. memory: bytes per group with 10 traits (tracemalloc);
+4. restore: a state topic of ``--restore-groups`` groups, read back into a RocksDB store
+   in a fresh process, and by a bare consumer;
+5. restart (``bench.restart``): a worker rebuilding ``--restart-groups`` groups and their
+   dedupe ids from the changelogs, draining calls, then restarted on its ``state_dir``;
+6. memory: bytes per group with 10 traits (tracemalloc);
    (with ``--variants``, steps 2 and 3 also run ``bench.variants``: proposed runner changes);
-6. the hot path in this process (``bench.hotpath``), one and two stages.
+7. the hot path in this process (``bench.hotpath``), one and two stages.
 
 Writes ``latest.json``, ``latest.png`` and ``README-table.md`` in ``--out``.
 """
@@ -33,16 +36,11 @@ from typing import Any, TypeVar
 from bench import report
 from bench.hotpath import make_records, measure_hot_path
 from bench.latency import measure_latency
+from bench.report import TARGETS
+from bench.restart import measure_restart
 from bench.runs import Topics, delete_topics, drain_worker, fill_topic, run_ceiling
 from bench.state import measure_group_memory, measure_restore
 
-TARGETS = {
-    "ratio": 0.5,
-    "hot_path": 150_000,
-    "restore": 250_000,
-    "bytes_per_group": 1024,
-    "p99_ms": 250,
-}
 _T = TypeVar("_T")
 # Proposed runner changes, applied by bench.variants (the worker's code is unchanged).
 VARIANT = ("--gc-freeze", "--poll-timeout", "0.01")
@@ -101,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--restore-groups", type=int, default=1_000_000)
     parser.add_argument("--memory-groups", type=int, default=50_000)
+    parser.add_argument(
+        "--restart-groups", type=int, default=1_000_000, help="0 skips the restart step"
+    )
+    parser.add_argument("--restart-seen-per-group", type=int, default=5)
+    parser.add_argument("--restart-members-per-group", type=int, default=1)
+    parser.add_argument(
+        "--restart-calls", type=int, default=100_000, help="calls drained, half before it"
+    )
     parser.add_argument("--hot-path-calls", type=int, default=200_000)
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--keyed", action="store_true", help="also drain input keyed by groupId")
@@ -142,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "other": fill.mix.other,
                 "bad": fill.mix.bad,
                 "duplicate": fill.mix.duplicate,
+                "late_duplicate": fill.mix.late_duplicate,
             },
             "bytes_per_call": fill.bytes / args.calls,
             "fill_seconds": fill.seconds,
@@ -250,19 +257,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"restore {args.restore_groups:,} groups", lambda: measure_restore(b, args.restore_groups)
     )
     results["restore"] = {
+        "store": "rocksdb",
         "records": restore.records,
         "seconds": restore.seconds,
         "rate": restore.records_per_second,
         "fill_seconds": restore.fill_seconds,
         "rss_growth_bytes": restore.rss_growth_bytes,
+        "peak_rss_bytes": restore.peak_rss_bytes,
         "record_bytes": restore.record_bytes,
-        "lazy_rate": restore.records / restore.lazy_seconds if restore.lazy_seconds else 0.0,
-        "lazy_large_fetch_rate": (
-            restore.records / restore.lazy_large_fetch_seconds
-            if restore.lazy_large_fetch_seconds
-            else 0.0
-        ),
+        "bare_rate": restore.bare_per_second,
     }
+    if args.restart_groups:
+        try:
+            restart = steps.run(
+                f"restart, {args.restart_groups:,} groups",
+                partial(
+                    measure_restart,
+                    b,
+                    args.restart_groups,
+                    args.restart_seen_per_group,
+                    args.restart_members_per_group,
+                    args.restart_calls,
+                    log_dir,
+                    args.seed,
+                ),
+            )
+            results["restart"] = restart.to_json()
+        except Exception as e:
+            results["restart"] = {"groups": args.restart_groups, "error": _error(e)}
     memory = steps.run("memory", lambda: measure_group_memory(args.memory_groups))
     results["memory"] = {
         "groups": memory.groups,

@@ -13,7 +13,11 @@ The mix, by share of calls:
 - 1% bad calls (invalid JSON, no ``groupId``, no identity, ``traits`` not an object),
   dead-lettered;
 - 2% redeliveries: the exact bytes of an earlier group call, so the same messageId,
-  counted as duplicates.
+  counted as duplicates. Most repeat one of the last 5,000 group calls; a quarter of
+  those sent once the stream is past the dedupe window (24 h of event time) are late:
+  they repeat one of the stream's first 5,000 group calls, more than the window earlier
+  in event time (a phone retrying after a day offline), so only dedupe by arrival
+  catches them (``worker.dedupe``).
 
 Event times start at ``BASE_MS`` and advance so that ``n`` calls span ``EVENT_SPAN_MS``
 (36 h: longer than the 24 h dedupe window, so recent messageIds are pruned), with up to
@@ -50,6 +54,9 @@ _OTHER_SHARE = 0.05
 _BAD_SHARE = 0.01
 _DUPLICATE_SHARE = 0.02
 _DUPLICATE_LOOKBACK = 5_000
+# Redeliveries of the stream's first group calls, once they are older than this.
+_LATE_SHARE = 0.25
+_LATE_AFTER_MS = 24 * 3_600_000
 
 _CREATED_AT = ("createdAt", "created_at", "CreatedAt", "Created At")
 _INDUSTRIES = ("Technology", "Retail", "Finance", "Healthcare", "Education", "Media")
@@ -73,11 +80,17 @@ class Mix:
     other: int = 0
     bad: int = 0
     duplicate: int = 0
+    late_duplicate: int = 0
+
+    @property
+    def redeliveries(self) -> int:
+        """Every call that repeats an earlier one: the worker's duplicates."""
+        return self.duplicate + self.late_duplicate
 
     @property
     def total(self) -> int:
         """Every call generated."""
-        return self.group + self.other + self.bad + self.duplicate
+        return self.group + self.other + self.bad + self.redeliveries
 
 
 def group_profile(index: int, seed: int) -> dict[str, Any]:
@@ -138,7 +151,7 @@ def _context(rng: random.Random, user: int) -> dict[str, Any]:
     }
 
 
-Kind = Literal["group", "other", "bad", "duplicate"]
+Kind = Literal["group", "other", "bad", "duplicate", "late_duplicate"]
 
 
 def generate_calls(n: int, seed: int = 1) -> Iterator[tuple[bytes, bytes, Kind]]:
@@ -147,12 +160,20 @@ def generate_calls(n: int, seed: int = 1) -> Iterator[tuple[bytes, bytes, Kind]]
     cumulative = _zipf_cumulative(GROUPS)
     profiles: dict[int, list[tuple[str, Any]]] = {}
     recent_group_calls: list[tuple[bytes, bytes]] = []
+    # The stream's first group calls, and their event times (ascending, but for the
+    # few seconds of disorder).
+    first_group_calls: list[tuple[bytes, bytes]] = []
+    first_event_ms: list[int] = []
     step = EVENT_SPAN_MS / max(n, 1)
     for i in range(n):
         now = BASE_MS + int(i * step)
         roll = rng.random()
         if roll < _DUPLICATE_SHARE and recent_group_calls:
-            yield *rng.choice(recent_group_calls), "duplicate"
+            late = bisect.bisect_left(first_event_ms, now - _LATE_AFTER_MS)
+            if late and rng.random() < _LATE_SHARE:
+                yield *first_group_calls[rng.randrange(late)], "late_duplicate"
+            else:
+                yield *rng.choice(recent_group_calls), "duplicate"
             continue
         roll -= _DUPLICATE_SHARE
         user = rng.randrange(1_000_000)
@@ -188,6 +209,9 @@ def generate_calls(n: int, seed: int = 1) -> Iterator[tuple[bytes, bytes, Kind]]
             continue
         value = orjson.dumps(call)
         key = call["userId"].encode()
+        if len(first_group_calls) < _DUPLICATE_LOOKBACK:
+            first_group_calls.append((key, value))
+            first_event_ms.append(event_ms)
         if len(recent_group_calls) < _DUPLICATE_LOOKBACK:
             recent_group_calls.append((key, value))
         else:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.generator import Kind, Mix, generate_calls
@@ -33,6 +34,7 @@ __all__ = [
     "Fill",
     "Topics",
     "WorkerProcess",
+    "bare_read",
     "create_topic",
     "delete_topics",
     "drain_worker",
@@ -67,7 +69,7 @@ class Topics:
 
     @property
     def all(self) -> list[str]:
-        roles = ("raw", "enriched", "state", "members", "dlq", "repartition", "out")
+        roles = ("raw", "enriched", "state", "members", "dedupe", "dlq", "repartition", "out")
         return [self.name(r) for r in roles]
 
     def worker_environ(self, input_topic: str) -> dict[str, str]:
@@ -78,6 +80,7 @@ class Topics:
             "GROUP_WORKER_TOPICS_MEMBERS": self.name("members"),
             "GROUP_WORKER_TOPICS_DLQ": self.name("dlq"),
             "GROUP_WORKER_TOPICS_REPARTITION": self.name("repartition"),
+            "GROUP_WORKER_TOPICS_DEDUPE": self.name("dedupe"),
             "GROUP_WORKER_WORKER_GROUP_ID": self.tag,
         }
 
@@ -151,7 +154,13 @@ def fill_topic(bootstrap: str, topic: str, calls: int, seed: int, *, by_group: b
     ``by_group`` (for the worker's ``input_keyed_by_group_id`` mode).
     """
     create_topic(bootstrap, topic)
-    counts: dict[Kind, int] = {"group": 0, "other": 0, "bad": 0, "duplicate": 0}
+    counts: dict[Kind, int] = {
+        "group": 0,
+        "other": 0,
+        "bad": 0,
+        "duplicate": 0,
+        "late_duplicate": 0,
+    }
     size = 0
 
     def pairs() -> Iterable[tuple[bytes, bytes]]:
@@ -163,8 +172,45 @@ def fill_topic(bootstrap: str, topic: str, calls: int, seed: int, *, by_group: b
 
     started = time.perf_counter()
     produce_all(fast_producer(bootstrap), topic, pairs())
-    mix = Mix(counts["group"], counts["other"], counts["bad"], counts["duplicate"])
+    mix = Mix(**counts)
     return Fill(topic, mix, size, time.perf_counter() - started)
+
+
+def bare_read(bootstrap: str, topics: Iterable[str]) -> tuple[int, float]:
+    """Records in ``topics`` and the seconds a bare consumer takes to read them all.
+
+    ``read_committed``, every partition of every topic assigned from its beginning, read
+    until each reports its end; nothing done with the records. Blocks.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-bare-{uuid.uuid4().hex[:6]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    assigned = []
+    for topic in topics:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        assigned += [TopicPartition(topic, p, 0) for p in metadata.partitions]
+    records = ends = 0
+    started = time.perf_counter()
+    consumer.assign(assigned)
+    while ends < len(assigned):
+        for message in consumer.consume(10_000, 0.05):
+            error = message.error()
+            if error is None:
+                records += 1
+            elif error.code() == KafkaError._PARTITION_EOF:
+                ends += 1
+            else:
+                raise RuntimeError(f"bare consumer: {error.str()}")
+    seconds = time.perf_counter() - started
+    consumer.close()
+    return records, seconds
 
 
 def _group_key(value: bytes) -> bytes:
@@ -221,7 +267,13 @@ def _free_port() -> int:
 
 
 class WorkerProcess:
-    """``python -m worker --config config/worker.toml run`` with environment overrides."""
+    """``python -m worker --config config/worker.toml run`` with environment overrides.
+
+    ``settings`` are config keys (``worker_batch_size``) and their values. Its state
+    lives in ``state_dir`` when given (kept, for a restart), else in a
+    temporary directory deleted by ``stop``. ``started`` is when the process was
+    launched (``time.perf_counter``).
+    """
 
     def __init__(
         self,
@@ -230,19 +282,28 @@ class WorkerProcess:
         input_topic: str,
         log_dir: Path,
         variant: Sequence[str] = (),
-        **settings: str,
+        *,
+        state_dir: Path | None = None,
+        log_name: str = "",
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self.port = _free_port()
-        self.log_path = log_dir / f"{topics.tag}.log"
+        self.log_path = log_dir / f"{topics.tag}{log_name}.log"
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        if state_dir is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="bench-state-")
+            state_dir = Path(self._temporary.name)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
         env.update(topics.worker_environ(input_topic))
         env["GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
         env["GROUP_WORKER_HTTP_PORT"] = str(self.port)
-        env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})
+        env["GROUP_WORKER_WORKER_STATE_DIR"] = str(state_dir)
+        env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in (settings or {}).items()})
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # A variant (bench.variants) runs the same CLI with a proposed change applied.
             launcher = ["bench.variants", *variant, "--"] if variant else ["worker"]
+            self.started = time.perf_counter()
             self.process = subprocess.Popen(
                 [sys.executable, "-m", *launcher, "--config", "config/worker.toml", "run"],
                 env=env,
@@ -265,13 +326,14 @@ class WorkerProcess:
             tail = self.log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"worker exited with {self.process.returncode}:\n{tail}")
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 120, poll: float = 0.1) -> float:
+        """Wait for ``/readyz`` to answer 200; returns the seconds since the launch."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
             if self._get("/readyz")[0] == 200:
-                return
-            time.sleep(0.1)
+                return time.perf_counter() - self.started
+            time.sleep(poll)
         raise RuntimeError(f"worker not ready after {timeout:.0f}s (log: {self.log_path})")
 
     def samples(self) -> dict[str, float]:
@@ -294,14 +356,19 @@ class WorkerProcess:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 30 s; returns the exit code (``None``: killed)."""
+        code: int | None = self.process.poll()
+        if code is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                code = self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        if self._temporary is not None:
+            self._temporary.cleanup()
+        return code
 
 
 def outcome_total(samples: Mapping[str, float]) -> float:
@@ -349,9 +416,11 @@ def drain_worker(
         input_topic,
         log_dir,
         variant,
-        worker_processing_guarantee=guarantee,
-        worker_input_keyed_by_group_id="true" if keyed else "false",
-        **dict(extra or {}),
+        settings={
+            "worker_processing_guarantee": guarantee,
+            "worker_input_keyed_by_group_id": "true" if keyed else "false",
+            **(extra or {}),
+        },
     )
     try:
         started: float | None = None

@@ -1,9 +1,10 @@
 """Restore speed and the memory a group takes in state.
 
 ``measure_restore`` fills a compacted state topic with one record per group and times
-``worker.restore.KafkaRestorer`` + ``restore_partition`` loading every partition into an
-``InMemoryStateStore``, in a fresh process (``python -m bench.state restore ...``) so its
-resident-set growth is the store's alone.
+``worker.restore.KafkaRestorer`` + ``restore_partition`` loading every partition into a
+``RocksDBStateStore`` (as the worker does), in a fresh process (``python -m bench.state
+restore ...``) so its resident-set growth is the store's alone; then a bare consumer
+reads the same topics in that process, the rate to compare with.
 
 ``measure_group_memory`` builds groups the way the worker does (``merge_call`` of a
 normalised call with 10 traits) and counts the bytes they hold with ``tracemalloc``.
@@ -17,28 +18,43 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.generator import BASE_MS, group_profile
-from bench.runs import ROOT, Topics, create_topic, delete_topics, fast_producer, produce_all
+from bench.runs import (
+    ROOT,
+    Topics,
+    bare_read,
+    create_topic,
+    delete_topics,
+    fast_producer,
+    produce_all,
+)
 from worker import codec
 from worker.members import membership_key, merge_membership
 from worker.normalise import normalise_traits
 from worker.restore import Changelogs, KafkaRestorer, restore_partition
 from worker.state import Applied, GroupState, merge_call, state_record
-from worker.store import InMemoryStateStore
+from worker.store import InMemoryStateStore, RocksDBStateStore
 
-__all__ = ["GroupMemory", "Restore", "measure_group_memory", "measure_restore"]
+__all__ = [
+    "GroupMemory",
+    "Restore",
+    "measure_group_memory",
+    "measure_restore",
+    "state_records",
+]
 
 _TRAITS = 10
 _COMPACT = {"cleanup.policy": "compact"}
-# Consumer settings a restorer could use: whole partitions per fetch, not 1 MB.
-_LARGE_FETCHES = {"max.partition.fetch.bytes": "16777216", "fetch.max.bytes": "67108864"}
+# The worker's default state.cache_mb.
+_CACHE_BYTES = 64 << 20
 
 
 def _ten_traits(index: int) -> dict[str, Any]:
@@ -105,29 +121,41 @@ def measure_group_memory(groups: int) -> GroupMemory:
 
 @dataclass(frozen=True, slots=True)
 class Restore:
-    """Restoring a state topic of ``records`` groups."""
+    """Restoring a state topic of ``records`` groups into a ``RocksDBStateStore``."""
 
     records: int
     fill_seconds: float
     seconds: float
     rss_growth_bytes: int
+    peak_rss_bytes: int
     record_bytes: float
-    lazy_seconds: float
-    lazy_large_fetch_seconds: float
+    bare_seconds: float  # a bare consumer reading the same topics, in the same process
 
     @property
     def records_per_second(self) -> float:
         return self.records / self.seconds if self.seconds else 0.0
 
+    @property
+    def bare_per_second(self) -> float:
+        return self.records / self.bare_seconds if self.bare_seconds else 0.0
 
-def _state_records(groups: int) -> Iterator[tuple[bytes, bytes]]:
-    # 1,000 distinct profiles (1 to 3 calls each), renamed for each group.
+
+def _group_id(index: int) -> str:
+    return f"group-{index:07d}"
+
+
+def state_records(
+    groups: int, group_id: Callable[[int], str] = _group_id
+) -> Iterator[tuple[bytes, bytes]]:
+    """``(key, value)`` state-topic records of ``groups`` groups, in the worker's format
+    (``state_record``): 1,000 distinct profiles (1 to 3 calls each, 10 traits), renamed
+    for each group (``group_id`` of its index)."""
     templates = [state_record(_state(i, 1 + i % 3)) for i in range(1000)]
     for index in range(groups):
         record = dict(templates[index % 1000])
-        group_id = f"group-{index:07d}"
-        record["groupId"] = group_id
-        yield group_id.encode(), codec.encode(record)
+        name = group_id(index)
+        record["groupId"] = name
+        yield name.encode(), codec.encode(record)
 
 
 def measure_restore(bootstrap: str, groups: int) -> Restore:
@@ -141,7 +169,7 @@ def measure_restore(bootstrap: str, groups: int) -> Restore:
 
         def sized() -> Iterator[tuple[bytes, bytes]]:
             nonlocal size
-            for key, value in _state_records(groups):
+            for key, value in state_records(groups):
                 size += len(value)
                 yield key, value
 
@@ -157,71 +185,55 @@ def measure_restore(bootstrap: str, groups: int) -> Restore:
             check=True,
         )
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        if result["groups"] != groups:
+        if result["groups"] != groups or result["bare_records"] != groups:
             raise RuntimeError(f"restored {result['groups']} groups of {groups}")
         return Restore(
             groups,
             fill,
             result["seconds"],
             result["rss_growth_bytes"],
+            result["peak_rss_bytes"],
             size / max(groups, 1),
-            result["lazy_seconds"],
-            result["lazy_large_fetch_seconds"],
+            result["bare_seconds"],
         )
     finally:
         delete_topics(bootstrap, [state, members, dedupe])
 
 
-def _rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _restore_main(bootstrap: str, state: str, members: str, dedupe: str) -> None:
+    """Restore every partition as the worker does on assignment, into a RocksDB store in
+    a temporary directory (the worker's default cache); then a bare consumer reads the
+    same topics. Prints one JSON line."""
     restorer = KafkaRestorer(bootstrap, "bench-restore", {})
-    store = InMemoryStateStore()
     partitions = restorer.partitions(state)
     gc.collect()
-    rss = _rss_bytes()
-    started = time.perf_counter()
-    for partition in partitions:
-        restore_partition(restorer, store, Changelogs(state, members, dedupe), partition)
-    seconds = time.perf_counter() - started
-    gc.collect()
-    growth = _rss_bytes() - rss
-    groups = store.group_count()
-    del store
-    # What restoring would cost if records were parsed only when their group is first
-    # used: read both topics, keep the newest raw value per key.
-    started = time.perf_counter()
-    raw = 0
-    for partition in partitions:
-        for topic in (state, members):
-            latest: dict[bytes | None, bytes | None] = {}
-            for _, key, value in restorer.read(topic, partition):
-                latest[key] = value
-            raw += len(latest)
-    lazy = time.perf_counter() - started
+    rss = _status_bytes("VmRSS")
+    with tempfile.TemporaryDirectory(prefix="bench-restore-") as directory:
+        store = RocksDBStateStore(Path(directory), _CACHE_BYTES)
+        started = time.perf_counter()
+        for partition in partitions:
+            restore_partition(restorer, store, Changelogs(state, members, dedupe), partition)
+        seconds = time.perf_counter() - started
+        growth = _status_bytes("VmRSS") - rss
+        peak = _status_bytes("VmHWM")
+        groups = store.group_count()
+        store.close()
     restorer.close()
-    # The same read with larger fetches (a proposed KafkaRestorer setting).
-    restorer = KafkaRestorer(bootstrap, "bench-restore", _LARGE_FETCHES)
-    started = time.perf_counter()
-    for partition in partitions:
-        for topic in (state, members):
-            latest = {}
-            for _, key, value in restorer.read(topic, partition):
-                latest[key] = value
-    lazy_large = time.perf_counter() - started
-    restorer.close()
+    bare_records, bare_seconds = bare_read(bootstrap, [state, members, dedupe])
     out = {
         "groups": groups,
-        "read": raw,
         "seconds": seconds,
         "rss_growth_bytes": growth,
-        "lazy_seconds": lazy,
-        "lazy_large_fetch_seconds": lazy_large,
+        "peak_rss_bytes": peak,
+        "bare_records": bare_records,
+        "bare_seconds": bare_seconds,
     }
     print(json.dumps(out))
 
