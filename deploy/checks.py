@@ -324,7 +324,7 @@ def cmd_policy(path: str) -> int:
     config_path = args[args.index("--config") + 1] if "--config" in args else ""
     toml = ""
     for mount in worker.get("volumeMounts", []):
-        volume = next(v for v in pod.get("volumes", []) if v["name"] == mount["name"])
+        volume = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
         config_map = volume.get("configMap", {}).get("name")
         if config_map and config_path.startswith(mount["mountPath"] + "/"):
             key = config_path[len(mount["mountPath"]) + 1 :]
@@ -340,6 +340,17 @@ def cmd_policy(path: str) -> int:
         except ConfigError as e:
             problems.check(False, f"the worker would not start: {e}")
             return problems.exit("")
+
+    # The local state store on the pod's own claim, so a restart finds it.
+    claims = {c["metadata"]["name"] for c in spec.get("volumeClaimTemplates", [])}
+    state_dir = config.worker.state_dir
+    problems.check(
+        any(
+            m["name"] in claims and (state_dir + "/").startswith(m["mountPath"].rstrip("/") + "/")
+            for m in worker.get("volumeMounts", [])
+        ),
+        f"worker.state_dir {state_dir} is not on a volumeClaimTemplates volume",
+    )
 
     # Scaling: never more workers than input partitions.
     s = scaled["spec"]
@@ -397,7 +408,7 @@ def cmd_policy(path: str) -> int:
     return problems.exit(
         f"max replicas {most} = partitions {partitions}, "
         f"grace {grace}s >= {budget}s + 10s, ids from the pod name, config loads, "
-        "read-only non-root pods"
+        "state on a claim, read-only non-root pods"
     )
 
 
@@ -412,7 +423,7 @@ def check_hardening(problems: Problems, sts: dict[str, Any], dockerfile: Path) -
     image = tuple(int(i) for i in image_users[-1]) if image_users else None
     problems.check((user, group) == image, f"pod runs as {user}:{group}, the image as {image}")
     problems.check(isinstance(group, int) and group > 0, f"runAsGroup {group} is root or unset")
-    # A volume the pod writes to (the state directory's claim, to come) must be its group's.
+    # A volume the pod writes to (the state directory's claim) must be its group's.
     problems.check(context.get("fsGroup") == group, f"fsGroup {context.get('fsGroup')} != {group}")
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     claims = {c["metadata"]["name"] for c in sts["spec"].get("volumeClaimTemplates", [])}
