@@ -292,6 +292,7 @@ class Runner:
         self._store.commit(  # (3)
             {(role, p): o for (t, p), o in reached.items() if (role := self._changelogs.get(t))}
         )
+        self._processor.expire_seen()
         self._abort_streak = 0
         self._metrics.abort_streak.set(0)
         self._pending.clear()

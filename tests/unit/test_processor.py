@@ -269,6 +269,8 @@ def test_dedupe_ids_expire_a_window_after_the_latest_arrival() -> None:
     ):
         processor.process([Record("in", 0, offset, call(mid), timestamp_ms=arrival)])
         processor.write_changelog()
+        store.commit()
+        processor.expire_seen()
         if mid == "m2":
             assert store.seen(0, ("g1", "m1")) == 1_000  # exactly a window old: kept
     assert store.seen(0, ("g1", "m1")) is None
