@@ -149,12 +149,14 @@ class _Counted:
     def __iter__(self) -> Iterator[ChangelogEntry]:
         unreported = 0
         for offset, key, value in self._entries:
+            yield offset, key or b"", value
+            # Told once the record was applied: ``progress`` may end the restore by
+            # raising, and the store then keeps every record before it.
             self.count += 1
             unreported += 1
             if unreported == _PROGRESS_EVERY:
                 self._progress(unreported)
                 unreported = 0
-            yield offset, key or b"", value
         self._progress(unreported)
 
 

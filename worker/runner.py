@@ -39,6 +39,10 @@ _BACKLOG_LOW = 10_000
 _ABORT_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
+class _Stopped(Exception):
+    """A restore cut short by ``stop()``: the worker leaves instead of finishing it."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerSettings:
     """Topics and pacing of the loop."""
@@ -130,6 +134,9 @@ class Runner:
                     if self._commit_due():
                         self._commit()
                     self._export_lag()
+                except _Stopped:  # a store keeps what it replayed: the next start goes on
+                    log.info("restore_interrupted")
+                    break
                 except RetriableError as e:
                     log.warning("kafka_retriable_error", error=str(e))
                     self._clock.sleep(_ERROR_BACKOFF)
@@ -222,7 +229,10 @@ class Runner:
 
     def _restore_progress(self, partition: int, records: int) -> None:
         """A restore reading on is progress: it keeps liveness and shows on the metrics,
-        and in a log line every ``_RESTORE_LOG_INTERVAL`` seconds."""
+        and in a log line every ``_RESTORE_LOG_INTERVAL`` seconds. After ``stop()`` it
+        ends the restore (``_Stopped``), so a long rebuild never holds up a shutdown."""
+        if self._stopping:
+            raise _Stopped
         self._metrics.restored_records.inc(records)
         now = self.last_progress = self._clock.monotonic()
         self._restore_read += records

@@ -413,6 +413,35 @@ def test_an_aborted_transaction_leaves_the_store_exactly_as_before(tmp_path: Pat
     reopened.close()
 
 
+def test_a_stop_during_a_long_restore_ends_it(tmp_path: Path) -> None:
+    """SIGTERM in the middle of a rebuild: the worker leaves instead of reading on, and
+    its store keeps what it replayed (a write batch at a time)."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    sink.begin()
+    for n in range(25_000):
+        sink.produce("state", f"g{n}".encode(), b"{}", partition=0)
+    sink.commit({}, source)
+    read: list[Entry] = []
+
+    class Stopping(FakeRestorer):
+        def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+            for entry in super().read(topic, partition, start):
+                read.append(entry)
+                if len(read) == 5_000:
+                    runner.stop()
+                yield entry
+
+    store = RocksDBStateStore(tmp_path, 1 << 20)
+    runner, _ = build(source, sink, restorer=Stopping(sink), store=store)
+    with structlog.testing.capture_logs() as logs:
+        runner.run()
+    assert len(read) == 10_000  # up to the first progress report after the stop
+    assert "restore_interrupted" in [e["event"] for e in logs]
+    reopened = RocksDBStateStore(tmp_path, 1 << 20)
+    assert reopened.stored_offsets(0) == {"state": 10_000}
+    reopened.close()
+
+
 def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:
     """During a restore after a rebalance the worker is not ready; records read are counted."""
     during: list[bool] = []
