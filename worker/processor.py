@@ -32,7 +32,7 @@ from worker.dedupe import arrival_ms, is_duplicate, seen_record_key
 from worker.errors import KafkaError
 from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
 from worker.limits import GroupBound, Headers, Limits, group_bound
-from worker.members import membership_key, membership_record, merge_membership
+from worker.members import membership_key, merge_membership
 from worker.pipeline import (
     Settings,
     fit_letter,
@@ -41,7 +41,7 @@ from worker.pipeline import (
     process_record,
 )
 from worker.sink import Refusal, Sink
-from worker.state import Applied, group_snapshot, merge_call, state_record
+from worker.state import Applied, group_snapshot, merge_call
 from worker.store import StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]
@@ -174,12 +174,10 @@ class Processor:
         """
         routes = self._routes
         changed = self._store.changed()
-        for partition, state in changed:
-            value = codec.encode(state_record(state))
+        for partition, state, value in changed:
             self._write_changelog(routes.state, partition, state.group_id, value)
         members = self._store.changed_members()
-        for partition, key, membership in members:
-            value = codec.encode(membership_record(membership))
+        for partition, key, _, value in members:
             self._write_changelog(routes.members, partition, key, value)
         seen = self._store.changed_seen()
         for partition, (group_id, message_id), arrival in seen:

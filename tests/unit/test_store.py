@@ -85,7 +85,12 @@ def test_changed_coalesces_to_the_newest_state_per_group(store: StateStore) -> N
     store.put(0, state("g2", 1))
     store.put(0, state("g1", 2))
     store.put(1, state("g1", 3))
-    assert store.changed() == [(0, state("g1", 2)), (0, state("g2", 1)), (1, state("g1", 3))]
+    newest = [(0, state("g1", 2)), (0, state("g2", 1)), (1, state("g1", 3))]
+    assert store.changed() == [(p, s, codec.encode(state_record(s))) for p, s in newest]
+    store.put(0, state("g2", 4))  # after changed(): its record is encoded again
+    assert store.changed()[1] == (0, state("g2", 4), codec.encode(state_record(state("g2", 4))))
+    store.commit()
+    assert store.get(0, "g2") == state("g2", 4)
 
 
 def test_changed_members_coalesce_to_the_newest_per_key(store: StateStore) -> None:
@@ -93,7 +98,10 @@ def test_changed_members_coalesce_to_the_newest_per_key(store: StateStore) -> No
     store.put_member(0, "k1", member("u1", 1))
     store.put_member(0, "k2", member("u2", 1))
     store.put_member(0, "k1", member("u1", 5))
-    assert store.changed_members() == [(0, "k1", member("u1", 5)), (0, "k2", member("u2", 1))]
+    newest = [(0, "k1", member("u1", 5)), (0, "k2", member("u2", 1))]
+    assert store.changed_members() == [
+        (p, k, m, codec.encode(membership_record(m))) for p, k, m in newest
+    ]
     store.commit()
     assert store.changed_members() == []
     store.put_member(1, "k3", member("u3"))
@@ -158,7 +166,7 @@ def test_drop_forgets_a_partition_and_its_pending_changes(store: StateStore) -> 
     store.put(1, state("g1", 2))
     store.put_member(0, "k1", member("u1"))
     store.drop(0)
-    assert store.changed() == [(1, state("g1", 2))]
+    assert [(p, s) for p, s, _ in store.changed()] == [(1, state("g1", 2))]
     assert store.changed_members() == []
     assert (store.group_count(), store.member_count()) == (1, 0)
     store.rollback()

@@ -97,16 +97,19 @@ class StateStore(Protocol):
         """Record that the call with this dedupe id was applied; rollback undoes it."""
         ...
 
-    def changed(self) -> list[tuple[int, GroupState]]:
-        """The newest state of each group put since the last commit or rollback.
+    def changed(self) -> list[tuple[int, GroupState, bytes]]:
+        """The newest state of each group put since the last commit or rollback, with its
+        changelog record (``codec.encode(state.state_record(...))``).
 
         One entry per group (changelog writes are coalesced), in the order the groups
-        were first changed.
+        were first changed. A durable store keeps the records it encoded here, to write
+        the same bytes at ``commit``.
         """
         ...
 
-    def changed_members(self) -> list[tuple[int, str, Membership]]:
-        """The newest membership of each key put since the last commit or rollback."""
+    def changed_members(self) -> list[tuple[int, str, Membership, bytes]]:
+        """The newest membership of each key put since the last commit or rollback, with
+        its changelog record (``codec.encode(members.membership_record(...))``)."""
         ...
 
     def changed_seen(self) -> list[tuple[int, SeenKey, int]]:

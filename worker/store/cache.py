@@ -57,7 +57,9 @@ class LRUCache(Generic[_K, _V]):
 
     def put(self, key: _K, value: _V, cost: int) -> None:
         """Hold ``value`` under ``key`` as the most recently used, evicting as needed."""
-        self.discard(key)
+        entry = self._entries.pop(key, None)  # discard(key), inlined: once per change
+        if entry is not None:
+            self._bytes -= entry[1]
         if cost > self._max:
             return
         self._entries[key] = (value, cost)

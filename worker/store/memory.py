@@ -13,8 +13,8 @@ import structlog
 
 from worker import codec
 from worker.dedupe import arrival_value, seen_key
-from worker.members import Membership, membership_from_record
-from worker.state import GroupState, StateFormatError, state_from_record
+from worker.members import Membership, membership_from_record, membership_record
+from worker.state import GroupState, StateFormatError, state_from_record, state_record
 
 if TYPE_CHECKING:
     from worker.store import Changelog, ChangelogEntry, ChangelogOffsets, SeenKey
@@ -122,11 +122,17 @@ class InMemoryStateStore:
     def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
         self._seen.put(partition, key, arrival_ms)
 
-    def changed(self) -> list[tuple[int, GroupState]]:
-        return [(partition, state) for partition, _, state in self._groups.changed()]
+    def changed(self) -> list[tuple[int, GroupState, bytes]]:
+        return [
+            (partition, state, codec.encode(state_record(state)))
+            for partition, _, state in self._groups.changed()
+        ]
 
-    def changed_members(self) -> list[tuple[int, str, Membership]]:
-        return self._members.changed()
+    def changed_members(self) -> list[tuple[int, str, Membership, bytes]]:
+        return [
+            (partition, key, m, codec.encode(membership_record(m)))
+            for partition, key, m in self._members.changed()
+        ]
 
     def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
         return self._seen.changed()

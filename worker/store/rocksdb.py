@@ -79,9 +79,10 @@ class RocksDBStateStore:
         self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
         self._block_cache = Cache(_BLOCK_CACHE_BYTES)
         self._partitions: dict[int, PartitionDB] = {}
-        # The change set: each value, its database key, and whether that key is new.
-        self._groups: dict[tuple[int, str], tuple[GroupState, bytes, bool]] = {}
-        self._members: dict[tuple[int, str], tuple[Membership, bytes, bool]] = {}
+        # The change set: each value, its database key, whether that key is new, and its
+        # record once ``changed*`` encoded it (encoded once, for changelog and database).
+        self._groups: dict[tuple[int, str], tuple[GroupState, bytes, bool, bytes | None]] = {}
+        self._members: dict[tuple[int, str], tuple[Membership, bytes, bool, bytes | None]] = {}
         self._seen: dict[tuple[int, SeenKey], tuple[int, bytes, bool]] = {}
         # Keys the database was just found to lack, so the put that usually follows a
         # read that missed need not look again; forgotten whenever the database changes.
@@ -113,9 +114,9 @@ class RocksDBStateStore:
         pending = self._groups.get(log_key)
         if pending is None:
             key = b"s" + state.group_id.encode()
-            self._groups[log_key] = (state, key, self._is_new(partition, STATES, key))
+            self._groups[log_key] = (state, key, self._is_new(partition, STATES, key), None)
         else:
-            self._groups[log_key] = (state, pending[1], pending[2])
+            self._groups[log_key] = (state, pending[1], pending[2], None)
 
     def get_member(self, partition: int, key: str) -> Membership | None:
         pending = self._members.get((partition, key))
@@ -132,16 +133,17 @@ class RocksDBStateStore:
         pending = self._members.get(log_key)
         if pending is None:
             db_key = b"m" + key.encode()
-            self._members[log_key] = (m, db_key, self._is_new(partition, MEMBERS, db_key))
+            self._members[log_key] = (m, db_key, self._is_new(partition, MEMBERS, db_key), None)
         else:
-            self._members[log_key] = (m, pending[1], pending[2])
+            self._members[log_key] = (m, pending[1], pending[2], None)
 
     def seen(self, partition: int, key: SeenKey) -> int | None:
         pending = self._seen.get((partition, key))
         if pending is not None:
             return pending[0]
         db_key = _seen_key(key)
-        raw = self._part(partition).get(db_key)
+        part = self._partitions.get(partition) or self._part(partition)  # once per call
+        raw = part.get(db_key)
         if raw is None:
             self._absent.add((partition, db_key))
             return None
@@ -159,11 +161,23 @@ class RocksDBStateStore:
         else:
             self._seen[log_key] = (arrival_ms, pending[1], pending[2])
 
-    def changed(self) -> list[tuple[int, GroupState]]:
-        return [(partition, entry[0]) for (partition, _), entry in self._groups.items()]
+    def changed(self) -> list[tuple[int, GroupState, bytes]]:
+        out = []
+        for log_key, (state, key, new, record) in self._groups.items():
+            if record is None:
+                record = codec.encode(state_record(state))
+                self._groups[log_key] = (state, key, new, record)
+            out.append((log_key[0], state, record))
+        return out
 
-    def changed_members(self) -> list[tuple[int, str, Membership]]:
-        return [(partition, key, entry[0]) for (partition, key), entry in self._members.items()]
+    def changed_members(self) -> list[tuple[int, str, Membership, bytes]]:
+        out = []
+        for log_key, (m, key, new, record) in self._members.items():
+            if record is None:
+                record = codec.encode(membership_record(m))
+                self._members[log_key] = (m, key, new, record)
+            out.append((log_key[0], log_key[1], m, record))
+        return out
 
     def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
         return [(partition, key, entry[0]) for (partition, key), entry in self._seen.items()]
@@ -178,12 +192,12 @@ class RocksDBStateStore:
         """
         records: dict[int, list[tuple[bytes, bytes]]] = {}
         parsed: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
-        for (partition, _), (state, key, _) in self._groups.items():  # (1)
-            value = codec.encode(state_record(state))
+        for (partition, _), (state, key, _, value) in self._groups.items():  # (1)
+            value = value or codec.encode(state_record(state))
             records.setdefault(partition, []).append((key, value))
             parsed.append(((partition, key), state, _cost(value)))
-        for (partition, _), (m, key, _) in self._members.items():
-            value = codec.encode(membership_record(m))
+        for (partition, _), (m, key, _, value) in self._members.items():
+            value = value or codec.encode(membership_record(m))
             records.setdefault(partition, []).append((key, value))
             parsed.append(((partition, key), m, _cost(value)))
         for (partition, _), (arrival, key, _) in self._seen.items():
