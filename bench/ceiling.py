@@ -85,6 +85,9 @@ class _NoRestore:
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         return 0, 0
 
+    def topic_ids(self, topics: Sequence[str]) -> list[str]:
+        return ["" for _ in topics]
+
     def close(self) -> None:
         pass
 

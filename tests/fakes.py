@@ -156,6 +156,8 @@ class FakeSink:
     refused: list[Refusal] = field(default_factory=list)
     # Per topic partition, how many records were committed: the next offset.
     ends: dict[Partition, int] = field(default_factory=dict)
+    # Stands for the topics' ids: another sink is another cluster (or topics re-created).
+    cluster: str = "cluster-1"
 
     def begin(self) -> None:
         if self.transactional:
@@ -248,6 +250,9 @@ class FakeRestorer:
 
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         return 0, self.sink.ends.get((topic, partition), 0)
+
+    def topic_ids(self, topics: Sequence[str]) -> list[str]:
+        return [f"{self.sink.cluster}/{topic}" for topic in topics]
 
     def close(self) -> None:
         pass

@@ -10,13 +10,14 @@ restored.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka import KafkaError as ClientError
+from confluent_kafka.admin import AdminClient
 
 from worker.errors import RetriableError, TopicError
 from worker.kafka import client_config, raise_for, translate
@@ -26,6 +27,7 @@ from worker.store import Changelog, ChangelogEntry, StateStore
 __all__ = ["Changelogs", "Entry", "KafkaRestorer", "Restored", "Restorer", "restore_partition"]
 
 log = structlog.get_logger("worker.restore")
+_T = TypeVar("_T")
 Entry = tuple[int, bytes | None, bytes | None]  # (offset, key, value)
 # How long a restore retries while the broker's metadata settles before giving up.
 _RETRY_SECONDS = 60.0
@@ -47,6 +49,10 @@ class Restorer(Protocol):
         """The partition's first offset and the offset after its last record."""
         ...
 
+    def topic_ids(self, topics: Sequence[str]) -> list[str]:
+        """Each topic's id: unique to one creation of one topic, in one cluster."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -61,9 +67,13 @@ class Changelogs:
     def by_role(self) -> tuple[tuple[Changelog, str], ...]:
         return (("state", self.state), ("members", self.members), ("dedupe", self.dedupe))
 
-    def source(self) -> bytes:
-        """What a store built from these topics is a copy of: their names."""
-        return "\n".join((self.state, self.members, self.dedupe)).encode()
+    def source(self, restorer: Restorer) -> bytes:
+        """What a store built from these topics is a copy of: each topic's name and id,
+        so a copy from another cluster, or from a topic since deleted and created
+        again, is told apart."""
+        names = (self.state, self.members, self.dedupe)
+        ids = restorer.topic_ids(names)
+        return "\n".join(f"{name} {id_}" for name, id_ in zip(names, ids, strict=True)).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +100,8 @@ def restore_partition(
     """Bring ``store``'s copy of ``partition`` up to date with its changelogs; blocks.
 
     Steps: (1) open the partition's store, whose files are discarded when unreadable or
-    copied from other topics; (2) check its stored offsets against the topics: an offset
+    copied from other topics (by name and id: another cluster's, or a topic's deleted
+    since); (2) check its stored offsets against the topics: an offset
     past a topic's end (the topic was recreated) or before its first record (records
     were deleted under it; the dedupe changelog excepted, whose old records expire
     anyway) means the files cannot be trusted, so they are wiped; (3) replay each
@@ -101,13 +112,14 @@ def restore_partition(
     subclasses when the topics cannot be read, and ``TopicError`` when the state topic
     holds records in a format this worker does not read (a newer worker wrote them).
     """
-    rebuilt = store.open_partition(partition, topics.source())  # (1)
+    source = topics.source(restorer)
+    rebuilt = store.open_partition(partition, source)  # (1)
     starts = store.stored_offsets(partition)
     stale = _stale(restorer, topics, partition, starts)  # (2)
     if stale is not None:
         log.warning("store_partition_stale", partition=partition, reason=stale)
         store.wipe(partition)
-        store.open_partition(partition, topics.source())
+        store.open_partition(partition, source)
         starts, rebuilt = {}, stale
     read: dict[Changelog, int] = {}
     skipped = 0
@@ -179,6 +191,7 @@ class KafkaRestorer:
         self._consumer = Consumer(
             client_config(bootstrap_servers, properties, "consumer", settings)
         )
+        self._admin = AdminClient(client_config(bootstrap_servers, properties, "admin"))
 
     def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         """The partition's records from ``start`` up to its last committed offset."""
@@ -205,19 +218,17 @@ class KafkaRestorer:
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         """Low and high watermarks, retrying while metadata settles."""
         tp = TopicPartition(topic, partition)
-        deadline = time.monotonic() + _RETRY_SECONDS
-        while True:
-            try:
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=10)
-                return low, high
-            except KafkaException as e:
-                error = translate(e.args[0])
-                if not isinstance(error, RetriableError) or time.monotonic() > deadline:
-                    raise error from None
-                log.info(
-                    "restore_retrying", topic=tp.topic, partition=tp.partition, error=str(error)
-                )
-                time.sleep(0.5)
+        low, high = _retrying(lambda: self._consumer.get_watermark_offsets(tp, timeout=10), topic)
+        return low, high
+
+    def topic_ids(self, topics: Sequence[str]) -> list[str]:
+        """The topics' ids, from the cluster's metadata (retrying while it settles)."""
+
+        def describe() -> list[str]:
+            found = self._admin.describe_topics(TopicCollection(list(topics)), request_timeout=10)
+            return [str(found[topic].result().topic_id) for topic in topics]
+
+        return _retrying(describe, ", ".join(topics))
 
     def partitions(self, topic: str) -> list[int]:
         """The partition numbers of ``topic``; raises ``TopicError`` when it does not exist."""
@@ -228,3 +239,17 @@ class KafkaRestorer:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def _retrying(call: Callable[[], _T], topic: str) -> _T:
+    """``call()``, retried for up to ``_RETRY_SECONDS`` while it fails retriably."""
+    deadline = time.monotonic() + _RETRY_SECONDS
+    while True:
+        try:
+            return call()
+        except KafkaException as e:
+            error = translate(e.args[0])
+            if not isinstance(error, RetriableError) or time.monotonic() > deadline:
+                raise error from None
+            log.info("restore_retrying", topic=topic, error=str(error))
+            time.sleep(0.5)

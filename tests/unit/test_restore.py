@@ -53,7 +53,8 @@ def test_a_partition_coming_back_replays_only_what_was_written_meanwhile(
 
 
 def test_offsets_past_a_topics_end_rebuild_the_partition(store: RocksDBStateStore) -> None:
-    """The topic was deleted and created again: the files are wiped, not trusted."""
+    """The topic lost records at its end (an unclean leader election): the files hold
+    changes the topic no longer has, so they are wiped, not trusted."""
     old = FakeSink()
     write_states(old, ("a", 1), ("b", 1), ("c", 1))
     restore_partition(FakeRestorer(old), store, TOPICS, 0)
@@ -111,8 +112,28 @@ def test_files_copied_from_other_topics_are_rebuilt(store: RocksDBStateStore) ->
     store.drop(0)
     other = Changelogs("other-state", "other-members", "other-dedupe")
     restored = restore_partition(FakeRestorer(sink), store, other, 0)
-    assert restored.rebuilt == "copied from other topics: state, members, dedupe"
+    assert restored.rebuilt == (
+        "copied from other topics: state cluster-1/state, members cluster-1/members, "
+        "dedupe cluster-1/dedupe"
+    )
     assert (restored.states, versions(store, "a", "b")) == (2, [9, 9])
+
+
+def test_a_copy_of_topics_since_created_again_or_of_another_cluster_is_rebuilt(
+    store: RocksDBStateStore,
+) -> None:
+    """Same names, other topic ids: even a topic that has grown past the copy's offsets
+    is told apart."""
+    old = FakeSink()
+    write_states(old, ("a", 1))
+    restore_partition(FakeRestorer(old), store, TOPICS, 0)
+    store.drop(0)
+    new = FakeSink(cluster="cluster-2")
+    write_states(new, ("b", 1), ("c", 1), ("d", 1))
+    restored = restore_partition(FakeRestorer(new), store, TOPICS, 0)
+    assert restored.rebuilt is not None
+    assert restored.rebuilt.startswith("copied from other topics: state cluster-1/state")
+    assert versions(store, "a", "b", "c", "d") == [None, 1, 1, 1]
 
 
 def test_each_process_claims_a_slot_of_its_own(tmp_path: Path) -> None:
