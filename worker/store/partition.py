@@ -40,6 +40,7 @@ from rocksdict import (
     Rdict,
     ReadOptions,
     WriteBatch,
+    WriteBufferManager,
     WriteOptions,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "STATES",
     "WRITE_BUFFER_BYTES",
     "PartitionDB",
+    "SharedMemory",
     "remove_files",
 ]
 
@@ -80,6 +82,16 @@ _REPLAY: Final = WriteOptions()
 _REPLAY.disable_wal = True  # type: ignore[method-assign,assignment]  # a property
 
 
+class SharedMemory:
+    """RocksDB's memory, shared by every partition database of a store, so it does not
+    grow with the partitions assigned: a block cache (uncompressed blocks read) and a
+    bound on the write buffers of all of them (past it, the fullest one flushes)."""
+
+    def __init__(self, block_cache_bytes: int, write_buffer_bytes: int) -> None:
+        self.block_cache = Cache(block_cache_bytes)
+        self.write_buffers = WriteBufferManager(write_buffer_bytes, False)
+
+
 class _Unusable(Exception):
     """A partition's files cannot be used: corrupt, or of another layout."""
 
@@ -100,7 +112,7 @@ class PartitionDB:
 
     @classmethod
     def open(
-        cls, path: Path, block_cache: Cache, source: bytes = b""
+        cls, path: Path, memory: SharedMemory, source: bytes = b""
     ) -> tuple[PartitionDB, str | None]:
         """The database at ``path``, created when missing; blocks on the disk.
 
@@ -113,12 +125,12 @@ class PartitionDB:
         and RocksDB's error when a database cannot be created.
         """
         try:
-            return _open(path, block_cache, source), None
+            return _open(path, memory, source), None
         except _Unusable as e:
             reason = str(e)
         log.warning("store_partition_discarded", path=str(path), reason=reason)
         remove_files(path)
-        return _open(path, block_cache, source), reason
+        return _open(path, memory, source), reason
 
     def get(self, key: bytes) -> bytes | None:
         """The value under ``key``, or ``None``."""
@@ -244,11 +256,11 @@ def remove_files(path: Path) -> None:
         path.unlink()
 
 
-def _open(path: Path, block_cache: Cache, source: bytes) -> PartitionDB:
+def _open(path: Path, memory: SharedMemory, source: bytes) -> PartitionDB:
     """Open or create the database; raises ``_Unusable`` when its files cannot be used."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        db = Rdict(str(path), _options(block_cache))
+        db = Rdict(str(path), _options(memory))
     except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
         if str(path / "LOCK") in str(e):
             raise StoreError(f"{path} is in use by another process: {e}") from None
@@ -273,15 +285,16 @@ def _open(path: Path, block_cache: Cache, source: bytes) -> PartitionDB:
     raise _Unusable(problem)
 
 
-def _options(block_cache: Cache) -> Options:
+def _options(memory: SharedMemory) -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     options.set_compression_type(DBCompressionType.lz4())
     options.set_write_buffer_size(WRITE_BUFFER_BYTES)
     options.set_max_write_buffer_number(2)
+    options.set_write_buffer_manager(memory.write_buffers)
     options.set_keep_log_file_num(2)  # RocksDB's own log of what it did
     table = BlockBasedOptions()
-    table.set_block_cache(block_cache)
+    table.set_block_cache(memory.block_cache)
     # Most lookups are of keys that are absent (a new dedupe id, a new group).
     table.set_bloom_filter(10, False)
     options.set_block_based_table_factory(table)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import structlog
-from rocksdict import Cache
 
 from worker import codec
 from worker.errors import StoreError
@@ -43,6 +42,7 @@ from worker.store.partition import (
     SEEN,
     STATES,
     PartitionDB,
+    SharedMemory,
     arrival_of,
     remove_files,
 )
@@ -60,8 +60,9 @@ _V = TypeVar("_V")
 # What a parsed entry keeps alive, from its record's length (tracemalloc: a state takes
 # about 1.4 times its record, a membership 2 times its 130 bytes), plus the cache's own.
 _ENTRY_BYTES: Final = 200
-# RocksDB's block cache (uncompressed blocks), shared by the partitions.
+# RocksDB's block cache (uncompressed blocks) and write buffers, shared by the partitions.
 _BLOCK_CACHE_BYTES: Final = 64 << 20
+_WRITE_BUFFERS_BYTES: Final = 64 << 20
 
 
 class RocksDBStateStore:
@@ -69,15 +70,15 @@ class RocksDBStateStore:
 
     ``cache_bytes`` bounds the parsed states and memberships kept (approximately: costs
     are estimated from the records' lengths). RocksDB's own memory comes on top: a
-    64 MiB block cache shared by the partitions and up to 2 x 16 MiB of write buffers
-    per open partition. ``directory`` is created when missing. Two stores must not
-    share a directory (a partition's files are locked while open).
+    64 MiB block cache and 64 MiB of write buffers, both shared by the partitions.
+    ``directory`` is created when missing. Two stores must not share a directory (a
+    partition's files are locked while open).
     """
 
     def __init__(self, directory: Path, cache_bytes: int) -> None:
         self._directory = directory
         self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
-        self._block_cache = Cache(_BLOCK_CACHE_BYTES)
+        self._memory = SharedMemory(_BLOCK_CACHE_BYTES, _WRITE_BUFFERS_BYTES)
         self._partitions: dict[int, PartitionDB] = {}
         # The change set: each value, its database key, whether that key is new, and its
         # record once ``changed*`` encoded it (encoded once, for changelog and database).
@@ -346,7 +347,7 @@ class RocksDBStateStore:
         return part
 
     def _open(self, partition: int, source: bytes = b"") -> str | None:
-        part, reason = PartitionDB.open(self.path(partition), self._block_cache, source)
+        part, reason = PartitionDB.open(self.path(partition), self._memory, source)
         self._partitions[partition] = part
         return reason
 
