@@ -190,7 +190,7 @@ def rows_from_results(r: Mapping[str, Any]) -> list[Row]:
         rows.append(
             Row(
                 f"  largest state record ({calls})",
-                f"{largest / 2**20:,.2f} MiB",
+                f"{largest / 1024:,.1f} KiB",
                 "Kafka default 1 MB",
             )
         )
