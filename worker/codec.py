@@ -6,6 +6,7 @@ orjson is strict where it matters for dead-lettering: it rejects invalid UTF-8,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,9 +21,10 @@ def decode(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-def encode(value: Any) -> bytes:
-    """Serialise ``value`` to compact JSON bytes; raises ``TypeError`` for non-JSON values."""
-    return orjson.dumps(value)
+# Serialise a value to compact JSON bytes; raises ``TypeError`` for non-JSON values.
+# orjson's own function, not a wrapper: it runs several times per call (bench: a wrapper
+# cost about 0.3 µs each).
+encode: Callable[[Any], bytes] = orjson.dumps
 
 
 def encode_sorted(value: Any) -> bytes:

@@ -183,12 +183,12 @@ def merge_call(
             address, size = regs, size + grown
             continue
         old = stamps.get(name)
-        if old is None:
-            grown = 2 * _json_bytes(name) + _json_bytes(value) + mid_bytes + _STAMP_BYTES
+        if old is None:  # (_json_bytes inlined here: once per trait of every call)
+            grown = 2 * len(_encode(name)) + len(_encode(value)) + mid_bytes + _STAMP_BYTES
             limit = bound.new_keys
         elif stamp > old:
-            grown = _json_bytes(value) - _json_bytes(traits[name]) + mid_bytes
-            grown -= _json_bytes(old[1])
+            grown = len(_encode(value)) - len(_encode(traits[name])) + mid_bytes
+            grown -= len(_encode(old[1]))
             limit = bound.any_growth
         else:
             continue
@@ -248,8 +248,11 @@ def _address_bytes(shown: Any, regs: AddressStamps) -> int:
     )
 
 
+_encode = codec.encode
+
+
 def _json_bytes(value: Any) -> int:
-    return len(codec.encode(value))
+    return len(_encode(value))
 
 
 def _ignore(_: str) -> None:
