@@ -1,0 +1,351 @@
+"""What a compiled core would buy: the Python hot path and the Rust prototype, side by side.
+
+``python -m bench.compiled.measure [--calls 100000] [--runs 3]`` builds the extension when
+it is missing or older than its sources (``maturin develop --release`` into this venv:
+needs cargo), generates the same calls as ``bench.hotpath``, and in each run times
+``measure_hot_path`` (one stage) and the prototype over them, in turn, on this thread's
+CPU clock. It prints the median µs per call of each and of their ratio, then checks the
+prototype's outputs against the worker's on the same calls (bench/compiled/README.md).
+
+The prototype (``group_worker_core.Core``) does a call's whole stateful step in Rust; the
+store is a dict of record bytes, as a database would hold them. A call it does not handle
+comes back as ``FALLBACK`` with nothing written, and ``_PythonFallback`` runs the worker's
+own code for it over the same dicts, inside the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+from bench.hotpath import CountingSink, FixedClock, make_records, measure_hot_path
+from worker import codec
+from worker.dedupe import arrival_ms, is_duplicate, seen_record_key
+from worker.events import DeadLetter, Enriched, Record, SourceRecord
+from worker.members import membership_from_record, membership_key, membership_record
+from worker.members import merge_membership as merge_member
+from worker.normalise import normalise_traits
+from worker.pipeline import Settings, fit_letter, process_record
+from worker.processor import Processor, Routes
+from worker.state import Applied, group_snapshot, merge_call, state_from_record, state_record
+from worker.store import InMemoryStateStore
+
+__all__ = ["CompiledRun", "main", "run_compiled"]
+
+_CRATE = Path(__file__).resolve().parent
+_TOPIC = "segment.raw"
+_BATCH = 1000  # as bench.hotpath: a commit, so a changelog write, every 1,000 records
+_WINDOW_MS = 86_400_000
+_DLQ_BYTES = 1_048_576
+
+
+class _Core(Protocol):
+    def process(
+        self, value: bytes, partition: int, offset: int, arrival_ms: int, now_ms: int
+    ) -> tuple[int, bytes | None, bytes | None]: ...
+
+
+class _Sink(Protocol):
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Any = None,
+        partition: int | None = None,
+        timestamp: int = 0,
+    ) -> None: ...
+
+
+class RecordingSink(CountingSink):
+    """A ``CountingSink`` that also keeps every record, for comparing outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[tuple[str, bytes | None, bytes]] = []
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Any = None,
+        partition: int | None = None,
+        timestamp: int = 0,
+    ) -> None:
+        super().produce(topic, key, value, headers, partition, timestamp)
+        self.kept.append((topic, key, value))
+
+
+def load_core(*, rebuild: bool = False) -> ModuleType:
+    """The extension module, built first when missing, older than its sources, or when
+    ``rebuild`` is set (blocks for the build; needs cargo and maturin)."""
+    spec = importlib.util.find_spec("group_worker_core")
+    sources = [_CRATE / "Cargo.toml", *(_CRATE / "src").glob("*.rs")]
+    built = Path(spec.origin).stat().st_mtime if spec and spec.origin else 0.0
+    if rebuild or any(p.stat().st_mtime > built for p in sources):
+        maturin = Path(sys.executable).parent / "maturin"
+        if not maturin.exists():
+            sys.exit("maturin is missing: .venv/bin/pip install 'maturin>=1.16,<2'")
+        env = dict(os.environ, VIRTUAL_ENV=sys.prefix)
+        command = [str(maturin), "develop", "--release", "--manifest-path", "Cargo.toml"]
+        subprocess.run(command, cwd=_CRATE, env=env, check=True)
+        importlib.invalidate_caches()
+    return importlib.import_module("group_worker_core")
+
+
+def _phone(text: str) -> str:
+    """One phone number as the worker normalises it (the prototype remembers the answer)."""
+    traits, _ = normalise_traits({"phone": text})
+    return str(traits["phone"])
+
+
+@dataclass(slots=True)
+class _Store:
+    """The dicts standing in for a partition's store, and their change set."""
+
+    states: dict[str, bytes] = field(default_factory=dict)
+    members: dict[str, bytes] = field(default_factory=dict)
+    seen: dict[tuple[str, str], int] = field(default_factory=dict)
+    changed_states: dict[str, bytes] = field(default_factory=dict)
+    changed_members: dict[str, bytes] = field(default_factory=dict)
+    changed_seen: dict[str, int] = field(default_factory=dict)
+
+
+class _PythonFallback:
+    """The worker's own code for a call the prototype does not handle, over ``_Store``."""
+
+    def __init__(self, store: _Store, sink: _Sink) -> None:
+        self._store, self._sink = store, sink
+        self._settings = Settings()
+
+    def __call__(self, record: SourceRecord, now_ms: int) -> str:
+        """Process one record; returns its last outcome's kind."""
+        kind = "skipped"
+        for outcome in process_record(record, self._settings):
+            kind = outcome.kind
+            if isinstance(outcome, Enriched):
+                kind = self._merge(outcome, arrival_ms(record, now_ms), now_ms)
+            elif isinstance(outcome, DeadLetter):
+                self._sink.produce("dlq", outcome.key, fit_letter(outcome.letter, _DLQ_BYTES))
+        return kind
+
+    def _merge(self, enriched: Enriched, arrival: int, now_ms: int) -> str:
+        s, call = self._store, enriched.call
+        seen = (enriched.group_id, call["messageId"])
+        if is_duplicate(s.seen.get(seen), arrival, _WINDOW_MS):
+            return "duplicate"
+        applied = Applied(
+            enriched.group_id,
+            call["messageId"],
+            enriched.event_time_ms,
+            enriched.member_kind,
+            enriched.member_id,
+            call["traits"],
+        )
+        key = membership_key(applied.group_id, applied.member_kind, applied.member_id)
+        raw_member = s.members.get(key)
+        member = None if raw_member is None else membership_from_record(codec.decode(raw_member))
+        raw_state = s.states.get(applied.group_id)
+        state = None if raw_state is None else state_from_record(codec.decode(raw_state))
+        merged = merge_call(state, applied, new_member=member is None, now_ms=now_ms)
+        s.states[applied.group_id] = s.changed_states[applied.group_id] = codec.encode(
+            state_record(merged)
+        )
+        s.seen[seen] = s.changed_seen[seen_record_key(*seen)] = arrival
+        moved = merge_member(member, applied)
+        if moved is not None:
+            s.members[key] = s.changed_members[key] = codec.encode(membership_record(moved))
+        call["group"] = group_snapshot(merged)
+        self._sink.produce("enriched", enriched.group_id.encode(), codec.encode(call))
+        return "enriched"
+
+
+@dataclass(slots=True)
+class CompiledRun:
+    """One run of the prototype: its CPU time and what the Python path had to do."""
+
+    cpu_seconds: float
+    fallbacks: dict[int, str]  # offset -> outcome kind, for the records Python did
+    store: _Store
+
+
+def run_compiled(records: Sequence[Record], module: ModuleType, sink: _Sink) -> CompiledRun:
+    """Process ``records`` as ``measure_hot_path`` does (batches of 1,000, a changelog
+    write after each), with the prototype and the Python path for what it leaves out."""
+    store = _Store()
+    core: _Core = module.Core(
+        _TOPIC,
+        _WINDOW_MS,
+        _phone,
+        store.states,
+        store.members,
+        store.seen,
+        store.changed_states,
+        store.changed_members,
+        store.changed_seen,
+    )
+    fallback = _PythonFallback(store, sink)
+    enriched, fallen = module.ENRICHED, module.FALLBACK
+    clock, produce = FixedClock(), sink.produce
+    fallbacks: dict[int, str] = {}
+    gc.collect()
+    gc.freeze()  # as measure_hot_path: the input is the benchmark's, not the worker's
+    cpu = time.thread_time()
+    for start in range(0, len(records), _BATCH):
+        now_ms = clock.now_ms()
+        for record in records[start : start + _BATCH]:
+            kind, group_key, value = core.process(
+                record.value_ or b"",
+                record.partition_,
+                record.offset_,
+                arrival_ms(record, now_ms),
+                now_ms,
+            )
+            if kind == enriched:
+                produce("enriched", group_key, value or b"")
+            elif kind == fallen:
+                fallbacks[record.offset_] = fallback(record, now_ms)
+        for group_id, state in store.changed_states.items():
+            produce("state", group_id.encode(), state, partition=0)
+        for member, record_value in store.changed_members.items():
+            produce("members", member.encode(), record_value, partition=0)
+        for seen, arrival in store.changed_seen.items():
+            produce("dedupe", seen.encode(), b"%d" % arrival, partition=0, timestamp=arrival)
+        store.changed_states.clear()
+        store.changed_members.clear()
+        store.changed_seen.clear()
+    cpu = time.thread_time() - cpu
+    gc.unfreeze()
+    return CompiledRun(cpu, fallbacks, store)
+
+
+def _python_outputs(records: Sequence[Record]) -> RecordingSink:
+    """Every record the worker's ``Processor`` produces for ``records`` (one stage)."""
+    sink = RecordingSink()
+    store = InMemoryStateStore()
+    routes = Routes(_TOPIC, "enriched", "dlq", "state", "members")
+    processor = Processor(
+        routes, Settings(), store, sink, FixedClock(), dedupe_window_ms=_WINDOW_MS
+    )
+    for start in range(0, len(records), _BATCH):
+        processor.process(list(records[start : start + _BATCH]))
+        processor.write_changelog()
+        store.commit()
+    return sink
+
+
+def _latest(sink: RecordingSink, topic: str, key_of: Callable[[Any], Any]) -> dict[Any, bytes]:
+    out: dict[Any, bytes] = {}
+    for t, key, value in sink.kept:
+        if t == topic:
+            out[key_of((key, value))] = value
+    return out
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two decoded JSON values differ, as paths (``traits.phone``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if list(a) != list(b) and a.keys() == b.keys():
+            return [f"{path or '.'} (key order)"]
+        keys = list(dict.fromkeys([*a, *b]))
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}.{k}")]
+    return [] if a == b and type(a) is type(b) else [path or "."]
+
+
+def _compare(name: str, python: dict[Any, bytes], compiled: dict[Any, bytes]) -> None:
+    same = sum(1 for k, v in python.items() if compiled.get(k) == v)
+    where: dict[str, int] = {}
+    for k, v in python.items():
+        if k in compiled and compiled[k] != v:
+            for d in _differences(codec.decode(v), codec.decode(compiled[k])) or ["bytes only"]:
+                where[d] = where.get(d, 0) + 1
+    missing, extra = len(python.keys() - compiled.keys()), len(compiled.keys() - python.keys())
+    share = 100 * same / len(python) if python else 100.0
+    print(f"  {name}: {same:,} of {len(python):,} byte-identical ({share:.2f}%)", end="")
+    print(f"; {missing:,} missing, {extra:,} extra" if missing or extra else "")
+    for path, n in sorted(where.items(), key=lambda item: -item[1])[:8]:
+        print(f"    differs at {path}: {n:,}")
+
+
+def check(records: Sequence[Record], module: ModuleType) -> None:
+    """Print how the prototype's outputs agree with the worker's on ``records``."""
+    python = _python_outputs(records)
+    sink = RecordingSink()
+    run = run_compiled(records, module, sink)
+
+    def by_offset(kv: tuple[bytes, bytes]) -> int:
+        return int(codec.decode(kv[1])["enrichment"]["source"]["offset"])
+
+    py_enriched = _latest(python, "enriched", by_offset)
+    rust_enriched = {k: v for k, v in _latest(sink, "enriched", by_offset).items()}
+    handled = {k: v for k, v in rust_enriched.items() if k not in run.fallbacks}
+    kinds: dict[str, int] = {}
+    for kind in run.fallbacks.values():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    print(f"agreement with the worker on {len(records):,} calls:")
+    print(
+        f"  the prototype handled {len(records) - len(run.fallbacks):,} calls in Rust; "
+        f"the Python path took {len(run.fallbacks):,} "
+        f"({', '.join(f'{n:,} {k}' for k, n in sorted(kinds.items()))})"
+    )
+    _compare("enriched calls handled in Rust", {k: py_enriched[k] for k in handled}, handled)
+    _compare("enriched calls, all", py_enriched, rust_enriched)
+    _compare(
+        "final state records",
+        _latest(python, "state", lambda kv: kv[0]),
+        {k.encode(): v for k, v in run.store.states.items()},
+    )
+    _compare(
+        "final membership records",
+        _latest(python, "members", lambda kv: kv[0]),
+        {k.encode(): v for k, v in run.store.members.items()},
+    )
+    py_dlq, rust_dlq = (sum(t == "dlq" for t, _, _ in s.kept) for s in (python, sink))
+    print(f"  dead letters: worker {py_dlq:,}, prototype run {rust_dlq:,}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rebuild", action="store_true", help="build the extension again")
+    parser.add_argument("--no-check", action="store_true", help="skip the output comparison")
+    args = parser.parse_args(argv)
+    module = load_core(rebuild=args.rebuild)
+    records = make_records(args.calls, args.seed)
+    python_us, compiled_us, ratios = [], [], []
+    for run in range(args.runs):
+        py = measure_hot_path(records, stages=1).cpu_seconds * 1e6 / len(records)
+        rust = run_compiled(records, module, CountingSink()).cpu_seconds * 1e6 / len(records)
+        python_us.append(py)
+        compiled_us.append(rust)
+        ratios.append(py / rust)
+        print(
+            f"run {run + 1}: Python {py:.2f} µs/call, compiled {rust:.2f} µs/call, {py / rust:.1f}x"
+        )
+    print(
+        f"median of {args.runs} ({len(records):,} calls, one stage, CPU time of one thread): "
+        f"Python {statistics.median(python_us):.2f} µs/call, "
+        f"compiled {statistics.median(compiled_us):.2f} µs/call, "
+        f"ratio {statistics.median(ratios):.1f}x"
+    )
+    if not args.no_check:
+        check(records, module)
+
+
+if __name__ == "__main__":
+    main()
