@@ -31,13 +31,17 @@ depends on which came first.
 
 The ``merge`` member of a state record (``state_record``) is what the next merge needs::
 
-    {"format": 2,
-     "stamps": {trait: [event_ms, messageId], ...},    # every top-level trait but address
-     "address": {"null": [ms, mid], "object": [ms, mid], "fields": {sub: [ms, mid]}}}
+    {"format": 3,
+     "stamps": {trait: i, ...},                        # every top-level trait but address
+     "address": {"null": i, "object": i, "fields": {sub: i, ...}},
+     "calls": [[event_ms, messageId], ...]}            # the stamps, each once
 
+Each ``i`` indexes ``calls``: the traits a call wrote share its stamp, written once
+(a call usually writes several traits, and a messageId is the longest part of a stamp).
 ``address`` is there only when the trait is; ``null`` and ``object`` only when set.
-Format 1 (no ``format``) also carried the group's recent messageIds (``recent``,
-``recentFrom``); it is still read, its ids ignored. Any other format raises
+Formats 1 and 2 wrote each stamp in place, ``[event_ms, messageId]``; format 1 (no
+``format``) also carried the group's recent messageIds (``recent``, ``recentFrom``).
+Both are still read (format 1's ids ignored). Any other format raises
 ``StateFormatError``: the record was written by a worker this one cannot follow.
 """
 
@@ -77,9 +81,9 @@ MemberKind = Literal["userId", "anonymousId"]
 _NO_STAMPS: Final[Mapping[str, Stamp]] = {}
 
 
-# The state record format written; ``state_from_record`` reads this one and format 1.
-FORMAT: Final = 2
-_READABLE_FORMATS: Final = (1, FORMAT)
+# The state record format written; ``state_from_record`` reads this one, 2 and 1.
+FORMAT: Final = 3
+_READABLE_FORMATS: Final = (1, 2, FORMAT)
 _UNBOUNDED: Final = GroupBound(2**62, 2**62)
 # What a stamp adds to a state record beside its messageId: quotes, brackets, commas and
 # up to 14 digits of event time (``"k":[1424730535111,"m"],``).
@@ -312,19 +316,23 @@ def state_record(state: GroupState) -> dict[str, Any]:
 
     JSON-ready (dicts, lists, strings, ints); ``state_from_record`` reads it back exactly.
     """
+    calls: dict[Stamp, int] = {}  # each distinct stamp, by its index in "calls"
     merge: dict[str, Any] = {
         "format": FORMAT,
-        "stamps": {k: [ms, mid] for k, (ms, mid) in state.stamps.items()},
+        "stamps": {k: calls.setdefault(s, len(calls)) for k, s in state.stamps.items()},
     }
     if state.address is not None:
         regs = state.address
         address: dict[str, Any] = {}
         if regs.null_stamp is not None:
-            address["null"] = list(regs.null_stamp)
+            address["null"] = calls.setdefault(regs.null_stamp, len(calls))
         if regs.object_stamp is not None:
-            address["object"] = list(regs.object_stamp)
-        address["fields"] = {k: [ms, mid] for k, (ms, mid) in regs.field_stamps.items()}
+            address["object"] = calls.setdefault(regs.object_stamp, len(calls))
+        address["fields"] = {
+            k: calls.setdefault(s, len(calls)) for k, s in regs.field_stamps.items()
+        }
         merge["address"] = address
+    merge["calls"] = [[ms, mid] for ms, mid in calls]
     return {
         "groupId": state.group_id,
         "traits": _traits_out(state.traits),
@@ -359,7 +367,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
     interned: dict[Stamp, Stamp] = {}
 
     # Restores read millions of stamps: the valid case costs no message and no call.
-    def stamp(value: Any, where: str) -> Stamp:
+    def stamp_of(value: Any, where: str) -> Stamp:
         if type(value) is list and len(value) == 2:
             ms, mid = value
             if (type(ms) is int or _is_int(ms)) and isinstance(mid, str):
@@ -367,17 +375,25 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
                 return interned.setdefault(key, key)
         raise ValueError(f"state record: {where} is not [event_ms, messageId]")
 
+    # Format 3 refers to its stamps by their index in "calls"; formats 1 and 2 hold them.
+    calls: list[Stamp] | None = None
+    if version == FORMAT:
+        raw_calls = record_field(merge, "calls", list)
+        calls = [stamp_of(v, f"merge.calls[{i}]") for i, v in enumerate(raw_calls)]
+
+    def stamp(value: Any, where: str) -> Stamp:
+        if calls is None:
+            return stamp_of(value, where)
+        if type(value) is int and 0 <= value < len(calls):
+            return calls[value]
+        raise ValueError(f"state record: {where} is not an index of merge.calls")
+
     def stamps_of(raw: dict[str, Any], where: str) -> dict[str, Stamp]:
-        out: dict[str, Stamp] = {}
-        for k, v in raw.items():
-            if type(v) is list and len(v) == 2:
-                ms, mid = v
-                if (type(ms) is int or _is_int(ms)) and isinstance(mid, str):
-                    key = (ms, mid)
-                    out[k] = interned.setdefault(key, key)
-                    continue
-            stamp(v, f"{where}[{k!r}]")  # raises
-        return out
+        if calls is not None:
+            n = len(calls)
+            if all(type(v) is int and 0 <= v < n for v in raw.values()):
+                return {k: calls[v] for k, v in raw.items()}
+        return {k: stamp(v, f"{where}[{k!r}]") for k, v in raw.items()}
 
     # Built by insertion: decoded dicts are presized larger than merged ones.
     traits = {k: v for k, v in record_field(record, "traits", dict).items()}

@@ -243,14 +243,33 @@ def test_state_record_shape() -> None:
     assert record["groupId"] == "g1"
     assert record["updatedAt"] == "2023-11-14T22:13:20.002Z"
     assert record["merge"] == {
-        "format": 2,
-        "stamps": {"name": [T0, "m1"], "plan": [T0 + 10, "m2"], "total billed": [T0 + 20, "m3"]},
-        "address": {
-            "null": [T0 + 10, "m2"],
-            "object": [T0 + 20, "m3"],
-            "fields": {"street": [T0 + 20, "m3"]},
-        },
+        "format": 3,
+        "stamps": {"name": 0, "plan": 1, "total billed": 2},
+        "address": {"null": 1, "object": 2, "fields": {"street": 2}},
+        "calls": [[T0, "m1"], [T0 + 10, "m2"], [T0 + 20, "m3"]],
     }
+
+
+def stamps_in_place(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as formats 1 and 2 wrote it: each stamp in place of its index."""
+    merge = record["merge"]
+    calls = merge.pop("calls")
+    merge["format"] = 2
+    merge["stamps"] = {k: calls[i] for k, i in merge["stamps"].items()}
+    if "address" in merge:
+        address = merge["address"]
+        for register in ("null", "object"):
+            if register in address:
+                address[register] = calls[address[register]]
+        address["fields"] = {k: calls[i] for k, i in address["fields"].items()}
+    return record
+
+
+def test_a_format_2_record_is_read() -> None:
+    """A record of the previous format (stamps in place) restores the same state."""
+    record = stamps_in_place(codec.decode(codec.encode(state_record(rich_state()))))
+    assert record["merge"]["stamps"]["plan"] == [T0 + 10, "m2"]
+    assert state_from_record(record) == rich_state()
 
 
 def test_outputs_do_not_share_writable_dicts_with_the_state() -> None:
@@ -287,14 +306,14 @@ def test_restored_state_shares_stamps_like_a_merged_one() -> None:
 
 def test_a_format_1_record_is_read_without_its_ids() -> None:
     """A record of the previous format (recent ids, no format) restores the same state."""
-    record = codec.decode(codec.encode(state_record(rich_state())))
+    record = stamps_in_place(codec.decode(codec.encode(state_record(rich_state()))))
     del record["merge"]["format"]
     record["merge"]["recent"] = {"m1": T0, "m2": T0 + 10}
     record["merge"]["recentFrom"] = T0
     assert state_from_record(record) == rich_state()
 
 
-@pytest.mark.parametrize("version", [3, "2", None])
+@pytest.mark.parametrize("version", [4, "3", None])
 def test_a_record_in_an_unknown_format_is_refused(version: Any) -> None:
     """A state record in a format this worker does not read raises StateFormatError."""
     with pytest.raises(StateFormatError, match="format"):
@@ -308,13 +327,14 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
     """A valid record of rich_state() with the value at a dotted path replaced (or removed)."""
     record: dict[str, Any] = codec.decode(codec.encode(state_record(rich_state())))
     *parents, last = path.split(".")
-    target = record
+    target: Any = record
     for key in parents:
         target = target[key]
+    index: str | int = int(last) if isinstance(target, list) else last
     if value is _DELETE:
-        del target[last]
+        del target[index]
     else:
-        target[last] = value
+        target[index] = value
     return record
 
 
@@ -332,15 +352,22 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         ("updatedAt", None),
         ("merge", None),
         ("merge.stamps", _DELETE),
-        ("merge.stamps.name", [T0]),
-        ("merge.stamps.name", [T0, 5]),
-        ("merge.stamps.name", ["1", "m1"]),
-        ("merge.stamps.extra", [T0, "m1"]),
+        ("merge.stamps.name", [T0, "m1"]),
+        ("merge.stamps.name", 3),
+        ("merge.stamps.name", -1),
+        ("merge.stamps.name", True),
+        ("merge.stamps.extra", 0),
+        ("merge.calls", _DELETE),
+        ("merge.calls", {}),
+        ("merge.calls.0", [T0]),
+        ("merge.calls.0", [T0, 5]),
+        ("merge.calls.0", ["1", "m1"]),
         ("merge.address", _DELETE),
         ("merge.address.fields", _DELETE),
-        ("merge.address.null", [T0 + 30, "m9"]),
+        ("merge.address.null", 2),
+        ("merge.address.null", 7),
         ("merge.address.object", _DELETE),
-        ("merge.address.fields.city", [T0, "m1"]),
+        ("merge.address.fields.city", 0),
         ("traits.address", None),
         ("traits.address", "street"),
         ("traits.name", _DELETE),
