@@ -2,10 +2,11 @@
 
 ``python -m bench.compiled.measure [--calls 100000] [--runs 3]`` builds the extension when
 it is missing or older than its sources (``maturin develop --release`` into this venv:
-needs cargo), generates the same calls as ``bench.hotpath``, and in each run times
-``measure_hot_path`` (one stage) and the prototype over them, in turn, on this thread's
-CPU clock. It prints the median µs per call of each and of their ratio, then checks the
-prototype's outputs against the worker's on the same calls (bench/compiled/README.md).
+needs cargo). Each run times ``measure_hot_path`` (one stage) and the prototype over the
+same generated calls (``bench.hotpath.make_records``), each in a fresh process, in turn,
+on the CPU clock of the thread that runs them. It prints the median µs per call of each
+and of their ratio, then checks the prototype's outputs against the worker's on the same
+calls (bench/compiled/README.md).
 
 The prototype (``group_worker_core.Core``) does a call's whole stateful step in Rust; the
 store is a dict of record bytes, as a database would hold them. A call it does not handle
@@ -19,6 +20,7 @@ import argparse
 import gc
 import importlib
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -106,10 +108,20 @@ def load_core(*, rebuild: bool = False) -> ModuleType:
     return importlib.import_module("group_worker_core")
 
 
-def _phone(text: str) -> str:
-    """One phone number as the worker normalises it (the prototype remembers the answer)."""
-    traits, _ = normalise_traits({"phone": text})
-    return str(traits["phone"])
+class _Phone:
+    """One phone number as the worker normalises it, timed: the prototype asks once per
+    number (it remembers the answer), and Python's ``phonenumbers`` does the work."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, text: str) -> str:
+        start = time.thread_time()
+        traits, _ = normalise_traits({"phone": text})
+        self.seconds += time.thread_time() - start
+        self.calls += 1
+        return str(traits["phone"])
 
 
 @dataclass(slots=True)
@@ -180,16 +192,19 @@ class CompiledRun:
     cpu_seconds: float
     fallbacks: dict[int, str]  # offset -> outcome kind, for the records Python did
     store: _Store
+    phone_seconds: float  # of cpu_seconds, in Python's phonenumbers
+    phone_calls: int
 
 
 def run_compiled(records: Sequence[Record], module: ModuleType, sink: _Sink) -> CompiledRun:
     """Process ``records`` as ``measure_hot_path`` does (batches of 1,000, a changelog
     write after each), with the prototype and the Python path for what it leaves out."""
     store = _Store()
+    phone = _Phone()
     core: _Core = module.Core(
         _TOPIC,
         _WINDOW_MS,
-        _phone,
+        phone,
         store.states,
         store.members,
         store.seen,
@@ -229,7 +244,7 @@ def run_compiled(records: Sequence[Record], module: ModuleType, sink: _Sink) -> 
         store.changed_seen.clear()
     cpu = time.thread_time() - cpu
     gc.unfreeze()
-    return CompiledRun(cpu, fallbacks, store)
+    return CompiledRun(cpu, fallbacks, store, phone.seconds, phone.calls)
 
 
 def _python_outputs(records: Sequence[Record]) -> RecordingSink:
@@ -317,6 +332,32 @@ def check(records: Sequence[Record], module: ModuleType) -> None:
     print(f"  dead letters: worker {py_dlq:,}, prototype run {rust_dlq:,}")
 
 
+def _measure_one(path: str, calls: int, seed: int) -> dict[str, float]:
+    """Time one path in this process: µs per call, and for the prototype the share of it
+    spent in Python's phonenumbers."""
+    records = make_records(calls, seed)
+    if path == "python":
+        return {"us": measure_hot_path(records, stages=1).cpu_seconds * 1e6 / calls}
+    run = run_compiled(records, load_core(), CountingSink())
+    return {
+        "us": run.cpu_seconds * 1e6 / calls,
+        "phone_us": run.phone_seconds * 1e6 / calls,
+        "phones": run.phone_calls,
+    }
+
+
+def _in_child(path: str, calls: int, seed: int) -> dict[str, float]:
+    """``_measure_one`` in a fresh process: the worker's memos (phone numbers, URLs,
+    emails, formatted times) start empty for each path and run, as in a fresh worker."""
+    command = [sys.executable, "-m", "bench.compiled.measure", "--only", path]
+    command += ["--calls", str(calls), "--seed", str(seed)]
+    done = subprocess.run(command, cwd=_CRATE.parents[1], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{path} run failed:\n{done.stderr}")
+    result: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=100_000)
@@ -324,27 +365,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rebuild", action="store_true", help="build the extension again")
     parser.add_argument("--no-check", action="store_true", help="skip the output comparison")
+    parser.add_argument("--only", choices=("python", "compiled"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.only:
+        print(json.dumps(_measure_one(args.only, args.calls, args.seed)))
+        return
     module = load_core(rebuild=args.rebuild)
-    records = make_records(args.calls, args.seed)
-    python_us, compiled_us, ratios = [], [], []
+    python_us, compiled_us, phone_us, ratios = [], [], [], []
     for run in range(args.runs):
-        py = measure_hot_path(records, stages=1).cpu_seconds * 1e6 / len(records)
-        rust = run_compiled(records, module, CountingSink()).cpu_seconds * 1e6 / len(records)
+        # Each run in fresh processes, the two paths in turn, the first one alternating.
+        order = ("python", "compiled") if run % 2 == 0 else ("compiled", "python")
+        results = {path: _in_child(path, args.calls, args.seed) for path in order}
+        py, rust = results["python"]["us"], results["compiled"]["us"]
         python_us.append(py)
         compiled_us.append(rust)
+        phone_us.append(results["compiled"]["phone_us"])
         ratios.append(py / rust)
         print(
-            f"run {run + 1}: Python {py:.2f} µs/call, compiled {rust:.2f} µs/call, {py / rust:.1f}x"
+            f"run {run + 1} ({' then '.join(order)}): Python {py:.2f} µs/call, compiled "
+            f"{rust:.2f} µs/call (phonenumbers {phone_us[-1]:.2f}), {py / rust:.2f}x"
         )
     print(
-        f"median of {args.runs} ({len(records):,} calls, one stage, CPU time of one thread): "
+        f"median of {args.runs} ({args.calls:,} calls, one stage, CPU time of one thread): "
         f"Python {statistics.median(python_us):.2f} µs/call, "
-        f"compiled {statistics.median(compiled_us):.2f} µs/call, "
-        f"ratio {statistics.median(ratios):.1f}x"
+        f"compiled {statistics.median(compiled_us):.2f} µs/call "
+        f"(of which Python's phonenumbers {statistics.median(phone_us):.2f}), "
+        f"ratio {statistics.median(ratios):.2f}x"
     )
     if not args.no_check:
-        check(records, module)
+        check(make_records(args.calls, args.seed), module)
 
 
 if __name__ == "__main__":

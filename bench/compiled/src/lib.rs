@@ -14,12 +14,20 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use serde_json::{Map, Value};
 
+// Many small, short-lived allocations per call (one per JSON string and map): glibc's
+// malloc took a quarter of the prototype's time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod json;
 mod normalise;
 mod state;
 mod times;
 
+use json::{Field, Ordered};
 use normalise::{normalise_traits, Warning};
-use state::{merge_call, merge_membership, read_state, snapshot, state_record, Stamp};
+use serde_json::value::RawValue;
+use state::{encode_state, merge_call, merge_membership, read_state, Stamp};
 
 /// Not handled here: the call goes to the Python path, which decides it.
 pub struct Unhandled;
@@ -35,25 +43,26 @@ const SKIPPED: u8 = 2;
 const FALLBACK: u8 = 3;
 
 /// A valid group call, normalised: everything the merge needs, and the enriched call
-/// without its group snapshot.
-struct Prepared {
+/// without its group snapshot (members the call does not change keep their input text).
+struct Prepared<'a> {
     group_id: String,
     message_id: String,
     member_kind: &'static str,
     member_id: String,
     event_ms: i64,
-    call: Map<String, Value>,
+    traits: Map<String, Value>,
+    call: Ordered<Field<'a>>,
 }
 
-enum Step {
-    Group(Prepared),
+enum Step<'a> {
+    Group(Prepared<'a>),
     Skipped,
 }
 
 /// `worker.pipeline._identifier`: strings as sent unless blank, integers as text.
-fn identifier(value: Option<&Value>) -> R<Option<String>> {
+fn identifier(value: Option<Value>) -> R<Option<String>> {
     match value {
-        Some(Value::String(s)) => Ok((!times::py_strip(s).is_empty()).then(|| s.clone())),
+        Some(Value::String(s)) => Ok((!times::py_strip(&s).is_empty()).then_some(s)),
         Some(Value::Number(n)) => match (n.as_i64(), n.as_u64()) {
             (Some(i), _) => Ok(Some(i.to_string())),
             (_, Some(u)) => Ok(Some(u.to_string())),
@@ -63,37 +72,39 @@ fn identifier(value: Option<&Value>) -> R<Option<String>> {
     }
 }
 
-/// Whether the document holds a number serde_json read as a float: orjson and
-/// serde_json format floats differently, and serde_json reads integers beyond 64 bits
-/// (which orjson refuses) as floats.
-fn has_float(value: &Value) -> bool {
-    match value {
-        Value::Number(n) => n.is_f64(),
-        Value::Array(items) => items.iter().any(has_float),
-        Value::Object(map) => map.values().any(has_float),
-        _ => false,
-    }
-}
+/// The members the enriched call replaces whatever they held: never copied.
+const REPLACED: [&str; 7] = [
+    "type",
+    "groupId",
+    "messageId",
+    "traits",
+    "timestamp",
+    "enrichment",
+    "group",
+];
 
 /// Decode, validate, normalise (process_record + _enrich for one non-batch record).
-fn prepare(
-    raw: &[u8],
+fn prepare<'a>(
+    raw: &'a [u8],
     topic: &str,
     partition: i64,
     offset: i64,
     phone: &mut dyn FnMut(&str) -> R<String>,
-) -> R<Step> {
+) -> R<Step<'a>> {
     if raw.is_empty() || raw.len() > MAX_EVENT_BYTES {
         return Err(Unhandled); // a dead letter
     }
-    let Value::Object(mut call) = serde_json::from_slice(raw).map_err(|_| Unhandled)? else {
-        return Err(Unhandled);
+    let top: Ordered<&RawValue> = serde_json::from_slice(raw).map_err(|_| Unhandled)?;
+    let member = |key: &str| -> R<Option<Value>> {
+        top.get(key)
+            .map(|raw| serde_json::from_str(raw.get()).map_err(|_| Unhandled))
+            .transpose()
     };
-    if call.contains_key("batch") && !call.contains_key("type") {
+    if top.get("batch").is_some() && top.get("type").is_none() {
         return Err(Unhandled);
     }
-    let call_type = match call.get("type") {
-        Some(Value::String(t)) if t.is_ascii() => times::py_strip(t).to_ascii_lowercase(),
+    let call_type = match member("type")? {
+        Some(Value::String(t)) if t.is_ascii() => times::py_strip(&t).to_ascii_lowercase(),
         _ => return Err(Unhandled),
     };
     if call_type.is_empty() {
@@ -102,59 +113,67 @@ fn prepare(
     if call_type != "group" {
         return Ok(Step::Skipped);
     }
-    if call.values().any(has_float) {
-        return Err(Unhandled);
-    }
-    let group_id = identifier(call.get("groupId"))?.ok_or(Unhandled)?;
-    let user_id = identifier(call.get("userId"))?;
-    let anonymous_id = identifier(call.get("anonymousId"))?;
-    let traits = match call.get("traits") {
+    let group_id = identifier(member("groupId")?)?.ok_or(Unhandled)?;
+    let user_id = identifier(member("userId")?)?;
+    let anonymous_id = identifier(member("anonymousId")?)?;
+    let traits = match member("traits")? {
         None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(t)) => t.clone(),
+        Some(Value::Object(t)) if !t.values().any(json::has_float) => t,
         Some(_) => return Err(Unhandled),
     };
-    let message_id = match call.get("messageId") {
+    let message_id = match member("messageId")? {
         // A blank or missing messageId is derived (blake2b of the sorted call): left out.
         Some(Value::String(m))
-            if !times::py_strip(m).is_empty() && m.chars().count() <= MAX_MESSAGE_ID =>
+            if !times::py_strip(&m).is_empty() && m.chars().count() <= MAX_MESSAGE_ID =>
         {
-            m.clone()
+            m
         }
         _ => return Err(Unhandled),
     };
     let (traits, warnings) = normalise_traits(&traits, phone)?;
     // event_time: only a valid `timestamp` is handled; the fallbacks stay in Python.
-    let event_ms = times::parse_iso(
-        call.get("timestamp")
-            .and_then(Value::as_str)
-            .ok_or(Unhandled)?,
-    )?;
+    let event_ms = match member("timestamp")? {
+        Some(Value::String(t)) => times::parse_iso(&t)?,
+        _ => return Err(Unhandled),
+    };
     let (member_kind, member_id) = match (&user_id, &anonymous_id) {
         (Some(u), _) => ("userId", u.clone()),
         (None, Some(a)) => ("anonymousId", a.clone()),
         (None, None) => return Err(Unhandled), // missing_identity
     };
-    call.insert("type".into(), "group".into());
-    call.insert("groupId".into(), group_id.clone().into());
-    call.insert("messageId".into(), message_id.clone().into());
-    call.insert("traits".into(), Value::Object(traits));
-    call.insert("timestamp".into(), times::format_time(event_ms).into());
-    call.insert(
-        "enrichment".into(),
-        enrichment(warnings, topic, partition, offset),
+    let mut call = Ordered(Vec::with_capacity(top.0.len() + 2));
+    for (key, raw) in top.0 {
+        let field = if REPLACED.contains(&key.as_str()) {
+            Field::Raw(raw) // about to be replaced
+        } else {
+            Field::canonical(raw)?
+        };
+        call.0.push((key, field));
+    }
+    let text = |s: &str| Field::Value(Value::String(s.to_owned()));
+    call.set("type", text("group"));
+    call.set("groupId", text(&group_id));
+    call.set("messageId", text(&message_id));
+    call.set("traits", Field::Value(Value::Null)); // the traits go in last, after the merge
+    call.set("timestamp", text(&times::format_time(event_ms)));
+    call.set(
+        "enrichment",
+        Field::Value(enrichment(warnings, topic, partition, offset)),
     );
-    if let Some(u) = user_id {
-        call.insert("userId".into(), u.into());
+    if let Some(u) = &user_id {
+        call.set("userId", text(u));
     }
-    if let Some(a) = anonymous_id {
-        call.insert("anonymousId".into(), a.into());
+    if let Some(a) = &anonymous_id {
+        call.set("anonymousId", text(a));
     }
+    let call = call;
     Ok(Step::Group(Prepared {
         group_id,
         message_id,
         member_kind,
         member_id,
         event_ms,
+        traits,
         call,
     }))
 }
@@ -189,22 +208,29 @@ struct Merged {
 }
 
 /// `Processor._merge` after the dedupe check, and the encoding of every output.
-fn merge(mut p: Prepared, state: Option<&[u8]>, member: Option<&[u8]>, now_ms: i64) -> R<Merged> {
+fn merge(p: Prepared, state: Option<&[u8]>, member: Option<&[u8]>, now_ms: i64) -> R<Merged> {
     let current = state.map(read_state).transpose()?;
-    let stamp: Stamp = (p.event_ms, p.message_id);
-    let traits = p
-        .call
-        .get("traits")
-        .and_then(Value::as_object)
-        .ok_or(Unhandled)?;
-    let merged = merge_call(current, &p.group_id, &stamp, traits, member.is_none())?;
-    let moved = merge_membership(member, &p.group_id, p.member_kind, &p.member_id, p.event_ms)?;
-    p.call.insert("group".into(), snapshot(&merged));
-    let encode = |v: &Value| serde_json::to_vec(v).map_err(|_| Unhandled);
+    let Prepared {
+        group_id,
+        message_id,
+        member_kind,
+        member_id,
+        event_ms,
+        traits,
+        mut call,
+    } = p;
+    let stamp: Stamp = (event_ms, message_id);
+    let merged = merge_call(current, &group_id, &stamp, &traits, member.is_none())?;
+    let moved = merge_membership(member, &group_id, member_kind, &member_id, event_ms)?;
+    let (group, state) = encode_state(&merged, now_ms);
+    call.set("traits", Field::Value(Value::Object(traits)));
+    call.set("group", Field::Encoded(group));
+    let mut enriched = Vec::with_capacity(4096);
+    json::write_fields(&mut enriched, &call.0);
     Ok(Merged {
-        enriched: encode(&Value::Object(p.call))?,
-        state: encode(&state_record(merged, now_ms))?,
-        member: moved.as_ref().map(encode).transpose()?,
+        enriched,
+        state,
+        member: moved,
     })
 }
 
@@ -312,14 +338,18 @@ impl Core {
         let members = self.members.bind(py);
         let state = states.get_item(&prepared.group_id)?;
         let member = members.get_item(&member_key)?;
-        let as_bytes = |v: &Option<Bound<'py, PyAny>>| -> PyResult<Option<Vec<u8>>> {
+        let bytes_of = |v: &Option<Bound<'py, PyAny>>| -> PyResult<Option<Bound<'py, PyBytes>>> {
             v.as_ref()
-                .map(|b| Ok(b.cast::<PyBytes>()?.as_bytes().to_vec()))
+                .map(|b| Ok(b.cast::<PyBytes>()?.clone()))
                 .transpose()
         };
-        let (state, member) = (as_bytes(&state)?, as_bytes(&member)?);
+        let (state, member) = (bytes_of(&state)?, bytes_of(&member)?);
         let (group_id, message_id) = (prepared.group_id.clone(), prepared.message_id.clone());
-        let Ok(merged) = merge(prepared, state.as_deref(), member.as_deref(), now_ms) else {
+        let (state, member) = (
+            state.as_ref().map(|b| b.as_bytes()),
+            member.as_ref().map(|b| b.as_bytes()),
+        );
+        let Ok(merged) = merge(prepared, state, member, now_ms) else {
             return Ok((FALLBACK, None, None));
         };
         let state = PyBytes::new(py, &merged.state);

@@ -1,115 +1,92 @@
 //! `worker/state.py`'s `merge_call` and state record (format 2), and `worker/members.py`'s
 //! membership record, over JSON bytes. The group bound (`GroupBound`) is left out.
+//!
+//! A stored trait value is never looked at (but `address`): it is copied from the old
+//! record's text to the new one.
 
-use serde_json::{json, Map, Value};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
+use crate::json::{write, write_fields, Field, Ordered};
 use crate::times::{format_time, parse_iso};
 use crate::{Unhandled, R};
 
 /// `(event_ms, message_id)` of the call that wrote a register.
 pub type Stamp = (i64, String);
 
-#[derive(Default)]
+#[derive(Default, Deserialize)]
 pub struct Address {
-    pub null: Option<Stamp>,
-    pub object: Option<Stamp>,
-    pub fields: Vec<(String, Stamp)>,
+    null: Option<Stamp>,
+    object: Option<Stamp>,
+    fields: Ordered<Stamp>,
 }
 
-pub struct GroupState {
+#[derive(Deserialize)]
+struct MergeIn {
+    format: Option<i64>,
+    stamps: Ordered<Stamp>,
+    address: Option<Address>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordIn<'a> {
+    group_id: String,
+    #[serde(borrow)]
+    traits: Ordered<&'a RawValue>,
+    member_count: u64,
+    event_count: u64,
+    first_seen_at: String,
+    last_seen_at: String,
+    merge: MergeIn,
+}
+
+pub struct GroupState<'a> {
     pub group_id: String,
-    pub traits: Map<String, Value>,
-    pub stamps: Map<String, Value>, // trait -> [ms, mid], kept as JSON: written back as read
-    pub address: Option<Address>,
+    pub traits: Ordered<Field<'a>>,
+    stamps: Ordered<Stamp>,
+    address: Option<Address>,
     pub member_count: u64,
     pub event_count: u64,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
 }
 
-fn stamp_of(value: &Value) -> R<Stamp> {
-    match value {
-        Value::Array(pair) if pair.len() == 2 => Ok((
-            pair[0].as_i64().ok_or(Unhandled)?,
-            pair[1].as_str().ok_or(Unhandled)?.to_owned(),
-        )),
-        _ => Err(Unhandled),
-    }
-}
-
-fn stamp_json(stamp: &Stamp) -> Value {
-    json!([stamp.0, stamp.1])
-}
-
-fn time_of(record: &Map<String, Value>, key: &str) -> R<i64> {
-    parse_iso(record.get(key).and_then(Value::as_str).ok_or(Unhandled)?)
-}
-
-fn take_object(record: &mut Map<String, Value>, key: &str) -> R<Map<String, Value>> {
-    match record.get_mut(key).map(Value::take) {
-        Some(Value::Object(map)) => Ok(map),
-        _ => Err(Unhandled),
-    }
-}
-
 /// Read a state record this prototype or the worker wrote; `Unhandled` for anything else
 /// (format 1, a malformed record): `state_from_record` decides those.
-pub fn read_state(bytes: &[u8]) -> R<GroupState> {
-    let Value::Object(mut record) = serde_json::from_slice(bytes).map_err(|_| Unhandled)? else {
-        return Err(Unhandled);
-    };
-    let mut merge = take_object(&mut record, "merge")?;
-    if merge.get("format").and_then(Value::as_i64) != Some(2) {
+pub fn read_state(bytes: &[u8]) -> R<GroupState<'_>> {
+    let record: RecordIn = serde_json::from_slice(bytes).map_err(|_| Unhandled)?;
+    if record.merge.format != Some(2) {
         return Err(Unhandled);
     }
-    let address = match merge.get("address") {
-        None => None,
-        Some(Value::Object(raw)) => {
-            let fields = match raw.get("fields") {
-                Some(Value::Object(f)) => f
-                    .iter()
-                    .map(|(k, v)| Ok((k.clone(), stamp_of(v)?)))
-                    .collect::<R<_>>()?,
-                _ => return Err(Unhandled),
-            };
-            Some(Address {
-                null: raw.get("null").map(stamp_of).transpose()?,
-                object: raw.get("object").map(stamp_of).transpose()?,
-                fields,
-            })
-        }
-        Some(_) => return Err(Unhandled),
-    };
     Ok(GroupState {
-        group_id: record
-            .get("groupId")
-            .and_then(Value::as_str)
-            .ok_or(Unhandled)?
-            .to_owned(),
-        traits: take_object(&mut record, "traits")?,
-        stamps: take_object(&mut merge, "stamps")?,
-        address,
-        member_count: record
-            .get("memberCount")
-            .and_then(Value::as_u64)
-            .ok_or(Unhandled)?,
-        event_count: record
-            .get("eventCount")
-            .and_then(Value::as_u64)
-            .ok_or(Unhandled)?,
-        first_seen_ms: time_of(&record, "firstSeenAt")?,
-        last_seen_ms: time_of(&record, "lastSeenAt")?,
+        group_id: record.group_id,
+        traits: Ordered(
+            record
+                .traits
+                .0
+                .into_iter()
+                .map(|(k, v)| (k, Field::Raw(v)))
+                .collect(),
+        ),
+        stamps: record.merge.stamps,
+        address: record.merge.address,
+        member_count: record.member_count,
+        event_count: record.event_count,
+        first_seen_ms: parse_iso(&record.first_seen_at)?,
+        last_seen_ms: parse_iso(&record.last_seen_at)?,
     })
 }
 
 /// `merge_call` without a bound: `state` is `None` for a group never seen.
-pub fn merge_call(
-    state: Option<GroupState>,
+pub fn merge_call<'a>(
+    state: Option<GroupState<'a>>,
     group_id: &str,
     stamp: &Stamp,
     traits: &Map<String, Value>,
     new_member: bool,
-) -> R<GroupState> {
+) -> R<GroupState<'a>> {
     let mut state = match state {
         Some(s) if s.group_id != group_id => return Err(Unhandled),
         Some(s) => GroupState {
@@ -119,8 +96,8 @@ pub fn merge_call(
         },
         None => GroupState {
             group_id: group_id.to_owned(),
-            traits: Map::new(),
-            stamps: Map::new(),
+            traits: Ordered(Vec::new()),
+            stamps: Ordered(Vec::new()),
             address: None,
             member_count: 0,
             event_count: 0,
@@ -133,13 +110,12 @@ pub fn merge_call(
             merge_address(&mut state, value, stamp)?;
             continue;
         }
-        if let Some(old) = state.stamps.get(name) {
-            if *stamp <= stamp_of(old)? {
-                continue;
-            }
+        match state.stamps.get_mut(name) {
+            Some(old) if stamp <= old => continue,
+            Some(old) => *old = stamp.clone(),
+            None => state.stamps.0.push((name.clone(), stamp.clone())),
         }
-        state.traits.insert(name.clone(), value.clone());
-        state.stamps.insert(name.clone(), stamp_json(stamp));
+        state.traits.set(name, Field::Value(value.clone()));
     }
     state.member_count += u64::from(new_member);
     state.event_count += 1;
@@ -152,50 +128,48 @@ fn merge_address(state: &mut GroupState, value: &Value, stamp: &Stamp) -> R<()> 
     if regs.null.as_ref().is_some_and(|null| stamp <= null) {
         return Ok(());
     }
+    let shown = match state.traits.get("address") {
+        Some(field) => field.value()?,
+        None => Value::Null,
+    };
     match value {
         Value::Null => {
             if regs.object.as_ref().is_none_or(|obj| stamp > obj) {
-                state.traits.insert("address".to_owned(), Value::Null);
+                state.traits.set("address", Field::Value(Value::Null));
                 *regs = Address {
                     null: Some(stamp.clone()),
-                    object: None,
-                    fields: Vec::new(),
+                    ..Address::default()
                 };
                 return Ok(());
             }
-            regs.fields.retain(|(_, s)| s > stamp);
-            let shown = state.traits.get("address").and_then(Value::as_object);
+            regs.fields.0.retain(|(_, s)| s > stamp);
             let kept: Map<String, Value> = regs
                 .fields
+                .0
                 .iter()
-                .map(|(k, _)| {
-                    Ok((
-                        k.clone(),
-                        shown.and_then(|m| m.get(k)).ok_or(Unhandled)?.clone(),
-                    ))
-                })
+                .map(|(k, _)| Ok((k.clone(), shown.get(k).ok_or(Unhandled)?.clone())))
                 .collect::<R<_>>()?;
             state
                 .traits
-                .insert("address".to_owned(), Value::Object(kept));
+                .set("address", Field::Value(Value::Object(kept)));
             regs.null = Some(stamp.clone());
         }
         Value::Object(items) => {
-            let mut out = match state.traits.get("address") {
-                Some(Value::Object(m)) => m.clone(),
+            let mut out = match shown {
+                Value::Object(m) => m,
                 _ => Map::new(),
             };
             for (key, item) in items {
-                match regs.fields.iter_mut().find(|(k, _)| k == key) {
-                    Some((_, old)) if stamp > old => *old = stamp.clone(),
+                match regs.fields.get_mut(key) {
+                    Some(old) if stamp > old => *old = stamp.clone(),
                     Some(_) => continue,
-                    None => regs.fields.push((key.clone(), stamp.clone())),
+                    None => regs.fields.0.push((key.clone(), stamp.clone())),
                 }
                 out.insert(key.clone(), item.clone());
             }
             state
                 .traits
-                .insert("address".to_owned(), Value::Object(out));
+                .set("address", Field::Value(Value::Object(out)));
             if regs.object.as_ref().is_none_or(|obj| stamp > obj) {
                 regs.object = Some(stamp.clone());
             }
@@ -205,55 +179,76 @@ fn merge_address(state: &mut GroupState, value: &Value, stamp: &Stamp) -> R<()> 
     Ok(())
 }
 
-/// The `group` object of an enriched call (`group_snapshot`).
-pub fn snapshot(state: &GroupState) -> Value {
-    let mut out = Map::new();
-    out.insert("id".into(), Value::String(state.group_id.clone()));
-    out.insert("traits".into(), Value::Object(state.traits.clone()));
-    out.insert("memberCount".into(), state.member_count.into());
-    out.insert("eventCount".into(), state.event_count.into());
-    out.insert(
-        "firstSeenAt".into(),
-        format_time(state.first_seen_ms).into(),
-    );
-    out.insert("lastSeenAt".into(), format_time(state.last_seen_ms).into());
-    Value::Object(out)
+fn write_stamps(out: &mut Vec<u8>, stamps: &Ordered<Stamp>) {
+    out.push(b'{');
+    for (n, (key, (ms, mid))) in stamps.0.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        write(out, key.as_str());
+        out.extend_from_slice(format!(":[{ms},").as_bytes());
+        write(out, mid.as_str());
+        out.push(b']');
+    }
+    out.push(b'}');
 }
 
-/// The state-topic record (`state_record`), consuming the state.
-pub fn state_record(state: GroupState, updated_ms: i64) -> Value {
-    let mut merge = Map::new();
-    merge.insert("format".into(), 2.into());
-    merge.insert("stamps".into(), Value::Object(state.stamps));
-    if let Some(regs) = state.address {
-        let mut address = Map::new();
+fn write_stamp(out: &mut Vec<u8>, name: &str, (ms, mid): &Stamp) {
+    out.extend_from_slice(format!("\"{name}\":[{ms},").as_bytes());
+    write(out, mid.as_str());
+    out.extend_from_slice(b"],");
+}
+
+/// The `group` object of an enriched call (`group_snapshot`) and the state-topic record
+/// (`state_record`), encoded; the traits are encoded once for both.
+pub fn encode_state(state: &GroupState, updated_ms: i64) -> (Vec<u8>, Vec<u8>) {
+    let mut traits = Vec::with_capacity(1024);
+    write_fields(&mut traits, &state.traits.0);
+    let counts = format!(
+        ",\"memberCount\":{},\"eventCount\":{},\"firstSeenAt\":\"{}\",\"lastSeenAt\":\"{}\"",
+        state.member_count,
+        state.event_count,
+        format_time(state.first_seen_ms),
+        format_time(state.last_seen_ms)
+    );
+    let mut group = Vec::with_capacity(traits.len() + 200);
+    group.extend_from_slice(b"{\"id\":");
+    write(&mut group, state.group_id.as_str());
+    group.extend_from_slice(b",\"traits\":");
+    group.extend_from_slice(&traits);
+    group.extend_from_slice(counts.as_bytes());
+    group.push(b'}');
+
+    let mut record = Vec::with_capacity(2 * traits.len() + 300);
+    record.extend_from_slice(b"{\"groupId\":");
+    write(&mut record, state.group_id.as_str());
+    record.extend_from_slice(b",\"traits\":");
+    record.extend_from_slice(&traits);
+    record.extend_from_slice(counts.as_bytes());
+    record.extend_from_slice(format!(",\"updatedAt\":\"{}\"", format_time(updated_ms)).as_bytes());
+    record.extend_from_slice(b",\"merge\":{\"format\":2,\"stamps\":");
+    write_stamps(&mut record, &state.stamps);
+    if let Some(regs) = &state.address {
+        record.extend_from_slice(b",\"address\":{");
         if let Some(null) = &regs.null {
-            address.insert("null".into(), stamp_json(null));
+            write_stamp(&mut record, "null", null);
         }
         if let Some(obj) = &regs.object {
-            address.insert("object".into(), stamp_json(obj));
+            write_stamp(&mut record, "object", obj);
         }
-        let fields = regs
-            .fields
-            .iter()
-            .map(|(k, s)| (k.clone(), stamp_json(s)))
-            .collect();
-        address.insert("fields".into(), Value::Object(fields));
-        merge.insert("address".into(), Value::Object(address));
+        record.extend_from_slice(b"\"fields\":");
+        write_stamps(&mut record, &regs.fields);
+        record.push(b'}');
     }
-    let mut out = Map::new();
-    out.insert("groupId".into(), Value::String(state.group_id));
-    out.insert("traits".into(), Value::Object(state.traits));
-    out.insert("memberCount".into(), state.member_count.into());
-    out.insert("eventCount".into(), state.event_count.into());
-    out.insert(
-        "firstSeenAt".into(),
-        format_time(state.first_seen_ms).into(),
-    );
-    out.insert("lastSeenAt".into(), format_time(state.last_seen_ms).into());
-    out.insert("updatedAt".into(), format_time(updated_ms).into());
-    out.insert("merge".into(), Value::Object(merge));
-    Value::Object(out)
+    record.extend_from_slice(b"}}");
+    (group, record)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MembershipIn {
+    first_seen_at: String,
+    last_seen_at: String,
 }
 
 /// `merge_membership` then `membership_record`: the new record, or `None` when nothing
@@ -264,17 +259,14 @@ pub fn merge_membership(
     kind: &str,
     member_id: &str,
     event_ms: i64,
-) -> R<Option<Value>> {
+) -> R<Option<Vec<u8>>> {
     let (first, last) = match current {
         None => (event_ms, event_ms),
         Some(bytes) => {
-            let Value::Object(record) = serde_json::from_slice(bytes).map_err(|_| Unhandled)?
-            else {
-                return Err(Unhandled);
-            };
+            let record: MembershipIn = serde_json::from_slice(bytes).map_err(|_| Unhandled)?;
             let (first, last) = (
-                time_of(&record, "firstSeenAt")?,
-                time_of(&record, "lastSeenAt")?,
+                parse_iso(&record.first_seen_at)?,
+                parse_iso(&record.last_seen_at)?,
             );
             if first <= event_ms && event_ms <= last {
                 return Ok(None);
@@ -282,10 +274,20 @@ pub fn merge_membership(
             (first.min(event_ms), last.max(event_ms))
         }
     };
-    let mut out = Map::new();
-    out.insert("groupId".into(), group_id.into());
-    out.insert(kind.into(), member_id.into());
-    out.insert("firstSeenAt".into(), format_time(first).into());
-    out.insert("lastSeenAt".into(), format_time(last).into());
-    Ok(Some(Value::Object(out)))
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(b"{\"groupId\":");
+    write(&mut out, group_id);
+    out.push(b',');
+    write(&mut out, kind);
+    out.push(b':');
+    write(&mut out, member_id);
+    out.extend_from_slice(
+        format!(
+            ",\"firstSeenAt\":\"{}\",\"lastSeenAt\":\"{}\"}}",
+            format_time(first),
+            format_time(last)
+        )
+        .as_bytes(),
+    );
+    Ok(Some(out))
 }
