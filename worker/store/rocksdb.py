@@ -24,7 +24,7 @@ replayed record looks up whether its key existed: a bloom-filter miss when it di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -37,7 +37,6 @@ from worker.state import GroupState, StateFormatError, state_from_record, state_
 from worker.store.cache import LRUCache
 from worker.store.partition import (
     CHANGELOGS,
-    KIND,
     MEMBERS,
     SEEN,
     STATES,
@@ -265,14 +264,10 @@ class RocksDBStateStore:
             raise ValueError(f"unknown changelog {changelog!r}")
         part = self._part(partition)
         self._absent.clear()
-        prefix = KIND[CHANGELOGS.index(changelog)]
-
-        def uncached() -> Iterator[ChangelogEntry]:
-            for entry in entries:
-                self._cache.discard((partition, prefix + entry[1]))  # to be read again
-                yield entry
-
-        part.apply(changelog, uncached(), next_offset)
+        # What the records replace is read again (a partition coming back has nothing
+        # cached: it was dropped; this is a scan of the cache, not a step per record).
+        self._cache.discard_where(lambda cache_key: cache_key[0] == partition)
+        part.apply(changelog, entries, next_offset)
         return 0
 
     def compact(self, partition: int) -> None:
