@@ -102,7 +102,8 @@ check: lint typecheck test ## everything CI runs
 BENCH_KAFKA_PORT ?= 39092
 BENCH_ARGS ?=
 BENCH_QUICK := --calls 100000 --restore-groups 100000 --memory-groups 20000 \
-	--hot-path-calls 100000 --latency-seconds 15 --keyed --name quick
+	--hot-path-calls 100000 --latency-seconds 15 --restart-groups 100000 --restart-calls 20000 \
+	--keyed --name quick
 
 .PHONY: bench bench-quick
 

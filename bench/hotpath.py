@@ -1,8 +1,9 @@
 """The hot path without Kafka: decode, normalise, merge, encode, in this process.
 
 ``measure_hot_path`` runs the worker's own ``Processor`` over generated records with a
-sink that only counts what it is given and an ``InMemoryStateStore``, committing (and
-so writing the coalesced changelog) after every batch as the runner does. It measures
+sink that only counts what it is given and the worker's store (``RocksDBStateStore`` in
+a temporary directory, default cache), committing (and so writing the coalesced
+changelog, then the store) after every batch as the runner does. It measures
 one core: the calling thread, and CPU time as well as wall time.
 
 ``python -m bench.hotpath --calls 200000 [--stages 1|2] [--profile]`` runs it alone;
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.generator import generate_calls
 from worker.events import Record, SourceRecord
@@ -24,7 +27,8 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.sink import Headers, Refusal
 from worker.source import Offsets, Source
-from worker.store import InMemoryStateStore
+from worker.service import tune_collector
+from worker.store import RocksDBStateStore
 
 __all__ = ["CountingSink", "FixedClock", "HotPathResult", "make_records", "measure_hot_path"]
 
@@ -32,6 +36,7 @@ _TOPIC = "segment.raw"
 _REPARTITION = "group-worker.repartition"
 _BATCH = 1000
 _DEDUPE_WINDOW_MS = 86_400_000
+_CACHE_BYTES = 64 << 20  # worker.state_cache_mb's default
 
 
 class CountingSink:
@@ -130,7 +135,8 @@ def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathRe
     and stage two decodes it again before merging.
     """
     sink = CountingSink()
-    store = InMemoryStateStore()
+    directory = tempfile.TemporaryDirectory(prefix="bench-hotpath-")
+    store = RocksDBStateStore(Path(directory.name), _CACHE_BYTES)
     routes = Routes(
         _TOPIC, "enriched", "dlq", "state", "members", _REPARTITION if stages == 2 else None
     )
@@ -141,6 +147,8 @@ def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathRe
     # rescanning them (a worker holds one batch at a time, not the whole input).
     gc.collect()
     gc.freeze()
+    thresholds = gc.get_threshold()
+    tune_collector()  # as the worker runs
     wall, cpu = time.perf_counter(), time.thread_time()
     offset = 0
     for start in range(0, len(records), _BATCH):
@@ -159,13 +167,17 @@ def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathRe
     cpu = time.thread_time() - cpu
     wall = time.perf_counter() - wall
     gc.unfreeze()
+    gc.set_threshold(*thresholds)
+    groups = store.group_count()
+    store.close()
+    directory.cleanup()
     return HotPathResult(
         stages,
         len(records),
         wall,
         cpu,
         sink.records,
-        store.group_count(),
+        groups,
         dict(sink.bytes),
         dict(sink.largest),
     )
