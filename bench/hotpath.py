@@ -25,9 +25,9 @@ from bench.generator import generate_calls
 from worker.events import Record, SourceRecord
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
+from worker.service import tune_collector
 from worker.sink import Headers, Refusal
 from worker.source import Offsets, Source
-from worker.service import tune_collector
 from worker.store import RocksDBStateStore
 
 __all__ = ["CountingSink", "FixedClock", "HotPathResult", "make_records", "measure_hot_path"]
