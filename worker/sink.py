@@ -123,12 +123,19 @@ class KafkaSink:
         self._commit_timeout = commit_timeout
         self._failed: list[str] = []
         self._refused: list[Refusal] = []
+        # A delivery the broker refused for want of an ACL: fatal at the next commit.
+        self._denied: FatalError | None = None
         self._on_delivery_error = on_delivery_error
         if self._transactional:
             try:
                 self._producer.init_transactions(commit_timeout)
             except KafkaException as e:
-                raise_for(e.args[0])
+                error = translate(e.args[0])
+                if e.args[0].code() == ClientError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+                    error = FatalError(
+                        f"transactional id {transactional_id} (needs Write, Describe): {error}"
+                    )
+                raise error from None
 
     def begin(self) -> None:
         """Open a transaction if none is open (no-op at least once).
@@ -173,6 +180,9 @@ class KafkaSink:
             except KafkaException as e:
                 # The transaction failed under us (e.g. the broker went away), or the
                 # producer refused the record itself: replay (after learning of it).
+                # Unless the broker refused it: replaying cannot help.
+                if isinstance(error := translate(e.args[0]), FatalError):
+                    raise error from None
                 self._note_refusal(e.args[0], topic, key, value)
                 raise AbortableError(f"produce refused: {e.args[0].str()}") from None
 
@@ -184,8 +194,10 @@ class KafkaSink:
         delivered; (2) at least once: commit the offsets through the source.
         Raises ``RetriableError`` (nothing committed, try again), ``AbortableError``
         (abort and rewind: an output was not delivered, or retries ran out) or
-        ``FatalError`` (the producer was fenced).
+        ``FatalError`` (the producer was fenced, or the broker refused a topic: an ACL).
         """
+        if self._denied is not None:
+            raise self._denied
         if self._transactional:
             if not self._in_transaction:
                 return
@@ -241,6 +253,10 @@ class KafkaSink:
         if error is not None:
             # Delivery reports run on the thread that polls: no lock needed.
             self._failed.append(f"{message.topic()}: {error.str()}")
+            if error.code() == ClientError.TOPIC_AUTHORIZATION_FAILED and self._denied is None:
+                self._denied = FatalError(
+                    f"topic {message.topic()} (needs Write): {translate(error)}"
+                )
             topic = message.topic() or ""
             self._note_refusal(error, topic, message.key(), message.value())
             if self._on_delivery_error is not None:

@@ -18,9 +18,9 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, To
 
 from worker import codec
 from worker.config import Config
-from worker.errors import WorkerError
+from worker.errors import FatalError, WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
-from worker.kafka import client_config, produce_all, producer_max_bytes
+from worker.kafka import client_config, list_topics, produce_all, producer_max_bytes, translate
 from worker.pipeline import Settings, process_record
 from worker.restore import KafkaRestorer
 
@@ -138,7 +138,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     consumer = Consumer(
         client_config(config.kafka.bootstrap_servers, config.kafka.properties, "consumer", settings)
     )
-    metadata = consumer.list_topics(args.topic, timeout=10)
+    metadata = list_topics(consumer, args.topic, timeout=10)
     topic = metadata.topics.get(args.topic)
     if topic is None or topic.error is not None:
         raise WorkerError(f"tail: no topic {args.topic}")
@@ -150,7 +150,11 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
             if args.timeout is not None and time.monotonic() - last > args.timeout:
                 break
             message = consumer.poll(0.2)
-            if message is None or message.error() is not None:
+            if message is None:
+                continue
+            if (error := message.error()) is not None:
+                if isinstance(refused := translate(error), FatalError):  # an ACL: say so
+                    raise FatalError(f"tail: topic {args.topic}: {refused}")
                 continue
             last = time.monotonic()
             seen += 1
