@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import KafkaError as ClientError
 
 from worker import codec
 from worker.config import Config
@@ -25,6 +26,8 @@ from worker.pipeline import Settings, process_record
 from worker.restore import KafkaRestorer
 
 __all__ = ["add_commands", "read_calls"]
+
+UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
 
 
 def add_commands(commands: Any) -> None:
@@ -140,8 +143,10 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     )
     metadata = list_topics(consumer, args.topic, timeout=10)
     topic = metadata.topics.get(args.topic)
-    if topic is None or topic.error is not None:
+    if topic is None or (topic.error is not None and topic.error.code() == UNKNOWN_TOPIC):
         raise WorkerError(f"tail: no topic {args.topic}")
+    if topic.error is not None:  # not authorized, most likely: say so
+        raise WorkerError(f"tail: topic {args.topic}: {translate(topic.error)}")
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
     consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
     seen, last = 0, time.monotonic()

@@ -221,7 +221,10 @@ def _check_access(admin: AdminClient, needs: dict[str, set[str]]) -> None:
                     continue
                 if code != e.args[0].TOPIC_AUTHORIZATION_FAILED:
                     raise TopicError(f"cannot describe topic {name}: {e.args[0].str()}") from None
-                allowed = []  # not even Describe, which any needed operation implies
+                raise FatalError(
+                    f"not authorized: this principal may not even Describe topic {name}; it "
+                    f'needs {", ".join(sorted(wanted))} there (README "Security")'
+                ) from None
             del pending[name]
             if allowed is None:  # a broker too old to say
                 continue
