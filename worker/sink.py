@@ -180,8 +180,9 @@ class KafkaSink:
             except KafkaException as e:
                 # The transaction failed under us (e.g. the broker went away), or the
                 # producer refused the record itself: replay (after learning of it).
-                # Unless the broker refused it: replaying cannot help.
-                if isinstance(error := translate(e.args[0]), FatalError):
+                # Unless the broker refused an ACL: replaying cannot help.
+                cause = self._transaction_failure(e.args[0])
+                if isinstance(error := translate(cause), FatalError):
                     raise error from None
                 self._note_refusal(e.args[0], topic, key, value)
                 raise AbortableError(f"produce refused: {e.args[0].str()}") from None
@@ -261,6 +262,21 @@ class KafkaSink:
             self._note_refusal(error, topic, message.key(), message.value())
             if self._on_delivery_error is not None:
                 self._on_delivery_error()
+
+    def _transaction_failure(self, error: ClientError) -> ClientError:
+        """Why the open transaction failed, when ``produce`` says only that its state is
+        wrong (``_STATE``): an earlier request of the transaction failed (a topic that
+        refused Write, say). In that state a commit cannot commit (librdkafka accepts one
+        only in InTransaction, where produce never says ``_STATE``) and fails at once with
+        the transaction's own error; the caller then aborts or stops.
+        """
+        if not (self._in_transaction and error.code() == ClientError._STATE):
+            return error
+        try:
+            self._producer.commit_transaction(1.0)
+        except KafkaException as e:
+            return e.args[0]  # type: ignore[no-any-return]
+        raise FatalError("the producer refused a record yet committed its transaction: stopping")
 
     def _note_refusal(
         self,

@@ -157,6 +157,26 @@ def grant(
     for future in admin.create_acls(bindings).values():
         future.result(30)
 
+    # The broker authorizes from its copy of the metadata: wait until it lists them all.
+    def listed() -> bool:
+        futures = [
+            admin.describe_acls(
+                AclBindingFilter(
+                    b.restype,
+                    b.name,
+                    b.resource_pattern_type,
+                    principal,
+                    "*",
+                    b.operation,
+                    AclPermissionType.ALLOW,
+                )
+            )
+            for b in bindings
+        ]
+        return all(f.result(30) for f in futures)
+
+    wait_until(listed, 30, f"the broker to list the ACLs of {principal}")
+
 
 def revoke(broker: SecureBroker, principal: str, kind: ResourceType, name: str) -> None:
     binding = AclBindingFilter(
@@ -650,3 +670,69 @@ def test_the_series_bound_is_the_one_readme_states() -> None:
     """README states the bound: 111 + 2 x partitions series per worker."""
     assert series_bound(0) == 111
     assert "111 + 2 x partitions" in (ROOT / "README.md").read_text()
+
+
+def test_an_acl_revoked_mid_run_ends_the_worker_and_its_open_transaction(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    """Write on the enriched topic revoked while the worker runs: exit 1 within 30 s,
+    one line naming it, and none of the next batch's outputs committed anywhere."""
+    broker, t = secure_broker, secure_topics()
+    grant(broker, "User:group-worker", worker_acls(t))
+    worker = WorkerProcess(
+        t,
+        tmp_path,
+        kafka_bootstrap_servers=broker.bootstrap,
+        kafka_sasl_password_file=str(broker.password_file("group-worker")),
+    )
+    worker.config = config_file(tmp_path / "worker.toml", broker, "group-worker")
+    producer = Producer(broker.client("admin", **{"enable.idempotence": True}))
+
+    def batch(name: str) -> list[tuple[bytes | None, bytes | None]]:
+        return [
+            (
+                f"u{n}".encode(),
+                codec.encode(
+                    {
+                        "type": "group",
+                        "messageId": f"{name}{n}",
+                        "userId": f"u{n}",
+                        "groupId": f"{name}-g{n % 7}",
+                        "timestamp": TS,
+                        "traits": {"plan": name},
+                    }
+                ),
+            )
+            for n in range(50)
+        ]
+
+    try:
+        worker.start()
+        assert produce_all(producer, t.input, batch("first")) == (50, [])
+        assert len(read_all(broker, t.enriched, expect=50)) == 50
+        binding = AclBindingFilter(
+            ResourceType.TOPIC, t.enriched, L, "User:group-worker", "*", WRITE,
+            AclPermissionType.ALLOW,
+        )  # fmt: skip
+        admin = broker.admin()
+        assert len(admin.delete_acls([binding])[binding].result(30)) == 1
+        time.sleep(1)  # the authorizer applies it from the metadata log
+        assert produce_all(producer, t.input, batch("second")) == (50, [])
+        assert worker.process is not None
+        started = time.monotonic()
+        code = worker.process.wait(120)
+        seconds = time.monotonic() - started
+    finally:
+        worker.kill()
+    output = worker.log_path.read_text(errors="replace")
+    print(f"revoked mid-run: exit {code} {seconds:.1f}s after the second batch")
+    assert code == 1, output[-4000:]
+    assert seconds < EXIT_WITHIN
+    line = cause_line(output)
+    assert "not authorized" in line
+    assert "TOPIC_AUTHORIZATION_FAILED" in line
+    for topic in (t.enriched, t.state, t.members, f"{t.group_id}.dedupe"):
+        records = read_all(broker, topic, idle=2)
+        written = b"".join((m.key() or b"") + (m.value() or b"") for m in records)
+        assert b"second" not in written, topic
+        assert b"first" in written, topic
