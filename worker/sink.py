@@ -266,17 +266,17 @@ class KafkaSink:
     def _transaction_failure(self, error: ClientError) -> ClientError:
         """Why the open transaction failed, when ``produce`` says only that its state is
         wrong (``_STATE``): an earlier request of the transaction failed (a topic that
-        refused Write, say). In that state a commit cannot commit (librdkafka accepts one
-        only in InTransaction, where produce never says ``_STATE``) and fails at once with
-        the transaction's own error; the caller then aborts or stops.
+        refused Write, say). In that state librdkafka answers any transactional call with
+        the transaction's own error; ``begin_transaction`` is asked, as it changes nothing
+        whatever the state (a transaction is open, so it cannot begin another).
         """
         if not (self._in_transaction and error.code() == ClientError._STATE):
             return error
         try:
-            self._producer.commit_transaction(1.0)
+            self._producer.begin_transaction()
         except KafkaException as e:
             return e.args[0]  # type: ignore[no-any-return]
-        raise FatalError("the producer refused a record yet committed its transaction: stopping")
+        return error
 
     def _note_refusal(
         self,

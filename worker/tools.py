@@ -27,7 +27,7 @@ from worker.restore import KafkaRestorer
 
 __all__ = ["add_commands", "read_calls"]
 
-UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
+_UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
 
 
 def add_commands(commands: Any) -> None:
@@ -143,7 +143,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     )
     metadata = list_topics(consumer, args.topic, timeout=10)
     topic = metadata.topics.get(args.topic)
-    if topic is None or (topic.error is not None and topic.error.code() == UNKNOWN_TOPIC):
+    if topic is None or (topic.error is not None and topic.error.code() == _UNKNOWN_TOPIC):
         raise WorkerError(f"tail: no topic {args.topic}")
     if topic.error is not None:  # not authorized, most likely: say so
         raise WorkerError(f"tail: topic {args.topic}: {translate(topic.error)}")
