@@ -548,7 +548,10 @@ def cmd_acls(kafkauser: str, readme: str) -> int:
     compare_acls(problems, "README User:group-worker", worker_commands, wanted)
     # The commands' own groups, for the people who run them (any other principal).
     group = config.worker.group_id
-    tools = {("group", f"{group}-cli", "literal"), ("group", "group-worker-tail-", "prefix")}
+    tools = {
+        ("group", f"{group}-cli-restore", "literal"),
+        ("group", "group-worker-tail-", "prefix"),
+    }
     for key in sorted(tools):
         granted = any(key in acls for acls in commands.values())
         problems.check(granted, "README grants no one {}:{}({})".format(*key))

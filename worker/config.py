@@ -44,6 +44,15 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 _ENV_PREFIX = "GROUP_WORKER_"
 _SECRET_MARKERS = ("password", "secret", "key", "token", "credentials")
+# Kafka properties whose value is a secret (not a path to one): never in the TOML file.
+_SECRET_VALUES = (
+    "password",
+    "secret",
+    "token",
+    "credentials",
+    "ssl.key.pem",
+    "sasl.oauthbearer.config",
+)
 # What Kafka accepts as a topic name (besides "." and "..").
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _INTERNAL_TOPICS = ("repartition", "dedupe")
@@ -142,6 +151,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                 raise ConfigError(f"config: unknown section [{section}]")
             if not isinstance(values, dict):
                 raise ConfigError(f"config: [{section}] must be a table")
+            if section == "kafka":
+                _refuse_secrets(values, path)
             raw[section] = dict(values)
     _apply_environment(raw, os.environ if environ is None else environ)
     config = Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
@@ -229,6 +240,21 @@ def _validate(config: Config) -> None:
         if topic in seen:
             raise ConfigError(f"config: topics.{key} and topics.{seen[topic]} are both {topic!r}")
         seen[topic] = key
+
+
+def _refuse_secrets(values: Mapping[str, Any], path: str | Path, prefix: str = "") -> None:
+    """Raise ``ConfigError`` for a secret Kafka property written in the file ``path``
+    (which ships as a ConfigMap): it must come from the environment or a mounted file."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):  # a dotted key written unquoted: sasl.password = ...
+            _refuse_secrets(value, path, f"{name}.")
+        elif any(marker in name.lower() for marker in _SECRET_VALUES):
+            variable = f"{_ENV_PREFIX}KAFKA_{name.upper().replace('.', '_')}"
+            raise ConfigError(
+                f"config: kafka.{name} must not be written in {path}: set {variable}_FILE "
+                f"(a file holding it) or {variable} instead"
+            )
 
 
 def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:

@@ -2,10 +2,17 @@
 
 confluent-kafka reports failures as ``KafkaError`` values (inside ``KafkaException``);
 this is the one place they become the worker's error tree (``worker.errors``).
+
+A refusal by the broker (credentials, TLS, an ACL) is a ``FatalError``: retrying cannot
+help, so the process ends with one line naming it. librdkafka reports refused logins and
+TLS handshakes only to the client's ``error_cb`` and keeps reconnecting; every client gets
+a ``RefusalWatch`` as its ``error_cb``, which raises once they persist (confluent-kafka
+re-raises it from the ``poll``, ``consume`` or ``flush`` that served the callback).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, Literal, NoReturn
@@ -17,10 +24,37 @@ from worker.errors import AbortableError, ConfigError, FatalError, KafkaError, R
 from worker.limits import PRODUCER_MAX_DEFAULT
 from worker.logs import kafka_client_logger
 
-__all__ = ["client_config", "produce_all", "producer_max_bytes", "raise_for", "translate"]
+__all__ = [
+    "RefusalWatch",
+    "client_config",
+    "list_topics",
+    "produce_all",
+    "producer_max_bytes",
+    "raise_for",
+    "translate",
+]
 
 # Prefixes that scope a librdkafka property to one client kind.
 _SCOPES = ("consumer.", "producer.", "admin.")
+# The broker refused this client's login or TLS handshake.
+_CONNECTION_REFUSED = frozenset(
+    {ClientError._AUTHENTICATION, ClientError.SASL_AUTHENTICATION_FAILED, ClientError._SSL}
+)
+# The broker refused an operation for want of an ACL.
+_NOT_AUTHORIZED = frozenset(
+    {
+        ClientError.TOPIC_AUTHORIZATION_FAILED,
+        ClientError.GROUP_AUTHORIZATION_FAILED,
+        ClientError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        ClientError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
+# A refused login is fatal once refusals have gone on this long (seconds): a broker that
+# is starting may refuse briefly. Refusals further apart than the reset start afresh.
+_REFUSAL_GRACE = 5.0
+_REFUSAL_RESET = 60.0
+# Slices of a metadata wait, between which the client is polled (see list_topics).
+_METADATA_SLICE = 0.5
 
 
 def client_config(
@@ -40,6 +74,7 @@ def client_config(
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap_servers,
         "logger": kafka_client_logger(),
+        "error_cb": RefusalWatch(),
     }
     config.update({k: v for k, v in properties.items() if not k.startswith(_SCOPES)})
     config.update(settings or {})
@@ -57,11 +92,45 @@ def producer_max_bytes(config: Mapping[str, Any]) -> int:
         raise ConfigError("config: kafka.message.max.bytes must be an integer") from None
 
 
+class RefusalWatch:
+    """A client's ``error_cb``: raises ``FatalError`` when the broker keeps refusing its
+    login or TLS handshake for ``grace`` seconds.
+
+    Runs on the thread that polls the client. Other errors are left to the client's own
+    log lines and to the calls that fail.
+    """
+
+    def __init__(
+        self,
+        grace: float = _REFUSAL_GRACE,
+        reset: float = _REFUSAL_RESET,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._grace, self._reset, self._clock = grace, reset, clock
+        self._first: float | None = None
+        self._last = 0.0
+
+    def __call__(self, error: ClientError) -> None:
+        if error.code() not in _CONNECTION_REFUSED:
+            return
+        now = self._clock()
+        if self._first is None or now - self._last > self._reset:
+            self._first = now
+        self._last = now
+        if now - self._first >= self._grace:
+            raise translate(error)
+
+
 def translate(error: ClientError | Any) -> KafkaError:
     """The worker error for a confluent-kafka ``KafkaError`` (or anything else)."""
     if not isinstance(error, ClientError):
         return KafkaError(str(error))
     text = f"{error.name()}: {error.str()}"
+    if error.code() in _CONNECTION_REFUSED:
+        what = "TLS handshake" if error.code() == ClientError._SSL else "login (SASL)"
+        return FatalError(f"Kafka refused the {what}: {text}")
+    if error.code() in _NOT_AUTHORIZED:
+        return FatalError(f"not authorized (check the ACLs): {text}")
     if error.fatal():
         return FatalError(text)
     if error.txn_requires_abort():
@@ -86,6 +155,26 @@ def translate(error: ClientError | Any) -> KafkaError:
 def raise_for(error: ClientError | Any) -> NoReturn:
     """Raise the translated error for ``error``."""
     raise translate(error)
+
+
+def list_topics(client: Any, topic: str | None = None, timeout: float = 30.0) -> Any:
+    """``client.list_topics(topic)``, waiting up to ``timeout`` seconds. Blocks.
+
+    A metadata call serves no callbacks, so the wait is cut into slices with the client
+    polled between them: a refused login or TLS handshake then ends it with
+    ``FatalError`` (``RefusalWatch``) instead of a vague transport error at the timeout.
+    Raises ``KafkaException`` as ``list_topics`` does. A consumer must not have
+    partitions assigned yet: its poll would take a record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return client.list_topics(topic, timeout=max(min(left, _METADATA_SLICE), 0.01))
+        except KafkaException:
+            if left <= _METADATA_SLICE:
+                raise
+            client.poll(0)
 
 
 def produce_all(
@@ -121,7 +210,12 @@ def produce_all(
             errors.append(f"record {index}: {_refusal(e.args[0], value, max_bytes)}")
         if index % 1000 == 0:
             producer.poll(0)
-    remaining = producer.flush(timeout)
+    # Flushed in slices: a refusal raised by the error_cb (RefusalWatch) surfaces only
+    # when a flush call returns.
+    deadline = time.monotonic() + timeout
+    remaining = len(producer)
+    while remaining and time.monotonic() < deadline:
+        remaining = producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
     if remaining:
         errors.append(f"{remaining} records still undelivered after {timeout:.0f}s")
     return delivered, errors

@@ -126,12 +126,19 @@ class KafkaSink:
         # last commit or abort: where the outputs of the batch being committed end.
         self._reached: dict[tuple[str, int], int] = {}
         self._refused: list[Refusal] = []
+        # A delivery the broker refused for want of an ACL: fatal at the next commit.
+        self._denied: FatalError | None = None
         self._on_delivery_error = on_delivery_error
         if self._transactional:
             try:
                 self._producer.init_transactions(commit_timeout)
             except KafkaException as e:
-                raise_for(e.args[0])
+                error = translate(e.args[0])
+                if e.args[0].code() == ClientError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+                    error = FatalError(
+                        f"transactional id {transactional_id} (needs Write, Describe): {error}"
+                    )
+                raise error from None
 
     def begin(self) -> None:
         """Open a transaction if none is open (no-op at least once).
@@ -176,6 +183,10 @@ class KafkaSink:
             except KafkaException as e:
                 # The transaction failed under us (e.g. the broker went away), or the
                 # producer refused the record itself: replay (after learning of it).
+                # Unless the broker refused an ACL: replaying cannot help.
+                cause = self._transaction_failure(e.args[0])
+                if isinstance(error := translate(cause), FatalError):
+                    raise error from None
                 self._note_refusal(e.args[0], topic, key, value)
                 raise AbortableError(f"produce refused: {e.args[0].str()}") from None
 
@@ -189,8 +200,10 @@ class KafkaSink:
         after the batch's last record there (what a changelog reached).
         Raises ``RetriableError`` (nothing committed, try again), ``AbortableError``
         (abort and rewind: an output was not delivered, or retries ran out) or
-        ``FatalError`` (the producer was fenced).
+        ``FatalError`` (the producer was fenced, or the broker refused a topic: an ACL).
         """
+        if self._denied is not None:
+            raise self._denied
         if self._transactional:
             if not self._in_transaction:
                 return {}
@@ -259,10 +272,29 @@ class KafkaSink:
         else:
             # Delivery reports run on the thread that polls: no lock needed.
             self._failed.append(f"{message.topic()}: {error.str()}")
+            if error.code() == ClientError.TOPIC_AUTHORIZATION_FAILED and self._denied is None:
+                self._denied = FatalError(
+                    f"topic {message.topic()} (needs Write): {translate(error)}"
+                )
             topic = message.topic() or ""
             self._note_refusal(error, topic, message.key(), message.value())
             if self._on_delivery_error is not None:
                 self._on_delivery_error()
+
+    def _transaction_failure(self, error: ClientError) -> ClientError:
+        """Why the open transaction failed, when ``produce`` says only that its state is
+        wrong (``_STATE``): an earlier request of the transaction failed (a topic that
+        refused Write, say). In that state librdkafka answers any transactional call with
+        the transaction's own error; ``begin_transaction`` is asked, as it changes nothing
+        whatever the state (a transaction is open, so it cannot begin another).
+        """
+        if not (self._in_transaction and error.code() == ClientError._STATE):
+            return error
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as e:
+            return e.args[0]  # type: ignore[no-any-return]
+        return error
 
     def _note_refusal(
         self,

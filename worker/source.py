@@ -11,10 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as ClientError
 
-from worker.errors import RetriableError, TopicError
+from worker.errors import FatalError, RetriableError, TopicError
 from worker.events import SourceRecord
-from worker.kafka import client_config, raise_for, translate
+from worker.kafka import client_config, list_topics, raise_for, translate
 
 __all__ = ["KafkaSource", "Offsets", "Partition", "RebalanceListener", "Source"]
 
@@ -91,6 +92,7 @@ class KafkaSource:
         self._callback_error: BaseException | None = None
         self._on_error = on_error
         self._topic_timeout = topic_timeout
+        self._group_id = group_id
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         """Join the group for ``topics``; ``listener`` hears of every partition move.
@@ -124,8 +126,9 @@ class KafkaSource:
         """Up to ``max_records`` records, waiting at most ``timeout`` seconds.
 
         Runs rebalance callbacks. Raises what a callback raised, and ``KafkaError``
-        subclasses for fatal consumer errors; per-partition errors are logged by the
-        caller's ``on_error`` and skipped.
+        subclasses for fatal consumer errors (``FatalError`` naming the group or topic
+        for a missing ACL); per-partition errors are logged by the caller's ``on_error``
+        and skipped.
         """
         messages = self._consumer.consume(max_records, timeout)
         if self._callback_error is not None:
@@ -136,10 +139,16 @@ class KafkaSource:
             error = message.error()
             if error is None:
                 records.append(message)
-            elif error.fatal():
-                raise_for(error)
-            elif self._on_error is not None:
-                self._on_error(translate(error))
+                continue
+            translated = translate(error)
+            if error.code() == ClientError.GROUP_AUTHORIZATION_FAILED:
+                raise FatalError(f"consumer group {self._group_id} (needs Read): {translated}")
+            if error.code() == ClientError.TOPIC_AUTHORIZATION_FAILED:
+                raise FatalError(f"topic {message.topic()} (needs Read): {translated}")
+            if isinstance(translated, FatalError):
+                raise translated
+            if self._on_error is not None:
+                self._on_error(translated)
         return records
 
     def commit(self, offsets: Offsets) -> None:
@@ -191,7 +200,7 @@ class KafkaSource:
         """
         wait = max(deadline - time.monotonic(), _TOPIC_RETRY)
         try:
-            metadata = self._consumer.list_topics(topic, timeout=wait).topics.get(topic)
+            metadata = list_topics(self._consumer, topic, timeout=wait).topics.get(topic)
         except KafkaException as e:
             raise_for(e.args[0])
         if metadata is None:

@@ -15,16 +15,19 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import KafkaError as ClientError
 
 from worker import codec
 from worker.config import Config
-from worker.errors import WorkerError
+from worker.errors import FatalError, WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
-from worker.kafka import client_config, produce_all, producer_max_bytes
+from worker.kafka import client_config, list_topics, produce_all, producer_max_bytes, translate
 from worker.pipeline import Settings, process_record
 from worker.restore import KafkaRestorer
 
 __all__ = ["add_commands", "read_calls"]
+
+_UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
 
 
 def add_commands(commands: Any) -> None:
@@ -138,10 +141,12 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     consumer = Consumer(
         client_config(config.kafka.bootstrap_servers, config.kafka.properties, "consumer", settings)
     )
-    metadata = consumer.list_topics(args.topic, timeout=10)
+    metadata = list_topics(consumer, args.topic, timeout=10)
     topic = metadata.topics.get(args.topic)
-    if topic is None or topic.error is not None:
+    if topic is None or (topic.error is not None and topic.error.code() == _UNKNOWN_TOPIC):
         raise WorkerError(f"tail: no topic {args.topic}")
+    if topic.error is not None:  # not authorized, most likely: say so
+        raise WorkerError(f"tail: topic {args.topic}: {translate(topic.error)}")
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
     consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
     seen, last = 0, time.monotonic()
@@ -150,7 +155,11 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
             if args.timeout is not None and time.monotonic() - last > args.timeout:
                 break
             message = consumer.poll(0.2)
-            if message is None or message.error() is not None:
+            if message is None:
+                continue
+            if (error := message.error()) is not None:
+                if isinstance(refused := translate(error), FatalError):  # an ACL: say so
+                    raise FatalError(f"tail: topic {args.topic}: {refused}")
                 continue
             last = time.monotonic()
             seen += 1

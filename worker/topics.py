@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka import KafkaException, TopicCollection
+from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource, NewTopic
 
 from worker.config import Config
-from worker.errors import KafkaError, TopicError
-from worker.kafka import client_config
+from worker.errors import FatalError, KafkaError, TopicError
+from worker.kafka import client_config, list_topics
 
 __all__ = ["Layout", "TopicSpec", "ensure_topics", "plan_topics", "read_limits"]
 
@@ -26,6 +26,13 @@ _TIMEOUT = 30.0
 _COMPACT = {"cleanup.policy": "compact"}
 # Dedupe ids are kept this much longer than the window, so none expires early.
 _DEDUPE_MARGIN_MS = 3_600_000
+# What the worker does on its topics, in kafka-acls spelling (README "Security").
+_READ, _WRITE, _DESCRIBE_CONFIGS = "Read", "Write", "DescribeConfigs"
+_OPERATIONS = {
+    AclOperation.READ: _READ,
+    AclOperation.WRITE: _WRITE,
+    AclOperation.DESCRIBE_CONFIGS: _DESCRIBE_CONFIGS,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +92,8 @@ def ensure_topics(config: Config) -> Layout:
     Blocks on the admin API (up to 30 s per step). Raises ``TopicError`` with one
     clear line when the broker cannot be reached, a topic cannot be created, a
     co-partitioned topic's partition count differs from the input's, or a topic that
-    must be compacted is not.
+    must be compacted is not; ``FatalError`` when the broker refuses the login, or this
+    principal lacks an ACL the worker needs on one of the topics (naming both).
     """
     admin = _admin(config)
     existing = _partition_counts(admin)
@@ -103,12 +111,15 @@ def ensure_topics(config: Config) -> Layout:
                 f"topic {spec.name} has {existing[spec.name]} partitions but input "
                 f"{input_topic} has {partitions}: they must match (state is co-partitioned)"
             )
+    needs = _needs(input_topic, specs)
+    _check_access(admin, {n: ops for n, ops in needs.items() if n in existing})
     # Topics that exist must have the configs the design needs; new ones are made so.
     _check_configs(admin, [s for s in specs if s.create_configs() and s.name in existing])
     _create(
         admin,
         [NewTopic(s.name, partitions, replication, config=s.create_configs()) for s in missing],
     )
+    _check_access(admin, {s.name: needs[s.name] for s in missing})
     existing.update((s.name, partitions) for s in missing)
     return Layout(
         {n: existing[n] for n in [input_topic, *(s.name for s in specs)]},
@@ -143,7 +154,7 @@ def _max_message_bytes(admin: AdminClient, specs: list[TopicSpec]) -> dict[str, 
 
 def _partition_counts(admin: AdminClient) -> dict[str, int]:
     try:
-        metadata = admin.list_topics(timeout=_TIMEOUT)
+        metadata = list_topics(admin, timeout=_TIMEOUT)
     except KafkaException as e:
         admin.poll(0)  # hand over the client's own lines (which broker failed, and how)
         raise TopicError(f"cannot reach Kafka to list topics: {e.args[0].str()}") from None
@@ -174,6 +185,56 @@ def _describe(admin: AdminClient, specs: list[TopicSpec]) -> list[Mapping[str, A
             error = e.args[0]
             if error.code() != error.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
                 raise TopicError(f"cannot describe topics: {error.str()}") from None
+            time.sleep(0.2)
+
+
+def _needs(input_topic: str, specs: list[TopicSpec]) -> dict[str, set[str]]:
+    """The operations the worker does on each topic (README "Security")."""
+    needs = {input_topic: {_READ}}
+    for spec in specs:
+        # The co-partitioned topics are the ones read back (restored or consumed).
+        needs[spec.name] = {_WRITE, _DESCRIBE_CONFIGS} | ({_READ} if spec.copartitioned else set())
+    return needs
+
+
+def _check_access(admin: AdminClient, needs: dict[str, set[str]]) -> None:
+    """Raise ``FatalError`` naming a topic and the operation this principal may not do
+    there, so a missing ACL stops the worker at start, not in its first transaction.
+
+    The broker says which operations the principal may do on each topic (KIP-430); one
+    without an authorizer allows all. Retries while a new topic's metadata settles.
+    """
+    deadline = time.monotonic() + _TIMEOUT
+    pending = dict(needs)
+    while pending:
+        futures = admin.describe_topics(
+            TopicCollection(list(pending)),
+            request_timeout=_TIMEOUT,
+            include_authorized_operations=True,
+        )
+        for name, wanted in list(pending.items()):
+            try:
+                allowed = futures[name].result(_TIMEOUT).authorized_operations
+            except KafkaException as e:
+                code = e.args[0].code()
+                if code == e.args[0].UNKNOWN_TOPIC_OR_PART and time.monotonic() < deadline:
+                    continue
+                if code != e.args[0].TOPIC_AUTHORIZATION_FAILED:
+                    raise TopicError(f"cannot describe topic {name}: {e.args[0].str()}") from None
+                raise FatalError(
+                    f"not authorized: this principal may not even Describe topic {name}; it "
+                    f'needs {", ".join(sorted(wanted))} there (README "Security")'
+                ) from None
+            del pending[name]
+            if allowed is None:  # a broker too old to say
+                continue
+            lacking = wanted - {_OPERATIONS.get(op, "") for op in allowed}
+            if lacking:
+                raise FatalError(
+                    f"not authorized: this principal lacks {', '.join(sorted(lacking))} on "
+                    f'topic {name} (the ACLs it needs: README "Security")'
+                )
+        if pending:
             time.sleep(0.2)
 
 

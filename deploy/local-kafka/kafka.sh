@@ -2,18 +2,30 @@
 # Local single-node Apache Kafka (KRaft, broker+controller) without Docker.
 # Jars come from Maven Central via deploy/local-kafka/pom.xml.
 #
-# Usage: kafka.sh fetch|up|down|status|reset
+# Usage: kafka.sh fetch|up|down|status|reset|acls
 # See deploy/local-kafka/README.md for the environment variables.
+# KAFKA_SECURITY=sasl_ssl: a secured broker (SASL/SCRAM-SHA-512 over TLS, ACLs enforced)
+# with its own default port and state dir.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
 POM="$HERE/pom.xml"
 
-KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_SECURITY="${KAFKA_SECURITY:-plaintext}"
+case "$KAFKA_SECURITY" in
+    plaintext) default_port=9092; state_name="kafka-state" ;;
+    sasl_ssl)  default_port=9192; state_name="kafka-sasl_ssl-state" ;;
+    *) printf 'kafka.sh: error: KAFKA_SECURITY must be plaintext or sasl_ssl, got %s\n' \
+           "$KAFKA_SECURITY" >&2; exit 2 ;;
+esac
+KAFKA_PORT="${KAFKA_PORT:-$default_port}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 KAFKA_CACHE_DIR="${KAFKA_CACHE_DIR:-$REPO_ROOT/.cache/kafka}"
-KAFKA_STATE_DIR="${KAFKA_STATE_DIR:-$REPO_ROOT/.cache/kafka-state-$KAFKA_PORT}"
+KAFKA_STATE_DIR="${KAFKA_STATE_DIR:-$REPO_ROOT/.cache/$state_name-$KAFKA_PORT}"
+# The secured broker's users, created when its storage is formatted; the first is its
+# only super user. Passwords are generated once into $SECRETS_DIR/<user>.password.
+KAFKA_SASL_USERS="${KAFKA_SASL_USERS:-admin group-worker}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx1g -Xms256m}"
 KAFKA_JVM_OPTS="${KAFKA_JVM_OPTS:-}"
 KAFKA_LOG_LEVEL="${KAFKA_LOG_LEVEL:-INFO}"
@@ -29,6 +41,10 @@ LOG4J_TOOLS="$KAFKA_STATE_DIR/log4j2-tools.properties"
 CLUSTER_ID_FILE="$KAFKA_STATE_DIR/cluster.id"
 PID_FILE="$KAFKA_STATE_DIR/broker.pid"
 LOG_FILE="$KAFKA_STATE_DIR/broker.log"
+TLS_DIR="$KAFKA_STATE_DIR/tls"
+SECRETS_DIR="$KAFKA_STATE_DIR/secrets"
+# Java client settings of the admin user (kafka-acls, the readiness check), sasl_ssl only.
+ADMIN_PROPS="$KAFKA_STATE_DIR/admin.properties"
 
 # Short-lived tool JVMs: favour startup time over peak performance.
 TOOL_JVM_OPTS=(-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1)
@@ -124,18 +140,72 @@ port_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+secured() { [[ "$KAFKA_SECURITY" == sasl_ssl ]]; }
+
+admin_user() { local users; read -r -a users <<<"$KAFKA_SASL_USERS"; echo "${users[0]}"; }
+
+password_of() { cat "$SECRETS_DIR/$1.password"; }
+
+# A random password, once per user (and one for the broker's key store), kept in
+# $SECRETS_DIR: readable by this user only.
+make_secrets() {
+    mkdir -p "$SECRETS_DIR"
+    chmod 700 "$SECRETS_DIR"
+    local name
+    for name in $KAFKA_SASL_USERS tls-store; do
+        [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || die 2 "KAFKA_SASL_USERS: '$name' is not a plain user name"
+        if [[ ! -s "$SECRETS_DIR/$name.password" ]]; then
+            (umask 077; od -An -tx1 -N18 /dev/urandom | tr -d ' \n' >"$SECRETS_DIR/$name.password")
+        fi
+    done
+}
+
+# A throwaway CA and a broker certificate for 127.0.0.1/localhost it signed, made once
+# with the JDK's keytool: $TLS_DIR/ca.pem (what clients trust) and broker.p12.
+make_tls() {
+    [[ -s "$TLS_DIR/broker.p12" && -s "$TLS_DIR/ca.pem" ]] && return 0
+    local keytool pass="$SECRETS_DIR/tls-store.password"
+    keytool="$(dirname "$(readlink -f "$JAVA_BIN")")/keytool"
+    [[ -x "$keytool" ]] || die 2 "keytool not found next to $JAVA_BIN (it comes with the JDK)"
+    log "making a throwaway CA and broker certificate in $TLS_DIR"
+    rm -rf "$TLS_DIR"
+    mkdir -p "$TLS_DIR"
+    local kt=("$keytool" -storetype PKCS12 -storepass:file "$pass" -keypass:file "$pass")
+    {
+        "${kt[@]}" -genkeypair -keystore "$TLS_DIR/ca.p12" -alias ca -keyalg EC \
+            -groupname secp256r1 -validity 3650 -dname "CN=group-worker local CA" -ext bc:c &&
+        "${kt[@]}" -exportcert -keystore "$TLS_DIR/ca.p12" -alias ca -rfc -file "$TLS_DIR/ca.pem" &&
+        "${kt[@]}" -genkeypair -keystore "$TLS_DIR/broker.p12" -alias broker -keyalg EC \
+            -groupname secp256r1 -validity 3650 -dname "CN=broker" &&
+        "${kt[@]}" -certreq -keystore "$TLS_DIR/broker.p12" -alias broker -file "$TLS_DIR/broker.csr" &&
+        "${kt[@]}" -gencert -keystore "$TLS_DIR/ca.p12" -alias ca -infile "$TLS_DIR/broker.csr" \
+            -outfile "$TLS_DIR/broker.pem" -rfc -validity 3650 \
+            -ext san=ip:127.0.0.1,dns:localhost -ext eku=serverAuth,clientAuth &&
+        "${kt[@]}" -importcert -keystore "$TLS_DIR/broker.p12" -alias ca -file "$TLS_DIR/ca.pem" -noprompt &&
+        "${kt[@]}" -importcert -keystore "$TLS_DIR/broker.p12" -alias broker -file "$TLS_DIR/broker.pem"
+    } >>"$LOG_FILE" 2>&1 || { tail -n 20 "$LOG_FILE" >&2; rm -rf "$TLS_DIR"; die 1 "keytool failed"; }
+    rm -f "$TLS_DIR/broker.csr"
+}
+
+scram_jaas() {
+    printf 'org.apache.kafka.common.security.scram.ScramLoginModule required username="%s" password="%s";' \
+        "$1" "$(password_of "$1")"
+}
+
 write_configs() {
     mkdir -p "$DATA_DIR"
+    local client="PLAINTEXT" controller="PLAINTEXT"
+    if secured; then client="SASL_SSL"; controller="SSL"; fi
     cat >"$CONF" <<EOF
 # Generated by deploy/local-kafka/kafka.sh on every 'up'; edits are overwritten.
 node.id=1
 process.roles=broker,controller
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
-inter.broker.listener.name=PLAINTEXT
+listeners=$client://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=$client://127.0.0.1:$KAFKA_PORT
+inter.broker.listener.name=$client
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$client:$client,CONTROLLER:$controller
 log.dirs=$DATA_DIR
 
 # Single node: every internal topic has replication factor 1.
@@ -165,6 +235,41 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=24
 log.segment.bytes=67108864
 EOF
+    if secured; then
+        local admin tls_pass
+        admin="$(admin_user)"
+        tls_pass="$(cat "$SECRETS_DIR/tls-store.password")"
+        chmod 600 "$CONF"
+        cat >>"$CONF" <<EOF
+
+# Secured (KAFKA_SECURITY=sasl_ssl): SCRAM-SHA-512 over TLS for clients and between
+# brokers, ACLs enforced; only $admin is a super user, besides the broker itself on the
+# controller listener (TLS with its certificate: the controller authorizes its
+# registration, and SCRAM cannot serve there).
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=$(scram_jaas "$admin")
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/broker.p12
+ssl.keystore.password=$tls_pass
+ssl.key.password=$tls_pass
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+listener.name.controller.ssl.client.auth=required
+super.users=User:$admin;User:CN=broker
+allow.everyone.if.no.acl.found=false
+EOF
+        (umask 077; cat >"$ADMIN_PROPS" <<EOF
+# The admin user's client settings (kafka.sh acls; kafka-*.sh --command-config).
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=$(scram_jaas "$admin")
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+EOF
+        )
+    fi
     cat >"$LOG4J_BROKER" <<EOF
 status = warn
 appender.out.type = Console
@@ -208,8 +313,14 @@ format_storage() {
         echo "$cid" >"$CLUSTER_ID_FILE"
     fi
     log "formatting storage in $DATA_DIR (cluster id $cid)"
+    local scram=() name
+    if secured; then
+        for name in $KAFKA_SASL_USERS; do
+            scram+=(--add-scram "SCRAM-SHA-512=[name=$name,password=$(password_of "$name")]")
+        done
+    fi
     run_tool kafka.tools.StorageTool format --ignore-formatted \
-        -t "$cid" -c "$CONF" >>"$LOG_FILE" 2>&1 \
+        -t "$cid" -c "$CONF" "${scram[@]}" >>"$LOG_FILE" 2>&1 \
         || { tail -n 30 "$LOG_FILE" >&2; die 1 "storage format failed"; }
 }
 
@@ -251,6 +362,10 @@ cmd_up() {
 
     [[ -f "$LOG_FILE" ]] && mv -f "$LOG_FILE" "$LOG_FILE.prev"
     : >"$LOG_FILE"
+    if secured; then
+        make_secrets
+        make_tls
+    fi
     write_configs
     format_storage
 
@@ -279,12 +394,13 @@ cmd_up() {
     done
     (( started )) || fail_start "$pid" "not ready after ${KAFKA_START_TIMEOUT}s"
 
-    local want got=""
+    local want got="" admin_config=()
+    secured && admin_config=(--command-config "$ADMIN_PROPS")
     want="$(cat "$CLUSTER_ID_FILE" 2>/dev/null || true)"
     while (( SECONDS < deadline )); do
         kill -0 "$pid" 2>/dev/null || fail_start "" "process $pid exited"
         got="$(run_tool org.apache.kafka.tools.ClusterTool cluster-id \
-                 --bootstrap-server "127.0.0.1:$KAFKA_PORT" 2>>"$LOG_FILE" \
+                 --bootstrap-server "127.0.0.1:$KAFKA_PORT" "${admin_config[@]}" 2>>"$LOG_FILE" \
                | sed -n 's/^Cluster ID: //p')" || true
         if [[ -n "$got" && ( -z "$want" || "$got" == "$want" ) ]]; then
             break
@@ -295,7 +411,12 @@ cmd_up() {
     [[ -n "$got" ]] || fail_start "$pid" "broker did not answer a DescribeCluster request (cluster id '$want')"
 
     log "broker ready in $((SECONDS - t0))s (pid $pid, cluster id $got)"
-    echo "kafka up on 127.0.0.1:$KAFKA_PORT (logs: $LOG_FILE)"
+    if secured; then
+        echo "kafka up on 127.0.0.1:$KAFKA_PORT, SASL_SSL (CA: $TLS_DIR/ca.pem," \
+             "passwords: $SECRETS_DIR/<user>.password, logs: $LOG_FILE)"
+    else
+        echo "kafka up on 127.0.0.1:$KAFKA_PORT (logs: $LOG_FILE)"
+    fi
 }
 
 cmd_down() {
@@ -341,14 +462,24 @@ cmd_reset() {
     echo "kafka data removed ($DATA_DIR)"
 }
 
+# kafka-acls (AclCommand) against this broker as its admin user, with ARGS.
+cmd_acls() {
+    secured || die 2 "acls needs KAFKA_SECURITY=sasl_ssl (the plain broker has no authorizer)"
+    require_java
+    [[ -s "$ADMIN_PROPS" ]] || die 1 "no $ADMIN_PROPS: start the broker first (KAFKA_SECURITY=sasl_ssl kafka.sh up)"
+    run_tool org.apache.kafka.tools.AclCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
+        --command-config "$ADMIN_PROPS" "$@"
+}
+
 usage() {
     cat >&2 <<EOF
-usage: $(basename "$0") fetch|up|down|status|reset
+usage: $(basename "$0") fetch|up|down|status|reset|acls
   fetch   download the Kafka jars with Maven (only if not cached)
   up      start a single-node broker on 127.0.0.1:\$KAFKA_PORT (default 9092)
   down    stop it
   status  say whether it runs
   reset   stop it and delete its data
+  acls    (KAFKA_SECURITY=sasl_ssl) run kafka-acls as the admin user: acls --add ...
 EOF
 }
 
@@ -358,6 +489,7 @@ case "${1:-}" in
     down)   cmd_down ;;
     status) cmd_status ;;
     reset)  cmd_reset ;;
+    acls)   shift; cmd_acls "$@" ;;
     -h|--help|help) usage ;;
     *) usage; exit 2 ;;
 esac

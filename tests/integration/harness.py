@@ -114,6 +114,8 @@ class WorkerProcess:
         self, topics: Topics, log_dir: Path, name: str = "worker", **settings: str
     ) -> None:
         self.port = free_port()
+        # The TOML file given to --config; a test may point it elsewhere before start().
+        self.config = ROOT / "config" / "worker.toml"
         self.log_path = log_dir / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
         env.update(topics.environ())
@@ -140,7 +142,7 @@ class WorkerProcess:
                     "-m",
                     "worker",
                     "--config",
-                    str(ROOT / "config" / "worker.toml"),
+                    str(self.config),
                     "run",
                 ],
                 env=self._env,

@@ -183,3 +183,43 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     """A configuration file that cannot be read is a ConfigError naming it."""
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml", {})
+
+
+@pytest.mark.parametrize(
+    ("line", "variable"),
+    [
+        ('"sasl.password" = "hunter2-literal"', "GROUP_WORKER_KAFKA_SASL_PASSWORD"),
+        ('sasl.password = "hunter2-literal"', "GROUP_WORKER_KAFKA_SASL_PASSWORD"),
+        ('"ssl.key.password" = "hunter2-literal"', "GROUP_WORKER_KAFKA_SSL_KEY_PASSWORD"),
+        ('"ssl.key.pem" = "hunter2-literal"', "GROUP_WORKER_KAFKA_SSL_KEY_PEM"),
+        (
+            '"sasl.oauthbearer.client.secret" = "hunter2-literal"',
+            "GROUP_WORKER_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+        ),
+        (
+            '"consumer.sasl.password" = "hunter2-literal"',
+            "GROUP_WORKER_KAFKA_CONSUMER_SASL_PASSWORD",
+        ),
+    ],
+)
+def test_a_secret_written_in_the_file_is_refused(tmp_path: Path, line: str, variable: str) -> None:
+    """A secret Kafka property in the TOML file is one ConfigError pointing to the env var
+    or _FILE, never echoing the value."""
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, f"[kafka]\n{line}\n"), {})
+    message = str(error.value)
+    assert f"{variable}_FILE" in message
+    assert f"or {variable} instead" in message
+    assert "hunter2" not in message
+    assert "\n" not in message
+
+
+def test_paths_to_secrets_and_the_environment_are_accepted(tmp_path: Path) -> None:
+    """Paths to key material may be in the file; the password from the environment."""
+    text = '[kafka]\n"ssl.key.location" = "/run/tls/key.pem"\n"ssl.ca.location" = "/ca.pem"\n'
+    config = load_config(write(tmp_path, text), {"GROUP_WORKER_KAFKA_SASL_PASSWORD": "pw"})
+    assert config.kafka.properties == {
+        "ssl.key.location": "/run/tls/key.pem",
+        "ssl.ca.location": "/ca.pem",
+        "sasl.password": "pw",
+    }

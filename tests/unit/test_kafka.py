@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
+import pytest
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException, Producer
 
 from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
-from worker.kafka import client_config, produce_all, translate
+from worker.kafka import RefusalWatch, client_config, produce_all, translate
 from worker.logs import kafka_client_logger
 
 PROPERTIES = {
@@ -26,6 +27,7 @@ def test_scoped_properties_reach_only_their_client_and_win() -> None:
     """Unscoped properties reach every client; scoped ones only theirs, over its settings."""
     settings = {"isolation.level": "read_committed", "enable.auto.commit": False}
     consumer = client_config("b:9092", PROPERTIES, "consumer", settings)
+    assert isinstance(consumer.pop("error_cb"), RefusalWatch)  # a refused login ends it
     assert consumer == {
         "bootstrap.servers": "b:9092",
         "logger": kafka_client_logger(),  # librdkafka's lines become JSON log events
@@ -52,6 +54,41 @@ def test_errors_translate_by_class() -> None:
     assert type(other) is KafkaError
 
 
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        (ClientError._AUTHENTICATION, "Kafka refused the login (SASL)"),
+        (ClientError.SASL_AUTHENTICATION_FAILED, "Kafka refused the login (SASL)"),
+        (ClientError._SSL, "Kafka refused the TLS handshake"),
+        (ClientError.TOPIC_AUTHORIZATION_FAILED, "not authorized (check the ACLs)"),
+        (ClientError.GROUP_AUTHORIZATION_FAILED, "not authorized (check the ACLs)"),
+        (ClientError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "not authorized (check the ACLs)"),
+        (ClientError.CLUSTER_AUTHORIZATION_FAILED, "not authorized (check the ACLs)"),
+    ],
+)
+def test_refusals_are_fatal_even_inside_a_transaction(code: int, says: str) -> None:
+    """A refused login, TLS handshake or ACL is fatal, never aborted and retried."""
+    error = translate(ClientError(code, txn_requires_abort=True))
+    assert type(error) is FatalError
+    assert str(error).startswith(says)
+
+
+def test_a_refused_login_is_fatal_once_it_persists() -> None:
+    """The error_cb raises when refusals go on for the grace period, not at the first."""
+    now = [0.0]
+    watch = RefusalWatch(grace=5.0, reset=60.0, clock=lambda: now[0])
+    refused = ClientError(ClientError._AUTHENTICATION, "SASL authentication error")
+    watch(refused)
+    watch(ClientError(ClientError._TRANSPORT))  # other errors: left to the client
+    now[0] = 4.9
+    watch(refused)
+    now[0] = 70.0  # long after: a new streak
+    watch(refused)
+    now[0] = 75.0
+    with pytest.raises(FatalError, match="refused the login"):
+        watch(refused)
+
+
 class FakeProducer:
     """Refuses values over ``max_bytes`` as librdkafka does; delivers the rest on flush."""
 
@@ -67,6 +104,9 @@ class FakeProducer:
 
     def poll(self, timeout: float) -> int:
         return 0
+
+    def __len__(self) -> int:
+        return len(self.pending)
 
     def flush(self, timeout: float) -> int:
         for value, on_delivery in self.pending:
