@@ -316,21 +316,26 @@ def state_record(state: GroupState) -> dict[str, Any]:
 
     JSON-ready (dicts, lists, strings, ints); ``state_from_record`` reads it back exactly.
     """
-    calls: dict[Stamp, int] = {}  # each distinct stamp, by its index in "calls"
+    # Each distinct stamp once, oldest first, so the record is a function of the state
+    # alone (not of the order its traits were merged in).
+    regs = state.address
+    written = set(state.stamps.values())
+    if regs is not None:
+        written.update(s for s in (regs.null_stamp, regs.object_stamp) if s is not None)
+        written.update(regs.field_stamps.values())
+    calls = sorted(written)
+    index = {s: i for i, s in enumerate(calls)}
     merge: dict[str, Any] = {
         "format": FORMAT,
-        "stamps": {k: calls.setdefault(s, len(calls)) for k, s in state.stamps.items()},
+        "stamps": {k: index[s] for k, s in state.stamps.items()},
     }
-    if state.address is not None:
-        regs = state.address
+    if regs is not None:
         address: dict[str, Any] = {}
         if regs.null_stamp is not None:
-            address["null"] = calls.setdefault(regs.null_stamp, len(calls))
+            address["null"] = index[regs.null_stamp]
         if regs.object_stamp is not None:
-            address["object"] = calls.setdefault(regs.object_stamp, len(calls))
-        address["fields"] = {
-            k: calls.setdefault(s, len(calls)) for k, s in regs.field_stamps.items()
-        }
+            address["object"] = index[regs.object_stamp]
+        address["fields"] = {k: index[s] for k, s in regs.field_stamps.items()}
         merge["address"] = address
     merge["calls"] = [[ms, mid] for ms, mid in calls]
     return {

@@ -518,12 +518,18 @@ def deliveries(draw: st.DrawFn) -> tuple[list[Applied], list[Applied]]:
 def test_merge_is_order_independent_and_idempotent(
     case: tuple[list[Applied], list[Applied]],
 ) -> None:
-    """Any order of the calls, with any repeated, gives the same states and memberships."""
+    """Any order of the calls, with any repeated, gives the same states and memberships,
+    and the same state records (as a reader decodes them)."""
     calls, delivered = case
     states, members = fold(calls)
     again_states, again_members = fold(delivered)
     assert timeless(again_states) == timeless(states)
     assert again_members == members
+
+    def records(states: States) -> dict[str, Any]:
+        return {g: codec.decode(codec.encode(state_record(s))) for g, s in timeless(states).items()}
+
+    assert records(again_states) == records(states)
 
 
 @given(call_sets(), st.data())
