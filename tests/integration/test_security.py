@@ -448,9 +448,10 @@ def series_bound(partitions: int) -> int:
 
 
 def test_the_series_bound_is_the_one_readme_states() -> None:
-    """README states the bound: 111 + 2 x partitions series per worker."""
-    assert series_bound(0) == 111
-    assert "111 + 2 x partitions" in (ROOT / "README.md").read_text()
+    """README states the bound the code gives: N + 2 x partitions series per worker."""
+    readme = (ROOT / "README.md").read_text()
+    assert f"**{series_bound(0)} + 2 x partitions** series" in readme
+    assert f"{series_bound(6)} with the default 6" in readme
 
 
 def test_an_acl_revoked_mid_run_ends_the_worker_and_its_open_transaction(
