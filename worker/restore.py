@@ -184,12 +184,13 @@ class KafkaRestorer:
             "isolation.level": "read_committed",
             "enable.partition.eof": True,
             # Restores read to the end: do not let the broker wait to fill a fetch, and
-            # take large ones (one partition is read at a time; librdkafka's default is
-            # 1 MiB per fetch: half the rate of a consumer reading every partition).
+            # take large ones (one partition is read at a time; librdkafka's default of
+            # 1 MiB per fetch gave half the rate of a consumer reading every partition).
             "fetch.wait.max.ms": 10,
-            "max.partition.fetch.bytes": 16 << 20,
-            "fetch.max.bytes": 16 << 20,
-            "queued.max.messages.kbytes": 32_768,
+            "max.partition.fetch.bytes": 8 << 20,
+            "fetch.max.bytes": 8 << 20,
+            # What it holds ahead of the store, bounded: a rebuild is the worker's peak.
+            "queued.max.messages.kbytes": 16_384,
             # A start below the first record (deleted by retention) reads from it.
             "auto.offset.reset": "earliest",
         }

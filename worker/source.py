@@ -76,10 +76,6 @@ class KafkaSource:
             # this refresh (librdkafka's default: 5 minutes). subscribe() waits for the
             # topics, so this only bounds what slips past that (a lagging broker).
             "topic.metadata.refresh.interval.ms": 30_000,
-            # Records prefetched ahead of the loop, over every partition: 16 MiB is
-            # seconds of input at the worker's rate (librdkafka's default 64 MiB only
-            # adds memory; bench: peak RSS 386 -> 349 MB on a restarted worker).
-            "queued.max.messages.kbytes": 16_384,
         }
         if group_instance_id:
             settings["group.instance.id"] = group_instance_id

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,13 +240,18 @@ def produce(
 
 
 def read_topic(
-    topic: str, expect: int = 0, idle: float = 3.0, timeout: float = 60.0
+    topic: str,
+    expect: int = 0,
+    idle: float = 3.0,
+    timeout: float = 60.0,
+    client: Mapping[str, Any] | None = None,
 ) -> list[Message]:
     """Every committed record of ``topic``: at least ``expect`` (waiting up to ``timeout``
-    seconds for them), then until ``idle`` seconds pass without a new one."""
+    seconds for them), then until ``idle`` seconds pass without a new one. ``client`` is
+    the consumer's connection settings (default: the test broker's)."""
     consumer = Consumer(
         {
-            "bootstrap.servers": BOOTSTRAP,
+            **(client or {"bootstrap.servers": BOOTSTRAP}),
             "group.id": f"reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import Message
 from confluent_kafka.admin import (
     AclBinding,
     AclBindingFilter,
@@ -31,7 +31,7 @@ from confluent_kafka.admin import (
     UserScramCredentialUpsertion,
 )
 
-from tests.integration.harness import PARTITIONS, ROOT, Topics, wait_until
+from tests.integration.harness import PARTITIONS, ROOT, Topics, read_topic, wait_until
 
 __all__ = [
     "CREATE",
@@ -222,31 +222,7 @@ def group_worker(
 
 def read_all(broker: SecureBroker, topic: str, expect: int = 0, idle: float = 3.0) -> list[Message]:
     """Every committed record of ``topic``, read as the admin (read_committed)."""
-    consumer = Consumer(
-        broker.client(
-            "admin",
-            **{
-                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            },
-        )
-    )
-    try:
-        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
-        records: list[Message] = []
-        start = last = time.monotonic()
-        while time.monotonic() - last < idle or (
-            len(records) < expect and time.monotonic() - start < 90
-        ):
-            for message in consumer.consume(500, 0.2):
-                if message.error() is None:
-                    records.append(message)
-                    last = time.monotonic()
-        return records
-    finally:
-        consumer.close()
+    return read_topic(topic, expect, idle, timeout=90, client=broker.client("admin"))
 
 
 def log_events(text: str) -> list[dict[str, Any]]:
