@@ -71,7 +71,7 @@ class Changelogs:
         """What a store built from these topics is a copy of: each topic's name and id,
         so a copy from another cluster, or from a topic since deleted and created
         again, is told apart."""
-        names = (self.state, self.members, self.dedupe)
+        names = [topic for _, topic in self.by_role()]
         ids = restorer.topic_ids(names)
         return "\n".join(f"{name} {id_}" for name, id_ in zip(names, ids, strict=True)).encode()
 

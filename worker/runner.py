@@ -31,6 +31,8 @@ __all__ = ["Runner", "RunnerSettings"]
 log = structlog.get_logger("worker.runner")
 _LAG_INTERVAL = 5.0
 _RESTORE_LOG_INTERVAL = 10.0
+# glibc's malloc_trim (returns the allocator's free memory to the system); None elsewhere.
+_MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
 _ERROR_BACKOFF = 0.5
 # Backpressure: pause every partition when this many outputs wait for delivery, and
 # resume below the low mark, so a slow broker never grows memory without bound.
@@ -94,11 +96,9 @@ class Runner:
         # Batches aborted since the last commit: the same records, tried again and again.
         self._abort_streak = 0
         routes = settings.routes
-        self._changelogs: dict[str, Changelog] = {
-            routes.state: "state",
-            routes.members: "members",
-            routes.dedupe: "dedupe",
-        }
+        self._changelogs = Changelogs(routes.state, routes.members, routes.dedupe)
+        # Each changelog's role, by its topic.
+        self._roles: dict[str, Changelog] = {t: r for r, t in self._changelogs.by_role()}
         self.joined = False
         self.last_progress = clock.monotonic()
 
@@ -204,7 +204,7 @@ class Runner:
             restored = restore_partition(
                 self._restorer,
                 self._store,
-                Changelogs(routes.state, routes.members, routes.dedupe),
+                self._changelogs,
                 partition,
                 lambda records: self._restore_progress(partition, records),
             )
@@ -213,7 +213,8 @@ class Runner:
             m.restoring_partitions.dec()
         # A restore churns through memory that glibc keeps (bench: 377 -> 179 MB RSS
         # after a rebuild of 1,000,000 groups): give it back before the next partition's.
-        _trim_malloc()
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
         seconds = self._clock.monotonic() - started
         m.restore_duration.observe(seconds)
         if restored.rebuilt is not None:
@@ -304,7 +305,7 @@ class Runner:
             self._metrics.commit_failures.inc()
             raise
         self._store.commit(  # (3)
-            {(role, p): o for (t, p), o in reached.items() if (role := self._changelogs.get(t))}
+            {(role, p): o for (t, p), o in reached.items() if (role := self._roles.get(t))}
         )
         self._processor.expire_seen()
         self._abort_streak = 0
@@ -404,23 +405,6 @@ class Runner:
             lag = self._source.lag(partition)
             if lag is not None:
                 self._metrics.consumer_lag.labels(*map(str, partition)).set(lag)
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except AttributeError:  # not glibc: nothing to trim
-        return None
-    return trim
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def _trim_malloc() -> None:
-    """Return the allocator's free memory to the system (glibc's ``malloc_trim``)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _names(partitions: Iterable[Partition]) -> list[str]:

@@ -58,16 +58,22 @@ class Topics:
     name_repartition: bool = True
 
     @classmethod
-    def unique(cls, name_repartition: bool = True) -> Topics:
+    def unique(
+        cls, name_repartition: bool = True, prefix: str = "it", group_prefix: str = ""
+    ) -> Topics:
+        """Fresh names ``<prefix>-<tag>.raw``...; the group id (and with it the internal
+        topics) ``<group_prefix>-<tag>``, by default under ``prefix`` too."""
         tag = uuid.uuid4().hex[:10]
+        group = f"{group_prefix or prefix}-{tag}"
+        name = f"{prefix}-{tag}"
         return cls(
-            f"it-{tag}.raw",
-            f"it-{tag}.enriched",
-            f"it-{tag}.state",
-            f"it-{tag}.members",
-            f"it-{tag}.dlq",
-            f"it-{tag}.repartition",
-            f"it-{tag}",
+            f"{name}.raw",
+            f"{name}.enriched",
+            f"{name}.state",
+            f"{name}.members",
+            f"{name}.dlq",
+            f"{group}.repartition",
+            group,
             name_repartition,
         )
 

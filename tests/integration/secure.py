@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,17 +98,8 @@ class SecureBroker:
 def secure_topics() -> Topics:
     """Fresh names, the outputs outside the group's prefix (an ACL on the prefix
     ``<group_id>.`` covers only the internal topics)."""
-    tag = uuid.uuid4().hex[:10]
-    return Topics(
-        f"sec-{tag}.raw",
-        f"sec-{tag}.enriched",
-        f"sec-{tag}.state",
-        f"sec-{tag}.members",
-        f"sec-{tag}.dlq",
-        f"gw-{tag}.repartition",
-        f"gw-{tag}",
-        name_repartition=False,  # derived from the group id: gw-<tag>.repartition
-    )
+    # The repartition topic is derived from the group id: gw-<tag>.repartition.
+    return Topics.unique(name_repartition=False, prefix="sec", group_prefix="gw")
 
 
 def worker_acls(t: Topics) -> list[tuple[ResourceType, str, ResourcePatternType, AclOperation]]:
