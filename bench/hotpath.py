@@ -59,6 +59,8 @@ class CountingSink:
         headers: Headers | None = None,
         partition: int | None = None,
         timestamp: int = 0,
+        *,
+        report: bool = False,
     ) -> None:
         self.records += 1
         self.bytes[topic] += len(value)

@@ -132,6 +132,7 @@ class Produced:
     headers: Headers | None
     partition: int | None
     timestamp: int = 0
+    report: bool = False
 
 
 @dataclass
@@ -172,10 +173,12 @@ class FakeSink:
         headers: Headers | None = None,
         partition: int | None = None,
         timestamp: int = 0,
+        *,
+        report: bool = False,
     ) -> None:
         if self.transactional:
             assert self.in_transaction, "produce outside a transaction"
-        self.open.append(Produced(topic, key, value, headers, partition, timestamp))
+        self.open.append(Produced(topic, key, value, headers, partition, timestamp, report))
 
     def commit(self, offsets: Offsets, source: Source) -> Offsets:
         if self.fail_next_commit is not None:
@@ -198,7 +201,9 @@ class FakeSink:
         reached: dict[Partition, int] = {}
         for p in self.open:  # a record's offset: how many its topic partition held
             position = (p.topic, p.partition or 0)
-            reached[position] = self.ends[position] = self.ends.get(position, 0) + 1
+            self.ends[position] = self.ends.get(position, 0) + 1
+            if p.report or not self.transactional:  # as KafkaSink reports deliveries
+                reached[position] = self.ends[position]
         self.committed.extend(self.open)
         self.open.clear()
         if self.transactional:

@@ -174,15 +174,23 @@ class Processor:
         """
         routes = self._routes
         changed = self._store.changed()
-        for partition, state, value in changed:
-            self._write_changelog(routes.state, partition, state.group_id, value)
+        last = _last_of_each(p for p, _, _ in changed)
+        for i, (partition, state, value) in enumerate(changed):
+            report = last[partition] == i
+            self._write_changelog(routes.state, partition, state.group_id, value, report=report)
         members = self._store.changed_members()
-        for partition, key, _, value in members:
-            self._write_changelog(routes.members, partition, key, value)
+        last = _last_of_each(p for p, _, _, _ in members)
+        for i, (partition, key, _, value) in enumerate(members):
+            self._write_changelog(
+                routes.members, partition, key, value, report=last[partition] == i
+            )
         seen = self._store.changed_seen()
-        for partition, (group_id, message_id), arrival in seen:
+        last = _last_of_each(p for p, _, _ in seen)
+        for i, (partition, (group_id, message_id), arrival) in enumerate(seen):
             key = seen_record_key(group_id, message_id)
-            self._write_changelog(routes.dedupe, partition, key, b"%d" % arrival, arrival)
+            value = b"%d" % arrival
+            report = last[partition] == i
+            self._write_changelog(routes.dedupe, partition, key, value, arrival, report=report)
             self._latest_arrival = max(self._latest_arrival, arrival)
         return len(changed) + len(members) + len(seen)
 
@@ -303,12 +311,23 @@ class Processor:
         return enriched
 
     def _write_changelog(
-        self, topic: str, partition: int, key: str, value: bytes, timestamp: int = 0
+        self,
+        topic: str,
+        partition: int,
+        key: str,
+        value: bytes,
+        timestamp: int = 0,
+        *,
+        report: bool,
     ) -> None:
+        """Produce one changelog record; ``report`` asks for its offset (the last record
+        of its topic partition in this commit: where the store's offset goes)."""
         key_bytes = key.encode()
         reason = self._refusal(topic, key_bytes, value)
         if reason is None:
-            self._sink.produce(topic, key_bytes, value, partition=partition, timestamp=timestamp)
+            self._sink.produce(
+                topic, key_bytes, value, partition=partition, timestamp=timestamp, report=report
+            )
             return
         self._on_unwritable(self._route_of[topic])
         source = {"topic": topic, "partition": partition, "key": key}
@@ -389,6 +408,11 @@ class Processor:
             )
         except (codec.DecodeError, AttributeError, KeyError, TypeError):
             return (topic, key, value)
+
+
+def _last_of_each(partitions: Iterable[int]) -> dict[int, int]:
+    """The index of the last occurrence of each partition."""
+    return {partition: i for i, partition in enumerate(partitions)}
 
 
 def _position(letter: DeadLetter) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class Sink(Protocol):
         headers: Headers | None = None,
         partition: int | None = None,
         timestamp: int = 0,
+        *,
+        report: bool = False,
     ) -> None: ...
     def commit(self, offsets: Offsets, source: Source) -> Offsets: ...
     def abort(self) -> None: ...
@@ -119,6 +121,9 @@ class KafkaSink:
         )
         self._transactional = guarantee == "exactly_once"
         self._in_transaction = False
+        # Whether every record gets a delivery report (``produce``): at least once,
+        # always; exactly once, from an abort until the next commit.
+        self._careful = not self._transactional
         self._clock = clock
         self._commit_timeout = commit_timeout
         self._failed: list[str] = []
@@ -160,11 +165,20 @@ class KafkaSink:
         headers: Headers | None = None,
         partition: int | None = None,
         timestamp: int = 0,
+        *,
+        report: bool = False,
     ) -> None:
         """Queue one record; blocks, serving deliveries, while the local queue is full.
 
         ``timestamp`` (epoch ms) is the record's timestamp; 0 takes the current time.
+        ``report``: the caller needs the record's offset (in ``commit``'s result).
+        Exactly once, only such records and every record of a batch replayed after an
+        abort get a delivery report (a Python call each): the transaction's commit
+        vouches for the others, and a record refused for good fails it, to be learned
+        from its report (``take_refused``) on the replay. At least once, every record
+        gets one: a failed delivery is found by its report only.
         """
+        on_delivery = self._delivered if report or self._careful else None
         while True:
             try:
                 self._producer.produce(
@@ -172,7 +186,7 @@ class KafkaSink:
                     value,
                     key,
                     -1 if partition is None else partition,
-                    on_delivery=self._delivered,
+                    on_delivery=on_delivery,
                     timestamp=timestamp,
                     headers=list(headers) if headers else None,
                 )
@@ -216,6 +230,7 @@ class KafkaSink:
                 )
             self._retry(lambda: self._producer.commit_transaction(self._commit_timeout))
             self._in_transaction = False
+            self._careful = False
             self._failed.clear()  # the transaction commit already vouched for delivery
             return self._take_reached()
         remaining = self._producer.flush(self._commit_timeout)  # (1)
@@ -237,6 +252,7 @@ class KafkaSink:
             except AbortableError as e:  # an abort that cannot abort: rebuild the producer
                 raise KafkaError(f"abort failed: {e}") from None
             self._in_transaction = False
+            self._careful = True  # the replay learns which record failed the batch
         self._failed.clear()
         self._reached.clear()
 

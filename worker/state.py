@@ -138,8 +138,10 @@ class GroupState:
     first_seen_ms: int
     last_seen_ms: int
     updated_ms: int
-    # ``group_size``, carried from merge to merge; -1 until known (a restored state).
+    # At least ``group_size``, carried from merge to merge (exactly it when
+    # ``size_exact``); -1 until known (a restored state).
     size: int = field(default=-1, compare=False)
+    size_exact: bool = field(default=False, compare=False)
 
 
 def merge_call(
@@ -167,10 +169,80 @@ def merge_call(
     traits = dict(state.traits) if state is not None else {}
     stamps = dict(state.stamps) if state is not None else {}
     address = state.address if state is not None else None
-    size = 0 if state is None else state.size if state.size >= 0 else group_size(state)
-    drop: Callable[[str], None] = dropped.append if dropped is not None else _ignore
-    mid_bytes = _json_bytes(call.message_id)
-    for name, value in call.traits.items():
+    if state is None:
+        size, exact = 0, True
+    elif state.size < 0:
+        size, exact = group_size(state), True
+    else:
+        size, exact = state.size, state.size_exact
+    growth = _growth_bound(call.traits, _json_bytes(call.message_id))
+    if size + growth <= min(bound.new_keys, bound.any_growth):
+        # No write can be dropped: apply them all, and carry an upper bound of the size.
+        for name, value in call.traits.items():
+            if name == "address":
+                address = _merge_address(address, traits, value, stamp)
+            else:
+                old = stamps.get(name)
+                if old is None or stamp > old:
+                    traits[name] = value
+                    stamps[name] = stamp
+        size, exact = size + growth, False
+    else:
+        if not exact and state is not None:
+            size = group_size(state)
+        drop = dropped.append if dropped is not None else _ignore
+        address, size = _merge_bounded(
+            traits, stamps, address, call.traits, stamp, size, bound, drop
+        )
+        exact = True
+    if state is None:
+        first = last = call.event_ms
+        members = events = 0
+    else:
+        first = min(state.first_seen_ms, call.event_ms)
+        last = max(state.last_seen_ms, call.event_ms)
+        members, events = state.member_count, state.event_count
+    return GroupState(
+        group_id=call.group_id,
+        traits=traits,
+        stamps=stamps or _NO_STAMPS,
+        address=address,
+        member_count=members + 1 if new_member else members,
+        event_count=events + 1,
+        first_seen_ms=first,
+        last_seen_ms=last,
+        updated_ms=now_ms,
+        size=size,
+        size_exact=exact,
+    )
+
+
+def _growth_bound(traits: Mapping[str, Any], mid_bytes: int) -> int:
+    """At most what a call with ``traits`` adds to a group's size (``group_size``).
+
+    Each trait adds at most its key twice, its value and a stamp; ``address`` at most
+    its sub-keys twice, their values, a stamp per sub-field and two more (null, object).
+    All of that is within twice the traits' JSON and a stamp per key at either level.
+    """
+    address = traits.get("address")
+    keys = len(traits) + 2 + (len(address) if isinstance(address, Mapping) else 0)
+    return 2 * len(_encode(traits)) + keys * (mid_bytes + _STAMP_BYTES)
+
+
+def _merge_bounded(
+    traits: dict[str, Any],
+    stamps: dict[str, Stamp],
+    address: AddressStamps | None,
+    written: Mapping[str, Any],
+    stamp: Stamp,
+    size: int,
+    bound: GroupBound,
+    drop: Callable[[str], None],
+) -> tuple[AddressStamps | None, int]:
+    """Apply the ``written`` traits in place, each only while the group stays within
+    ``bound`` (module docstring); returns the address registers and the exact size."""
+    mid_bytes = _json_bytes(stamp[1])
+    for name, value in written.items():
         if name == "address":
             shown = traits.get("address")
             before = 0 if address is None else _address_bytes(shown, address)
@@ -202,25 +274,7 @@ def merge_call(
         traits[name] = value
         stamps[name] = stamp
         size += grown
-    if state is None:
-        first = last = call.event_ms
-        members = events = 0
-    else:
-        first = min(state.first_seen_ms, call.event_ms)
-        last = max(state.last_seen_ms, call.event_ms)
-        members, events = state.member_count, state.event_count
-    return GroupState(
-        group_id=call.group_id,
-        traits=traits,
-        stamps=stamps or _NO_STAMPS,
-        address=address,
-        member_count=members + 1 if new_member else members,
-        event_count=events + 1,
-        first_seen_ms=first,
-        last_seen_ms=last,
-        updated_ms=now_ms,
-        size=size,
-    )
+    return address, size
 
 
 def group_size(state: GroupState) -> int:

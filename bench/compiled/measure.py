@@ -68,6 +68,8 @@ class _Sink(Protocol):
         headers: Any = None,
         partition: int | None = None,
         timestamp: int = 0,
+        *,
+        report: bool = False,
     ) -> None: ...
 
 
@@ -86,6 +88,8 @@ class RecordingSink(CountingSink):
         headers: Any = None,
         partition: int | None = None,
         timestamp: int = 0,
+        *,
+        report: bool = False,
     ) -> None:
         super().produce(topic, key, value, headers, partition, timestamp)
         self.kept.append((topic, key, value))

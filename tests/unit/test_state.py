@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from worker import codec
+from worker import state as state_module
 from worker.limits import GroupBound
 from worker.members import (
     Membership,
@@ -580,10 +583,17 @@ def test_address_stamps_are_canonical_after_null() -> None:
 
 
 def bounded(
-    state: GroupState | None, c: Applied, bound: GroupBound
+    state: GroupState | None, c: Applied, bound: GroupBound, *, count: bool = False
 ) -> tuple[GroupState, list[str]]:
+    """Merge ``c`` under ``bound``; ``count`` makes the merge count every write (as it
+    does near the bound) however far from the bound the group is."""
     dropped: list[str] = []
-    out = merge_call(state, c, new_member=False, now_ms=NOW, bound=bound, dropped=dropped)
+    with (
+        mock.patch.object(state_module, "_growth_bound", return_value=2**63)
+        if count
+        else (contextlib.nullcontext())
+    ):
+        out = merge_call(state, c, new_member=False, now_ms=NOW, bound=bound, dropped=dropped)
     return out, dropped
 
 
@@ -640,10 +650,39 @@ def test_group_size_bounds_the_state_record() -> None:
 def test_size_carried_by_merges_equals_group_size(
     case: tuple[list[Applied], list[Applied]],
 ) -> None:
-    """The size each merge carries forward is what group_size computes from scratch."""
+    """The size each merge carries forward is at least what group_size computes from
+    scratch, and exactly it when the merge says so."""
     _, delivered = case
     states, _ = fold(delivered)
     for state in states.values():
-        assert state.size == group_size(state)
+        assert state.size >= group_size(state)
         restored = state_from_record(codec.decode(codec.encode(state_record(state))))
-        assert group_size(restored) == state.size
+        assert group_size(restored) == group_size(state)
+        exact = merge_call(
+            state, call("late", T0, group=state.group_id), new_member=False, now_ms=NOW, bound=TIGHT
+        )
+        assert exact.size_exact
+        assert exact.size == group_size(exact)
+
+
+# Tight enough that the merges above must count every write.
+TIGHT = GroupBound(new_keys=1, any_growth=10**6)
+
+
+@given(deliveries(), st.integers(0, 3_000), st.integers(0, 3_000))
+def test_a_bound_drops_the_same_traits_whether_or_not_a_merge_counts_them(
+    case: tuple[list[Applied], list[Applied]], new_keys: int, extra: int
+) -> None:
+    """Merges that skip counting (no write could pass the bound) decide as counting ones."""
+    _, delivered = case
+    bound = GroupBound(new_keys=new_keys, any_growth=new_keys + extra)
+    counted: dict[str, tuple[GroupState, list[str]]] = {}
+    skipped: dict[str, tuple[GroupState, list[str]]] = {}
+    for c in delivered:
+        for states, always in ((counted, True), (skipped, False)):
+            before = states.get(c.group_id)
+            state, dropped = bounded(before[0] if before else None, c, bound, count=always)
+            states[c.group_id] = state, dropped
+            assert group_size(state) <= state.size
+        assert counted[c.group_id] == skipped[c.group_id]
+        assert group_size(counted[c.group_id][0]) <= bound.any_growth
