@@ -122,8 +122,9 @@ class KafkaSink:
         self._transactional = guarantee == "exactly_once"
         self._in_transaction = False
         # Whether every record gets a delivery report (``produce``): at least once,
-        # always; exactly once, from an abort until the next commit.
-        self._careful = not self._transactional
+        # always; exactly once, in the first transaction and from an abort until the
+        # next commit (a producer rebuilt after a failure learns what failed it).
+        self._careful = True
         self._clock = clock
         self._commit_timeout = commit_timeout
         self._failed: list[str] = []
@@ -172,8 +173,8 @@ class KafkaSink:
 
         ``timestamp`` (epoch ms) is the record's timestamp; 0 takes the current time.
         ``report``: the caller needs the record's offset (in ``commit``'s result).
-        Exactly once, only such records and every record of a batch replayed after an
-        abort get a delivery report (a Python call each): the transaction's commit
+        Exactly once, only such records, and every record of the first transaction and
+        of a batch replayed after an abort, get a delivery report (a Python call each): the transaction's commit
         vouches for the others, and a record refused for good fails it, to be learned
         from its report (``take_refused``) on the replay. At least once, every record
         gets one: a failed delivery is found by its report only.
@@ -230,7 +231,7 @@ class KafkaSink:
                 )
             self._retry(lambda: self._producer.commit_transaction(self._commit_timeout))
             self._in_transaction = False
-            self._careful = False
+            self._careful = not self._transactional
             self._failed.clear()  # the transaction commit already vouched for delivery
             return self._take_reached()
         remaining = self._producer.flush(self._commit_timeout)  # (1)
