@@ -60,6 +60,7 @@ lock: $(UV) ## re-pin requirements/*.txt (versions and hashes) from pyproject.to
 	$(BUILD_REQUIRES) | $(UV_COMPILE) -c requirements/dev.txt - -o requirements/build.txt
 	$(BUILD_REQUIRES) | $(UV_COMPILE) -c requirements/dev.txt --extra dev --extra bench \
 		pyproject.toml - -o requirements/bench.txt
+	$(UV_COMPILE) requirements/peer.in -o requirements/peer.txt
 
 kafka-up: ## start the local Kafka broker on 127.0.0.1:9092 (fetches the jars once)
 	@bash $(KAFKA) up
@@ -111,19 +112,29 @@ $(VENV)/.bench-installed: $(VENV)/.installed requirements/bench.txt
 	$(PIP_INSTALL) --require-hashes -r requirements/bench.txt
 	@touch $@
 
+# The peer (bench/peer.py, Quix Streams) gets a venv of its own: Quix Streams pins
+# confluent-kafka below the version the worker is locked to (requirements/peer.in).
+PEER_VENV := .cache/peer-quixstreams
+$(PEER_VENV)/.installed: requirements/peer.txt
+	@test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes \
+		-r requirements/peer.txt
+	@touch $@
+
 define bench_run
 	@started=0; \
 	if ! KAFKA_PORT=$(BENCH_KAFKA_PORT) bash $(KAFKA) status >/dev/null; then \
 	  KAFKA_PORT=$(BENCH_KAFKA_PORT) bash $(KAFKA) up || exit 1; started=1; fi; \
-	$(BIN)/python -m bench --bootstrap 127.0.0.1:$(BENCH_KAFKA_PORT) $(1) $(BENCH_ARGS); rc=$$?; \
+	$(BIN)/python -m bench --bootstrap 127.0.0.1:$(BENCH_KAFKA_PORT) \
+	  --peer-python $(PEER_VENV)/bin/python $(1) $(BENCH_ARGS); rc=$$?; \
 	if [ $$started = 1 ]; then KAFKA_PORT=$(BENCH_KAFKA_PORT) bash $(KAFKA) down; fi; \
 	exit $$rc
 endef
 
-bench: prereqs-bench venv $(VENV)/.bench-installed ## benchmark 1,000,000 calls on a broker of its own (~15 min)
+bench: prereqs-bench venv $(VENV)/.bench-installed $(PEER_VENV)/.installed ## benchmark 1,000,000 calls on a broker of its own (~15 min)
 	$(call bench_run,--keyed)
 
-bench-quick: prereqs-bench venv $(VENV)/.bench-installed ## the benchmark at 100,000 calls (~2 min): bench/results/quick.*
+bench-quick: prereqs-bench venv $(VENV)/.bench-installed $(PEER_VENV)/.installed ## the benchmark at 100,000 calls (~2 min): bench/results/quick.*
 	$(call bench_run,$(BENCH_QUICK))
 
 # Deployment artefacts (deploy/): container, compose, Kubernetes, dashboard, alerts.

@@ -5,7 +5,8 @@ Steps, each timed (the table says which target each figure answers):
 1. generate ``--calls`` calls (seeded) into a fresh input topic;
 2. the ceiling (``bench.ceiling``) and the worker (``group-worker run``) drain that same
    topic, at ``exactly_once`` then ``at_least_once``; with ``--keyed`` also a worker on
-   a copy of the input keyed by groupId;
+   a copy of the input keyed by groupId, and the peer (``bench.peer``: the same job in
+   Quix Streams, in its own interpreter) on that copy;
 3. latency: a fresh worker fed at half the exactly-once worker's measured rate;
 4. restore: a state topic of ``--restore-groups`` groups, read back into a RocksDB store
    in a fresh process, and by a bare consumer;
@@ -15,7 +16,9 @@ Steps, each timed (the table says which target each figure answers):
    (with ``--variants``, steps 2 and 3 also run ``bench.variants``: proposed runner changes);
 7. the hot path in this process (``bench.hotpath``), one and two stages.
 
-Writes ``latest.json``, ``latest.png`` and ``README-table.md`` in ``--out``.
+``--skip`` leaves out steps (``raw``: the worker drains of the unkeyed input, and so
+the latency step; ``latency``, ``restore``, ``memory``, ``hot-path``), for a quick look
+at the others. Writes ``latest.json``, ``latest.png`` and ``README-table.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -38,12 +41,21 @@ from bench.hotpath import make_records, measure_hot_path
 from bench.latency import measure_latency
 from bench.report import TARGETS
 from bench.restart import measure_restart
-from bench.runs import Topics, delete_topics, drain_worker, fill_topic, run_ceiling
+from bench.runs import (
+    PEER_PYTHON,
+    Topics,
+    delete_topics,
+    drain_worker,
+    fill_topic,
+    run_ceiling,
+    run_peer,
+)
 from bench.state import measure_group_memory, measure_restore
 
 _T = TypeVar("_T")
 # Proposed runner changes, applied by bench.variants (the worker's code is unchanged).
 VARIANT = ("--gc-freeze", "--poll-timeout", "0.01")
+SKIPPABLE = ("raw", "latency", "restore", "memory", "hot-path")
 
 
 def _machine() -> dict[str, Any]:
@@ -116,9 +128,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also run the worker with the changes bench.variants applies (for experiments)",
     )
+    parser.add_argument(
+        "--peer-python",
+        type=Path,
+        default=PEER_PYTHON,
+        help="the interpreter with Quix Streams for the peer (with --keyed)",
+    )
+    parser.add_argument(
+        "--peer-commit-interval",
+        type=float,
+        default=None,
+        help="the peer's commit_interval in seconds (default: Quix Streams' own)",
+    )
+    parser.add_argument(
+        "--skip",
+        type=lambda text: [x for x in text.split(",") if x],
+        default=[],
+        help=f"comma-separated steps to leave out: {', '.join(SKIPPABLE)}",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="latest", help="file name stem of the outputs")
     args = parser.parse_args(argv)
+    unknown = set(args.skip) - set(SKIPPABLE)
+    if unknown:
+        parser.error(f"--skip: unknown steps {', '.join(sorted(unknown))}")
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.out / "logs.tmp"
     steps = Steps()
@@ -158,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ceiling {guarantee}", partial(run_ceiling, b, raw, guarantee, args.calls)
             )
             results["ceiling"][guarantee] = {"seconds": seconds, "rate": args.calls / seconds}
+            if "raw" in args.skip:
+                continue
             try:
                 drain = steps.run(
                     f"worker {guarantee}",
@@ -201,6 +236,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "keyed": True,
                     "error": _error(e),
                 }
+            try:
+                peer = steps.run(
+                    "peer (Quix Streams) exactly_once, keyed input",
+                    lambda: run_peer(
+                        b,
+                        keyed,
+                        args.calls,
+                        log_dir,
+                        python=args.peer_python,
+                        commit_interval=args.peer_commit_interval,
+                    ),
+                )
+                results["peer"] = {
+                    "library": peer.library,
+                    "guarantee": "exactly_once",
+                    "keyed": True,
+                    "commit_interval": args.peer_commit_interval,
+                    "seconds": peer.seconds,
+                    "rate": peer.calls_per_second,
+                    "committed_seconds": peer.committed_seconds,
+                    "peak_rss_bytes": peer.peak_rss_bytes,
+                    "outputs": peer.outputs,
+                }
+            except Exception as e:
+                results["peer"] = {"guarantee": "exactly_once", "keyed": True, "error": _error(e)}
         if args.variants:
             try:
                 drain = steps.run(
@@ -221,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         delete_topics(b, [raw, keyed])
 
     eos = results["drains"].get("exactly_once", {})
-    if "rate" in eos:
+    if "rate" in eos and "latency" not in args.skip:
         rate = eos["rate"] / 2
         try:
             latency = steps.run(
@@ -253,20 +313,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as e:
                 results["variant"]["latency"] = {"error": _error(e)}
 
-    restore = steps.run(
-        f"restore {args.restore_groups:,} groups", lambda: measure_restore(b, args.restore_groups)
-    )
-    results["restore"] = {
-        "store": "rocksdb",
-        "records": restore.records,
-        "seconds": restore.seconds,
-        "rate": restore.records_per_second,
-        "fill_seconds": restore.fill_seconds,
-        "rss_growth_bytes": restore.rss_growth_bytes,
-        "peak_rss_bytes": restore.peak_rss_bytes,
-        "record_bytes": restore.record_bytes,
-        "bare_rate": restore.bare_per_second,
-    }
+    if "restore" not in args.skip:
+        restore = steps.run(
+            f"restore {args.restore_groups:,} groups",
+            lambda: measure_restore(b, args.restore_groups),
+        )
+        results["restore"] = {
+            "store": "rocksdb",
+            "records": restore.records,
+            "seconds": restore.seconds,
+            "rate": restore.records_per_second,
+            "fill_seconds": restore.fill_seconds,
+            "rss_growth_bytes": restore.rss_growth_bytes,
+            "peak_rss_bytes": restore.peak_rss_bytes,
+            "record_bytes": restore.record_bytes,
+            "bare_rate": restore.bare_per_second,
+        }
     if args.restart_groups:
         try:
             restart = steps.run(
@@ -285,24 +347,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["restart"] = restart.to_json()
         except Exception as e:
             results["restart"] = {"groups": args.restart_groups, "error": _error(e)}
-    memory = steps.run("memory", lambda: measure_group_memory(args.memory_groups))
-    results["memory"] = {
-        "groups": memory.groups,
-        "bytes_per_group": memory.bytes_per_group,
-        "bytes_per_membership": memory.bytes_per_membership,
-    }
-
-    records = steps.run("generate hot-path records", lambda: make_records(args.hot_path_calls))
-    for stages, name in ((1, "1 stage (keyed input)"), (2, "2 stages (default)")):
-        hot = steps.run(f"hot path {name}", partial(measure_hot_path, records, stages=stages))
-        results["hot_path"][name] = {
-            "calls": hot.calls,
-            "cpu_seconds": hot.cpu_seconds,
-            "wall_seconds": hot.wall_seconds,
-            "rate": hot.calls_per_second,
-            "bytes_out_per_call": {t: n / hot.calls for t, n in hot.bytes_out.items()},
-            "largest_record_bytes": hot.largest_out,
+    if "memory" not in args.skip:
+        memory = steps.run("memory", lambda: measure_group_memory(args.memory_groups))
+        results["memory"] = {
+            "groups": memory.groups,
+            "bytes_per_group": memory.bytes_per_group,
+            "bytes_per_membership": memory.bytes_per_membership,
         }
+
+    if "hot-path" not in args.skip:
+        records = steps.run("generate hot-path records", lambda: make_records(args.hot_path_calls))
+        for stages, name in ((1, "1 stage (keyed input)"), (2, "2 stages (default)")):
+            hot = steps.run(f"hot path {name}", partial(measure_hot_path, records, stages=stages))
+            results["hot_path"][name] = {
+                "calls": hot.calls,
+                "cpu_seconds": hot.cpu_seconds,
+                "wall_seconds": hot.wall_seconds,
+                "rate": hot.calls_per_second,
+                "bytes_out_per_call": {t: n / hot.calls for t, n in hot.bytes_out.items()},
+                "largest_record_bytes": hot.largest_out,
+            }
 
     results["step_seconds"] = steps.seconds
     results["wall_seconds"] = round(time.perf_counter() - steps.started, 1)

@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "TARGETS",
     "Row",
+    "peer_rows",
     "restart_rows",
     "rows_from_results",
     "write_chart",
@@ -24,6 +25,8 @@ __all__ = [
 # What each figure of the table is held to.
 TARGETS = {
     "ratio": 0.5,
+    # Issue 13: the worker at least twice the rate of the same job in Quix Streams.
+    "peer_ratio": 2.0,
     "hot_path": 150_000,
     "restore": 250_000,
     "bytes_per_group": 1024,
@@ -85,6 +88,8 @@ def rows_from_results(r: Mapping[str, Any]) -> list[Row]:
             mix = r.get("input", {}).get("mix")
             if mix is not None and "outcomes" in d:
                 rows.append(_redeliveries(d["outcomes"].get("duplicate", 0), mix))
+        if guarantee == "exactly_once":
+            rows += peer_rows(r.get("peer"), drains.get("keyed"), r.get("input", {}), t)
     variant = r.get("variant")
     if variant is not None:
         label = f"worker, proposed: {' '.join(variant['args'])}"
@@ -192,6 +197,48 @@ def rows_from_results(r: Mapping[str, Any]) -> list[Row]:
                 f"  largest state record ({calls})",
                 f"{largest / 1024:,.1f} KiB",
                 "Kafka default 1 MB",
+            )
+        )
+    return rows
+
+
+def peer_rows(
+    peer: Mapping[str, Any] | None,
+    worker: Mapping[str, Any] | None,
+    inputs: Mapping[str, Any],
+    t: Mapping[str, Any],
+) -> list[Row]:
+    """The peer's rows (``bench.peer``): its rate, and the keyed worker's against it."""
+    if peer is None:
+        return []
+    label = f"peer, {peer.get('library', 'Quix Streams')} (exactly_once, keyed)"
+    if "error" in peer:
+        return [Row(label, "failed: " + peer["error"].splitlines()[0][:60])]
+    rows = [Row(label, _rate(peer["rate"]))]
+    if worker is not None and "rate" in worker:
+        ratio = worker["rate"] / peer["rate"]
+        target = t.get("peer_ratio", 2.0)
+        rows.append(
+            Row(
+                "  worker / peer (exactly_once, keyed)",
+                f"{ratio:.2f}x",
+                f">= {target}x",
+                ratio >= target,
+            )
+        )
+    groups = inputs.get("mix", {}).get("group")
+    rows.append(
+        Row(
+            "  peer, first call to its final commit",
+            f"{peer['committed_seconds']:.1f} s ({peer['seconds']:.1f} s processing)",
+        )
+    )
+    rows.append(Row("  peak RSS of the peer", f"{peer['peak_rss_bytes'] / 2**20:,.0f} MiB"))
+    if groups is not None:
+        rows.append(
+            Row(
+                "  peer's enriched calls, read_committed / valid group calls sent",
+                f"{peer['outputs']:,} / {groups:,}",
             )
         )
     return rows
@@ -339,6 +386,11 @@ def write_chart(results: Mapping[str, Any], path: Path) -> None:
                 names.append(f"worker\n{short}{keyed}")
                 rates.append(d["rate"])
                 colours.append("#1f77b4")
+        peer = results.get("peer", {})
+        if guarantee == "exactly_once" and "rate" in peer:
+            names.append("Quix\nEOS keyed")
+            rates.append(peer["rate"])
+            colours.append("#d62728")
     variant = results.get("variant", {})
     if "rate" in variant:
         names.append("worker EOS\nproposed")

@@ -32,6 +32,7 @@ from worker import kafka
 __all__ = [
     "Drain",
     "Fill",
+    "PeerRun",
     "Topics",
     "WorkerProcess",
     "bare_read",
@@ -43,9 +44,12 @@ __all__ = [
     "outcome_total",
     "produce_all",
     "run_ceiling",
+    "run_peer",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
+# The peer's interpreter (``bench.peer``), built by ``make bench`` from requirements/peer.txt.
+PEER_PYTHON = ROOT / ".cache" / "peer-quixstreams" / "bin" / "python"
 PARTITIONS = 6  # the worker's default topics.partitions
 # How often /metrics is read while a worker drains: each read costs the worker a
 # rendering of its registry, so not much more often than a Prometheus would.
@@ -453,3 +457,97 @@ def drain_worker(
     finally:
         worker.stop()
         delete_topics(bootstrap, topics.all)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRun:
+    """One run of the peer (``bench.peer``, Quix Streams) over a pre-filled keyed topic."""
+
+    library: str
+    calls: int
+    seconds: float
+    committed_seconds: float
+    peak_rss_bytes: int
+    outputs: int
+
+    @property
+    def calls_per_second(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+
+def run_peer(
+    bootstrap: str,
+    input_topic: str,
+    expect: int,
+    log_dir: Path,
+    *,
+    python: Path = PEER_PYTHON,
+    commit_interval: float | None = None,
+    timeout: float = 1800,
+) -> PeerRun:
+    """Run the peer in its own interpreter until it processed ``expect`` input records.
+
+    Then checks, from here, that its consumer group committed the input topic to its
+    end, and counts its outputs with a ``read_committed`` consumer. Raises with the tail
+    of its log when it fails.
+    """
+    if not python.exists():
+        raise RuntimeError(f"no peer interpreter at {python.relative_to(ROOT)}: run make bench")
+    topics = Topics.fresh("peer")
+    output = topics.name("out")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{topics.tag}.log"
+    create_topic(bootstrap, output)
+    command = [str(python), "-m", "bench.peer", "--bootstrap", bootstrap, "--input", input_topic]
+    command += ["--output", output, "--group", topics.tag, "--expect", str(expect)]
+    if commit_interval is not None:
+        command += ["--commit-interval", str(commit_interval)]
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-peer-") as state_dir,
+            open(log_path, "wb") as log,
+        ):
+            done = subprocess.run(
+                [*command, "--state-dir", state_dir],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                timeout=timeout,
+                check=False,
+            )
+        lines = done.stdout.decode().strip().splitlines()
+        result = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
+        if result.get("seconds") is None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the peer exited with {done.returncode}: {tail}")
+        behind = _uncommitted(bootstrap, topics.tag, input_topic)
+        if behind:
+            raise RuntimeError(f"the peer left {behind} input records uncommitted")
+        outputs, _ = bare_read(bootstrap, [output])
+    finally:
+        admin = _admin(bootstrap)
+        mine = [t for t in admin.list_topics(timeout=10).topics if topics.tag in t]
+        delete_topics(bootstrap, mine)
+    return PeerRun(
+        result["library"],
+        expect,
+        float(result["seconds"]),
+        float(result["committed_seconds"]),
+        int(result["peak_rss_bytes"]),
+        outputs,
+    )
+
+
+def _uncommitted(bootstrap: str, group: str, topic: str) -> int:
+    """Records of ``topic`` past the offsets ``group`` committed."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        partitions = [TopicPartition(topic, p) for p in metadata.partitions]
+        behind = 0
+        for tp in consumer.committed(partitions, timeout=10):
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            behind += high - max(tp.offset, 0)
+        return behind
+    finally:
+        consumer.close()

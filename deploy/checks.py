@@ -614,8 +614,25 @@ def cmd_locks(pyproject: str) -> int:
             shared = locks.get("dev.txt", {}).get(package)
             if shared and name != "dev.txt" and {v for v, _ in versions} - {v for v, _ in shared}:
                 problems.check(False, f"{name}: {package} differs from dev.txt")
+    # The benchmark's peer (bench/peer.py) has a lock of its own, made from peer.in.
+    if (here / "peer.in").is_file():
+        pins = lock_pins(here / "peer.txt") if (here / "peer.txt").is_file() else {}
+        problems.check(bool(pins), "no peer.txt (make lock)")
+        for line in (here / "peer.in").read_text().splitlines():
+            entry = line.split("#")[0].strip()
+            if not entry:
+                continue
+            req = Requirement(entry)
+            found = pins.get(canonicalize_name(req.name), [])
+            ok = bool(found) and all(req.specifier.contains(v, prereleases=True) for v, _ in found)
+            problems.check(ok, f"peer.txt: {req.name} is not {req.specifier} (make lock)")
+        for package, versions in pins.items():
+            problems.check(all(h for _, h in versions), f"peer.txt: {package} has no hash")
+        locks["peer.txt"] = pins
     count = sum(len(p) for p in locks.values())
-    return problems.exit(f"{len(locks)} locks, {count} hashed pins, each meets pyproject.toml")
+    return problems.exit(
+        f"{len(locks)} locks, {count} hashed pins, each meets pyproject.toml (peer.txt: peer.in)"
+    )
 
 
 _COMMANDS: dict[str, tuple[int, Callable[..., int]]] = {
