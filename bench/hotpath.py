@@ -36,7 +36,7 @@ _TOPIC = "segment.raw"
 _REPARTITION = "group-worker.repartition"
 _BATCH = 1000
 _DEDUPE_WINDOW_MS = 86_400_000
-_CACHE_BYTES = 64 << 20  # worker.state_cache_mb's default
+_CACHE_BYTES = 32 << 20  # worker.state_cache_mb's default
 
 
 class CountingSink:

@@ -54,7 +54,7 @@ __all__ = [
 _TRAITS = 10
 _COMPACT = {"cleanup.policy": "compact"}
 # The worker's default state.cache_mb.
-_CACHE_BYTES = 64 << 20
+_CACHE_BYTES = 32 << 20
 
 
 def _ten_traits(index: int) -> dict[str, Any]:

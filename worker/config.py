@@ -106,7 +106,7 @@ class WorkerConfig:
     # under <state_dir>/<group_id>/<slot>; relative paths are from the working directory.
     state_dir: str = "state"
     # Parsed states and memberships kept in memory, in MiB (RocksDB's own cache aside).
-    state_cache_mb: int = 64
+    state_cache_mb: int = 32
 
 
 @dataclass(frozen=True, slots=True)

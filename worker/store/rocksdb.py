@@ -60,8 +60,8 @@ _V = TypeVar("_V")
 # about 1.4 times its record, a membership 2 times its 130 bytes), plus the cache's own.
 _ENTRY_BYTES: Final = 200
 # RocksDB's block cache (uncompressed blocks) and write buffers, shared by the partitions.
-_BLOCK_CACHE_BYTES: Final = 64 << 20
-_WRITE_BUFFERS_BYTES: Final = 64 << 20
+_BLOCK_CACHE_BYTES: Final = 32 << 20
+_WRITE_BUFFERS_BYTES: Final = 32 << 20
 
 
 class RocksDBStateStore:
@@ -69,7 +69,7 @@ class RocksDBStateStore:
 
     ``cache_bytes`` bounds the parsed states and memberships kept (approximately: costs
     are estimated from the records' lengths). RocksDB's own memory comes on top: a
-    64 MiB block cache and 64 MiB of write buffers, both shared by the partitions.
+    32 MiB block cache and 32 MiB of write buffers, both shared by the partitions.
     ``directory`` is created when missing. Two stores must not share a directory (a
     partition's files are locked while open).
     """
