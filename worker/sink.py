@@ -173,11 +173,12 @@ class KafkaSink:
 
         ``timestamp`` (epoch ms) is the record's timestamp; 0 takes the current time.
         ``report``: the caller needs the record's offset (in ``commit``'s result).
-        Exactly once, only such records, and every record of the first transaction and
-        of a batch replayed after an abort, get a delivery report (a Python call each): the transaction's commit
-        vouches for the others, and a record refused for good fails it, to be learned
-        from its report (``take_refused``) on the replay. At least once, every record
-        gets one: a failed delivery is found by its report only.
+        Exactly once, only such records get a delivery report (a Python call each),
+        but for every record of the first transaction and of a batch replayed after an
+        abort: the transaction's commit vouches for the others, and a record refused
+        for good fails it, to be learned from its report (``take_refused``) on the
+        replay. At least once, every record gets one: a failed delivery is found by
+        its report only.
         """
         on_delivery = self._delivered if report or self._careful else None
         while True:
