@@ -173,8 +173,8 @@ class KafkaSink:
 
         ``timestamp`` (epoch ms) is the record's timestamp; 0 takes the current time.
         ``report``: the caller needs the record's offset (in ``commit``'s result).
-        Exactly once, only such records get a delivery report (a Python call each),
-        but for every record of the first transaction and of a batch replayed after an
+        Exactly once, a record gets a delivery report (a Python call each) only when
+        asked, or in the producer's first transaction, or in a batch replayed after an
         abort: the transaction's commit vouches for the others, and a record refused
         for good fails it, to be learned from its report (``take_refused``) on the
         replay. At least once, every record gets one: a failed delivery is found by
