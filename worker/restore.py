@@ -191,7 +191,8 @@ class KafkaRestorer:
             # 8 MiB at 0.63x.)
             "max.partition.fetch.bytes": 16 << 20,
             "fetch.max.bytes": 16 << 20,
-            "queued.max.messages.kbytes": 32_768,
+            # One fetch ahead of the records being applied.
+            "queued.max.messages.kbytes": 16_384,
             # A start below the first record (deleted by retention) reads from it.
             "auto.offset.reset": "earliest",
         }
