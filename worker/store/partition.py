@@ -295,10 +295,6 @@ def _options(memory: SharedMemory) -> Options:
     options.set_keep_log_file_num(2)  # RocksDB's own log of what it did
     table = BlockBasedOptions()
     table.set_block_cache(memory.block_cache)
-    # Index and filter blocks count in the shared cache too, so RocksDB's memory stays
-    # bounded however many keys the partitions hold; level 0's stay pinned (hot).
-    table.set_cache_index_and_filter_blocks(True)
-    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
     # Most lookups are of keys that are absent (a new dedupe id, a new group).
     table.set_bloom_filter(10, False)
     options.set_block_based_table_factory(table)
