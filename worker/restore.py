@@ -189,10 +189,10 @@ class KafkaRestorer:
             "fetch.wait.max.ms": 10,
             # (bench, 1,000,000 groups: 16 MiB fetches rebuild at 1.11x a bare consumer,
             # 8 MiB at 0.63x.)
-            "max.partition.fetch.bytes": 16 << 20,
-            "fetch.max.bytes": 16 << 20,
+            "max.partition.fetch.bytes": 12 << 20,
+            "fetch.max.bytes": 12 << 20,
             # One fetch ahead of the records being applied.
-            "queued.max.messages.kbytes": 16_384,
+            "queued.max.messages.kbytes": 12_288,
             # A start below the first record (deleted by retention) reads from it.
             "auto.offset.reset": "earliest",
         }
