@@ -24,10 +24,12 @@ __all__ = [
 
 # What each figure of the table is held to.
 TARGETS = {
-    "ratio": 0.5,
-    # Issue 13: the worker at least twice the rate of the same job in Quix Streams.
+    # Issue 13: the worker at 0.3x the pass-through ceiling, exactly once (the standing
+    # goal is 0.5x; issue 11: never below 0.15x), at least twice the rate of the same job
+    # in Quix Streams, and the hot path at 45,000 calls/s at one stage, 35,000 at two.
+    "ratio": 0.3,
     "peer_ratio": 2.0,
-    "hot_path": 150_000,
+    "hot_path": {"1 stage (keyed input)": 45_000, "2 stages (default)": 35_000},
     "restore": 250_000,
     "bytes_per_group": 1024,
     "p99_ms": 250,
@@ -165,12 +167,13 @@ def rows_from_results(r: Mapping[str, Any]) -> list[Row]:
             rows.append(Row(f"  RSS growth per restored group{store}", f"{per_group:,.0f} B"))
     hot_paths = r.get("hot_path", {})
     for name, h in hot_paths.items():
+        target = t["hot_path"][name] if isinstance(t["hot_path"], dict) else t["hot_path"]
         rows.append(
             Row(
                 f"hot path, {name}, one core",
                 _rate(h["rate"]),
-                f">= {t['hot_path']:,}/s",
-                h["rate"] >= t["hot_path"],
+                f">= {target:,}/s",
+                h["rate"] >= target,
             )
         )
     if hot_paths:
