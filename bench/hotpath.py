@@ -6,14 +6,17 @@ a temporary directory, default cache), committing (and so writing the coalesced
 changelog, then the store) after every batch as the runner does. It measures
 one core: the calling thread, and CPU time as well as wall time.
 
-``python -m bench.hotpath --calls 200000 [--stages 1|2] [--profile]`` runs it alone;
-``--profile`` prints a pyinstrument profile (``pip install '.[bench]'``).
+``python -m bench.hotpath --calls 200000 [--stages 1|2] [--repeat N] [--profile]`` runs
+it alone; ``--repeat`` prints the median of N runs (on a shared machine one run can be
+20% off; each has a fresh store, but the normaliser's memos stay warm after the first),
+``--profile`` a pyinstrument profile (``pip install '.[bench]'``).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -191,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--stages", type=int, choices=(1, 2), default=1)
     parser.add_argument("--profile", action="store_true", help="print a pyinstrument profile")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs (each with a fresh store); prints the median"
+    )
     args = parser.parse_args(argv)
     records = make_records(args.calls, args.seed)
     if args.profile:
@@ -201,13 +207,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = measure_hot_path(records, stages=args.stages)
         profiler.stop()
         print(profiler.output_text(unicode=True, color=False, show_all=False))
-    else:
-        result = measure_hot_path(records, stages=args.stages)
-    print(
-        f"hot path, {result.stages} stage(s): {result.calls:,} calls in "
-        f"{result.cpu_seconds:.2f} s CPU ({result.wall_seconds:.2f} s wall): "
-        f"{result.calls_per_second:,.0f} calls/s; {result.groups:,} groups"
-    )
+    rates = []
+    for _ in range(1 if args.profile else args.repeat):
+        result = result if args.profile else measure_hot_path(records, stages=args.stages)
+        rates.append(result.calls_per_second)
+        print(
+            f"hot path, {result.stages} stage(s): {result.calls:,} calls in "
+            f"{result.cpu_seconds:.2f} s CPU ({result.wall_seconds:.2f} s wall): "
+            f"{result.calls_per_second:,.0f} calls/s; {result.groups:,} groups"
+        )
+    if len(rates) > 1:
+        print(
+            f"median of {len(rates)}: {statistics.median(rates):,.0f} calls/s "
+            f"(range {min(rates):,.0f}-{max(rates):,.0f})"
+        )
     for topic, size in sorted(result.bytes_out.items()):
         print(
             f"  {topic}: {size / result.calls:,.0f} bytes per input call, "
