@@ -2,20 +2,20 @@
 
 ``python -m bench.compiled.measure [--calls 100000] [--runs 3]`` builds the extension when
 it is missing or older than its sources (``maturin develop --release`` into this venv:
-needs cargo). Each run times the worker's ``Processor`` (one stage, as
-``bench.hotpath.measure_hot_path`` does, but over ``InMemoryStateStore``) and the prototype
-over the same generated calls (``bench.hotpath.make_records``), each in a fresh process,
-in turn, on the CPU clock of the thread that runs them. It prints the median µs per call of each
-and of their ratio, then checks the prototype's outputs against the worker's on the same
-calls (bench/compiled/README.md).
+needs cargo). Each run times the worker's ``Processor`` (``run_python``: one stage, as
+``bench.hotpath.measure_hot_path`` does, but over ``InMemoryStateStore``) and the
+prototype over the same generated calls (``bench.hotpath.make_records``), each in a
+fresh process, in turn, on the CPU clock of the thread that runs them. It prints the
+median µs per call of each and of their ratio, then checks the prototype's outputs
+against the worker's on the same calls (bench/compiled/README.md).
 
-The prototype (``group_worker_core.Core``) does a call's whole stateful step in Rust; the
-store is a dict of record bytes, as a database would hold them. The Python side runs
-the worker's in-memory store (dicts of decoded states), not ``measure_hot_path``'s
-RocksDB store: both sides keep their state in Python dicts, with the worker's collector
-settings (``tune_collector``). A call it does not handle
-comes back as ``FALLBACK`` with nothing written, and ``_PythonFallback`` runs the worker's
-own code for it over the same dicts, inside the timing.
+The prototype (``group_worker_core.Core``) does a call's whole stateful step in Rust; its
+store is a dict of record bytes, as a database would hold them. A call the prototype
+does not handle comes back as ``FALLBACK`` with nothing written, and ``_PythonFallback``
+runs the worker's own code for it over the same dicts, inside the timing. Like for like,
+the Python side keeps its state in dicts too (the in-memory store, decoded states), not
+in ``measure_hot_path``'s RocksDB store, and both sides run with the worker's collector
+settings (``tune_collector``).
 """
 
 from __future__ import annotations
