@@ -2,16 +2,20 @@
 
 ``python -m bench.compiled.measure [--calls 100000] [--runs 3]`` builds the extension when
 it is missing or older than its sources (``maturin develop --release`` into this venv:
-needs cargo). Each run times ``measure_hot_path`` (one stage) and the prototype over the
-same generated calls (``bench.hotpath.make_records``), each in a fresh process, in turn,
-on the CPU clock of the thread that runs them. It prints the median µs per call of each
-and of their ratio, then checks the prototype's outputs against the worker's on the same
-calls (bench/compiled/README.md).
+needs cargo). Each run times the worker's ``Processor`` (``run_python``: one stage, as
+``bench.hotpath.measure_hot_path`` does, but over ``InMemoryStateStore``) and the
+prototype over the same generated calls (``bench.hotpath.make_records``), each in a
+fresh process, in turn, on the CPU clock of the thread that runs them. It prints the
+median µs per call of each and of their ratio, then checks the prototype's outputs
+against the worker's on the same calls (bench/compiled/README.md).
 
-The prototype (``group_worker_core.Core``) does a call's whole stateful step in Rust; the
-store is a dict of record bytes, as a database would hold them. A call it does not handle
-comes back as ``FALLBACK`` with nothing written, and ``_PythonFallback`` runs the worker's
-own code for it over the same dicts, inside the timing.
+The prototype (``group_worker_core.Core``) does a call's whole stateful step in Rust; its
+store is a dict of record bytes, as a database would hold them. A call the prototype
+does not handle comes back as ``FALLBACK`` with nothing written, and ``_PythonFallback``
+runs the worker's own code for it over the same dicts, inside the timing. Like for like,
+the Python side keeps its state in dicts too (the in-memory store, decoded states), not
+in ``measure_hot_path``'s RocksDB store, and both sides run with the worker's collector
+settings (``tune_collector``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from bench.hotpath import CountingSink, FixedClock, make_records, measure_hot_path
+from bench.hotpath import CountingSink, FixedClock, make_records
 from worker import codec
 from worker.dedupe import arrival_ms, is_duplicate, seen_record_key
 from worker.events import DeadLetter, Enriched, Record, SourceRecord
@@ -41,10 +45,11 @@ from worker.members import merge_membership as merge_member
 from worker.normalise import normalise_traits
 from worker.pipeline import Settings, fit_letter, process_record
 from worker.processor import Processor, Routes
+from worker.service import tune_collector
 from worker.state import Applied, group_snapshot, merge_call, state_from_record, state_record
 from worker.store import InMemoryStateStore
 
-__all__ = ["CompiledRun", "main", "run_compiled"]
+__all__ = ["CompiledRun", "main", "run_compiled", "run_python"]
 
 _CRATE = Path(__file__).resolve().parent
 _TOPIC = "segment.raw"
@@ -91,7 +96,7 @@ class RecordingSink(CountingSink):
         *,
         report: bool = False,
     ) -> None:
-        super().produce(topic, key, value, headers, partition, timestamp)
+        super().produce(topic, key, value, headers, partition, timestamp, report=report)
         self.kept.append((topic, key, value))
 
 
@@ -200,6 +205,41 @@ class CompiledRun:
     phone_calls: int
 
 
+def _collector_as_worker() -> tuple[int, ...]:
+    """As ``measure_hot_path``: the input is the benchmark's, not the worker's (frozen),
+    and the collector runs as in the worker. Returns the thresholds to put back."""
+    gc.collect()
+    gc.freeze()
+    thresholds = gc.get_threshold()
+    tune_collector()
+    return thresholds
+
+
+def _collector_back(thresholds: tuple[int, ...]) -> None:
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def run_python(records: Sequence[Record], sink: CountingSink) -> float:
+    """CPU seconds of the worker's ``Processor`` over ``records``: ``measure_hot_path``
+    with one stage, over ``InMemoryStateStore`` (like the prototype's dicts) instead of
+    RocksDB."""
+    store = InMemoryStateStore()
+    routes = Routes(_TOPIC, "enriched", "dlq", "state", "members")
+    processor = Processor(
+        routes, Settings(), store, sink, FixedClock(), dedupe_window_ms=_WINDOW_MS
+    )
+    thresholds = _collector_as_worker()
+    cpu = time.thread_time()
+    for start in range(0, len(records), _BATCH):
+        processor.process(list(records[start : start + _BATCH]))
+        processor.write_changelog()
+        store.commit()
+    cpu = time.thread_time() - cpu
+    _collector_back(thresholds)
+    return cpu
+
+
 def run_compiled(records: Sequence[Record], module: ModuleType, sink: _Sink) -> CompiledRun:
     """Process ``records`` as ``measure_hot_path`` does (batches of 1,000, a changelog
     write after each), with the prototype and the Python path for what it leaves out."""
@@ -220,8 +260,7 @@ def run_compiled(records: Sequence[Record], module: ModuleType, sink: _Sink) -> 
     enriched, fallen = module.ENRICHED, module.FALLBACK
     clock, produce = FixedClock(), sink.produce
     fallbacks: dict[int, str] = {}
-    gc.collect()
-    gc.freeze()  # as measure_hot_path: the input is the benchmark's, not the worker's
+    thresholds = _collector_as_worker()
     cpu = time.thread_time()
     for start in range(0, len(records), _BATCH):
         now_ms = clock.now_ms()
@@ -247,22 +286,14 @@ def run_compiled(records: Sequence[Record], module: ModuleType, sink: _Sink) -> 
         store.changed_members.clear()
         store.changed_seen.clear()
     cpu = time.thread_time() - cpu
-    gc.unfreeze()
+    _collector_back(thresholds)
     return CompiledRun(cpu, fallbacks, store, phone.seconds, phone.calls)
 
 
 def _python_outputs(records: Sequence[Record]) -> RecordingSink:
     """Every record the worker's ``Processor`` produces for ``records`` (one stage)."""
     sink = RecordingSink()
-    store = InMemoryStateStore()
-    routes = Routes(_TOPIC, "enriched", "dlq", "state", "members")
-    processor = Processor(
-        routes, Settings(), store, sink, FixedClock(), dedupe_window_ms=_WINDOW_MS
-    )
-    for start in range(0, len(records), _BATCH):
-        processor.process(list(records[start : start + _BATCH]))
-        processor.write_changelog()
-        store.commit()
+    run_python(records, sink)
     return sink
 
 
@@ -341,7 +372,7 @@ def _measure_one(path: str, calls: int, seed: int) -> dict[str, float]:
     spent in Python's phonenumbers."""
     records = make_records(calls, seed)
     if path == "python":
-        return {"us": measure_hot_path(records, stages=1).cpu_seconds * 1e6 / calls}
+        return {"us": run_python(records, CountingSink()) * 1e6 / calls}
     run = run_compiled(records, load_core(), CountingSink())
     return {
         "us": run.cpu_seconds * 1e6 / calls,
