@@ -232,7 +232,7 @@ class KafkaSink:
                 )
             self._retry(lambda: self._producer.commit_transaction(self._commit_timeout))
             self._in_transaction = False
-            self._careful = not self._transactional
+            self._careful = False
             self._failed.clear()  # the transaction commit already vouched for delivery
             return self._take_reached()
         remaining = self._producer.flush(self._commit_timeout)  # (1)

@@ -27,7 +27,9 @@ Bound. A group's ``size`` is what its traits and their stamps take in a state re
 would take the size past ``bound.new_keys``, and no write (not even of a trait the group
 already has) may grow it past ``bound.any_growth``; dropped keys are reported to the
 caller. This is the one place where the order of calls matters: which keys get in
-depends on which came first.
+depends on which came first. Counting costs an encode per trait, so a merge whose whole
+call cannot take the group past the bound (``_growth_bound``) skips it and carries an
+upper bound of the size; near the bound the count is exact again, so the same keys drop.
 
 The ``merge`` member of a state record (``state_record``) is what the next merge needs::
 
