@@ -148,6 +148,9 @@ class FakeSink:
     committed: list[Produced] = field(default_factory=list)
     offset_commits: list[dict[Partition, int]] = field(default_factory=list)
     fail_next_commit: KafkaError | None = None
+    # The produce that raises this (the transaction failed under it), counted in
+    # ``open`` from 0: as librdkafka refuses records once a transaction has failed.
+    fail_produce: tuple[int, KafkaError] | None = None
     aborts: int = 0
     in_transaction: bool = False
     queued: int = 0  # what backlog() reports, set by tests
@@ -178,6 +181,9 @@ class FakeSink:
     ) -> None:
         if self.transactional:
             assert self.in_transaction, "produce outside a transaction"
+        if self.fail_produce is not None and len(self.open) == self.fail_produce[0]:
+            error, self.fail_produce = self.fail_produce[1], None
+            raise error
         self.open.append(Produced(topic, key, value, headers, partition, timestamp, report))
 
     def commit(self, offsets: Offsets, source: Source) -> Offsets:

@@ -152,6 +152,19 @@ def test_abortable_commit_aborts_and_replays_exactly_once() -> None:
     assert sink.offset_commits[-1] == {("in", 0): 3}
 
 
+def test_a_produce_failing_half_way_through_a_batch_loses_no_record() -> None:
+    """The transaction fails under a batch (a produce raises): the records after it were
+    consumed but never processed, and the replay must read them too."""
+    runner, source, sink, _ = make(partitions=2)
+    for n in range(6):
+        source.append(group_call(n), partition=n % 2)
+    sink.fail_produce = (1, AbortableError("produce refused: erroneous state"))
+    run_for(runner, source, 8)
+    assert sink.aborts == 1
+    assert sorted(message_ids(sink)) == [f"m{n}" for n in range(6)]
+    assert sink.offset_commits[-1] == {("in", 0): 3, ("in", 1): 3}
+
+
 def test_revoke_commits_before_partitions_move() -> None:
     """Partitions revoked in a rebalance have their processed offsets committed first."""
     runner, source, sink, metrics = make(partitions=2)
