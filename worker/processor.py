@@ -14,7 +14,8 @@ Nothing is handed to the sink that the broker must refuse: every output is check
 against its topic's limit (``worker.limits``) first. A call whose output does not fit,
 or whose output the broker refused for good before (``learn``), becomes a dead letter
 (``output_too_large``, ``output_refused``); a dead letter is cut to fit its topic. A
-refused record is never produced again, so no batch aborts for it twice.
+refused record is never produced again once learned (after one abort, or two when the
+sink learns of it only from the replay's delivery reports: ``KafkaSink.produce``).
 """
 
 from __future__ import annotations
