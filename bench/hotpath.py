@@ -204,19 +204,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         profiler = Profiler(interval=0.0005)
         profiler.start()
-        result = measure_hot_path(records, stages=args.stages)
+        results = [measure_hot_path(records, stages=args.stages)]
         profiler.stop()
         print(profiler.output_text(unicode=True, color=False, show_all=False))
-    rates = []
-    for _ in range(1 if args.profile else args.repeat):
-        result = result if args.profile else measure_hot_path(records, stages=args.stages)
-        rates.append(result.calls_per_second)
+    else:
+        results = [measure_hot_path(records, stages=args.stages) for _ in range(args.repeat)]
+    for result in results:
         print(
             f"hot path, {result.stages} stage(s): {result.calls:,} calls in "
             f"{result.cpu_seconds:.2f} s CPU ({result.wall_seconds:.2f} s wall): "
             f"{result.calls_per_second:,.0f} calls/s; {result.groups:,} groups"
         )
-    if len(rates) > 1:
+    if len(results) > 1:
+        rates = [r.calls_per_second for r in results]
         print(
             f"median of {len(rates)}: {statistics.median(rates):,.0f} calls/s "
             f"(range {min(rates):,.0f}-{max(rates):,.0f})"

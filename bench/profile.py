@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.runs import Topics, WorkerProcess, delete_topics, fill_topic, outcome_total
-
-_POLL = 0.25
+from bench.runs import Topics, WorkerProcess, delete_topics, drain_worker, fill_topic
 
 
 def main_loop_shares(raw: Path, top: int) -> list[tuple[float, str]]:
@@ -47,49 +44,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("bench/results/logs.tmp"))
     args = parser.parse_args(argv)
-    inputs, topics = Topics.fresh("input"), Topics.fresh("eos")
+    inputs = Topics.fresh("input")
     keyed = inputs.name("keyed")
     raw = args.out / "profile.raw"
-    args.out.mkdir(parents=True, exist_ok=True)
+    spies: list[subprocess.Popen[bytes]] = []
+
+    def spy(worker: WorkerProcess) -> None:
+        command = [str(args.py_spy), "record", "-p", str(worker.process.pid), "-r", "200"]
+        command += ["-d", str(args.seconds), "-f", "raw", "-o", str(raw), "--nonblocking"]
+        spies.append(subprocess.Popen([*command, "--idle"], stdout=subprocess.DEVNULL))
+
     try:
         fill_topic(args.bootstrap, keyed, args.calls, 1, by_group=True)
-        worker = WorkerProcess(
+        drain = drain_worker(
             args.bootstrap,
-            topics,
             keyed,
+            args.calls,
+            "exactly_once",
             args.out,
-            settings={
-                "worker_processing_guarantee": "exactly_once",
-                "worker_input_keyed_by_group_id": "true",
-            },
+            keyed=True,
+            on_start=spy if args.py_spy else None,
         )
-        spy: subprocess.Popen[bytes] | None = None
-        started: float | None = None
-        try:
-            while True:
-                worker.check_alive()
-                samples, now = worker.samples(), time.perf_counter()
-                if started is None and samples.get("group_worker_calls_consumed_total", 0):
-                    started = now
-                    if args.py_spy:
-                        command = [str(args.py_spy), "record", "-p", str(worker.process.pid)]
-                        command += ["-d", str(args.seconds), "-r", "200", "-f", "raw"]
-                        command += ["-o", str(raw), "--nonblocking", "--idle"]
-                        spy = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-                if started is not None and outcome_total(samples) >= args.calls:
-                    break
-                time.sleep(_POLL)
-            seconds = now - started
-            print(f"drained {args.calls:,} calls in {seconds:.1f} s: {args.calls / seconds:,.0f}/s")
-            for name in ("processing", "commit"):
-                total = samples.get(f"group_worker_{name}_duration_seconds_sum", 0.0)
-                print(f"  {name}: {total:.1f} s in the worker's own histogram")
-        finally:
-            if spy is not None:
-                spy.wait()
-            worker.stop()
     finally:
-        delete_topics(args.bootstrap, inputs.all + topics.all)
+        for process in spies:
+            process.wait()
+        delete_topics(args.bootstrap, inputs.all)
+    print(f"drained {args.calls:,} calls in {drain.seconds:.1f} s: {drain.calls_per_second:,.0f}/s")
+    print(f"  processing: {drain.processing_seconds:.1f} s in the worker's own histogram")
+    print(f"  commit: {drain.commit_seconds:.1f} s in the worker's own histogram")
     if args.py_spy:
         print("share of the main loop's samples (inclusive, idle included):")
         for share, name in main_loop_shares(raw, args.top):

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -390,6 +390,9 @@ class Drain:
     peak_rss_bytes: int
     outcomes: dict[str, float]
     groups_in_state: float
+    # The worker's own time processing batches and committing them (its histograms).
+    processing_seconds: float
+    commit_seconds: float
 
     @property
     def calls_per_second(self) -> float:
@@ -407,11 +410,13 @@ def drain_worker(
     timeout: float = 900,
     extra: Mapping[str, str] | None = None,
     variant: Sequence[str] = (),
+    on_start: Callable[[WorkerProcess], None] | None = None,
 ) -> Drain:
     """Start a worker on ``input_topic`` and time it until every call has an outcome.
 
-    The clock starts when ``/metrics`` first shows a consumed call and stops when the
-    outcomes add up to ``expect`` (polled every 250 ms, so within 0.25 s).
+    The clock starts when ``/metrics`` first shows a consumed call (``on_start`` is then
+    called with the worker) and stops when the outcomes add up to ``expect`` (polled
+    every 250 ms, so within 0.25 s).
     """
     topics = Topics.fresh("eos" if guarantee == "exactly_once" else "alo")
     worker = WorkerProcess(
@@ -436,6 +441,8 @@ def drain_worker(
             now = time.perf_counter()
             if started is None and samples.get("group_worker_calls_consumed_total", 0) > 0:
                 started = now
+                if on_start is not None:
+                    on_start(worker)
             if started is not None and outcome_total(samples) >= expect:
                 outcomes = {
                     k.split('"')[1]: v
@@ -450,6 +457,8 @@ def drain_worker(
                     worker.peak_rss_bytes(),
                     outcomes,
                     samples.get("group_worker_groups_in_state", 0.0),
+                    samples.get("group_worker_processing_duration_seconds_sum", 0.0),
+                    samples.get("group_worker_commit_duration_seconds_sum", 0.0),
                 )
             time.sleep(_POLL)
         done = outcome_total(samples)

@@ -171,29 +171,21 @@ class Processor:
         Called just before a commit, so the changelog commits with the outputs; returns
         how many records. A state or membership record too large for its topic, or
         refused before, is dead-lettered instead. A dedupe record carries its call's
-        arrival time as its timestamp, so the topic's retention expires it.
+        arrival time as its timestamp, so the topic's retention expires it. The last
+        record of each topic partition asks for its delivery report: its offset is where
+        the store's copy of that changelog reaches at commit.
         """
         routes = self._routes
-        changed = self._store.changed()
-        last = _last_of_each(p for p, _, _ in changed)
-        for i, (partition, state, value) in enumerate(changed):
-            report = last[partition] == i
-            self._write_changelog(routes.state, partition, state.group_id, value, report=report)
-        members = self._store.changed_members()
-        last = _last_of_each(p for p, _, _, _ in members)
-        for i, (partition, key, _, value) in enumerate(members):
-            self._write_changelog(
-                routes.members, partition, key, value, report=last[partition] == i
-            )
+        records = [(routes.state, p, s.group_id, v, 0) for p, s, v in self._store.changed()]
+        records += [(routes.members, p, k, v, 0) for p, k, _, v in self._store.changed_members()]
         seen = self._store.changed_seen()
-        last = _last_of_each(p for p, _, _ in seen)
-        for i, (partition, (group_id, message_id), arrival) in enumerate(seen):
-            key = seen_record_key(group_id, message_id)
-            value = b"%d" % arrival
-            report = last[partition] == i
-            self._write_changelog(routes.dedupe, partition, key, value, arrival, report=report)
-            self._latest_arrival = max(self._latest_arrival, arrival)
-        return len(changed) + len(members) + len(seen)
+        records += [(routes.dedupe, p, seen_record_key(*k), b"%d" % a, a) for p, k, a in seen]
+        last = {(topic, partition): i for i, (topic, partition, *_) in enumerate(records)}
+        for i, (topic, partition, key, value, timestamp) in enumerate(records):
+            report = last[topic, partition] == i
+            self._write_changelog(topic, partition, key, value, timestamp, report=report)
+        self._latest_arrival = max([self._latest_arrival, *(a for _, _, a in seen)])
+        return len(records)
 
     def expire_seen(self) -> None:
         """Forget ids older than the window, four times a window of arrival time.
@@ -317,12 +309,12 @@ class Processor:
         partition: int,
         key: str,
         value: bytes,
-        timestamp: int = 0,
+        timestamp: int,
         *,
         report: bool,
     ) -> None:
-        """Produce one changelog record; ``report`` asks for its offset (the last record
-        of its topic partition in this commit: where the store's offset goes)."""
+        """Produce one changelog record (``timestamp`` 0: now); ``report`` asks for its
+        offset."""
         key_bytes = key.encode()
         reason = self._refusal(topic, key_bytes, value)
         if reason is None:
@@ -409,11 +401,6 @@ class Processor:
             )
         except (codec.DecodeError, AttributeError, KeyError, TypeError):
             return (topic, key, value)
-
-
-def _last_of_each(partitions: Iterable[int]) -> dict[int, int]:
-    """The index of the last occurrence of each partition."""
-    return {partition: i for i, partition in enumerate(partitions)}
 
 
 def _position(letter: DeadLetter) -> dict[str, Any]:

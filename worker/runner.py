@@ -250,15 +250,16 @@ class Runner:
         if self._batch_opened is None:
             self._sink.begin()
             self._batch_opened = started
-        positions = [((r.topic() or "", r.partition() or 0), r.offset() or 0) for r in records]
         # Before processing: a produce that fails half-way through the records aborts the
-        # batch, and the rewind must cover every record consumed, processed or not.
-        for partition, offset in positions:
+        # batch, and the rewind must cover every record consumed, processed or not (an
+        # abort forgets the pending offsets too).
+        for record in records:
+            partition = (record.topic() or "", record.partition() or 0)
+            offset = record.offset() or 0
             self._batch_start.setdefault(partition, offset)
+            self._pending[partition] = offset + 1
         tally = self._processor.process(records)
         self._uncommitted += len(records)
-        for partition, offset in positions:
-            self._pending[partition] = offset + 1
         self._count(tally)
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
 
