@@ -186,7 +186,10 @@ class FakeSink:
             raise error
         self.open.append(Produced(topic, key, value, headers, partition, timestamp, report))
 
-    def commit(self, offsets: Offsets, source: Source) -> Offsets:
+    def commit(
+        self, offsets: Offsets, source: Source, last_records: Callable[[], None] = lambda: None
+    ) -> Offsets:
+        last_records()
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
             raise error

@@ -290,9 +290,10 @@ class Runner:
     def _commit(self) -> None:
         """Commit every output, changelog record and input offset since the last commit.
 
-        Steps: (1) write the coalesced state and membership changes; (2) the sink makes
-        every output durable and commits the offsets with them; (3) the store writes the
-        change set with the changelog offsets it reached, and the batch is closed. On an
+        Steps: (1) write the coalesced state, membership and dedupe changes (2) as the
+        sink makes every output durable and commits the offsets with them (it runs (1)
+        while the offsets are sent); (3) the store writes the change set with the
+        changelog offsets it reached, and the batch is closed. On an
         error before (3) nothing is closed, so a retry commits the same batch, and an
         abort rolls the store back and rewinds to the batch's start. The store failing
         at (3) (``StoreError``) ends the loop: its files lag, and a restart replays.
@@ -302,8 +303,9 @@ class Runner:
             return
         started = self._clock.monotonic()
         try:
-            self._metrics.changelog_records.inc(self._processor.write_changelog())  # (1)
-            reached = self._sink.commit(self._pending, self._source)  # (2)
+            reached = self._sink.commit(  # (1), (2)
+                self._pending, self._source, self._write_changelog
+            )
         except Exception:
             self._metrics.commit_failures.inc()
             raise
@@ -319,6 +321,9 @@ class Runner:
         self._uncommitted = 0
         self._metrics.commit_duration.observe(self._clock.monotonic() - started)
         self._export_state_size()
+
+    def _write_changelog(self) -> None:
+        self._metrics.changelog_records.inc(self._processor.write_changelog())
 
     def _commit_final(self) -> None:
         try:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import cast
+import threading
+from typing import Any, cast
 
 import pytest
+from confluent_kafka import Consumer
 
 from tests.fakes import FakeClock, FakeSource
 from worker.clock import SystemClock
 from worker.config import ProcessingGuarantee
+from worker.errors import AbortableError
 from worker.sink import KafkaSink
 from worker.source import Source
 
@@ -68,3 +71,58 @@ def test_at_least_once_reports_every_record() -> None:
         assert set(batch(s, report_log=False)) == {("out", 0), ("log", 0)}
     finally:
         s.close()
+
+
+class _GroupSource(FakeSource):
+    """A source whose group metadata is a real consumer's, so offsets can be sent."""
+
+    def __init__(self) -> None:
+        super().__init__(FakeClock())
+        self.consumer = Consumer({**_MOCK, "group.id": "sink-test"})
+
+    def group_metadata(self) -> Any:
+        return self.consumer.consumer_group_metadata()
+
+
+def test_the_last_records_join_the_transaction_while_its_offsets_are_sent() -> None:
+    """``last_records`` runs as the offsets go to the transaction, and what it produces
+    commits with them."""
+    s, source = sink("exactly_once"), _GroupSource()
+    try:
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+        running: list[str] = []
+
+        def last_records() -> None:
+            running.extend(t.name for t in threading.enumerate())
+            s.produce("log", b"k", b"v", partition=0, report=True)
+
+        reached = s.commit({("out", 0): 1}, cast(Source, source), last_records)
+        assert "transaction-call" in running  # the send was under way meanwhile
+        assert reached[("log", 0)] == 1
+    finally:
+        s.close()
+        source.consumer.close()
+
+
+def test_last_records_failing_fails_the_commit_once_the_offsets_are_sent() -> None:
+    """An error of ``last_records`` is raised after the send returns, and the batch can
+    then be aborted and committed again."""
+    s, source = sink("exactly_once"), _GroupSource()
+    try:
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+
+        def last_records() -> None:
+            raise AbortableError("produce refused")
+
+        with pytest.raises(AbortableError, match="produce refused"):
+            s.commit({("out", 0): 1}, cast(Source, source), last_records)
+        assert not any(t.name == "transaction-call" for t in threading.enumerate())
+        s.abort()
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+        assert set(s.commit({("out", 0): 1}, cast(Source, source))) == {("out", 0)}
+    finally:
+        s.close()
+        source.consumer.close()
