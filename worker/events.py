@@ -2,6 +2,10 @@
 
 ``SourceRecord`` stands in for ``confluent_kafka.Message``, which Python code cannot
 construct: the real message satisfies it, and tests build ``events.Record`` instead.
+
+Positions and outcomes are made per call: plain slotted dataclasses, not frozen ones,
+whose ``__init__`` sets each field through ``object.__setattr__`` (0.9 against 0.18 µs
+for six fields). Nothing mutates them once made.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class Record:
         return (1, self.timestamp_ms)  # TIMESTAMP_CREATE_TIME
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class Position:
     """Where a call came from: its record, and its index inside a batch envelope."""
 
@@ -85,7 +89,7 @@ class Position:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class Enriched:
     """A valid group call, normalised; ``call`` is the enriched record's value."""
 
@@ -99,7 +103,7 @@ class Enriched:
     kind: Literal["enriched"] = "enriched"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class Duplicate:
     """A group call whose messageId its group already applied within the dedupe window."""
 
@@ -108,7 +112,7 @@ class Duplicate:
     kind: Literal["duplicate"] = "duplicate"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class Skipped:
     """A call of another type (track, identify...), counted and dropped."""
 
@@ -116,7 +120,7 @@ class Skipped:
     kind: Literal["skipped"] = "skipped"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class DeadLetter:
     """A call that cannot be processed; ``letter`` is the dead-letter record's value."""
 

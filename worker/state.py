@@ -45,6 +45,11 @@ Formats 1 and 2 wrote each stamp in place, ``[event_ms, messageId]``; format 1 (
 ``format``) also carried the group's recent messageIds (``recent``, ``recentFrom``).
 Both are still read (format 1's ids ignored). Any other format raises
 ``StateFormatError``: the record was written by a worker this one cannot follow.
+
+``Applied``, ``GroupState`` and ``AddressStamps`` are made per call: plain slotted
+dataclasses, not frozen ones, whose ``__init__`` sets each field through
+``object.__setattr__`` (0.9 against 0.18 µs for six fields). Nothing mutates them once
+made.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ _UNBOUNDED: Final = GroupBound(2**62, 2**62)
 _STAMP_BYTES: Final = 24
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class Applied:
     """A valid, normalised group call as the merge sees it.
 
@@ -108,7 +113,7 @@ class Applied:
     traits: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class AddressStamps:
     """The registers behind the ``address`` trait (see the module docstring).
 
@@ -122,7 +127,7 @@ class AddressStamps:
     field_stamps: Mapping[str, Stamp]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: not frozen (module docstring)
 class GroupState:
     """One group's merged profile and what the next merge needs.
 
