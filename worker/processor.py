@@ -29,7 +29,7 @@ import structlog
 
 from worker import codec
 from worker.clock import Clock
-from worker.dedupe import arrival_ms, is_duplicate, seen_record_key
+from worker.dedupe import arrival_ms, is_duplicate
 from worker.errors import KafkaError
 from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
 from worker.limits import GroupBound, Headers, Limits, group_bound
@@ -43,7 +43,7 @@ from worker.pipeline import (
 )
 from worker.sink import Refusal, Sink
 from worker.state import Applied, group_snapshot, merge_call
-from worker.store import StateStore
+from worker.store import Changelog, StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]
 
@@ -135,6 +135,11 @@ class Processor:
         }
         if routes.repartition is not None:
             self._route_of[routes.repartition] = "repartition"
+        self._changelog_topic: dict[Changelog, str] = {
+            "state": routes.state,
+            "members": routes.members,
+            "dedupe": routes.dedupe,
+        }
         # Outputs the broker refused for good, by ``_identity``: dead-lettered on replay.
         self._refused: dict[tuple[Any, ...], str] = {}
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
@@ -175,16 +180,15 @@ class Processor:
         record of each topic partition asks for its delivery report: its offset is where
         the store's copy of that changelog reaches at commit.
         """
-        routes = self._routes
-        records = [(routes.state, p, s.group_id, v, 0) for p, s, v in self._store.changed()]
-        records += [(routes.members, p, k, v, 0) for p, k, _, v in self._store.changed_members()]
-        seen = self._store.changed_seen()
-        records += [(routes.dedupe, p, seen_record_key(*k), b"%d" % a, a) for p, k, a in seen]
-        last = {(topic, partition): i for i, (topic, partition, *_) in enumerate(records)}
-        for i, (topic, partition, key, value, timestamp) in enumerate(records):
-            report = last[topic, partition] == i
+        records = self._store.changes()
+        last = {(changelog, partition): i for i, (changelog, partition, *_) in enumerate(records)}
+        latest = self._latest_arrival
+        for i, (changelog, partition, key, value, timestamp) in enumerate(records):
+            report = last[changelog, partition] == i
+            topic = self._changelog_topic[changelog]
             self._write_changelog(topic, partition, key, value, timestamp, report=report)
-        self._latest_arrival = max([self._latest_arrival, *(a for _, _, a in seen)])
+            latest = max(latest, timestamp)  # a dedupe id's arrival; 0 for the others
+        self._latest_arrival = latest
         return len(records)
 
     def expire_seen(self) -> None:
@@ -307,7 +311,7 @@ class Processor:
         self,
         topic: str,
         partition: int,
-        key: str,
+        key: bytes,
         value: bytes,
         timestamp: int,
         *,
@@ -315,19 +319,18 @@ class Processor:
     ) -> None:
         """Produce one changelog record (``timestamp`` 0: now); ``report`` asks for its
         offset."""
-        key_bytes = key.encode()
-        reason = self._refusal(topic, key_bytes, value)
+        reason = self._refusal(topic, key, value)
         if reason is None:
             self._sink.produce(
-                topic, key_bytes, value, partition=partition, timestamp=timestamp, report=report
+                topic, key, value, partition=partition, timestamp=timestamp, report=report
             )
             return
         self._on_unwritable(self._route_of[topic])
-        source = {"topic": topic, "partition": partition, "key": key}
-        message = self._why(reason, topic, key_bytes, value)
+        source = {"topic": topic, "partition": partition, "key": key.decode()}
+        message = self._why(reason, topic, key, value)
         letter = {"reason": reason, "message": message, "source": source}
         letter["value"] = value.decode()
-        self._dead_letter(DeadLetter(reason, key_bytes, letter))
+        self._dead_letter(DeadLetter(reason, key, letter))
 
     def _unwritable(
         self, reason: str, topic: str, value: bytes, record: SourceRecord, call: dict[str, Any]

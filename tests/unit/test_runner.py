@@ -400,7 +400,7 @@ def test_an_aborted_transaction_leaves_the_store_exactly_as_before(tmp_path: Pat
     seen: dict[str, Any] = {}
 
     def step(n: int) -> None:
-        if "files" not in seen and store.get(0, "g0") and not store.changed():
+        if "files" not in seen and store.get(0, "g0") and not store.changes():
             # The first batch committed: fail the next commit.
             seen["files"], seen["g0"] = on_disk(store, 0), store.get(0, "g0")
             for k in range(6, 12):

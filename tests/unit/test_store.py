@@ -16,7 +16,13 @@ from worker import codec
 from worker.dedupe import seen_record_key
 from worker.members import Membership, membership_record
 from worker.state import GroupState, StateFormatError, state_record
-from worker.store import ChangelogEntry, InMemoryStateStore, RocksDBStateStore, StateStore
+from worker.store import (
+    ChangelogEntry,
+    ChangelogRecord,
+    InMemoryStateStore,
+    RocksDBStateStore,
+    StateStore,
+)
 
 MakeStore = Callable[[], StateStore]
 
@@ -79,35 +85,52 @@ def test_get_returns_what_was_put_per_partition(store: StateStore) -> None:
     assert store.get(7, "g1") is None
 
 
-def test_changed_coalesces_to_the_newest_state_per_group(store: StateStore) -> None:
-    """changed() lists each changed group once, with its newest state, in first-change order."""
+def state_record_of(partition: int, s: GroupState) -> ChangelogRecord:
+    return ("state", partition, s.group_id.encode(), codec.encode(state_record(s)), 0)
+
+
+def test_changes_coalesce_to_the_newest_state_per_group(store: StateStore) -> None:
+    """changes() lists each changed group once, with its newest state, in first-change order."""
     store.put(0, state("g1", 1))
     store.put(0, state("g2", 1))
     store.put(0, state("g1", 2))
     store.put(1, state("g1", 3))
     newest = [(0, state("g1", 2)), (0, state("g2", 1)), (1, state("g1", 3))]
-    assert store.changed() == [(p, s, codec.encode(state_record(s))) for p, s in newest]
-    store.put(0, state("g2", 4))  # after changed(): its record is encoded again
-    assert store.changed()[1] == (0, state("g2", 4), codec.encode(state_record(state("g2", 4))))
+    assert store.changes() == [state_record_of(p, s) for p, s in newest]
+    store.put(0, state("g2", 4))  # after changes(): its record is made again
+    assert store.changes()[1] == state_record_of(0, state("g2", 4))
     store.commit()
     assert store.get(0, "g2") == state("g2", 4)
 
 
-def test_changed_members_coalesce_to_the_newest_per_key(store: StateStore) -> None:
-    """changed_members() lists each changed membership once, newest, until commit or rollback."""
+def test_changes_coalesce_to_the_newest_membership_per_key(store: StateStore) -> None:
+    """changes() lists each changed membership once, newest, until commit or rollback."""
     store.put_member(0, "k1", member("u1", 1))
     store.put_member(0, "k2", member("u2", 1))
     store.put_member(0, "k1", member("u1", 5))
     newest = [(0, "k1", member("u1", 5)), (0, "k2", member("u2", 1))]
-    assert store.changed_members() == [
-        (p, k, m, codec.encode(membership_record(m))) for p, k, m in newest
+    assert store.changes() == [
+        ("members", p, k.encode(), codec.encode(membership_record(m)), 0) for p, k, m in newest
     ]
     store.commit()
-    assert store.changed_members() == []
+    assert store.changes() == []
     store.put_member(1, "k3", member("u3"))
     store.rollback()
-    assert store.changed_members() == []
+    assert store.changes() == []
     assert store.get_member(1, "k3") is None
+
+
+def test_changes_list_states_then_memberships_then_dedupe_ids(store: StateStore) -> None:
+    """A dedupe id's record is keyed like the dedupe topic and stamped with its arrival."""
+    store.put_seen(2, ("g1", "m1"), 1_000)
+    store.put_member(0, "k1", member("u1"))
+    store.put(1, state("g1"))
+    store.put_seen(2, ("g1", "m1"), 2_000)
+    changes = store.changes()
+    assert [(c, p) for c, p, *_ in changes] == [("state", 1), ("members", 0), ("dedupe", 2)]
+    assert changes[2] == ("dedupe", 2, seen_record_key("g1", "m1").encode(), b"2000", 2_000)
+    store.commit()
+    assert store.seen(2, ("g1", "m1")) == 2_000
 
 
 def test_commit_clears_the_change_set_and_keeps_values(store: StateStore) -> None:
@@ -116,7 +139,7 @@ def test_commit_clears_the_change_set_and_keeps_values(store: StateStore) -> Non
     store.put_member(0, "k1", member("u1"))
     store.put_seen(0, ("g1", "m1"), 100)
     store.commit()
-    assert (store.changed(), store.changed_members(), store.changed_seen()) == ([], [], [])
+    assert store.changes() == []
     assert store.get(0, "g1") == state("g1", 1)
     assert store.get_member(0, "k1") == member("u1")
     assert store.seen(0, ("g1", "m1")) == 100
@@ -142,7 +165,7 @@ def test_rollback_restores_earlier_values_and_removes_new_keys(store: StateStore
     store.put_member(0, "k1", member("u1", 5))
     store.put_member(0, "k2", member("u2"))
     store.rollback()
-    assert store.changed() == []
+    assert store.changes() == []
     assert store.get(0, "g1") == state("g1", 1)
     assert store.get(0, "g2") is None
     assert store.get(2, "g3") is None
@@ -166,8 +189,7 @@ def test_drop_forgets_a_partition_and_its_pending_changes(store: StateStore) -> 
     store.put(1, state("g1", 2))
     store.put_member(0, "k1", member("u1"))
     store.drop(0)
-    assert [(p, s) for p, s, _ in store.changed()] == [(1, state("g1", 2))]
-    assert store.changed_members() == []
+    assert store.changes() == [state_record_of(1, state("g1", 2))]
     assert (store.group_count(), store.member_count()) == (1, 0)
     store.rollback()
     assert store.get(1, "g1") == state("g1", 1)
@@ -177,11 +199,11 @@ def test_drop_forgets_a_partition_and_its_pending_changes(store: StateStore) -> 
 
 
 def test_restore_does_not_mark_changed(store: StateStore) -> None:
-    """Restored states and memberships are readable, not in changed(), and survive rollback."""
+    """Restored states and memberships are readable, not in changes(), and survive rollback."""
     store.restore(3, state("g1"))
     store.restore_member(3, "k1", member("u1"))
     store.restore_seen(3, ("g1", "m1"), 5)
-    assert (store.changed(), store.changed_members(), store.changed_seen()) == ([], [], [])
+    assert store.changes() == []
     store.rollback()
     assert store.get(3, "g1") == state("g1")
     assert store.get_member(3, "k1") == member("u1")
@@ -226,7 +248,7 @@ def test_apply_changelog_loads_records_and_tombstones_delete(store: StateStore) 
     assert store.get(0, "g2") is None
     assert store.get_member(0, key) == member("u1")
     assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (None, 200)
-    assert (store.changed(), store.changed_members(), store.changed_seen()) == ([], [], [])
+    assert store.changes() == []
     assert (store.group_count(), store.member_count(), store.seen_count()) == (1, 1, 1)
     store.rollback()
     assert store.get(0, "g1") == state("g1", 2)
@@ -307,7 +329,7 @@ def test_rollback_returns_to_the_last_commit(
     store.rollback()
     assert contents() == snapshot
     assert (store.group_count(), store.member_count(), store.seen_count()) == counts
-    assert store.changed() == []
+    assert store.changes() == []
     store.close()
 
 
@@ -316,7 +338,7 @@ def test_dedupe_ids_roll_back_and_expire_by_arrival(store: StateStore) -> None:
     store.put_seen(0, ("g1", "m1"), 100)
     store.commit()
     store.put_seen(0, ("g1", "m2"), 200)
-    assert store.changed_seen() == [(0, ("g1", "m2"), 200)]
+    assert [(c, p, ts) for c, p, _, _, ts in store.changes()] == [("dedupe", 0, 200)]
     store.rollback()
     assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (100, None)
     store.restore_seen(1, ("g2", "m3"), 300)
@@ -330,4 +352,4 @@ def test_close_forgets_everything(store: StateStore) -> None:
     committed(store, (0, state("g1")))
     store.put(1, state("g2"))
     store.close()
-    assert (store.changed(), store.group_count()) == ([], 0)
+    assert (store.changes(), store.group_count()) == ([], 0)

@@ -92,6 +92,27 @@ def test_the_files_hold_the_changelog_records_byte_for_byte(store: RocksDBStateS
     assert held[b"ostate"] == b"5"
 
 
+def test_the_files_hold_the_records_changes_made_and_what_came_after(
+    store: RocksDBStateStore,
+) -> None:
+    """commit() writes the bytes changes() gave the changelog, and a change made after
+    changes() as well (then made again)."""
+    store.put(0, state("g1"))
+    store.put_seen(0, ("g1", "m1"), 100)
+    records = store.changes()
+    store.commit()
+    held = on_disk(store, 0)
+    assert all(held[{"state": b"s", "dedupe": b"d"}[c] + k] == v for c, _, k, v, _ in records)
+    store.put(0, state("g1", 2))
+    store.changes()
+    store.put(0, state("g1", 3))
+    store.put_member(0, "k1", member("u1"))
+    store.commit()
+    held = on_disk(store, 0)
+    assert held[b"sg1"] == codec.encode(state_record(state("g1", 3)))
+    assert held[b"mk1"] == codec.encode(membership_record(member("u1")))
+
+
 def test_an_uncommitted_or_rolled_back_change_is_never_on_disk(
     store: RocksDBStateStore, directory: Path
 ) -> None:
@@ -261,7 +282,7 @@ def test_a_dropped_partition_keeps_its_files_for_its_return(
     store.commit({("state", 0): 1})
     store.put(0, state("g1", 2))
     store.drop(0)
-    assert store.changed() == []
+    assert store.changes() == []
     assert store.path(0).is_dir()
     assert store.open_partition(0) is None
     assert (store.get(0, "g1"), store.stored_offsets(0)) == (state("g1"), {"state": 1})
@@ -290,7 +311,7 @@ def test_expired_ids_leave_the_files(store: RocksDBStateStore, directory: Path) 
     store.put_seen(0, ("g1", "m1"), 1_000)  # applied again, under the change set
     store.put_seen(0, ("g1", "m9"), 50)
     assert store.expire_seen(before_ms=250) == 4  # m0, m1 and m2 on disk, m9 pending
-    assert store.changed_seen() == [(0, ("g1", "m1"), 1_000)]
+    assert [(c, p, ts) for c, p, _, _, ts in store.changes()] == [("dedupe", 0, 1_000)]
     assert store.seen_count() == 3
     store.commit()
     again = reopened(store, directory)

@@ -1,7 +1,7 @@
 """Where group states, memberships and dedupe ids live between calls, per input partition.
 
 The runner's transaction maps onto the store: it ``put``s while processing a batch,
-writes the ``changed`` entries to their changelog topics in the Kafka transaction, then
+writes its ``changes`` to their changelog topics in the Kafka transaction, then
 ``commit()``s once the transaction has committed, or ``rollback()``s when it aborts.
 Partitions come and go with rebalances: an assigned partition is brought up to date from
 its changelogs (``open_partition``, ``stored_offsets``, then ``apply_changelog`` from
@@ -38,6 +38,7 @@ __all__ = [
     "Changelog",
     "ChangelogEntry",
     "ChangelogOffsets",
+    "ChangelogRecord",
     "InMemoryStateStore",
     "RocksDBStateStore",
     "SeenKey",
@@ -52,6 +53,10 @@ Changelog = Literal["state", "members", "dedupe"]
 
 ChangelogEntry = tuple[int, bytes, bytes | None]
 """``(offset, key, value)`` of a changelog record as read; ``None`` is a tombstone."""
+
+ChangelogRecord = tuple[Changelog, int, bytes, bytes, int]
+"""``(changelog, partition, key, value, timestamp ms)`` of a record the change set adds to a
+changelog (``StateStore.changes``); a timestamp of 0 means now."""
 
 ChangelogOffsets = Mapping[tuple[Changelog, int], int]
 """By ``(changelog, partition)``: the offset to replay that changelog partition from, i.e.
@@ -97,23 +102,18 @@ class StateStore(Protocol):
         """Record that the call with this dedupe id was applied; rollback undoes it."""
         ...
 
-    def changed(self) -> list[tuple[int, GroupState, bytes]]:
-        """The newest state of each group put since the last commit or rollback, with its
-        changelog record (``codec.encode(state.state_record(...))``).
+    def changes(self) -> list[ChangelogRecord]:
+        """The change set as changelog records: the newest state of each group put since
+        the last commit or rollback, then the newest membership of each key, then each
+        dedupe id, each kind in the order first changed.
 
-        One entry per group (changelog writes are coalesced), in the order the groups
-        were first changed. A durable store keeps the records it encoded here, to write
-        the same bytes at ``commit``.
+        Keys: a state's groupId, a membership's key, a dedupe id's
+        ``dedupe.seen_record_key``; values: ``codec.encode`` of ``state.state_record``
+        and ``members.membership_record``, a dedupe id's arrival ms in ASCII digits. A
+        dedupe record's timestamp is its arrival ms (its topic's retention expires it),
+        the others' 0 (now). A durable store keeps what it made here, to write the same
+        bytes at ``commit``.
         """
-        ...
-
-    def changed_members(self) -> list[tuple[int, str, Membership, bytes]]:
-        """The newest membership of each key put since the last commit or rollback, with
-        its changelog record (``codec.encode(members.membership_record(...))``)."""
-        ...
-
-    def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
-        """The dedupe ids put since the last commit or rollback, with their arrival ms."""
         ...
 
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:

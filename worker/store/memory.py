@@ -12,12 +12,18 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import structlog
 
 from worker import codec
-from worker.dedupe import arrival_value, seen_key
+from worker.dedupe import arrival_value, seen_key, seen_record_key
 from worker.members import Membership, membership_from_record, membership_record
 from worker.state import GroupState, StateFormatError, state_from_record, state_record
 
 if TYPE_CHECKING:
-    from worker.store import Changelog, ChangelogEntry, ChangelogOffsets, SeenKey
+    from worker.store import (
+        Changelog,
+        ChangelogEntry,
+        ChangelogOffsets,
+        ChangelogRecord,
+        SeenKey,
+    )
 
 __all__ = ["InMemoryStateStore"]
 
@@ -122,20 +128,20 @@ class InMemoryStateStore:
     def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
         self._seen.put(partition, key, arrival_ms)
 
-    def changed(self) -> list[tuple[int, GroupState, bytes]]:
-        return [
-            (partition, state, codec.encode(state_record(state)))
-            for partition, _, state in self._groups.changed()
+    def changes(self) -> list[ChangelogRecord]:
+        records: list[ChangelogRecord] = [
+            ("state", p, group_id.encode(), codec.encode(state_record(state)), 0)
+            for p, group_id, state in self._groups.changed()
         ]
-
-    def changed_members(self) -> list[tuple[int, str, Membership, bytes]]:
-        return [
-            (partition, key, m, codec.encode(membership_record(m)))
-            for partition, key, m in self._members.changed()
+        records += [
+            ("members", p, key.encode(), codec.encode(membership_record(m)), 0)
+            for p, key, m in self._members.changed()
         ]
-
-    def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
-        return self._seen.changed()
+        records += [
+            ("dedupe", p, seen_record_key(*key).encode(), b"%d" % arrival, arrival)
+            for p, key, arrival in self._seen.changed()
+        ]
+        return records
 
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
         """Close the change set; ``offsets`` are ignored (nothing outlives the process)."""

@@ -47,7 +47,13 @@ from worker.store.partition import (
 )
 
 if TYPE_CHECKING:
-    from worker.store import Changelog, ChangelogEntry, ChangelogOffsets, SeenKey
+    from worker.store import (
+        Changelog,
+        ChangelogEntry,
+        ChangelogOffsets,
+        ChangelogRecord,
+        SeenKey,
+    )
 
 __all__ = ["RocksDBStateStore"]
 
@@ -55,6 +61,12 @@ log = structlog.get_logger("worker.store")
 _E = TypeVar("_E", GroupState, Membership)
 _K = TypeVar("_K")
 _V = TypeVar("_V")
+# ``changes`` made for ``commit``: database writes by partition, and parsed entries to
+# cache with their keys and costs.
+_Prepared = tuple[
+    dict[int, list[tuple[bytes, bytes]]],
+    list[tuple[tuple[int, bytes], "GroupState | Membership", int]],
+]
 
 # What a parsed entry keeps alive, from its record's length (tracemalloc: a state takes
 # about 1.4 times its record, a membership 2 times its 130 bytes), plus the cache's own.
@@ -79,11 +91,13 @@ class RocksDBStateStore:
         self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
         self._memory = SharedMemory(_BLOCK_CACHE_BYTES, _WRITE_BUFFERS_BYTES)
         self._partitions: dict[int, PartitionDB] = {}
-        # The change set: each value, its database key, whether that key is new, and its
-        # record once ``changed*`` encoded it (encoded once, for changelog and database).
-        self._groups: dict[tuple[int, str], tuple[GroupState, bytes, bool, bytes | None]] = {}
-        self._members: dict[tuple[int, str], tuple[Membership, bytes, bool, bytes | None]] = {}
+        # The change set: each value, its database key, and whether that key is new.
+        self._groups: dict[tuple[int, str], tuple[GroupState, bytes, bool]] = {}
+        self._members: dict[tuple[int, str], tuple[Membership, bytes, bool]] = {}
         self._seen: dict[tuple[int, SeenKey], tuple[int, bytes, bool]] = {}
+        # What ``changes`` made of the change set for ``commit`` (its database writes by
+        # partition, its parsed entries to cache); ``None`` once the change set moves.
+        self._prepared: _Prepared | None = None
         # Keys the database was just found to lack, so the put that usually follows a
         # read that missed need not look again; forgotten whenever the database changes.
         self._absent: set[tuple[int, bytes]] = set()
@@ -110,13 +124,14 @@ class RocksDBStateStore:
         return self._read(partition, key, _read_state)
 
     def put(self, partition: int, state: GroupState) -> None:
+        self._prepared = None
         log_key = (partition, state.group_id)
         pending = self._groups.get(log_key)
         if pending is None:
             key = b"s" + state.group_id.encode()
-            self._groups[log_key] = (state, key, self._is_new(partition, STATES, key), None)
+            self._groups[log_key] = (state, key, self._is_new(partition, STATES, key))
         else:
-            self._groups[log_key] = (state, pending[1], pending[2], None)
+            self._groups[log_key] = (state, pending[1], pending[2])
 
     def get_member(self, partition: int, key: str) -> Membership | None:
         pending = self._members.get((partition, key))
@@ -129,13 +144,14 @@ class RocksDBStateStore:
         return self._read(partition, db_key, _read_membership)
 
     def put_member(self, partition: int, key: str, m: Membership) -> None:
+        self._prepared = None
         log_key = (partition, key)
         pending = self._members.get(log_key)
         if pending is None:
             db_key = b"m" + key.encode()
-            self._members[log_key] = (m, db_key, self._is_new(partition, MEMBERS, db_key), None)
+            self._members[log_key] = (m, db_key, self._is_new(partition, MEMBERS, db_key))
         else:
-            self._members[log_key] = (m, pending[1], pending[2], None)
+            self._members[log_key] = (m, pending[1], pending[2])
 
     def seen(self, partition: int, key: SeenKey) -> int | None:
         pending = self._seen.get((partition, key))
@@ -153,6 +169,7 @@ class RocksDBStateStore:
         return arrival
 
     def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
+        self._prepared = None
         log_key = (partition, key)
         pending = self._seen.get(log_key)
         if pending is None:
@@ -161,56 +178,54 @@ class RocksDBStateStore:
         else:
             self._seen[log_key] = (arrival_ms, pending[1], pending[2])
 
-    def changed(self) -> list[tuple[int, GroupState, bytes]]:
-        out = []
-        for log_key, (state, key, new, record) in self._groups.items():
-            if record is None:
-                record = codec.encode(state_record(state))
-                self._groups[log_key] = (state, key, new, record)
-            out.append((log_key[0], state, record))
-        return out
+    def changes(self) -> list[ChangelogRecord]:
+        """The change set as changelog records (``StateStore.changes``).
 
-    def changed_members(self) -> list[tuple[int, str, Membership, bytes]]:
-        out = []
-        for log_key, (m, key, new, record) in self._members.items():
-            if record is None:
-                record = codec.encode(membership_record(m))
-                self._members[log_key] = (m, key, new, record)
-            out.append((log_key[0], log_key[1], m, record))
-        return out
+        Made in one pass with the database writes and cache entries that ``commit``
+        needs, kept until the change set moves: each record is encoded once.
+        """
+        records, self._prepared = self._prepare()
+        return records
 
-    def changed_seen(self) -> list[tuple[int, SeenKey, int]]:
-        return [(partition, key, entry[0]) for (partition, key), entry in self._seen.items()]
+    def _prepare(self) -> tuple[list[ChangelogRecord], _Prepared]:
+        records: list[ChangelogRecord] = []
+        writes: dict[int, list[tuple[bytes, bytes]]] = {}
+        cached: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
+        # A changelog key is its database key without the kind byte.
+        for (partition, _), (state, key, _) in self._groups.items():
+            value = codec.encode(state_record(state))
+            records.append(("state", partition, key[1:], value, 0))
+            writes.setdefault(partition, []).append((key, value))
+            cached.append(((partition, key), state, _cost(value)))
+        for (partition, _), (m, key, _) in self._members.items():
+            value = codec.encode(membership_record(m))
+            records.append(("members", partition, key[1:], value, 0))
+            writes.setdefault(partition, []).append((key, value))
+            cached.append(((partition, key), m, _cost(value)))
+        for (partition, _), (arrival, key, _) in self._seen.items():
+            value = b"%d" % arrival
+            records.append(("dedupe", partition, key[1:], value, arrival))
+            writes.setdefault(partition, []).append((key, value))
+        return records, (writes, cached)
 
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
         """Write the change set with ``offsets``, then close it (``StateStore.commit``).
 
-        Steps: (1) the records of the change set, by partition; (2) for each partition
-        changed or given offsets, one write batch of its records, counts and offsets;
-        (3) the change set closes, its states and memberships moving into the cache.
-        Blocks on the disk. Raises ``StoreError`` when a write fails.
+        Steps: (1) the change set's records by partition, as ``changes`` made them;
+        (2) for each partition changed or given offsets, one write batch of its records,
+        counts and offsets; (3) the change set closes, its states and memberships moving
+        into the cache. Blocks on the disk. Raises ``StoreError`` when a write fails.
         """
-        records: dict[int, list[tuple[bytes, bytes]]] = {}
-        parsed: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
-        for (partition, _), (state, key, _, value) in self._groups.items():  # (1)
-            value = value or codec.encode(state_record(state))
-            records.setdefault(partition, []).append((key, value))
-            parsed.append(((partition, key), state, _cost(value)))
-        for (partition, _), (m, key, _, value) in self._members.items():
-            value = value or codec.encode(membership_record(m))
-            records.setdefault(partition, []).append((key, value))
-            parsed.append(((partition, key), m, _cost(value)))
-        for (partition, _), (arrival, key, _) in self._seen.items():
-            records.setdefault(partition, []).append((key, b"%d" % arrival))
+        writes, cached = self._prepared or self._prepare()[1]  # (1)
         reached: dict[int, dict[Changelog, int]] = {}
         for (changelog, partition), offset in (offsets or {}).items():
             reached.setdefault(partition, {})[changelog] = offset
-        for partition in records.keys() | reached.keys():  # (2)
+        for partition in writes.keys() | reached.keys():  # (2)
             try:
-                self._part(partition).write(records.get(partition, ()), reached.get(partition, {}))
+                self._part(partition).write(writes.get(partition, ()), reached.get(partition, {}))
             except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
                 raise StoreError(f"cannot write {self.path(partition)}: {e}") from None
-        for cache_key, entry, cost in parsed:  # (3)
+        for cache_key, entry, cost in cached:  # (3)
             self._cache.put(cache_key, entry, cost)
         self._clear_changes()
 
@@ -287,9 +302,10 @@ class RocksDBStateStore:
 
         Deletes them from the databases at once, one write batch per partition, after a
         scan of every id (O(ids held)); an unreadable id goes too. Pending ids that old
-        leave the change set, ``changed_seen`` included.
+        leave the change set.
         """
         removed = 0
+        self._prepared = None
         for log_key, (arrival, _, new) in list(self._seen.items()):
             if arrival < before_ms:
                 del self._seen[log_key]
@@ -309,6 +325,7 @@ class RocksDBStateStore:
         """Forget the partition and close its database; its files stay."""
         part = self._partitions.pop(partition, None)
         self._absent.clear()
+        self._prepared = None
         _forget(self._groups, partition)
         _forget(self._members, partition)
         _forget(self._seen, partition)
@@ -378,6 +395,7 @@ class RocksDBStateStore:
         self._part(partition).write_one(kind, key, value)
 
     def _clear_changes(self) -> None:
+        self._prepared = None
         self._absent.clear()
         self._groups.clear()
         self._members.clear()
