@@ -162,7 +162,8 @@ class Processor:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)
                     reason = self._refusal(repartition, key, value)
                     if reason is None:
-                        tally.warnings.update(outcome.warnings)
+                        if outcome.warnings:  # Counter.update costs ~0.2 µs, even empty
+                            tally.warnings.update(outcome.warnings)
                         tally.forwarded += 1
                         self._sink.produce(repartition, key, value, timestamp=arrival)
                         continue
@@ -246,7 +247,8 @@ class Processor:
             key, value = outcome.group_id.encode(), codec.encode(outcome.call)
             reason = self._refusal(enriched, key, value)
             if reason is None:
-                tally.warnings.update(outcome.warnings)
+                if outcome.warnings:
+                    tally.warnings.update(outcome.warnings)
                 tally.event_times_ms.append(outcome.event_time_ms)
                 self._sink.produce(enriched, key, value)
             else:
@@ -283,6 +285,7 @@ class Processor:
             now_ms=self._now_ms,
             bound=self._bound,
             dropped=dropped,
+            in_place=True,  # the store undoes it on rollback
         )
         self._store.put(partition, state)
         self._store.put_seen(partition, seen, arrival)

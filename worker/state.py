@@ -55,7 +55,7 @@ made.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from worker import codec
@@ -131,14 +131,15 @@ class AddressStamps:
 class GroupState:
     """One group's merged profile and what the next merge needs.
 
-    Never mutated: ``merge_call`` returns a new state, sharing what did not change.
+    Changed only by ``merge_call``: in place when its caller asks (the store's undo rules
+    cover it), else into a new state that shares what did not change.
     ``traits`` is the merged traits; ``stamps`` the stamp of each of them but ``address``,
     whose registers are in ``address`` (``None`` when never sent). Not hashable.
     """
 
     group_id: str
-    traits: Mapping[str, Any]
-    stamps: Mapping[str, Stamp]
+    traits: dict[str, Any]
+    stamps: dict[str, Stamp]
     address: AddressStamps | None
     member_count: int
     event_count: int
@@ -159,69 +160,60 @@ def merge_call(
     now_ms: int,
     bound: GroupBound = _UNBOUNDED,
     dropped: list[str] | None = None,
+    in_place: bool = False,
 ) -> GroupState:
     """Merge one call, not applied to the group before, into the group's state.
 
     ``state`` is ``None`` for a group never seen. ``new_member`` says whether the call's
     member is new to the group (the caller asks the membership store); ``now_ms``
     becomes ``updated_ms``. Traits the ``bound`` keeps out (module docstring) are
-    appended to ``dropped`` when it is given. The caller dedupes: merging a call again
-    leaves the traits as they are but counts it again in ``event_count``.
-    Raises ``ValueError`` when the call is for another group, or its ``address`` trait
-    is neither ``None`` nor a mapping.
+    appended to ``dropped`` when it is given. ``in_place`` updates ``state`` itself and
+    returns it (no copy of its traits per call: the caller can undo it, as the store
+    does on rollback); otherwise ``state`` is left as it was. The caller dedupes:
+    merging a call again leaves the traits as they are but counts it again in
+    ``event_count``. Raises ``ValueError`` when the call is for another group, or its
+    ``address`` trait is neither ``None`` nor a mapping (before changing anything).
     """
     if state is not None and state.group_id != call.group_id:
         raise ValueError("merge_call: the call is for another group")
-    stamp = (call.event_ms, call.message_id)
-    traits = dict(state.traits) if state is not None else {}
-    stamps = dict(state.stamps) if state is not None else {}
-    address = state.address if state is not None else None
+    address = call.traits.get("address")
+    if address is not None and not isinstance(address, Mapping):
+        raise ValueError(f"address must be a mapping or None, not {type(address).__name__}")
     if state is None:
-        size, exact = 0, True
-    elif state.size < 0:
-        size, exact = group_size(state), True
-    else:
-        size, exact = state.size, state.size_exact
+        first = call.event_ms
+        state = GroupState(call.group_id, {}, {}, None, 0, 0, first, first, 0, 0, size_exact=True)
+    elif not in_place:
+        state = replace(state, traits=dict(state.traits), stamps=dict(state.stamps))
+    stamp = (call.event_ms, call.message_id)
+    traits, stamps = state.traits, state.stamps
+    if state.size < 0:
+        state.size, state.size_exact = group_size(state), True
     growth = _growth_bound(call.traits, _json_bytes(call.message_id))
-    if size + growth <= min(bound.new_keys, bound.any_growth):
+    if state.size + growth <= min(bound.new_keys, bound.any_growth):
         # No write can be dropped: apply them all, and carry an upper bound of the size.
         for name, value in call.traits.items():
             if name == "address":
-                address = _merge_address(address, traits, value, stamp)
+                state.address = _merge_address(state.address, traits, value, stamp)
             else:
                 old = stamps.get(name)
                 if old is None or stamp > old:
                     traits[name] = value
                     stamps[name] = stamp
-        size, exact = size + growth, False
+        state.size, state.size_exact = state.size + growth, False
     else:
-        if not exact and state is not None:
-            size = group_size(state)
+        if not state.size_exact:
+            state.size = group_size(state)
         drop = dropped.append if dropped is not None else _ignore
-        address, size = _merge_bounded(
-            traits, stamps, address, call.traits, stamp, size, bound, drop
+        state.address, state.size = _merge_bounded(
+            traits, stamps, state.address, call.traits, stamp, state.size, bound, drop
         )
-        exact = True
-    if state is None:
-        first = last = call.event_ms
-        members = events = 0
-    else:
-        first = min(state.first_seen_ms, call.event_ms)
-        last = max(state.last_seen_ms, call.event_ms)
-        members, events = state.member_count, state.event_count
-    return GroupState(
-        group_id=call.group_id,
-        traits=traits,
-        stamps=stamps or _NO_STAMPS,
-        address=address,
-        member_count=members + 1 if new_member else members,
-        event_count=events + 1,
-        first_seen_ms=first,
-        last_seen_ms=last,
-        updated_ms=now_ms,
-        size=size,
-        size_exact=exact,
-    )
+        state.size_exact = True
+    state.member_count += new_member
+    state.event_count += 1
+    state.first_seen_ms = min(state.first_seen_ms, call.event_ms)
+    state.last_seen_ms = max(state.last_seen_ms, call.event_ms)
+    state.updated_ms = now_ms
+    return state
 
 
 def _growth_bound(traits: Mapping[str, Any], mid_bytes: int) -> int:
@@ -486,7 +478,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
     return GroupState(
         group_id=record_field(record, "groupId", str),
         traits=traits,
-        stamps=stamps or _NO_STAMPS,
+        stamps=stamps,
         address=address,
         member_count=_count(record, "memberCount"),
         event_count=_count(record, "eventCount"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -402,13 +403,15 @@ def test_an_aborted_transaction_leaves_the_store_exactly_as_before(tmp_path: Pat
     def step(n: int) -> None:
         if "files" not in seen and store.get(0, "g0") and not store.changes():
             # The first batch committed: fail the next commit.
-            seen["files"], seen["g0"] = on_disk(store, 0), store.get(0, "g0")
+            # Copies: the store's states change in place as calls merge into them.
+            seen["files"], seen["g0"] = on_disk(store, 0), copy.deepcopy(store.get(0, "g0"))
             for k in range(6, 12):
                 source.append(group_call(k))
             sink.fail_next_commit = AbortableError("transaction aborted by the broker")
         elif "files" in seen and "aborted" not in seen and sink.aborts:
             # Aborted and rewound, not replayed yet.
-            seen["aborted"], seen["aborted g0"] = on_disk(store, 0), store.get(0, "g0")
+            seen["aborted"] = on_disk(store, 0)
+            seen["aborted g0"] = copy.deepcopy(store.get(0, "g0"))
         if n >= 12:
             runner.stop()
 

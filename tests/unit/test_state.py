@@ -68,9 +68,12 @@ def fold(
     states: States | None = None,
     members: Members | None = None,
     seen: set[tuple[str, str]] | None = None,
+    *,
+    in_place: bool = False,
 ) -> tuple[States, Members]:
     """Apply calls in order, as the processor does: each messageId once per group (``seen``,
-    updated in place when given), with a membership dict for new_member."""
+    updated in place when given), with a membership dict for new_member; ``in_place``
+    merges into the states themselves, else into copies."""
     states, members = dict(states or {}), dict(members or {})
     seen = set() if seen is None else seen
     for now, c in enumerate(calls):
@@ -79,7 +82,11 @@ def fold(
         seen.add((c.group_id, c.message_id))
         key = membership_key(c.group_id, c.member_kind, c.member_id)
         state = merge_call(
-            states.get(c.group_id), c, new_member=key not in members, now_ms=NOW + now
+            states.get(c.group_id),
+            c,
+            new_member=key not in members,
+            now_ms=NOW + now,
+            in_place=in_place,
         )
         states[c.group_id] = state
         membership = merge_membership(members.get(key), c)
@@ -533,6 +540,24 @@ def test_merge_is_order_independent_and_idempotent(
         return {g: codec.decode(codec.encode(state_record(s))) for g, s in timeless(states).items()}
 
     assert records(again_states) == records(states)
+
+
+@given(deliveries())
+def test_a_merge_in_place_equals_a_merge_into_a_copy_which_leaves_the_state_alone(
+    case: tuple[list[Applied], list[Applied]],
+) -> None:
+    """Merging in place (as the processor does, in the store's cache) gives the same
+    states; merging into a copy leaves every state it started from as it was."""
+    calls, delivered = case
+    cut = len(delivered) // 2
+    seen: set[tuple[str, str]] = set()
+    start, members = fold(delivered[:cut], seen=seen)
+    before = {g: codec.encode(state_record(s)) for g, s in start.items()}
+    copied, _ = fold(delivered[cut:], start, members, set(seen))
+    assert {g: codec.encode(state_record(s)) for g, s in start.items()} == before
+    in_place, _ = fold(delivered[cut:], start, members, set(seen), in_place=True)
+    assert in_place == copied
+    assert timeless(in_place) == timeless(fold(calls)[0])
 
 
 @given(call_sets(), st.data())

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from worker import codec
 from worker.dedupe import seen_record_key
 from worker.members import Membership, membership_record
-from worker.state import GroupState, StateFormatError, state_record
+from worker.state import Applied, GroupState, StateFormatError, merge_call, state_record
 from worker.store import (
     ChangelogEntry,
     ChangelogRecord,
@@ -173,6 +173,26 @@ def test_rollback_restores_earlier_values_and_removes_new_keys(store: StateStore
     assert store.get_member(0, "k1") == member("u1")
     assert store.get_member(0, "k2") is None
     assert (store.group_count(), store.member_count()) == (2, 1)
+
+
+def test_rollback_undoes_a_state_updated_in_place(store: StateStore) -> None:
+    """A state got, merged in place and put (as the processor does) reads as committed
+    after a rollback, and as merged after a commit."""
+    committed(store, (0, state("g1", 1)))
+    for _ in range(2):  # the first rollback must not leave the cache holding the merge
+        got = store.get(0, "g1")
+        assert got is not None
+        applied = Applied("g1", "m9", 5, "userId", "u1", {"name": "N"})
+        store.put(0, merge_call(got, applied, new_member=True, now_ms=9, in_place=True))
+        store.rollback()
+        assert store.get(0, "g1") == state("g1", 1)
+    got = store.get(0, "g1")
+    assert got is not None
+    merged = merge_call(got, applied, new_member=True, now_ms=9, in_place=True)
+    store.put(0, merged)
+    store.commit()
+    assert store.get(0, "g1") == merged
+    assert merged.traits == {"v": 1, "name": "N"}
 
 
 def test_rollback_does_not_undo_committed_writes(store: StateStore) -> None:

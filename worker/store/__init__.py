@@ -76,6 +76,9 @@ class StateStore(Protocol):
     def get(self, partition: int, group_id: str) -> GroupState | None:
         """The group's state, or ``None`` when the partition holds none for it.
 
+        The caller may update the state in place (``state.merge_call``), then ``put``s
+        it: a rollback undoes that as well.
+
         Raises ``state.StateFormatError`` when RocksDB holds the group's record in a
         format this worker does not read (it parses records on first read); a malformed
         record reads as ``None``, with a warning (as a restore skips it).

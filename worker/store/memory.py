@@ -7,6 +7,7 @@ assignment replays the changelogs from their beginning, parsing every record.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import structlog
@@ -56,6 +57,10 @@ class _Table(Generic[_K, _V]):
             self._undo[log_key] = entries.get(key)
         entries[key] = value
         self._changed[log_key] = value
+
+    def pending(self, partition: int, key: _K) -> bool:
+        """Whether the open change set wrote ``key``."""
+        return (partition, key) in self._undo
 
     def restore(self, partition: int, key: _K, value: _V) -> None:
         self._data.setdefault(partition, {})[key] = value
@@ -111,7 +116,11 @@ class InMemoryStateStore:
         self._tables = (self._groups, self._members, self._seen)
 
     def get(self, partition: int, group_id: str) -> GroupState | None:
-        return self._groups.get(partition, group_id)
+        state = self._groups.get(partition, group_id)
+        if state is None or self._groups.pending(partition, group_id):
+            return state
+        # A copy: the caller may update it in place, and the undo log keeps the original.
+        return replace(state, traits=dict(state.traits), stamps=dict(state.stamps))
 
     def put(self, partition: int, state: GroupState) -> None:
         self._groups.put(partition, state.group_id, state)

@@ -230,7 +230,10 @@ class RocksDBStateStore:
         self._clear_changes()
 
     def rollback(self) -> None:
-        """Forget the change set: the database never saw it."""
+        """Forget the change set: the database never saw it. The states it holds leave the
+        cache too (they may have been updated in place), to be read again."""
+        for (partition, _), (_, key, _) in self._groups.items():
+            self._cache.discard((partition, key))
         self._clear_changes()
 
     # Restoring, expiring and forgetting: outside the change set.
