@@ -424,16 +424,18 @@ def write_chart(results: Mapping[str, Any], path: Path) -> None:
     ax.set_title(f"group-worker, {results['calls']:,} calls ({results['machine']['summary']})")
     ax.bar_label(bars, labels=[f"{x:,.0f}" for x in rates], fontsize=7)
     targets = results["targets"]
-    ax.axhline(targets["hot_path"], color="#ff7f0e", linestyle=":", linewidth=1)
-    ax.text(
-        len(names) - 0.5,
-        targets["hot_path"],
-        "hot-path target",
-        fontsize=7,
-        ha="right",
-        va="bottom",
-        color="#ff7f0e",
-    )
+    hot_path = targets["hot_path"]  # one target, or one per stage layout
+    for label, target in hot_path.items() if isinstance(hot_path, dict) else [("", hot_path)]:
+        ax.axhline(target, color="#ff7f0e", linestyle=":", linewidth=1)
+        ax.text(
+            len(names) - 0.5,
+            target,
+            f"hot-path target {label}".strip(),
+            fontsize=7,
+            ha="right",
+            va="bottom",
+            color="#ff7f0e",
+        )
     ax.grid(axis="y", alpha=0.3)
     if has_latency:
         assert latency is not None
