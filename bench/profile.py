@@ -1,12 +1,13 @@
 """Where a real worker's time goes end to end: ``python -m bench.profile``.
 
-Fills a fresh input topic with ``--calls`` generated calls keyed by groupId, starts a
-``group-worker run`` on it (exactly once), and while it drains records it with py-spy
-(``--py-spy``: the path of a ``py-spy`` binary, which is not a dependency: ``pip install
-py-spy`` anywhere), idle samples included, for ``--seconds``. Prints the drain rate, the
-worker's own commit and processing times (from ``/metrics``) and, with py-spy, each
-function's share of the main loop's samples (inclusive). Needs a broker (``make
-kafka-up``, or the benchmark's); deletes its topics.
+Fills a fresh input topic with ``--calls`` generated calls keyed by groupId (``--stages
+1``, the default) or not (``--stages 2``: the default layout, through the repartition
+topic), starts a ``group-worker run`` on it (exactly once), and while it drains records
+it with py-spy (``--py-spy``: the path of a ``py-spy`` binary, which is not a
+dependency: ``pip install py-spy`` anywhere), idle samples included, for ``--seconds``.
+Prints the drain rate, the worker's own commit and processing times (from
+``/metrics``) and, with py-spy, each function's share of the main loop's samples
+(inclusive). Needs a broker (``make kafka-up``, or the benchmark's); deletes its topics.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bootstrap", default="127.0.0.1:39092")
     parser.add_argument("--calls", type=int, default=300_000)
+    parser.add_argument("--stages", type=int, choices=(1, 2), default=1)
     parser.add_argument("--py-spy", type=Path, help="a py-spy binary: also profile")
     parser.add_argument("--seconds", type=int, default=20, help="how long py-spy records")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("bench/results/logs.tmp"))
     args = parser.parse_args(argv)
     inputs = Topics.fresh("input")
-    keyed = inputs.name("keyed")
+    keyed = args.stages == 1
+    topic = inputs.name("keyed" if keyed else "raw")
     raw = args.out / "profile.raw"
     spies: list[subprocess.Popen[bytes]] = []
 
@@ -55,14 +58,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         spies.append(subprocess.Popen([*command, "--idle"], stdout=subprocess.DEVNULL))
 
     try:
-        fill_topic(args.bootstrap, keyed, args.calls, 1, by_group=True)
+        fill_topic(args.bootstrap, topic, args.calls, 1, by_group=keyed)
         drain = drain_worker(
             args.bootstrap,
-            keyed,
+            topic,
             args.calls,
             "exactly_once",
             args.out,
-            keyed=True,
+            keyed=keyed,
             on_start=spy if args.py_spy else None,
         )
     finally:
