@@ -390,13 +390,14 @@ class KafkaSink:
             finally:
                 done.set()
 
+        deadline = self._commit_timeout + _DEADLINE_MARGIN
         threading.Thread(target=call, name="transaction-call", daemon=True).start()
         try:
             meanwhile()
         except BaseException:
-            done.wait(self._commit_timeout + _DEADLINE_MARGIN)
+            done.wait(deadline)
             raise
-        if not done.wait(self._commit_timeout + _DEADLINE_MARGIN):
+        if not done.wait(deadline):
             raise KafkaError(f"a transactional call hung past {self._commit_timeout:.0f}s")
         if failure:
             raise failure[0]

@@ -46,10 +46,9 @@ Formats 1 and 2 wrote each stamp in place, ``[event_ms, messageId]``; format 1 (
 Both are still read (format 1's ids ignored). Any other format raises
 ``StateFormatError``: the record was written by a worker this one cannot follow.
 
-``Applied``, ``GroupState`` and ``AddressStamps`` are made per call: plain slotted
-dataclasses, not frozen ones, whose ``__init__`` sets each field through
-``object.__setattr__`` (0.9 against 0.18 µs for six fields). Only ``merge_call`` changes
-a ``GroupState``, and in place only when its caller asks (the store, which can undo it).
+``Applied``, ``GroupState`` and ``AddressStamps`` are made per call, so they are plain
+dataclasses, not frozen ones (``worker.events`` says why). Only ``merge_call`` changes a
+``GroupState``, and in place only when its caller asks (the store, which can undo it).
 """
 
 from __future__ import annotations
@@ -70,6 +69,7 @@ __all__ = [
     "MemberKind",
     "Stamp",
     "StateFormatError",
+    "copy_state",
     "group_size",
     "group_snapshot",
     "merge_call",
@@ -183,7 +183,7 @@ def merge_call(
         first = call.event_ms
         state = GroupState(call.group_id, {}, {}, None, 0, 0, first, first, 0, 0, size_exact=True)
     elif not in_place:
-        state = replace(state, traits=dict(state.traits), stamps=dict(state.stamps))
+        state = copy_state(state)
     stamp = (call.event_ms, call.message_id)
     traits, stamps = state.traits, state.stamps
     if state.size < 0:
@@ -214,6 +214,12 @@ def merge_call(
     state.last_seen_ms = max(state.last_seen_ms, call.event_ms)
     state.updated_ms = now_ms
     return state
+
+
+def copy_state(state: GroupState) -> GroupState:
+    """A copy of ``state`` to merge into in place without changing ``state``: its traits
+    and stamps are copied, the rest (never written in place) is shared."""
+    return replace(state, traits=dict(state.traits), stamps=dict(state.stamps))
 
 
 def _growth_bound(traits: Mapping[str, Any], mid_bytes: int) -> int:

@@ -7,7 +7,6 @@ assignment replays the changelogs from their beginning, parsing every record.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import structlog
@@ -15,7 +14,13 @@ import structlog
 from worker import codec
 from worker.dedupe import arrival_value, seen_key, seen_record_key
 from worker.members import Membership, membership_from_record, membership_record
-from worker.state import GroupState, StateFormatError, state_from_record, state_record
+from worker.state import (
+    GroupState,
+    StateFormatError,
+    copy_state,
+    state_from_record,
+    state_record,
+)
 
 if TYPE_CHECKING:
     from worker.store import (
@@ -120,7 +125,7 @@ class InMemoryStateStore:
         if state is None or self._groups.pending(partition, group_id):
             return state
         # A copy: the caller may update it in place, and the undo log keeps the original.
-        return replace(state, traits=dict(state.traits), stamps=dict(state.stamps))
+        return copy_state(state)
 
     def put(self, partition: int, state: GroupState) -> None:
         self._groups.put(partition, state.group_id, state)

@@ -24,9 +24,9 @@ replayed record looks up whether its key existed: a bloom-filter miss when it di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
 
@@ -61,12 +61,9 @@ log = structlog.get_logger("worker.store")
 _E = TypeVar("_E", GroupState, Membership)
 _K = TypeVar("_K")
 _V = TypeVar("_V")
-# ``changes`` made for ``commit``: database writes by partition, and parsed entries to
-# cache with their keys and costs.
-_Prepared = tuple[
-    dict[int, list[tuple[bytes, bytes]]],
-    list[tuple[tuple[int, bytes], "GroupState | Membership", int]],
-]
+# A change-set entry: the value, its database key, whether that key is new, and its
+# record once ``changes`` or ``commit`` encoded it (once, for changelog and database).
+_Change = tuple[_E, bytes, bool, bytes | None]
 
 # What a parsed entry keeps alive, from its record's length (tracemalloc: a state takes
 # about 1.4 times its record, a membership 2 times its 130 bytes), plus the cache's own.
@@ -91,13 +88,10 @@ class RocksDBStateStore:
         self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
         self._memory = SharedMemory(_BLOCK_CACHE_BYTES, _WRITE_BUFFERS_BYTES)
         self._partitions: dict[int, PartitionDB] = {}
-        # The change set: each value, its database key, and whether that key is new.
-        self._groups: dict[tuple[int, str], tuple[GroupState, bytes, bool]] = {}
-        self._members: dict[tuple[int, str], tuple[Membership, bytes, bool]] = {}
+        # The change set (``_Change``); a dedupe id's record is its arrival, not kept.
+        self._groups: dict[tuple[int, str], _Change[GroupState]] = {}
+        self._members: dict[tuple[int, str], _Change[Membership]] = {}
         self._seen: dict[tuple[int, SeenKey], tuple[int, bytes, bool]] = {}
-        # What ``changes`` made of the change set for ``commit`` (its database writes by
-        # partition, its parsed entries to cache); ``None`` once the change set moves.
-        self._prepared: _Prepared | None = None
         # Keys the database was just found to lack, so the put that usually follows a
         # read that missed need not look again; forgotten whenever the database changes.
         self._absent: set[tuple[int, bytes]] = set()
@@ -124,14 +118,13 @@ class RocksDBStateStore:
         return self._read(partition, key, _read_state)
 
     def put(self, partition: int, state: GroupState) -> None:
-        self._prepared = None
         log_key = (partition, state.group_id)
         pending = self._groups.get(log_key)
         if pending is None:
             key = b"s" + state.group_id.encode()
-            self._groups[log_key] = (state, key, self._is_new(partition, STATES, key))
+            self._groups[log_key] = (state, key, self._is_new(partition, STATES, key), None)
         else:
-            self._groups[log_key] = (state, pending[1], pending[2])
+            self._groups[log_key] = (state, pending[1], pending[2], None)
 
     def get_member(self, partition: int, key: str) -> Membership | None:
         pending = self._members.get((partition, key))
@@ -144,14 +137,13 @@ class RocksDBStateStore:
         return self._read(partition, db_key, _read_membership)
 
     def put_member(self, partition: int, key: str, m: Membership) -> None:
-        self._prepared = None
         log_key = (partition, key)
         pending = self._members.get(log_key)
         if pending is None:
             db_key = b"m" + key.encode()
-            self._members[log_key] = (m, db_key, self._is_new(partition, MEMBERS, db_key))
+            self._members[log_key] = (m, db_key, self._is_new(partition, MEMBERS, db_key), None)
         else:
-            self._members[log_key] = (m, pending[1], pending[2])
+            self._members[log_key] = (m, pending[1], pending[2], None)
 
     def seen(self, partition: int, key: SeenKey) -> int | None:
         pending = self._seen.get((partition, key))
@@ -169,7 +161,6 @@ class RocksDBStateStore:
         return arrival
 
     def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
-        self._prepared = None
         log_key = (partition, key)
         pending = self._seen.get(log_key)
         if pending is None:
@@ -179,44 +170,33 @@ class RocksDBStateStore:
             self._seen[log_key] = (arrival_ms, pending[1], pending[2])
 
     def changes(self) -> list[ChangelogRecord]:
-        """The change set as changelog records (``StateStore.changes``).
-
-        Made in one pass with the database writes and cache entries that ``commit``
-        needs, kept until the change set moves: each record is encoded once.
-        """
-        records, self._prepared = self._prepare()
+        """The change set as changelog records (``StateStore.changes``); each record is
+        encoded once, kept for ``commit``. A changelog key is its database key without
+        the kind byte."""
+        records: list[ChangelogRecord] = [
+            (changelog, p, key[1:], value, 0) for changelog, p, key, value, _ in self._encoded()
+        ]
+        records += [
+            ("dedupe", p, key[1:], b"%d" % arrival, arrival)
+            for (p, _), (arrival, key, _) in self._seen.items()
+        ]
         return records
-
-    def _prepare(self) -> tuple[list[ChangelogRecord], _Prepared]:
-        records: list[ChangelogRecord] = []
-        writes: dict[int, list[tuple[bytes, bytes]]] = {}
-        cached: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
-        # A changelog key is its database key without the kind byte.
-        for (partition, _), (state, key, _) in self._groups.items():
-            value = codec.encode(state_record(state))
-            records.append(("state", partition, key[1:], value, 0))
-            writes.setdefault(partition, []).append((key, value))
-            cached.append(((partition, key), state, _cost(value)))
-        for (partition, _), (m, key, _) in self._members.items():
-            value = codec.encode(membership_record(m))
-            records.append(("members", partition, key[1:], value, 0))
-            writes.setdefault(partition, []).append((key, value))
-            cached.append(((partition, key), m, _cost(value)))
-        for (partition, _), (arrival, key, _) in self._seen.items():
-            value = b"%d" % arrival
-            records.append(("dedupe", partition, key[1:], value, arrival))
-            writes.setdefault(partition, []).append((key, value))
-        return records, (writes, cached)
 
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
         """Write the change set with ``offsets``, then close it (``StateStore.commit``).
 
-        Steps: (1) the change set's records by partition, as ``changes`` made them;
+        Steps: (1) the change set's records by partition (as ``changes`` encoded them);
         (2) for each partition changed or given offsets, one write batch of its records,
         counts and offsets; (3) the change set closes, its states and memberships moving
         into the cache. Blocks on the disk. Raises ``StoreError`` when a write fails.
         """
-        writes, cached = self._prepared or self._prepare()[1]  # (1)
+        writes: dict[int, list[tuple[bytes, bytes]]] = {}
+        cached: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
+        for _, partition, key, value, entry in self._encoded():  # (1)
+            writes.setdefault(partition, []).append((key, value))
+            cached.append(((partition, key), entry, _cost(value)))
+        for (partition, _), (arrival, key, _) in self._seen.items():
+            writes.setdefault(partition, []).append((key, b"%d" % arrival))
         reached: dict[int, dict[Changelog, int]] = {}
         for (changelog, partition), offset in (offsets or {}).items():
             reached.setdefault(partition, {})[changelog] = offset
@@ -232,7 +212,7 @@ class RocksDBStateStore:
     def rollback(self) -> None:
         """Forget the change set: the database never saw it. The states it holds leave the
         cache too (they may have been updated in place), to be read again."""
-        for (partition, _), (_, key, _) in self._groups.items():
+        for (partition, _), (_, key, _, _) in self._groups.items():
             self._cache.discard((partition, key))
         self._clear_changes()
 
@@ -308,7 +288,6 @@ class RocksDBStateStore:
         leave the change set.
         """
         removed = 0
-        self._prepared = None
         for log_key, (arrival, _, new) in list(self._seen.items()):
             if arrival < before_ms:
                 del self._seen[log_key]
@@ -328,7 +307,6 @@ class RocksDBStateStore:
         """Forget the partition and close its database; its files stay."""
         part = self._partitions.pop(partition, None)
         self._absent.clear()
-        self._prepared = None
         _forget(self._groups, partition)
         _forget(self._members, partition)
         _forget(self._seen, partition)
@@ -384,6 +362,16 @@ class RocksDBStateStore:
         self._cache.put((partition, key), entry, _cost(raw))
         return entry
 
+    def _encoded(
+        self,
+    ) -> Iterator[tuple[Changelog, int, bytes, bytes, GroupState | Membership]]:
+        """The changed states, then memberships: changelog, partition, database key,
+        record, value."""
+        for partition, key, record, state in _encode_once(self._groups, state_record):
+            yield "state", partition, key, record, state
+        for partition, key, record, m in _encode_once(self._members, membership_record):
+            yield "members", partition, key, record, m
+
     def _is_new(self, partition: int, kind: int, key: bytes) -> bool:
         """Whether the database lacks ``key``; counts it as new to the change set if so."""
         part = self._part(partition)
@@ -398,13 +386,24 @@ class RocksDBStateStore:
         self._part(partition).write_one(kind, key, value)
 
     def _clear_changes(self) -> None:
-        self._prepared = None
         self._absent.clear()
         self._groups.clear()
         self._members.clear()
         self._seen.clear()
         for part in self._partitions.values():
             part.new = [0, 0, 0]
+
+
+def _encode_once(
+    changes: dict[tuple[int, str], _Change[_E]], record_of: Callable[[_E], dict[str, Any]]
+) -> Iterator[tuple[int, bytes, bytes, _E]]:
+    """Each change's partition, database key, record and value; a record not encoded yet
+    is encoded (``record_of``) and kept in its change."""
+    for log_key, (entry, key, new, record) in changes.items():
+        if record is None:
+            record = codec.encode(record_of(entry))
+            changes[log_key] = (entry, key, new, record)
+        yield log_key[0], key, record, entry
 
 
 def _forget(changes: dict[tuple[int, _K], _V], partition: int) -> None:
