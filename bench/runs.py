@@ -276,7 +276,7 @@ class WorkerProcess:
     ``settings`` are config keys (``worker_batch_size``) and their values. Its state
     lives in ``state_dir`` when given (kept, for a restart), else in a
     temporary directory deleted by ``stop``. ``started`` is when the process was
-    launched (``time.perf_counter``).
+    launched (``time.perf_counter``). ``root`` is the checkout it runs from.
     """
 
     def __init__(
@@ -290,6 +290,7 @@ class WorkerProcess:
         state_dir: Path | None = None,
         log_name: str = "",
         settings: Mapping[str, str] | None = None,
+        root: Path = ROOT,
     ) -> None:
         self.port = _free_port()
         self.log_path = log_dir / f"{topics.tag}{log_name}.log"
@@ -311,7 +312,7 @@ class WorkerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", *launcher, "--config", "config/worker.toml", "run"],
                 env=env,
-                cwd=ROOT,
+                cwd=root,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -411,12 +412,13 @@ def drain_worker(
     extra: Mapping[str, str] | None = None,
     variant: Sequence[str] = (),
     on_start: Callable[[WorkerProcess], None] | None = None,
+    root: Path = ROOT,
 ) -> Drain:
     """Start a worker on ``input_topic`` and time it until every call has an outcome.
 
     The clock starts when ``/metrics`` first shows a consumed call (``on_start`` is then
     called with the worker) and stops when the outcomes add up to ``expect`` (polled
-    every 250 ms, so within 0.25 s).
+    every 250 ms, so within 0.25 s). ``root``: the checkout the worker runs from.
     """
     topics = Topics.fresh("eos" if guarantee == "exactly_once" else "alo")
     worker = WorkerProcess(
@@ -430,6 +432,7 @@ def drain_worker(
             "worker_input_keyed_by_group_id": "true" if keyed else "false",
             **(extra or {}),
         },
+        root=root,
     )
     try:
         started: float | None = None
