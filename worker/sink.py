@@ -7,6 +7,7 @@ after every output is delivered.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -142,6 +143,7 @@ class KafkaSink:
         # A delivery the broker refused for want of an ACL: fatal at the next commit.
         self._denied: FatalError | None = None
         self._on_delivery_error = on_delivery_error
+        self._caller = _Caller()
         if self._transactional:
             try:
                 self._producer.init_transactions(commit_timeout)
@@ -290,6 +292,7 @@ class KafkaSink:
 
     def close(self) -> None:
         """Deliver what is queued, waiting up to the commit timeout."""
+        self._caller.stop()
         self._producer.flush(self._commit_timeout)
 
     def _take_reached(self) -> Offsets:
@@ -374,30 +377,71 @@ class KafkaSink:
         call has returned).
 
         After a broker restart librdkafka can block in ``send_offsets_to_transaction``
-        past its timeout, for good (librdkafka issues 5456 and 5511). The call runs in
-        a daemon thread; if it has not returned in time the producer is declared
-        broken (``KafkaError``): the service builds a new one, whose
-        ``init_transactions`` fences this one and aborts its transaction.
+        past its timeout, for good (librdkafka issues 5456 and 5511). The call runs on
+        the sink's daemon thread (``_Caller``); if it has not returned in time the
+        producer is declared broken (``KafkaError``): the service builds a new one,
+        whose ``init_transactions`` fences this one and aborts its transaction.
         """
-        done = threading.Event()
-        failure: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                operation()
-            except BaseException as e:  # handed to the waiting thread
-                failure.append(e)
-            finally:
-                done.set()
-
-        deadline = self._commit_timeout + _DEADLINE_MARGIN
-        threading.Thread(target=call, name="transaction-call", daemon=True).start()
+        call = self._caller.start(operation)
         try:
             meanwhile()
         except BaseException:
-            done.wait(deadline)
+            call.wait(self._commit_timeout + _DEADLINE_MARGIN)
             raise
-        if not done.wait(deadline):
+        if not call.wait(self._commit_timeout + _DEADLINE_MARGIN):
             raise KafkaError(f"a transactional call hung past {self._commit_timeout:.0f}s")
-        if failure:
-            raise failure[0]
+        if call.failure is not None:
+            raise call.failure
+
+
+class _Call:
+    """A call handed to a ``_Caller``: ``wait`` for it, then read ``failure``."""
+
+    __slots__ = ("done", "failure", "operation")
+
+    def __init__(self, operation: Callable[[], None]) -> None:
+        self.operation = operation
+        self.done = threading.Event()
+        self.failure: BaseException | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the call returned within ``timeout`` seconds."""
+        return self.done.wait(timeout)
+
+
+class _Caller:
+    """One daemon thread, started on first use, that runs the calls handed to it in turn.
+
+    Long-lived, so a transactional call costs a hand-over, not a thread start (two per
+    commit, about 2% of the worker's loop, mostly waiting for the new thread to be
+    scheduled). A call that never returns holds the thread for good: its sink is
+    abandoned with it (``_with_deadline``).
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, operation: Callable[[], None]) -> _Call:
+        """Hand ``operation`` to the thread; returns at once."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._serve, name="transaction-call", daemon=True
+            )
+            self._thread.start()
+        call = _Call(operation)
+        self._calls.put(call)
+        return call
+
+    def stop(self) -> None:
+        """Let the thread end once the calls handed to it have run."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            try:
+                call.operation()
+            except BaseException as e:  # handed to the waiting thread
+                call.failure = e
+            finally:
+                call.done.set()
