@@ -61,6 +61,9 @@ _ISO_CHARS: Final = "0123456789-:.,+TtWZ "
 # A plain dict, emptied when full, is cheaper than lru_cache's bookkeeping.
 _FORMATTED_SIZE: Final = 16_384
 _FORMATTED: dict[int, str] = {}
+# The same instants by their text, for ``parse_iso_time``: stage two reads back the
+# event times stage one wrote moments before (bench: 2 µs a parse; a hit, 0.1).
+_PARSED: dict[str, int] = {}
 
 
 def parse_iso_time(value: object) -> int | None:
@@ -78,6 +81,12 @@ def parse_iso_time(value: object) -> int | None:
     """
     if not isinstance(value, str):
         return None
+    ms = _PARSED.get(value)
+    return ms if ms is not None else _parse_iso_time(value)
+
+
+def _parse_iso_time(value: str) -> int | None:
+    """``parse_iso_time`` of a string, without the memo of recent instants."""
     text = value.strip()
     if text[-1:] == "z":  # RFC 3339 allows it; fromisoformat() does not
         text = text[:-1] + "Z"
@@ -152,7 +161,9 @@ def format_time(ms: int) -> str:
         )
         if len(_FORMATTED) >= _FORMATTED_SIZE:
             _FORMATTED.clear()
+            _PARSED.clear()
         _FORMATTED[ms] = text
+        _PARSED[text] = ms
     return text
 
 

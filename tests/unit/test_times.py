@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from worker import times
 from worker.times import (
     MAX_MS,
     MIN_MS,
@@ -227,10 +228,20 @@ def test_event_time_prefers_timestamp_then_skew_correction(
 
 @given(st.integers(min_value=MIN_MS, max_value=MAX_MS))
 def test_format_then_parse_round_trips(ms: int) -> None:
-    """Parsing a formatted instant, as a time or as a createdAt, gives back the instant."""
+    """Parsing a formatted instant, as a time or as a createdAt, gives back the instant:
+    from the memo of instants formatted lately, and from the text itself."""
     text = format_time(ms)
     assert parse_iso_time(text) == ms
     assert parse_created_at(text) == ms
+    assert times._parse_iso_time(text) == ms
+
+
+@given(st.integers(min_value=MIN_MS, max_value=MAX_MS), st.text())
+def test_the_memo_of_recent_instants_agrees_with_the_parser(ms: int, other: str) -> None:
+    """Whatever the memo holds, parse_iso_time answers as the parser would."""
+    text = format_time(ms)
+    for value in (text, f" {text}", text.lower(), other):
+        assert parse_iso_time(value) == times._parse_iso_time(value)
 
 
 @given(st.integers(min_value=SECONDS_THRESHOLD, max_value=MAX_MS))
