@@ -294,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "measured": len(latency.produce_ms),
                 "produce": latency.percentiles("produce"),
                 "visible": latency.percentiles("visible"),
+                "produce_p99_by_part": latency.p99_by_part(),
             }
         except Exception as e:
             results["latency"] = {"rate": rate, "error": _error(e)}

@@ -133,6 +133,13 @@ def rows_from_results(r: Mapping[str, Any]) -> list[Row]:
                     f"{v['p50']:.0f} / {v['p99']:.0f} / {v['max']:.0f} ms",
                 )
             )
+            if parts := latency.get("produce_p99_by_part"):
+                rows.append(
+                    Row(
+                        "  produced p99 in each tenth of the run",
+                        " / ".join(f"{ms:.0f}" for ms in parts) + " ms",
+                    )
+                )
     restore = r.get("restore")
     if restore is not None:
         store = " into RocksDB" if restore.get("store") == "rocksdb" else ""
