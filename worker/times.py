@@ -62,7 +62,7 @@ _ISO_CHARS: Final = "0123456789-:.,+TtWZ "
 _FORMATTED_SIZE: Final = 16_384
 _FORMATTED: dict[int, str] = {}
 # The same instants by their text, for ``parse_iso_time``: stage two reads back the
-# event times stage one wrote moments before (bench: 2 µs a parse; a hit, 0.1).
+# event times stage one wrote moments before (timeit: a parse 1.3 µs, a hit 0.08).
 _PARSED: dict[str, int] = {}
 
 
