@@ -43,6 +43,7 @@ from bench.report import TARGETS
 from bench.restart import measure_restart
 from bench.runs import (
     PEER_PYTHON,
+    ROOT,
     Topics,
     delete_topics,
     drain_worker,
@@ -157,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = Steps()
     b = args.bootstrap
     results: dict[str, Any] = {
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        # Paths inside the checkout as ``make bench`` gives them: relative to it.
+        "command": "python -m bench "
+        + " ".join(sys.argv[1:] if argv is None else argv).replace(f"{ROOT}/", ""),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "calls": args.calls,
         "seed": args.seed,

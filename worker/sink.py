@@ -382,20 +382,21 @@ class KafkaSink:
         producer is declared broken (``KafkaError``): the service builds a new one,
         whose ``init_transactions`` fences this one and aborts its transaction.
         """
+        deadline = self._commit_timeout + _DEADLINE_MARGIN
         call = self._caller.start(operation)
         try:
             meanwhile()
         except BaseException:
-            call.wait(self._commit_timeout + _DEADLINE_MARGIN)
+            call.done.wait(deadline)
             raise
-        if not call.wait(self._commit_timeout + _DEADLINE_MARGIN):
+        if not call.done.wait(deadline):
             raise KafkaError(f"a transactional call hung past {self._commit_timeout:.0f}s")
         if call.failure is not None:
             raise call.failure
 
 
 class _Call:
-    """A call handed to a ``_Caller``: ``wait`` for it, then read ``failure``."""
+    """A call handed to a ``_Caller``: wait for ``done``, then read ``failure``."""
 
     __slots__ = ("done", "failure", "operation")
 
@@ -403,10 +404,6 @@ class _Call:
         self.operation = operation
         self.done = threading.Event()
         self.failure: BaseException | None = None
-
-    def wait(self, timeout: float) -> bool:
-        """Whether the call returned within ``timeout`` seconds."""
-        return self.done.wait(timeout)
 
 
 class _Caller:
