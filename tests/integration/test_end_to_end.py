@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.integration.harness import (
@@ -129,6 +131,24 @@ def test_dead_letters_carry_source_position_and_reason_header(
     assert letter["source"]["topic"] == topics.input
     assert letter["source"]["key"] == "the-key"
     assert letter["encoding"] == "base64"
+
+
+def test_a_call_keeps_its_arrival_through_the_repartition_topic_to_its_dedupe_record(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """The input record's timestamp is the call's arrival: the repartitioned call and the
+    dedupe record carry it (Kafka expires dedupe ids by it), whatever the event time."""
+    arrival = int(time.time() * 1000) - 3_600_000
+    workers.append(WorkerProcess(topics, tmp_path).start())
+    producer = Producer({"bootstrap.servers": BOOTSTRAP})
+    call = group_call(1, timestamp="2015-02-23T22:28:55.111Z")
+    producer.produce(topics.input, codec.encode(call), b"u1", timestamp=arrival)
+    assert producer.flush(10) == 0
+    [forwarded] = read_topic(topics.repartition, expect=1)
+    [seen] = read_topic(topics.dedupe, expect=1)
+    assert forwarded.timestamp() == (TIMESTAMP_CREATE_TIME, arrival)
+    assert seen.timestamp() == (TIMESTAMP_CREATE_TIME, arrival)
+    assert seen.value() == b"%d" % arrival
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
