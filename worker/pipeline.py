@@ -154,7 +154,6 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     The value is an enriched call already validated and normalised, so nothing is done
     twice; a value that is not one (never written by a worker) is a dead letter.
     """
-    source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
     value = record.value()
     raw = value.encode() if isinstance(value, str) else value
     try:
@@ -166,6 +165,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
             raise TypeError
     except (codec.DecodeError, TypeError, KeyError, AttributeError):
         invalid = _Invalid("invalid_json", "not a call written by the first stage")
+        source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
         return _dead_letter(invalid, record, source, raw)
     if user_id is not None:
         return Enriched(group_id, call, when, "userId", user_id)
