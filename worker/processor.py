@@ -52,6 +52,8 @@ log = structlog.get_logger("worker.processor")
 _LOG_EVERY = 10.0
 # Refused outputs remembered (by where their call came from), oldest forgotten first.
 _MAX_REFUSED = 10_000
+# Dedupe ids an expiry pass scans after a commit: about 10 ms (``expire_seen``).
+_EXPIRE_SLICE = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,7 @@ class Processor:
     (default: what fits ``limits``). ``on_unwritable`` hears of each output that could
     not be written as it was, by route (``enriched``, ``state``...). ``read_limits``
     reads the output topics' ``max.message.bytes`` again (blocking) after a refusal.
+    ``expire_slice``: the dedupe ids scanned for expiry after each commit.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class Processor:
         bound: GroupBound | None = None,
         on_unwritable: Callable[[str], None] = lambda _: None,
         read_limits: Callable[[], Mapping[str, int]] = dict,
+        expire_slice: int = _EXPIRE_SLICE,
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -118,8 +122,12 @@ class Processor:
         self._clock = clock
         self._window_ms = dedupe_window_ms
         self._now_ms = 0  # read once per batch: a group's updatedAt
-        # The latest arrival processed, and the one at the last expiry of dedupe ids.
+        # The latest arrival processed, and the one at the last expiry of dedupe ids;
+        # during an expiry pass (``expire_seen``), what it expires and has removed.
         self._latest_arrival = self._expired_at = 0
+        self._expiring_before: int | None = None
+        self._expired = 0
+        self._expire_slice = expire_slice
         self._limits = limits if limits is not None else Limits({})
         self._bound = bound or group_bound(
             self._limits, routes.enriched, routes.state, settings.max_event_bytes, 0
@@ -205,14 +213,21 @@ class Processor:
         """Forget ids older than the window, four times a window of arrival time.
 
         Measured from the latest arrival processed, not the clock, so a worker catching
-        up on old records keeps the ids they need. Called after a commit, outside any
-        transaction: it scans every id held (about 0.5 µs each on RocksDB).
+        up on old records keeps the ids they need. Called after each commit, outside
+        any transaction. A pass scans every id held (about 0.5 µs each on RocksDB), so
+        each call scans the next ``expire_slice`` ids only: millions of ids held stall
+        no commit for seconds, and a pass over 5,000,000 ends within 250 commits.
         """
-        if self._latest_arrival - self._expired_at < self._window_ms // 4:
-            return
-        self._expired_at = self._latest_arrival
-        expired = self._store.expire_seen(self._latest_arrival - self._window_ms)
-        log.info("dedupe_ids_expired", ids=expired)
+        if self._expiring_before is None:
+            if self._latest_arrival - self._expired_at < self._window_ms // 4:
+                return
+            self._expired_at = self._latest_arrival
+            self._expiring_before, self._expired = self._latest_arrival - self._window_ms, 0
+        removed, done = self._store.expire_seen(self._expiring_before, self._expire_slice)
+        self._expired += removed
+        if done:
+            log.info("dedupe_ids_expired", ids=self._expired)
+            self._expiring_before = None
 
     def learn(self, refusals: Iterable[Refusal]) -> None:
         """Take in records the broker or producer refused for good (the batch was aborted).

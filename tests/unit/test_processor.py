@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
+from structlog.testing import capture_logs
 
 from tests.fakes import FakeClock, FakeSink
 from worker import codec
 from worker.errors import KafkaError
-from worker.events import Record
+from worker.events import Record, SourceRecord
 from worker.limits import GroupBound, Limits
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.sink import Refusal
-from worker.store import InMemoryStateStore
+from worker.store import InMemoryStateStore, RocksDBStateStore
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
 T0 = "2015-02-23T22:28:55.111Z"
@@ -277,6 +278,36 @@ def test_dedupe_ids_expire_a_window_after_the_latest_arrival() -> None:
     assert store.seen(0, ("g1", "m2")) == 1_000 + hour
 
 
+def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
+    """Each call scans ``expire_slice`` ids, so many ids held stall no commit; the pass
+    logs once, when done, how many ids it forgot."""
+    store = RocksDBStateStore(tmp_path, cache_bytes=1 << 20)
+    processor = Processor(
+        ROUTES, Settings(), store, FakeSink(transactional=False), FakeClock(),
+        dedupe_window_ms=3_600_000, expire_slice=2,
+    )  # fmt: skip
+    hour = 3_600_000
+
+    def commit(offset: int, *calls: tuple[str, int]) -> None:
+        batch: list[SourceRecord] = [
+            Record("in", 0, offset + i, call(m), timestamp_ms=t) for i, (m, t) in enumerate(calls)
+        ]
+        processor.process(batch)
+        processor.write_changelog()
+        store.commit()
+
+    commit(0, *[(f"m{i}", 1_000) for i in range(5)])
+    with capture_logs() as logs:
+        commit(5, ("n9", 2_000 + hour))  # after the others in key order
+        processor.expire_seen()
+        assert store.seen_count() == 4  # m0, m1 scanned and gone
+        for _ in range(2):
+            processor.expire_seen()
+    assert store.seen_count() == 1
+    assert [(e["event"], e["ids"]) for e in logs] == [("dedupe_ids_expired", 5)]
+    store.close()
+
+
 def test_dedupe_ids_are_written_with_their_arrival_time() -> None:
     """Each applied id goes to the dedupe topic once, on its partition, stamped with arrival."""
     processor, sink, _ = make()
@@ -358,7 +389,7 @@ def test_a_refused_batch_within_the_limit_asks_for_a_new_producer() -> None:
 def test_dead_letters_are_logged_without_values_and_rate_limited() -> None:
     """Each reason logs at most one line per interval, naming its position, never the value."""
     processor, _, _ = make()
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         processor.process(records(b"secret-value-1", b"secret-value-2", b"[1]"))
     lines = [e for e in logs if e["event"] == "dead_letter"]
     assert [(e["reason"], e["offset"]) for e in lines] == [

@@ -362,7 +362,7 @@ def test_dedupe_ids_roll_back_and_expire_by_arrival(store: StateStore) -> None:
     store.rollback()
     assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (100, None)
     store.restore_seen(1, ("g2", "m3"), 300)
-    assert store.expire_seen(before_ms=250) == 1
+    assert store.expire_seen(before_ms=250) == (1, True)
     assert (store.seen(0, ("g1", "m1")), store.seen(1, ("g2", "m3"))) == (None, 300)
     assert store.seen_count() == 1
 

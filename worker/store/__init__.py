@@ -195,10 +195,13 @@ class StateStore(Protocol):
         """Forget a partition and delete its files, to rebuild it from the beginning."""
         ...
 
-    def expire_seen(self, before_ms: int) -> int:
-        """Forget dedupe ids that arrived before ``before_ms``; returns how many.
+    def expire_seen(self, before_ms: int, limit: int = 0) -> tuple[int, bool]:
+        """Forget dedupe ids that arrived before ``before_ms``, scanning at most about
+        ``limit`` of those held (0: all) and resuming where the last call stopped.
 
-        Outside the change set: an expired id is expired whatever the transaction does.
+        Returns how many were forgotten, and whether the scan has been through every
+        id (the next call starts another). Outside the change set: an expired id is
+        expired whatever the transaction does.
         """
         ...
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import structlog
 from rocksdict import (
@@ -215,14 +215,23 @@ class PartitionDB:
         self.db.write(batch, _REPLAY)
         self.counts[kind] = count
 
-    def expire(self, before_ms: int) -> int:
+    def expire(
+        self, before_ms: int, start: bytes = KIND[SEEN], limit: int = 0
+    ) -> tuple[int, int, bytes | None]:
         """Delete the dedupe ids that arrived before ``before_ms`` (and unreadable ones)
-        in one write batch, after a scan of every id; returns how many."""
+        in one write batch, scanning at most ``limit`` ids (0: all) from the key
+        ``start``; returns how many went, how many were scanned, and the key to resume
+        from (``None`` when the scan reached the last id)."""
         bound = ReadOptions()
         bound.set_iterate_upper_bound(bytes([KIND[SEEN][0] + 1]))
         batch = WriteBatch(raw_mode=True)
-        gone = 0
-        for key, raw in self.db.items(from_key=KIND[SEEN], read_opt=bound):
+        gone = scanned = 0
+        resume: bytes | None = None
+        for key, raw in self.db.items(from_key=start, read_opt=bound):
+            if limit and scanned == limit:
+                resume = cast(bytes, key)  # raw mode: keys are bytes
+                break
+            scanned += 1
             arrival = arrival_of(raw)
             if arrival is None or arrival < before_ms:
                 batch.delete(key)
@@ -232,7 +241,7 @@ class PartitionDB:
             batch.put(_COUNT + KIND[SEEN], b"%d" % count)
             self.db.write(batch)
             self.counts[SEEN] = count
-        return gone
+        return gone, scanned, resume
 
     def compact(self) -> None:
         """Compact every file into the last level; blocks."""

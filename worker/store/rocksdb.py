@@ -37,6 +37,7 @@ from worker.state import GroupState, StateFormatError, state_from_record, state_
 from worker.store.cache import LRUCache
 from worker.store.partition import (
     CHANGELOGS,
+    KIND,
     MEMBERS,
     SEEN,
     STATES,
@@ -95,6 +96,10 @@ class RocksDBStateStore:
         # Keys the database was just found to lack, so the put that usually follows a
         # read that missed need not look again; forgotten whenever the database changes.
         self._absent: set[tuple[int, bytes]] = set()
+        # An expiry scan under way (``expire_seen``): the partitions it has yet to finish,
+        # and the key it resumes from in the first of them.
+        self._sweep: list[int] = []
+        self._sweep_from = KIND[SEEN]
 
     @property
     def cached_bytes(self) -> int:
@@ -280,11 +285,12 @@ class RocksDBStateStore:
         self.drop(partition)
         remove_files(self.path(partition))
 
-    def expire_seen(self, before_ms: int) -> int:
+    def expire_seen(self, before_ms: int, limit: int = 0) -> tuple[int, bool]:
         """Forget ids that arrived before ``before_ms`` (``StateStore.expire_seen``).
 
-        Deletes them from the databases at once, one write batch per partition, after a
-        scan of every id (O(ids held)); an unreadable id goes too. Pending ids that old
+        Scans the partitions' ids in key order, at most ``limit`` of them a call (0:
+        all), resuming where the last call stopped, and deletes the expired ones (and
+        unreadable ones) in one write batch per partition and call. Pending ids that old
         leave the change set.
         """
         removed = 0
@@ -294,14 +300,25 @@ class RocksDBStateStore:
                 if new:  # else the database holds the id: expired below, or kept
                     self._partitions[log_key[0]].new[SEEN] -= 1
                     removed += 1
-        for part in self._partitions.values():
-            removed += part.expire(before_ms)
+        if not self._sweep:
+            self._sweep, self._sweep_from = sorted(self._partitions), KIND[SEEN]
+        left = limit
+        while self._sweep and (left > 0 or not limit):
+            part = self._partitions.get(self._sweep[0])
+            resume = None
+            if part is not None:  # else dropped since the scan began
+                gone, scanned, resume = part.expire(before_ms, self._sweep_from, left)
+                removed, left = removed + gone, left - scanned
+            if resume is None:
+                self._sweep.pop(0)
+                resume = KIND[SEEN]
+            self._sweep_from = resume
         for log_key, (arrival, key, new) in list(self._seen.items()):
             part = self._partitions[log_key[0]]
             if not new and not part.has(key):  # expired from under the change set
                 self._seen[log_key] = (arrival, key, True)
                 part.new[SEEN] += 1
-        return removed
+        return removed, not self._sweep
 
     def drop(self, partition: int) -> None:
         """Forget the partition and close its database; its files stay."""
