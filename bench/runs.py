@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -304,6 +305,8 @@ class WorkerProcess:
         env["GROUP_WORKER_HTTP_PORT"] = str(self.port)
         env["GROUP_WORKER_WORKER_STATE_DIR"] = str(state_dir)
         env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in (settings or {}).items()})
+        known = _settings_known(root)  # an older checkout runs without newer settings
+        env = {k: v for k, v in env.items() if not k.startswith("GROUP_WORKER_") or k in known}
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # A variant (bench.variants) runs the same CLI with a proposed change applied.
@@ -398,6 +401,15 @@ class Drain:
     @property
     def calls_per_second(self) -> float:
         return self.calls / self.seconds if self.seconds else 0.0
+
+
+def _settings_known(root: Path) -> set[str]:
+    """The environment variables that set a key of ``root``'s ``config/worker.toml``."""
+    with open(root / "config" / "worker.toml", "rb") as f:  # lists every key (test_config)
+        config = tomllib.load(f)
+    return {
+        f"GROUP_WORKER_{section}_{key}".upper() for section, keys in config.items() for key in keys
+    }
 
 
 def drain_worker(

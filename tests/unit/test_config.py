@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,16 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_file_equals_the_built_in_defaults() -> None:
     """config/worker.toml documents exactly the built-in defaults."""
     assert load_config(ROOT / "config" / "worker.toml", {}) == load_config(None, {})
+
+
+def test_shipped_file_names_every_key() -> None:
+    """config/worker.toml lists every key (the benchmark reads it to know which settings
+    a checkout takes), but librdkafka's properties and the one no longer used."""
+    with open(ROOT / "config" / "worker.toml", "rb") as f:
+        shipped = {(s, k) for s, keys in tomllib.load(f).items() for k in keys}
+    config = load_config(None, {})
+    known = {(s.name, k.name) for s in fields(config) for k in fields(getattr(config, s.name))}
+    assert shipped == known - {("kafka", "properties"), ("worker", "dedupe_max_ids")}
 
 
 def test_repartition_topic_is_named_after_the_consumer_group() -> None:
