@@ -191,21 +191,12 @@ class Processor:
         """
         records = self._store.changes()
         last = {(changelog, partition): i for i, (changelog, partition, *_) in enumerate(records)}
-        topics = self._changelog_topic
-        # Most records are far below their topic's limit and none was refused: produced
-        # here, without the checks' calls (two to three records a call).
-        room = {c: self._limits.record_bytes(t) for c, t in topics.items()}
-        produce = self._sink.produce if not self._refused else None
         latest = self._latest_arrival
         for i, (changelog, partition, key, value, timestamp) in enumerate(records):
             report = last[changelog, partition] == i
-            if produce is not None and len(key) + len(value) <= room[changelog]:
-                produce(topics[changelog], key, value, None, partition, timestamp, report=report)
-            else:
-                topic = topics[changelog]
-                self._write_changelog(topic, partition, key, value, timestamp, report=report)
-            if timestamp > latest:  # a dedupe id's arrival; 0 for the others
-                latest = timestamp
+            topic = self._changelog_topic[changelog]
+            self._write_changelog(topic, partition, key, value, timestamp, report=report)
+            latest = max(latest, timestamp)  # a dedupe id's arrival; 0 for the others
         self._latest_arrival = latest
         return len(records)
 

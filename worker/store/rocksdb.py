@@ -301,18 +301,21 @@ class RocksDBStateStore:
                     self._partitions[log_key[0]].new[SEEN] -= 1
                     removed += 1
         if not self._sweep:
-            self._sweep, self._sweep_from = sorted(self._partitions), KIND[SEEN]
-        left = limit
-        while self._sweep and (left > 0 or not limit):
+            self._sweep = sorted(self._partitions)  # from the first id: _sweep_from
+        left = limit  # ids this call may still scan (0: no bound)
+        while self._sweep:
             part = self._partitions.get(self._sweep[0])
             resume = None
             if part is not None:  # else dropped since the scan began
                 gone, scanned, resume = part.expire(before_ms, self._sweep_from, left)
-                removed, left = removed + gone, left - scanned
+                removed += gone
+                left -= scanned if limit else 0
             if resume is None:
                 self._sweep.pop(0)
                 resume = KIND[SEEN]
             self._sweep_from = resume
+            if limit and left <= 0:
+                break
         for log_key, (arrival, key, new) in list(self._seen.items()):
             part = self._partitions[log_key[0]]
             if not new and not part.has(key):  # expired from under the change set
