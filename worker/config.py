@@ -100,6 +100,7 @@ class WorkerConfig:
     group_instance_id: str = ""
     batch_size: int = 1_000
     commit_interval_ms: int = 100
+    commit_min_interval_ms: int = 20
     commit_max_records: int = 10_000
     shutdown_timeout_seconds: int = 10
     # Local copies of group state, memberships and dedupe ids (RocksDB), per process
@@ -175,6 +176,7 @@ _RANGES = (
     ("worker.batch_size", 1, 100_000),
     ("worker.dedupe_max_ids", 1, 100_000),
     ("worker.commit_interval_ms", 1, 600_000),
+    ("worker.commit_min_interval_ms", 0, 600_000),
     ("worker.commit_max_records", 1, 1_000_000),
     ("worker.max_event_bytes", 1, 100_000_000),
     ("worker.max_group_bytes", 0, 100_000_000),

@@ -54,6 +54,10 @@ class RunnerSettings:
     batch_size: int = 1_000
     commit_interval: float = 0.1
     commit_max_records: int = 10_000
+    # Once consume() finds less than a full batch (the input is caught up), a batch this
+    # old commits without waiting for commit_interval: latency at moderate rates, while
+    # a loop behind its input still commits by the interval.
+    commit_min_interval: float = 0.02
     # consume() waits this long for a full batch: short, for latency (bench: p99 537 ->
     # 246 ms at half the maximum rate); an idle loop costs microseconds per round.
     poll_timeout: float = 0.01
@@ -87,6 +91,7 @@ class Runner:
         self._batch_start: dict[Partition, int] = {}
         self._batch_opened: float | None = None
         self._uncommitted = 0  # records consumed since the last commit
+        self._caught_up = False  # the last consume() found less than a full batch
         self._assigned: set[Partition] = set()
         self._restoring = 0
         self._restore_logged = 0.0  # when the restore under way last logged its progress
@@ -128,6 +133,7 @@ class Runner:
                     records = self._source.consume(
                         self._settings.batch_size, self._settings.poll_timeout
                     )
+                    self._caught_up = len(records) < self._settings.batch_size
                     if records:
                         self._process(records)
                     self._sink.poll()
@@ -282,9 +288,13 @@ class Runner:
 
     def _commit_due(self) -> bool:
         opened = self._batch_opened
-        return opened is not None and (
-            self._uncommitted >= self._settings.commit_max_records
-            or self._clock.monotonic() - opened >= self._settings.commit_interval
+        if opened is None:
+            return False
+        s, age = self._settings, self._clock.monotonic() - opened
+        return (
+            age >= s.commit_interval
+            or self._uncommitted >= s.commit_max_records
+            or (self._caught_up and age >= s.commit_min_interval)
         )
 
     def _commit(self) -> None:

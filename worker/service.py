@@ -254,4 +254,10 @@ def runner_settings(config: Config) -> RunnerSettings:
         repartition=None if w.input_keyed_by_group_id else t.repartition,
         dedupe=t.dedupe,
     )
-    return RunnerSettings(routes, w.batch_size, w.commit_interval_ms / 1000, w.commit_max_records)
+    return RunnerSettings(
+        routes,
+        w.batch_size,
+        w.commit_interval_ms / 1000,
+        w.commit_max_records,
+        commit_min_interval=w.commit_min_interval_ms / 1000,
+    )

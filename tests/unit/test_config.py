@@ -152,6 +152,12 @@ def test_secret_is_read_from_a_file(tmp_path: Path) -> None:
             "[http]\nport = 70000\n", {}, "http.port must be at most 65535", id="port-range"
         ),
         pytest.param(
+            "",
+            {"GROUP_WORKER_WORKER_COMMIT_MIN_INTERVAL_MS": "-1"},
+            "worker.commit_min_interval_ms must not be negative",
+            id="negative-min-interval",
+        ),
+        pytest.param(
             "[topics]\nenriched = 'segment.raw'\n", {}, "topics.enriched", id="topic-reused"
         ),
         pytest.param(

@@ -141,6 +141,43 @@ def test_commit_waits_for_the_interval() -> None:
     assert sink.offset_commits == [{("in", 0): 2}]
 
 
+def test_a_caught_up_loop_commits_before_the_interval() -> None:
+    """Once a consume finds less than a full batch, a batch commits as soon as it is
+    commit_min_interval old, not commit_interval: latency below the full rate."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    settings = RunnerSettings(
+        ROUTES, 10, commit_interval=60, commit_min_interval=0.05, poll_timeout=0.1
+    )
+    runner, _ = build(source, sink, settings)
+    source.append(group_call(1))
+    source.append(group_call(2))
+    commits: list[int] = []  # commits made before each consume
+
+    def drive(n: int) -> None:
+        commits.append(len(sink.offset_commits))
+        if n >= 4:
+            runner.stop()
+
+    source.on_consume = drive
+    runner.run()
+    # Consume 1 takes both (the batch is 0 s old); consume 2 finds nothing (0.1 s old).
+    assert commits == [0, 0, 1, 1]
+    assert sink.offset_commits[0] == {("in", 0): 2}
+
+
+def test_a_loop_behind_its_input_commits_by_the_interval() -> None:
+    """Full batches mean the input is ahead: no early commit, however old the batch."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    settings = RunnerSettings(
+        ROUTES, 2, commit_interval=60, commit_min_interval=0, poll_timeout=0.1
+    )
+    runner, _ = build(source, sink, settings)
+    for n in range(6):
+        source.append(group_call(n))
+    run_for(runner, source, 5)  # three full batches, then nothing: one commit
+    assert sink.offset_commits == [{("in", 0): 6}]
+
+
 def test_abortable_commit_aborts_and_replays_exactly_once() -> None:
     """An aborted transaction discards its outputs and the records are processed again."""
     runner, source, sink, _ = make()
