@@ -9,6 +9,9 @@
     ├── StoreError           the local state store cannot be used (its directory is
     │                        another process's, a disk error): fatal; a restart replays
     │                        the changelogs
+    │   └── StoreCorrupt     RocksDB failed a read or write of a partition's files
+    │                        (corruption, an I/O error): the partition is rebuilt from
+    │                        its changelogs
     └── KafkaError           a Kafka failure, translated from confluent-kafka in one place
         ├── RetriableError   transient (broker away, timeouts): retried with backoff,
         │                    nothing committed meanwhile
@@ -29,6 +32,7 @@ __all__ = [
     "FatalError",
     "KafkaError",
     "RetriableError",
+    "StoreCorrupt",
     "StoreError",
     "TopicError",
     "WorkerError",
@@ -49,6 +53,15 @@ class TopicError(WorkerError):
 
 class StoreError(WorkerError):
     """The local state store cannot be opened, read or written."""
+
+
+class StoreCorrupt(StoreError):
+    """RocksDB failed a read or write of these partitions' files (corruption, an I/O
+    error): their copies cannot be trusted, and are rebuilt from the changelogs."""
+
+    def __init__(self, partitions: tuple[int, ...], message: str) -> None:
+        super().__init__(message)
+        self.partitions = partitions
 
 
 class KafkaError(WorkerError):

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaException, TopicCollection, TopicPart
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka.admin import AdminClient
 
-from worker.errors import RetriableError, TopicError
+from worker.errors import RetriableError, StoreCorrupt, TopicError
 from worker.kafka import client_config, raise_for, translate
 from worker.state import StateFormatError
 from worker.store import Changelog, ChangelogEntry, StateStore
@@ -107,23 +107,40 @@ def restore_partition(
     anyway) means the files cannot be trusted, so they are wiped; (3) replay each
     changelog from its stored offset (``StateStore.apply_changelog``: the newest record
     of a key wins, tombstones delete, a malformed record is logged without its value
-    and skipped). ``progress`` is called with the number of records read since its last
-    call, every ``_PROGRESS_EVERY`` records and at the end. Raises ``KafkaError``
-    subclasses when the topics cannot be read, and ``TopicError`` when the state topic
-    holds records in a format this worker does not read (a newer worker wrote them).
+    and skipped); a read of the files failing on the way (``StoreCorrupt``) wipes them,
+    and the replay starts again from the beginning. ``progress`` is called with the
+    number of records read since its last call, every ``_PROGRESS_EVERY`` records and
+    at the end. Raises ``KafkaError`` subclasses when the topics cannot be read, and
+    ``TopicError`` when the state topic holds records in a format this worker does not
+    read (a newer worker wrote them).
     """
     source = topics.source(restorer)
     rebuilt = store.open_partition(partition, source)  # (1)
-    starts = store.stored_offsets(partition)
-    stale = _stale(restorer, topics, partition, starts)  # (2)
-    if stale is not None:
-        log.warning("store_partition_stale", partition=partition, reason=stale)
-        store.wipe(partition)
-        store.open_partition(partition, source)
-        starts, rebuilt = {}, stale
+    try:
+        starts = store.stored_offsets(partition)
+        stale = _stale(restorer, topics, partition, starts)  # (2)
+        if stale is None:
+            return _replay(restorer, store, topics, partition, starts, progress, rebuilt)  # (3)
+    except StoreCorrupt as e:
+        stale = str(e)
+    log.warning("store_partition_stale", partition=partition, reason=stale)
+    store.wipe(partition)
+    store.open_partition(partition, source)
+    return _replay(restorer, store, topics, partition, {}, progress, stale)
+
+
+def _replay(
+    restorer: Restorer,
+    store: StateStore,
+    topics: Changelogs,
+    partition: int,
+    starts: Mapping[Changelog, int],
+    progress: Callable[[int], None],
+    rebuilt: str | None,
+) -> Restored:
     read: dict[Changelog, int] = {}
     skipped = 0
-    for changelog, topic in topics.by_role():  # (3)
+    for changelog, topic in topics.by_role():
         start = starts.get(changelog, 0)
         entries = _Counted(restorer.read(topic, partition, start), progress)
         try:

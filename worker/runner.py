@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker.clock import Clock
-from worker.errors import AbortableError, RetriableError
+from worker.errors import AbortableError, RetriableError, StoreCorrupt
 from worker.events import SourceRecord
 from worker.metrics import Metrics
 from worker.processor import Processor, Routes, Tally
@@ -55,8 +55,9 @@ class RunnerSettings:
     commit_interval: float = 0.1
     commit_max_records: int = 10_000
     # Once consume() finds less than a full batch (the input is caught up), a batch this
-    # old commits without waiting for commit_interval: latency at moderate rates, while
-    # a loop behind its input still commits by the interval.
+    # old, and at least as old as the last commit took, commits without waiting for
+    # commit_interval: latency at moderate rates, with commits never more than half the
+    # loop's time; a loop behind its input still commits by the interval.
     commit_min_interval: float = 0.02
     # consume() waits this long for a full batch: short, for latency (bench: p99 537 ->
     # 246 ms at half the maximum rate); an idle loop costs microseconds per round.
@@ -92,6 +93,7 @@ class Runner:
         self._batch_opened: float | None = None
         self._uncommitted = 0  # records consumed since the last commit
         self._caught_up = False  # the last consume() found less than a full batch
+        self._commit_took = 0.0  # seconds the last commit took
         self._assigned: set[Partition] = set()
         self._restoring = 0
         self._restore_logged = 0.0  # when the restore under way last logged its progress
@@ -153,6 +155,9 @@ class Runner:
                     if self._abort_streak > 1:
                         step = min(self._abort_streak - 2, len(_ABORT_BACKOFF) - 1)
                         self._clock.sleep(_ABORT_BACKOFF[step])
+                except StoreCorrupt as e:  # a read while processing: the batch is replayed
+                    self._abort_and_rewind(set())
+                    self._rebuild(e)
             self._commit_final()
         finally:
             closes = (self._source.close, self._sink.close, self._restorer.close, self._store.close)
@@ -198,7 +203,9 @@ class Runner:
         self._forget(partitions)
         log.warning("partitions_lost", partitions=_names(partitions))
 
-    def _restore(self, partition: int) -> None:
+    def _restore(self, partition: int, wiped: str | None = None) -> None:
+        """Restore ``partition``'s store from its changelogs; ``wiped`` says why its files
+        were deleted before, if they were (a rebuild, like files found unusable)."""
         routes = self._settings.routes
         m = self._metrics
         started = self._clock.monotonic()
@@ -223,7 +230,8 @@ class Runner:
             _MALLOC_TRIM(0)
         seconds = self._clock.monotonic() - started
         m.restore_duration.observe(seconds)
-        if restored.rebuilt is not None:
+        rebuilt = restored.rebuilt or wiped
+        if rebuilt is not None:
             m.store_rebuilds.inc()
         self._export_state_size()
         log.info(
@@ -234,9 +242,17 @@ class Runner:
             member_records=restored.members,
             dedupe_records=restored.seen,
             skipped=restored.skipped,
-            rebuilt=restored.rebuilt,
+            rebuilt=rebuilt,
             seconds=round(seconds, 3),
         )
+
+    def _rebuild(self, failure: StoreCorrupt) -> None:
+        """RocksDB failed on these partitions' files: wipe them and restore each from its
+        changelogs, as on assignment. Failing again in the rebuild ends the loop."""
+        log.error("store_partition_failed", partitions=failure.partitions, error=str(failure))
+        for partition in failure.partitions:
+            self._store.wipe(partition)
+            self._restore(partition, str(failure))
 
     def _restore_progress(self, partition: int, records: int) -> None:
         """A restore reading on is progress: it keeps liveness and shows on the metrics,
@@ -294,7 +310,7 @@ class Runner:
         return (
             age >= s.commit_interval
             or self._uncommitted >= s.commit_max_records
-            or (self._caught_up and age >= s.commit_min_interval)
+            or (self._caught_up and age >= max(s.commit_min_interval, self._commit_took))
         )
 
     def _commit(self) -> None:
@@ -305,9 +321,9 @@ class Runner:
         while the offsets are sent); (3) the store writes the change set with the
         changelog offsets it reached, and the batch is closed. On an
         error before (3) nothing is closed, so a retry commits the same batch, and an
-        abort rolls the store back and rewinds to the batch's start. The store failing
-        at (3) (``StoreError``) ends the loop: its files lag, and a restart replays.
-        No-op when nothing was consumed since the last commit.
+        abort rolls the store back and rewinds to the batch's start. A partition whose
+        files fail at (3) (``StoreCorrupt``) is rebuilt from its changelogs, which hold
+        the batch. No-op when nothing was consumed since the last commit.
         """
         if self._batch_opened is None:
             return
@@ -319,17 +335,24 @@ class Runner:
         except Exception:
             self._metrics.commit_failures.inc()
             raise
-        self._store.commit(  # (3)
-            {(role, p): o for (t, p), o in reached.items() if (role := self._roles.get(t))}
-        )
-        self._processor.expire_seen()
+        failure = None
+        try:
+            self._store.commit(  # (3)
+                {(role, p): o for (t, p), o in reached.items() if (role := self._roles.get(t))}
+            )
+            self._processor.expire_seen()
+        except StoreCorrupt as e:  # the batch is committed: the changelogs have it
+            failure = e
         self._abort_streak = 0
         self._metrics.abort_streak.set(0)
         self._pending.clear()
         self._batch_start.clear()
         self._batch_opened = None
         self._uncommitted = 0
-        self._metrics.commit_duration.observe(self._clock.monotonic() - started)
+        self._commit_took = self._clock.monotonic() - started
+        self._metrics.commit_duration.observe(self._commit_took)
+        if failure is not None:
+            self._rebuild(failure)
         self._export_state_size()
 
     def _write_changelog(self) -> None:

@@ -104,3 +104,36 @@ def test_a_killed_worker_replays_only_the_tail_and_a_wiped_one_rebuilds(
     produce(topics.input, by_group(batches[2]))
     assert_converges(topics, fold(batches[0] + batches[1] + batches[2]))
     assert worker.stop() == 0
+
+
+def test_damaged_store_files_are_rebuilt_without_a_crash_loop(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Store files damaged while the worker was away (blocks that fail their checksum;
+    the files still open): the worker rebuilds the partitions it finds damaged, at
+    restore or at the first read, and goes on. Every call again, and new ones: the state
+    is the fold, each call enriched once."""
+    settings = {"WORKER_INPUT_KEYED_BY_GROUP_ID": "true"}
+    batches = [calls(1500, seed=21), calls(300, seed=22)]
+    worker = WorkerProcess(topics, tmp_path, "w", **settings).start()
+    workers.append(worker)
+    produce(topics.input, by_group(batches[0]))
+    assert_converges(topics, fold(batches[0]))
+    assert worker.stop() == 0
+    tables = list((tmp_path / "w.state").rglob("*.sst"))
+    assert tables
+    for table in tables:  # the middle of each table file: its index and footer stay
+        data = bytearray(table.read_bytes())
+        low, high = len(data) // 10, len(data) * 6 // 10
+        data[low:high] = bytes(b ^ 0xFF for b in data[low:high])
+        table.write_bytes(bytes(data))
+
+    worker = WorkerProcess(topics, tmp_path, "w", **settings).start()
+    workers.append(worker)
+    produce(topics.input, by_group(batches[0] + batches[1]))
+    assert_converges(topics, fold(batches[0] + batches[1]))
+    assert worker.sample("group_worker_store_rebuilds_total") >= 1
+    distinct = {c["messageId"] for c in batches[0] + batches[1]}
+    read = values(read_topic(topics.enriched, expect=len(distinct), idle=2))
+    assert sorted(call["messageId"] for call in read) == sorted(distinct)
+    assert worker.stop() == 0

@@ -9,6 +9,7 @@ import pytest
 
 from tests.fakes import FakeRestorer, FakeSink
 from tests.unit.test_store import state
+from tests.unit.test_store_rocksdb import corrupt_blocks, dedupe_entries
 from worker import codec
 from worker.restore import Changelogs, restore_partition
 from worker.state import state_record
@@ -144,3 +145,29 @@ def test_each_process_claims_a_slot_of_its_own(tmp_path: Path) -> None:
     third = claim(tmp_path, "group/one")
     assert third.path == first.path
     assert claim(tmp_path, "..").path.parent.name == "%2E."
+
+
+def test_files_that_fail_during_the_replay_are_rebuilt(store: RocksDBStateStore) -> None:
+    """Damage that opening does not see, met while replaying the tail: the files are
+    wiped and every changelog replayed from the beginning, instead of a crash that a
+    restart would only repeat."""
+    sink = FakeSink()
+
+    def write_ids(arrival: int) -> None:
+        sink.begin()
+        for _, key, value in dedupe_entries(20_000, arrival):
+            sink.produce("dedupe", key, value, partition=0)
+        sink.commit({}, None)  # type: ignore[arg-type]
+
+    write_ids(1)
+    write_states(sink, ("a", 1))
+    restore_partition(FakeRestorer(sink), store, TOPICS, 0)
+    store.close()  # flushes the write buffers into a table file
+    corrupt_blocks(store.path(0))
+    write_ids(2)  # the tail rewrites every id: its replay reads every block
+    restored = restore_partition(FakeRestorer(sink), store, TOPICS, 0)
+    assert restored.rebuilt is not None
+    assert restored.rebuilt.startswith("partition 0's store: Corruption")
+    assert (restored.states, store.seen_count(), versions(store, "a")) == (1, 20_000, [1])
+    assert store.seen(0, ("g7", "m7")) == 2
+    assert store.stored_offsets(0) == {"state": 1, "members": 0, "dedupe": 40_000}

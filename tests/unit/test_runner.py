@@ -12,7 +12,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource, Produced
-from tests.unit.test_store_rocksdb import on_disk
+from tests.unit.test_store_rocksdb import corrupt_blocks, on_disk
 from worker import codec
 from worker.errors import AbortableError, FatalError, RetriableError, TopicError
 from worker.metrics import Metrics
@@ -163,6 +163,38 @@ def test_a_caught_up_loop_commits_before_the_interval() -> None:
     # Consume 1 takes both (the batch is 0 s old); consume 2 finds nothing (0.1 s old).
     assert commits == [0, 0, 1, 1]
     assert sink.offset_commits[0] == {("in", 0): 2}
+
+
+def test_an_early_commit_waits_as_long_as_the_last_commit_took() -> None:
+    """Caught up, a batch commits early only once it is as old as the last commit took:
+    slow commits (a loaded broker) never take more than half the loop's time."""
+    source = FakeSource(FakeClock())
+
+    class SlowSink(FakeSink):
+        def commit(self, *args: Any, **kwargs: Any) -> Any:
+            source.clock.advance(0.45)
+            return super().commit(*args, **kwargs)
+
+    sink = SlowSink()
+    settings = RunnerSettings(
+        ROUTES, 10, commit_interval=60, commit_min_interval=0.05, poll_timeout=0.1
+    )
+    runner, _ = build(source, sink, settings)
+    source.append(group_call(1))
+    commits: list[int] = []  # commits made before each consume
+
+    def drive(n: int) -> None:
+        commits.append(len(sink.offset_commits))
+        if n == 3:
+            source.append(group_call(2))
+        if n >= 9:
+            runner.stop()
+
+    source.on_consume = drive
+    runner.run()
+    # Call 1 commits at 0.1 s (the commit takes 0.45 s); call 2, taken by consume 3,
+    # waits five empty consumes (0.5 s), not one.
+    assert commits == [0, 0, 1, 1, 1, 1, 1, 1, 2]
 
 
 def test_a_loop_behind_its_input_commits_by_the_interval() -> None:
@@ -463,6 +495,76 @@ def test_an_aborted_transaction_leaves_the_store_exactly_as_before(tmp_path: Pat
     assert reopened.stored_offsets(0) == {
         r: sink.ends[(r, 0)] for r in ("state", "members", "dedupe")
     }
+    reopened.close()
+
+
+def test_a_partition_whose_files_fail_a_read_is_rebuilt_in_place(tmp_path: Path) -> None:
+    """Damage that opening the files does not see, met by a read while processing: the
+    batch aborts, the partition is rebuilt from its changelogs and the batch replayed,
+    with no restart (which would only meet the same damage again)."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    settings = RunnerSettings(ROUTES, 1000, commit_interval=0.1, poll_timeout=0.1)
+    calls = [group_call(n) for n in range(5_000)]
+    for call in calls:
+        source.append(call)
+    first, _ = build(source, sink, settings, store=RocksDBStateStore(tmp_path, 1 << 20))
+    run_for(first, source, 8)
+    compacted = RocksDBStateStore(tmp_path, 1 << 20)
+    compacted.compact(0)  # one table file: reopening starts no compaction that meets
+    compacted.close()  # the damage before the reads do
+    corrupt_blocks(tmp_path / "partition-0")
+    # Every call again (its dedupe id is read), and a new call of every member (its
+    # membership is read): one of them meets the damage.
+    for n, call in enumerate(calls):
+        source.append(call)
+        source.append(group_call(n, messageId=f"again{n}"))
+    restarted = FakeSource(source.clock)
+    restarted.log, restarted.committed_offsets = source.log, source.committed_offsets
+    store = RocksDBStateStore(tmp_path, 1 << 20)
+    runner, metrics = build(restarted, sink, settings, store=store)
+    with structlog.testing.capture_logs() as logs:
+        run_for(runner, restarted, 14)
+    assert [e["partitions"] for e in logs if e["event"] == "store_partition_failed"] == [(0,)]
+    assert sample(metrics, "group_worker_store_rebuilds_total") == 1
+    assert sample(metrics, "group_worker_outcomes_total", outcome="duplicate") == 5_000
+    assert len(message_ids(sink)) == 10_000
+    assert {g: s["eventCount"] for g, s in states(sink).items()} == {
+        "g0": 2 * 1667,
+        "g1": 2 * 1667,
+        "g2": 2 * 1666,
+    }
+    assert restarted.committed_offsets == {("in", 0): 15_000}
+
+
+def test_a_partition_whose_commit_write_fails_is_rebuilt_not_replayed(tmp_path: Path) -> None:
+    """The transaction committed, then the store's write failed: the batch stands (the
+    changelogs hold it), and the partition's copy is rebuilt from them."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    settings = RunnerSettings(ROUTES, 1000, commit_interval=0.1, poll_timeout=0.1)
+    store = RocksDBStateStore(tmp_path, 1 << 20)
+    runner, metrics = build(source, sink, settings, store=store)
+    for n in range(2_000):
+        source.append(group_call(n))
+
+    def step(n: int) -> None:
+        if n == 3:  # two full batches processed, not committed yet
+            store._part(0).db.close()  # RocksDB now fails every call on partition 0
+        if n == 4:
+            for k in range(2_000, 2_003):
+                source.append(group_call(k))
+        if n >= 6:
+            runner.stop()
+
+    source.on_consume = step
+    with structlog.testing.capture_logs() as logs:
+        runner.run()
+    assert [e["partitions"] for e in logs if e["event"] == "store_partition_failed"] == [(0,)]
+    assert sample(metrics, "group_worker_store_rebuilds_total") == 1
+    assert sample(metrics, "group_worker_transaction_aborts_total") == 0
+    assert len(message_ids(sink)) == 2_003
+    assert source.committed_offsets == {("in", 0): 2_003}
+    reopened = RocksDBStateStore(tmp_path, 1 << 20)
+    assert [event_count(reopened, g) for g in ("g0", "g1", "g2")] == [668, 668, 667]
     reopened.close()
 
 

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from tests.unit.test_store import member, state, state_entry
 from worker import codec
 from worker.dedupe import seen_record_key
+from worker.errors import StoreCorrupt
 from worker.members import membership_record
 from worker.state import state_record
 from worker.store import ChangelogEntry, RocksDBStateStore
@@ -208,6 +209,66 @@ def test_a_corrupt_partition_is_discarded_and_starts_empty(
         assert (last.get(0, "g2"), last.stored_offsets(0)) == (state("g2"), {"state": 1})
     finally:
         last.close()
+
+
+def corrupt_blocks(path: Path) -> None:
+    """Flip 4 KiB in the middle of the largest table file under ``path``: its footer and
+    index stay whole, so RocksDB opens it, and a read of a damaged block fails."""
+    table = max(path.glob("*.sst"), key=lambda f: f.stat().st_size)
+    data = bytearray(table.read_bytes())
+    start = len(data) // 4
+    data[start : start + 4096] = bytes(b ^ 0xFF for b in data[start : start + 4096])
+    table.write_bytes(bytes(data))
+
+
+def dedupe_entries(ids: int, arrival: int = 1) -> list[tuple[int, bytes, bytes]]:
+    """Dedupe changelog records of ``ids`` ids of 100 groups, as the worker writes them."""
+    return [
+        (i, seen_record_key(f"g{i % 100}", f"m{i}").encode(), b"%d" % arrival) for i in range(ids)
+    ]
+
+
+def test_a_read_of_corrupt_blocks_raises_store_corrupt(directory: Path) -> None:
+    """Damage that opening the files does not see fails the read that meets it, with
+    StoreCorrupt naming the partition (the runner rebuilds it), not a bare error."""
+    store = RocksDBStateStore(directory, cache_bytes=1 << 20)
+    store.apply_changelog(3, "dedupe", dedupe_entries(20_000), 0)
+    store.close()  # flushes the write buffers into a table file
+    corrupt_blocks(store.path(3))
+    again = RocksDBStateStore(directory, cache_bytes=1 << 20)
+    try:
+        assert again.open_partition(3) is None
+
+        def read_every_id() -> None:
+            for i in range(20_000):
+                again.seen(3, (f"g{i % 100}", f"m{i}"))
+
+        with pytest.raises(StoreCorrupt, match="partition 3's store: Corruption") as e:
+            read_every_id()
+        assert e.value.partitions == (3,)
+    finally:
+        again.close()
+
+
+def test_a_failed_write_does_not_stop_the_other_partitions(store: RocksDBStateStore) -> None:
+    """A commit writes every partition it can, closes the change set, then names the
+    ones that failed (to be rebuilt); dropping a failed one discards its files."""
+    store.put(0, state("a"))
+    store.put(1, state("b"))
+    store.commit({("state", 0): 1, ("state", 1): 1})
+    store.put(0, state("a", 2))
+    store.put(1, state("b", 2))
+    store._part(1).db.close()  # RocksDB now fails every call on partition 1
+    with pytest.raises(StoreCorrupt, match="partition 1's store") as e:
+        store.commit({("state", 0): 2, ("state", 1): 2})
+    assert e.value.partitions == (1,)
+    assert store.changes() == []
+    assert store.stored_offsets(0) == {"state": 2}
+    assert on_disk(store, 0)[b"sa"] == codec.encode(state_record(state("a", 2)))
+    with capture_logs() as logs:
+        store.drop(1)
+    assert [e["event"] for e in logs] == ["store_partition_discarded"]
+    assert not store.path(1).exists()
 
 
 def test_files_of_another_layout_are_discarded(directory: Path) -> None:

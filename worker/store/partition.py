@@ -27,7 +27,8 @@ cache of its changelogs, so a lag only means more to replay.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
 
@@ -44,7 +45,7 @@ from rocksdict import (
     WriteOptions,
 )
 
-from worker.errors import StoreError
+from worker.errors import StoreCorrupt, StoreError
 
 if TYPE_CHECKING:
     from worker.store import Changelog, ChangelogEntry
@@ -100,19 +101,23 @@ class PartitionDB:
     """An open partition database, and how many entries of each kind it holds.
 
     ``new`` counts, per kind, the keys that the store's open change set adds: the next
-    ``write`` adds them to ``counts``. Not thread-safe.
+    ``write`` adds them to ``counts``. Any read or write that RocksDB fails raises
+    ``StoreCorrupt``: a block's checksum, an unreadable file (damage that opening the
+    files does not see, found by a read or by a compaction, after which every write
+    fails), an I/O error. Not thread-safe.
     """
 
-    __slots__ = ("counts", "db", "new")
+    __slots__ = ("counts", "db", "new", "partition")
 
-    def __init__(self, db: Rdict, counts: list[int]) -> None:
+    def __init__(self, partition: int, db: Rdict, counts: list[int]) -> None:
+        self.partition = partition
         self.db = db
         self.counts = counts
         self.new = [0, 0, 0]
 
     @classmethod
     def open(
-        cls, path: Path, memory: SharedMemory, source: bytes = b""
+        cls, partition: int, path: Path, memory: SharedMemory, source: bytes = b""
     ) -> tuple[PartitionDB, str | None]:
         """The database at ``path``, created when missing; blocks on the disk.
 
@@ -125,27 +130,46 @@ class PartitionDB:
         and RocksDB's error when a database cannot be created.
         """
         try:
-            return _open(path, memory, source), None
+            return cls(partition, *_open(path, memory, source)), None
         except _Unusable as e:
             reason = str(e)
         log.warning("store_partition_discarded", path=str(path), reason=reason)
         remove_files(path)
-        return _open(path, memory, source), reason
+        return cls(partition, *_open(path, memory, source)), reason
 
     def get(self, key: bytes) -> bytes | None:
         """The value under ``key``, or ``None``."""
-        value: bytes | None = self.db.get(key)
+        try:
+            value: bytes | None = self.db.get(key)
+        except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
+            raise self._failed(e) from None
         return value
 
     def has(self, key: bytes) -> bool:
         """Whether the database holds ``key`` (a bloom-filter miss when it does not)."""
-        return key in self.db
+        try:
+            return key in self.db
+        except Exception as e:
+            raise self._failed(e) from None
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """RocksDB's errors in the block as ``StoreCorrupt``."""
+        try:
+            yield
+        except StoreCorrupt:
+            raise
+        except Exception as e:
+            raise self._failed(e) from None
+
+    def _failed(self, error: Exception) -> StoreCorrupt:
+        return StoreCorrupt((self.partition,), f"partition {self.partition}'s store: {error}")
 
     def offsets(self) -> dict[Changelog, int]:
         """Where to replay each changelog from; a changelog never written is missing."""
         offsets: dict[Changelog, int] = {}
         for changelog in CHANGELOGS:
-            raw = self.db.get(_OFFSET + changelog.encode())
+            raw = self.get(_OFFSET + changelog.encode())
             if raw is not None:
                 offsets[changelog] = int(raw)
         return offsets
@@ -164,16 +188,18 @@ class PartitionDB:
         for kind, count in enumerate(counts):
             if self.new[kind]:
                 batch.put(_COUNT + KIND[kind], b"%d" % count)
-        self.db.write(batch)
+        with self._guarded():
+            self.db.write(batch)
         self.counts, self.new = counts, [0, 0, 0]
 
     def write_one(self, kind: int, key: bytes, value: bytes) -> None:
         """Write one entry of ``kind`` and its count, outside any change set."""
-        count = self.counts[kind] + (key not in self.db)
+        count = self.counts[kind] + (not self.has(key))
         batch = WriteBatch(raw_mode=True)
         batch.put(key, value)
         batch.put(_COUNT + KIND[kind], b"%d" % count)
-        self.db.write(batch)
+        with self._guarded():
+            self.db.write(batch)
         self.counts[kind] = count
 
     def apply(self, changelog: Changelog, entries: Iterable[ChangelogEntry], end: int) -> None:
@@ -181,7 +207,7 @@ class PartitionDB:
         batch with the count and the offset after its last record; the last batch
         stores ``end`` instead if that is later. A ``None`` value deletes its key."""
         kind = CHANGELOGS.index(changelog)
-        db, prefix, count = self.db, KIND[kind], self.counts[kind]
+        prefix, count = KIND[kind], self.counts[kind]
         reached = end
         batch = WriteBatch(raw_mode=True)
         # Keys in the batch, and whether they exist once it is written (the database
@@ -191,7 +217,7 @@ class PartitionDB:
             db_key = prefix + key
             existed = exists.get(db_key)
             if existed is None:
-                existed = db_key in db
+                existed = self.has(db_key)
             if value is None:
                 batch.delete(db_key)
                 count -= existed
@@ -205,14 +231,16 @@ class PartitionDB:
                 batch = WriteBatch(raw_mode=True)
                 exists.clear()
         self._write_applied(changelog, kind, count, batch, max(end, reached))
-        self.db.flush()  # replayed records skip the log: make them as durable as commits
+        with self._guarded():
+            self.db.flush()  # replayed records skip the log: make them as durable as commits
 
     def _write_applied(
         self, changelog: Changelog, kind: int, count: int, batch: WriteBatch, offset: int
     ) -> None:
         batch.put(_COUNT + KIND[kind], b"%d" % count)
         batch.put(_OFFSET + changelog.encode(), b"%d" % offset)
-        self.db.write(batch, _REPLAY)
+        with self._guarded():
+            self.db.write(batch, _REPLAY)
         self.counts[kind] = count
 
     def expire(
@@ -227,29 +255,32 @@ class PartitionDB:
         batch = WriteBatch(raw_mode=True)
         gone = scanned = 0
         resume: bytes | None = None
-        for key, raw in self.db.items(from_key=start, read_opt=bound):
-            if limit and scanned == limit:
-                resume = cast(bytes, key)  # raw mode: keys are bytes
-                break
-            scanned += 1
-            arrival = arrival_of(raw)
-            if arrival is None or arrival < before_ms:
-                batch.delete(key)
-                gone += 1
-        if gone:
-            count = self.counts[SEEN] - gone
-            batch.put(_COUNT + KIND[SEEN], b"%d" % count)
-            self.db.write(batch)
-            self.counts[SEEN] = count
+        with self._guarded():
+            for key, raw in self.db.items(from_key=start, read_opt=bound):
+                if limit and scanned == limit:
+                    resume = cast(bytes, key)  # raw mode: keys are bytes
+                    break
+                scanned += 1
+                arrival = arrival_of(raw)
+                if arrival is None or arrival < before_ms:
+                    batch.delete(key)
+                    gone += 1
+            if gone:
+                count = self.counts[SEEN] - gone
+                batch.put(_COUNT + KIND[SEEN], b"%d" % count)
+                self.db.write(batch)
+                self.counts[SEEN] = count
         return gone, scanned, resume
 
     def compact(self) -> None:
         """Compact every file into the last level; blocks."""
-        self.db.compact_range(None, None)
+        with self._guarded():
+            self.db.compact_range(None, None)
 
     def close(self) -> None:
         """Flush the write buffers and close; the files stay."""
-        self.db.close()
+        with self._guarded():
+            self.db.close()
 
 
 def arrival_of(raw: bytes) -> int | None:
@@ -265,8 +296,9 @@ def remove_files(path: Path) -> None:
         path.unlink()
 
 
-def _open(path: Path, memory: SharedMemory, source: bytes) -> PartitionDB:
-    """Open or create the database; raises ``_Unusable`` when its files cannot be used."""
+def _open(path: Path, memory: SharedMemory, source: bytes) -> tuple[Rdict, list[int]]:
+    """Open or create the database, with its counts by kind; raises ``_Unusable`` when
+    its files cannot be used."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         db = Rdict(str(path), _options(memory))
@@ -287,7 +319,7 @@ def _open(path: Path, memory: SharedMemory, source: bytes) -> PartitionDB:
         else:
             if source and stored is None:
                 db.put(_SOURCE_KEY, source)
-            return PartitionDB(db, [int(db.get(_COUNT + kind) or 0) for kind in KIND])
+            return db, [int(db.get(_COUNT + kind) or 0) for kind in KIND]
     except Exception as e:  # a read of corrupt files, or a count that is not a number
         problem = str(e)
     db.close()

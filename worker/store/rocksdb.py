@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import structlog
 
 from worker import codec
-from worker.errors import StoreError
+from worker.errors import StoreCorrupt
 from worker.members import Membership, membership_from_record, membership_record
 from worker.state import GroupState, StateFormatError, state_from_record, state_record
 from worker.store.cache import LRUCache
@@ -193,7 +193,10 @@ class RocksDBStateStore:
         Steps: (1) the change set's records by partition (as ``changes`` encoded them);
         (2) for each partition changed or given offsets, one write batch of its records,
         counts and offsets; (3) the change set closes, its states and memberships moving
-        into the cache. Blocks on the disk. Raises ``StoreError`` when a write fails.
+        into the cache. Blocks on the disk. A partition whose write fails (``StoreCorrupt``)
+        does not stop the others: the change set closes all the same, then one
+        ``StoreCorrupt`` names every partition that failed, whose copies now lag the
+        changelogs (and the cache): the caller rebuilds them (``wipe``, then a replay).
         """
         writes: dict[int, list[tuple[bytes, bytes]]] = {}
         cached: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
@@ -205,14 +208,18 @@ class RocksDBStateStore:
         reached: dict[int, dict[Changelog, int]] = {}
         for (changelog, partition), offset in (offsets or {}).items():
             reached.setdefault(partition, {})[changelog] = offset
+        failed: list[StoreCorrupt] = []
         for partition in writes.keys() | reached.keys():  # (2)
             try:
                 self._part(partition).write(writes.get(partition, ()), reached.get(partition, {}))
-            except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
-                raise StoreError(f"cannot write {self.path(partition)}: {e}") from None
+            except StoreCorrupt as e:
+                failed.append(e)
         for cache_key, entry, cost in cached:  # (3)
             self._cache.put(cache_key, entry, cost)
         self._clear_changes()
+        if failed:
+            partitions = tuple(p for e in failed for p in e.partitions)
+            raise StoreCorrupt(partitions, "; ".join(map(str, failed)))
 
     def rollback(self) -> None:
         """Forget the change set: the database never saw it. The states it holds leave the
@@ -324,7 +331,8 @@ class RocksDBStateStore:
         return removed, not self._sweep
 
     def drop(self, partition: int) -> None:
-        """Forget the partition and close its database; its files stay."""
+        """Forget the partition and close its database; its files stay, unless closing
+        them fails (``store_partition_discarded``): the next restore rebuilds them."""
         part = self._partitions.pop(partition, None)
         self._absent.clear()
         _forget(self._groups, partition)
@@ -332,7 +340,13 @@ class RocksDBStateStore:
         _forget(self._seen, partition)
         self._cache.discard_where(lambda cache_key: cache_key[0] == partition)
         if part is not None:
-            part.close()
+            try:
+                part.close()
+            except StoreCorrupt as e:
+                log.warning(
+                    "store_partition_discarded", path=str(self.path(partition)), reason=str(e)
+                )
+                remove_files(self.path(partition))
 
     def close(self) -> None:
         for partition in list(self._partitions):
@@ -360,7 +374,7 @@ class RocksDBStateStore:
         return part
 
     def _open(self, partition: int, source: bytes = b"") -> str | None:
-        part, reason = PartitionDB.open(self.path(partition), self._memory, source)
+        part, reason = PartitionDB.open(partition, self.path(partition), self._memory, source)
         self._partitions[partition] = part
         return reason
 
