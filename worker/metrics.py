@@ -148,6 +148,13 @@ class Metrics:
         self.store_rebuilds = Counter(
             f"{_PREFIX}_store_rebuilds", "Partition stores rebuilt from scratch", registry=r
         )
+        # RocksDB failing a read or write of a partition's local files (a damaged block, an
+        # I/O error): each is followed by a rebuild of that partition.
+        self.store_failures = Counter(
+            f"{_PREFIX}_store_failures",
+            "Partition stores that RocksDB failed to read or write, then rebuilt",
+            registry=r,
+        )
         # Partitions being restored right now (the worker is not ready while > 0).
         self.restoring_partitions = Gauge(
             f"{_PREFIX}_restoring_partitions", "Partitions being restored", registry=r

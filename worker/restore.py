@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 import structlog
@@ -88,6 +88,8 @@ class Restored:
     # Why the partition's local data was not used, so it was rebuilt from the beginning
     # of its changelogs; None when it was used (or there was none).
     rebuilt: str | None = None
+    # Whether RocksDB failed on the data during the replay (the reason it was rebuilt).
+    failed: bool = False
 
 
 def restore_partition(
@@ -116,17 +118,19 @@ def restore_partition(
     """
     source = topics.source(restorer)
     rebuilt = store.open_partition(partition, source)  # (1)
+    failed = False
     try:
         starts = store.stored_offsets(partition)
         stale = _stale(restorer, topics, partition, starts)  # (2)
         if stale is None:
             return _replay(restorer, store, topics, partition, starts, progress, rebuilt)  # (3)
     except StoreCorrupt as e:
-        stale = str(e)
+        stale, failed = str(e), True
     log.warning("store_partition_stale", partition=partition, reason=stale)
     store.wipe(partition)
     store.open_partition(partition, source)
-    return _replay(restorer, store, topics, partition, {}, progress, stale)
+    restored = _replay(restorer, store, topics, partition, {}, progress, stale)
+    return replace(restored, failed=failed)
 
 
 def _replay(

@@ -233,6 +233,8 @@ class Runner:
         rebuilt = restored.rebuilt or wiped
         if rebuilt is not None:
             m.store_rebuilds.inc()
+        if restored.failed:
+            m.store_failures.inc()
         self._export_state_size()
         log.info(
             "partition_restored",
@@ -250,6 +252,7 @@ class Runner:
         """RocksDB failed on these partitions' files: wipe them and restore each from its
         changelogs, as on assignment. Failing again in the rebuild ends the loop."""
         log.error("store_partition_failed", partitions=failure.partitions, error=str(failure))
+        self._metrics.store_failures.inc(len(failure.partitions))
         for partition in failure.partitions:
             self._store.wipe(partition)
             self._restore(partition, str(failure))

@@ -64,6 +64,7 @@ def test_offsets_past_a_topics_end_rebuild_the_partition(store: RocksDBStateStor
     write_states(new, ("a", 7))
     restored = restore_partition(FakeRestorer(new), store, TOPICS, 0)
     assert restored.rebuilt == "stored offset 3 is past the end (1) of state[0]"
+    assert not restored.failed  # the topic changed, not the files
     assert versions(store, "a", "b", "c") == [7, None, None]
 
 
@@ -168,6 +169,7 @@ def test_files_that_fail_during_the_replay_are_rebuilt(store: RocksDBStateStore)
     restored = restore_partition(FakeRestorer(sink), store, TOPICS, 0)
     assert restored.rebuilt is not None
     assert restored.rebuilt.startswith("partition 0's store: Corruption")
+    assert restored.failed
     assert (restored.states, store.seen_count(), versions(store, "a")) == (1, 20_000, [1])
     assert store.seen(0, ("g7", "m7")) == 2
     assert store.stored_offsets(0) == {"state": 1, "members": 0, "dedupe": 40_000}

@@ -526,6 +526,7 @@ def test_a_partition_whose_files_fail_a_read_is_rebuilt_in_place(tmp_path: Path)
         run_for(runner, restarted, 14)
     assert [e["partitions"] for e in logs if e["event"] == "store_partition_failed"] == [(0,)]
     assert sample(metrics, "group_worker_store_rebuilds_total") == 1
+    assert sample(metrics, "group_worker_store_failures_total") == 1
     assert sample(metrics, "group_worker_outcomes_total", outcome="duplicate") == 5_000
     assert len(message_ids(sink)) == 10_000
     assert {g: s["eventCount"] for g, s in states(sink).items()} == {
@@ -560,6 +561,7 @@ def test_a_partition_whose_commit_write_fails_is_rebuilt_not_replayed(tmp_path: 
         runner.run()
     assert [e["partitions"] for e in logs if e["event"] == "store_partition_failed"] == [(0,)]
     assert sample(metrics, "group_worker_store_rebuilds_total") == 1
+    assert sample(metrics, "group_worker_store_failures_total") == 1
     assert sample(metrics, "group_worker_transaction_aborts_total") == 0
     assert len(message_ids(sink)) == 2_003
     assert source.committed_offsets == {("in", 0): 2_003}
