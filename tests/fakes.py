@@ -59,6 +59,14 @@ class FakeSource:
         # Called at the start of every consume(), with the number of calls so far.
         self.on_consume: Callable[[int], None] | None = None
 
+    def restarted(self) -> FakeSource:
+        """A new consumer of the same group, as after a restart: it shares this one's
+        partitions and committed offsets."""
+        source = FakeSource(self.clock, topic=self.topic)
+        source.log, source.committed_offsets = self.log, self.committed_offsets
+        source.pending_assign = list(self.log)
+        return source
+
     def append(self, value: bytes | None, partition: int = 0, key: bytes | None = None) -> None:
         tp = (self.topic, partition)
         offset = len(self.log[tp])

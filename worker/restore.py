@@ -109,7 +109,7 @@ def restore_partition(
     anyway) means the files cannot be trusted, so they are wiped; (3) replay each
     changelog from its stored offset (``StateStore.apply_changelog``: the newest record
     of a key wins, tombstones delete, a malformed record is logged without its value
-    and skipped); a read of the files failing on the way (``StoreCorrupt``) wipes them,
+    and skipped); RocksDB failing on the files on the way (``StoreCorrupt``) wipes them,
     and the replay starts again from the beginning. ``progress`` is called with the
     number of records read since its last call, every ``_PROGRESS_EVERY`` records and
     at the end. Raises ``KafkaError`` subclasses when the topics cannot be read, and

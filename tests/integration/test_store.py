@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.harness import Topics, WorkerProcess, produce, read_topic, values, wait_until
 from tests.integration.test_state import assert_converges, calls, fold, latest
+from tests.unit.test_store_rocksdb import flip_bytes
 from worker import codec
 from worker.times import format_time
 
@@ -123,10 +124,8 @@ def test_damaged_store_files_are_rebuilt_without_a_crash_loop(
     tables = list((tmp_path / "w.state").rglob("*.sst"))
     assert tables
     for table in tables:  # the middle of each table file: its index and footer stay
-        data = bytearray(table.read_bytes())
-        low, high = len(data) // 10, len(data) * 6 // 10
-        data[low:high] = bytes(b ^ 0xFF for b in data[low:high])
-        table.write_bytes(bytes(data))
+        size = table.stat().st_size
+        flip_bytes(table, size // 10, size * 6 // 10)
 
     worker = WorkerProcess(topics, tmp_path, "w", **settings).start()
     workers.append(worker)

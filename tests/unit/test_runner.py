@@ -436,8 +436,7 @@ def test_a_restart_on_the_same_store_replays_only_what_others_wrote(tmp_path: Pa
     written_first = sum(committed.values())
 
     def rerun(store: StateStore) -> Metrics:
-        restarted = FakeSource(source.clock)
-        restarted.log, restarted.committed_offsets = source.log, source.committed_offsets
+        restarted = source.restarted()
         runner, metrics = build(restarted, sink, store=store)
         run_for(runner, restarted, 4)
         return metrics
@@ -518,8 +517,7 @@ def test_a_partition_whose_files_fail_a_read_is_rebuilt_in_place(tmp_path: Path)
     for n, call in enumerate(calls):
         source.append(call)
         source.append(group_call(n, messageId=f"again{n}"))
-    restarted = FakeSource(source.clock)
-    restarted.log, restarted.committed_offsets = source.log, source.committed_offsets
+    restarted = source.restarted()
     store = RocksDBStateStore(tmp_path, 1 << 20)
     runner, metrics = build(restarted, sink, settings, store=store)
     with structlog.testing.capture_logs() as logs:

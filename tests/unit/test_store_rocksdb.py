@@ -211,14 +211,19 @@ def test_a_corrupt_partition_is_discarded_and_starts_empty(
         last.close()
 
 
-def corrupt_blocks(path: Path) -> None:
-    """Flip 4 KiB in the middle of the largest table file under ``path``: its footer and
-    index stay whole, so RocksDB opens it, and a read of a damaged block fails."""
-    table = max(path.glob("*.sst"), key=lambda f: f.stat().st_size)
+def flip_bytes(table: Path, low: int, high: int) -> None:
+    """Invert bytes ``low`` to ``high`` of a table file. Short of its end (its index and
+    footer), RocksDB still opens it, and a read of a damaged block fails."""
     data = bytearray(table.read_bytes())
-    start = len(data) // 4
-    data[start : start + 4096] = bytes(b ^ 0xFF for b in data[start : start + 4096])
+    data[low:high] = bytes(b ^ 0xFF for b in data[low:high])
     table.write_bytes(bytes(data))
+
+
+def corrupt_blocks(path: Path) -> None:
+    """Flip 4 KiB a quarter into the largest table file under ``path``."""
+    table = max(path.glob("*.sst"), key=lambda f: f.stat().st_size)
+    start = table.stat().st_size // 4
+    flip_bytes(table, start, start + 4096)
 
 
 def dedupe_entries(ids: int, arrival: int = 1) -> list[tuple[int, bytes, bytes]]:

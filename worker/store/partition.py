@@ -154,12 +154,11 @@ class PartitionDB:
 
     @contextmanager
     def _guarded(self) -> Iterator[None]:
-        """RocksDB's errors in the block as ``StoreCorrupt``."""
+        """RocksDB's errors in the block as ``StoreCorrupt`` (``get`` and ``has``, called
+        per record, catch them themselves)."""
         try:
             yield
-        except StoreCorrupt:
-            raise
-        except Exception as e:
+        except Exception as e:  # rocksdict raises plain Exception, naming RocksDB's status
             raise self._failed(e) from None
 
     def _failed(self, error: Exception) -> StoreCorrupt:
