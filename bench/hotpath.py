@@ -73,9 +73,14 @@ class CountingSink:
             self.forwarded.append((key, value))
 
     def commit(
-        self, offsets: Offsets, source: Source, last_records: Callable[[], None] = lambda: None
+        self,
+        offsets: Offsets,
+        source: Source,
+        last_records: Callable[[], None] = lambda: None,
+        meanwhile: Callable[[], None] = lambda: None,
     ) -> Offsets:
         last_records()
+        meanwhile()
         return {}
 
     def abort(self) -> None:

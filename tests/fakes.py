@@ -195,9 +195,14 @@ class FakeSink:
         self.open.append(Produced(topic, key, value, headers, partition, timestamp, report))
 
     def commit(
-        self, offsets: Offsets, source: Source, last_records: Callable[[], None] = lambda: None
+        self,
+        offsets: Offsets,
+        source: Source,
+        last_records: Callable[[], None] = lambda: None,
+        meanwhile: Callable[[], None] = lambda: None,
     ) -> Offsets:
         last_records()
+        meanwhile()
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
             raise error

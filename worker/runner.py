@@ -321,7 +321,8 @@ class Runner:
 
         Steps: (1) write the coalesced state, membership and dedupe changes (2) as the
         sink makes every output durable and commits the offsets with them (it runs (1)
-        while the offsets are sent); (3) the store writes the change set with the
+        while the offsets are sent, and the store's ``prepare`` for (3) while the
+        transaction commits); (3) the store writes the change set with the
         changelog offsets it reached, and the batch is closed. On an
         error before (3) nothing is closed, so a retry commits the same batch, and an
         abort rolls the store back and rewinds to the batch's start. A partition whose
@@ -333,7 +334,7 @@ class Runner:
         started = self._clock.monotonic()
         try:
             reached = self._sink.commit(  # (1), (2)
-                self._pending, self._source, self._write_changelog
+                self._pending, self._source, self._write_changelog, self._prepare_store
             )
         except Exception:
             self._metrics.commit_failures.inc()
@@ -360,6 +361,14 @@ class Runner:
 
     def _write_changelog(self) -> None:
         self._metrics.changelog_records.inc(self._processor.write_changelog())
+
+    def _prepare_store(self) -> None:
+        # Runs while the transaction commits: an error here must not pass for the
+        # commit's, which may well succeed. The store's commit prepares again.
+        try:
+            self._store.prepare()
+        except Exception as e:
+            log.warning("store_prepare_failed", error=str(e))
 
     def _commit_final(self) -> None:
         try:

@@ -83,7 +83,11 @@ class Sink(Protocol):
         report: bool = False,
     ) -> None: ...
     def commit(
-        self, offsets: Offsets, source: Source, last_records: Callable[[], None] = ...
+        self,
+        offsets: Offsets,
+        source: Source,
+        last_records: Callable[[], None] = ...,
+        meanwhile: Callable[[], None] = ...,
     ) -> Offsets: ...
     def abort(self) -> None: ...
     def poll(self) -> None: ...
@@ -222,17 +226,24 @@ class KafkaSink:
                 raise AbortableError(f"produce refused: {e.args[0].str()}") from None
 
     def commit(
-        self, offsets: Offsets, source: Source, last_records: Callable[[], None] = _nothing
+        self,
+        offsets: Offsets,
+        source: Source,
+        last_records: Callable[[], None] = _nothing,
+        meanwhile: Callable[[], None] = _nothing,
     ) -> Offsets:
         """Make every output produced since the last commit durable, with ``offsets``.
 
-        ``last_records`` produces the batch's last records (the changelog). Steps: (1)
-        exactly once: send the offsets to the transaction, running ``last_records``
-        meanwhile (it is Python work, the send a round trip to the broker: about a
-        tenth of the worker's time, waited for alone before), then commit the
-        transaction, retrying retriable errors; at least once: ``last_records``, then
-        flush every output and check each was delivered; (2) at least once: commit the
-        offsets through the source; (3) serve the last delivery reports. Returns, per
+        ``last_records`` produces the batch's last records (the changelog);
+        ``meanwhile`` is other work that may run before the commit is known to have
+        succeeded (the store's ``prepare``). Steps: (1) exactly once: send the offsets
+        to the transaction, running ``last_records`` meanwhile (it is Python work, the
+        send a round trip to the broker: about a tenth of the worker's time, waited for
+        alone before), then commit the transaction, running ``meanwhile`` as it does
+        (about a twentieth, idle before), retrying retriable errors; at least once:
+        ``last_records`` and ``meanwhile``, then flush every output and check each was
+        delivered; (2) at least once: commit the offsets through the source; (3) serve
+        the last delivery reports. Returns, per
         topic partition written to, the offset after the batch's last record there
         (what a changelog reached).
         Raises ``RetriableError`` (nothing committed, try again), ``AbortableError``
@@ -254,12 +265,16 @@ class KafkaSink:
                 )
             else:
                 last_records()
-            self._retry(lambda: self._producer.commit_transaction(self._commit_timeout))
+            self._retry(
+                lambda: self._producer.commit_transaction(self._commit_timeout),
+                meanwhile=meanwhile,
+            )
             self._in_transaction = False
             self._careful = False
             self._failed.clear()  # the transaction commit already vouched for delivery
             return self._take_reached()
         last_records()  # (1)
+        meanwhile()
         remaining = self._producer.flush(self._commit_timeout)
         if remaining:
             raise RetriableError(

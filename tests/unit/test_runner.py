@@ -497,6 +497,36 @@ def test_an_aborted_transaction_leaves_the_store_exactly_as_before(tmp_path: Pat
     reopened.close()
 
 
+def test_a_store_that_fails_to_prepare_still_commits_the_batch(tmp_path: Path) -> None:
+    """The store's prepare runs while the transaction commits, which may succeed: its
+    error is logged, not taken for the commit's (no abort, nothing replayed), and the
+    store's commit prepares again."""
+    failures: list[str] = []
+
+    class FailingOnce(RocksDBStateStore):
+        def prepare(self) -> None:
+            if not failures:
+                failures.append("prepare")
+                raise MemoryError("no room")
+            super().prepare()
+
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    runner, metrics = build(source, sink, store=FailingOnce(tmp_path, 1 << 20))
+    for n in range(6):
+        source.append(group_call(n))
+    with structlog.testing.capture_logs() as logs:
+        run_for(runner, source, 4)
+    assert [e["error"] for e in logs if e["event"] == "store_prepare_failed"] == ["no room"]
+    assert sample(metrics, "group_worker_transaction_aborts_total") == 0
+    assert len(message_ids(sink)) == 6
+    reopened = RocksDBStateStore(tmp_path, 1 << 20)
+    assert [event_count(reopened, g) for g in ("g0", "g1", "g2")] == [2, 2, 2]
+    assert reopened.stored_offsets(0) == {
+        r: sink.ends[(r, 0)] for r in ("state", "members", "dedupe")
+    }
+    reopened.close()
+
+
 def test_a_partition_whose_files_fail_a_read_is_rebuilt_in_place(tmp_path: Path) -> None:
     """Damage that opening the files does not see, met by a read while processing: the
     batch aborts, the partition is rebuilt from its changelogs and the batch replayed,

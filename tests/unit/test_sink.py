@@ -105,6 +105,45 @@ def test_the_last_records_join_the_transaction_while_its_offsets_are_sent() -> N
         source.consumer.close()
 
 
+class _Gated:
+    """A producer whose ``commit_transaction`` first waits (5 s at most) for ``opened``."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.opened = threading.Event()
+        self.waited = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    def commit_transaction(self, *args: Any) -> None:
+        self.waited = self.opened.wait(5)
+        self._producer.commit_transaction(*args)
+
+
+def test_meanwhile_runs_after_the_last_records_while_the_transaction_commits() -> None:
+    """``meanwhile`` (the store's prepare) runs once, after ``last_records``, while
+    ``commit_transaction`` runs: that commit waits for it here, which it would in vain if
+    ``meanwhile`` ran before or after the commit instead."""
+    s, source = sink("exactly_once"), _GroupSource()
+    gate = _Gated(s._producer)
+    s._producer = cast(Any, gate)
+    try:
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+        calls: list[str] = []
+
+        def meanwhile() -> None:
+            calls.append("meanwhile")
+            gate.opened.set()
+
+        s.commit({("out", 0): 1}, cast(Source, source), lambda: calls.append("last"), meanwhile)
+        assert (calls, gate.waited) == (["last", "meanwhile"], True)
+    finally:
+        s.close()
+        source.consumer.close()
+
+
 def test_last_records_failing_fails_the_commit_once_the_offsets_are_sent() -> None:
     """An error of ``last_records`` is raised after the send returns, and the batch can
     then be aborted and committed again."""

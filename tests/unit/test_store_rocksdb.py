@@ -140,6 +140,33 @@ def test_an_uncommitted_or_rolled_back_change_is_never_on_disk(
         again.close()
 
 
+def test_prepare_leaves_the_files_to_commit_and_rollback_undoes_it(
+    store: RocksDBStateStore,
+) -> None:
+    """prepare() (run while the transaction commits) writes nothing; a rollback after it
+    reads the committed state and membership again, though prepare cached the new ones;
+    a change made after it commits all the same."""
+    store.put(0, state("g1", 1))
+    store.put_member(0, "k1", member("u1"))
+    store.commit()
+    held = on_disk(store, 0)
+    store.put(0, state("g1", 2))
+    store.put_member(0, "k1", member("u2"))
+    store.prepare()
+    assert on_disk(store, 0) == held
+    store.rollback()
+    assert (store.get(0, "g1"), store.get_member(0, "k1")) == (state("g1", 1), member("u1"))
+    assert on_disk(store, 0) == held
+    store.put(0, state("g1", 3))
+    store.prepare()
+    store.put_seen(0, ("g1", "m1"), 100)
+    store.commit()
+    held = on_disk(store, 0)
+    assert held[b"sg1"] == codec.encode(state_record(state("g1", 3)))
+    assert held[b"d" + seen_record_key("g1", "m1").encode()] == b"100"
+    assert store.seen_count() == 1
+
+
 def test_applied_records_are_parsed_on_read_and_tombstones_delete(
     store: RocksDBStateStore, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -119,6 +119,16 @@ class StateStore(Protocol):
         """
         ...
 
+    def prepare(self) -> None:
+        """Do the part of ``commit`` that needs neither the transaction's outcome nor the
+        disk (a durable store builds its write batches from the change set): called
+        while the transaction commits, so the wait for the broker is not idle.
+
+        Optional: ``commit`` does it when it was not called, or when the change set
+        changed since; ``rollback`` undoes it.
+        """
+        ...
+
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
         """Close the change set: called once the Kafka transaction has committed.
 

@@ -157,6 +157,9 @@ class InMemoryStateStore:
         ]
         return records
 
+    def prepare(self) -> None:
+        """Nothing to prepare: ``commit`` only forgets the undo entries."""
+
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
         """Close the change set; ``offsets`` are ignored (nothing outlives the process)."""
         for table in self._tables:

@@ -61,6 +61,7 @@ __all__ = [
     "WRITE_BUFFER_BYTES",
     "PartitionDB",
     "SharedMemory",
+    "new_batch",
     "remove_files",
 ]
 
@@ -173,14 +174,10 @@ class PartitionDB:
                 offsets[changelog] = int(raw)
         return offsets
 
-    def write(
-        self, records: Iterable[tuple[bytes, bytes]], offsets: Mapping[Changelog, int]
-    ) -> None:
-        """Write ``records`` (each key's whole value), with the counts that ``new`` adds to
-        and ``offsets``, in one write batch; ``new`` then goes into ``counts``."""
-        batch = WriteBatch(raw_mode=True)
-        for key, value in records:
-            batch.put(key, value)
+    def write(self, batch: WriteBatch | None, offsets: Mapping[Changelog, int]) -> None:
+        """Write ``batch`` (``new_batch``: each key's whole value) with the counts that
+        ``new`` adds to and ``offsets``, atomically; ``new`` then goes into ``counts``."""
+        batch = new_batch() if batch is None else batch
         for changelog, offset in offsets.items():
             batch.put(_OFFSET + changelog.encode(), b"%d" % offset)
         counts = [held + new for held, new in zip(self.counts, self.new, strict=True)]
@@ -194,7 +191,7 @@ class PartitionDB:
     def write_one(self, kind: int, key: bytes, value: bytes) -> None:
         """Write one entry of ``kind`` and its count, outside any change set."""
         count = self.counts[kind] + (not self.has(key))
-        batch = WriteBatch(raw_mode=True)
+        batch = new_batch()
         batch.put(key, value)
         batch.put(_COUNT + KIND[kind], b"%d" % count)
         with self._guarded():
@@ -208,7 +205,7 @@ class PartitionDB:
         kind = CHANGELOGS.index(changelog)
         prefix, count = KIND[kind], self.counts[kind]
         reached = end
-        batch = WriteBatch(raw_mode=True)
+        batch = new_batch()
         # Keys in the batch, and whether they exist once it is written (the database
         # does not see the batch yet).
         exists: dict[bytes, bool] = {}
@@ -227,7 +224,7 @@ class PartitionDB:
             reached = offset + 1
             if len(exists) >= APPLY_BATCH:
                 self._write_applied(changelog, kind, count, batch, reached)
-                batch = WriteBatch(raw_mode=True)
+                batch = new_batch()
                 exists.clear()
         self._write_applied(changelog, kind, count, batch, max(end, reached))
         with self._guarded():
@@ -251,7 +248,7 @@ class PartitionDB:
         from (``None`` when the scan reached the last id)."""
         bound = ReadOptions()
         bound.set_iterate_upper_bound(bytes([KIND[SEEN][0] + 1]))
-        batch = WriteBatch(raw_mode=True)
+        batch = new_batch()
         gone = scanned = 0
         resume: bytes | None = None
         with self._guarded():
@@ -285,6 +282,11 @@ class PartitionDB:
 def arrival_of(raw: bytes) -> int | None:
     """A dedupe value's arrival ms, or ``None`` when it is not ASCII digits."""
     return int(raw) if raw.isdigit() else None
+
+
+def new_batch() -> WriteBatch:
+    """An empty write batch of raw keys and values, for ``PartitionDB.write``."""
+    return WriteBatch(raw_mode=True)
 
 
 def remove_files(path: Path) -> None:

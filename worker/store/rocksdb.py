@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
+from rocksdict import WriteBatch
 
 from worker import codec
 from worker.errors import StoreCorrupt
@@ -44,6 +45,7 @@ from worker.store.partition import (
     PartitionDB,
     SharedMemory,
     arrival_of,
+    new_batch,
     remove_files,
 )
 
@@ -96,6 +98,9 @@ class RocksDBStateStore:
         # Keys the database was just found to lack, so the put that usually follows a
         # read that missed need not look again; forgotten whenever the database changes.
         self._absent: set[tuple[int, bytes]] = set()
+        # The change set's write batches by partition, once ``prepare`` built them; None
+        # before, and again after any change to the change set.
+        self._prepared: dict[int, WriteBatch] | None = None
         # An expiry scan under way (``expire_seen``): the partitions it has yet to finish,
         # and the key it resumes from in the first of them.
         self._sweep: list[int] = []
@@ -123,6 +128,7 @@ class RocksDBStateStore:
         return self._read(partition, key, _read_state)
 
     def put(self, partition: int, state: GroupState) -> None:
+        self._prepared = None
         log_key = (partition, state.group_id)
         pending = self._groups.get(log_key)
         if pending is None:
@@ -142,6 +148,7 @@ class RocksDBStateStore:
         return self._read(partition, db_key, _read_membership)
 
     def put_member(self, partition: int, key: str, m: Membership) -> None:
+        self._prepared = None
         log_key = (partition, key)
         pending = self._members.get(log_key)
         if pending is None:
@@ -166,6 +173,7 @@ class RocksDBStateStore:
         return arrival
 
     def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
+        self._prepared = None
         log_key = (partition, key)
         pending = self._seen.get(log_key)
         if pending is None:
@@ -187,45 +195,61 @@ class RocksDBStateStore:
         ]
         return records
 
+    def prepare(self) -> None:
+        """Build each partition's write batch from the change set, encoding what
+        ``changes`` did not, and move its states and memberships into the cache
+        (``StateStore.prepare``). The files are not touched; a change made after this
+        outdates it (``commit`` prepares again), and ``rollback`` undoes it.
+        """
+        batches: dict[int, WriteBatch] = {}
+        cache = self._cache
+        for _, partition, key, value, entry in self._encoded():
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = new_batch()
+            batch.put(key, value)
+            cache.put((partition, key), entry, _cost(value))
+        for (partition, _), (arrival, key, _) in self._seen.items():
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = new_batch()
+            batch.put(key, b"%d" % arrival)
+        self._prepared = batches
+
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
         """Write the change set with ``offsets``, then close it (``StateStore.commit``).
 
-        Steps: (1) the change set's records by partition (as ``changes`` encoded them);
-        (2) for each partition changed or given offsets, one write batch of its records,
-        counts and offsets; (3) the change set closes, its states and memberships moving
-        into the cache. Blocks on the disk. A partition whose write fails (``StoreCorrupt``)
-        does not stop the others: the change set closes all the same, then one
-        ``StoreCorrupt`` names every partition that failed, whose copies now lag the
-        changelogs (and the cache): the caller rebuilds them (``wipe``, then a replay).
+        Steps: (1) ``prepare``, unless done since the last change; (2) for each
+        partition changed or given offsets, one write of its batch, counts and offsets;
+        (3) the change set closes. Blocks on the disk. A partition whose write fails
+        (``StoreCorrupt``) does not stop the others: the change set closes all the same,
+        then one ``StoreCorrupt`` names every partition that failed, whose copies now lag
+        the changelogs (and the cache): the caller rebuilds them (``wipe``, then a replay).
         """
-        writes: dict[int, list[tuple[bytes, bytes]]] = {}
-        cached: list[tuple[tuple[int, bytes], GroupState | Membership, int]] = []
-        for _, partition, key, value, entry in self._encoded():  # (1)
-            writes.setdefault(partition, []).append((key, value))
-            cached.append(((partition, key), entry, _cost(value)))
-        for (partition, _), (arrival, key, _) in self._seen.items():
-            writes.setdefault(partition, []).append((key, b"%d" % arrival))
+        if self._prepared is None:  # (1)
+            self.prepare()
+        batches = self._prepared or {}
         reached: dict[int, dict[Changelog, int]] = {}
         for (changelog, partition), offset in (offsets or {}).items():
             reached.setdefault(partition, {})[changelog] = offset
         failed: list[StoreCorrupt] = []
-        for partition in writes.keys() | reached.keys():  # (2)
+        for partition in batches.keys() | reached.keys():  # (2)
             try:
-                self._part(partition).write(writes.get(partition, ()), reached.get(partition, {}))
+                self._part(partition).write(batches.get(partition), reached.get(partition, {}))
             except StoreCorrupt as e:
                 failed.append(e)
-        for cache_key, entry, cost in cached:  # (3)
-            self._cache.put(cache_key, entry, cost)
-        self._clear_changes()
+        self._clear_changes()  # (3)
         if failed:
             partitions = tuple(p for e in failed for p in e.partitions)
             raise StoreCorrupt(partitions, "; ".join(map(str, failed)))
 
     def rollback(self) -> None:
-        """Forget the change set: the database never saw it. The states it holds leave the
-        cache too (they may have been updated in place), to be read again."""
-        for (partition, _), (_, key, _, _) in self._groups.items():
-            self._cache.discard((partition, key))
+        """Forget the change set: the database never saw it. Its states and memberships
+        leave the cache too (a state may have been updated in place, and ``prepare``
+        caches them), to be read again."""
+        for table in (self._groups, self._members):
+            for (partition, _), (_, key, _, _) in table.items():
+                self._cache.discard((partition, key))
         self._clear_changes()
 
     # Restoring, expiring and forgetting: outside the change set.
@@ -300,6 +324,7 @@ class RocksDBStateStore:
         unreadable ones) in one write batch per partition and call. Pending ids that old
         leave the change set.
         """
+        self._prepared = None  # pending ids may go
         removed = 0
         for log_key, (arrival, _, new) in list(self._seen.items()):
             if arrival < before_ms:
@@ -334,6 +359,7 @@ class RocksDBStateStore:
         """Forget the partition and close its database; its files stay, unless closing
         them fails (``store_partition_discarded``): the next restore rebuilds them."""
         part = self._partitions.pop(partition, None)
+        self._prepared = None
         self._absent.clear()
         _forget(self._groups, partition)
         _forget(self._members, partition)
@@ -420,6 +446,7 @@ class RocksDBStateStore:
         self._part(partition).write_one(kind, key, value)
 
     def _clear_changes(self) -> None:
+        self._prepared = None
         self._absent.clear()
         self._groups.clear()
         self._members.clear()
