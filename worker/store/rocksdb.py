@@ -24,6 +24,7 @@ replayed record looks up whether its key existed: a bloom-filter miss when it di
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -201,19 +202,13 @@ class RocksDBStateStore:
         (``StateStore.prepare``). The files are not touched; a change made after this
         outdates it (``commit`` prepares again), and ``rollback`` undoes it.
         """
-        batches: dict[int, WriteBatch] = {}
+        batches: defaultdict[int, WriteBatch] = defaultdict(new_batch)
         cache = self._cache
         for _, partition, key, value, entry in self._encoded():
-            batch = batches.get(partition)
-            if batch is None:
-                batch = batches[partition] = new_batch()
-            batch.put(key, value)
+            batches[partition].put(key, value)
             cache.put((partition, key), entry, _cost(value))
         for (partition, _), (arrival, key, _) in self._seen.items():
-            batch = batches.get(partition)
-            if batch is None:
-                batch = batches[partition] = new_batch()
-            batch.put(key, b"%d" % arrival)
+            batches[partition].put(key, b"%d" % arrival)
         self._prepared = batches
 
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
