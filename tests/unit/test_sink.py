@@ -123,8 +123,8 @@ class _Gated:
 
 def test_meanwhile_runs_after_the_last_records_while_the_transaction_commits() -> None:
     """``meanwhile`` (the store's prepare) runs once, after ``last_records``, while
-    ``commit_transaction`` runs: that commit waits for it here, which it would in vain if
-    ``meanwhile`` ran before or after the commit instead."""
+    ``commit_transaction`` runs: that commit waits for it here, in vain if ``meanwhile``
+    ran only once the commit had returned."""
     s, source = sink("exactly_once"), _GroupSource()
     gate = _Gated(s._producer)
     s._producer = cast(Any, gate)
