@@ -349,10 +349,7 @@ class Runner:
             failure = e
         self._abort_streak = 0
         self._metrics.abort_streak.set(0)
-        self._pending.clear()
-        self._batch_start.clear()
-        self._batch_opened = None
-        self._uncommitted = 0
+        self._close_batch()
         self._commit_took = self._clock.monotonic() - started
         self._metrics.commit_duration.observe(self._commit_took)
         if failure is not None:
@@ -406,6 +403,10 @@ class Runner:
         if rewind:
             self._source.seek(rewind)
             log.info("partitions_rewound", partitions=_names(rewind))
+        self._close_batch()
+
+    def _close_batch(self) -> None:
+        """Forget the batch's offsets: committed, or aborted and rewound."""
         self._pending.clear()
         self._batch_start.clear()
         self._batch_opened = None

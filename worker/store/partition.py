@@ -174,10 +174,9 @@ class PartitionDB:
                 offsets[changelog] = int(raw)
         return offsets
 
-    def write(self, batch: WriteBatch | None, offsets: Mapping[Changelog, int]) -> None:
+    def write(self, batch: WriteBatch, offsets: Mapping[Changelog, int]) -> None:
         """Write ``batch`` (``new_batch``: each key's whole value) with the counts that
         ``new`` adds to and ``offsets``, atomically; ``new`` then goes into ``counts``."""
-        batch = new_batch() if batch is None else batch
         for changelog, offset in offsets.items():
             batch.put(_OFFSET + changelog.encode(), b"%d" % offset)
         counts = [held + new for held, new in zip(self.counts, self.new, strict=True)]

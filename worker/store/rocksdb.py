@@ -101,7 +101,7 @@ class RocksDBStateStore:
         self._absent: set[tuple[int, bytes]] = set()
         # The change set's write batches by partition, once ``prepare`` built them; None
         # before, and again after any change to the change set.
-        self._prepared: dict[int, WriteBatch] | None = None
+        self._prepared: defaultdict[int, WriteBatch] | None = None
         # An expiry scan under way (``expire_seen``): the partitions it has yet to finish,
         # and the key it resumes from in the first of them.
         self._sweep: list[int] = []
@@ -202,14 +202,7 @@ class RocksDBStateStore:
         (``StateStore.prepare``). The files are not touched; a change made after this
         outdates it (``commit`` prepares again), and ``rollback`` undoes it.
         """
-        batches: defaultdict[int, WriteBatch] = defaultdict(new_batch)
-        cache = self._cache
-        for _, partition, key, value, entry in self._encoded():
-            batches[partition].put(key, value)
-            cache.put((partition, key), entry, _cost(value))
-        for (partition, _), (arrival, key, _) in self._seen.items():
-            batches[partition].put(key, b"%d" % arrival)
-        self._prepared = batches
+        self._prepared = self._batches()
 
     def commit(self, offsets: ChangelogOffsets | None = None) -> None:
         """Write the change set with ``offsets``, then close it (``StateStore.commit``).
@@ -221,16 +214,14 @@ class RocksDBStateStore:
         then one ``StoreCorrupt`` names every partition that failed, whose copies now lag
         the changelogs (and the cache): the caller rebuilds them (``wipe``, then a replay).
         """
-        if self._prepared is None:  # (1)
-            self.prepare()
-        batches = self._prepared or {}
+        batches = self._batches() if self._prepared is None else self._prepared  # (1)
         reached: dict[int, dict[Changelog, int]] = {}
         for (changelog, partition), offset in (offsets or {}).items():
             reached.setdefault(partition, {})[changelog] = offset
         failed: list[StoreCorrupt] = []
         for partition in batches.keys() | reached.keys():  # (2)
             try:
-                self._part(partition).write(batches.get(partition), reached.get(partition, {}))
+                self._part(partition).write(batches[partition], reached.get(partition, {}))
             except StoreCorrupt as e:
                 failed.append(e)
         self._clear_changes()  # (3)
@@ -426,6 +417,18 @@ class RocksDBStateStore:
             yield "state", partition, key, record, state
         for partition, key, record, m in _encode_once(self._members, membership_record):
             yield "members", partition, key, record, m
+
+    def _batches(self) -> defaultdict[int, WriteBatch]:
+        """The change set's write batches by partition (an empty one for any other), its
+        states and memberships put in the cache on the way."""
+        batches: defaultdict[int, WriteBatch] = defaultdict(new_batch)
+        cache = self._cache
+        for _, partition, key, value, entry in self._encoded():
+            batches[partition].put(key, value)
+            cache.put((partition, key), entry, _cost(value))
+        for (partition, _), (arrival, key, _) in self._seen.items():
+            batches[partition].put(key, b"%d" % arrival)
+        return batches
 
     def _is_new(self, partition: int, kind: int, key: bytes) -> bool:
         """Whether the database lacks ``key``; counts it as new to the change set if so."""
