@@ -100,6 +100,10 @@ class Enriched:
     member_kind: Literal["userId", "anonymousId"]
     member_id: str
     warnings: tuple[str, ...] = ()  # warning codes, for the metrics
+    # ``call`` as JSON, exactly as read (a re-keyed call: stage one encoded it), when
+    # it has no ``group`` key: the enriched value is these bytes with the group
+    # appended, not the call encoded again. Whoever changes ``call`` drops it.
+    encoded: bytes | None = None
     kind: Literal["enriched"] = "enriched"
 
 

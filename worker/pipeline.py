@@ -167,9 +167,11 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
         invalid = _Invalid("invalid_json", "not a call written by the first stage")
         source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
         return _dead_letter(invalid, record, source, raw)
+    # Without a group of its own (stage one keeps a sender's), the merge only appends one.
+    encoded = raw if raw and raw.endswith(b"}") and "group" not in call else None
     if user_id is not None:
-        return Enriched(group_id, call, when, "userId", user_id)
-    return Enriched(group_id, call, when, "anonymousId", anonymous_id or "")
+        return Enriched(group_id, call, when, "userId", user_id, (), encoded)
+    return Enriched(group_id, call, when, "anonymousId", anonymous_id or "", (), encoded)
 
 
 def _process_call(

@@ -264,7 +264,11 @@ class Processor:
             outcome = self._merge(outcome, partition, arrival)
         if isinstance(outcome, Enriched):
             enriched = self._routes.enriched
-            key, value = outcome.group_id.encode(), codec.encode(outcome.call)
+            key, call = outcome.group_id.encode(), outcome.call
+            if outcome.encoded is None:
+                value = codec.encode(call)
+            else:  # the same bytes as encoding the call, where "group" comes last
+                value = outcome.encoded[:-1] + b',"group":' + codec.encode(call["group"]) + b"}"
             reason = self._refusal(enriched, key, value)
             if reason is None:
                 if outcome.warnings:
@@ -272,7 +276,7 @@ class Processor:
                 tally.event_times_ms.append(outcome.event_time_ms)
                 self._sink.produce(enriched, key, value)
             else:
-                outcome = self._unwritable(reason, enriched, value, record, outcome.call)
+                outcome = self._unwritable(reason, enriched, value, record, call)
         tally.outcomes[outcome.kind] += 1
         if isinstance(outcome, DeadLetter):
             tally.reasons[outcome.reason] += 1

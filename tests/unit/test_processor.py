@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from bench.generator import generate_calls
 from tests.fakes import FakeClock, FakeSink
 from worker import codec
 from worker.errors import KafkaError
@@ -149,6 +150,55 @@ def test_first_stage_forwards_group_calls_keyed_by_group_id() -> None:
     assert out["group"]["id"] == "acme"
     assert out["enrichment"]["source"] == {"topic": "in", "partition": 0, "offset": 0}
     assert store.get(5, "acme") is not None
+
+
+def test_both_layouts_write_the_same_enriched_calls() -> None:
+    """Stage two writes a re-keyed call's bytes as read with the group appended, where one
+    stage encodes the call whole: the enriched records must not differ by a byte. Over
+    the benchmark's mix, a call with a ``group`` of its own (which the merge replaces), and
+    calls whose traits the group's bound drops (a warning is added to the call)."""
+    raw = [value for _, value, _ in generate_calls(3_000, seed=7)]
+    own_group = codec.decode(call("own", group="g-own", plan="pro"))
+    own_group["group"] = {"id": "sent by the client"}
+    full = [
+        call(f"full{n}", group="g-full", **{f"k{n}_{i}": "v" * 90 for i in range(30)})
+        for n in range(6)
+    ]
+    raw += [codec.encode(own_group), *full]
+    bound = GroupBound(new_keys=4_000, any_growth=8_000)
+
+    def enriched(routes: Routes) -> list[bytes]:
+        sink = FakeSink(transactional=False)
+        processor = Processor(
+            routes,
+            Settings(),
+            InMemoryStateStore(),
+            sink,
+            FakeClock(),
+            dedupe_window_ms=3_600_000,
+            bound=bound,
+        )
+        inputs: list[SourceRecord] = [
+            Record("in", 0, n, value, None, 1_000 + n) for n, value in enumerate(raw)
+        ]
+        for start in range(0, len(inputs), 500):
+            processor.process(inputs[start : start + 500])
+            forwarded = [p for p in sink.open if p.topic == "rep"]
+            sink.open = [p for p in sink.open if p.topic != "rep"]
+            processor.process(
+                [Record("rep", 0, n, p.value, p.key, p.timestamp) for n, p in enumerate(forwarded)]
+            )
+        return [p.value for p in sink.open if p.topic == "out"]
+
+    one = enriched(ROUTES)
+    two = enriched(Routes("in", "out", "dlq", "state", "members", repartition="rep"))
+    assert len(one) > 2_000
+    assert two == one
+    decoded = [codec.decode(v) for v in one]
+    assert any(c["messageId"] == "own" and c["group"]["id"] == "g-own" for c in decoded)
+    assert any(
+        w["code"] == "group_state_full" for c in decoded for w in c["enrichment"]["warnings"]
+    )
 
 
 def test_corrupt_repartition_record_is_a_dead_letter() -> None:

@@ -226,6 +226,18 @@ def test_event_time_prefers_timestamp_then_skew_correction(
     assert event_time(call, FALLBACK) == expected
 
 
+# Ways to write one instant; the first is format_time's.
+_SPELLINGS = (
+    "{day}T{clock}Z",
+    "{day}t{clock}Z",
+    "{day}T{clock}z",
+    "{day} {clock}Z",
+    "{day}T{clock}+00:00",
+    "{day}T{clock}000Z",
+    " {day}T{clock}Z",
+)
+
+
 @given(st.integers(min_value=MIN_MS, max_value=MAX_MS))
 def test_format_then_parse_round_trips(ms: int) -> None:
     """Parsing a formatted instant, as a time or as a createdAt, gives back the instant:
@@ -242,6 +254,20 @@ def test_the_memo_of_recent_instants_agrees_with_the_parser(ms: int, other: str)
     text = format_time(ms)
     for value in (text, f" {text}", text.lower(), other):
         assert parse_iso_time(value) == times._parse_iso_time(value)
+
+
+@given(st.integers(min_value=MIN_MS, max_value=MAX_MS), st.sampled_from(_SPELLINGS))
+def test_a_parsed_text_is_formatted_as_format_time_writes_it(ms: int, spelling: str) -> None:
+    """Parsing remembers text in format_time's own form for the instant; any other
+    spelling of it leaves format_time writing its own (the memos emptied first)."""
+    times._FORMATTED.clear()
+    canonical = format_time(ms)
+    text = spelling.format(day=canonical[:10], clock=canonical[11:23])
+    times._FORMATTED.clear()
+    times._PARSED.clear()
+    assert parse_iso_time(text) == ms
+    assert format_time(ms) == canonical
+    assert parse_iso_time(canonical) == ms
 
 
 @given(st.integers(min_value=SECONDS_THRESHOLD, max_value=MAX_MS))
