@@ -102,7 +102,8 @@ class Enriched:
     warnings: tuple[str, ...] = ()  # warning codes, for the metrics
     # ``call`` as JSON, exactly as read (a re-keyed call: stage one encoded it), when
     # it has no ``group`` key: the enriched value is these bytes with the group
-    # appended, not the call encoded again. Whoever changes ``call`` drops it.
+    # appended, not the call encoded again. Changing ``call`` in any other way than
+    # setting its ``group`` means dropping these bytes (a new ``Enriched`` without them).
     encoded: bytes | None = None
     kind: Literal["enriched"] = "enriched"
 

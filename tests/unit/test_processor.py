@@ -36,10 +36,13 @@ def call(message_id: str, group: str = "g1", user: str = "u1", **traits: Any) ->
     )
 
 
-def make(routes: Routes = ROUTES) -> tuple[Processor, FakeSink, InMemoryStateStore]:
+def make(routes: Routes = ROUTES, **options: Any) -> tuple[Processor, FakeSink, InMemoryStateStore]:
+    """A processor over fakes; ``options`` are the Processor's keyword arguments."""
     sink = FakeSink(transactional=False)
     store = InMemoryStateStore()
-    processor = Processor(routes, Settings(), store, sink, FakeClock(), dedupe_window_ms=3_600_000)
+    processor = Processor(
+        routes, Settings(), store, sink, FakeClock(), dedupe_window_ms=3_600_000, **options
+    )
     return processor, sink, store
 
 
@@ -168,16 +171,7 @@ def test_both_layouts_write_the_same_enriched_calls() -> None:
     bound = GroupBound(new_keys=4_000, any_growth=8_000)
 
     def enriched(routes: Routes) -> list[bytes]:
-        sink = FakeSink(transactional=False)
-        processor = Processor(
-            routes,
-            Settings(),
-            InMemoryStateStore(),
-            sink,
-            FakeClock(),
-            dedupe_window_ms=3_600_000,
-            bound=bound,
-        )
+        processor, sink, _ = make(routes, bound=bound)
         inputs: list[SourceRecord] = [
             Record("in", 0, n, value, None, 1_000 + n) for n, value in enumerate(raw)
         ]
