@@ -4,9 +4,11 @@ Steps, each timed (the table says which target each figure answers):
 
 1. generate ``--calls`` calls (seeded) into a fresh input topic;
 2. the ceiling (``bench.ceiling``) and the worker (``group-worker run``) drain that same
-   topic, at ``exactly_once`` then ``at_least_once``; with ``--keyed`` also a worker on
-   a copy of the input keyed by groupId, and the peer (``bench.peer``: the same job in
-   Quix Streams, in its own interpreter) on that copy;
+   topic, at ``exactly_once`` then ``at_least_once``; exactly once, the ceiling also
+   copies it into the worker's records through two stages (``--shape worker``); with
+   ``--keyed`` also a worker on a copy of the input keyed by groupId, the ceiling in the
+   worker's records in one stage, and the peer (``bench.peer``: the same job in Quix
+   Streams, in its own interpreter) on that copy;
 3. latency: a fresh worker fed at half the exactly-once worker's measured rate;
 4. restore: a state topic of ``--restore-groups`` groups, read back into a RocksDB store
    in a fresh process, and by a bare consumer;
@@ -98,6 +100,15 @@ class Steps:
         finally:
             self.seconds[name] = round(time.perf_counter() - started, 1)
             print(f"bench: {name} took {self.seconds[name]:.1f} s", flush=True)
+
+
+def _drain_rate(steps: Steps, label: str, calls: int, drain: Callable[[], float]) -> dict[str, Any]:
+    """``drain``'s seconds and rate over ``calls``, or the error it failed with."""
+    try:
+        seconds = steps.run(label, drain)
+    except Exception as e:
+        return {"error": _error(e)}
+    return {"seconds": seconds, "rate": calls / seconds}
 
 
 def _error(e: BaseException) -> str:
@@ -194,6 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"ceiling {guarantee}", partial(run_ceiling, b, raw, guarantee, args.calls)
             )
             results["ceiling"][guarantee] = {"seconds": seconds, "rate": args.calls / seconds}
+            if guarantee == "exactly_once":
+                results["records_ceiling"] = {
+                    "two_stages": _drain_rate(
+                        steps,
+                        "ceiling in the worker's records, two stages",
+                        args.calls,
+                        partial(run_ceiling, b, raw, guarantee, args.calls, shape="worker"),
+                    )
+                }
             if "raw" in args.skip:
                 continue
             try:
@@ -219,6 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps.run(
                 "fill keyed copy",
                 lambda: fill_topic(b, keyed, args.calls, args.seed, by_group=True),
+            )
+            results.setdefault("records_ceiling", {})["keyed"] = _drain_rate(
+                steps,
+                "ceiling in the worker's records, keyed input",
+                args.calls,
+                partial(
+                    run_ceiling, b, keyed, "exactly_once", args.calls, shape="worker", stages=1
+                ),
             )
             try:
                 drain = steps.run(

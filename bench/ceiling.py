@@ -6,9 +6,18 @@ transaction per commit at ``exactly_once``), but its processor copies each input
 record's key and value to one output topic. Whatever the worker does beyond this is the
 cost of its own work.
 
+``--shape worker`` copies instead into the records the worker writes for a group call
+(``WorkerShaped``): through the repartition topic (``--stages 2``, the default layout)
+or not (``--stages 1``, input keyed by groupId), then an enriched call, a membership
+record and a dedupe id per call and a state record per group changed in a commit, the
+changelogs written at the commit as the worker writes them. Its rate is what the Kafka
+clients and the loop allow the worker's layout with no work per call at all.
+
 ``python -m bench.ceiling --bootstrap B --input T --output O --guarantee G --expect N``
 drains ``N`` records and prints ``{"records": N, "seconds": s}`` as JSON: ``seconds`` runs
-from the first record consumed to the ``N``-th processed.
+from the first record consumed to the ``N``-th processed (by the last stage). The worker
+shape writes to ``O`` and to ``O.state``, ``O.members``, ``O.dedupe`` and
+``O.repartition``, which must exist.
 """
 
 from __future__ import annotations
@@ -33,9 +42,14 @@ from worker.sink import KafkaSink, Sink
 from worker.source import KafkaSource
 from worker.store import InMemoryStateStore
 
-__all__ = ["PassThrough", "main"]
+__all__ = ["PassThrough", "WorkerShaped", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
+# A membership record as the worker writes one (``membership_record``: ~130 bytes).
+_MEMBERSHIP = (
+    b'{"groupId":"group-000000001234","userId":"user-00000000000000001234",'
+    b'"firstSeenAt":"2024-01-01T00:00:00.000Z","lastSeenAt":"2024-01-01T00:00:00.000Z"}'
+)
 
 
 class PassThrough(Processor):
@@ -54,8 +68,7 @@ class PassThrough(Processor):
         self.runner: Runner | None = None
 
     def process(self, records: list[SourceRecord]) -> Tally:
-        if self.started is None:
-            self.started = time.perf_counter()
+        self._started()
         produce, output = self._out_sink.produce, self._output
         for record in records:
             value = record.value()
@@ -65,15 +78,88 @@ class PassThrough(Processor):
                 key.encode() if isinstance(key, str) else key,
                 value.encode() if isinstance(value, str) else (value or b""),
             )
-        self.count += len(records)
-        if self.count >= self._expect and self.finished is None:
-            self.finished = time.perf_counter()
-            if self.runner is not None:
-                self.runner.stop()
+        self._counted(len(records))
         return Tally(records=len(records), calls=len(records))
 
     def write_changelog(self) -> int:
         return 0
+
+    def _started(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def _counted(self, records: int) -> None:
+        self.count += records
+        if self.count >= self._expect and self.finished is None:
+            self.finished = time.perf_counter()
+            if self.runner is not None:
+                self.runner.stop()
+
+
+class WorkerShaped(PassThrough):
+    """The worker's records for each input record, with none of its work.
+
+    Stage one (when ``routes.repartition`` is set) copies a record to the repartition
+    topic, keyed by its groupId (found by a byte search, not parsed: the benchmark's
+    calls write it plainly). The last stage copies it to ``routes.enriched`` and adds a
+    membership record and a dedupe id (its arrival as timestamp) to the change set, and
+    the record as its group's state (one per group and commit); ``write_changelog``
+    produces the change set on the stage's partition, a delivery report for the last
+    record of each topic partition, as the worker does. Every record counts as a group
+    call (the benchmark's input has 8% others), and the enriched and state records are
+    the input's size (the worker's are ~1.3 and ~1 KB): if anything, more than the worker
+    writes. Counts the last stage's records.
+    """
+
+    def __init__(self, routes: Routes, sink: Sink, expect: int) -> None:
+        super().__init__(routes, sink, routes.enriched, expect)
+        self._states: dict[tuple[int, bytes], bytes] = {}
+        self._changes: list[tuple[str, int, bytes, bytes, int]] = []
+
+    def process(self, records: list[SourceRecord]) -> Tally:
+        self._started()
+        produce, routes = self._out_sink.produce, self._routes
+        last = 0
+        repartition = routes.repartition
+        for record in records:
+            value = record.value()
+            value = value.encode() if isinstance(value, str) else (value or b"")
+            arrival = record.timestamp()[1]
+            if repartition is not None and record.topic() != repartition:  # stage one
+                produce(repartition, _group_id(value), value, timestamp=arrival)
+                continue
+            partition, offset = record.partition() or 0, record.offset() or 0
+            group = _group_id(value)
+            produce(routes.enriched, group, value)
+            self._states[(partition, group)] = value
+            member = b'["%s","userId","user-%020d"]' % (group, offset)
+            self._changes.append((routes.members, partition, member, _MEMBERSHIP, 0))
+            seen = b'["%s","%036d"]' % (group, offset)
+            self._changes.append((routes.dedupe, partition, seen, b"%d" % arrival, arrival))
+            last += 1
+        self._counted(last)
+        return Tally(records=len(records), calls=len(records))
+
+    def write_changelog(self) -> int:
+        state = self._routes.state
+        records = [(state, p, group, value, 0) for (p, group), value in self._states.items()]
+        records += self._changes
+        ends = set({(r[0], r[1]): i for i, r in enumerate(records)}.values())
+        produce = self._out_sink.produce
+        for i, (topic, partition, key, value, timestamp) in enumerate(records):
+            produce(topic, key, value, None, partition, timestamp, report=i in ends)
+        self._states.clear()
+        self._changes.clear()
+        return len(records)
+
+
+def _group_id(value: bytes) -> bytes:
+    """The text of the value's ``"groupId":"..."`` member, without parsing; else b""."""
+    start = value.find(b'"groupId":"')
+    if start < 0:
+        return b""
+    start += len(b'"groupId":"')
+    return value[start : value.find(b'"', start)]
 
 
 class _NoRestore:
@@ -101,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--guarantee", choices=("exactly_once", "at_least_once"), default="exactly_once"
     )
     parser.add_argument("--expect", type=int, required=True)
+    parser.add_argument("--shape", choices=("copy", "worker"), default="copy")
+    parser.add_argument("--stages", type=int, choices=(1, 2), default=2)
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
 
@@ -111,8 +199,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     group = f"bench-ceiling-{uuid.uuid4().hex[:8]}"
     source = KafkaSource(args.bootstrap, group, properties)
     sink = KafkaSink(args.bootstrap, properties, args.guarantee, group, clock)
-    routes = Routes(args.input, args.output, args.output, args.output, args.output)
-    processor = PassThrough(routes, sink, args.output, args.expect)
+    processor: PassThrough
+    if args.shape == "worker":
+        o = args.output
+        repartition = f"{o}.repartition" if args.stages == 2 else None
+        routes = Routes(args.input, o, o, f"{o}.state", f"{o}.members", repartition, f"{o}.dedupe")
+        processor = WorkerShaped(routes, sink, args.expect)
+    else:
+        routes = Routes(args.input, args.output, args.output, args.output, args.output)
+        processor = PassThrough(routes, sink, args.output, args.expect)
     settings = RunnerSettings(
         routes, w.batch_size, w.commit_interval_ms / 1000, w.commit_max_records
     )

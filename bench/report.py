@@ -13,6 +13,7 @@ __all__ = [
     "TARGETS",
     "Row",
     "peer_rows",
+    "records_ceiling_rows",
     "restart_rows",
     "rows_from_results",
     "write_chart",
@@ -86,6 +87,9 @@ def rows_from_results(r: Mapping[str, Any]) -> list[Row]:
                 rows.append(
                     Row(f"  ratio to the ceiling ({guarantee})", f"{ratio:.2f}x", target, met)
                 )
+            if guarantee == "exactly_once":
+                layout = "keyed" if d["keyed"] else "two_stages"
+                rows += records_ceiling_rows(d, r.get("records_ceiling", {}).get(layout))
             rows.append(Row("  peak RSS of the worker", f"{d['peak_rss_bytes'] / 2**20:,.0f} MiB"))
             mix = r.get("input", {}).get("mix")
             if mix is not None and "outcomes" in d:
@@ -252,6 +256,22 @@ def peer_rows(
             )
         )
     return rows
+
+
+def records_ceiling_rows(worker: Mapping[str, Any], ceiling: Mapping[str, Any] | None) -> list[Row]:
+    """The ceiling in the worker's records (``bench.ceiling --shape worker``) of the
+    drain's layout, and the time per call the worker spends beyond it: its own work."""
+    label = "  ceiling in the worker's records, no work per call"
+    if ceiling is None:
+        return []
+    if "error" in ceiling:
+        return [Row(label, "failed: " + ceiling["error"].splitlines()[0][:60])]
+    beyond = 1e6 / worker["rate"] - 1e6 / ceiling["rate"]
+    return [
+        Row(label, _rate(ceiling["rate"])),
+        Row("  worker / that ceiling", f"{worker['rate'] / ceiling['rate']:.2f}x"),
+        Row("  the worker's own work per call (time beyond that ceiling's)", f"{beyond:.0f} µs"),
+    ]
 
 
 def _redeliveries(duplicates: float, mix: Mapping[str, int]) -> Row:

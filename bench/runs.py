@@ -228,11 +228,24 @@ def _group_key(value: bytes) -> bytes:
     return value[start:end] if end >= 0 else b""  # a truncated (bad) call
 
 
-def run_ceiling(bootstrap: str, input_topic: str, guarantee: str, expect: int) -> float:
-    """Seconds the pass-through loop (``bench.ceiling``) takes to copy ``expect`` records."""
+def run_ceiling(
+    bootstrap: str,
+    input_topic: str,
+    guarantee: str,
+    expect: int,
+    *,
+    shape: str = "copy",
+    stages: int = 2,
+) -> float:
+    """Seconds the pass-through loop (``bench.ceiling``) takes to copy ``expect`` records;
+    ``shape="worker"``: into the worker's records, through ``stages`` (``WorkerShaped``)."""
     topics = Topics.fresh("ceiling")
     output = topics.name("out")
-    create_topic(bootstrap, output)
+    created = [output]
+    if shape == "worker":
+        created += [f"{output}.{role}" for role in ("state", "members", "dedupe", "repartition")]
+    for name in created:
+        create_topic(bootstrap, name)
     try:
         done = subprocess.run(
             [
@@ -249,6 +262,10 @@ def run_ceiling(bootstrap: str, input_topic: str, guarantee: str, expect: int) -
                 guarantee,
                 "--expect",
                 str(expect),
+                "--shape",
+                shape,
+                "--stages",
+                str(stages),
             ],
             cwd=ROOT,
             capture_output=True,
@@ -257,7 +274,7 @@ def run_ceiling(bootstrap: str, input_topic: str, guarantee: str, expect: int) -
             check=True,
         )
     finally:
-        delete_topics(bootstrap, [output])
+        delete_topics(bootstrap, created)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["seconds"] is None:
         raise RuntimeError(f"the ceiling did not finish: {done.stderr[-2000:]}")
