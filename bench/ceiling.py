@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from bench.generator import group_id_of
 from worker.clock import SystemClock
 from worker.config import load_config
 from worker.events import SourceRecord
@@ -126,10 +127,10 @@ class WorkerShaped(PassThrough):
             value = value.encode() if isinstance(value, str) else (value or b"")
             arrival = record.timestamp()[1]
             if repartition is not None and record.topic() != repartition:  # stage one
-                produce(repartition, _group_id(value), value, timestamp=arrival)
+                produce(repartition, group_id_of(value), value, timestamp=arrival)
                 continue
             partition, offset = record.partition() or 0, record.offset() or 0
-            group = _group_id(value)
+            group = group_id_of(value)
             produce(routes.enriched, group, value)
             self._states[(partition, group)] = value
             member = b'["%s","userId","user-%020d"]' % (group, offset)
@@ -151,15 +152,6 @@ class WorkerShaped(PassThrough):
         self._states.clear()
         self._changes.clear()
         return len(records)
-
-
-def _group_id(value: bytes) -> bytes:
-    """The text of the value's ``"groupId":"..."`` member, without parsing; else b""."""
-    start = value.find(b'"groupId":"')
-    if start < 0:
-        return b""
-    start += len(b'"groupId":"')
-    return value[start : value.find(b'"', start)]
 
 
 class _NoRestore:

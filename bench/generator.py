@@ -43,6 +43,7 @@ __all__ = [
     "Kind",
     "Mix",
     "generate_calls",
+    "group_id_of",
     "group_profile",
 ]
 
@@ -231,3 +232,14 @@ def _spoil(call: dict[str, Any], rng: random.Random) -> bytes:
     else:
         call["traits"] = list(call["traits"])
     return orjson.dumps(call)
+
+
+def group_id_of(value: bytes) -> bytes:
+    """The groupId's text in a generated call's bytes, found without parsing it (the
+    generator writes it plainly, near the end); b"" when there is none (a bad call)."""
+    at = value.rfind(b'"groupId":"')
+    if at < 0:
+        return b""
+    start = at + len(b'"groupId":"')
+    end = value.find(b'"', start)
+    return value[start:end] if end >= 0 else b""  # a truncated (bad) call

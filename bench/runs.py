@@ -27,7 +27,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench.generator import Kind, Mix, generate_calls
+from bench.generator import Kind, Mix, generate_calls, group_id_of
 from worker import kafka
 
 __all__ = [
@@ -173,7 +173,7 @@ def fill_topic(bootstrap: str, topic: str, calls: int, seed: int, *, by_group: b
         for key, value, kind in generate_calls(calls, seed):
             counts[kind] += 1
             size += len(value)
-            yield (_group_key(value) if by_group else key), value
+            yield (group_id_of(value) if by_group else key), value
 
     started = time.perf_counter()
     produce_all(fast_producer(bootstrap), topic, pairs())
@@ -216,16 +216,6 @@ def bare_read(bootstrap: str, topics: Iterable[str]) -> tuple[int, float]:
     seconds = time.perf_counter() - started
     consumer.close()
     return records, seconds
-
-
-def _group_key(value: bytes) -> bytes:
-    # Cheap and good enough for generated calls: the groupId is near the end.
-    at = value.rfind(b'"groupId":"')
-    if at < 0:
-        return b""
-    start = at + len(b'"groupId":"')
-    end = value.find(b'"', start)
-    return value[start:end] if end >= 0 else b""  # a truncated (bad) call
 
 
 def run_ceiling(
