@@ -27,7 +27,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from bench.generator import group_id_of
@@ -39,7 +39,7 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
-from worker.sink import KafkaSink, Sink
+from worker.sink import KafkaSink, Refusal, Sink
 from worker.source import KafkaSource
 from worker.store import InMemoryStateStore
 
@@ -140,6 +140,12 @@ class WorkerShaped(PassThrough):
             last += 1
         self._counted(last)
         return Tally(records=len(records), calls=len(records))
+
+    def learn(self, refusals: Iterable[Refusal]) -> None:
+        """After an abort (the runner's only call): the batch is read again, so its
+        changes go, as the worker's store rolls them back."""
+        self._states.clear()
+        self._changes.clear()
 
     def write_changelog(self) -> int:
         state = self._routes.state

@@ -61,3 +61,12 @@ def test_keyed_input_goes_straight_to_the_last_stage() -> None:
     assert [p.topic for p in sink.open] == ["out", "out"]
     assert processor.finished is not None
     assert processor.write_changelog() == 1 + 2 + 2
+
+
+def test_an_aborted_batch_leaves_no_changes_behind() -> None:
+    """The runner hands an abort's refusals to ``learn``, then reads the batch again."""
+    processor, _ = shaped(None, expect=10)
+    processor.process([Record("in", 0, 0, call("g", 0), b"g", T0)])
+    processor.learn([])
+    assert processor.write_changelog() == 0
+
