@@ -69,4 +69,3 @@ def test_an_aborted_batch_leaves_no_changes_behind() -> None:
     processor.process([Record("in", 0, 0, call("g", 0), b"g", T0)])
     processor.learn([])
     assert processor.write_changelog() == 0
-
