@@ -399,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "rate": hot.calls_per_second,
                 "bytes_out_per_call": {t: n / hot.calls for t, n in hot.bytes_out.items()},
                 "largest_record_bytes": hot.largest_out,
+                "step_cpu_seconds": hot.step_seconds,
             }
 
     results["step_seconds"] = steps.seconds

@@ -6,10 +6,13 @@ a temporary directory, default cache), committing (and so writing the coalesced
 changelog, then the store) after every batch as the runner does. It measures
 one core: the calling thread, and CPU time as well as wall time.
 
-``python -m bench.hotpath --calls 200000 [--stages 1|2] [--repeat N] [--profile]`` runs
-it alone; ``--repeat`` prints the median of N runs (on a shared machine one run can be
-20% off; each has a fresh store, but the normaliser's memos stay warm after the first),
-``--profile`` a pyinstrument profile (``pip install '.[bench]'``).
+``python -m bench.hotpath --calls 200000 [--stages 1|2] [--repeat N] [--profile]
+[--in-memory]`` runs it alone and prints the CPU time per call of each step of the loop
+(processing, changelog, the store's prepare and commit); ``--repeat`` prints the median
+of N runs (on a shared machine one run can be 20% off; each has a fresh store, but the
+normaliser's memos stay warm after the first), ``--profile`` a pyinstrument profile
+(``pip install '.[bench]'``), ``--in-memory`` the same over ``InMemoryStateStore``, to
+see what the RocksDB store costs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from worker.processor import Processor, Routes
 from worker.service import tune_collector
 from worker.sink import Headers, Refusal
 from worker.source import Offsets, Source
-from worker.store import RocksDBStateStore
+from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
 
 __all__ = ["CountingSink", "FixedClock", "HotPathResult", "make_records", "measure_hot_path"]
 
@@ -124,6 +127,8 @@ class HotPathResult:
     groups: int
     bytes_out: dict[str, int]
     largest_out: dict[str, int]
+    # CPU seconds of each step of the loop: processing, changelog, prepare, commit.
+    step_seconds: dict[str, float]
 
     @property
     def calls_per_second(self) -> float:
@@ -140,16 +145,21 @@ def make_records(n: int, seed: int = 1) -> list[Record]:
     ]
 
 
-def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathResult:
+def measure_hot_path(
+    records: Sequence[Record], *, stages: int = 1, in_memory: bool = False
+) -> HotPathResult:
     """Process ``records`` in batches of 1,000 and time it.
 
     ``stages=1`` is the input keyed by groupId (one stateful stage); ``stages=2`` is the
     default layout, where stage one re-encodes each group call for the repartition topic
-    and stage two decodes it again before merging.
+    and stage two decodes it again before merging. ``in_memory``: over
+    ``InMemoryStateStore`` instead of the worker's RocksDB store.
     """
     sink = CountingSink()
     directory = tempfile.TemporaryDirectory(prefix="bench-hotpath-")
-    store = RocksDBStateStore(Path(directory.name), _CACHE_BYTES)
+    store: StateStore = (
+        InMemoryStateStore() if in_memory else RocksDBStateStore(Path(directory.name), _CACHE_BYTES)
+    )
     routes = Routes(
         _TOPIC, "enriched", "dlq", "state", "members", _REPARTITION if stages == 2 else None
     )
@@ -162,9 +172,12 @@ def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathRe
     gc.freeze()
     thresholds = gc.get_threshold()
     tune_collector()  # as the worker runs
-    wall, cpu = time.perf_counter(), time.thread_time()
+    steps = dict.fromkeys(("processing", "changelog", "prepare", "commit"), 0.0)
+    clock = time.thread_time
+    wall, cpu = time.perf_counter(), clock()
     offset = 0
     for start in range(0, len(records), _BATCH):
+        t0 = clock()
         batch: list[SourceRecord] = list(records[start : start + _BATCH])
         processor.process(batch)
         if sink.forwarded:
@@ -175,9 +188,18 @@ def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathRe
             offset += len(forwarded)
             sink.forwarded.clear()
             processor.process(forwarded)
+        t1 = clock()
         processor.write_changelog()
+        t2 = clock()
+        store.prepare()  # as the runner, while the transaction commits
+        t3 = clock()
         store.commit()
-    cpu = time.thread_time() - cpu
+        t4 = clock()
+        steps["processing"] += t1 - t0
+        steps["changelog"] += t2 - t1
+        steps["prepare"] += t3 - t2
+        steps["commit"] += t4 - t3
+    cpu = clock() - cpu
     wall = time.perf_counter() - wall
     gc.unfreeze()
     gc.set_threshold(*thresholds)
@@ -193,6 +215,7 @@ def measure_hot_path(records: Sequence[Record], *, stages: int = 1) -> HotPathRe
         groups,
         dict(sink.bytes),
         dict(sink.largest),
+        steps,
     )
 
 
@@ -205,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs (each with a fresh store); prints the median"
     )
+    parser.add_argument(
+        "--in-memory", action="store_true", help="InMemoryStateStore instead of RocksDB"
+    )
     args = parser.parse_args(argv)
     records = make_records(args.calls, args.seed)
     if args.profile:
@@ -212,17 +238,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         profiler = Profiler(interval=0.0005)
         profiler.start()
-        results = [measure_hot_path(records, stages=args.stages)]
+        results = [measure_hot_path(records, stages=args.stages, in_memory=args.in_memory)]
         profiler.stop()
         print(profiler.output_text(unicode=True, color=False, show_all=False))
     else:
-        results = [measure_hot_path(records, stages=args.stages) for _ in range(args.repeat)]
+        results = [
+            measure_hot_path(records, stages=args.stages, in_memory=args.in_memory)
+            for _ in range(args.repeat)
+        ]
     for result in results:
         print(
             f"hot path, {result.stages} stage(s): {result.calls:,} calls in "
             f"{result.cpu_seconds:.2f} s CPU ({result.wall_seconds:.2f} s wall): "
             f"{result.calls_per_second:,.0f} calls/s; {result.groups:,} groups"
         )
+        steps = result.step_seconds.items()
+        per_call = ", ".join(f"{step} {t / result.calls * 1e6:.1f}" for step, t in steps)
+        print(f"  µs of CPU per call: {per_call}")
     if len(results) > 1:
         rates = [r.calls_per_second for r in results]
         print(
