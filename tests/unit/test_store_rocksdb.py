@@ -144,11 +144,13 @@ def test_prepare_leaves_the_files_to_commit_and_rollback_undoes_it(
     store: RocksDBStateStore,
 ) -> None:
     """prepare() (run while the transaction commits) writes nothing; a rollback after it
-    reads the committed state and membership again, though prepare cached the new ones;
+    reads the committed state and membership again, though prepare cached the new ones
+    (a membership is cached by prepare once it was read: the get below);
     a change made after it commits all the same."""
     store.put(0, state("g1", 1))
     store.put_member(0, "k1", member("u1"))
     store.commit()
+    assert store.get_member(0, "k1") == member("u1")
     held = on_disk(store, 0)
     store.put(0, state("g1", 2))
     store.put_member(0, "k1", member("u2"))
@@ -350,6 +352,27 @@ def test_the_cache_stays_within_its_bound(directory: Path, cache_bytes: int) -> 
         assert (store.cached_bytes > 0) == (cache_bytes > 0)
     finally:
         store.close()
+
+
+def test_a_membership_is_cached_once_read_and_never_left_stale(
+    store: RocksDBStateStore,
+) -> None:
+    """A commit caches the states it writes, and a membership only to replace one the
+    cache holds: written and never read, it stays on disk alone; read, it is cached;
+    written again, the cache holds the new one."""
+    store.put_member(0, "k1", member("u1", 1))
+    store.commit()
+    assert store.cached_bytes == 0
+    assert store.get_member(0, "k1") == member("u1", 1)
+    cached = store.cached_bytes
+    assert cached > 0
+    store.put_member(0, "k1", member("u1", 2))
+    store.commit()
+    assert store.get_member(0, "k1") == member("u1", 2)
+    assert store.cached_bytes == cached  # replaced, not added beside
+    store.put(0, state("g1"))
+    store.commit()
+    assert store.cached_bytes > cached
 
 
 def test_pending_changes_stay_readable_whatever_the_cache_does(directory: Path) -> None:
