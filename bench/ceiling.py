@@ -27,7 +27,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.generator import group_id_of
@@ -39,9 +39,9 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
-from worker.sink import KafkaSink, Refusal, Sink
+from worker.sink import KafkaSink, Sink
 from worker.source import KafkaSource
-from worker.store import InMemoryStateStore
+from worker.store import Changelog, ChangelogOffsets, ChangelogRecord, InMemoryStateStore
 
 __all__ = ["PassThrough", "WorkerShaped", "main"]
 
@@ -54,12 +54,21 @@ _MEMBERSHIP = (
 
 
 class PassThrough(Processor):
-    """A ``Processor`` that copies records to ``output`` and stops the runner after ``expect``."""
+    """A ``Processor`` that copies records to ``output`` and stops the runner after ``expect``.
 
-    def __init__(self, routes: Routes, sink: Sink, output: str, expect: int) -> None:
-        super().__init__(
-            routes, Settings(), InMemoryStateStore(), sink, SystemClock(), dedupe_window_ms=0
-        )
+    ``store`` is the one the runner commits (default: an empty ``InMemoryStateStore``).
+    """
+
+    def __init__(
+        self,
+        routes: Routes,
+        sink: Sink,
+        output: str,
+        expect: int,
+        store: InMemoryStateStore | None = None,
+    ) -> None:
+        self.store = store or InMemoryStateStore()
+        super().__init__(routes, Settings(), self.store, sink, SystemClock(), dedupe_window_ms=0)
         self._out_sink = sink
         self._output = output
         self._expect = expect
@@ -82,9 +91,6 @@ class PassThrough(Processor):
         self._counted(len(records))
         return Tally(records=len(records), calls=len(records))
 
-    def write_changelog(self) -> int:
-        return 0
-
     def _started(self) -> None:
         if self.started is None:
             self.started = time.perf_counter()
@@ -97,29 +103,45 @@ class PassThrough(Processor):
                 self.runner.stop()
 
 
+class _ChangeSet(InMemoryStateStore):
+    """Changelog records as a store's change set gives them (``changes``), one per key,
+    with no state behind them; the runner's commit and rollback close the set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[tuple[Changelog, int, bytes], tuple[bytes, int]] = {}
+
+    def changes(self) -> list[ChangelogRecord]:
+        return [(c, p, key, value, ts) for (c, p, key), (value, ts) in self.records.items()]
+
+    def commit(self, offsets: ChangelogOffsets | None = None) -> None:
+        self.records.clear()
+
+    def rollback(self) -> None:
+        self.records.clear()
+
+
 class WorkerShaped(PassThrough):
     """The worker's records for each input record, with none of its work.
 
     Stage one (when ``routes.repartition`` is set) copies a record to the repartition
     topic, keyed by its groupId (found by a byte search, not parsed: the benchmark's
-    calls write it plainly). The last stage copies it to ``routes.enriched`` and adds a
-    membership record and a dedupe id (its arrival as timestamp) to the change set, and
-    the record as its group's state (one per group and commit); ``write_changelog``
-    produces the change set on the stage's partition, a delivery report for the last
-    record of each topic partition, as the worker does. Every record counts as a group
-    call (the benchmark's input has 8% others), and the enriched and state records are
-    the input's size (the worker's are ~1.3 and ~1 KB): if anything, more than the worker
-    writes. Counts the last stage's records.
+    calls write it plainly). The last stage copies it to ``routes.enriched`` and puts a
+    membership record, a dedupe id (its arrival as timestamp) and the record as its
+    group's state (one per group and commit) in its store's change set, which the
+    worker's own ``write_changelog`` produces at the commit. Every record counts as a
+    group call (the benchmark's input has 8% others), and the enriched and state records
+    are the input's size (the worker's are ~1.3 and ~1 KB): if anything, more than the
+    worker writes. Counts the last stage's records.
     """
 
     def __init__(self, routes: Routes, sink: Sink, expect: int) -> None:
-        super().__init__(routes, sink, routes.enriched, expect)
-        self._states: dict[tuple[int, bytes], bytes] = {}
-        self._changes: list[tuple[str, int, bytes, bytes, int]] = []
+        self._changes = _ChangeSet()
+        super().__init__(routes, sink, routes.enriched, expect, self._changes)
 
     def process(self, records: list[SourceRecord]) -> Tally:
         self._started()
-        produce, routes = self._out_sink.produce, self._routes
+        produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records
         last = 0
         repartition = routes.repartition
         for record in records:
@@ -132,32 +154,14 @@ class WorkerShaped(PassThrough):
             partition, offset = record.partition() or 0, record.offset() or 0
             group = group_id_of(value)
             produce(routes.enriched, group, value)
-            self._states[(partition, group)] = value
+            changes["state", partition, group] = (value, 0)
             member = b'["%s","userId","user-%020d"]' % (group, offset)
-            self._changes.append((routes.members, partition, member, _MEMBERSHIP, 0))
+            changes["members", partition, member] = (_MEMBERSHIP, 0)
             seen = b'["%s","%036d"]' % (group, offset)
-            self._changes.append((routes.dedupe, partition, seen, b"%d" % arrival, arrival))
+            changes["dedupe", partition, seen] = (b"%d" % arrival, arrival)
             last += 1
         self._counted(last)
         return Tally(records=len(records), calls=len(records))
-
-    def learn(self, refusals: Iterable[Refusal]) -> None:
-        """After an abort (the runner's only call): the batch is read again, so its
-        changes go, as the worker's store rolls them back."""
-        self._states.clear()
-        self._changes.clear()
-
-    def write_changelog(self) -> int:
-        state = self._routes.state
-        records = [(state, p, group, value, 0) for (p, group), value in self._states.items()]
-        records += self._changes
-        ends = set({(r[0], r[1]): i for i, r in enumerate(records)}.values())
-        produce = self._out_sink.produce
-        for i, (topic, partition, key, value, timestamp) in enumerate(records):
-            produce(topic, key, value, None, partition, timestamp, report=i in ends)
-        self._states.clear()
-        self._changes.clear()
-        return len(records)
 
 
 class _NoRestore:
@@ -210,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         routes, w.batch_size, w.commit_interval_ms / 1000, w.commit_max_records
     )
     runner = Runner(
-        settings, source, sink, processor, InMemoryStateStore(), _NoRestore(), Metrics(), clock
+        settings, source, sink, processor, processor.store, _NoRestore(), Metrics(), clock
     )
     processor.runner = runner
     timer = threading.Timer(args.timeout, runner.stop)

@@ -52,6 +52,7 @@ def test_two_stages_write_what_the_worker_writes_for_each_call() -> None:
     assert by_topic["out.state"] == [(b"g1", 4, False), (b"g2", 4, True)]
     assert [report for _, _, report in by_topic["out.members"]] == [False, False, True]
     assert [p.timestamp for p in sink.open if p.topic == "out.dedupe"] == [T0, T0 + 1, T0 + 2]
+    processor.store.commit()  # as the runner, once the transaction committed
     assert processor.write_changelog() == 0  # the change set went with the commit
 
 
@@ -64,8 +65,8 @@ def test_keyed_input_goes_straight_to_the_last_stage() -> None:
 
 
 def test_an_aborted_batch_leaves_no_changes_behind() -> None:
-    """The runner hands an abort's refusals to ``learn``, then reads the batch again."""
+    """The runner rolls the store back after an abort, then reads the batch again."""
     processor, _ = shaped(None, expect=10)
     processor.process([Record("in", 0, 0, call("g", 0), b"g", T0)])
-    processor.learn([])
+    processor.store.rollback()
     assert processor.write_changelog() == 0

@@ -203,8 +203,8 @@ class RocksDBStateStore:
     def prepare(self) -> None:
         """Build each partition's write batch from the change set, encoding what
         ``changes`` did not, and move its states (and memberships already cached) into
-        the cache (``StateStore.prepare``). The files are not touched; a change made after this
-        outdates it (``commit`` prepares again), and ``rollback`` undoes it.
+        the cache (``StateStore.prepare``). The files are not touched; a change made
+        after this outdates it (``commit`` prepares again), and ``rollback`` undoes it.
         """
         self._prepared = self._batches()
 
