@@ -20,7 +20,7 @@ from confluent_kafka import KafkaError as ClientError
 from confluent_kafka.admin import AdminClient
 
 from worker.errors import RetriableError, StoreCorrupt, TopicError
-from worker.kafka import client_config, raise_for, translate
+from worker.kafka import client_config, list_topics, raise_for, translate
 from worker.state import StateFormatError
 from worker.store import Changelog, ChangelogEntry, StateStore
 
@@ -261,7 +261,7 @@ class KafkaRestorer:
 
     def partitions(self, topic: str) -> list[int]:
         """The partition numbers of ``topic``; raises ``TopicError`` when it does not exist."""
-        metadata = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+        metadata = list_topics(self._consumer, topic, timeout=10).topics.get(topic)
         if metadata is None or metadata.error is not None:
             raise TopicError(f"no topic {topic}")
         return sorted(metadata.partitions)
