@@ -97,8 +97,14 @@ def read_calls(data: bytes) -> Iterator[bytes]:
 
 
 def _open(path: str) -> BinaryIO:
-    """``path`` (``-``: standard input) for reading bytes: input need not be UTF-8."""
-    return sys.stdin.buffer if path == "-" else open(path, "rb")
+    """``path`` (``-``: standard input) for reading bytes: input need not be UTF-8.
+    Raises ``WorkerError`` naming the file when it cannot be opened."""
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise WorkerError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _send(config: Config, args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from worker import codec
 from worker.tools import read_calls
 
@@ -44,3 +46,25 @@ def test_normalise_dead_letters_a_line_that_is_not_utf8_and_goes_on(tmp_path: Pa
     assert letter["value"]["encoding"] == "base64"
     assert enriched["topic"] == "segment.group.enriched"
     assert enriched["value"]["groupId"] == "g1"
+
+
+@pytest.mark.parametrize("command", ["send", "normalise"])
+def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path: Path, command: str) -> None:
+    """A missing file, or a directory, ends the command with one line naming it (for
+    `send`, before any broker is asked: the port below has none)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    env["GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:9"
+    for path, why in ((tmp_path / "missing.jsonl", "No such file"), (tmp_path, "directory")):
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", command, str(path)],
+            capture_output=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        lines = result.stderr.decode().splitlines()
+        assert result.returncode == 1
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"group-worker: cannot read {path}: "), lines
+        assert why in lines[0], lines
