@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
@@ -49,9 +49,12 @@ def add_commands(commands: Any) -> None:
         action="store_true",
         help="start at the oldest record (default: only new records)",
     )
-    tail.add_argument("--max", type=int, metavar="N", help="stop after N records")
+    tail.add_argument("--max", type=_at_least(1, int), metavar="N", help="stop after N records")
     tail.add_argument(
-        "--timeout", type=float, metavar="S", help="stop after S seconds without a new record"
+        "--timeout",
+        type=_at_least(0, float),
+        metavar="S",
+        help="stop after S seconds without a new record",
     )
     tail.set_defaults(command=_tail)
 
@@ -74,6 +77,21 @@ def add_commands(commands: Any) -> None:
             help="print counts by outcome, reason and warning code instead",
         )
         normalise.set_defaults(command=_normalise)
+
+
+def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)``, refused below ``low`` with one line naming both."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+
+    return parse
 
 
 def read_calls(data: bytes) -> Iterator[bytes]:
@@ -215,7 +233,8 @@ def _profiles(config: Config) -> dict[bytes, bytes]:
 def _state_get(config: Config, args: argparse.Namespace) -> int:
     profile = _profiles(config).get(args.group_id.encode())
     if profile is None:
-        print(f"group-worker: no group {args.group_id} in {config.topics.state}", file=sys.stderr)
+        group = codec.encode(args.group_id).decode()  # quoted: "" and " " show
+        print(f"group-worker: no group {group} in {config.topics.state}", file=sys.stderr)
         return 1
     sys.stdout.buffer.write(profile + b"\n")
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker import codec
+from worker.cli import main
 from worker.tools import read_calls
 
 GROUP = b'{"type":"group","groupId":"g1","userId":"u1","traits":{"name":"Acme"}}'
@@ -68,3 +69,24 @@ def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path: Path, command
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"group-worker: cannot read {path}: "), lines
         assert why in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--max", "0"], "--max: must be at least 1, not 0"),
+        (["--max", "-3"], "--max: must be at least 1, not -3"),
+        (["--max", "1.5"], "--max: '1.5' is not a valid int"),
+        (["--timeout", "-1"], "--timeout: must be at least 0, not -1"),
+        (["--timeout", "nan"], "--timeout: must be at least 0, not nan"),
+    ],
+)
+def test_tail_refuses_a_bound_it_cannot_keep(
+    args: list[str], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tail --max` below 1 or `--timeout` below 0 is a usage error (exit 2, one line
+    naming the option), before any broker is asked."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["tail", "some.topic", *args])
+    assert stopped.value.code == 2
+    assert why in capsys.readouterr().err
