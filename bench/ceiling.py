@@ -67,7 +67,7 @@ class PassThrough(Processor):
         expect: int,
         store: InMemoryStateStore | None = None,
     ) -> None:
-        self.store = store or InMemoryStateStore()
+        self.store = store if store is not None else InMemoryStateStore()
         super().__init__(routes, Settings(), self.store, sink, SystemClock(), dedupe_window_ms=0)
         self._out_sink = sink
         self._output = output

@@ -17,6 +17,20 @@ GROUP = b'{"type":"group","groupId":"g1","userId":"u1","traits":{"name":"Acme"}}
 NOT_UTF8 = b'{"type":"group","groupId":"g\xff","userId":"u1"}'
 
 
+def group_worker(cwd: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[bytes]:
+    """``group-worker ARGS`` in ``cwd``, with no ``GROUP_WORKER_`` variables but ``environ``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    env.update(environ)
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_read_calls_keeps_a_line_that_is_not_utf8_verbatim() -> None:
     """Each non-blank line is a value, byte for byte, even one that is not UTF-8."""
     assert list(read_calls(GROUP + b"\r\n\n" + NOT_UTF8 + b"\n")) == [GROUP, NOT_UTF8]
@@ -31,15 +45,7 @@ def test_normalise_dead_letters_a_line_that_is_not_utf8_and_goes_on(tmp_path: Pa
     """`normalise` turns a line that is not UTF-8 into an invalid_json dead letter."""
     calls = tmp_path / "calls.jsonl"
     calls.write_bytes(NOT_UTF8 + b"\n" + GROUP + b"\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "worker", "normalise", str(calls)],
-        capture_output=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    result = group_worker(tmp_path, "normalise", str(calls))
     assert (result.returncode, result.stderr) == (0, b"")
     letter, enriched = (codec.decode(line) for line in result.stdout.splitlines())
     assert letter["topic"] == "segment.group.dlq"
@@ -53,17 +59,9 @@ def test_normalise_dead_letters_a_line_that_is_not_utf8_and_goes_on(tmp_path: Pa
 def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path: Path, command: str) -> None:
     """A missing file, or a directory, ends the command with one line naming it (for
     `send`, before any broker is asked: the port below has none)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
-    env["GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:9"
+    no_broker = {"GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
     for path, why in ((tmp_path / "missing.jsonl", "No such file"), (tmp_path, "directory")):
-        result = subprocess.run(
-            [sys.executable, "-m", "worker", command, str(path)],
-            capture_output=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        result = group_worker(tmp_path, command, str(path), **no_broker)
         lines = result.stderr.decode().splitlines()
         assert result.returncode == 1
         assert len(lines) == 1, lines
