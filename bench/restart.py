@@ -3,7 +3,7 @@
 ``measure_restart`` runs the real worker (``bench.runs.WorkerProcess``) on changelog
 topics filled directly, as a worker's config names them (``Topics.worker_environ``):
 
-1. fill: ``groups`` state records (``worker.state.state_record``, format 2) in the state
+1. fill: ``groups`` state records (``worker.profile.state_record``, format 2) in the state
    topic, ``members_per_group`` memberships each in the members topic and
    ``seen_per_group`` dedupe ids each in the dedupe topic (key ``seen_record_key``,
    value and timestamp the arrival ms, within the last hour so none has expired). Each

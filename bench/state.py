@@ -39,8 +39,9 @@ from bench.runs import (
 from worker import codec
 from worker.members import membership_key, merge_membership
 from worker.normalise import normalise_traits
+from worker.profile import state_record
 from worker.restore import Changelogs, KafkaRestorer, restore_partition
-from worker.state import Applied, GroupState, merge_call, state_record
+from worker.state import Applied, GroupState, merge_call
 from worker.store import InMemoryStateStore, RocksDBStateStore
 
 __all__ = [

@@ -39,7 +39,8 @@ from typing import Any
 
 from worker import codec
 from worker.members import Membership, membership_key
-from worker.state import GroupState, state_record
+from worker.profile import state_record
+from worker.state import GroupState
 from worker.store import ChangelogEntry, InMemoryStateStore, RocksDBStateStore, StateStore
 
 __all__ = ["main"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker import codec
-from worker.state import Applied, MemberKind, record_field, record_time
+from worker.profile import record_field, record_time
+from worker.state import Applied, MemberKind
 from worker.times import format_time
 
 __all__ = [

@@ -41,8 +41,9 @@ from worker.pipeline import (
     process_forwarded,
     process_record,
 )
+from worker.profile import group_snapshot
 from worker.sink import Refusal, Sink
-from worker.state import Applied, group_snapshot, merge_call
+from worker.state import Applied, merge_call
 from worker.store import Changelog, StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]

@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient
 
 from worker.errors import RetriableError, StoreCorrupt, TopicError
 from worker.kafka import client_config, list_topics, raise_for, translate
-from worker.state import StateFormatError
+from worker.profile import StateFormatError
 from worker.store import Changelog, ChangelogEntry, StateStore
 
 __all__ = ["Changelogs", "Entry", "KafkaRestorer", "Restored", "Restorer", "restore_partition"]

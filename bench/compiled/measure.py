@@ -45,8 +45,9 @@ from worker.members import merge_membership as merge_member
 from worker.normalise import normalise_traits
 from worker.pipeline import Settings, fit_letter, process_record
 from worker.processor import Processor, Routes
+from worker.profile import group_snapshot, state_from_record, state_record
 from worker.service import tune_collector
-from worker.state import Applied, group_snapshot, merge_call, state_from_record, state_record
+from worker.state import Applied, merge_call
 from worker.store import InMemoryStateStore
 
 __all__ = ["CompiledRun", "main", "run_compiled", "run_python"]

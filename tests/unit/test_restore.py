@@ -11,8 +11,8 @@ from tests.fakes import FakeRestorer, FakeSink
 from tests.unit.test_store import state
 from tests.unit.test_store_rocksdb import corrupt_blocks, dedupe_entries
 from worker import codec
+from worker.profile import state_record
 from worker.restore import Changelogs, restore_partition
-from worker.state import state_record
 from worker.store import RocksDBStateStore
 from worker.store.directory import claim
 

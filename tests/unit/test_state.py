@@ -1,4 +1,4 @@
-"""Tests for worker.state: merge rules, dedupe, records, memberships and their keys."""
+"""Tests for worker.state and worker.profile: merges, records, memberships and their keys."""
 
 from __future__ import annotations
 
@@ -24,18 +24,8 @@ from worker.members import (
     membership_record,
     merge_membership,
 )
-from worker.state import (
-    AddressStamps,
-    Applied,
-    GroupState,
-    MemberKind,
-    StateFormatError,
-    group_size,
-    group_snapshot,
-    merge_call,
-    state_from_record,
-    state_record,
-)
+from worker.profile import StateFormatError, group_snapshot, state_from_record, state_record
+from worker.state import AddressStamps, Applied, GroupState, MemberKind, group_size, merge_call
 
 T0 = 1_424_730_535_111  # 2015-02-23T22:28:55.111Z
 WINDOW = 86_400_000

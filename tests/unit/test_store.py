@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from worker import codec
 from worker.dedupe import seen_record_key
 from worker.members import Membership, membership_record
-from worker.state import Applied, GroupState, StateFormatError, merge_call, state_record
+from worker.profile import StateFormatError, state_record
+from worker.state import Applied, GroupState, merge_call
 from worker.store import (
     ChangelogEntry,
     ChangelogRecord,

@@ -20,7 +20,7 @@ from worker import codec
 from worker.dedupe import seen_record_key
 from worker.errors import StoreCorrupt
 from worker.members import membership_record
-from worker.state import state_record
+from worker.profile import state_record
 from worker.store import ChangelogEntry, RocksDBStateStore
 from worker.store import partition as partition_module
 

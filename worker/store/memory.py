@@ -14,13 +14,8 @@ import structlog
 from worker import codec
 from worker.dedupe import arrival_value, seen_key, seen_record_key
 from worker.members import Membership, membership_from_record, membership_record
-from worker.state import (
-    GroupState,
-    StateFormatError,
-    copy_state,
-    state_from_record,
-    state_record,
-)
+from worker.profile import StateFormatError, state_from_record, state_record
+from worker.state import GroupState, copy_state
 
 if TYPE_CHECKING:
     from worker.store import (

@@ -39,7 +39,8 @@ from rocksdict import WriteBatch
 from worker import codec
 from worker.errors import StoreCorrupt
 from worker.members import Membership, membership_from_record, membership_record
-from worker.state import GroupState, StateFormatError, state_from_record, state_record
+from worker.profile import StateFormatError, state_from_record, state_record
+from worker.state import GroupState
 from worker.store.cache import LRUCache
 from worker.store.partition import (
     CHANGELOGS,

@@ -16,7 +16,7 @@ use crate::{Unhandled, R};
 /// `(event_ms, message_id)` of the call that wrote a register.
 pub type Stamp = (i64, String);
 
-/// The format written (`worker.state.FORMAT`).
+/// The format written (`worker.profile.FORMAT`).
 const FORMAT: i64 = 3;
 
 #[derive(Default)]
