@@ -42,18 +42,10 @@ from typing import Any, TypeVar
 from bench import report
 from bench.hotpath import make_records, measure_hot_path
 from bench.latency import measure_latency
+from bench.process import ROOT, Topics
 from bench.report import TARGETS
 from bench.restart import measure_restart
-from bench.runs import (
-    PEER_PYTHON,
-    ROOT,
-    Topics,
-    delete_topics,
-    drain_worker,
-    fill_topic,
-    run_ceiling,
-    run_peer,
-)
+from bench.runs import PEER_PYTHON, delete_topics, drain_worker, fill_topic, run_ceiling, run_peer
 from bench.state import measure_group_memory, measure_restore
 
 _T = TypeVar("_T")

@@ -13,17 +13,13 @@ from typing import Any
 from confluent_kafka import Consumer
 
 from bench.generator import generate_calls
-from bench.runs import (
-    WARM_UP_SECONDS,
-    Topics,
-    WorkerProcess,
-    create_topic,
-    delete_topics,
-    fast_producer,
-    outcome_total,
-)
+from bench.process import Topics, WorkerProcess, outcome_total
+from bench.runs import create_topic, delete_topics, fast_producer
 
 __all__ = ["Latency", "measure_latency"]
+
+# Latencies of calls sent in the first seconds (worker warming up) are left out.
+WARM_UP_SECONDS = 3.0
 
 
 @dataclass(slots=True)

@@ -18,7 +18,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.runs import Topics, WorkerProcess, delete_topics, drain_worker, fill_topic
+from bench.process import Topics, WorkerProcess
+from bench.runs import delete_topics, drain_worker, fill_topic
 
 
 def main_loop_shares(raw: Path, top: int) -> list[tuple[float, str]]:

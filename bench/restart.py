@@ -39,16 +39,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from bench import report
 from bench.generator import Mix, generate_calls
-from bench.runs import (
-    PARTITIONS,
-    Topics,
-    WorkerProcess,
-    bare_read,
-    create_topic,
-    delete_topics,
-    fast_producer,
-    outcome_total,
-)
+from bench.process import Topics, WorkerProcess, outcome_total
+from bench.runs import PARTITIONS, bare_read, create_topic, delete_topics, fast_producer
 from bench.state import state_records
 from worker import codec
 from worker.dedupe import seen_record_key

@@ -27,15 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.generator import BASE_MS, group_profile
-from bench.runs import (
-    ROOT,
-    Topics,
-    bare_read,
-    create_topic,
-    delete_topics,
-    fast_producer,
-    produce_all,
-)
+from bench.process import ROOT, Topics
+from bench.runs import bare_read, create_topic, delete_topics, fast_producer, produce_all
 from worker import codec
 from worker.members import membership_key, merge_membership
 from worker.normalise import normalise_traits
