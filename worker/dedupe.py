@@ -20,17 +20,32 @@ from typing import Any
 
 from worker import codec
 from worker.events import SourceRecord
+from worker.times import MAX_MS
 
-__all__ = ["arrival_ms", "arrival_value", "is_duplicate", "seen_key", "seen_record_key"]
+__all__ = [
+    "arrival_ms",
+    "arrival_value",
+    "is_duplicate",
+    "record_timestamp",
+    "seen_key",
+    "seen_record_key",
+]
 
 # confluent-kafka's TIMESTAMP_NOT_AVAILABLE.
 _NO_TIMESTAMP = 0
 
 
 def arrival_ms(record: SourceRecord, now_ms: int) -> int:
-    """When ``record`` arrived: its Kafka timestamp, or ``now_ms`` when it has none."""
+    """When ``record`` arrived: its ``record_timestamp``, else ``now_ms``."""
+    ms = record_timestamp(record)
+    return now_ms if ms is None else ms
+
+
+def record_timestamp(record: SourceRecord) -> int | None:
+    """``record``'s Kafka timestamp; ``None`` when it has none, or one no time can be
+    written for (below 1, or past ``MAX_MS``, year 9999: a producer writing microseconds)."""
     kind, ms = record.timestamp()
-    return ms if kind != _NO_TIMESTAMP and ms > 0 else now_ms
+    return ms if kind != _NO_TIMESTAMP and 0 < ms <= MAX_MS else None
 
 
 def is_duplicate(applied_ms: int | None, arrival: int, window_ms: int) -> bool:

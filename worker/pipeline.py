@@ -37,6 +37,7 @@ from typing import Any
 
 from worker import codec
 from worker.config import WorkerConfig
+from worker.dedupe import record_timestamp
 from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
 from worker.normalise import normalise_traits
 from worker.times import event_time, format_time, parse_iso_time
@@ -95,11 +96,13 @@ class _Invalid(Exception):
         self.reason = reason
 
 
-def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
+def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) -> list[Outcome]:
     """Turn one consumed record into the outcomes of the calls it carries.
 
-    Pure and total: never raises for any record value; every call in the record yields
-    exactly one outcome, in order.
+    ``arrival_ms`` is when the record arrived (``worker.dedupe.arrival_ms``): the event
+    time of a call without a usable time of its own. Pure and total: never raises for any
+    record value or timestamp; every call in the record yields exactly one outcome, in
+    order.
     """
     source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
     value = record.value()
@@ -131,7 +134,9 @@ def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
     if "batch" not in document or "type" in document:
         if len(raw) > settings.max_event_bytes:
             return [_dead_letter(_call_too_large(len(raw), settings), record, source, raw)]
-        return [_process_call(document, record, source, raw, settings, check_size=False)]
+        return [
+            _process_call(document, record, source, raw, settings, arrival_ms, check_size=False)
+        ]
 
     calls = document["batch"]
     if not isinstance(calls, list):
@@ -144,7 +149,9 @@ def process_record(record: SourceRecord, settings: Settings) -> list[Outcome]:
         position = Position(source.topic, source.partition, source.offset, index)
         if isinstance(call, dict) and defaults:
             call = defaults | call
-        outcomes.append(_process_call(call, record, position, None, settings, check_size=True))
+        outcomes.append(
+            _process_call(call, record, position, None, settings, arrival_ms, check_size=True)
+        )
     return outcomes
 
 
@@ -180,6 +187,7 @@ def _process_call(
     source: Position,
     raw: bytes | None,
     settings: Settings,
+    arrival_ms: int,
     *,
     check_size: bool,
 ) -> Outcome:
@@ -196,13 +204,13 @@ def _process_call(
         call_type = call_type.strip().lower()
         if call_type != "group":
             return Skipped(call_type if call_type in KNOWN_CALL_TYPES else "other")
-        return _enrich(call, record, source, settings)
+        return _enrich(call, source, settings, arrival_ms)
     except _Invalid as e:
         return _dead_letter(e, record, source, raw if raw is not None else _reencode(call))
 
 
 def _enrich(
-    call: dict[str, Any], record: SourceRecord, source: Position, settings: Settings
+    call: dict[str, Any], source: Position, settings: Settings, arrival_ms: int
 ) -> Enriched:
     group_id = _identifier(call.get("groupId"))
     if group_id is None:
@@ -226,7 +234,7 @@ def _enrich(
         )
 
     normalised, warnings = normalise_traits(traits, phone_region=settings.phone_region)
-    when = event_time(call, record.timestamp()[1])
+    when = event_time(call, arrival_ms)
     enriched = dict(call)
     enriched.update(
         type="group",
@@ -323,7 +331,8 @@ def _dead_letter(
     origin["key"], key_encoding = _text(key_bytes)
     if key_encoding:
         origin["keyEncoding"] = key_encoding
-    origin["timestamp"] = format_time(record.timestamp()[1])
+    ms = record_timestamp(record)
+    origin["timestamp"] = None if ms is None else format_time(ms)
     letter: dict[str, Any] = {"reason": error.reason, "message": str(error), "source": origin}
     letter["value"], encoding = _text(raw)
     if encoding:

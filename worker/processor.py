@@ -165,7 +165,7 @@ class Processor:
                 self._finish(process_forwarded(record), record, partition, arrival, tally)
                 continue
             tally.records += 1
-            for outcome in process_record(record, self._settings):
+            for outcome in process_record(record, self._settings, arrival):
                 tally.calls += 1
                 if isinstance(outcome, Enriched) and repartition is not None:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)

@@ -257,7 +257,7 @@ def _normalise(config: Config, args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             record = Record(source, 0, number, line.rstrip(b"\r\n"), timestamp_ms=now_ms)
-            for outcome in process_record(record, settings):
+            for outcome in process_record(record, settings, now_ms):
                 counts[f"outcome {outcome.kind}"] += 1
                 if isinstance(outcome, Enriched):
                     counts.update(f"warning {code}" for code in outcome.warnings)

@@ -155,11 +155,11 @@ class _PythonFallback:
 
     def __call__(self, record: SourceRecord, now_ms: int) -> str:
         """Process one record; returns its last outcome's kind."""
-        kind = "skipped"
-        for outcome in process_record(record, self._settings):
+        kind, arrival = "skipped", arrival_ms(record, now_ms)
+        for outcome in process_record(record, self._settings, arrival):
             kind = outcome.kind
             if isinstance(outcome, Enriched):
-                kind = self._merge(outcome, arrival_ms(record, now_ms), now_ms)
+                kind = self._merge(outcome, arrival, now_ms)
             elif isinstance(outcome, DeadLetter):
                 self._sink.produce("dlq", outcome.key, fit_letter(outcome.letter, _DLQ_BYTES))
         return kind

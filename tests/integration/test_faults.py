@@ -203,7 +203,7 @@ def test_duplicate_keys_take_the_last_value_like_segment() -> None:
     from worker.pipeline import Settings, process_record
 
     value = b'{"type": "group", "groupId": "a", "groupId": "b", "userId": "u"}'
-    [outcome] = process_record(Record("t", 0, 0, value), Settings())
+    [outcome] = process_record(Record("t", 0, 0, value), Settings(), 0)
     assert isinstance(outcome, Enriched)
     assert outcome.group_id == "b"
 

@@ -20,7 +20,7 @@ RECORD_MS = 1_424_730_535_000  # 2015-02-23T22:28:55.000Z
 def run(
     value: bytes | None, settings: Settings = SETTINGS, key: bytes | None = b"k"
 ) -> list[Outcome]:
-    return process_record(Record("raw", 3, 42, value, key, RECORD_MS), settings)
+    return process_record(Record("raw", 3, 42, value, key, RECORD_MS), settings, RECORD_MS)
 
 
 def call(**fields: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.sink import Refusal
 from worker.store import InMemoryStateStore, RocksDBStateStore
+from worker.times import format_time
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
 T0 = "2015-02-23T22:28:55.111Z"
@@ -281,6 +282,24 @@ def test_a_dead_letter_is_cut_to_fit_its_topic() -> None:
     assert limits.fits(letter.topic, letter.key, letter.value, letter.headers)
     decoded = codec.decode(letter.value)
     assert (decoded["reason"], decoded["truncated"]) == ("invalid_json", True)
+
+
+def test_a_record_timestamp_out_of_range_is_not_a_poison_pill() -> None:
+    """A Kafka timestamp past year 9999 (microseconds) or below 1 is not used as a time:
+    a call without one of its own takes the clock's, and a dead letter's is null."""
+    processor, sink, store = make()
+    now = FakeClock().now_ms()
+    timeless = codec.encode({"type": "group", "messageId": "m1", "userId": "u", "groupId": "g"})
+    for n, ms in enumerate((253_402_300_800_000, 1_700_000_000_000_000, -1)):
+        tally = processor.process(
+            [Record("in", 2, 2 * n + i, v, timestamp_ms=ms) for i, v in enumerate((timeless, b"{"))]
+        )
+        assert tally.outcomes == {"enriched" if n == 0 else "duplicate": 1, "dead_letter": 1}
+        [letter] = emitted(sink, "dlq")[n:]
+        assert letter["source"]["timestamp"] is None
+    [enriched] = emitted(sink, "out")
+    assert enriched["timestamp"] == format_time(now)
+    assert store.seen(2, ("g", "m1")) == now
 
 
 def test_a_redelivery_within_the_window_of_arrival_is_a_duplicate_however_old() -> None:
