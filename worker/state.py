@@ -224,19 +224,25 @@ def _merge_bounded(
     mid_bytes = _json_bytes(stamp[1])
     for name, value in written.items():
         if name == "address":
-            shown = traits.get("address")
-            before = 0 if address is None else _address_bytes(shown, address)
-            regs = _merge_address(address, traits, value, stamp)
-            grown = _address_bytes(traits["address"], regs) - before
-            adds = address is None or not regs.field_stamps.keys() <= address.field_stamps.keys()
-            if grown > 0 and size + grown > (bound.new_keys if adds else bound.any_growth):
-                if address is None:
-                    del traits["address"]
-                else:
-                    traits["address"] = shown
-                drop(name)
-                continue
-            address, size = regs, size + grown
+            # Sub-field by sub-field (each its own register): a new one left out does
+            # not keep the call from updating those the group has.
+            parts = [(name, value)] if not value else [(k, {k: v}) for k, v in value.items()]
+            for part, part_value in parts:
+                shown = traits.get("address")
+                before = 0 if address is None else _address_bytes(shown, address)
+                regs = _merge_address(address, traits, part_value, stamp)
+                grown = _address_bytes(traits["address"], regs) - before
+                adds = (
+                    address is None or not regs.field_stamps.keys() <= address.field_stamps.keys()
+                )
+                if grown > 0 and size + grown > (bound.new_keys if adds else bound.any_growth):
+                    if address is None:
+                        del traits["address"]
+                    else:
+                        traits["address"] = shown
+                    drop(name if part == name else f"{name}.{part}")
+                    continue
+                address, size = regs, size + grown
             continue
         old = stamps.get(name)
         if old is None:  # (_json_bytes inlined here: once per trait of every call)
@@ -306,7 +312,11 @@ def _merge_address(
     null = regs.null_stamp
     shown: Any = traits.get("address")
     if value is None:
-        if null is not None and stamp <= null:
+        # Not newer than the object: an equal stamp is the same call (a sender's
+        # redelivery with other content), and the first content stays, as for traits.
+        if (null is not None and stamp <= null) or (
+            regs.object_stamp is not None and stamp == regs.object_stamp
+        ):
             return regs
         if regs.object_stamp is None or stamp > regs.object_stamp:
             traits["address"] = None
