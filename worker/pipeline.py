@@ -10,13 +10,13 @@ Dead-letter reason codes (stable; also sent as the ``reason`` header):
 ==================== ==========================================================
 ``invalid_json``     the value is empty, not UTF-8, or not valid JSON
 ``not_an_object``    the value (or a call in a batch) is not a JSON object
-``too_large``        a call over ``max_event_bytes``, or a record over ``max_batch_bytes``
+``too_large``        a group call over ``max_event_bytes``, or a record over ``max_batch_bytes``
 ``invalid_batch``    ``batch`` is present but not a list
 ``missing_type``     no ``type`` string, so the call cannot be routed
 ``missing_group_id`` no usable ``groupId`` (absent, null, blank, or not a string/number)
 ``missing_identity`` neither a usable ``userId`` nor ``anonymousId``
 ``invalid_traits``   ``traits`` present but not an object
-``invalid_message_id`` ``messageId`` not a string, or longer than 100 characters
+``invalid_message_id`` ``messageId`` not a string or number, or over 100 characters
 ``output_too_large`` the call is valid, but a record it leads to (its enriched call with
                      the group snapshot, a changelog record) is over its topic's limit
 ``output_refused``   the call is valid, but the broker refused a record it leads to for
@@ -68,6 +68,8 @@ REASONS = (
 # Skipped calls are counted by type; anything else is "other", to bound label cardinality.
 KNOWN_CALL_TYPES = frozenset({"identify", "track", "page", "screen", "alias", "group"})
 _MAX_MESSAGE_ID = 100
+# Fields of a batch envelope that are not defaults for its calls.
+_ENVELOPE_ONLY = frozenset({"batch", "type", "messageId"})
 # Fields a delivery may change: left out of a derived messageId, so replays dedupe.
 _DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
 
@@ -131,28 +133,31 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
     except _Invalid as e:
         return [_dead_letter(e, record, source, raw)]
 
-    if "batch" not in document or "type" in document:
-        if len(raw) > settings.max_event_bytes:
-            return [_dead_letter(_call_too_large(len(raw), settings), record, source, raw)]
-        return [
-            _process_call(document, record, source, raw, settings, arrival_ms, check_size=False)
-        ]
+    if not _is_envelope(document):
+        return [_process_call(document, record, source, raw, settings, arrival_ms, document)]
 
     calls = document["batch"]
     if not isinstance(calls, list):
         invalid = _Invalid("invalid_batch", f"batch is a JSON {_json_type(calls)}")
         return [_dead_letter(invalid, record, source, raw)]
-    # Envelope fields (context, sentAt...) apply to every call that lacks them.
-    defaults = {k: v for k, v in document.items() if k != "batch"}
+    # Envelope fields (context, sentAt...) apply to every call that lacks them; its own
+    # type and messageId are the envelope's, not its calls'.
+    defaults = {k: v for k, v in document.items() if k not in _ENVELOPE_ONLY}
     outcomes: list[Outcome] = []
-    for index, call in enumerate(calls):
+    for index, sent in enumerate(calls):
         position = Position(source.topic, source.partition, source.offset, index)
-        if isinstance(call, dict) and defaults:
-            call = defaults | call
-        outcomes.append(
-            _process_call(call, record, position, None, settings, arrival_ms, check_size=True)
-        )
+        call = defaults | sent if isinstance(sent, dict) and defaults else sent
+        outcomes.append(_process_call(call, record, position, None, settings, arrival_ms, sent))
     return outcomes
+
+
+def _is_envelope(document: dict[str, Any]) -> bool:
+    """A ``{"batch": [...]}`` envelope: ``batch`` and no ``type``, or ``type`` ``batch``
+    (as analytics-go's batches say)."""
+    if "batch" not in document:
+        return False
+    kind = document.get("type")
+    return kind is None or (isinstance(kind, str) and kind.strip().lower() == "batch")
 
 
 def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
@@ -188,22 +193,23 @@ def _process_call(
     raw: bytes | None,
     settings: Settings,
     arrival_ms: int,
-    *,
-    check_size: bool,
+    sent: Any,
 ) -> Outcome:
+    """One call's outcome. ``raw`` is the record's value when the call is all of it;
+    ``sent`` the call as its sender wrote it (before an envelope's fields), whose size
+    ``max_event_bytes`` bounds: a group call's only, other types are skipped unread."""
     try:
         if not isinstance(call, dict):
             raise _Invalid("not_an_object", f"the call is a JSON {_json_type(call)}")
-        if check_size:
-            size = len(codec.encode(call))
-            if size > settings.max_event_bytes:
-                raise _call_too_large(size, settings)
         call_type = call.get("type")
         if not isinstance(call_type, str) or not call_type.strip():
             raise _Invalid("missing_type", "the call has no type")
         call_type = call_type.strip().lower()
         if call_type != "group":
             return Skipped(call_type if call_type in KNOWN_CALL_TYPES else "other")
+        size = len(raw) if raw is not None else len(codec.encode(sent))
+        if size > settings.max_event_bytes:
+            raise _call_too_large(size, settings)
         return _enrich(call, source, settings, arrival_ms)
     except _Invalid as e:
         return _dead_letter(e, record, source, raw if raw is not None else _reencode(call))
@@ -227,10 +233,12 @@ def _enrich(
     message_id = call.get("messageId")
     if message_id is None or (isinstance(message_id, str) and not message_id.strip()):
         message_id = _derive_message_id(call)
-    elif not isinstance(message_id, str) or len(message_id) > _MAX_MESSAGE_ID:
+    elif not isinstance(message_id, str):  # a number becomes a string, like every ID
+        message_id = _identifier(message_id) if isinstance(message_id, int | float) else None
+    if message_id is None or len(message_id) > _MAX_MESSAGE_ID:
         raise _Invalid(
             "invalid_message_id",
-            f"messageId must be a string of at most {_MAX_MESSAGE_ID} characters",
+            f"messageId must be a string or number of at most {_MAX_MESSAGE_ID} characters",
         )
 
     normalised, warnings = normalise_traits(traits, phone_region=settings.phone_region)

@@ -128,6 +128,9 @@ def test_spec_example_is_enriched_with_its_fields_kept() -> None:
         pytest.param(
             codec.encode(call(messageId=["m"])), "invalid_message_id", id="message-id-list"
         ),
+        pytest.param(
+            codec.encode(call(messageId=True)), "invalid_message_id", id="message-id-bool"
+        ),
     ],
 )
 def test_bad_input_is_a_dead_letter_with_its_reason(value: bytes | None, reason: str) -> None:
@@ -228,10 +231,43 @@ def test_empty_batch_has_no_outcomes() -> None:
 
 
 def test_call_in_batch_over_the_size_limit_is_too_large() -> None:
-    """Each call in an envelope is held to max_event_bytes on its own."""
+    """Each call in an envelope is held to max_event_bytes on its own, as its sender
+    wrote it (the envelope's fields it takes do not count)."""
     small, big = call(messageId="s"), call(messageId="b", traits={"d": "x" * 500})
-    outcomes = run(codec.encode({"batch": [small, big]}), Settings(max_event_bytes=300))
+    envelope = {"batch": [small, big], "context": {"page": {"url": "x" * 500}}}
+    outcomes = run(codec.encode(envelope), Settings(max_event_bytes=300))
     assert [o.kind for o in outcomes] == ["enriched", "dead_letter"]
+
+
+def test_other_call_types_are_skipped_whatever_their_size() -> None:
+    """A track call over max_event_bytes is not a group call: skipped, not dead-lettered."""
+    big = call(type="track", properties={"d": "x" * 500})
+    settings = Settings(max_event_bytes=300)
+    assert one(codec.encode(big), settings) == Skipped("track")
+    assert [o.kind for o in run(codec.encode({"batch": [big]}), settings)] == ["skipped"]
+
+
+def test_envelope_typed_batch_is_split_and_keeps_its_own_id_and_type() -> None:
+    """An envelope that says "type": "batch" (analytics-go) is split too, and its type
+    and messageId are not defaults for its calls: calls without an id get their own."""
+    first, second = call(userId="u1"), call(userId="u2")
+    del first["messageId"], second["messageId"]
+    for kind in ({"type": "batch"}, {"type": " Batch "}, {}):
+        envelope = {**kind, "messageId": "envelope", "batch": [first, second, {"a": 1}]}
+        outcomes = run(codec.encode(envelope))
+        assert [o.kind for o in outcomes] == ["enriched", "enriched", "dead_letter"]
+        ids = {o.call["messageId"] for o in outcomes if isinstance(o, Enriched)}
+        assert len(ids) == 2
+        assert "envelope" not in ids
+        assert outcomes[2].reason == "missing_type"  # type: ignore[union-attr]
+
+
+def test_a_number_message_id_becomes_a_string() -> None:
+    """A messageId sent as a number is that number's text, as for the other IDs."""
+    for sent, kept in ((12345, "12345"), (7.0, "7"), (2.5, "2.5")):
+        outcome = one(codec.encode(call(messageId=sent)))
+        assert isinstance(outcome, Enriched)
+        assert outcome.call["messageId"] == kept
 
 
 @pytest.mark.parametrize(
@@ -322,7 +358,9 @@ def test_any_json_gives_outcomes_never_an_exception(document: Any) -> None:
     """Any JSON value, as a call or an envelope, yields outcomes and never raises."""
     outcomes = run(codec.encode(document))
     assert all(o.kind in ("enriched", "skipped", "dead_letter") for o in outcomes)
-    if not (isinstance(document, dict) and "batch" in document and "type" not in document):
+    kind = document.get("type") if isinstance(document, dict) else ...
+    envelope = kind is None or (isinstance(kind, str) and kind.strip().lower() == "batch")
+    if not (isinstance(document, dict) and "batch" in document and envelope):
         assert len(outcomes) == 1
 
 
