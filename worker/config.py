@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import phonenumbers
+
 from worker.errors import ConfigError
 
 __all__ = [
@@ -158,6 +160,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     _apply_environment(raw, os.environ if environ is None else environ)
     config = Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
     config = _with_internal_topics(config)
+    region = config.worker.phone_default_region.strip().upper()  # "us" means "US"
+    config = replace(config, worker=replace(config.worker, phone_default_region=region))
     _validate(config)
     return config
 
@@ -221,6 +225,13 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: worker.group_id must not be empty")
     if not config.worker.state_dir:
         raise ConfigError("config: worker.state_dir must not be empty")
+    region = config.worker.phone_default_region
+    if region and region not in phonenumbers.SUPPORTED_REGIONS:
+        # libphonenumber ignores a region it does not know: no number would convert.
+        raise ConfigError(
+            "config: worker.phone_default_region must be a region code phone numbers are "
+            f'known for ("US", "GB", "DE"...) or empty, got {region!r}'
+        )
     t = config.topics
     names = {
         "input": t.input,

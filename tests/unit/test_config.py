@@ -174,6 +174,18 @@ def test_secret_is_read_from_a_file(tmp_path: Path) -> None:
         ),
         pytest.param("[worker\n", {}, "is not valid TOML", id="bad-toml"),
         pytest.param(
+            "[worker]\nphone_default_region = 'USA'\n",
+            {},
+            "worker.phone_default_region must be a region code",
+            id="unknown-region",
+        ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_WORKER_PHONE_DEFAULT_REGION": "XX"},
+            "got 'XX'",
+            id="unknown-region-env",
+        ),
+        pytest.param(
             "", {"GROUP_WORKER_WORKER_BATCH_SIZE": "x"}, "worker.batch_size", id="bad-env-value"
         ),
         pytest.param(
@@ -195,6 +207,13 @@ def test_bad_configuration_fails_with_one_line_naming_the_key(
         load_config(write(tmp_path, text), environ)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_phone_region_is_read_in_any_case(tmp_path: Path) -> None:
+    """A region code in lower case or with spaces means the same region."""
+    config = load_config(write(tmp_path, "[worker]\nphone_default_region = ' gb '\n"), {})
+    assert config.worker.phone_default_region == "GB"
+    assert load_config(write(tmp_path, ""), {}).worker.phone_default_region == ""
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
