@@ -171,9 +171,17 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     try:
         call = codec.decode(raw or b"")
         group_id, when = call["groupId"], parse_iso_time(call["timestamp"])
+        message_id, traits = call["messageId"], call["traits"]
         user_id = _identifier(call.get("userId"))
         anonymous_id = _identifier(call.get("anonymousId"))
-        if not isinstance(group_id, str) or when is None or not (user_id or anonymous_id):
+        if not (
+            isinstance(group_id, str)
+            and when is not None
+            and (user_id or anonymous_id)
+            and isinstance(message_id, str)
+            and type(traits) is dict
+            and (traits.get("address") is None or type(traits["address"]) is dict)
+        ):
             raise TypeError
     except (codec.DecodeError, TypeError, KeyError, AttributeError):
         invalid = _Invalid("invalid_json", "not a call written by the first stage")

@@ -203,6 +203,18 @@ def test_corrupt_repartition_record_is_a_dead_letter() -> None:
     tally = processor.process([Record("rep", 0, 0, b'{"groupId": 1}')])
     assert tally.outcomes == {"dead_letter": 1}
     assert emitted(sink, "dlq")[0]["source"]["topic"] == "rep"
+    # Written by something else than a worker: each a dead letter, none a crash.
+    good = {"groupId": "g", "userId": "u", "messageId": "m", "timestamp": T0, "traits": {}}
+    bad = [
+        {k: v for k, v in good.items() if k != "messageId"},
+        {**good, "messageId": 7},
+        {**good, "traits": ["x"]},
+        {**good, "traits": {"address": "Oslo"}},
+        ["not", "a", "call"],
+    ]
+    values = [codec.encode(v) for v in bad] + [codec.encode(good)]
+    tally = processor.process([Record("rep", 0, n + 1, v) for n, v in enumerate(values)])
+    assert tally.outcomes == {"dead_letter": len(bad), "enriched": 1}
 
 
 # --- Outputs that do not fit, and outputs the broker refused --------------------------------
