@@ -297,10 +297,15 @@ def _employees(value: Any) -> int | str | _Invalid:
 @_memoise
 def _employees_text(value: str) -> int | str | _Invalid:
     text = value.strip()
-    if text.isdigit() and text.isascii():
-        return _count_text(text)
-    if _GROUPED_INTEGER.fullmatch(text):
-        return _count_text(text.translate(_DELETE_SEPARATORS))
+    # A whole number written with a zero fraction ("329.0", "1,200.00": str() of a
+    # float) is that number; "1.000" stays text (a thousand where "." groups digits).
+    whole, dot, fraction = text.rpartition(".")
+    if not (dot and fraction in ("0", "00")):
+        whole = text
+    if whole.isdigit() and whole.isascii():
+        return _count_text(whole)
+    if _GROUPED_INTEGER.fullmatch(whole):
+        return _count_text(whole.translate(_DELETE_SEPARATORS))
     if not text or (text[0] == "-" and _is_number(text[1:].lstrip())):
         return _BAD_EMPLOYEES
     return text

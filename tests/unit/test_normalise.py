@@ -189,6 +189,10 @@ VALID = [
     ("employees", "12,00", "12,00", "bad-grouping-kept-as-text"),
     ("employees", 12.5, "12.5", "fraction-becomes-text"),
     ("employees", "12.5", "12.5", "decimal-text-kept"),
+    ("employees", "329.0", 329, "zero-fraction-text"),
+    ("employees", " 1,200.00 ", 1200, "grouped-zero-fraction-text"),
+    ("employees", "1.000", "1.000", "dot-grouped-thousand-kept-as-text"),
+    ("employees", "51-200.0", "51-200.0", "range-with-fraction-kept"),
     ("employees", 2**53 - 1, 2**53 - 1, "max-safe-integer"),
     # email
     ("email", " Peter@Initech.COM ", "peter@initech.com", "trimmed-lowered"),
