@@ -1,7 +1,8 @@
 """JSON encoding and decoding: the only module that imports the JSON library.
 
 orjson is strict where it matters for dead-lettering: it rejects invalid UTF-8,
-``NaN``/``Infinity``, integers beyond 64 bits and nesting deeper than 1024 levels.
+``NaN``/``Infinity``, numbers beyond a double's range and nesting deeper than 1024
+levels. Integers beyond 64 bits are read as floats, as JavaScript reads them.
 """
 
 from __future__ import annotations

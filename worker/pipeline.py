@@ -68,6 +68,7 @@ REASONS = (
 # Skipped calls are counted by type; anything else is "other", to bound label cardinality.
 KNOWN_CALL_TYPES = frozenset({"identify", "track", "page", "screen", "alias", "group"})
 _MAX_MESSAGE_ID = 100
+_EXACT_FLOAT = 2**53
 # Fields of a batch envelope that are not defaults for its calls.
 _ENVELOPE_ONLY = frozenset({"batch", "type", "messageId"})
 # Fields a delivery may change: left out of a derived messageId, so replays dedupe.
@@ -322,7 +323,9 @@ def _identifier(value: Any) -> str | None:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+        # Past 2**53 a float is not the number that was written (the JSON parser reads
+        # integers beyond 64 bits as floats): two ids would become one.
+        return str(int(value)) if abs(value) < _EXACT_FLOAT else None
     if isinstance(value, float):
         return repr(value)
     return None

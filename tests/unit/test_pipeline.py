@@ -270,6 +270,18 @@ def test_a_number_message_id_becomes_a_string() -> None:
         assert outcome.call["messageId"] == kept
 
 
+def test_a_number_id_too_large_to_read_exactly_is_not_usable() -> None:
+    """A groupId or userId beyond 64 bits reaches the worker as an inexact float: it is no
+    usable ID, so two such groups never become one; an exact large number still is."""
+    value = b'{"type":"group","userId":"u","groupId":12345678901234567890123}'
+    assert dead(value).reason == "missing_group_id"
+    value = b'{"type":"group","userId":12345678901234567890123,"groupId":"g"}'
+    assert dead(value).reason == "missing_identity"
+    exact = one(b'{"type":"group","userId":"u","groupId":9007199254740993}')
+    assert isinstance(exact, Enriched)
+    assert exact.group_id == "9007199254740993"
+
+
 @pytest.mark.parametrize(
     ("fields", "user", "anonymous"),
     [
