@@ -206,7 +206,7 @@ def _process_call(
 ) -> Outcome:
     """One call's outcome. ``raw`` is the record's value when the call is all of it;
     ``sent`` the call as its sender wrote it (before an envelope's fields), whose size
-    ``max_event_bytes`` bounds: a group call's only, other types are skipped unread."""
+    ``max_event_bytes`` bounds (a group call's only: other types are skipped at any size)."""
     try:
         if not isinstance(call, dict):
             raise _Invalid("not_an_object", f"the call is a JSON {_json_type(call)}")
