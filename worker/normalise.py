@@ -17,7 +17,7 @@ Warning codes (``WarningCode``):
 - ``invalid_email``: ``email`` does not look like ``local@domain.tld``.
 - ``invalid_url``: ``website`` is not an http(s) URL with a host nor a bare domain, or
   ``avatar`` is not an http(s) URL with a host.
-- ``invalid_employees``: ``employees`` is negative, empty, or above 2**53 - 1.
+- ``invalid_employees``: ``employees`` is negative, or above 2**53 - 1.
 
 Warnings for an address sub-field name the trait as ``<address key>.<sub-key>``, both
 as sent (``Address.Zip``).
@@ -306,9 +306,9 @@ def _employees_text(value: str) -> int | str | _Invalid:
         return _count_text(whole)
     if _GROUPED_INTEGER.fullmatch(whole):
         return _count_text(whole.translate(_DELETE_SEPARATORS))
-    if not text or (text[0] == "-" and _is_number(text[1:].lstrip())):
+    if text[:1] == "-" and _is_number(text[1:].lstrip()):
         return _BAD_EMPLOYEES
-    return text
+    return text  # "" too: text, as for name or plan
 
 
 def _count(number: int) -> int | _Invalid:
@@ -399,7 +399,7 @@ def _is_domain(domain: str) -> bool:
 
 
 def _phone(value: Any, region: str | None) -> str | _Invalid:
-    """E.164 when the number is valid for its region, else the trimmed text as sent."""
+    """E.164 when the text parses as a number of a possible length, else the trimmed text."""
     if isinstance(value, str):
         text = value.strip()
     elif isinstance(value, float) and not value.is_integer():
@@ -422,7 +422,11 @@ def _phone_text(text: str, region: str | None) -> str:
     except phonenumbers.NumberParseException:
         return text
     # E.164 has no place for an extension: keep the text rather than lose it.
-    if parsed.extension or not phonenumbers.is_valid_number(parsed):
+    # "When it parses" (the contract), not only when libphonenumber knows the number
+    # as assigned ("+1 555-555-5555" is E.164 too), but never a length no number of its
+    # country has, or a local number without its area code ("555-0100").
+    possible = phonenumbers.is_possible_number_with_reason(parsed)
+    if parsed.extension or possible != phonenumbers.ValidationResult.IS_POSSIBLE:
         return text
     return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
 

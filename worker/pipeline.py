@@ -69,8 +69,10 @@ REASONS = (
 KNOWN_CALL_TYPES = frozenset({"identify", "track", "page", "screen", "alias", "group"})
 _MAX_MESSAGE_ID = 100
 _EXACT_FLOAT = 2**53
-# Fields of a batch envelope that are not defaults for its calls.
-_ENVELOPE_ONLY = frozenset({"batch", "type", "messageId"})
+# Fields of a batch envelope that are not defaults for its calls: its own identity, and
+# what a library writes about the request (analytics-java's batch sequence, and the
+# sender's write key, which must not spread into every enriched call).
+_ENVELOPE_ONLY = frozenset({"batch", "type", "messageId", "sequence", "writeKey"})
 # Fields a delivery may change: left out of a derived messageId, so replays dedupe.
 _DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
 

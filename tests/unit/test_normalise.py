@@ -193,6 +193,7 @@ VALID = [
     ("employees", " 1,200.00 ", 1200, "grouped-zero-fraction-text"),
     ("employees", "1.000", "1.000", "dot-grouped-thousand-kept-as-text"),
     ("employees", "51-200.0", "51-200.0", "range-with-fraction-kept"),
+    ("employees", "  ", "", "blank-text-trimmed-like-name"),
     ("employees", 2**53 - 1, 2**53 - 1, "max-safe-integer"),
     # email
     ("email", " Peter@Initech.COM ", "peter@initech.com", "trimmed-lowered"),
@@ -246,14 +247,18 @@ def test_valid_values_are_normalised(trait: str, value: Any, expected: Any) -> N
         pytest.param(4155552671.0, "US", "+14155552671", id="whole-float"),
         pytest.param(" (415) 555-2671 ", None, "(415) 555-2671", id="national-no-region"),
         pytest.param(4155552671, None, "4155552671", id="int-no-region-is-text"),
-        pytest.param("555-0100", "US", "555-0100", id="not-valid-kept"),
+        pytest.param("555-0100", "US", "555-0100", id="local-only-kept"),
+        pytest.param("+1 555-555-5555", None, "+15555555555", id="parses-not-assigned"),
+        pytest.param("+44 7700 900123", None, "+447700900123", id="parses-drama-range"),
+        pytest.param("12", "US", "12", id="impossible-length-kept"),
         pytest.param("+1 415-555-2671 ext. 12", None, "+1 415-555-2671 ext. 12", id="ext-kept"),
         pytest.param("call us", "US", "call us", id="not-a-number-kept"),
         pytest.param("+1" + "5" * 300, None, "+1" + "5" * 300, id="too-long-kept"),
     ],
 )
-def test_phone_becomes_e164_when_valid(value: Any, region: str | None, expected: str) -> None:
-    """A valid phone number becomes E.164; anything else string-like is kept trimmed."""
+def test_phone_becomes_e164_when_it_parses(value: Any, region: str | None, expected: str) -> None:
+    """A number that parses, at a length its country's numbers have, becomes E.164 (assigned
+    or not); anything else string-like is kept trimmed."""
     assert _single("Phone", value, region) == (expected, [])
 
 
@@ -296,7 +301,6 @@ INVALID = [
     ("employees", -0.5, "employees", "invalid_employees", {}, "employees-negative-float"),
     ("employees", "-1,200", "employees", "invalid_employees", {}, "employees-negative-text"),
     ("employees", "- 2.5", "employees", "invalid_employees", {}, "employees-negative-decimal"),
-    ("employees", "  ", "employees", "invalid_employees", {}, "employees-empty"),
     ("employees", 2**53, "employees", "invalid_employees", {}, "employees-too-large"),
     ("employees", "9" * 5000, "employees", "invalid_employees", {}, "employees-huge-text"),
     ("employees", False, "employees", "invalid_type", {}, "employees-bool"),

@@ -253,12 +253,19 @@ def test_envelope_typed_batch_is_split_and_keeps_its_own_id_and_type() -> None:
     first, second = call(userId="u1"), call(userId="u2")
     del first["messageId"], second["messageId"]
     for kind in ({"type": "batch"}, {"type": " Batch "}, {}):
-        envelope = {**kind, "messageId": "envelope", "batch": [first, second, {"a": 1}]}
+        envelope = {
+            **kind,
+            "messageId": "envelope",
+            "writeKey": "secret",
+            "sequence": 3,
+            "batch": [first, second, {"a": 1}],
+        }
         outcomes = run(codec.encode(envelope))
         assert [o.kind for o in outcomes] == ["enriched", "enriched", "dead_letter"]
         ids = {o.call["messageId"] for o in outcomes if isinstance(o, Enriched)}
         assert len(ids) == 2
         assert "envelope" not in ids
+        assert not any("writeKey" in o.call or "sequence" in o.call for o in outcomes[:2])  # type: ignore[union-attr]
         assert outcomes[2].reason == "missing_type"  # type: ignore[union-attr]
 
 
