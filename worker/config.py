@@ -45,7 +45,8 @@ ProcessingGuarantee = Literal["exactly_once", "at_least_once"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 _ENV_PREFIX = "GROUP_WORKER_"
-_SECRET_MARKERS = ("password", "secret", "key", "token", "credentials")
+# Keys whose values logs never show: every secret of _SECRET_VALUES, and more.
+_SECRET_MARKERS = ("password", "secret", "key", "token", "credentials", "oauthbearer")
 # Kafka properties whose value is a secret (not a path to one): never in the TOML file.
 _SECRET_VALUES = (
     "password",

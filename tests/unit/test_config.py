@@ -123,6 +123,16 @@ def test_secret_is_read_from_a_file(tmp_path: Path) -> None:
     assert redact(config.kafka.properties) == {"sasl.password": "***"}
 
 
+def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
+    """What may not be written in the file (a secret value) is never shown in a log."""
+    names = ["sasl.password", "ssl.key.pem", "sasl.oauthbearer.config", "ssl.keystore.password"]
+    environ = {f"GROUP_WORKER_KAFKA_{n.upper().replace('.', '_')}": "S3CR3T" for n in names}
+    properties = load_config(None, environ).kafka.properties
+    assert set(properties) == set(names)
+    assert "S3CR3T" not in repr(redact(properties))
+    assert redact({"sasl.username": "svc"}) == {"sasl.username": "svc"}
+
+
 @pytest.mark.parametrize(
     ("text", "environ", "message"),
     [
