@@ -193,7 +193,8 @@ class Runner:
             # The new owner reads from the committed offsets; rewind what we keep.
             log.warning("commit_failed_on_revoke", error=str(e))
             self._abort_and_rewind(set(partitions))
-        self._forget(partitions)
+        finally:  # a fatal error too: the partitions are gone, and so are their series
+            self._forget(partitions)
         log.info("partitions_revoked", partitions=_names(partitions))
 
     def on_lost(self, partitions: Sequence[Partition]) -> None:

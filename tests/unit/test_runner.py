@@ -326,6 +326,33 @@ def test_lag_is_exported_per_assigned_partition() -> None:
     )
 
 
+def test_a_loop_that_ends_on_an_error_leaves_no_partition_series_behind() -> None:
+    """When the loop ends on an error (the service then builds a new one, on the same
+    metrics), its partitions' lag and assignment series go with it."""
+    runner, source, sink, metrics = make(partitions=2)
+    for n in range(15):
+        source.append(group_call(n), partition=0)
+
+    def fail(n: int) -> None:
+        if n == 2:
+            assert sample(metrics, "group_worker_consumer_lag", topic="in", partition="0") == 5
+            assert sample(metrics, "group_worker_assigned_partitions", topic="in") == 2
+            source.clock.advance(10)
+
+            def hung(*_: Any) -> Any:  # every commit from now on, the one at close too
+                raise FatalError("a transactional call hung")
+
+            sink.commit = hung  # type: ignore[method-assign]
+
+    source.clock.advance(10)
+    source.on_consume = fail
+    with pytest.raises(FatalError):
+        runner.run()
+    lag = {"topic": "in", "partition": "0"}
+    assert metrics.registry.get_sample_value("group_worker_consumer_lag", lag) is None
+    assert sample(metrics, "group_worker_assigned_partitions", topic="in") == 0
+
+
 def states(sink: FakeSink) -> dict[str, Any]:
     """The newest committed state record per group, as a compacted topic reads."""
     return {p.key.decode(): codec.decode(p.value) for p in sink.topic("state") if p.key}
