@@ -342,7 +342,7 @@ def test_a_loop_that_ends_on_an_error_leaves_no_partition_series_behind() -> Non
             def hung(*_: Any) -> Any:  # every commit from now on, the one at close too
                 raise FatalError("a transactional call hung")
 
-            sink.commit = hung  # type: ignore[method-assign]
+            sink.commit = hung  # type: ignore[method-assign, assignment]
 
     source.clock.advance(10)
     source.on_consume = fail
