@@ -17,6 +17,8 @@ from prometheus_client import (
 
 from worker import __version__
 from worker.events import OutcomeKind
+from worker.normalise import WARNING_CODES
+from worker.pipeline import KNOWN_CALL_TYPES, REASONS
 
 __all__ = ["OUTCOMES", "ROUTES", "Metrics"]
 
@@ -169,8 +171,15 @@ class Metrics:
         # The running version, as a label on a constant 1.
         self.build = Info(f"{_PREFIX}_build", "Build information", registry=r)
         self.build.info({"version": __version__})
-        # Export zeros, so rate() and sums work from the start.
-        for outcome in OUTCOMES:
-            self.outcomes.labels(outcome)
-        for route in ROUTES:
-            self.unwritable_outputs.labels(route)
+        # Export zeros for every label value known in advance, so rate() and increase()
+        # see the first event after a start (a series born at 1 shows no increase).
+        known = (
+            (self.outcomes, OUTCOMES),
+            (self.unwritable_outputs, ROUTES),
+            (self.dead_letters, REASONS),
+            (self.trait_warnings, (*WARNING_CODES, "group_state_full")),
+            (self.skipped, (*sorted(KNOWN_CALL_TYPES - {"group"}), "other")),
+        )
+        for counter, values in known:
+            for value in values:
+                counter.labels(value)
