@@ -1,8 +1,9 @@
 """structlog in production mode: JSON lines rendered by the codec (orjson), on standard error.
 
-Events are snake_case facts (``partition_assigned``); context such as topic,
-partition and offset is bound with ``structlog.contextvars``. Trait values are never
-logged.
+Events are snake_case facts (``partition_assigned``) with their context as keys (a
+``dead_letter`` line names its record's topic, partition, offset and
+``record_timestamp``); ``structlog.contextvars`` are merged into every line. Trait values
+are never logged.
 
 librdkafka's own lines (connection failures, warnings) reach structlog too, as
 ``kafka_client_log`` events, through the stdlib logger every Kafka client is given

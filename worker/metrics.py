@@ -116,7 +116,8 @@ class Metrics:
         self.rebalances = Counter(
             f"{_PREFIX}_rebalances", "Rebalance callbacks by kind", ["kind"], registry=r
         )
-        # Records between the committed position and the end of each assigned partition.
+        # Records between this worker's read position and the end of each assigned
+        # partition (its high watermark as last fetched), every few seconds.
         self.consumer_lag = Gauge(
             f"{_PREFIX}_consumer_lag", "Consumer lag in records", ["topic", "partition"], registry=r
         )

@@ -435,5 +435,11 @@ class Processor:
 
 
 def _position(letter: DeadLetter) -> dict[str, Any]:
-    """Where a dead letter's call came from, for a log line: never its key (an id)."""
-    return {k: v for k, v in letter.letter["source"].items() if k not in ("key", "keyEncoding")}
+    """Where a dead letter's call came from, for a log line: never its key (an id); its
+    record's timestamp as ``record_timestamp`` (``timestamp`` is the line's own time)."""
+    position = {k: v for k, v in letter.letter["source"].items() if k not in _NOT_LOGGED}
+    position["record_timestamp"] = letter.letter["source"].get("timestamp")
+    return position
+
+
+_NOT_LOGGED = ("key", "keyEncoding", "timestamp")

@@ -472,3 +472,7 @@ def test_dead_letters_are_logged_without_values_and_rate_limited() -> None:
         ("not_an_object", 2),
     ]
     assert "secret" not in repr(logs)
+    assert "timestamp" not in lines[0]  # the line's own time, which the renderer sets
+    with capture_logs() as logs:  # a reason not logged yet: missing_type
+        processor.process([Record("in", 2, 9, b'{"a": 1}', timestamp_ms=1_424_730_535_111)])
+    assert logs[0]["record_timestamp"] == T0
