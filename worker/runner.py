@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker.clock import Clock
-from worker.errors import AbortableError, RetriableError, StoreCorrupt
+from worker.errors import AbortableError, KafkaError, RetriableError, StoreCorrupt
 from worker.events import SourceRecord
 from worker.metrics import Metrics
 from worker.processor import Processor, Routes, Tally
@@ -157,7 +157,11 @@ class Runner:
                         self._clock.sleep(_ABORT_BACKOFF[step])
                 except StoreCorrupt as e:  # a read while processing: the batch is replayed
                     self._abort_and_rewind(set())
-                    self._rebuild(e)
+                    try:
+                        self._rebuild(e)
+                    except _Stopped:
+                        log.info("restore_interrupted")
+                        break
             self._commit_final()
         finally:
             closes = (self._source.close, self._sink.close, self._restorer.close, self._store.close)
@@ -175,7 +179,10 @@ class Runner:
         log.info("partitions_assigned", partitions=_names(partitions))
         for topic, partition in partitions:
             if topic == self._settings.routes.stateful_input:
-                self._restore(partition)
+                try:
+                    self._restore(partition)
+                except (RetriableError, AbortableError) as e:
+                    raise _callback_failed(f"restoring {topic}[{partition}]", e) from e
         # What lives until now lives long (clients, caches): keep it out of the cyclic
         # collector's scans (reference counting still frees it).
         gc.freeze()
@@ -192,7 +199,10 @@ class Runner:
         except (AbortableError, RetriableError) as e:
             # The new owner reads from the committed offsets; rewind what we keep.
             log.warning("commit_failed_on_revoke", error=str(e))
-            self._abort_and_rewind(set(partitions))
+            try:
+                self._abort_and_rewind(set(partitions))
+            except (AbortableError, RetriableError) as again:
+                raise _callback_failed("aborting on revoke", again) from again
         finally:  # a fatal error too: the partitions are gone, and so are their series
             self._forget(partitions)
         log.info("partitions_revoked", partitions=_names(partitions))
@@ -200,8 +210,12 @@ class Runner:
     def on_lost(self, partitions: Sequence[Partition]) -> None:
         self._metrics.rebalances.labels("lost").inc()
         # Offsets of lost partitions can no longer be committed by this member.
-        self._abort_and_rewind(set(partitions))
-        self._forget(partitions)
+        try:
+            self._abort_and_rewind(set(partitions))
+        except (AbortableError, RetriableError) as e:
+            raise _callback_failed("aborting on lost partitions", e) from e
+        finally:
+            self._forget(partitions)
         log.warning("partitions_lost", partitions=_names(partitions))
 
     def _restore(self, partition: int, wiped: str | None = None) -> None:
@@ -375,6 +389,11 @@ class Runner:
             log.warning("final_commit_failed", error=str(e))
             self._sink.abort()
             self._store.rollback()
+            # Nothing of the batch may commit when the consumer closes (its revoke
+            # commits what is open): the next start reads it again.
+            self._close_batch()
+        except _Stopped:  # a partition rebuilt after the commit, cut short by the stop
+            log.info("restore_interrupted")
 
     def _apply_backpressure(self) -> None:
         backlog = self._sink.backlog()
@@ -460,6 +479,16 @@ class Runner:
             lag = self._source.lag(partition)
             if lag is not None:
                 self._metrics.consumer_lag.labels(*map(str, partition)).set(lag)
+
+
+def _callback_failed(what: str, error: KafkaError) -> KafkaError:
+    """A rebalance callback's failure, which ends the loop (the service builds a new one).
+
+    Not retried in this loop: the callback runs inside ``consume()``, whose records are
+    lost with the exception while the consumer's position has moved past them, so this
+    loop would go on and commit beyond them. A new loop reads from the committed offsets.
+    """
+    return KafkaError(f"{what} failed in a rebalance: {error}")
 
 
 def _names(partitions: Iterable[Partition]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,13 @@ from prometheus_client import CollectorRegistry
 from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource, Produced
 from tests.unit.test_store_rocksdb import corrupt_blocks, on_disk
 from worker import codec
-from worker.errors import AbortableError, FatalError, RetriableError, TopicError
+from worker.errors import (
+    AbortableError,
+    FatalError,
+    KafkaError,
+    RetriableError,
+    TopicError,
+)
 from worker.metrics import Metrics
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
@@ -754,3 +761,97 @@ def test_the_abort_streak_counts_aborts_until_a_commit_whatever_joins_the_batch(
     runner.run()
     assert max(streaks) >= 4
     assert streaks == sorted(streaks)  # never back to 1 while nothing commits
+
+
+# --- Failures inside rebalances and at shutdown -------------------------------------------
+
+
+class _FlakyRestorer(FakeRestorer):
+    """A restorer whose first ``fail`` reads raise a retriable error (a broker away)."""
+
+    def __init__(self, sink: FakeSink, fail: int) -> None:
+        super().__init__(sink)
+        self.fail = fail
+
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+        if self.fail:
+            self.fail -= 1
+            raise RetriableError("restore: broker transport failure")
+        yield from super().read(topic, partition, start)
+
+
+def test_a_restore_that_fails_in_a_rebalance_ends_the_loop_and_loses_nothing() -> None:
+    """A partition whose restore fails is never processed without its state: the loop
+    ends (the service builds a new one), and the next reads from the committed offsets."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    timed = {"groupId": "g", "userId": "u", "type": "group"}
+    source.append(codec.encode({**timed, "messageId": "m1", "timestamp": "2020-01-01T00:00:00Z"}))
+    source.append(codec.encode({**timed, "messageId": "m2", "timestamp": "2020-01-02T00:00:00Z"}))
+    run_for(build(source, sink)[0], source, 4)
+    restarted = source.restarted()
+    restarted.append(
+        codec.encode({**timed, "messageId": "m1", "timestamp": "2020-01-01T00:00:00Z"})
+    )
+    restarted.append(
+        codec.encode({**timed, "messageId": "m3", "timestamp": "2019-12-31T00:00:00Z"})
+    )
+    runner, _ = build(restarted, sink, restorer=_FlakyRestorer(sink, fail=1))
+    with pytest.raises(KafkaError, match=r"restoring in\[0\] failed in a rebalance") as error:
+        run_for(runner, restarted, 6)
+    assert not isinstance(error.value, (RetriableError, AbortableError, FatalError))
+    again = restarted.restarted()
+    run_for(build(again, sink)[0], again, 6)
+    assert [codec.decode(p.value)["messageId"] for p in sink.topic("out")] == ["m1", "m2", "m3"]
+    last = states(sink)["g"]
+    assert (last["eventCount"], last["firstSeenAt"]) == (3, "2019-12-31T00:00:00.000Z")
+
+
+def test_a_final_commit_that_fails_commits_no_offset_at_close() -> None:
+    """At least once, a final commit whose outputs were not delivered leaves the input
+    offsets where they were, so the next start reads those calls again."""
+
+    class LosingSink(FakeSink):
+        lose = False
+
+        def commit(self, offsets: Any, source: Any, *steps: Any) -> Any:
+            if self.lose:
+                self.lose = False
+                self.open.clear()  # the deliveries failed: the records are gone
+                raise AbortableError("3 outputs undelivered: out: Local: Message timed out")
+            return super().commit(offsets, source, *steps)
+
+    source, sink = FakeSource(FakeClock()), LosingSink(transactional=False)
+    late = dataclasses.replace(SETTINGS, commit_interval=60, commit_min_interval=60)
+    runner, _ = build(source, sink, late)
+    for n in range(3):
+        source.append(group_call(n))
+
+    def stop_while_deliveries_fail(n: int) -> None:
+        if n == 3:
+            sink.lose = True
+            runner.stop()
+
+    source.on_consume = stop_while_deliveries_fail
+    runner.run()
+    assert source.committed_offsets.get(("in", 0), 0) == 0
+    assert sink.topic("out") == []
+
+
+def test_a_stop_during_the_rebuild_of_a_failed_partition_ends_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while a partition whose files failed is being rebuilt ends the loop as a
+    stop (run() returns), not with an exception out of the error handler."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    store = RocksDBStateStore(tmp_path, 0)
+    runner, _ = build(source, sink, store=store)
+    for n in range(3):
+        source.append(group_call(n))
+
+    def fail_and_stop(n: int) -> None:
+        if n == 4:  # committed; the disk fails and SIGTERM comes during this consume
+            source.append(group_call(9))
+            store._part(0).db.close()
+            runner.stop()
+
+    source.on_consume = fail_and_stop
+    runner.run()
+    assert source.closed
