@@ -123,10 +123,12 @@ class Processor:
         self._clock = clock
         self._window_ms = dedupe_window_ms
         self._now_ms = 0  # read once per batch: a group's updatedAt
-        # The latest arrival processed, and the one at the last expiry of dedupe ids;
-        # during an expiry pass (``expire_seen``), what it expires and has removed.
-        self._latest_arrival = self._expired_at = 0
-        self._expiring_before: int | None = None
+        # The latest arrival processed in each partition, and the latest of all at the
+        # last expiry of dedupe ids; during an expiry pass (``expire_seen``), what it
+        # expires in each partition and has removed.
+        self._latest_arrival: dict[int, int] = {}
+        self._expired_at = 0
+        self._expiring_before: dict[int, int] | None = None
         self._expired = 0
         self._expire_slice = expire_slice
         self._limits = limits if limits is not None else Limits({})
@@ -201,25 +203,27 @@ class Processor:
                 self._write_changelog(topic, partition, key, value, timestamp, report=i in ends)
             else:  # _write_changelog for a record that fits, inlined: ~3 records a call
                 produce(topic, key, value, None, partition, timestamp, report=i in ends)
-            if timestamp > latest:  # a dedupe id's arrival; 0 for the others
-                latest = timestamp
-        self._latest_arrival = latest
+            if timestamp and timestamp > latest.get(partition, 0):  # a dedupe id's arrival
+                latest[partition] = timestamp
         return len(records)
 
     def expire_seen(self) -> None:
         """Forget ids older than the window, four times a window of arrival time.
 
-        Measured from the latest arrival processed, not the clock, so a worker catching
-        up on old records keeps the ids they need. Called after each commit, outside
+        Measured in each partition from the latest arrival processed there, not from the
+        clock or other partitions, so a partition catching up on old records keeps the
+        ids they need however far ahead the others are. Called after each commit, outside
         any transaction. A pass scans every id held (about 0.5 µs each on RocksDB), so
         each call scans the next ``expire_slice`` ids only: millions of ids held stall
         no commit for seconds, and a pass over 5,000,000 ends within 250 commits.
         """
         if self._expiring_before is None:
-            if self._latest_arrival - self._expired_at < self._window_ms // 4:
+            newest = max(self._latest_arrival.values(), default=0)
+            if newest - self._expired_at < self._window_ms // 4:
                 return
-            self._expired_at = self._latest_arrival
-            self._expiring_before, self._expired = self._latest_arrival - self._window_ms, 0
+            self._expired_at, self._expired = newest, 0
+            window = self._window_ms
+            self._expiring_before = {p: t - window for p, t in self._latest_arrival.items()}
         removed, done = self._store.expire_seen(self._expiring_before, self._expire_slice)
         self._expired += removed
         if done:

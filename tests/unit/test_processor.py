@@ -353,6 +353,26 @@ def test_dedupe_ids_expire_a_window_after_the_latest_arrival() -> None:
     assert store.seen(0, ("g1", "m2")) == 1_000 + hour
 
 
+def test_a_partition_behind_the_others_keeps_the_ids_its_retries_need() -> None:
+    """Ids expire by each partition's own latest arrival: a partition a day behind the
+    others (catching up) still catches a retry an hour after its first delivery."""
+    processor, sink, store = make()  # a one-hour window
+    hour = 3_600_000
+    start = 1_424_730_535_111
+    steps = [(1, "m1", "g1", start), (0, "a", "g0", start + 30 * hour)]
+    steps.append((1, "m1", "g1", start + hour // 2))
+    for offset, (partition, mid, group, arrival) in enumerate(steps):
+        record = Record("in", partition, offset, call(mid, group), timestamp_ms=arrival)
+        processor.process([record])
+        processor.write_changelog()
+        store.commit()
+        processor.expire_seen()
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m1", "a"]
+    state = store.get(1, "g1")
+    assert state is not None
+    assert state.event_count == 1
+
+
 def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
     """Each call scans ``expire_slice`` ids, so many ids held stall no commit; the pass
     logs once, when done, how many ids it forgot."""

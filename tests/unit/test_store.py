@@ -317,6 +317,9 @@ def test_wipe_forgets_a_partition(store: StateStore) -> None:
     assert store.group_count() == 1
 
 
+# expire_seen's horizon for every partition the tests use: ids that arrived before 250.
+EXPIRE_BEFORE_250 = dict.fromkeys(range(3), 250)
+
 _WRITES = st.lists(
     st.tuples(st.integers(0, 2), st.sampled_from(["g1", "g2", "g3"]), st.integers(1, 9)),
     max_size=12,
@@ -363,9 +366,17 @@ def test_dedupe_ids_roll_back_and_expire_by_arrival(store: StateStore) -> None:
     store.rollback()
     assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (100, None)
     store.restore_seen(1, ("g2", "m3"), 300)
-    assert store.expire_seen(before_ms=250) == (1, True)
+    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250) == (1, True)
     assert (store.seen(0, ("g1", "m1")), store.seen(1, ("g2", "m3"))) == (None, 300)
     assert store.seen_count() == 1
+
+
+def test_ids_expire_by_their_own_partition_horizon(store: StateStore) -> None:
+    """expire_seen takes a horizon per partition; a partition without one keeps its ids."""
+    for partition in (0, 1, 2):
+        store.restore_seen(partition, ("g", "m"), 100)
+    assert store.expire_seen(before_ms={0: 200, 1: 50}) == (1, True)
+    assert [store.seen(p, ("g", "m")) for p in (0, 1, 2)] == [None, 100, 100]
 
 
 def test_close_forgets_everything(store: StateStore) -> None:

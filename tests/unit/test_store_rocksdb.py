@@ -15,7 +15,7 @@ import pytest
 from rocksdict import AccessType, Options, Rdict
 from structlog.testing import capture_logs
 
-from tests.unit.test_store import member, state, state_entry
+from tests.unit.test_store import EXPIRE_BEFORE_250, member, state, state_entry
 from worker import codec
 from worker.dedupe import seen_record_key
 from worker.errors import StoreCorrupt
@@ -426,7 +426,7 @@ def test_expired_ids_leave_the_files(store: RocksDBStateStore, directory: Path) 
     store.commit()
     store.put_seen(0, ("g1", "m1"), 1_000)  # applied again, under the change set
     store.put_seen(0, ("g1", "m9"), 50)
-    assert store.expire_seen(before_ms=250) == (4, True)  # m0-m2 on disk, m9 pending
+    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250) == (4, True)  # m0-m2 on disk, m9 pending
     assert [(c, p, ts) for c, p, _, _, ts in store.changes()] == [("dedupe", 0, 1_000)]
     assert store.seen_count() == 3
     store.commit()
@@ -446,18 +446,27 @@ def test_expiry_scans_a_slice_at_a_time_and_resumes(store: RocksDBStateStore) ->
         for i in range(4):
             store.put_seen(partition, ("g1", f"m{i}"), 100 * i)
     store.commit()
-    results = [store.expire_seen(before_ms=250, limit=3) for _ in range(2)]
+    results = [store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=3) for _ in range(2)]
     assert results == [(3, False), (2, False)]  # 0: m0-m2 (3 gone), then 0: m3, 1: m0, m1
     store.drop(2)
-    assert store.expire_seen(before_ms=250, limit=3) == (1, True)  # 1: m2, m3; 2 dropped
+    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=3) == (
+        1,
+        True,
+    )  # 1: m2, m3; 2 dropped
     assert [store.seen(p, ("g1", f"m{i}")) for p in (0, 1) for i in range(4)] == [
         None, None, None, 300, None, None, None, 300,
     ]  # fmt: skip
     assert store.seen_count() == 2
     store.put_seen(0, ("g1", "m9"), 100)
     store.commit()
-    assert store.expire_seen(before_ms=250, limit=2) == (1, False)  # a new pass: 0 done
-    assert store.expire_seen(before_ms=250, limit=2) == (0, True)  # 1: m3, the last id
+    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=2) == (
+        1,
+        False,
+    )  # a new pass: 0 done
+    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=2) == (
+        0,
+        True,
+    )  # 1: m3, the last id
 
 
 def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) -> None:
@@ -471,7 +480,7 @@ def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) 
     store.put_member(0, "k1", member("u1"))
     store.commit()
     assert (store.get_member(0, "k1"), store.member_count()) == (member("u1"), 1)
-    assert store.expire_seen(before_ms=0) == (1, True)
+    assert store.expire_seen(before_ms={0: 0}) == (1, True)
 
 
 _KILLED = """

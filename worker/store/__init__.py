@@ -205,8 +205,9 @@ class StateStore(Protocol):
         """Forget a partition and delete its files, to rebuild it from the beginning."""
         ...
 
-    def expire_seen(self, before_ms: int, limit: int = 0) -> tuple[int, bool]:
-        """Forget dedupe ids that arrived before ``before_ms``, scanning at most about
+    def expire_seen(self, before_ms: Mapping[int, int], limit: int = 0) -> tuple[int, bool]:
+        """Forget the dedupe ids of each partition of ``before_ms`` that arrived before
+        its time there (a partition not in it keeps all), scanning at most about
         ``limit`` of those held (0: all) and resuming where the last call stopped.
 
         Returns how many were forgotten, and whether the scan has been through every

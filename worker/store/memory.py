@@ -6,7 +6,7 @@ assignment replays the changelogs from their beginning, parsing every record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import structlog
@@ -96,14 +96,12 @@ class _Table(Generic[_K, _V]):
     def count(self) -> int:
         return sum(len(entries) for entries in self._data.values())
 
-    def remove_if(self, old: Callable[[_V], bool]) -> int:
-        removed = 0
-        for entries in self._data.values():
-            gone = [key for key, value in entries.items() if old(value)]
-            for key in gone:
-                del entries[key]
-            removed += len(gone)
-        return removed
+    def remove_if(self, partition: int, old: Callable[[_V], bool]) -> int:
+        entries = self._data.get(partition, {})
+        gone = [key for key, value in entries.items() if old(value)]
+        for key in gone:
+            del entries[key]
+        return len(gone)
 
 
 class InMemoryStateStore:
@@ -226,9 +224,12 @@ class InMemoryStateStore:
     def wipe(self, partition: int) -> None:
         self.drop(partition)
 
-    def expire_seen(self, before_ms: int, limit: int = 0) -> tuple[int, bool]:
+    def expire_seen(self, before_ms: Mapping[int, int], limit: int = 0) -> tuple[int, bool]:
         # Every id at once, whatever the limit (tests and benchmarks hold few).
-        return self._seen.remove_if(lambda arrival: arrival < before_ms), True
+        removed = 0
+        for partition, before in before_ms.items():
+            removed += self._seen.remove_if(partition, before.__gt__)  # arrival < before
+        return removed, True
 
     def drop(self, partition: int) -> None:
         for table in self._tables:

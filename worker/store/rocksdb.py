@@ -29,7 +29,7 @@ replayed record looks up whether its key existed: a bloom-filter miss when it di
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -307,8 +307,9 @@ class RocksDBStateStore:
         self.drop(partition)
         remove_files(self.path(partition))
 
-    def expire_seen(self, before_ms: int, limit: int = 0) -> tuple[int, bool]:
-        """Forget ids that arrived before ``before_ms`` (``StateStore.expire_seen``).
+    def expire_seen(self, before_ms: Mapping[int, int], limit: int = 0) -> tuple[int, bool]:
+        """Forget ids that arrived before their partition's ``before_ms``
+        (``StateStore.expire_seen``).
 
         Scans the partitions' ids in key order, at most ``limit`` of them a call (0:
         all), resuming where the last call stopped, and deletes the expired ones (and
@@ -318,7 +319,7 @@ class RocksDBStateStore:
         self._prepared = None  # pending ids may go
         removed = 0
         for log_key, (arrival, _, new) in list(self._seen.items()):
-            if arrival < before_ms:
+            if arrival < before_ms.get(log_key[0], arrival):
                 del self._seen[log_key]
                 if new:  # else the database holds the id: expired below, or kept
                     self._partitions[log_key[0]].new[SEEN] -= 1
@@ -328,9 +329,10 @@ class RocksDBStateStore:
         left = limit  # ids this call may still scan (0: no bound)
         while self._sweep:
             part = self._partitions.get(self._sweep[0])
+            before = before_ms.get(self._sweep[0])
             resume = None
-            if part is not None:  # else dropped since the scan began
-                gone, scanned, resume = part.expire(before_ms, self._sweep_from, left)
+            if part is not None and before is not None:  # else dropped, or none expire
+                gone, scanned, resume = part.expire(before, self._sweep_from, left)
                 removed += gone
                 left -= scanned if limit else 0
             if resume is None:
