@@ -12,8 +12,11 @@ many rebuilds end the process with exit code 1 instead.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import socket
+import sys
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +55,10 @@ __all__ = [
 log = structlog.get_logger("worker.service")
 # Liveness fails when the loop has not come round for this long.
 _LIVENESS = 60.0
+# After SIGTERM the worker has its shutdown budget plus this to finish; then it exits
+# anyway, before the orchestrator's SIGKILL (make deploy-check keeps the grace period at
+# least 10 s above the budget).
+_SHUTDOWN_MARGIN = 5.0
 # At most this many rebuilds within the window, then exit and let the orchestrator act.
 _MAX_REBUILDS = 10
 _REBUILD_WINDOW = 600.0
@@ -162,9 +169,14 @@ def run_service(config: Config, layout: Layout) -> int:
         ) from None
     log.info("http_listening", host=config.http.host, port=server.server_address[1])
 
+    budget = w.shutdown_timeout_seconds + _SHUTDOWN_MARGIN
+    deadline: list[threading.Timer] = []
+
     def on_signal(signum: int, _: Any) -> None:
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         supervisor.stop()
+        if not deadline:
+            deadline.append(_exit_after(budget))
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -173,6 +185,24 @@ def run_service(config: Config, layout: Layout) -> int:
     finally:
         server.shutdown()
         state.release()
+
+
+def _exit_after(seconds: float) -> threading.Timer:
+    """End the process in ``seconds`` unless it has ended by then: a final commit stuck
+    on an unreachable broker (each transactional call retried, each waiting its
+    timeout) would otherwise run into the orchestrator's SIGKILL. Nothing committed is
+    lost: the open transaction is aborted by the broker or fenced by the next start, and
+    its records are read again."""
+
+    def give_up() -> None:
+        log.error("shutdown_timed_out", seconds=seconds)
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def tune_collector() -> None:

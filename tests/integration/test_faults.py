@@ -224,3 +224,32 @@ def test_sigterm_under_load_exits_promptly_and_loses_nothing(
     workers.append(successor.start())
     assert_exactly_once(topics, valid, bad)
     assert successor.stop() == 0
+
+
+def test_sigterm_with_the_broker_away_exits_within_the_shutdown_budget(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """SIGTERM while the broker is down: the worker exits (1: nothing could commit) within
+    its shutdown budget plus 5 s, not at the orchestrator's SIGKILL, and a successor
+    loses and duplicates nothing. This stops and starts the broker the tests run against.
+    """
+    records, valid, bad = stream(10_000, seed=15)
+    settings = {"WORKER_SHUTDOWN_TIMEOUT_SECONDS": "3", **PARTITIONS}
+    worker = WorkerProcess(topics, tmp_path, "first", **settings)
+    workers.append(worker.start())
+    produce(topics.input, records[:5_000])
+    wait_until(lambda: worker.progress() > 1_000, 60, "progress before the outage")
+    kafka_script("down")
+    try:
+        started = time.monotonic()
+        code = worker.stop(signal.SIGTERM, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        kafka_script("up")
+    print(f"SIGTERM to exit with the broker down: {took:.2f}s, exit code {code}")
+    assert took < 3 + 5 + 4, worker.log()
+    produce(topics.input, records[5_000:])
+    successor = WorkerProcess(topics, tmp_path, "second", **PARTITIONS)
+    workers.append(successor.start())
+    assert_exactly_once(topics, valid, bad)
+    assert successor.stop() == 0
