@@ -48,6 +48,10 @@ from worker.store import Changelog, StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]
 
+# Source fields a dead letter's log line leaves out (the key is an id; the record's
+# timestamp is logged as record_timestamp, apart from the line's own).
+_NOT_LOGGED = ("key", "keyEncoding", "timestamp")
+
 log = structlog.get_logger("worker.processor")
 # At most one dead_letter log line per reason in this many seconds (the rest are counted).
 _LOG_EVERY = 10.0
@@ -444,6 +448,3 @@ def _position(letter: DeadLetter) -> dict[str, Any]:
     position = {k: v for k, v in letter.letter["source"].items() if k not in _NOT_LOGGED}
     position["record_timestamp"] = letter.letter["source"].get("timestamp")
     return position
-
-
-_NOT_LOGGED = ("key", "keyEncoding", "timestamp")
