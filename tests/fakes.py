@@ -201,6 +201,8 @@ class FakeSink:
         last_records: Callable[[], None] = lambda: None,
         meanwhile: Callable[[], None] = lambda: None,
     ) -> Offsets:
+        if self.transactional and not self.in_transaction:
+            return {}  # as KafkaSink: no transaction open, nothing to commit
         last_records()
         meanwhile()
         if self.fail_next_commit is not None:
@@ -240,8 +242,11 @@ class FakeSink:
 
     def abort(self) -> None:
         self.aborts += 1
+        # At least once too: KafkaSink raises AbortableError only once its flush is over
+        # (every record delivered or failed) and forgets the batch's delivery reports,
+        # so nothing of the batch is left to reach the next one.
+        self.open.clear()
         if self.transactional:
-            self.open.clear()
             self.in_transaction = False
 
     def poll(self) -> None:
