@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.errors import AbortableError, KafkaError
+from worker.errors import AbortableError, KafkaError, RetriableError
 from worker.events import Record, SourceRecord
 from worker.restore import Entry
 from worker.sink import Headers, Refusal
@@ -288,3 +288,18 @@ class FakeRestorer:
 
     def close(self) -> None:
         pass
+
+
+class FlakyRestorer(FakeRestorer):
+    """A ``FakeRestorer`` whose first ``fail`` reads raise a retriable error (a broker
+    away while a partition is restored)."""
+
+    def __init__(self, sink: FakeSink, fail: int) -> None:
+        super().__init__(sink)
+        self.fail = fail
+
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+        if self.fail:
+            self.fail -= 1
+            raise RetriableError("restore: broker transport failure")
+        yield from super().read(topic, partition, start)

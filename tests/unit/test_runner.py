@@ -12,7 +12,7 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource, Produced
+from tests.fakes import FakeClock, FakeRestorer, FakeSink, FakeSource, FlakyRestorer, Produced
 from tests.unit.test_store_rocksdb import corrupt_blocks, on_disk
 from worker import codec
 from worker.errors import (
@@ -766,20 +766,6 @@ def test_the_abort_streak_counts_aborts_until_a_commit_whatever_joins_the_batch(
 # --- Failures inside rebalances and at shutdown -------------------------------------------
 
 
-class _FlakyRestorer(FakeRestorer):
-    """A restorer whose first ``fail`` reads raise a retriable error (a broker away)."""
-
-    def __init__(self, sink: FakeSink, fail: int) -> None:
-        super().__init__(sink)
-        self.fail = fail
-
-    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
-        if self.fail:
-            self.fail -= 1
-            raise RetriableError("restore: broker transport failure")
-        yield from super().read(topic, partition, start)
-
-
 def test_a_restore_that_fails_in_a_rebalance_ends_the_loop_and_loses_nothing() -> None:
     """A partition whose restore fails is never processed without its state: the loop
     ends (the service builds a new one), and the next reads from the committed offsets."""
@@ -795,7 +781,7 @@ def test_a_restore_that_fails_in_a_rebalance_ends_the_loop_and_loses_nothing() -
     restarted.append(
         codec.encode({**timed, "messageId": "m3", "timestamp": "2019-12-31T00:00:00Z"})
     )
-    runner, _ = build(restarted, sink, restorer=_FlakyRestorer(sink, fail=1))
+    runner, _ = build(restarted, sink, restorer=FlakyRestorer(sink, fail=1))
     with pytest.raises(KafkaError, match=r"restoring in\[0\] failed in a rebalance") as error:
         run_for(runner, restarted, 6)
     assert not isinstance(error.value, (RetriableError, AbortableError, FatalError))
