@@ -170,13 +170,14 @@ def run_service(config: Config, layout: Layout) -> int:
     log.info("http_listening", host=config.http.host, port=server.server_address[1])
 
     budget = w.shutdown_timeout_seconds + _SHUTDOWN_MARGIN
-    deadline: list[threading.Timer] = []
+    deadline: threading.Timer | None = None
 
     def on_signal(signum: int, _: Any) -> None:
+        nonlocal deadline
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         supervisor.stop()
-        if not deadline:
-            deadline.append(_exit_after(budget))
+        if deadline is None:  # a second signal keeps the first one's deadline
+            deadline = _exit_after(budget)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
