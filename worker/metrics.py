@@ -19,6 +19,7 @@ from worker import __version__
 from worker.events import OutcomeKind
 from worker.normalise import WARNING_CODES
 from worker.pipeline import KNOWN_CALL_TYPES, REASONS
+from worker.state import GROUP_STATE_FULL
 
 __all__ = ["OUTCOMES", "ROUTES", "Metrics"]
 
@@ -178,7 +179,7 @@ class Metrics:
             (self.outcomes, OUTCOMES),
             (self.unwritable_outputs, ROUTES),
             (self.dead_letters, REASONS),
-            (self.trait_warnings, (*WARNING_CODES, "group_state_full")),
+            (self.trait_warnings, (*WARNING_CODES, GROUP_STATE_FULL)),
             (self.skipped, (*sorted(KNOWN_CALL_TYPES - {"group"}), "other")),
         )
         for counter, values in known:

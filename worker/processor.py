@@ -43,7 +43,7 @@ from worker.pipeline import (
 )
 from worker.profile import group_snapshot
 from worker.sink import Refusal, Sink
-from worker.state import Applied, merge_call
+from worker.state import GROUP_STATE_FULL, Applied, merge_call
 from worker.store import Changelog, StateStore
 
 __all__ = ["Processor", "Routes", "Tally"]
@@ -329,10 +329,8 @@ class Processor:
         if dropped:
             # The call's own traits keep these keys; only the group's state could not.
             warnings = call["enrichment"]["warnings"]
-            warnings.extend(
-                {"code": "group_state_full", "trait": k, "value": None} for k in dropped
-            )
-            codes = enriched.warnings + ("group_state_full",) * len(dropped)
+            warnings.extend({"code": GROUP_STATE_FULL, "trait": k, "value": None} for k in dropped)
+            codes = enriched.warnings + (GROUP_STATE_FULL,) * len(dropped)
             return Enriched(
                 enriched.group_id,
                 call,

@@ -46,6 +46,7 @@ from worker import codec
 from worker.limits import GroupBound
 
 __all__ = [
+    "GROUP_STATE_FULL",
     "NO_STAMPS",
     "AddressStamps",
     "Applied",
@@ -65,6 +66,9 @@ MemberKind = Literal["userId", "anonymousId"]
 NO_STAMPS: Final[Mapping[str, Stamp]] = {}
 """Shared by every state without stamps of a kind; never mutated (states copy first)."""
 
+
+GROUP_STATE_FULL: Final = "group_state_full"
+"""The warning code of a trait (or address sub-field) the bound left out."""
 
 _UNBOUNDED: Final = GroupBound(2**62, 2**62)
 # What a stamp adds to a state record beside its messageId: quotes, brackets, commas and

@@ -54,6 +54,7 @@ from worker.kafka import produce_all
 from worker.metrics import Metrics
 from worker.normalise import WARNING_CODES
 from worker.pipeline import KNOWN_CALL_TYPES, REASONS
+from worker.state import GROUP_STATE_FULL
 
 pytestmark = pytest.mark.integration
 
@@ -453,7 +454,7 @@ def test_metric_series_stay_within_the_fixed_label_sets(
     assert labels["type"] <= skipped_types
     assert "other" in labels["type"]
     assert labels["reason"] <= set(REASONS)
-    assert labels["code"] <= {*WARNING_CODES, "group_state_full"}
+    assert labels["code"] <= {*WARNING_CODES, GROUP_STATE_FULL}
     assert {"invalid_email", "invalid_url"} <= labels["code"]
     assert labels["topic"] <= {topics.input, topics.repartition}
     assert labels.get("partition", set()) <= {str(p) for p in range(PARTITIONS)}

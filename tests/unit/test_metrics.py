@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 from worker.metrics import Metrics
 from worker.normalise import WARNING_CODES
 from worker.pipeline import REASONS
+from worker.state import GROUP_STATE_FULL
 
 
 def test_every_label_value_known_in_advance_is_exported_at_zero() -> None:
@@ -15,7 +16,7 @@ def test_every_label_value_known_in_advance_is_exported_at_zero() -> None:
     registry = Metrics(CollectorRegistry()).registry
     for name, label, values in (
         ("group_worker_dead_letters_total", "reason", REASONS),
-        ("group_worker_trait_warnings_total", "code", (*WARNING_CODES, "group_state_full")),
+        ("group_worker_trait_warnings_total", "code", (*WARNING_CODES, GROUP_STATE_FULL)),
         ("group_worker_skipped_calls_total", "type", ("track", "identify", "other")),
         ("group_worker_outcomes_total", "outcome", ("enriched", "dead_letter")),
     ):

@@ -309,11 +309,19 @@ def test_readiness_follows_the_group() -> None:
     assert not runner.ready
 
 
-def test_lag_is_exported_per_assigned_partition() -> None:
-    """Consumer lag is exported per assigned partition and removed on revoke."""
-    runner, source, _, metrics = make(partitions=2)
+def lagging() -> tuple[Runner, FakeSource, FakeSink, Metrics]:
+    """A runner on two partitions, the first holding 15 calls and lag exported once the
+    loop has read 10 of them (the clock past the lag interval)."""
+    runner, source, sink, metrics = make(partitions=2)
     for n in range(15):
         source.append(group_call(n), partition=0)
+    source.clock.advance(10)
+    return runner, source, sink, metrics
+
+
+def test_lag_is_exported_per_assigned_partition() -> None:
+    """Consumer lag is exported per assigned partition and removed on revoke."""
+    runner, source, _, metrics = lagging()
 
     def revoke(n: int) -> None:
         if n == 2:
@@ -322,7 +330,6 @@ def test_lag_is_exported_per_assigned_partition() -> None:
         if n >= 3:
             runner.stop()
 
-    source.clock.advance(10)
     source.on_consume = revoke
     runner.run()
     assert (
@@ -336,9 +343,7 @@ def test_lag_is_exported_per_assigned_partition() -> None:
 def test_a_loop_that_ends_on_an_error_leaves_no_partition_series_behind() -> None:
     """When the loop ends on an error (the service then builds a new one, on the same
     metrics), its partitions' lag and assignment series go with it."""
-    runner, source, sink, metrics = make(partitions=2)
-    for n in range(15):
-        source.append(group_call(n), partition=0)
+    runner, source, sink, metrics = lagging()
 
     def fail(n: int) -> None:
         if n == 2:
@@ -351,7 +356,6 @@ def test_a_loop_that_ends_on_an_error_leaves_no_partition_series_behind() -> Non
 
             sink.commit = hung  # type: ignore[method-assign, assignment]
 
-    source.clock.advance(10)
     source.on_consume = fail
     with pytest.raises(FatalError):
         runner.run()

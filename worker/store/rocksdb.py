@@ -319,7 +319,8 @@ class RocksDBStateStore:
         self._prepared = None  # pending ids may go
         removed = 0
         for log_key, (arrival, _, new) in list(self._seen.items()):
-            if arrival < before_ms.get(log_key[0], arrival):
+            before = before_ms.get(log_key[0])
+            if before is not None and arrival < before:
                 del self._seen[log_key]
                 if new:  # else the database holds the id: expired below, or kept
                     self._partitions[log_key[0]].new[SEEN] -= 1
