@@ -183,7 +183,9 @@ _RANGES = (
     ("worker.commit_interval_ms", 1, 600_000),
     ("worker.commit_min_interval_ms", 0, 600_000),
     ("worker.commit_max_records", 1, 1_000_000),
+    ("worker.dedupe_window_seconds", 1, 366 * 86_400),
     ("worker.max_event_bytes", 1, 100_000_000),
+    ("worker.max_batch_bytes", 1, 100_000_000),
     ("worker.max_group_bytes", 0, 100_000_000),
     ("worker.shutdown_timeout_seconds", 1, 3_600),
     ("worker.state_cache_mb", 1, 1_000_000),
@@ -220,6 +222,12 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"config: {name} must be at least {lowest}, got {value}")
         if value > highest:
             raise ConfigError(f"config: {name} must be at most {highest}, got {value}")
+    replication = config.topics.replication_factor
+    if replication == 0 or replication < -1:
+        raise ConfigError(
+            "config: topics.replication_factor must be -1 (the broker's default) or at "
+            f"least 1, got {replication}"
+        )
     if config.worker.max_batch_bytes < config.worker.max_event_bytes:
         raise ConfigError("config: worker.max_batch_bytes must be at least worker.max_event_bytes")
     if not config.worker.group_id:
@@ -287,7 +295,12 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
                 raise ConfigError(f"config: cannot read {name}={value}: {e.strerror}") from None
         if section == "kafka" and key != "bootstrap_servers":
             key = key.replace("_", ".")
-        raw.setdefault(section, {})[key] = value
+        raw.setdefault(section, {})[key] = _Text(value)
+
+
+class _Text(str):
+    """A value from the environment: text that may stand for a number or a boolean
+    (in the file, ``batch_size = "1000"`` is a string, and refused)."""
 
 
 def _build(section: str, values: dict[str, Any]) -> Any:
@@ -312,15 +325,15 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         allowed = typing.get_args(hint)
         if value not in allowed:
             raise ConfigError(f"config: {name} must be one of {', '.join(allowed)}, got {value!r}")
-        return value
+        return str(value)
     if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        if isinstance(value, _Text) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
             raise ConfigError(f"config: {name} must be true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, str):
+        if isinstance(value, _Text):
             try:
                 value = int(value)
             except ValueError:
@@ -332,7 +345,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if not isinstance(value, str):
         raise ConfigError(f"config: {name} must be a string, got {value!r}")
-    return value
+    return str(value)  # not a _Text
 
 
 def _librdkafka_value(key: str, value: Any) -> str:

@@ -147,6 +147,42 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
             id="not-an-integer",
         ),
         pytest.param(
+            "[worker]\nbatch_size = '1000'\n",
+            {},
+            "worker.batch_size must be an integer, got '1000'",
+            id="integer-as-text-in-the-file",
+        ),
+        pytest.param(
+            "[worker]\ninput_keyed_by_group_id = 'yes'\n",
+            {},
+            "worker.input_keyed_by_group_id must be true or false",
+            id="boolean-as-text-in-the-file",
+        ),
+        pytest.param(
+            "[worker]\ndedupe_window_seconds = 0\n",
+            {},
+            "worker.dedupe_window_seconds must be at least 1",
+            id="no-dedupe-window",
+        ),
+        pytest.param(
+            "[topics]\nreplication_factor = -7\n",
+            {},
+            "topics.replication_factor must be -1 (the broker's default) or at least 1",
+            id="replication-factor",
+        ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_TOPICS_REPLICATION_FACTOR": "0"},
+            "topics.replication_factor must be -1",
+            id="replication-factor-env",
+        ),
+        pytest.param(
+            "[worker]\nmax_batch_bytes = 99999999999\n",
+            {},
+            "worker.max_batch_bytes must be at most 100000000",
+            id="batch-bytes-range",
+        ),
+        pytest.param(
             "[worker]\nbatch_size = 0\n",
             {},
             "worker.batch_size must be at least 1",
