@@ -17,7 +17,7 @@ from confluent_kafka import KafkaException
 from worker import __version__, tools
 from worker.config import Config, load_config
 from worker.errors import ConfigError, TopicError, WorkerError
-from worker.kafka import translate
+from worker.kafka import check_properties, translate
 from worker.logs import configure_logging
 from worker.service import run_service
 from worker.topics import ensure_topics
@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config) if args.config else load_config(_default_config())
         configure_logging(config.log.level)  # before any Kafka client: its lines are JSON too
+        if args.uses_kafka:
+            check_properties(config.kafka.bootstrap_servers, config.kafka.properties)
         result: int = args.command(config, args)
         return result
     except (ConfigError, TopicError) as e:
@@ -57,17 +59,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML configuration (default: config/worker.toml if present)",
     )
+    parser.set_defaults(uses_kafka=True)
+    # After the command too (`group-worker run --config FILE`), where it wins.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="as above")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the worker until SIGTERM or Ctrl-C")
+    run = commands.add_parser(
+        "run", help="run the worker until SIGTERM or Ctrl-C", parents=[config]
+    )
     run.set_defaults(command=_run)
 
     topics = commands.add_parser("topics", help="manage the worker's topics")
     topic_commands = topics.add_subparsers(required=True, metavar="ACTION")
-    create = topic_commands.add_parser("create", help="create missing topics, check the rest")
+    create = topic_commands.add_parser(
+        "create", help="create missing topics, check the rest", parents=[config]
+    )
     create.set_defaults(command=_topics_create)
 
-    tools.add_commands(commands)
+    tools.add_commands(commands, config)
     return parser
 
 

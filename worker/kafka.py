@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, Literal, NoReturn
 
+from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import KafkaError as ClientError
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient
 
 from worker.errors import AbortableError, ConfigError, FatalError, KafkaError, RetriableError
 from worker.limits import PRODUCER_MAX_DEFAULT
@@ -26,6 +27,7 @@ from worker.logs import kafka_client_logger
 
 __all__ = [
     "RefusalWatch",
+    "check_properties",
     "client_config",
     "list_topics",
     "produce_all",
@@ -81,6 +83,29 @@ def client_config(
     scope = f"{role}."
     config.update({k.removeprefix(scope): v for k, v in properties.items() if k.startswith(scope)})
     return config
+
+
+def check_properties(bootstrap_servers: str, properties: Mapping[str, str]) -> None:
+    """Raise ``ConfigError`` when librdkafka refuses ``properties`` for one of the
+    worker's clients: an unknown property, a value it does not take, key material that
+    does not parse. Builds each kind of client once, and closes it; connects to nothing
+    on purpose, but the clients may start to."""
+    kinds: tuple[tuple[Literal["consumer", "producer", "admin"], Any], ...] = (
+        ("admin", AdminClient),
+        ("producer", Producer),
+        ("consumer", Consumer),
+    )
+    for role, kind in kinds:
+        settings: dict[str, Any] = {"log_level": 0}  # its connection attempts are no news
+        if role == "consumer":
+            settings["group.id"] = "group-worker-check"
+        try:
+            client = kind(client_config(bootstrap_servers, properties, role, settings))
+        except KafkaException as e:
+            error = e.args[0].str()
+            raise ConfigError(f"config: kafka: {error} (librdkafka, for the {role})") from None
+        if role == "consumer":
+            client.close()
 
 
 def producer_max_bytes(config: Mapping[str, Any]) -> int:

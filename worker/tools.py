@@ -30,9 +30,12 @@ __all__ = ["add_commands", "read_calls"]
 _UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
 
 
-def add_commands(commands: Any) -> None:
-    """Register the data commands on the ``group-worker`` subparsers."""
-    send = commands.add_parser("send", help="produce JSON calls to the input topic")
+def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Register the data commands on the ``group-worker`` subparsers, each with the
+    ``common`` options."""
+    send = commands.add_parser(
+        "send", help="produce JSON calls to the input topic", parents=[common]
+    )
     send.add_argument("file", help="JSON lines, or one JSON array; - for standard input")
     send.add_argument("--topic", help="topic to send to (default: topics.input)")
     send.add_argument(
@@ -42,7 +45,9 @@ def add_commands(commands: Any) -> None:
     )
     send.set_defaults(command=_send)
 
-    tail = commands.add_parser("tail", help="print a topic's records as JSON lines")
+    tail = commands.add_parser(
+        "tail", help="print a topic's records as JSON lines", parents=[common]
+    )
     tail.add_argument("topic")
     tail.add_argument(
         "--from-beginning",
@@ -60,15 +65,21 @@ def add_commands(commands: Any) -> None:
 
     state = commands.add_parser("state", help="print group profiles from the state topic")
     state_commands = state.add_subparsers(required=True, metavar="ACTION")
-    get = state_commands.add_parser("get", help="print one group's current profile")
+    get = state_commands.add_parser(
+        "get", help="print one group's current profile", parents=[common]
+    )
     get.add_argument("group_id")
     get.set_defaults(command=_state_get)
-    dump = state_commands.add_parser("dump", help="print every group's profile as JSON lines")
+    dump = state_commands.add_parser(
+        "dump", help="print every group's profile as JSON lines", parents=[common]
+    )
     dump.set_defaults(command=_state_dump)
 
     for name in ("normalise", "normalize"):
         normalise = commands.add_parser(
-            name, help="print what the worker would produce for JSON-lines calls (no Kafka)"
+            name,
+            help="print what the worker would produce for JSON-lines calls (no Kafka)",
+            parents=[common],
         )
         normalise.add_argument("file", nargs="?", default="-", help="JSON lines; - for stdin")
         normalise.add_argument(
@@ -76,7 +87,7 @@ def add_commands(commands: Any) -> None:
             action="store_true",
             help="print counts by outcome, reason and warning code instead",
         )
-        normalise.set_defaults(command=_normalise)
+        normalise.set_defaults(command=_normalise, uses_kafka=False)
 
 
 def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:

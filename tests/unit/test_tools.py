@@ -88,3 +88,38 @@ def test_tail_refuses_a_bound_it_cannot_keep(
         main(["tail", "some.topic", *args])
     assert stopped.value.code == 2
     assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "why"),
+    [
+        (["run"], "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVER", "x:1", '"bootstrap.server"'),
+        (["run"], "GROUP_WORKER_KAFKA_SECURITY_PROTOCOL", "BOGUS", '"security.protocol"'),
+        (["run"], "GROUP_WORKER_KAFKA_CONSUMER_FETCH_MAX_BYTES", "12", "fetch.max.bytes"),
+        (["tail", "t"], "GROUP_WORKER_KAFKA_LINGER_MS", "soon", "queue.buffering.max.ms"),
+        (["send", "-"], "GROUP_WORKER_KAFKA_NOT_A_PROPERTY", "1", '"not.a.property"'),
+    ],
+)
+def test_a_kafka_property_librdkafka_refuses_is_bad_configuration(
+    tmp_path: Path, command: list[str], variable: str, value: str, why: str
+) -> None:
+    """An unknown librdkafka property, or a value it does not take, stops any Kafka
+    command at start with exit 2 and one line naming the property."""
+    no_broker = {"GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", variable: value}
+    result = group_worker(tmp_path, *command, **no_broker)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("group-worker: config: kafka: "), lines
+    assert why in lines[0], lines
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_is_taken_before_or_after_the_command(
+    tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--config FILE` works on either side of the command (here a file that is missing)."""
+    option = ["--config", str(tmp_path / "missing.toml")]
+    command = ["state", "get", "g"]
+    assert main(option + command if where == "before" else command + option) == 2
+    assert f"cannot read {tmp_path / 'missing.toml'}" in capsys.readouterr().err
