@@ -9,20 +9,24 @@ that the broker must refuse (``worker.limits``).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource, NewTopic
 
 from worker.config import Config
-from worker.errors import FatalError, KafkaError, TopicError
+from worker.errors import FatalError, KafkaError, RetriableError, TopicError
 from worker.kafka import client_config, list_topics
 
-__all__ = ["Layout", "TopicSpec", "ensure_topics", "plan_topics", "read_limits"]
+__all__ = ["Layout", "TopicSpec", "await_topics", "ensure_topics", "plan_topics", "read_limits"]
 
+log = structlog.get_logger("worker.topics")
 _TIMEOUT = 30.0
+# Between tries of a start that found no broker: doubling up to the last.
+_UNREACHABLE_BACKOFF = (1.0, 2.0, 5.0, 10.0)
 _COMPACT = {"cleanup.policy": "compact"}
 # Dedupe ids are kept this much longer than the window, so none expires early.
 _DEDUPE_MARGIN_MS = 3_600_000
@@ -86,11 +90,29 @@ def plan_topics(config: Config) -> list[TopicSpec]:
     return specs
 
 
+def await_topics(config: Config, sleep: Callable[[float], None] = time.sleep) -> Layout:
+    """``ensure_topics``, tried again while no broker answers, for as long as it takes.
+
+    A worker may start before its brokers (a cluster starting, a broker restarting):
+    it logs ``kafka_unreachable`` and tries again, the way it rides out a broker that
+    goes away later. Blocks; raises what ``ensure_topics`` raises but ``RetriableError``.
+    """
+    tries = 0
+    while True:
+        try:
+            return ensure_topics(config)
+        except RetriableError as e:
+            backoff = _UNREACHABLE_BACKOFF[min(tries, len(_UNREACHABLE_BACKOFF) - 1)]
+            log.warning("kafka_unreachable", error=str(e), retry_seconds=backoff)
+            sleep(backoff)
+            tries += 1
+
+
 def ensure_topics(config: Config) -> Layout:
     """Create missing topics, check existing ones, and read the output topics' limits.
 
-    Blocks on the admin API (up to 30 s per step). Raises ``TopicError`` with one
-    clear line when the broker cannot be reached, a topic cannot be created, a
+    Blocks on the admin API (up to 30 s per step). Raises ``RetriableError`` when no
+    broker answers, ``TopicError`` with one clear line when a topic cannot be created, a
     co-partitioned topic's partition count differs from the input's, or a topic that
     must be compacted is not; ``FatalError`` when the broker refuses the login, or this
     principal lacks an ACL the worker needs on one of the topics (naming both).
@@ -157,7 +179,7 @@ def _partition_counts(admin: AdminClient) -> dict[str, int]:
         metadata = list_topics(admin, timeout=_TIMEOUT)
     except KafkaException as e:
         admin.poll(0)  # hand over the client's own lines (which broker failed, and how)
-        raise TopicError(f"cannot reach Kafka to list topics: {e.args[0].str()}") from None
+        raise RetriableError(f"cannot reach Kafka to list topics: {e.args[0].str()}") from None
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 
 
