@@ -31,6 +31,7 @@ from worker.times import format_time, parse_iso_time
 __all__ = [
     "FORMAT",
     "StateFormatError",
+    "check_format",
     "group_snapshot",
     "record_field",
     "record_time",
@@ -101,6 +102,23 @@ class StateFormatError(ValueError):
     """A state record in a format this worker does not read (a newer worker wrote it)."""
 
 
+def check_format(record: Any) -> None:
+    """Raise ``StateFormatError`` when ``record`` (a decoded state record) says it is in a
+    format this worker does not read. Anything else passes: a malformed record is found
+    by ``state_from_record``."""
+    merge = record.get("merge") if isinstance(record, dict) else None
+    if isinstance(merge, dict):
+        _check_version(merge.get("format", 1))
+
+
+def _check_version(version: Any) -> None:
+    if version not in _READABLE_FORMATS:
+        raise StateFormatError(
+            f"state record format {version!r}: this worker reads formats "
+            f"{', '.join(map(str, _READABLE_FORMATS))}"
+        )
+
+
 def state_from_record(record: Mapping[str, Any]) -> GroupState:
     """Read a state record (as decoded from JSON) back into the state it was made from.
 
@@ -110,11 +128,7 @@ def state_from_record(record: Mapping[str, Any]) -> GroupState:
     """
     merge = record_field(record, "merge", dict)
     version = merge.get("format", 1)
-    if version not in _READABLE_FORMATS:
-        raise StateFormatError(
-            f"state record format {version!r}: this worker reads formats "
-            f"{', '.join(map(str, _READABLE_FORMATS))}"
-        )
+    _check_version(version)
     # One tuple per distinct stamp: a restored state takes the memory of a merged one.
     interned: dict[Stamp, Stamp] = {}
 

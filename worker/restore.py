@@ -10,7 +10,7 @@ restored.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
@@ -146,11 +146,17 @@ def _replay(
     skipped = 0
     for changelog, topic in topics.by_role():
         start = starts.get(changelog, 0)
-        entries = _Counted(restorer.read(topic, partition, start), progress)
+        # Closed here however the apply ends: a reader left open would release its
+        # partition whenever it is collected, maybe in the middle of the next read.
+        reader = restorer.read(topic, partition, start)
+        entries = _Counted(reader, progress)
         try:
             skipped += store.apply_changelog(partition, changelog, entries, start)
         except StateFormatError as e:
             raise TopicError(f"topic {topic} partition {partition}: {e}") from None
+        finally:
+            if isinstance(reader, Generator):
+                reader.close()
         read[changelog] = entries.count
     return Restored(read["state"], read["members"], read["dedupe"], skipped, rebuilt)
 

@@ -11,9 +11,11 @@ import pytest
 
 from tests.fakes import FakeClock, FakeSink
 from tests.integration.harness import (
+    PARTITIONS,
     Topics,
     WorkerProcess,
     cli,
+    free_port,
     produce,
     read_topic,
     wait_until,
@@ -195,3 +197,23 @@ def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
     one.pop("updatedAt")
     assert one == expected_states["g7"]
     assert cli(topics, "state", "get", "no-such-group").returncode == 1
+
+
+def test_a_state_record_of_a_newer_format_stops_the_worker_at_restore(tmp_path: Path) -> None:
+    """A state record this worker cannot read stops it when its partition is restored,
+    with the local store: exit 2 and one line naming the topic, partition and format."""
+    topics = Topics.unique()
+    settings = {
+        "TOPICS_PARTITIONS": str(PARTITIONS),
+        "WORKER_STATE_DIR": str(tmp_path / "state"),
+        "HTTP_PORT": str(free_port()),
+    }
+    assert cli(topics, "topics", "create", **settings).returncode == 0
+    record = {"groupId": "g1", "traits": {}, "merge": {"format": 99, "calls": []}}
+    produce(topics.state, [(b"g1", codec.encode(record))])
+    result = cli(topics, "run", **settings)
+    lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("{")]
+    assert result.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert f"topic {topics.state} partition " in lines[0], lines
+    assert "state record format 99" in lines[0], lines

@@ -5,6 +5,7 @@ What only RocksDB does (files, offsets, corruption, its cache) is in test_store_
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from worker import codec
 from worker.dedupe import seen_record_key
 from worker.members import Membership, membership_record
-from worker.profile import StateFormatError, state_record
+from worker.profile import FORMAT, StateFormatError, state_record
 from worker.state import Applied, GroupState, merge_call
 from worker.store import (
     ChangelogEntry,
@@ -294,17 +295,18 @@ def test_a_malformed_record_reads_as_absent(store: StateStore) -> None:
     assert store.group_count() == 1
 
 
-def test_a_state_record_of_a_newer_format_raises(store: StateStore) -> None:
-    """A state record in a format this worker does not read raises, on apply or on read."""
+@pytest.mark.parametrize("spaced", [False, True])
+def test_a_state_record_of_a_newer_format_raises_on_apply(store: StateStore, spaced: bool) -> None:
+    """A state record in a format this worker does not read raises when it is applied
+    (a restore stops there), however it is spelled, even beside a trait that looks like
+    this worker's ``merge``."""
     record = state_record(state("g1"))
+    record["traits"]["merge"] = {"format": FORMAT, "x": 1}
     record["merge"]["format"] = 99
-
-    def load_and_read() -> None:
-        store.apply_changelog(0, "state", [(0, b"g1", codec.encode(record))], next_offset=1)
-        store.get(0, "g1")
-
-    with pytest.raises(StateFormatError):
-        load_and_read()
+    value = json.dumps(record).encode() if spaced else codec.encode(record)
+    entries = [(0, b"g0", codec.encode(state_record(state("g0")))), (1, b"g1", value)]
+    with pytest.raises(StateFormatError, match="format 99"):
+        store.apply_changelog(0, "state", entries, next_offset=2)
 
 
 def test_wipe_forgets_a_partition(store: StateStore) -> None:

@@ -39,7 +39,7 @@ from rocksdict import WriteBatch
 from worker import codec
 from worker.errors import StoreCorrupt
 from worker.members import Membership, membership_from_record, membership_record
-from worker.profile import StateFormatError, state_from_record, state_record
+from worker.profile import FORMAT, StateFormatError, check_format, state_from_record, state_record
 from worker.state import GroupState
 from worker.store.cache import LRUCache
 from worker.store.partition import (
@@ -283,11 +283,15 @@ class RocksDBStateStore:
         """Write the records as they are (``StateStore.apply_changelog``); returns 0.
 
         ``partition.APPLY_BATCH`` records to a write batch, each batch with its count
-        and offset. Malformed records are found on reading them (``get``).
+        and offset. Malformed records are found on reading them (``get``); a state record
+        in a format this worker does not read raises ``StateFormatError`` here, so the
+        worker stops at the restore, not at the group's next call.
         """
         if changelog not in CHANGELOGS:
             raise ValueError(f"unknown changelog {changelog!r}")
         part = self._part(partition)
+        if changelog == "state":
+            entries = _format_checked(entries)
         self._absent.clear()
         # What the records replace is read again (a partition coming back has nothing
         # cached: it was dropped; this is a scan of the cache, not a step per record).
@@ -497,3 +501,24 @@ def _seen_key(key: SeenKey) -> bytes:
 def _cost(record: bytes) -> int:
     """The bytes a parsed entry keeps alive, estimated from its record."""
     return len(record) * 3 // 2 + _ENTRY_BYTES
+
+
+# Every state record this worker writes ends with its merge, which starts so (a trait
+# named "merge" comes before it): the others are parsed to check their format.
+_MERGE: Final = b'"merge":'
+_WRITTEN: Final = _MERGE + b'{"format":%d,' % FORMAT
+
+
+def _format_checked(entries: Iterable[ChangelogEntry]) -> Iterator[ChangelogEntry]:
+    """``entries``, raising ``StateFormatError`` at a state record in a format this worker
+    does not read; costs a parse only for records it did not write (older formats)."""
+    for entry in entries:
+        value = entry[2]
+        if value is not None and value.rfind(_MERGE) != value.rfind(_WRITTEN):
+            try:
+                record = codec.decode(value)
+            except codec.DecodeError:
+                pass  # malformed: skipped when read
+            else:
+                check_format(record)
+        yield entry
