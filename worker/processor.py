@@ -82,7 +82,7 @@ class Routes:
 
 @dataclass(slots=True)
 class Tally:
-    """What one batch did, for the metrics."""
+    """What processing did, for the metrics."""
 
     records: int = 0
     calls: int = 0
@@ -159,9 +159,10 @@ class Processor:
         self._refused: dict[tuple[Any, ...], str] = {}
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
 
-    def process(self, records: list[SourceRecord]) -> Tally:
-        """Produce every output of ``records`` and update the store; returns the tally."""
-        tally = Tally()
+    def process(self, records: list[SourceRecord], tally: Tally | None = None) -> Tally:
+        """Produce every output of ``records`` and update the store; returns the tally
+        (``tally``, added to, when given)."""
+        tally = Tally() if tally is None else tally
         now_ms = self._now_ms = self._clock.now_ms()
         repartition = self._routes.repartition
         for record in records:

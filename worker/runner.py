@@ -92,6 +92,7 @@ class Runner:
         self._batch_start: dict[Partition, int] = {}
         self._batch_opened: float | None = None
         self._uncommitted = 0  # records consumed since the last commit
+        self._tally = Tally()  # what they did, counted when they commit
         self._caught_up = False  # the last consume() found less than a full batch
         self._commit_took = 0.0  # seconds the last commit took
         self._assigned: set[Partition] = set()
@@ -298,12 +299,13 @@ class Runner:
             offset = record.offset() or 0
             self._batch_start.setdefault(partition, offset)
             self._pending[partition] = offset + 1
-        tally = self._processor.process(records)
+        self._processor.process(records, self._tally)
         self._uncommitted += len(records)
-        self._count(tally)
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
 
     def _count(self, tally: Tally) -> None:
+        """Count what a committed batch did: an aborted batch counts nothing, and its
+        replay counts once, so the outcomes add up to the calls consumed exactly."""
         m = self._metrics
         m.records_consumed.inc(tally.records)
         m.calls_consumed.inc(tally.calls)
@@ -364,6 +366,7 @@ class Runner:
             failure = e
         self._abort_streak = 0
         self._metrics.abort_streak.set(0)
+        self._count(self._tally)
         self._close_batch()
         self._commit_took = self._clock.monotonic() - started
         self._metrics.commit_duration.observe(self._commit_took)
@@ -431,6 +434,7 @@ class Runner:
         self._batch_start.clear()
         self._batch_opened = None
         self._uncommitted = 0
+        self._tally = Tally()
 
     def _count_abort(self) -> None:
         # Counted by commits, not by exact offsets: a stuck batch picks up records of

@@ -218,8 +218,10 @@ def test_a_loop_behind_its_input_commits_by_the_interval() -> None:
 
 
 def test_abortable_commit_aborts_and_replays_exactly_once() -> None:
-    """An aborted transaction discards its outputs and the records are processed again."""
-    runner, source, sink, _ = make()
+    """An aborted transaction discards its outputs and the records are processed again;
+    the metrics count what commits, once (with two stages, a replay of the second alone
+    counted its outcomes again, and never the calls consumed)."""
+    runner, source, sink, metrics = make()
     for n in range(3):
         source.append(group_call(n))
     sink.fail_next_commit = AbortableError("fenced epoch bump")
@@ -227,6 +229,9 @@ def test_abortable_commit_aborts_and_replays_exactly_once() -> None:
     assert sink.aborts == 1
     assert message_ids(sink) == ["m0", "m1", "m2"]
     assert sink.offset_commits[-1] == {("in", 0): 3}
+    assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 3
+    assert sample(metrics, "group_worker_calls_consumed_total") == 3
+    assert sample(metrics, "group_worker_records_consumed_total") == 3
 
 
 def test_a_produce_failing_half_way_through_a_batch_loses_no_record() -> None:
