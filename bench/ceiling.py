@@ -77,7 +77,7 @@ class PassThrough(Processor):
         self.finished: float | None = None
         self.runner: Runner | None = None
 
-    def process(self, records: list[SourceRecord]) -> Tally:
+    def process(self, records: list[SourceRecord], tally: Tally | None = None) -> Tally:
         self._started()
         produce, output = self._out_sink.produce, self._output
         for record in records:
@@ -89,7 +89,7 @@ class PassThrough(Processor):
                 value.encode() if isinstance(value, str) else (value or b""),
             )
         self._counted(len(records))
-        return Tally(records=len(records), calls=len(records))
+        return _tallied(tally, len(records))
 
     def _started(self) -> None:
         if self.started is None:
@@ -139,7 +139,7 @@ class WorkerShaped(PassThrough):
         self._changes = _ChangeSet()
         super().__init__(routes, sink, routes.enriched, expect, self._changes)
 
-    def process(self, records: list[SourceRecord]) -> Tally:
+    def process(self, records: list[SourceRecord], tally: Tally | None = None) -> Tally:
         self._started()
         produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records
         last = 0
@@ -161,7 +161,7 @@ class WorkerShaped(PassThrough):
             changes["dedupe", partition, seen] = (b"%d" % arrival, arrival)
             last += 1
         self._counted(last)
-        return Tally(records=len(records), calls=len(records))
+        return _tallied(tally, len(records))
 
 
 class _NoRestore:
@@ -229,3 +229,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _tallied(tally: Tally | None, records: int) -> Tally:
+    """``tally`` (or a new one) with ``records`` records and calls added."""
+    tally = Tally() if tally is None else tally
+    tally.records += records
+    tally.calls += records
+    return tally
