@@ -33,13 +33,13 @@ def _freeze_after_first_batch() -> None:
     original = Processor.process
     frozen = False
 
-    def process(self: Processor, records: Any) -> Tally:
+    def process(self: Processor, records: Any, tally: Tally | None = None) -> Tally:
         nonlocal frozen
         if not frozen:
             gc.collect()
             gc.freeze()
             frozen = True
-        return original(self, records)
+        return original(self, records, tally)
 
     Processor.process = process  # type: ignore[method-assign]
 
