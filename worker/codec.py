@@ -2,7 +2,7 @@
 
 orjson is strict where it matters for dead-lettering: it rejects invalid UTF-8,
 ``NaN``/``Infinity``, numbers beyond a double's range and nesting deeper than 1024
-levels. Integers beyond 64 bits are read as floats, as JavaScript reads them.
+levels (and writes at most 254: ``too_deep`` says what may not be taken in). Integers beyond 64 bits are read as floats, as JavaScript reads them.
 """
 
 from __future__ import annotations
@@ -12,14 +12,40 @@ from typing import Any
 
 import orjson
 
-__all__ = ["DecodeError", "decode", "encode", "encode_lenient", "encode_sorted"]
+__all__ = [
+    "MAX_DEPTH",
+    "DecodeError",
+    "decode",
+    "encode",
+    "encode_lenient",
+    "encode_sorted",
+    "too_deep",
+]
 
 DecodeError = orjson.JSONDecodeError
+# The deepest nesting taken in: orjson reads 1024 levels but writes 254, and the worker
+# wraps a call's values a few levels deeper (the group snapshot, a warning's value).
+MAX_DEPTH = 200
 
 
 def decode(data: bytes | str) -> Any:
     """Parse one JSON document; raises ``DecodeError`` (a ``ValueError``) when invalid."""
     return orjson.loads(data)
+
+
+def too_deep(data: bytes, value: Any) -> bool:
+    """Whether ``value``, decoded from ``data``, nests deeper than ``MAX_DEPTH`` levels
+    (so could not be written again). Walks it only when ``data`` has that many brackets."""
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return False
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            return True
+        inner = node.values() if isinstance(node, dict) else node
+        pending.extend((v, depth + 1) for v in inner if isinstance(v, dict | list))
+    return False
 
 
 # Serialise a value to compact JSON bytes; raises ``TypeError`` for non-JSON values.

@@ -239,6 +239,43 @@ def test_call_in_batch_over_the_size_limit_is_too_large() -> None:
     assert [o.kind for o in outcomes] == ["enriched", "dead_letter"]
 
 
+def nested(depth: int) -> Any:
+    """An empty list ``depth`` levels deep."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [201, 300, 1_000])
+@pytest.mark.parametrize("where", ["traits", "context", "no-message-id", "in-a-batch"])
+def test_json_nested_deeper_than_can_be_written_again_is_invalid_json(
+    depth: int, where: str
+) -> None:
+    """A record nested deeper than 200 levels is an invalid_json dead letter with its raw
+    bytes: orjson reads 1024 levels but writes 254, so such a call could not be written
+    out again (the worker crashed on it, and again after each restart)."""
+    document = {
+        "traits": call(traits={"a": "DEEP"}),
+        "context": call(context={"a": "DEEP"}),
+        "no-message-id": call(messageId=..., traits={"a": "DEEP"}),
+        "in-a-batch": {"batch": [call(), call(messageId="m2", traits={"a": "DEEP"})]},
+    }[where]
+    # Written out by hand: orjson cannot write it.
+    raw = codec.encode(document).replace(b'"DEEP"', b"[" * depth + b"]" * depth)
+    letter = dead(raw)
+    assert letter.reason == "invalid_json"
+    assert letter.letter["message"] == "nested deeper than 200 levels"
+    assert letter.letter["value"] == raw.decode()
+
+
+def test_json_nested_200_levels_is_taken_and_written_out() -> None:
+    """200 levels deep (the call itself the first) is a call like any other."""
+    outcome = enriched(call(traits={"a": nested(198)}))
+    assert outcome.call["traits"]["a"] == nested(198)
+    codec.encode({**outcome.call, "group": {"traits": outcome.call["traits"]}})
+
+
 def test_other_call_types_are_skipped_whatever_their_size() -> None:
     """A track call over max_event_bytes is not a group call: skipped, not dead-lettered."""
     big = call(type="track", properties={"d": "x" * 500})
