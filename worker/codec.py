@@ -2,7 +2,8 @@
 
 orjson is strict where it matters for dead-lettering: it rejects invalid UTF-8,
 ``NaN``/``Infinity``, numbers beyond a double's range and nesting deeper than 1024
-levels (and writes at most 254: ``too_deep`` says what may not be taken in). Integers beyond 64 bits are read as floats, as JavaScript reads them.
+levels (and writes at most 254: ``too_deep`` says what may not be taken in).
+Integers beyond 64 bits are read as floats, as JavaScript reads them.
 """
 
 from __future__ import annotations
