@@ -139,7 +139,7 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
         return [_dead_letter(e, record, source, raw)]
 
     if not _is_envelope(document):
-        return [_process_call(document, record, source, raw, settings, arrival_ms, document)]
+        return [_process_call(document, record, source, raw, settings, arrival_ms)]
 
     calls = document["batch"]
     if not isinstance(calls, list):
@@ -152,7 +152,7 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
     for index, sent in enumerate(calls):
         position = Position(source.topic, source.partition, source.offset, index)
         call = defaults | sent if isinstance(sent, dict) and defaults else sent
-        outcomes.append(_process_call(call, record, position, None, settings, arrival_ms, sent))
+        outcomes.append(_process_call(call, record, position, None, settings, arrival_ms))
     return outcomes
 
 
@@ -206,11 +206,11 @@ def _process_call(
     raw: bytes | None,
     settings: Settings,
     arrival_ms: int,
-    sent: Any,
 ) -> Outcome:
-    """One call's outcome. ``raw`` is the record's value when the call is all of it;
-    ``sent`` the call as its sender wrote it (before an envelope's fields), whose size
-    ``max_event_bytes`` bounds (a group call's only: other types are skipped at any size)."""
+    """One call's outcome. ``raw`` is the record's value when the call is all of it.
+    ``max_event_bytes`` bounds a group call's size (other types are skipped at any size)
+    as the worker would write it: a call from a batch with the envelope's fields it takes,
+    so one small envelope cannot fan out into many large calls."""
     try:
         if not isinstance(call, dict):
             raise _Invalid("not_an_object", f"the call is a JSON {_json_type(call)}")
@@ -220,7 +220,7 @@ def _process_call(
         call_type = call_type.strip().lower()
         if call_type != "group":
             return Skipped(call_type if call_type in KNOWN_CALL_TYPES else "other")
-        size = len(raw) if raw is not None else len(codec.encode(sent))
+        size = len(raw) if raw is not None else len(codec.encode(call))
         if size > settings.max_event_bytes:
             raise _call_too_large(size, settings)
         return _enrich(call, source, settings, arrival_ms)

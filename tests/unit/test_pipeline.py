@@ -231,12 +231,16 @@ def test_empty_batch_has_no_outcomes() -> None:
 
 
 def test_call_in_batch_over_the_size_limit_is_too_large() -> None:
-    """Each call in an envelope is held to max_event_bytes on its own, as its sender
-    wrote it (the envelope's fields it takes do not count)."""
+    """Each call in an envelope is held to max_event_bytes on its own, with the envelope's
+    fields it takes: a small envelope cannot fan out into many large calls."""
     small, big = call(messageId="s"), call(messageId="b", traits={"d": "x" * 500})
-    envelope = {"batch": [small, big], "context": {"page": {"url": "x" * 500}}}
+    envelope = {"batch": [small, big], "context": {"library": {"name": "analytics-node"}}}
     outcomes = run(codec.encode(envelope), Settings(max_event_bytes=300))
     assert [o.kind for o in outcomes] == ["enriched", "dead_letter"]
+    envelope["context"] = {"blob": "x" * 500}  # its own calls are small
+    outcomes = run(codec.encode(envelope), Settings(max_event_bytes=300))
+    assert [o.kind for o in outcomes] == ["dead_letter", "dead_letter"]
+    assert all(isinstance(o, DeadLetter) and o.reason == "too_large" for o in outcomes)
 
 
 def nested(depth: int) -> Any:
