@@ -251,10 +251,23 @@ class KafkaRestorer:
             self._consumer.unassign()
 
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
-        """Low and high watermarks, retrying while metadata settles."""
+        """Low and high watermarks, retrying while metadata settles. Raises ``TopicError``
+        when ``topic`` has no such partition: the input got partitions it has not."""
         tp = TopicPartition(topic, partition)
-        low, high = _retrying(lambda: self._consumer.get_watermark_offsets(tp, timeout=10), topic)
-        return low, high
+
+        def watermarks() -> tuple[int, int]:
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=10)
+            except KafkaException as e:
+                if e.args[0].code() != ClientError._UNKNOWN_PARTITION:
+                    raise
+                raise TopicError(
+                    f"topic {topic} has no partition {partition}, which the input has: a "
+                    "changelog needs as many partitions as the input (state is co-partitioned)"
+                ) from None
+            return low, high
+
+        return _retrying(watermarks, topic)
 
     def topic_ids(self, topics: Sequence[str]) -> list[str]:
         """The topics' ids, from the cluster's metadata (retrying while it settles)."""

@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.harness import BOOTSTRAP, Topics, create_topic, free_port
 from worker.errors import RetriableError, TopicError
+from worker.restore import KafkaRestorer
 from worker.source import KafkaSource, Partition
 
 pytestmark = pytest.mark.integration
@@ -81,3 +82,17 @@ def test_a_subscribe_no_broker_answers_is_retriable_not_a_topic_error(topics: To
         assert time.monotonic() - started < 3.0
     finally:
         source.close()
+
+
+def test_a_changelog_without_the_inputs_partition_is_a_topic_error(topics: Topics) -> None:
+    """Restoring a partition its changelog lacks (the input got more partitions) is a
+    TopicError naming the topic and partition: the worker stops with exit 2 and says so,
+    instead of rebuilding its clients until it gives up."""
+    create_topic(topics.state, 2)
+    restorer = KafkaRestorer(BOOTSTRAP, topics.group_id, {})
+    try:
+        assert restorer.bounds(topics.state, 1) == (0, 0)
+        with pytest.raises(TopicError, match=f"topic {topics.state} has no partition 2"):
+            restorer.bounds(topics.state, 2)
+    finally:
+        restorer.close()
