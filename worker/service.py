@@ -28,7 +28,7 @@ from confluent_kafka import KafkaException
 from worker.clock import Clock, SystemClock
 from worker.config import Config, redact
 from worker.errors import ConfigError, FatalError, KafkaError
-from worker.kafka import client_config, producer_max_bytes
+from worker.kafka import client_config, producer_max_bytes, translate
 from worker.limits import GroupBound, Limits, group_bound
 from worker.metrics import Metrics
 from worker.pipeline import Settings
@@ -114,10 +114,14 @@ class Supervisor:
                     self._current.stop()
                 self._current.run()
                 return 0
-            except FatalError as e:
-                log.error("fatal_kafka_error", error=str(e))
-                return 1
             except (KafkaError, KafkaException) as e:
+                # A client call that was not translated where it was made: its error may
+                # be fatal all the same (a fenced producer's next call).
+                if isinstance(e, KafkaException):
+                    e = translate(e.args[0])
+                if isinstance(e, FatalError):
+                    log.error("fatal_kafka_error", error=str(e))
+                    return 1
                 now = self._clock.monotonic()
                 rebuilds = [t for t in rebuilds if now - t < _REBUILD_WINDOW] + [now]
                 if len(rebuilds) > _MAX_REBUILDS:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+from confluent_kafka import KafkaError as ClientError
+from confluent_kafka import KafkaException
+
 from tests.fakes import FakeClock
 from worker.errors import FatalError, KafkaError, RetriableError
 from worker.service import Loop, Supervisor
@@ -51,9 +55,18 @@ def test_a_failed_loop_is_rebuilt_after_a_backoff() -> None:
     assert clock.now_ms() - FakeClock().now_ms() == 3_000  # backoffs of 1 s and 2 s
 
 
-def test_a_fatal_error_exits_1_without_rebuilding() -> None:
-    """A fenced producer (FatalError) ends the process with exit code 1."""
-    code, built, _ = supervise(FakeLoop(FatalError("fenced")), FakeLoop())
+@pytest.mark.parametrize(
+    "error",
+    [
+        FatalError("fenced"),
+        KafkaException(ClientError(ClientError._FENCED, "fenced by a newer instance", fatal=True)),
+    ],
+    ids=["translated", "client-error"],
+)
+def test_a_fatal_error_exits_1_without_rebuilding(error: Exception) -> None:
+    """A fenced producer ends the process with exit code 1, also when the client's error
+    reaches the supervisor untranslated (it rebuilt, fencing the other process again)."""
+    code, built, _ = supervise(FakeLoop(error), FakeLoop())
     assert code == 1
     assert len(built) == 1
 
