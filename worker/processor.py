@@ -377,8 +377,9 @@ class Processor:
     def _why(self, reason: str, topic: str, key: bytes, value: bytes) -> str:
         if reason == "output_too_large":
             return (
-                f"its record for {topic} is {len(value)} bytes, over the topic's limit of "
-                f"{self._limits.record_bytes(topic)}"
+                f"its record for {topic} is {len(value)} bytes, over the "
+                f"{self._limits.record_bytes(topic)} a record may take there (the topic's "
+                "max.message.bytes less a record batch's overhead)"
             )
         return f"{topic} refused its record: {self._refused[self._identity(topic, key, value)]}"
 
