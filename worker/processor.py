@@ -201,7 +201,8 @@ class Processor:
         ends = set({(r[0], r[1]): i for i, r in enumerate(records)}.values())
         topics, produce, refused = self._changelog_topic, self._sink.produce, self._refused
         room = {changelog: self._limits.record_bytes(topic) for changelog, topic in topics.items()}
-        latest = self._latest_arrival
+        # A producer's clock ahead of ours would otherwise move the expiry horizon early.
+        latest, now = self._latest_arrival, self._clock.now_ms()
         for i, (changelog, partition, key, value, timestamp) in enumerate(records):
             topic = topics[changelog]
             if refused or len(key) + len(value) > room[changelog]:
@@ -209,7 +210,7 @@ class Processor:
             else:  # _write_changelog for a record that fits, inlined: ~3 records a call
                 produce(topic, key, value, None, partition, timestamp, report=i in ends)
             if timestamp and timestamp > latest.get(partition, 0):  # a dedupe id's arrival
-                latest[partition] = timestamp
+                latest[partition] = min(timestamp, now)
         return len(records)
 
     def expire_seen(self) -> None:

@@ -373,6 +373,21 @@ def test_a_partition_behind_the_others_keeps_the_ids_its_retries_need() -> None:
     assert state.event_count == 1
 
 
+def test_an_arrival_ahead_of_the_clock_expires_no_id_early() -> None:
+    """A record stamped ahead of the worker's clock (its producer's clock is fast; the
+    broker takes up to an hour ahead) counts as arriving now for expiry: the ids of the
+    window's last hour stay, and their retries are still duplicates."""
+    processor, sink, store = make()  # a one-hour window
+    now, minute = 1_700_000_000_000, 60_000  # FakeClock's
+    steps = [("m1", now - 50 * minute), ("x", now + 50 * minute), ("m1", now)]
+    for offset, (mid, arrival) in enumerate(steps):
+        processor.process([Record("in", 0, offset, call(mid), timestamp_ms=arrival)])
+        processor.write_changelog()
+        store.commit()
+        processor.expire_seen()
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m1", "x"]
+
+
 def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
     """Each call scans ``expire_slice`` ids, so many ids held stall no commit; the pass
     logs once, when done, how many ids it forgot."""
