@@ -7,6 +7,7 @@ is the group profile downstream reads and the changelog a restore reads back
 The ``merge`` member of a state record (``state_record``) is what the next merge needs::
 
     {"format": 3,
+     "deployment": "group-worker",                     # worker.group_id of the writer
      "stamps": {trait: i, ...},                        # every top-level trait but address
      "address": {"null": i, "object": i, "fields": {sub: i, ...}},
      "calls": [[event_ms, messageId], ...]}            # the stamps, each once
@@ -59,8 +60,9 @@ def group_snapshot(state: GroupState) -> dict[str, Any]:
     }
 
 
-def state_record(state: GroupState) -> dict[str, Any]:
-    """The state-topic record of a group: its profile plus ``merge`` (module docstring).
+def state_record(state: GroupState, deployment: str = "") -> dict[str, Any]:
+    """The state-topic record of a group: its profile plus ``merge`` (module docstring),
+    which names the ``deployment`` (``worker.group_id``) that wrote it, when given.
 
     JSON-ready (dicts, lists, strings, ints); ``state_from_record`` reads it back exactly.
     """
@@ -73,10 +75,10 @@ def state_record(state: GroupState) -> dict[str, Any]:
         written.update(regs.field_stamps.values())
     calls = sorted(written)
     index = {s: i for i, s in enumerate(calls)}
-    merge: dict[str, Any] = {
-        "format": FORMAT,
-        "stamps": {k: index[s] for k, s in state.stamps.items()},
-    }
+    merge: dict[str, Any] = {"format": FORMAT}
+    if deployment:
+        merge["deployment"] = deployment
+    merge["stamps"] = {k: index[s] for k, s in state.stamps.items()}
     if regs is not None:
         address: dict[str, Any] = {}
         if regs.null_stamp is not None:
@@ -99,16 +101,26 @@ def state_record(state: GroupState) -> dict[str, Any]:
 
 
 class StateFormatError(ValueError):
-    """A state record in a format this worker does not read (a newer worker wrote it)."""
+    """A state record this worker must not read: in a format it does not know (a newer
+    worker wrote it), or written by another deployment."""
 
 
-def check_format(record: Any) -> None:
+def check_format(record: Any, deployment: str = "") -> None:
     """Raise ``StateFormatError`` when ``record`` (a decoded state record) says it is in a
-    format this worker does not read. Anything else passes: a malformed record is found
-    by ``state_from_record``."""
+    format this worker does not read, or was written by a deployment other than
+    ``deployment`` (when given; a record naming none passes). Anything else passes: a
+    malformed record is found by ``state_from_record``."""
     merge = record.get("merge") if isinstance(record, dict) else None
-    if isinstance(merge, dict):
-        _check_version(merge.get("format", 1))
+    if not isinstance(merge, dict):
+        return
+    _check_version(merge.get("format", 1))
+    writer = merge.get("deployment")
+    if deployment and writer is not None and writer != deployment:
+        raise StateFormatError(
+            f"a group profile written by deployment {writer!r} (its worker.group_id), not "
+            f"by this one ({deployment!r}): each deployment needs state and members topics "
+            "of its own, or it applies the other's calls again"
+        )
 
 
 def _check_version(version: Any) -> None:

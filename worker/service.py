@@ -252,7 +252,7 @@ def build_runner(
         on_delivery_error=metrics.produce_errors.inc,
         batch_bytes=limits.batch_bytes(),
     )
-    store = RocksDBStateStore(state_dir, w.state_cache_mb << 20)
+    store = RocksDBStateStore(state_dir, w.state_cache_mb << 20, deployment=w.group_id)
     settings = runner_settings(config)
     processor = Processor(
         settings.routes,

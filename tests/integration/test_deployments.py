@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Topics, WorkerProcess, produce, read_topic, values
+from tests.integration.harness import (
+    Topics,
+    WorkerProcess,
+    cli,
+    free_port,
+    produce,
+    read_topic,
+    values,
+)
 from worker import codec
 
 pytestmark = pytest.mark.integration
@@ -52,3 +61,26 @@ def test_deployments_with_their_own_group_ids_never_read_each_others_calls(
             f"{name}-{n}" for n in range(CALLS)
         )
         assert {c["group"]["traits"]["plan"] for c in enriched} == {name}
+
+
+def test_a_deployment_refuses_state_topics_another_deployment_writes(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A second deployment (its own group id) pointed at the first's state and members
+    topics stops at its restore, exit 2, naming the other: sharing them, it would apply
+    the first's calls again and double their groups' event counts."""
+    first = Topics.unique(name_repartition=False)
+    worker = WorkerProcess(first, tmp_path, "first")
+    workers.append(worker.start())
+    produce(first.input, calls("a"))
+    assert len(read_topic(first.enriched, expect=CALLS)) == CALLS
+    assert worker.stop() == 0
+
+    second = dataclasses.replace(first, group_id=f"{first.group_id}-second")
+    settings = {"WORKER_STATE_DIR": str(tmp_path / "second"), "HTTP_PORT": str(free_port())}
+    result = cli(second, "run", **settings)
+    lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("{")]
+    assert result.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert f"topic {first.state} partition " in lines[0], lines
+    assert f"written by deployment {first.group_id!r}" in lines[0], lines

@@ -26,7 +26,7 @@ from worker.store import (
     StateStore,
 )
 
-MakeStore = Callable[[], StateStore]
+MakeStore = Callable[..., StateStore]
 
 
 def state(group_id: str, version: int = 1) -> GroupState:
@@ -43,11 +43,12 @@ def state_entry(offset: int, s: GroupState) -> tuple[int, bytes, bytes]:
     return offset, s.group_id.encode(), codec.encode(state_record(s))
 
 
-def new_store(kind: str, directory: Path) -> StateStore:
+def new_store(kind: str, directory: Path, deployment: str = "") -> StateStore:
     if kind == "memory":
-        return InMemoryStateStore()
+        return InMemoryStateStore(deployment)
     # Uncached, every read parses the record from the database.
-    return RocksDBStateStore(directory, cache_bytes=0 if kind == "rocksdb-uncached" else 1 << 20)
+    cache_bytes = 0 if kind == "rocksdb-uncached" else 1 << 20
+    return RocksDBStateStore(directory, cache_bytes, deployment)
 
 
 @pytest.fixture(params=["memory", "rocksdb", "rocksdb-uncached"])
@@ -55,8 +56,8 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
     """Makes empty stores of one kind, each in a directory of its own; closes them after."""
     stores: list[StateStore] = []
 
-    def make() -> StateStore:
-        stores.append(new_store(request.param, tmp_path / f"store-{len(stores)}"))
+    def make(deployment: str = "") -> StateStore:
+        stores.append(new_store(request.param, tmp_path / f"store-{len(stores)}", deployment))
         return stores[-1]
 
     yield make
@@ -307,6 +308,26 @@ def test_a_state_record_of_a_newer_format_raises_on_apply(store: StateStore, spa
     entries = [(0, b"g0", codec.encode(state_record(state("g0")))), (1, b"g1", value)]
     with pytest.raises(StateFormatError, match="format 99"):
         store.apply_changelog(0, "state", entries, next_offset=2)
+
+
+def test_a_state_record_of_another_deployment_raises_on_apply(make_store: MakeStore) -> None:
+    """A store of deployment "a" writes its name into its state records, takes records
+    naming it or none (older workers), and raises at one naming "b": two deployments
+    sharing a state topic would apply each other's calls again."""
+    store = make_store("a")
+    store.put(0, state("g9"))
+    [written] = [r for r in store.changes() if r[0] == "state"]
+    assert codec.decode(written[3])["merge"]["deployment"] == "a"
+    store.commit()
+
+    def entry(offset: int, group_id: str, deployment: str) -> tuple[int, bytes, bytes]:
+        value = codec.encode(state_record(state(group_id), deployment))
+        return offset, group_id.encode(), value
+
+    store.apply_changelog(1, "state", [entry(0, "g0", "a"), entry(1, "g1", "")], 2)
+    assert (store.get(1, "g0"), store.get(1, "g1")) == (state("g0"), state("g1"))
+    with pytest.raises(StateFormatError, match="deployment 'b'"):
+        store.apply_changelog(1, "state", [entry(2, "g2", "b")], 3)
 
 
 def test_wipe_forgets_a_partition(store: StateStore) -> None:

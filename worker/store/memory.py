@@ -14,7 +14,7 @@ import structlog
 from worker import codec
 from worker.dedupe import arrival_value, seen_key, seen_record_key
 from worker.members import Membership, membership_from_record, membership_record
-from worker.profile import StateFormatError, state_from_record, state_record
+from worker.profile import StateFormatError, check_format, state_from_record, state_record
 from worker.state import GroupState, copy_state
 
 if TYPE_CHECKING:
@@ -105,9 +105,14 @@ class _Table(Generic[_K, _V]):
 
 
 class InMemoryStateStore:
-    """A ``StateStore`` in dicts: a ``_Table`` each for states, memberships and ids."""
+    """A ``StateStore`` in dicts: a ``_Table`` each for states, memberships and ids.
 
-    def __init__(self) -> None:
+    ``deployment`` (``worker.group_id``) is named in the state records it writes, and a
+    state record naming another raises ``StateFormatError`` when applied.
+    """
+
+    def __init__(self, deployment: str = "") -> None:
+        self._deployment = deployment
         self._groups: _Table[str, GroupState] = _Table()
         self._members: _Table[str, Membership] = _Table()
         self._seen: _Table[SeenKey, int] = _Table()
@@ -137,7 +142,7 @@ class InMemoryStateStore:
 
     def changes(self) -> list[ChangelogRecord]:
         records: list[ChangelogRecord] = [
-            ("state", p, group_id.encode(), codec.encode(state_record(state)), 0)
+            ("state", p, group_id.encode(), codec.encode(state_record(state, self._deployment)), 0)
             for p, group_id, state in self._groups.changed()
         ]
         records += [
@@ -209,7 +214,9 @@ class InMemoryStateStore:
             if value is None:
                 self._groups.remove(partition, name)
             else:
-                self._groups.restore(partition, name, state_from_record(codec.decode(value)))
+                record = codec.decode(value)
+                check_format(record, self._deployment)
+                self._groups.restore(partition, name, state_from_record(record))
         elif changelog == "members":
             if value is None:
                 self._members.remove(partition, name)

@@ -28,6 +28,7 @@ replayed record looks up whether its key existed: a bloom-filter miss when it di
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -89,11 +90,20 @@ class RocksDBStateStore:
     are estimated from the records' lengths). RocksDB's own memory comes on top: a
     32 MiB block cache and 32 MiB of write buffers, both shared by the partitions.
     ``directory`` is created when missing. Two stores must not share a directory (a
-    partition's files are locked while open).
+    partition's files are locked while open). ``deployment`` (``worker.group_id``) is
+    named in the state records it writes, and a state record naming another raises
+    ``StateFormatError`` when applied.
     """
 
-    def __init__(self, directory: Path, cache_bytes: int) -> None:
+    def __init__(self, directory: Path, cache_bytes: int, deployment: str = "") -> None:
         self._directory = directory
+        self._deployment = deployment
+        self._state_record = functools.partial(state_record, deployment=deployment)
+        # Every state record this worker writes ends with its merge, which starts so (a
+        # trait named "merge" comes before it): the others are parsed to be checked.
+        self._written = _MERGE + b'{"format":%d,' % FORMAT
+        if deployment:
+            self._written += b'"deployment":' + codec.encode(deployment) + b","
         self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
         self._memory = SharedMemory(_BLOCK_CACHE_BYTES, _WRITE_BUFFERS_BYTES)
         self._partitions: dict[int, PartitionDB] = {}
@@ -246,7 +256,7 @@ class RocksDBStateStore:
     # Restoring, expiring and forgetting: outside the change set.
 
     def restore(self, partition: int, state: GroupState) -> None:
-        key, value = b"s" + state.group_id.encode(), codec.encode(state_record(state))
+        key, value = b"s" + state.group_id.encode(), codec.encode(self._state_record(state))
         self._write_one(partition, STATES, key, value)
         self._cache.put((partition, key), state, _cost(value))
 
@@ -291,7 +301,7 @@ class RocksDBStateStore:
             raise ValueError(f"unknown changelog {changelog!r}")
         part = self._part(partition)
         if changelog == "state":
-            entries = _format_checked(entries)
+            entries = self._checked(entries)
         self._absent.clear()
         # What the records replace is read again (a partition coming back has nothing
         # cached: it was dropped; this is a scan of the cache, not a step per record).
@@ -420,12 +430,27 @@ class RocksDBStateStore:
         self._cache.put((partition, key), entry, _cost(raw))
         return entry
 
+    def _checked(self, entries: Iterable[ChangelogEntry]) -> Iterator[ChangelogEntry]:
+        """``entries``, raising ``StateFormatError`` at a state record in a format this
+        worker does not read or of another deployment; a parse only for records it did
+        not write (older formats, other deployments)."""
+        for entry in entries:
+            value = entry[2]
+            if value is not None and value.rfind(_MERGE) != value.rfind(self._written):
+                try:
+                    record = codec.decode(value)
+                except codec.DecodeError:
+                    pass  # malformed: skipped when read
+                else:
+                    check_format(record, self._deployment)
+            yield entry
+
     def _encoded(
         self,
     ) -> Iterator[tuple[Changelog, int, bytes, bytes, GroupState | Membership]]:
         """The changed states, then memberships: changelog, partition, database key,
         record, value."""
-        for partition, key, record, state in _encode_once(self._groups, state_record):
+        for partition, key, record, state in _encode_once(self._groups, self._state_record):
             yield "state", partition, key, record, state
         for partition, key, record, m in _encode_once(self._members, membership_record):
             yield "members", partition, key, record, m
@@ -503,22 +528,4 @@ def _cost(record: bytes) -> int:
     return len(record) * 3 // 2 + _ENTRY_BYTES
 
 
-# Every state record this worker writes ends with its merge, which starts so (a trait
-# named "merge" comes before it): the others are parsed to check their format.
 _MERGE: Final = b'"merge":'
-_WRITTEN: Final = _MERGE + b'{"format":%d,' % FORMAT
-
-
-def _format_checked(entries: Iterable[ChangelogEntry]) -> Iterator[ChangelogEntry]:
-    """``entries``, raising ``StateFormatError`` at a state record in a format this worker
-    does not read; costs a parse only for records it did not write (older formats)."""
-    for entry in entries:
-        value = entry[2]
-        if value is not None and value.rfind(_MERGE) != value.rfind(_WRITTEN):
-            try:
-                record = codec.decode(value)
-            except codec.DecodeError:
-                pass  # malformed: skipped when read
-            else:
-                check_format(record)
-        yield entry
