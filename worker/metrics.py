@@ -126,6 +126,13 @@ class Metrics:
         self.repartitioned_calls = Counter(
             f"{_PREFIX}_repartitioned_calls", "Calls re-keyed by groupId", registry=r
         )
+        # With input_keyed_by_group_id, valid group calls whose record key is not their
+        # groupId: their group's state may be split over partitions (README).
+        self.unkeyed_calls = Counter(
+            f"{_PREFIX}_unkeyed_calls",
+            "Group calls on an input said to be keyed by groupId, keyed otherwise",
+            registry=r,
+        )
         # State, membership and dedupe records written to the changelog topics (coalesced).
         self.changelog_records = Counter(
             f"{_PREFIX}_changelog_records", "Changelog records written", registry=r

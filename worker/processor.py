@@ -87,6 +87,7 @@ class Tally:
     records: int = 0
     calls: int = 0
     forwarded: int = 0
+    unkeyed: int = 0  # group calls of a keyed input whose record key is not their groupId
     outcomes: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
@@ -158,6 +159,7 @@ class Processor:
         # Outputs the broker refused for good, by ``_identity``: dead-lettered on replay.
         self._refused: dict[tuple[Any, ...], str] = {}
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
+        self._unkeyed_seen = False
 
     def process(self, records: list[SourceRecord], tally: Tally | None = None) -> Tally:
         """Produce every output of ``records`` and update the store; returns the tally
@@ -184,8 +186,24 @@ class Processor:
                         self._sink.produce(repartition, key, value, timestamp=arrival)
                         continue
                     outcome = self._unwritable(reason, repartition, value, record, outcome.call)
+                elif isinstance(outcome, Enriched) and not _keyed_by(record, outcome.group_id):
+                    self._unkeyed(record, tally)
                 self._finish(outcome, record, partition, arrival, tally)
         return tally
+
+    def _unkeyed(self, record: SourceRecord, tally: Tally) -> None:
+        """Count a group call of the keyed input whose record is keyed otherwise (its
+        group's calls may be on several partitions, each with a state of its own); the
+        first one a process sees is logged."""
+        if not self._unkeyed_seen:
+            self._unkeyed_seen = True
+            log.warning(
+                "input_not_keyed_by_group_id",
+                topic=record.topic(),
+                partition=record.partition(),
+                offset=record.offset(),
+            )
+        tally.unkeyed += 1
 
     def write_changelog(self) -> int:
         """Produce the newest state, membership and dedupe id of everything changed.
@@ -449,3 +467,8 @@ def _position(letter: DeadLetter) -> dict[str, Any]:
     position = {k: v for k, v in letter.letter["source"].items() if k not in _NOT_LOGGED}
     position["record_timestamp"] = letter.letter["source"].get("timestamp")
     return position
+
+
+def _keyed_by(record: SourceRecord, group_id: str) -> bool:
+    key = record.key()
+    return key == group_id.encode() or key == group_id

@@ -310,6 +310,7 @@ class Runner:
         m.records_consumed.inc(tally.records)
         m.calls_consumed.inc(tally.calls)
         m.repartitioned_calls.inc(tally.forwarded)
+        m.unkeyed_calls.inc(tally.unkeyed)
         for labels, counter in (
             (tally.outcomes, m.outcomes),
             (tally.reasons, m.dead_letters),

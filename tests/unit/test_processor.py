@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from bench.generator import generate_calls
@@ -371,6 +372,25 @@ def test_a_partition_behind_the_others_keeps_the_ids_its_retries_need() -> None:
     state = store.get(1, "g1")
     assert state is not None
     assert state.event_count == 1
+
+
+def test_calls_of_a_keyed_input_keyed_otherwise_are_counted_and_logged_once() -> None:
+    """With the input said to be keyed by groupId, a group call whose record key is not
+    its groupId is counted (its group's state may be split over partitions), and the
+    first is logged; the call is still enriched."""
+    processor, sink, _ = make()  # ROUTES: no repartition topic, so the input is keyed
+    batch: list[Any] = [
+        Record("in", 0, 0, call("m1", "g1"), b"g1"),
+        Record("in", 0, 1, call("m2", "g1"), b"u1"),
+        Record("in", 0, 2, call("m3", "g2"), None),
+    ]
+    with structlog.testing.capture_logs() as logs:
+        tally = processor.process(batch)
+        again = processor.process([Record("in", 0, 3, call("m4", "g2"), b"u9")])
+    assert (tally.unkeyed, again.unkeyed) == (2, 1)
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m1", "m2", "m3", "m4"]
+    unkeyed = [e for e in logs if e["event"] == "input_not_keyed_by_group_id"]
+    assert [(e["partition"], e["offset"]) for e in unkeyed] == [(0, 1)]
 
 
 def test_an_arrival_ahead_of_the_clock_expires_no_id_early() -> None:
