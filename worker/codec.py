@@ -34,11 +34,10 @@ def decode(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-def too_deep(data: bytes, value: Any) -> bool:
-    """Whether ``value``, decoded from ``data``, nests deeper than ``MAX_DEPTH`` levels
-    (so could not be written again). Walks it only when ``data`` has that many brackets."""
-    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
-        return False
+def too_deep(value: Any) -> bool:
+    """Whether ``value`` nests deeper than ``MAX_DEPTH`` levels (so could not be written
+    again). A walk of every container: worth it only for a document whose text has more
+    than ``MAX_DEPTH`` opening brackets, the most it could nest."""
     pending = [(value, 1)]
     while pending:
         node, depth = pending.pop()
