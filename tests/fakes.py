@@ -55,6 +55,7 @@ class FakeSource:
         self.fail_commit: KafkaError | None = None
         self.closed = False
         self.paused: set[Partition] = set()
+        self.settled: list[list[Partition]] = []  # settle() calls, in order
         self.consumes = 0
         # Called at the start of every consume(), with the number of calls so far.
         self.on_consume: Callable[[int], None] | None = None
@@ -118,6 +119,9 @@ class FakeSource:
 
     def group_metadata(self) -> Any:
         return "fake-group-metadata"
+
+    def settle(self, partitions: Sequence[Partition], timeout: float) -> None:
+        self.settled.append(list(partitions))
 
     def lag(self, partition: Partition) -> int | None:
         return len(self.log[partition]) - self.position.get(partition, 0)

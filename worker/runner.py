@@ -30,6 +30,9 @@ __all__ = ["Runner", "RunnerSettings"]
 
 log = structlog.get_logger("worker.runner")
 _LAG_INTERVAL = 5.0
+# Longest wait for a previous owner's open transaction before a restore: the worker's
+# transaction timeout (10 s) plus the broker's check for timed-out ones (10 s), and some.
+_SETTLE_TIMEOUT = 30.0
 _RESTORE_LOG_INTERVAL = 10.0
 # glibc's malloc_trim (returns the allocator's free memory to the system); None elsewhere.
 _MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
@@ -178,12 +181,19 @@ class Runner:
     def on_assign(self, partitions: Sequence[Partition]) -> None:
         self._metrics.rebalances.labels("assign").inc()
         log.info("partitions_assigned", partitions=_names(partitions))
-        for topic, partition in partitions:
-            if topic == self._settings.routes.stateful_input:
-                try:
-                    self._restore(partition)
-                except (RetriableError, AbortableError) as e:
-                    raise _callback_failed(f"restoring {topic}[{partition}]", e) from e
+        stateful = [p for p in partitions if p[0] == self._settings.routes.stateful_input]
+        try:
+            # Before restoring: a paused previous owner's last transaction may still
+            # commit changelog records with these partitions' offsets.
+            if stateful:
+                self._source.settle(stateful, _SETTLE_TIMEOUT)
+        except (RetriableError, AbortableError) as e:
+            raise _callback_failed(f"waiting for the offsets of {_names(stateful)}", e) from e
+        for topic, partition in stateful:
+            try:
+                self._restore(partition)
+            except (RetriableError, AbortableError) as e:
+                raise _callback_failed(f"restoring {topic}[{partition}]", e) from e
         # What lives until now lives long (clients, caches): keep it out of the cyclic
         # collector's scans (reference counting still frees it).
         gc.freeze()

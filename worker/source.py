@@ -44,6 +44,7 @@ class Source(Protocol):
     def resume(self, partitions: Sequence[Partition]) -> None: ...
     def seek(self, offsets: Offsets) -> None: ...
     def group_metadata(self) -> Any: ...
+    def settle(self, partitions: Sequence[Partition], timeout: float) -> None: ...
     def lag(self, partition: Partition) -> int | None: ...
     def close(self) -> None: ...
 
@@ -174,6 +175,18 @@ class KafkaSource:
     def group_metadata(self) -> Any:
         """The consumer group metadata a transactional producer commits offsets with."""
         return self._consumer.consumer_group_metadata()
+
+    def settle(self, partitions: Sequence[Partition], timeout: float) -> None:
+        """Wait until the committed offsets of ``partitions`` are stable: no transaction
+        that sent offsets for them is still open. A previous owner paused past its
+        session (a stall, not a crash) may still commit one it sent offsets in before
+        the rebalance: its changelog records then commit with it, and a restore must
+        wait for them. Blocks up to ``timeout`` seconds (the open transaction commits,
+        or its timeout aborts it); raises ``RetriableError`` after that."""
+        try:
+            self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)
+        except KafkaException as e:
+            raise_for(e.args[0])
 
     def lag(self, partition: Partition) -> int | None:
         """High watermark minus read position, from cached values; None when unknown."""

@@ -5,26 +5,34 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from tests.fakes import FakeClock, FakeSink
 from tests.integration.harness import (
     BOOTSTRAP,
     ROOT,
     Topics,
     WorkerProcess,
+    cli,
     create_topic,
     produce,
     read_topic,
     values,
     wait_until,
 )
-from tests.integration.test_state import assert_converges, calls, fold
+from tests.integration.test_state import DAY_MS, assert_converges, calls, fold
 from worker import codec
+from worker.events import Record
+from worker.pipeline import Settings
+from worker.processor import Processor, Routes
+from worker.store import InMemoryStateStore
 
 pytestmark = pytest.mark.integration
 
@@ -253,3 +261,52 @@ def test_sigterm_with_the_broker_away_exits_within_the_shutdown_budget(
     workers.append(successor.start())
     assert_exactly_once(topics, valid, bad)
     assert successor.stop() == 0
+
+
+def test_a_paused_owners_last_transaction_is_in_its_successors_state(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """An owner that sent a batch's offsets to its transaction, then stalled past its
+    session (a pause, not a crash), commits it when it wakes, after the rebalance: its
+    successor waits for that before restoring, so its state has the batch whose offsets
+    it resumes after (it restored without it, and the group lost the batch's changes)."""
+    topics = Topics.unique()
+    keyed = {"WORKER_INPUT_KEYED_BY_GROUP_ID": "true"}
+    assert cli(topics, "topics", "create", TOPICS_PARTITIONS="3", **keyed).returncode == 0
+    first = {"type": "group", "groupId": "g", "userId": "u1", "messageId": "m1"}
+    second = dict(first, userId="u2", messageId="m2")
+    sender = Producer({"bootstrap.servers": BOOTSTRAP})
+    sender.produce(topics.input, codec.encode(first), b"g", partition=0)
+    sender.flush(10)
+
+    # The old owner: a member of the group, its transaction holding the state after the
+    # first call and the offset after it, left open while it "stalls".
+    member = Consumer(
+        {"bootstrap.servers": BOOTSTRAP, "group.id": topics.group_id, "enable.auto.commit": False}
+    )
+    member.subscribe([topics.input])
+    wait_until(lambda: bool(member.consume(1, 0.5) or member.assignment()), 30, "assignment")
+    sink, store = FakeSink(transactional=False), InMemoryStateStore()
+    routes = Routes(topics.input, "out", "dlq", "state", "members")
+    processor = Processor(routes, Settings(), store, sink, FakeClock(), dedupe_window_ms=DAY_MS)
+    processor.process(
+        [Record(topics.input, 0, 0, codec.encode(first), b"g", int(time.time() * 1000))]
+    )
+    [(_, _, key, state, _)] = [c for c in store.changes() if c[0] == "state"]
+    owner = Producer({"bootstrap.servers": BOOTSTRAP, "transactional.id": f"{topics.group_id}-old"})
+    owner.init_transactions(30)
+    owner.begin_transaction()
+    owner.produce(topics.state, state, key, partition=0)
+    offsets = [TopicPartition(topics.input, 0, 1)]
+    owner.send_offsets_to_transaction(offsets, member.consumer_group_metadata(), 30)
+    member.close()  # its session is over: the partitions move
+
+    wakes = threading.Timer(5, lambda: owner.commit_transaction(30))
+    wakes.start()
+    workers.append(WorkerProcess(topics, tmp_path, "successor", **keyed).start())
+    wakes.join()
+    sender.produce(topics.input, codec.encode(second), b"g", partition=0)
+    sender.flush(10)
+    [enriched] = values(read_topic(topics.enriched, expect=1))
+    assert enriched["messageId"] == "m2"
+    assert (enriched["group"]["eventCount"], enriched["group"]["memberCount"]) == (2, 2)

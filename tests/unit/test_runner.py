@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
+from worker.source import Partition
 from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
@@ -850,3 +851,26 @@ def test_a_stop_during_the_rebuild_of_a_failed_partition_ends_cleanly(tmp_path: 
     source.on_consume = fail_and_stop
     runner.run()
     assert source.closed
+
+
+def test_offsets_settle_before_a_restore() -> None:
+    """Assigned stateful partitions wait for a previous owner's open transaction to end
+    (``Source.settle``) before their restore reads the changelogs."""
+    source, sink = FakeSource(FakeClock(), partitions=2), FakeSink()
+    restorer = FakeRestorer(sink)
+    runner, _ = build(source, sink, restorer=restorer)
+    steps: list[tuple[str, Any]] = []
+    read = restorer.read
+
+    def settle(partitions: Sequence[Partition], timeout: float) -> None:
+        steps.append(("settle", list(partitions)))
+
+    def reading(topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+        steps.append(("read", partition))
+        return read(topic, partition, start)
+
+    source.settle = settle  # type: ignore[method-assign]
+    restorer.read = reading  # type: ignore[method-assign]
+    run_for(runner, source, 2)
+    assert steps[0] == ("settle", [("in", 0), ("in", 1)])
+    assert sorted(set(steps[1:])) == [("read", 0), ("read", 1)]
