@@ -182,13 +182,13 @@ class Runner:
         self._metrics.rebalances.labels("assign").inc()
         log.info("partitions_assigned", partitions=_names(partitions))
         stateful = [p for p in partitions if p[0] == self._settings.routes.stateful_input]
-        try:
+        if stateful:
             # Before restoring: a paused previous owner's last transaction may still
             # commit changelog records with these partitions' offsets.
-            if stateful:
+            try:
                 self._source.settle(stateful, _SETTLE_TIMEOUT)
-        except (RetriableError, AbortableError) as e:
-            raise _callback_failed(f"waiting for the offsets of {_names(stateful)}", e) from e
+            except (RetriableError, AbortableError) as e:
+                raise _callback_failed(f"waiting for the offsets of {_names(stateful)}", e) from e
         for topic, partition in stateful:
             try:
                 self._restore(partition)

@@ -294,8 +294,9 @@ class RocksDBStateStore:
 
         ``partition.APPLY_BATCH`` records to a write batch, each batch with its count
         and offset. Malformed records are found on reading them (``get``); a state record
-        in a format this worker does not read raises ``StateFormatError`` here, so the
-        worker stops at the restore, not at the group's next call.
+        in a format this worker does not read, or of another deployment, raises
+        ``StateFormatError`` here, so the worker stops at the restore, not at the group's
+        next call.
         """
         if changelog not in CHANGELOGS:
             raise ValueError(f"unknown changelog {changelog!r}")
