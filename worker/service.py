@@ -27,7 +27,7 @@ from confluent_kafka import KafkaException
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config, redact
-from worker.errors import ConfigError, FatalError, KafkaError
+from worker.errors import ConfigError, FatalError, KafkaError, RetriableError
 from worker.kafka import client_config, producer_max_bytes, translate
 from worker.limits import GroupBound, Limits, group_bound
 from worker.metrics import Metrics
@@ -80,7 +80,8 @@ class Supervisor:
     """Runs loops made by ``build`` one after another until one ends cleanly.
 
     A loop that fails with a ``KafkaError`` other than ``FatalError`` is replaced by a
-    fresh one after a backoff; ``FatalError`` or too many rebuilds end with exit code 1.
+    fresh one after a backoff; ``FatalError``, or too many rebuilds for errors other than
+    retriable ones (the broker away), end with exit code 1.
     """
 
     def __init__(self, build: Callable[[], Loop], clock: Clock) -> None:
@@ -106,7 +107,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Run loops until one returns or a stop; returns the exit code. Blocks."""
-        rebuilds: list[float] = []
+        rebuilds: list[float] = []  # of loops that failed otherwise than retriably
+        failures: list[float] = []  # of every loop, for the backoff
         while not self._stopping:
             try:
                 self._current = self._build()
@@ -123,11 +125,15 @@ class Supervisor:
                     log.error("fatal_kafka_error", error=str(e))
                     return 1
                 now = self._clock.monotonic()
-                rebuilds = [t for t in rebuilds if now - t < _REBUILD_WINDOW] + [now]
+                failures = [t for t in failures if now - t < _REBUILD_WINDOW] + [now]
+                # The broker away (a retriable error) is waited out however long it lasts:
+                # a restart would find it away too, and come back later than a rebuild.
+                if not isinstance(e, RetriableError):
+                    rebuilds = [t for t in rebuilds if now - t < _REBUILD_WINDOW] + [now]
                 if len(rebuilds) > _MAX_REBUILDS:
                     log.error("too_many_rebuilds", error=str(e), window_seconds=_REBUILD_WINDOW)
                     return 1
-                backoff = _REBUILD_BACKOFF[min(len(rebuilds), len(_REBUILD_BACKOFF)) - 1]
+                backoff = _REBUILD_BACKOFF[min(len(failures), len(_REBUILD_BACKOFF)) - 1]
                 log.warning("worker_rebuilding", error=str(e), backoff=backoff)
                 self._clock.sleep(backoff)
         return 0

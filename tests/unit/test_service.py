@@ -71,6 +71,17 @@ def test_a_fatal_error_exits_1_without_rebuilding(error: Exception) -> None:
     assert len(built) == 1
 
 
+def test_the_broker_away_is_waited_out_however_long() -> None:
+    """Loops failing retriably (the broker away: each build times out) are rebuilt
+    without limit, every 10 s at most; the worker goes on once the broker is back."""
+    code, built, clock = supervise(
+        *[FakeLoop(RetriableError("away")) for _ in range(30)], FakeLoop()
+    )
+    assert code == 0
+    assert len(built) == 31
+    assert clock.now_ms() - FakeClock().now_ms() == (1 + 2 + 5 + 10 * 27) * 1000
+
+
 def test_too_many_rebuilds_exit_1() -> None:
     """More than ten rebuilds within ten minutes give up with exit code 1."""
     code, built, _ = supervise(*[FakeLoop(KafkaError("stuck")) for _ in range(20)])
