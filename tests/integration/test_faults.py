@@ -104,7 +104,7 @@ def test_kill_test_exactly_once(
     produce(topics.input, records)
     last = kill_repeatedly(topics, workers, tmp_path, kills=5)
     assert_exactly_once(topics, valid, bad)
-    assert_converges(topics, fold(calls(100_000, seed=11)))
+    assert_converges(topics, fold(calls(100_000, seed=11), topics))
     assert last.stop() == 0
 
 

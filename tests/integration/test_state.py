@@ -66,10 +66,11 @@ def _iso(ms: int) -> str:
     return format_time(ms)
 
 
-def fold(all_calls: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Group profiles and memberships from folding every call in one process."""
+def fold(all_calls: list[dict[str, Any]], topics: Topics) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Group profiles and memberships from folding every call in one process, as the
+    deployment of ``topics`` writes them (its state records name it)."""
     sink = FakeSink(transactional=False)
-    store = InMemoryStateStore()
+    store = InMemoryStateStore(topics.group_id)
     routes = Routes("in", "out", "dlq", "state", "members")
     processor = Processor(
         routes,
@@ -154,7 +155,7 @@ def test_workers_killed_joining_and_leaving_end_with_the_fold(
     wait_until(lambda: c.progress() > 0, 60, "c to work again")
     assert c.stop(signal.SIGTERM) == 0
 
-    assert_converges(topics, fold(all_calls))
+    assert_converges(topics, fold(all_calls, topics))
     assert a.stop() == 0
     assert b.stop() == 0
     logs = "".join(w.log_path.read_text() for w in (a, b, c))
@@ -171,7 +172,7 @@ def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
     first = WorkerProcess(topics, tmp_path, "first", **settings)
     workers.append(first.start())
     produce(topics.input, [(c["groupId"].encode(), codec.encode(c)) for c in first_calls])
-    assert_converges(topics, fold(first_calls))
+    assert_converges(topics, fold(first_calls, topics))
     assert first.sample("group_worker_repartitioned_calls_total") == 0
     assert first.stop() == 0
     members_before = len(read_topic(topics.members, idle=2))
@@ -182,8 +183,8 @@ def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
     workers.append(second.start())
     assert second.sample("group_worker_restored_records_total") > 0
     produce(topics.input, [(c["groupId"].encode(), codec.encode(c)) for c in again])
-    expected_states, _ = fold(first_calls + again)
-    assert_converges(topics, fold(first_calls + again))
+    expected_states, _ = fold(first_calls + again, topics)
+    assert_converges(topics, fold(first_calls + again, topics))
     assert len(read_topic(topics.members, idle=2)) == members_before
     assert second.stop() == 0
 

@@ -86,14 +86,14 @@ def test_a_killed_worker_replays_only_the_tail_and_a_wiped_one_rebuilds(
 
     worker = start()
     produce(topics.input, by_group(batches[0]))
-    assert_converges(topics, fold(batches[0]))
+    assert_converges(topics, fold(batches[0], topics))
     worker.stop(signal.SIGKILL)
     held = changelog_records(topics)
 
     worker = start()
     tail = worker.sample("group_worker_restored_records_total")
     produce(topics.input, by_group(batches[1]))
-    assert_converges(topics, fold(batches[0] + batches[1]))
+    assert_converges(topics, fold(batches[0] + batches[1], topics))
     assert tail < held / 10, f"replayed {tail} of {held} changelog records"
     assert worker.sample("group_worker_store_rebuilds_total") == 0
     assert worker.stop() == 0
@@ -103,7 +103,7 @@ def test_a_killed_worker_replays_only_the_tail_and_a_wiped_one_rebuilds(
     worker = start()
     assert worker.sample("group_worker_restored_records_total") == held
     produce(topics.input, by_group(batches[2]))
-    assert_converges(topics, fold(batches[0] + batches[1] + batches[2]))
+    assert_converges(topics, fold(batches[0] + batches[1] + batches[2], topics))
     assert worker.stop() == 0
 
 
@@ -119,7 +119,7 @@ def test_damaged_store_files_are_rebuilt_without_a_crash_loop(
     worker = WorkerProcess(topics, tmp_path, "w", **settings).start()
     workers.append(worker)
     produce(topics.input, by_group(batches[0]))
-    assert_converges(topics, fold(batches[0]))
+    assert_converges(topics, fold(batches[0], topics))
     assert worker.stop() == 0
     tables = list((tmp_path / "w.state").rglob("*.sst"))
     assert tables
@@ -130,7 +130,7 @@ def test_damaged_store_files_are_rebuilt_without_a_crash_loop(
     worker = WorkerProcess(topics, tmp_path, "w", **settings).start()
     workers.append(worker)
     produce(topics.input, by_group(batches[0] + batches[1]))
-    assert_converges(topics, fold(batches[0] + batches[1]))
+    assert_converges(topics, fold(batches[0] + batches[1], topics))
     assert worker.sample("group_worker_store_rebuilds_total") >= 1
     distinct = {c["messageId"] for c in batches[0] + batches[1]}
     read = values(read_topic(topics.enriched, expect=len(distinct), idle=2))
