@@ -431,13 +431,15 @@ class Runner:
         self._metrics.aborts.inc()
         self._sink.abort()
         self._store.rollback()
-        self._processor.learn(self._sink.take_refused())
         self._count_abort()
         rewind = {p: o for p, o in self._batch_start.items() if p not in gone}
+        # Closed before anything below can raise: a batch left open would be committed,
+        # offsets and counts, by the revoke that closing the consumer runs.
+        self._close_batch()
         if rewind:
             self._source.seek(rewind)
             log.info("partitions_rewound", partitions=_names(rewind))
-        self._close_batch()
+        self._processor.learn(self._sink.take_refused())
 
     def _close_batch(self) -> None:
         """Forget the batch's offsets: committed, or aborted and rewound."""

@@ -874,3 +874,18 @@ def test_offsets_settle_before_a_restore() -> None:
     run_for(runner, source, 2)
     assert steps[0] == ("settle", [("in", 0), ("in", 1)])
     assert sorted(set(steps[1:])) == [("read", 0), ("read", 1)]
+
+
+@pytest.mark.parametrize("transactional", [True, False], ids=["exactly_once", "at_least_once"])
+def test_an_abort_that_ends_the_loop_commits_nothing_of_its_batch(transactional: bool) -> None:
+    """An abort whose aftermath ends the loop (a refusal within the topic's limit: the
+    producer must be rebuilt) leaves nothing of its batch to commit when the consumer's
+    close revokes the partitions: at least once, that commit lost the refused outputs."""
+    runner, source, sink, metrics = make(transactional)
+    for n in range(3):
+        source.append(group_call(n))
+    sink.refuse = lambda p: "Broker: Message size too large" if p.topic == "out" else None
+    with pytest.raises(KafkaError, match="within its limit"):
+        run_for(runner, source, 20)
+    assert source.committed_offsets == {}
+    assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 0
