@@ -139,7 +139,7 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
         return [_dead_letter(e, record, source, raw)]
 
     if not _is_envelope(document):
-        return [_process_call(document, record, source, raw, settings, arrival_ms)]
+        return [_process_call(document, record, source, raw, settings, arrival_ms, document)]
 
     calls = document["batch"]
     if not isinstance(calls, list):
@@ -152,7 +152,7 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
     for index, sent in enumerate(calls):
         position = Position(source.topic, source.partition, source.offset, index)
         call = defaults | sent if isinstance(sent, dict) and defaults else sent
-        outcomes.append(_process_call(call, record, position, None, settings, arrival_ms))
+        outcomes.append(_process_call(call, record, position, None, settings, arrival_ms, sent))
     return outcomes
 
 
@@ -206,11 +206,14 @@ def _process_call(
     raw: bytes | None,
     settings: Settings,
     arrival_ms: int,
+    sent: Any,
 ) -> Outcome:
-    """One call's outcome. ``raw`` is the record's value when the call is all of it.
-    ``max_event_bytes`` bounds a group call's size (other types are skipped at any size)
-    as the worker would write it: a call from a batch with the envelope's fields it takes,
-    so one small envelope cannot fan out into many large calls."""
+    """One call's outcome. ``raw`` is the record's value when the call is all of it;
+    ``sent`` the call as its sender wrote it (before an envelope's fields), which its dead
+    letter carries. ``max_event_bytes`` bounds a group call's size (other types are
+    skipped at any size) as the worker would write it: a call from a batch with the
+    envelope's fields it takes. Neither can one small envelope fan out into many large
+    calls, nor into many large dead letters."""
     try:
         if not isinstance(call, dict):
             raise _Invalid("not_an_object", f"the call is a JSON {_json_type(call)}")
@@ -225,7 +228,7 @@ def _process_call(
             raise _call_too_large(size, settings)
         return _enrich(call, source, settings, arrival_ms)
     except _Invalid as e:
-        return _dead_letter(e, record, source, raw if raw is not None else _reencode(call))
+        return _dead_letter(e, record, source, raw if raw is not None else _reencode(sent))
 
 
 def _enrich(

@@ -280,6 +280,22 @@ def test_json_nested_200_levels_is_taken_and_written_out() -> None:
     codec.encode({**outcome.call, "group": {"traits": outcome.call["traits"]}})
 
 
+def test_dead_letters_of_batch_calls_carry_the_call_as_sent() -> None:
+    """A batch call's dead letter holds the call as its sender wrote it, not with the
+    envelope's fields: one envelope with a large context and thousands of bad calls made
+    as many letters of its context's size (gigabytes from one record)."""
+    bad, small = {}, call(messageId="s")
+    envelope = {"batch": [bad, small, bad], "context": {"pad": "x" * 5_000}}
+    outcomes = run(codec.encode(envelope), Settings(max_event_bytes=1_000))
+    letters = [o for o in outcomes if isinstance(o, DeadLetter)]
+    assert [(o.reason, o.letter["source"]["index"]) for o in letters] == [
+        ("missing_type", 0),
+        ("too_large", 1),
+        ("missing_type", 2),
+    ]
+    assert [codec.decode(o.letter["value"]) for o in letters] == [bad, small, bad]
+
+
 def test_other_call_types_are_skipped_whatever_their_size() -> None:
     """A track call over max_event_bytes is not a group call: skipped, not dead-lettered."""
     big = call(type="track", properties={"d": "x" * 500})
