@@ -284,7 +284,8 @@ def test_dead_letters_of_batch_calls_carry_the_call_as_sent() -> None:
     """A batch call's dead letter holds the call as its sender wrote it, not with the
     envelope's fields: one envelope with a large context and thousands of bad calls made
     as many letters of its context's size (gigabytes from one record)."""
-    bad, small = {}, call(messageId="s")
+    bad: dict[str, Any] = {}
+    small = call(messageId="s")
     envelope = {"batch": [bad, small, bad], "context": {"pad": "x" * 5_000}}
     outcomes = run(codec.encode(envelope), Settings(max_event_bytes=1_000))
     letters = [o for o in outcomes if isinstance(o, DeadLetter)]
