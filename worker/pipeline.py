@@ -10,7 +10,8 @@ Dead-letter reason codes (stable; also sent as the ``reason`` header):
 ==================== ==========================================================
 ``invalid_json``     the value is empty, not UTF-8, or not valid JSON
 ``not_an_object``    the value (or a call in a batch) is not a JSON object
-``too_large``        a group call over ``max_event_bytes``, or a record over ``max_batch_bytes``
+``too_large``        a group call over ``max_event_bytes``, a record over ``max_batch_bytes``,
+                     or a batch of more than ``MAX_BATCH_CALLS`` calls
 ``invalid_batch``    ``batch`` is present but not a list
 ``missing_type``     no ``type`` string, so the call cannot be routed
 ``missing_group_id`` no usable ``groupId`` (absent, null, blank, or not a string/number)
@@ -33,7 +34,7 @@ import base64
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from worker import codec
 from worker.config import WorkerConfig
@@ -44,6 +45,7 @@ from worker.times import event_time, format_time, parse_iso_time
 
 __all__ = [
     "KNOWN_CALL_TYPES",
+    "MAX_BATCH_CALLS",
     "REASONS",
     "Settings",
     "fit_letter",
@@ -75,6 +77,8 @@ _EXACT_FLOAT = 2**53
 _ENVELOPE_ONLY = frozenset({"batch", "type", "messageId", "sequence", "writeKey"})
 # Fields a delivery may change: left out of a derived messageId, so replays dedupe.
 _DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
+# Most calls one batch envelope may hold; a larger one is a too_large dead letter whole.
+MAX_BATCH_CALLS: Final = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,13 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
     calls = document["batch"]
     if not isinstance(calls, list):
         invalid = _Invalid("invalid_batch", f"batch is a JSON {_json_type(calls)}")
+        return [_dead_letter(invalid, record, source, raw)]
+    if len(calls) > MAX_BATCH_CALLS:
+        # One record commits in one transaction: 262,000 calls of "1" in 512 KB outlasted
+        # its timeout. Senders batch tens to hundreds of calls.
+        invalid = _Invalid(
+            "too_large", f"the batch holds {len(calls)} calls, over the limit of {MAX_BATCH_CALLS}"
+        )
         return [_dead_letter(invalid, record, source, raw)]
     # Envelope fields (context, sentAt...) apply to every call that lacks them; its own
     # type and messageId are the envelope's, not its calls'.

@@ -165,16 +165,32 @@ class Processor:
         """Produce every output of ``records`` and update the store; returns the tally
         (``tally``, added to, when given)."""
         tally = Tally() if tally is None else tally
+        self.process_some(records, tally)
+        return tally
+
+    def process_some(
+        self, records: list[SourceRecord], tally: Tally, budget: int = 0
+    ) -> tuple[int, int]:
+        """``process`` the first of ``records``, as many as it takes to handle ``budget``
+        calls (a record of the repartition topic is one; 0: no bound), at least one;
+        returns how many records, and how many calls they held. A transaction then holds
+        about as many calls as its committer chooses, however many a record holds."""
         now_ms = self._now_ms = self._clock.now_ms()
         repartition = self._routes.repartition
-        for record in records:
+        handled = 0
+        for index, record in enumerate(records, 1):
+            if budget and handled >= budget:
+                return index - 1, handled
             partition = record.partition() or 0
             arrival = arrival_ms(record, now_ms)
             if record.topic() == repartition:
+                handled += 1
                 self._finish(process_forwarded(record), record, partition, arrival, tally)
                 continue
             tally.records += 1
-            for outcome in process_record(record, self._settings, arrival):
+            outcomes = process_record(record, self._settings, arrival)
+            handled += len(outcomes)
+            for outcome in outcomes:
                 tally.calls += 1
                 if isinstance(outcome, Enriched) and repartition is not None:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)
@@ -189,7 +205,7 @@ class Processor:
                 elif isinstance(outcome, Enriched) and not _keyed_by(record, outcome.group_id):
                     self._unkeyed(record, tally)
                 self._finish(outcome, record, partition, arrival, tally)
-        return tally
+        return len(records), handled
 
     def _unkeyed(self, record: SourceRecord, tally: Tally) -> None:
         """Count a group call of the keyed input whose record is keyed otherwise (its

@@ -298,19 +298,24 @@ class Runner:
 
     def _process(self, records: list[SourceRecord]) -> None:
         started = self._clock.monotonic()
-        if self._batch_opened is None:
-            self._sink.begin()
-            self._batch_opened = started
-        # Before processing: a produce that fails half-way through the records aborts the
-        # batch, and the rewind must cover every record consumed, processed or not (an
-        # abort forgets the pending offsets too).
-        for record in records:
-            partition = (record.topic() or "", record.partition() or 0)
-            offset = record.offset() or 0
-            self._batch_start.setdefault(partition, offset)
-            self._pending[partition] = offset + 1
-        self._processor.process(records, self._tally)
-        self._uncommitted += len(records)
+        while records:
+            if self._batch_opened is None:
+                self._sink.begin()
+                self._batch_opened = self._clock.monotonic()
+            # Before processing: a produce that fails half-way through the records aborts
+            # the batch, and the rewind must cover every record consumed, processed or not.
+            for record in records:
+                self._batch_start.setdefault(_position(record), record.offset() or 0)
+            # A batch holds about commit_max_records calls, however many a record holds
+            # (an envelope can hold thousands): past that, commit and go on.
+            budget = max(self._settings.commit_max_records - self._uncommitted, 1)
+            done, calls = self._processor.process_some(records, self._tally, budget)
+            for record in records[:done]:
+                self._pending[_position(record)] = (record.offset() or 0) + 1
+            self._uncommitted += calls
+            records = records[done:]
+            if records:
+                self._commit()
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
 
     def _count(self, tally: Tally) -> None:
@@ -510,3 +515,7 @@ def _callback_failed(what: str, error: KafkaError) -> KafkaError:
 
 def _names(partitions: Iterable[Partition]) -> list[str]:
     return [f"{t}[{p}]" for t, p in partitions]
+
+
+def _position(record: SourceRecord) -> Partition:
+    return record.topic() or "", record.partition() or 0

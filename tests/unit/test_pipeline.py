@@ -280,6 +280,19 @@ def test_json_nested_200_levels_is_taken_and_written_out() -> None:
     codec.encode({**outcome.call, "group": {"traits": outcome.call["traits"]}})
 
 
+def test_a_batch_of_more_calls_than_the_limit_is_one_too_large_letter() -> None:
+    """A batch of more than MAX_BATCH_CALLS calls is dead-lettered whole, as too_large:
+    a record commits in one transaction, and 262,000 calls of `1` in 512 KB outlasted
+    its timeout (the worker was fenced, at every restart)."""
+    assert (
+        len(run(codec.encode({"batch": [call(messageId=f"m{n}") for n in range(2_000)]}))) == 2_000
+    )
+    raw = codec.encode({"batch": [1] * 2_001})
+    letter = dead(raw)
+    assert (letter.reason, letter.letter["value"]) == ("too_large", raw.decode())
+    assert letter.letter["message"] == "the batch holds 2001 calls, over the limit of 2000"
+
+
 def test_dead_letters_of_batch_calls_carry_the_call_as_sent() -> None:
     """A batch call's dead letter holds the call as its sender wrote it, not with the
     envelope's fields: one envelope with a large context and thousands of bad calls made

@@ -889,3 +889,25 @@ def test_an_abort_that_ends_the_loop_commits_nothing_of_its_batch(transactional:
         run_for(runner, source, 20)
     assert source.committed_offsets == {}
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 0
+
+
+def test_a_transaction_holds_about_commit_max_records_calls_however_records_hold_them() -> None:
+    """Envelopes of many calls are committed a few records at a time, within one
+    consume: a transaction holds about commit_max_records calls plus one record's, not
+    every call of the consumed records (which outlasted the transaction's timeout)."""
+    source, sink = FakeSource(FakeClock(), 2), FakeSink()
+    settings = dataclasses.replace(SETTINGS, commit_max_records=250, commit_interval=60.0)
+    runner, metrics = build(source, sink, settings)
+    for r in range(8):
+        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
+        source.append(codec.encode({"batch": calls}), partition=r % 2)
+    run_for(runner, source, 3)
+
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(800))
+    # 100 calls a record: a commit after each third record (300 calls), then the rest.
+    assert sink.offset_commits == [
+        {("in", 0): 3},
+        {("in", 0): 4, ("in", 1): 2},
+        {("in", 1): 4},
+    ]
+    assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 800
