@@ -80,9 +80,12 @@ class KafkaSource:
         }
         if group_instance_id:
             settings["group.instance.id"] = group_instance_id
-        self._consumer = Consumer(
-            client_config(bootstrap_servers, properties, "consumer", settings)
-        )
+        config = client_config(bootstrap_servers, properties, "consumer", settings)
+        if str(config.get("group.protocol", "")).lower() == "consumer":
+            # KIP-848: the broker assigns partitions (incrementally), and librdkafka
+            # refuses a client-side strategy.
+            del config["partition.assignment.strategy"]
+        self._consumer = Consumer(config)
         self._listener: RebalanceListener | None = None
         # Exceptions raised in rebalance callbacks are swallowed by the C client; keep
         # the first one and re-raise it from consume().

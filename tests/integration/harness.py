@@ -117,7 +117,7 @@ class WorkerProcess:
     """``group-worker run`` in a child process, with its own HTTP port and log file."""
 
     def __init__(
-        self, topics: Topics, log_dir: Path, name: str = "worker", **settings: str
+        self, topics: Topics, log_dir: Path, name: str = "worker", **settings: str | None
     ) -> None:
         self.port = free_port()
         # The TOML file given to --config; a test may point it elsewhere before start().
@@ -136,7 +136,11 @@ class WorkerProcess:
                 "GROUP_WORKER_WORKER_STATE_DIR": str(log_dir / f"{name}.state"),
             }
         )
-        env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in settings.items()})
+        for key, value in settings.items():  # None: unset it
+            if value is None:
+                env.pop(f"GROUP_WORKER_{key.upper()}", None)
+            else:
+                env[f"GROUP_WORKER_{key.upper()}"] = value
         self._env = env
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -260,3 +260,26 @@ def test_topics_create_makes_outputs_with_the_input_partition_count(topics: Topi
     assert lines == [f"{topics.input}: 4 partitions"] + [
         f"{name}: 4 partitions, max.message.bytes=1048588" for name in outputs
     ]
+
+
+def test_workers_on_the_consumer_group_protocol_share_the_calls_exactly_once(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """With KIP-848 (group.protocol=consumer) two workers join, split the partitions and
+    enrich every call once (the worker set a client-side assignor librdkafka refuses
+    with it, so it could not start)."""
+    # The broker keeps the session timeout under this protocol; the client may not set it.
+    protocol = {
+        "KAFKA_CONSUMER_GROUP_PROTOCOL": "consumer",
+        "KAFKA_CONSUMER_SESSION_TIMEOUT_MS": None,
+    }
+    first = WorkerProcess(topics, tmp_path, "first", **protocol)
+    workers.append(first.start())
+    produce(topics.input, [(None, codec.encode(group_call(n))) for n in range(100)])
+    second = WorkerProcess(topics, tmp_path, "second", **protocol)
+    workers.append(second.start())
+    produce(topics.input, [(None, codec.encode(group_call(n))) for n in range(100, 200)])
+    enriched = values(read_topic(topics.enriched, expect=200))
+    assert Counter(c["messageId"] for c in enriched) == Counter(f"m{n}" for n in range(200))
+    assert first.stop() == 0
+    assert second.stop() == 0
