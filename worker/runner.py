@@ -315,7 +315,16 @@ class Runner:
             self._uncommitted += calls
             records = records[done:]
             if records:
-                self._commit()
+                try:
+                    self._commit()
+                except RetriableError:
+                    # The commit is tried again later; the rest, consumed but not
+                    # processed, must be read again (an abort rewinds them anyway).
+                    rest: dict[Partition, int] = {}
+                    for record in records:
+                        rest.setdefault(_position(record), record.offset() or 0)
+                    self._source.seek(rest)
+                    raise
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
 
     def _count(self, tally: Tally) -> None:

@@ -911,3 +911,21 @@ def test_a_transaction_holds_about_commit_max_records_calls_however_records_hold
         {("in", 1): 4},
     ]
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 800
+
+
+def test_a_commit_cut_into_a_consumed_batch_that_must_be_retried_loses_no_record() -> None:
+    """A commit the runner makes inside a consumed batch (its calls reached the bound)
+    that fails retriably is tried again later, and the records after it, consumed but
+    not processed, are read again: none is skipped."""
+    source, sink = FakeSource(FakeClock(), 1), FakeSink()
+    settings = dataclasses.replace(SETTINGS, commit_max_records=250, commit_interval=60.0)
+    runner, metrics = build(source, sink, settings)
+    for r in range(6):
+        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
+        source.append(codec.encode({"batch": calls}))
+    sink.fail_next_commit = RetriableError("coordinator not available")
+    run_for(runner, source, 6)
+
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(600))
+    assert source.committed_offsets == {("in", 0): 6}
+    assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 600
