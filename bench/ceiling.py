@@ -77,7 +77,9 @@ class PassThrough(Processor):
         self.finished: float | None = None
         self.runner: Runner | None = None
 
-    def process(self, records: list[SourceRecord], tally: Tally | None = None) -> Tally:
+    def process_some(
+        self, records: list[SourceRecord], tally: Tally, budget: int = 0
+    ) -> tuple[int, int]:
         self._started()
         produce, output = self._out_sink.produce, self._output
         for record in records:
@@ -139,7 +141,9 @@ class WorkerShaped(PassThrough):
         self._changes = _ChangeSet()
         super().__init__(routes, sink, routes.enriched, expect, self._changes)
 
-    def process(self, records: list[SourceRecord], tally: Tally | None = None) -> Tally:
+    def process_some(
+        self, records: list[SourceRecord], tally: Tally, budget: int = 0
+    ) -> tuple[int, int]:
         self._started()
         produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records
         last = 0
@@ -178,6 +182,14 @@ class _NoRestore:
 
     def close(self) -> None:
         pass
+
+
+def _tallied(tally: Tally, records: int) -> tuple[int, int]:
+    """``process_some``'s answer for ``records`` records of a call each, counted into
+    ``tally``: every record is passed through, whatever the budget."""
+    tally.records += records
+    tally.calls += records
+    return records, records
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -229,11 +241,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _tallied(tally: Tally | None, records: int) -> Tally:
-    """``tally`` (or a new one) with ``records`` records and calls added."""
-    tally = Tally() if tally is None else tally
-    tally.records += records
-    tally.calls += records
-    return tally

@@ -30,18 +30,18 @@ __all__ = ["main"]
 
 
 def _freeze_after_first_batch() -> None:
-    original = Processor.process
+    original = Processor.process_some
     frozen = False
 
-    def process(self: Processor, records: Any, tally: Tally | None = None) -> Tally:
+    def process_some(self: Processor, records: Any, tally: Tally, budget: int = 0) -> Any:
         nonlocal frozen
         if not frozen:
             gc.collect()
             gc.freeze()
             frozen = True
-        return original(self, records, tally)
+        return original(self, records, tally, budget)
 
-    Processor.process = process  # type: ignore[method-assign]
+    Processor.process_some = process_some  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
