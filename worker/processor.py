@@ -161,10 +161,9 @@ class Processor:
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
         self._unkeyed_seen = False
 
-    def process(self, records: list[SourceRecord], tally: Tally | None = None) -> Tally:
-        """Produce every output of ``records`` and update the store; returns the tally
-        (``tally``, added to, when given)."""
-        tally = Tally() if tally is None else tally
+    def process(self, records: list[SourceRecord]) -> Tally:
+        """Produce every output of ``records`` and update the store; returns the tally."""
+        tally = Tally()
         self.process_some(records, tally)
         return tally
 
