@@ -56,6 +56,12 @@ _MAX_EPOCH_DIGITS: Final = 20
 # fromisoformat() takes any character as the date/time separator ("2015-02-23x22:28")
 # and stops reading at a NUL ("...55Z\x00" parses).
 _ISO_CHARS: Final = "0123456789-:.,+TtWZ "
+# The time of day after the separator, as ISO 8601 writes it: fromisoformat() also takes
+# an empty fraction ("55.Z"), a space before the offset ("55 +01:00"), offset minutes
+# past 59 ("+00:60") and offset seconds.
+_ISO_TIME: Final = re.compile(
+    r"[0-9]{2}(?::?[0-9]{2}(?::?[0-9]{2})?)?(?:[.,][0-9]+)?(?:Z|[+-][0-9]{2}(?::?[0-5][0-9])?)?"
+).fullmatch
 
 # Instants formatted lately: a call's event time is formatted again for its group
 # snapshot, state and membership records, and a group's first seen time at every call.
@@ -106,6 +112,8 @@ def _parse_iso_time(value: str) -> int | None:
     # The separator follows the date: 10 characters in extended format, 8 in basic.
     separator = text[10:11] if text[4:5] == "-" else text[8:9]
     if separator not in "Tt ":  # "" (a bare date) is in every string
+        return None
+    if separator and not _ISO_TIME(text, text.index(separator) + 1):
         return None
     try:
         parsed = datetime.fromisoformat(text)
