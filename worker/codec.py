@@ -3,11 +3,14 @@
 orjson is strict where it matters for dead-lettering: it rejects invalid UTF-8,
 ``NaN``/``Infinity``, numbers beyond a double's range and nesting deeper than 1024
 levels (and writes at most 254: ``too_deep`` says what may not be taken in).
-Integers beyond 64 bits are read as floats, as JavaScript reads them.
+Integers beyond 64 bits are read as floats, as JavaScript reads them. It also rejects
+an escaped lone UTF-16 surrogate (``"\\ud83d"``), which JavaScript writes for a string
+cut in the middle of an emoji: ``decode_unpaired`` reads those as U+FFFD.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +20,7 @@ __all__ = [
     "MAX_DEPTH",
     "DecodeError",
     "decode",
+    "decode_unpaired",
     "encode",
     "encode_lenient",
     "encode_sorted",
@@ -32,6 +36,26 @@ MAX_DEPTH = 200
 def decode(data: bytes | str) -> Any:
     """Parse one JSON document; raises ``DecodeError`` (a ``ValueError``) when invalid."""
     return orjson.loads(data)
+
+
+# An escape in a JSON string, as one unit so that a run of backslashes is read in pairs:
+# a surrogate pair, a lone surrogate (group 1), or any other escape.
+_ESCAPE = re.compile(
+    rb"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|u([dD][89a-fA-F][0-9a-fA-F]{2})|.)",
+    re.DOTALL,
+)
+
+
+def decode_unpaired(data: bytes) -> Any:
+    """``decode``, reading each escaped lone UTF-16 surrogate as U+FFFD, as a browser's
+    ``TextEncoder`` writes one; raises ``DecodeError`` when the document is invalid
+    otherwise. For documents ``decode`` refused: it reads them again."""
+    return orjson.loads(_ESCAPE.sub(_replace_unpaired, data))
+
+
+def _replace_unpaired(escape: re.Match[bytes]) -> bytes:
+    return b"\\ufffd" if escape[1] else escape[0]
 
 
 def too_deep(value: Any) -> bool:

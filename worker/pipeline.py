@@ -134,7 +134,10 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
         try:
             document = codec.decode(raw)
         except codec.DecodeError as e:
-            raise _Invalid("invalid_json", str(e)) from None
+            try:  # half an emoji from JavaScript is no reason to lose the call (or batch)
+                document = codec.decode_unpaired(raw)
+            except codec.DecodeError:
+                raise _Invalid("invalid_json", str(e)) from None
         if raw.count(b"[") + raw.count(b"{") > codec.MAX_DEPTH and codec.too_deep(document):
             raise _Invalid("invalid_json", f"nested deeper than {codec.MAX_DEPTH} levels")
         if not isinstance(document, dict):

@@ -507,3 +507,35 @@ def test_batch_as_analytics_node_sends_it() -> None:
     assert out.call["traits"] == {"employees": 1200, "plan": "pro"}
     assert out.call["_metadata"] == {"jsRuntime": "node"}
     assert (out.member_kind, out.member_id) == ("userId", "u-42")
+
+
+def test_a_string_javascript_cut_inside_an_emoji_loses_nothing() -> None:
+    """A lone UTF-16 surrogate escape (Node writes one for half an emoji) is read as
+    U+FFFD: the call is enriched, and the other calls of its batch are not lost."""
+    raw = (
+        b'{"batch": [{"type": "group", "groupId": "g", "userId": "u", "messageId": "ok1"},'
+        b' {"type": "group", "groupId": "g", "userId": "u", "messageId": "bad1",'
+        b' "traits": {"tagline": "Best \\ud83d", "\\udc00k": "\\ud83d\\ude00"}},'
+        b' {"type": "track", "event": "x", "userId": "u", "messageId": "t1"}]}'
+    )
+    first, second, third = run(raw)
+    assert isinstance(first, Enriched)
+    assert first.call["messageId"] == "ok1"
+    assert isinstance(second, Enriched)
+    assert second.call["traits"] == {"tagline": "Best \ufffd", "\ufffdk": "\U0001f600"}
+    assert isinstance(third, Skipped)
+
+
+def test_a_lone_surrogate_does_not_excuse_other_invalid_json() -> None:
+    """A value invalid for another reason as well stays invalid_json, with the parser's
+    first complaint."""
+    letter = dead(b'{"type": "group", "traits": {"t": "\\ud83d"}, "n": NaN}')
+    assert letter.reason == "invalid_json"
+    assert "surrogate" in letter.letter["message"]
+
+
+@given(st.recursive(st.text('\\ud83cde0"x\U0001f600'), lambda v: st.lists(v, max_size=3)))
+def test_repairing_surrogates_leaves_valid_json_as_it_was(value: Any) -> None:
+    """decode_unpaired reads any valid JSON exactly as decode does: escaped backslashes
+    followed by text that looks like an escape are not touched."""
+    assert codec.decode_unpaired(codec.encode(value)) == value
