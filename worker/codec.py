@@ -5,14 +5,15 @@ orjson is strict where it matters for dead-lettering: it rejects invalid UTF-8,
 levels (and writes at most 254: ``too_deep`` says what may not be taken in).
 Integers beyond 64 bits are read as floats, as JavaScript reads them. It also rejects
 an escaped lone UTF-16 surrogate (``"\\ud83d"``), which JavaScript writes for a string
-cut in the middle of an emoji: ``decode_unpaired`` reads those as U+FFFD.
+cut in the middle of an emoji, and a leading byte order mark: ``decode_repaired`` reads
+those.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -20,7 +21,7 @@ __all__ = [
     "MAX_DEPTH",
     "DecodeError",
     "decode",
-    "decode_unpaired",
+    "decode_repaired",
     "encode",
     "encode_lenient",
     "encode_sorted",
@@ -38,6 +39,7 @@ def decode(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
+_BOM: Final = b"\xef\xbb\xbf"
 # An escape in a JSON string, as one unit so that a run of backslashes is read in pairs:
 # a surrogate pair, a lone surrogate (group 1), or any other escape.
 _ESCAPE = re.compile(
@@ -47,11 +49,12 @@ _ESCAPE = re.compile(
 )
 
 
-def decode_unpaired(data: bytes) -> Any:
-    """``decode``, reading each escaped lone UTF-16 surrogate as U+FFFD, as a browser's
+def decode_repaired(data: bytes) -> Any:
+    """``decode``, past a leading UTF-8 byte order mark (RFC 8259 lets a parser ignore
+    one) and reading each escaped lone UTF-16 surrogate as U+FFFD, as a browser's
     ``TextEncoder`` writes one; raises ``DecodeError`` when the document is invalid
     otherwise. For documents ``decode`` refused: it reads them again."""
-    return orjson.loads(_ESCAPE.sub(_replace_unpaired, data))
+    return orjson.loads(_ESCAPE.sub(_replace_unpaired, data.removeprefix(_BOM)))
 
 
 def _replace_unpaired(escape: re.Match[bytes]) -> bytes:

@@ -134,8 +134,8 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
         try:
             document = codec.decode(raw)
         except codec.DecodeError as e:
-            try:  # half an emoji from JavaScript is no reason to lose the call (or batch)
-                document = codec.decode_unpaired(raw)
+            try:  # a byte order mark, or half an emoji, is no reason to lose a call or batch
+                document = codec.decode_repaired(raw)
             except codec.DecodeError:
                 raise _Invalid("invalid_json", str(e)) from None
         if raw.count(b"[") + raw.count(b"{") > codec.MAX_DEPTH and codec.too_deep(document):

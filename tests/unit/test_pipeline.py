@@ -526,6 +526,13 @@ def test_a_string_javascript_cut_inside_an_emoji_loses_nothing() -> None:
     assert isinstance(third, Skipped)
 
 
+def test_a_leading_byte_order_mark_is_ignored() -> None:
+    """A value that starts with a UTF-8 byte order mark is read past it."""
+    outcome = one(b"\xef\xbb\xbf" + codec.encode(call()))
+    assert isinstance(outcome, Enriched)
+    assert outcome.call["groupId"] == "g1"
+
+
 def test_a_lone_surrogate_does_not_excuse_other_invalid_json() -> None:
     """A value invalid for another reason as well stays invalid_json, with the parser's
     first complaint."""
@@ -536,6 +543,6 @@ def test_a_lone_surrogate_does_not_excuse_other_invalid_json() -> None:
 
 @given(st.recursive(st.text('\\ud83cde0"x\U0001f600'), lambda v: st.lists(v, max_size=3)))
 def test_repairing_surrogates_leaves_valid_json_as_it_was(value: Any) -> None:
-    """decode_unpaired reads any valid JSON exactly as decode does: escaped backslashes
+    """decode_repaired reads any valid JSON exactly as decode does: escaped backslashes
     followed by text that looks like an escape are not touched."""
-    assert codec.decode_unpaired(codec.encode(value)) == value
+    assert codec.decode_repaired(codec.encode(value)) == value
