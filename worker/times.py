@@ -110,10 +110,11 @@ def _parse_iso_time(value: str) -> int | None:
     if not text.isascii() or text.strip(_ISO_CHARS):
         return None
     # The separator follows the date: 10 characters in extended format, 8 in basic.
-    separator = text[10:11] if text[4:5] == "-" else text[8:9]
+    at = 10 if text[4:5] == "-" else 8
+    separator = text[at : at + 1]
     if separator not in "Tt ":  # "" (a bare date) is in every string
         return None
-    if separator and not _ISO_TIME(text, text.index(separator) + 1):
+    if separator and not _ISO_TIME(text, at + 1):
         return None
     try:
         parsed = datetime.fromisoformat(text)
