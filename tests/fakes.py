@@ -160,6 +160,9 @@ class FakeSink:
     committed: list[Produced] = field(default_factory=list)
     offset_commits: list[dict[Partition, int]] = field(default_factory=list)
     fail_next_commit: KafkaError | None = None
+    # Once set, every commit raises it, as every call of a fenced producer fails; a new
+    # producer (``abort`` then clearing it) starts afresh.
+    fenced: KafkaError | None = None
     # The produce that raises this (the transaction failed under it), counted in
     # ``open`` from 0: as librdkafka refuses records once a transaction has failed.
     fail_produce: tuple[int, KafkaError] | None = None
@@ -212,6 +215,8 @@ class FakeSink:
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
             raise error
+        if self.fenced is not None:
+            raise self.fenced
         accepted = []
         for p in self.open:
             verdict = self.refuse(p)

@@ -17,8 +17,13 @@
         │                    nothing committed meanwhile
         ├── AbortableError   the open transaction must be aborted: the worker aborts it
         │                    and rewinds to the committed offsets
-        └── FatalError       cannot continue (fenced producer, undeliverable output):
-                             the process exits non-zero so the orchestrator restarts it
+        └── FatalError       cannot continue (refused login or ACL, undeliverable
+            │                output): the process exits non-zero so the orchestrator
+            │                restarts it
+            └── FatalClientError   a client's own fatal error (a producer fenced when its
+                                   transaction outlived its timeout while the process
+                                   was paused): new clients can go on, so the loop is
+                                   rebuilt
 
 An *invalid event* is not an exception: it becomes a dead letter (``events.DeadLetter``),
 is committed like any other outcome, and is never retried.
@@ -29,6 +34,7 @@ from __future__ import annotations
 __all__ = [
     "AbortableError",
     "ConfigError",
+    "FatalClientError",
     "FatalError",
     "KafkaError",
     "RetriableError",
@@ -78,3 +84,13 @@ class AbortableError(KafkaError):
 
 class FatalError(KafkaError):
     """A Kafka failure the worker cannot recover from in-process."""
+
+
+class FatalClientError(FatalError):
+    """A Kafka client's own fatal error: that client can do nothing more, a new one can.
+
+    Mostly a producer whose transaction outlived ``transaction.timeout.ms`` while the
+    process was paused (a stop, a long stall): the broker aborted the transaction and
+    bumped the producer's epoch, and its next call fails (fenced, or an invalid
+    transaction state). Also a producer fenced by another with its ``transactional.id``.
+    """

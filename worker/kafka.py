@@ -21,7 +21,14 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka.admin import AdminClient
 
-from worker.errors import AbortableError, ConfigError, FatalError, KafkaError, RetriableError
+from worker.errors import (
+    AbortableError,
+    ConfigError,
+    FatalClientError,
+    FatalError,
+    KafkaError,
+    RetriableError,
+)
 from worker.limits import PRODUCER_MAX_DEFAULT
 from worker.logs import kafka_client_logger
 
@@ -157,7 +164,7 @@ def translate(error: ClientError | Any) -> KafkaError:
     if error.code() in _NOT_AUTHORIZED:
         return FatalError(f"not authorized (check the ACLs): {text}")
     if error.fatal():
-        return FatalError(text)
+        return FatalClientError(text)
     if error.txn_requires_abort():
         return AbortableError(text)
     if error.retriable() or error.code() in (

@@ -5,8 +5,10 @@ and runs it until SIGTERM or Ctrl-C, under a ``Supervisor``. When the Kafka clie
 up in a state they cannot leave (a transaction that cannot be aborted, a call that
 hangs after a broker restart), it closes them and builds fresh ones, as an orchestrator
 would restart the process, but faster; uncommitted work is replayed from the committed
-offsets, so nothing is lost or duplicated. A fenced producer (``FatalError``) or too
-many rebuilds end the process with exit code 1 instead.
+offsets, so nothing is lost or duplicated. So does a client's own fatal error
+(``FatalClientError``: a producer fenced when its transaction outlived its timeout while
+the process was paused). Another ``FatalError`` (a refused login, an ACL) or too many
+rebuilds end the process with exit code 1 instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from confluent_kafka import KafkaException
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config, redact
-from worker.errors import ConfigError, FatalError, KafkaError, RetriableError
+from worker.errors import ConfigError, FatalClientError, FatalError, KafkaError, RetriableError
 from worker.kafka import client_config, producer_max_bytes, translate
 from worker.limits import GroupBound, Limits, group_bound
 from worker.metrics import Metrics
@@ -79,9 +81,12 @@ class Loop(Protocol):
 class Supervisor:
     """Runs loops made by ``build`` one after another until one ends cleanly.
 
-    A loop that fails with a ``KafkaError`` other than ``FatalError`` is replaced by a
-    fresh one after a backoff; ``FatalError``, or too many rebuilds for errors other than
-    retriable ones (the broker away), end with exit code 1.
+    A loop that fails with a ``KafkaError`` other than ``FatalError``, or with
+    ``FatalClientError``, is replaced by a fresh one after a backoff; another ``FatalError``,
+    or too many rebuilds for errors other than retriable ones (the broker away), end
+    with exit code 1. A producer fenced by another process with its transactional.id
+    (two processes given one ``worker.instance_id``) fences it back when rebuilt: the
+    two rebuild in turn until one has rebuilt too often.
     """
 
     def __init__(self, build: Callable[[], Loop], clock: Clock) -> None:
@@ -121,7 +126,7 @@ class Supervisor:
                 # be fatal all the same (a fenced producer's next call).
                 if isinstance(e, KafkaException):
                     e = translate(e.args[0])
-                if isinstance(e, FatalError):
+                if isinstance(e, FatalError) and not isinstance(e, FatalClientError):
                     log.error("fatal_kafka_error", error=str(e))
                     return 1
                 now = self._clock.monotonic()

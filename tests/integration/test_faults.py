@@ -263,6 +263,27 @@ def test_sigterm_with_the_broker_away_exits_within_the_shutdown_budget(
     assert successor.stop() == 0
 
 
+def test_a_worker_paused_past_its_transaction_timeout_goes_on(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP) mid-transaction for longer than the transaction's
+    timeout finds its producer fenced (or in an invalid transaction state) when it
+    wakes: it builds a new loop and goes on, exactly once, where it exited 1 before."""
+    records, valid, bad = stream(30_000, seed=16)
+    worker = WorkerProcess(topics, tmp_path, WORKER_INSTANCE_ID="paused", **PARTITIONS)
+    workers.append(worker.start())
+    produce(topics.input, records)
+    wait_until(lambda: worker.progress() > 1_000, 60, "progress before the pause")
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGSTOP)
+    time.sleep(25)  # the transaction timeout (10 s), and the broker's check for it (10 s)
+    worker.process.send_signal(signal.SIGCONT)
+    assert_exactly_once(topics, valid, bad)
+    assert worker.process.poll() is None, worker.log()
+    assert "worker_rebuilding" in worker.log()
+    assert worker.stop() == 0
+
+
 def test_a_paused_owners_last_transaction_is_in_its_successors_state(
     workers: list[WorkerProcess], tmp_path: Path
 ) -> None:

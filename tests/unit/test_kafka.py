@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException, Producer
 
-from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
+from worker.errors import AbortableError, FatalClientError, FatalError, KafkaError, RetriableError
 from worker.kafka import RefusalWatch, client_config, produce_all, translate
 from worker.logs import kafka_client_logger
 
@@ -44,7 +44,10 @@ def test_scoped_properties_reach_only_their_client_and_win() -> None:
 
 def test_errors_translate_by_class() -> None:
     """Fatal, abortable and retriable client errors map onto the worker's error tree."""
-    assert isinstance(translate(ClientError(ClientError._FENCED, fatal=True)), FatalError)
+    assert isinstance(translate(ClientError(ClientError._FENCED, fatal=True)), FatalClientError)
+    assert isinstance(
+        translate(ClientError(ClientError.INVALID_TXN_STATE, fatal=True)), FatalClientError
+    )
     assert isinstance(
         translate(ClientError(ClientError._STATE, txn_requires_abort=True)), AbortableError
     )

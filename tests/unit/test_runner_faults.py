@@ -14,7 +14,7 @@ import pytest
 from tests.fakes import FakeClock, FakeSink, FakeSource, FlakyRestorer
 from tests.unit.test_runner import build
 from worker import codec
-from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
+from worker.errors import AbortableError, FatalClientError, FatalError, KafkaError, RetriableError
 from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
 
 PARTITIONS = 3
@@ -103,10 +103,15 @@ def drain(
                 source.rebalance(revoke=[tp], assign=[tp])
             elif roll < 0.21:
                 runner.stop()  # SIGTERM; the next loop is a restart
+            elif roll < 0.23:  # the process was paused past its transaction's timeout
+                sink.fenced = FatalClientError("fenced")
 
         source.on_consume = step
         try:
             runner.run()
+        except FatalClientError:  # the service builds a new loop: its producer aborts this one's
+            sink.abort()
+            sink.fenced = None
         except FatalError:
             raise
         except KafkaError:  # a failed restore: the service builds a new loop

@@ -9,7 +9,7 @@ from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException
 
 from tests.fakes import FakeClock
-from worker.errors import FatalError, KafkaError, RetriableError
+from worker.errors import FatalClientError, FatalError, KafkaError, RetriableError
 from worker.service import Loop, Supervisor
 
 
@@ -58,17 +58,41 @@ def test_a_failed_loop_is_rebuilt_after_a_backoff() -> None:
 @pytest.mark.parametrize(
     "error",
     [
-        FatalError("fenced"),
-        KafkaException(ClientError(ClientError._FENCED, "fenced by a newer instance", fatal=True)),
+        FatalError("not authorized"),
+        KafkaException(ClientError(ClientError.TOPIC_AUTHORIZATION_FAILED, "no ACL")),
     ],
     ids=["translated", "client-error"],
 )
 def test_a_fatal_error_exits_1_without_rebuilding(error: Exception) -> None:
-    """A fenced producer ends the process with exit code 1, also when the client's error
-    reaches the supervisor untranslated (it rebuilt, fencing the other process again)."""
+    """A fatal error ends the process with exit code 1, also when the client's error
+    reaches the supervisor untranslated."""
     code, built, _ = supervise(FakeLoop(error), FakeLoop())
     assert code == 1
     assert len(built) == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FatalClientError("fenced"),
+        KafkaException(ClientError(ClientError._FENCED, "fenced by a newer instance", fatal=True)),
+    ],
+    ids=["translated", "client-error"],
+)
+def test_a_fenced_producer_is_rebuilt(error: Exception) -> None:
+    """A client's own fatal error (a producer fenced because its transaction timed out
+    while the process was paused) gets a new loop, not an exit."""
+    code, built, _ = supervise(FakeLoop(error), FakeLoop())
+    assert code == 0
+    assert len(built) == 2
+
+
+def test_fenced_again_and_again_exits_1() -> None:
+    """Two processes given one transactional id fence each other at every rebuild: each
+    fence counts as a rebuild, so it ends with exit code 1."""
+    code, built, _ = supervise(*[FakeLoop(FatalClientError("fenced")) for _ in range(20)])
+    assert code == 1
+    assert len(built) == 11
 
 
 def test_the_broker_away_is_waited_out_however_long() -> None:
