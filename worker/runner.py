@@ -168,12 +168,16 @@ class Runner:
                         break
             self._commit_final()
         finally:
+            self.joined = False  # not ready while the service builds the next loop, if any
             closes = (self._source.close, self._sink.close, self._restorer.close, self._store.close)
             for close in closes:
                 try:
                     close()
                 except Exception as e:  # closing must not hide why the loop ended
                     log.warning("close_failed", error=str(e))
+            # Partitions no revoke reached (the loop failed; a close that could not leave
+            # the group): their lag series go, or an alert watches a partition not held.
+            self._forget(list(self._assigned))
         log.info("worker_stopped")
 
     # RebalanceListener: called from inside Source.consume.

@@ -148,6 +148,9 @@ class KafkaSink:
         self._denied: FatalError | None = None
         self._on_delivery_error = on_delivery_error
         self._caller = _Caller()
+        # Set once a transactional call hung: every later one fails at once, for the
+        # caller's thread is still held (the loop ends, and its revoke's commit with it).
+        self._hung: KafkaError | None = None
         if self._transactional:
             try:
                 self._producer.init_transactions(commit_timeout)
@@ -400,9 +403,13 @@ class KafkaSink:
         After a broker restart librdkafka can block in ``send_offsets_to_transaction``
         past its timeout, for good (librdkafka issues 5456 and 5511). The call runs on
         the sink's daemon thread (``_Caller``); if it has not returned in time the
-        producer is declared broken (``KafkaError``): the service builds a new one,
-        whose ``init_transactions`` fences this one and aborts its transaction.
+        producer is declared broken (``KafkaError``), and every later call fails at once
+        (the revoke as the loop closes waited the same again, behind the hung one): the
+        service builds a new one, whose ``init_transactions`` fences this one and aborts
+        its transaction.
         """
+        if self._hung is not None:
+            raise self._hung
         deadline = self._commit_timeout + _DEADLINE_MARGIN
         call = self._caller.start(operation)
         try:
@@ -411,7 +418,8 @@ class KafkaSink:
             call.done.wait(deadline)
             raise
         if not call.done.wait(deadline):
-            raise KafkaError(f"a transactional call hung past {self._commit_timeout:.0f}s")
+            self._hung = KafkaError(f"a transactional call hung past {self._commit_timeout:.0f}s")
+            raise self._hung
         if call.failure is not None:
             raise call.failure
 

@@ -370,6 +370,32 @@ def test_a_loop_that_ends_on_an_error_leaves_no_partition_series_behind() -> Non
     assert sample(metrics, "group_worker_assigned_partitions", topic="in") == 0
 
 
+def test_a_loop_whose_consumer_cannot_close_leaves_no_series_and_is_not_ready() -> None:
+    """When the loop ends on an error and the consumer's close fails before any revoke
+    (the broker away), the partitions' series go all the same, and the loop no longer
+    says it is ready while the service builds the next one."""
+    runner, source, sink, metrics = lagging()
+
+    def fail(n: int) -> None:
+        if n == 2:
+            assert runner.ready
+            assert sample(metrics, "group_worker_consumer_lag", topic="in", partition="0") == 5
+            sink.fail_next_commit = FatalError("fenced")
+            source.clock.advance(10)
+
+    def close() -> None:
+        raise RuntimeError("the consumer could not leave the group")
+
+    source.on_consume = fail
+    source.close = close  # type: ignore[method-assign]
+    with pytest.raises(FatalError):
+        runner.run()
+    assert not runner.ready
+    lag = {"topic": "in", "partition": "0"}
+    assert metrics.registry.get_sample_value("group_worker_consumer_lag", lag) is None
+    assert sample(metrics, "group_worker_assigned_partitions", topic="in") == 0
+
+
 def states(sink: FakeSink) -> dict[str, Any]:
     """The newest committed state record per group, as a compacted topic reads."""
     return {p.key.decode(): codec.decode(p.value) for p in sink.topic("state") if p.key}

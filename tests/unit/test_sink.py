@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, cast
 
 import pytest
@@ -11,7 +12,7 @@ from confluent_kafka import Consumer
 from tests.fakes import FakeClock, FakeSource
 from worker.clock import SystemClock
 from worker.config import ProcessingGuarantee
-from worker.errors import AbortableError
+from worker.errors import AbortableError, KafkaError
 from worker.sink import KafkaSink
 from worker.source import Source
 
@@ -183,3 +184,34 @@ def test_one_thread_runs_every_transactional_call_and_ends_with_the_sink() -> No
         source.consumer.close()
     callers[0].join(5)
     assert not callers[0].is_alive()
+
+
+def test_after_a_transactional_call_hangs_every_later_one_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transactional call that hangs past its deadline breaks the sink: the commit
+    raises, and so does every later call at once instead of waiting behind it (the
+    revoke's commit as the loop closes waited a second deadline)."""
+    monkeypatch.setattr("worker.sink._DEADLINE_MARGIN", 0.0)
+    released = threading.Event()
+
+    class Stuck(FakeSource):
+        def group_metadata(self) -> Any:
+            released.wait(30)  # the call hangs, as librdkafka's did after a broker restart
+            return super().group_metadata()
+
+    s = KafkaSink("", _MOCK, "exactly_once", "sink-test", SystemClock(), commit_timeout=2)
+    try:
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+        with pytest.raises(KafkaError, match="hung"):
+            s.commit({("in", 0): 1}, cast(Source, Stuck(FakeClock())))
+        started = time.monotonic()
+        with pytest.raises(KafkaError, match="hung"):
+            s.commit({("in", 0): 1}, cast(Source, FakeSource(FakeClock())))
+        with pytest.raises(KafkaError, match="hung"):
+            s.abort()
+        assert time.monotonic() - started < 1  # not behind the hung call's deadline (2 s)
+    finally:
+        released.set()
+        s.close()
