@@ -5,13 +5,18 @@ Served from a daemon thread so a slow scrape never blocks the loop.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 __all__ = ["Probes", "serve"]
+
+log = structlog.get_logger("worker.server")
 
 
 class Probes:
@@ -52,7 +57,17 @@ def serve(host: str, port: int, registry: CollectorRegistry, probes: Probes) -> 
         def log_message(self, format: str, *args: object) -> None:
             pass  # scrapes every few seconds would drown the logs
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _Server((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-reply (a probe's timeout) is no news; anything
+        else is one log line, not the standard library's traceback on stderr, which
+        would break the JSON lines of the log."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):
+            log.warning("http_request_failed", error=repr(error))
