@@ -8,28 +8,34 @@ dependency: ``pip install py-spy`` anywhere), idle samples included, for ``--sec
 Prints the drain rate, the worker's own commit and processing times (from
 ``/metrics``) and, with py-spy, each function's share of the main loop's samples
 (inclusive). Needs a broker (``make kafka-up``, or the benchmark's); deletes its topics.
+
+``--peer`` profiles the peer instead (``bench.peer``, the same job in Quix Streams, in
+its own interpreter: ``make bench`` builds it) on a keyed copy of the same calls, under
+py-spy for its whole run; the shares are of its ``Application.run``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.process import Topics, WorkerProcess
-from bench.runs import delete_topics, drain_worker, fill_topic
+from bench.process import ROOT, Topics, WorkerProcess
+from bench.runs import PEER_PYTHON, create_topic, delete_topics, drain_worker, fill_topic
 
 
-def main_loop_shares(raw: Path, top: int) -> list[tuple[float, str]]:
-    """The inclusive share of each function in the samples of the runner's loop."""
+def main_loop_shares(raw: Path, top: int, loop: str = "Runner.run") -> list[tuple[float, str]]:
+    """The inclusive share of each function in the samples of ``loop``."""
     counts: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         frames = [frame.split(" (")[0] for frame in stack.split(";")]
-        if "Runner.run" not in frames:
+        if loop not in frames:
             continue
         total += int(n)
         for name in set(frames):
@@ -46,7 +52,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=20, help="how long py-spy records")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("bench/results/logs.tmp"))
+    parser.add_argument("--peer", action="store_true", help="profile the peer (keyed)")
     args = parser.parse_args(argv)
+    if args.peer:
+        profile_peer(args.bootstrap, args.calls, args.py_spy, args.out / "peer.raw", args.top)
+        return
     inputs = Topics.fresh("input")
     keyed = args.stages == 1
     topic = inputs.name("keyed" if keyed else "raw")
@@ -72,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         for process in spies:
             process.wait()
-        delete_topics(args.bootstrap, inputs.all)
+        delete_topics(args.bootstrap, [*inputs.all, topic])
     print(f"drained {args.calls:,} calls in {drain.seconds:.1f} s: {drain.calls_per_second:,.0f}/s")
     print(f"  processing: {drain.processing_seconds:.1f} s in the worker's own histogram")
     print(f"  commit: {drain.commit_seconds:.1f} s in the worker's own histogram")
@@ -80,6 +90,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("share of the main loop's samples (inclusive, idle included):")
         for share, name in main_loop_shares(raw, args.top):
             print(f"  {share:5.1f}% {name}")
+
+
+def profile_peer(bootstrap: str, calls: int, py_spy: Path, raw: Path, top: int) -> None:
+    """Run the peer on ``calls`` keyed calls under ``py_spy``; print its rate and shares."""
+    topics = Topics.fresh("peer")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fill_topic(bootstrap, topics.name("raw"), calls, 1, by_group=True)
+        create_topic(bootstrap, topics.name("out"))
+        with tempfile.TemporaryDirectory(prefix="bench-peer-") as state_dir:
+            command = [str(py_spy), "record", "-r", "200", "-f", "raw", "-o", str(raw), "--"]
+            command += [str(PEER_PYTHON), "-m", "bench.peer", "--bootstrap", bootstrap]
+            command += ["--input", topics.name("raw"), "--output", topics.name("out")]
+            command += ["--group", topics.tag, "--expect", str(calls), "--state-dir", state_dir]
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, check=True)
+    finally:  # and the peer's changelog topic, which Quix names after group and input
+        changelog = f"changelog__{topics.tag}--{topics.name('raw')}--default"
+        delete_topics(bootstrap, [*topics.all, changelog])
+    [result] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
+    print(f"peer: {calls:,} calls in {result['seconds']:.1f} s: {calls / result['seconds']:,.0f}/s")
+    print("share of Application.run's samples (inclusive):")
+    for share, name in main_loop_shares(raw, top, "Application.run"):
+        print(f"  {share:5.1f}% {name}")
 
 
 if __name__ == "__main__":
