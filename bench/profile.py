@@ -17,15 +17,13 @@ py-spy for its whole run; the shares are of its ``Application.run``.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.process import ROOT, Topics, WorkerProcess
-from bench.runs import PEER_PYTHON, create_topic, delete_topics, drain_worker, fill_topic
+from bench.process import Topics, WorkerProcess
+from bench.runs import delete_topics, drain_worker, fill_topic, run_peer
 
 
 def main_loop_shares(raw: Path, top: int, loop: str = "Runner.run") -> list[tuple[float, str]]:
@@ -55,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--peer", action="store_true", help="profile the peer (keyed)")
     args = parser.parse_args(argv)
     if args.peer:
-        profile_peer(args.bootstrap, args.calls, args.py_spy, args.out / "peer.raw", args.top)
+        profile_peer(args.bootstrap, args.calls, args.py_spy, args.out, args.top)
         return
     inputs = Topics.fresh("input")
     keyed = args.stages == 1
@@ -92,24 +90,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {share:5.1f}% {name}")
 
 
-def profile_peer(bootstrap: str, calls: int, py_spy: Path, raw: Path, top: int) -> None:
+def profile_peer(bootstrap: str, calls: int, py_spy: Path, out: Path, top: int) -> None:
     """Run the peer on ``calls`` keyed calls under ``py_spy``; print its rate and shares."""
-    topics = Topics.fresh("peer")
-    raw.parent.mkdir(parents=True, exist_ok=True)
+    topic = Topics.fresh("input").name("keyed")
+    raw = out / "peer.raw"
+    spy = [str(py_spy), "record", "-r", "200", "-f", "raw", "-o", str(raw), "--"]
     try:
-        fill_topic(bootstrap, topics.name("raw"), calls, 1, by_group=True)
-        create_topic(bootstrap, topics.name("out"))
-        with tempfile.TemporaryDirectory(prefix="bench-peer-") as state_dir:
-            command = [str(py_spy), "record", "-r", "200", "-f", "raw", "-o", str(raw), "--"]
-            command += [str(PEER_PYTHON), "-m", "bench.peer", "--bootstrap", bootstrap]
-            command += ["--input", topics.name("raw"), "--output", topics.name("out")]
-            command += ["--group", topics.tag, "--expect", str(calls), "--state-dir", state_dir]
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, check=True)
-    finally:  # and the peer's changelog topic, which Quix names after group and input
-        changelog = f"changelog__{topics.tag}--{topics.name('raw')}--default"
-        delete_topics(bootstrap, [*topics.all, changelog])
-    [result] = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
-    print(f"peer: {calls:,} calls in {result['seconds']:.1f} s: {calls / result['seconds']:,.0f}/s")
+        fill_topic(bootstrap, topic, calls, 1, by_group=True)
+        peer = run_peer(bootstrap, topic, calls, out, wrapper=spy)
+    finally:
+        delete_topics(bootstrap, [topic])
+    print(f"peer: {calls:,} calls in {peer.seconds:.1f} s: {peer.calls_per_second:,.0f}/s")
     print("share of Application.run's samples (inclusive):")
     for share, name in main_loop_shares(raw, top, "Application.run"):
         print(f"  {share:5.1f}% {name}")

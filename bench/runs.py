@@ -346,12 +346,13 @@ def run_peer(
     python: Path = PEER_PYTHON,
     commit_interval: float | None = None,
     timeout: float = 1800,
+    wrapper: Sequence[str] = (),
 ) -> PeerRun:
     """Run the peer in its own interpreter until it processed ``expect`` input records.
 
     Then checks, from here, that its consumer group committed the input topic to its
     end, and counts its outputs with a ``read_committed`` consumer. Raises with the tail
-    of its log when it fails.
+    of its log when it fails. ``wrapper``: a command to run it under (a profiler).
     """
     if not python.exists():
         raise RuntimeError(f"no peer interpreter at {python.relative_to(ROOT)}: run make bench")
@@ -360,7 +361,8 @@ def run_peer(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{topics.tag}.log"
     create_topic(bootstrap, output)
-    command = [str(python), "-m", "bench.peer", "--bootstrap", bootstrap, "--input", input_topic]
+    command = [*wrapper, str(python), "-m", "bench.peer", "--bootstrap", bootstrap]
+    command += ["--input", input_topic]
     command += ["--output", output, "--group", topics.tag, "--expect", str(expect)]
     if commit_interval is not None:
         command += ["--commit-interval", str(commit_interval)]
@@ -377,7 +379,8 @@ def run_peer(
                 timeout=timeout,
                 check=False,
             )
-        lines = done.stdout.decode().strip().splitlines()
+        # Its result is the last JSON line (a ``wrapper`` may print lines of its own).
+        lines = [line for line in done.stdout.decode().splitlines() if line.startswith("{")]
         result = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
         if result.get("seconds") is None:
             tail = log_path.read_text(errors="replace")[-2000:]
