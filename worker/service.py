@@ -65,6 +65,8 @@ _SHUTDOWN_MARGIN = 5.0
 _MAX_REBUILDS = 10
 _REBUILD_WINDOW = 600.0
 _REBUILD_BACKOFF = (1.0, 2.0, 5.0, 10.0)
+# A loop that failed after running this long starts the backoff afresh.
+_STEADY = 30.0
 
 
 class Loop(Protocol):
@@ -113,8 +115,9 @@ class Supervisor:
     def run(self) -> int:
         """Run loops until one returns or a stop; returns the exit code. Blocks."""
         rebuilds: list[float] = []  # of loops that failed otherwise than retriably
-        failures: list[float] = []  # of every loop, for the backoff
+        failures = 0  # in a row, for the backoff
         while not self._stopping:
+            started = self._clock.monotonic()
             try:
                 self._current = self._build()
                 if self._stopping:  # a signal while building
@@ -129,8 +132,13 @@ class Supervisor:
                 if isinstance(e, FatalError) and not isinstance(e, FatalClientError):
                     log.error("fatal_kafka_error", error=str(e))
                     return 1
+                if self._stopping:  # its last commit failed: the next start reads it again
+                    log.error("stopped_uncommitted", error=str(e))
+                    return 1
                 now = self._clock.monotonic()
-                failures = [t for t in failures if now - t < _REBUILD_WINDOW] + [now]
+                # After a broker restart each loop can fail once, minutes apart: that
+                # waits 1 s, not the 10 s of failures in a row (the broker still away).
+                failures = 1 if now - started >= _STEADY else failures + 1
                 # The broker away (a retriable error) is waited out however long it lasts:
                 # a restart would find it away too, and come back later than a rebuild.
                 if not isinstance(e, RetriableError):
@@ -138,7 +146,7 @@ class Supervisor:
                 if len(rebuilds) > _MAX_REBUILDS:
                     log.error("too_many_rebuilds", error=str(e), window_seconds=_REBUILD_WINDOW)
                     return 1
-                backoff = _REBUILD_BACKOFF[min(len(failures), len(_REBUILD_BACKOFF)) - 1]
+                backoff = _REBUILD_BACKOFF[min(failures, len(_REBUILD_BACKOFF)) - 1]
                 log.warning("worker_rebuilding", error=str(e), backoff=backoff)
                 self._clock.sleep(backoff)
         return 0
@@ -253,16 +261,22 @@ def build_runner(
         group_instance_id=w.group_instance_id,
         on_error=lambda e: log.warning("consumer_error", error=str(e)),
     )
-    sink = KafkaSink(
-        kafka.bootstrap_servers,
-        kafka.properties,
-        w.processing_guarantee,
-        f"{w.group_id}-{instance}",
-        clock,
-        commit_timeout=w.shutdown_timeout_seconds,
-        on_delivery_error=metrics.produce_errors.inc,
-        batch_bytes=limits.batch_bytes(),
-    )
+    try:
+        sink = KafkaSink(
+            kafka.bootstrap_servers,
+            kafka.properties,
+            w.processing_guarantee,
+            f"{w.group_id}-{instance}",
+            clock,
+            commit_timeout=w.shutdown_timeout_seconds,
+            on_delivery_error=metrics.produce_errors.inc,
+            batch_bytes=limits.batch_bytes(),
+        )
+    except BaseException:
+        # The broker away (its init_transactions timed out): the supervisor builds
+        # again, every few seconds while it is away, so no consumer may be left behind.
+        source.close()
+        raise
     store = RocksDBStateStore(state_dir, w.state_cache_mb << 20, deployment=w.group_id)
     settings = runner_settings(config)
     processor = Processor(

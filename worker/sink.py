@@ -148,8 +148,9 @@ class KafkaSink:
         self._denied: FatalError | None = None
         self._on_delivery_error = on_delivery_error
         self._caller = _Caller()
-        # Set once a transactional call hung: every later one fails at once, for the
-        # caller's thread is still held (the loop ends, and its revoke's commit with it).
+        # Set once a transactional call hung or timed out: every later one fails at
+        # once (the loop ends, and its revoke's commit with it), for the caller's
+        # thread is still held, or the producer is stuck (``_retry``).
         self._hung: KafkaError | None = None
         if self._transactional:
             try:
@@ -160,6 +161,10 @@ class KafkaSink:
                     error = FatalError(
                         f"transactional id {transactional_id} (needs Write, Describe): {error}"
                     )
+                # Destroyed now, not when a collection finds the exception's cycle: alive,
+                # it goes on asking for the transactional id, and once the broker is back
+                # fences the producer the service built after it.
+                del self._producer
                 raise error from None
 
     def begin(self) -> None:
@@ -380,6 +385,14 @@ class KafkaSink:
         A fatal error (a fenced producer) raises ``FatalError``. When retries run out,
         or the operation fails otherwise, the transaction cannot be trusted to commit:
         ``AbortableError``, so the caller aborts and replays.
+
+        An operation that times out breaks the sink as a hung one does
+        (``_with_deadline``): after a broker restart librdkafka can keep a request to
+        the transaction coordinator queued for a connection it never makes again
+        (librdkafka issue 5511). In broker-restart fault runs no retry after a timeout
+        led to a commit (40 times): the retries timed out or hung until the loop was
+        rebuilt, or at best an abort went through 25-35 s later, where a new producer
+        finds the coordinator at once.
         """
         for backoff in (*_RETRY_BACKOFF, None):
             try:
@@ -389,6 +402,9 @@ class KafkaSink:
                 error = translate(e.args[0])
                 if isinstance(error, FatalError):
                     raise error from None
+                if e.args[0].code() == ClientError._TIMED_OUT:
+                    self._hung = KafkaError(f"a transactional call timed out: {error}")
+                    raise self._hung from None
                 if not isinstance(error, RetriableError) or backoff is None:
                     raise AbortableError(str(error)) from None
                 log.warning("transaction_retrying", error=str(error), backoff=backoff)

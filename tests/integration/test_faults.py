@@ -256,6 +256,7 @@ def test_sigterm_with_the_broker_away_exits_within_the_shutdown_budget(
         kafka_script("up")
     print(f"SIGTERM to exit with the broker down: {took:.2f}s, exit code {code}")
     assert took < 3 + 5 + 4, worker.log()
+    assert code == 1, worker.log()
     produce(topics.input, records[5_000:])
     successor = WorkerProcess(topics, tmp_path, "second", **PARTITIONS)
     workers.append(successor.start())

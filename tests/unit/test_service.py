@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException
 
 from tests.fakes import FakeClock
+from worker import service
+from worker.config import load_config
 from worker.errors import FatalClientError, FatalError, KafkaError, RetriableError
+from worker.limits import GroupBound, Limits
+from worker.metrics import Metrics
 from worker.service import Loop, Supervisor
 
 
@@ -53,6 +59,23 @@ def test_a_failed_loop_is_rebuilt_after_a_backoff() -> None:
     assert code == 0
     assert len(built) == 3
     assert clock.now_ms() - FakeClock().now_ms() == 3_000  # backoffs of 1 s and 2 s
+
+
+def test_a_loop_that_ran_a_while_starts_the_backoff_afresh() -> None:
+    """Failures in a row back off longer and longer; one after a loop ran for a while
+    (a broker restart, minutes after the last) waits the shortest backoff again."""
+    clock = FakeClock()
+    loops = [FakeLoop(RetriableError("away")) for _ in range(4)]
+    loops += [FakeLoop(KafkaError("hung"), on_run=lambda: clock.advance(60)), FakeLoop()]
+    built: list[FakeLoop] = []
+
+    def build() -> Loop:
+        built.append(loops.pop(0))
+        return built[-1]
+
+    assert Supervisor(build, clock).run() == 0
+    assert len(built) == 6
+    assert clock.now_ms() - FakeClock().now_ms() == (1 + 2 + 5 + 10 + 60 + 1) * 1000
 
 
 @pytest.mark.parametrize(
@@ -114,7 +137,8 @@ def test_too_many_rebuilds_exit_1() -> None:
 
 
 def test_stop_ends_the_current_loop_and_builds_no_other() -> None:
-    """stop() reaches the running loop, and no loop is built after it."""
+    """stop() reaches the running loop, and no loop is built after it. Its last commit
+    failed here (the broker away): exit code 1, as nothing of its last batch committed."""
     clock = FakeClock()
     loops: list[FakeLoop] = []
 
@@ -123,7 +147,7 @@ def test_stop_ends_the_current_loop_and_builds_no_other() -> None:
         return loops[-1]
 
     supervisor = Supervisor(build, clock)
-    assert supervisor.run() == 0
+    assert supervisor.run() == 1
     assert len(loops) == 1
     assert loops[0].stopped
 
@@ -141,3 +165,39 @@ def test_probes_follow_the_current_loop() -> None:
     assert supervisor.ready()
     clock.advance(61)
     assert not supervisor.live()
+
+
+def test_a_sink_that_cannot_start_leaves_no_consumer_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """While the broker is away each build's ``init_transactions`` times out, every few
+    seconds for as long as it is away: the consumer built before it is closed each time."""
+    closed: list[bool] = []
+
+    class Source:
+        def __init__(self, *_: Any, **__: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def no_sink(*_: Any, **__: Any) -> None:
+        raise RetriableError("_TIMED_OUT: init_transactions")
+
+    class _Limits:
+        def batch_bytes(self) -> int:
+            return 1_000_000
+
+    monkeypatch.setattr(service, "KafkaSource", Source)
+    monkeypatch.setattr(service, "KafkaSink", no_sink)
+    with pytest.raises(RetriableError):
+        service.build_runner(
+            load_config(environ={}),
+            Metrics(),
+            FakeClock(),
+            "0",
+            cast(Limits, _Limits()),
+            cast(GroupBound, None),
+            tmp_path,
+        )
+    assert closed == [True]

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 import time
 from typing import Any, cast
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import KafkaError as ClientError
 
 from tests.fakes import FakeClock, FakeSource
 from worker.clock import SystemClock
 from worker.config import ProcessingGuarantee
-from worker.errors import AbortableError, KafkaError
+from worker.errors import AbortableError, KafkaError, RetriableError
 from worker.sink import KafkaSink
 from worker.source import Source
 
@@ -215,3 +218,47 @@ def test_after_a_transactional_call_hangs_every_later_one_fails_at_once(
     finally:
         released.set()
         s.close()
+
+
+class _TimingOut(FakeSource):
+    """Its sends of offsets time out, as librdkafka's did for minutes after a broker
+    restart (a coordinator request queued for a connection never made)."""
+
+    def __init__(self) -> None:
+        super().__init__(FakeClock())
+        self.calls = 0
+
+    def group_metadata(self) -> Any:
+        self.calls += 1
+        raise KafkaException(ClientError(ClientError._TIMED_OUT, "Local: Timed out"))
+
+
+def test_a_transactional_call_timing_out_breaks_the_sink() -> None:
+    """A timeout and the producer is given up, for the service to build a new one
+    (which found the coordinator at once), where retrying took minutes; every later
+    call fails at once, the abort too."""
+    s, source = sink("exactly_once"), _TimingOut()
+    try:
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+        with pytest.raises(KafkaError, match="timed out"):
+            s.commit({("out", 0): 1}, cast(Source, source))
+        with pytest.raises(KafkaError, match="timed out"):
+            s.abort()
+        assert source.calls == 1
+    finally:
+        s.close()
+
+
+def test_a_producer_that_cannot_start_transactions_is_destroyed_at_once() -> None:
+    """While the broker is away each build's ``init_transactions`` times out. That
+    producer must not outlive its failure until a collection (the worker collects
+    rarely): alive, it fenced the next one as soon as the broker was back."""
+    threads = len(os.listdir("/proc/self/task"))
+    gc.disable()
+    try:
+        with pytest.raises(RetriableError):
+            KafkaSink("127.0.0.1:1", {}, "exactly_once", "t", SystemClock(), commit_timeout=1)
+        assert len(os.listdir("/proc/self/task")) == threads  # librdkafka's threads ended
+    finally:
+        gc.enable()
