@@ -96,11 +96,15 @@ class Supervisor:
         self._clock = clock
         self._current: Loop | None = None
         self._stopping = False
+        self._building = clock.monotonic()  # when the latest build began
 
     def live(self) -> bool:
-        """The current loop came round within the liveness window."""
+        """The current loop came round, or a new one began to be built, within the
+        liveness window: rebuilds while the broker is away are not a hung process (a
+        pod restarted for them comes back no sooner, after its restart backoff)."""
         loop = self._current
-        return loop is not None and self._clock.monotonic() - loop.last_progress < _LIVENESS
+        latest = max(self._building, loop.last_progress if loop is not None else 0.0)
+        return self._clock.monotonic() - latest < _LIVENESS
 
     def ready(self) -> bool:
         """The current loop is ready (joined and restored)."""
@@ -117,7 +121,7 @@ class Supervisor:
         rebuilds: list[float] = []  # of loops that failed otherwise than retriably
         failures = 0  # in a row, for the backoff
         while not self._stopping:
-            started = self._clock.monotonic()
+            started = self._building = self._clock.monotonic()
             try:
                 self._current = self._build()
                 if self._stopping:  # a signal while building

@@ -153,11 +153,12 @@ def test_stop_ends_the_current_loop_and_builds_no_other() -> None:
 
 
 def test_probes_follow_the_current_loop() -> None:
-    """Liveness needs a loop that came round within a minute; readiness is the loop's."""
+    """Liveness needs a loop that came round, or a build begun, within a minute;
+    readiness is the loop's."""
     clock = FakeClock()
     loop = FakeLoop()
     supervisor = Supervisor(lambda: loop, clock)
-    assert not supervisor.live()
+    assert supervisor.live()  # starting
     assert not supervisor.ready()
     supervisor.run()
     loop.last_progress = clock.monotonic()
@@ -165,6 +166,26 @@ def test_probes_follow_the_current_loop() -> None:
     assert supervisor.ready()
     clock.advance(61)
     assert not supervisor.live()
+
+
+def test_rebuilds_while_the_broker_is_away_keep_the_worker_live() -> None:
+    """Builds failing for as long as the broker is away (each waiting 10 s for the
+    broker) keep liveness: a pod restarted for them would come back no sooner."""
+    clock = FakeClock()
+    lives: list[bool] = []
+    supervisor: Supervisor
+
+    def build() -> Loop:
+        lives.append(supervisor.live())
+        clock.advance(10)
+        if len(lives) < 30:
+            raise RetriableError("away")
+        return FakeLoop()
+
+    supervisor = Supervisor(build, clock)
+    assert supervisor.run() == 0
+    assert len(lives) == 30
+    assert all(lives)
 
 
 def test_a_sink_that_cannot_start_leaves_no_consumer_behind(
