@@ -155,10 +155,13 @@ def _context(rng: random.Random, user: int) -> dict[str, Any]:
 Kind = Literal["group", "other", "bad", "duplicate", "late_duplicate"]
 
 
-def generate_calls(n: int, seed: int = 1) -> Iterator[tuple[bytes, bytes, Kind]]:
-    """``n`` raw calls as ``(key, value, kind)``; deterministic for ``(n, seed)``."""
+def generate_calls(
+    n: int, seed: int = 1, *, groups: int = GROUPS
+) -> Iterator[tuple[bytes, bytes, Kind]]:
+    """``n`` raw calls to ``groups`` groups as ``(key, value, kind)``; deterministic for
+    ``(n, seed, groups)``."""
     rng = random.Random(seed)
-    cumulative = _zipf_cumulative(GROUPS)
+    cumulative = _zipf_cumulative(groups)
     profiles: dict[int, list[tuple[str, Any]]] = {}
     recent_group_calls: list[tuple[bytes, bytes]] = []
     # The stream's first group calls, and their event times (ascending, but for the

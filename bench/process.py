@@ -67,7 +67,8 @@ def _free_port() -> int:
 class WorkerProcess:
     """``python -m worker --config config/worker.toml run`` with environment overrides.
 
-    ``settings`` are config keys (``worker_batch_size``) and their values. Its state
+    ``settings`` are config keys (``worker_batch_size``), or librdkafka properties
+    (``kafka_consumer_session_timeout_ms``), and their values. Its state
     lives in ``state_dir`` when given (kept, for a restart), else in a
     temporary directory deleted by ``stop``. ``started`` is when the process was
     launched (``time.perf_counter``). ``root`` is the checkout it runs from.
@@ -99,6 +100,8 @@ class WorkerProcess:
         env["GROUP_WORKER_WORKER_STATE_DIR"] = str(state_dir)
         env.update({f"GROUP_WORKER_{k.upper()}": v for k, v in (settings or {}).items()})
         known = _settings_known(root)  # an older checkout runs without newer settings
+        # Any other GROUP_WORKER_KAFKA_* sets a librdkafka property, which every checkout takes.
+        known |= {k for k in env if k.startswith("GROUP_WORKER_KAFKA_")}
         env = {k: v for k, v in env.items() if not k.startswith("GROUP_WORKER_") or k in known}
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
