@@ -96,7 +96,7 @@ class Supervisor:
         self._clock = clock
         self._current: Loop | None = None
         self._stopping = False
-        self._building = clock.monotonic()  # when the latest build began
+        self._building = clock.monotonic()  # when the latest build began (or this start)
 
     def live(self) -> bool:
         """The current loop came round, or a new one began to be built, within the
