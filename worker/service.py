@@ -121,7 +121,7 @@ class Supervisor:
         rebuilds: list[float] = []  # of loops that failed otherwise than retriably
         failures = 0  # in a row, for the backoff
         while not self._stopping:
-            started = self._building = self._clock.monotonic()
+            self._building = self._clock.monotonic()
             try:
                 self._current = self._build()
                 if self._stopping:  # a signal while building
@@ -142,7 +142,7 @@ class Supervisor:
                 now = self._clock.monotonic()
                 # After a broker restart each loop can fail once, minutes apart: that
                 # waits 1 s, not the 10 s of failures in a row (the broker still away).
-                failures = 1 if now - started >= _STEADY else failures + 1
+                failures = 1 if now - self._building >= _STEADY else failures + 1
                 # The broker away (a retriable error) is waited out however long it lasts:
                 # a restart would find it away too, and come back later than a rebuild.
                 if not isinstance(e, RetriableError):

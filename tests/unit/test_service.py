@@ -39,7 +39,9 @@ class FakeLoop:
         self.stopped = True
 
 
-def supervise(*loops: FakeLoop) -> tuple[int, list[FakeLoop], FakeClock]:
+def supervise(
+    *loops: FakeLoop, clock: FakeClock | None = None
+) -> tuple[int, list[FakeLoop], FakeClock]:
     built: list[FakeLoop] = []
     pending = list(loops)
 
@@ -47,7 +49,7 @@ def supervise(*loops: FakeLoop) -> tuple[int, list[FakeLoop], FakeClock]:
         built.append(pending.pop(0))
         return built[-1]
 
-    clock = FakeClock()
+    clock = clock or FakeClock()
     return Supervisor(build, clock).run(), built, clock
 
 
@@ -67,13 +69,8 @@ def test_a_loop_that_ran_a_while_starts_the_backoff_afresh() -> None:
     clock = FakeClock()
     loops = [FakeLoop(RetriableError("away")) for _ in range(4)]
     loops += [FakeLoop(KafkaError("hung"), on_run=lambda: clock.advance(60)), FakeLoop()]
-    built: list[FakeLoop] = []
-
-    def build() -> Loop:
-        built.append(loops.pop(0))
-        return built[-1]
-
-    assert Supervisor(build, clock).run() == 0
+    code, built, _ = supervise(*loops, clock=clock)
+    assert code == 0
     assert len(built) == 6
     assert clock.now_ms() - FakeClock().now_ms() == (1 + 2 + 5 + 10 + 60 + 1) * 1000
 
