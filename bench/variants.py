@@ -10,7 +10,8 @@
   0.1 s by default). ``consume()`` waits for a full batch or the timeout, so at
   low rates every stage waits this long per loop.
 
-Nothing here changes the worker's code; the README's recommendations cite these runs.
+Nothing here changes the worker's code; docs/performance.md (Changes outside the hot path)
+cites these runs.
 """
 
 from __future__ import annotations
