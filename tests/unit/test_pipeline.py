@@ -340,6 +340,16 @@ def test_envelope_typed_batch_is_split_and_keeps_its_own_id_and_type() -> None:
         assert outcomes[2].reason == "missing_type"  # type: ignore[union-attr]
 
 
+def test_a_write_key_in_the_call_itself_is_kept() -> None:
+    """A call's own writeKey (analytics.js writes one into each call) stays in its
+    enriched call, in an envelope or not; only the envelope's is not spread."""
+    own = call(writeKey="browser-key")
+    for record in (own, {"writeKey": "envelope-key", "batch": [own]}):
+        (outcome,) = run(codec.encode(record))
+        assert isinstance(outcome, Enriched)
+        assert outcome.call["writeKey"] == "browser-key"
+
+
 def test_a_number_message_id_becomes_a_string() -> None:
     """A messageId sent as a number is that number's text, as for the other IDs."""
     for sent, kept in ((12345, "12345"), (7.0, "7"), (2.5, "2.5")):
