@@ -219,7 +219,12 @@ class WorkerProcess:
         return self.process.wait(timeout)
 
     def log(self) -> str:
+        """The log's last 5,000 characters (for assertion messages)."""
         return self.log_path.read_text(errors="replace")[-5000:]
+
+    def logged(self, event: str) -> bool:
+        """Whether the worker has logged ``event`` anywhere in its log."""
+        return f'"event":"{event}"' in self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
