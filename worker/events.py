@@ -37,6 +37,11 @@ class SourceRecord(Protocol):
     def key(self) -> str | bytes | None: ...
     def value(self) -> str | bytes | None: ...
     def timestamp(self) -> tuple[int, int]: ...
+    def headers(self) -> Headers | None: ...
+
+
+# A consumed record's headers, as confluent-kafka's stubs type them (a list of pairs).
+Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +54,7 @@ class Record:
     value_: bytes | None
     key_: bytes | None = None
     timestamp_ms: int = 0
+    headers_: Headers | None = None
 
     def topic(self) -> str:
         return self.topic_
@@ -67,6 +73,9 @@ class Record:
 
     def timestamp(self) -> tuple[int, int]:
         return (1, self.timestamp_ms)  # TIMESTAMP_CREATE_TIME
+
+    def headers(self) -> Headers | None:
+        return self.headers_
 
 
 @dataclass(slots=True)  # per call: not frozen (module docstring)

@@ -49,6 +49,7 @@ __all__ = [
     "REASONS",
     "Settings",
     "fit_letter",
+    "input_key_header",
     "output_dead_letter",
     "process_forwarded",
     "process_record",
@@ -77,6 +78,11 @@ _EXACT_FLOAT = 2**53
 _ENVELOPE_ONLY = frozenset({"batch", "type", "messageId", "sequence", "writeKey"})
 # Fields a delivery may change: left out of a derived messageId, so replays dedupe.
 _DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
+# A re-keyed call carries its input record's key in this header, so that a dead letter of
+# stage two is keyed like one of stage one; a key over the bound is not carried (a batch
+# envelope would repeat it in each of its calls).
+_INPUT_KEY_HEADER: Final = "input-key"
+_MAX_CARRIED_KEY: Final = 1_024
 # Most calls one batch envelope may hold; a larger one is a too_large dead letter whole.
 MAX_BATCH_CALLS: Final = 2_000
 
@@ -357,6 +363,29 @@ def _derive_message_id(call: Mapping[str, Any]) -> str:
     return "gw-" + hashlib.blake2b(codec.encode_sorted(content), digest_size=16).hexdigest()
 
 
+def input_key_header(record: SourceRecord) -> list[tuple[str, bytes]] | None:
+    """The header stage one adds to a call it re-keys: the input record's key, when it
+    has one of at most 1 KiB (a longer one is not carried: stage two's letter then has
+    none)."""
+    key = record.key()
+    if not key or len(key) > _MAX_CARRIED_KEY:
+        return None
+    return [(_INPUT_KEY_HEADER, key.encode() if isinstance(key, str) else key)]
+
+
+def _input_key(record: SourceRecord, source: Position) -> bytes | None:
+    """The key of the input record that brought a call: ``record``'s own, or for a call
+    stage two read from the repartition topic, the one stage one carried in a header."""
+    if (record.topic() or "") == source.topic:
+        key = record.key()
+        return key.encode() if isinstance(key, str) else key
+    headers = record.headers() or ()
+    for name, value in headers.items() if isinstance(headers, dict) else headers:
+        if name == _INPUT_KEY_HEADER:
+            return value.encode() if isinstance(value, str) else value
+    return None
+
+
 def _dead_letter(
     error: _Invalid,
     record: SourceRecord,
@@ -365,8 +394,7 @@ def _dead_letter(
     *,
     truncated: bool = False,
 ) -> DeadLetter:
-    key = record.key()
-    key_bytes = key.encode() if isinstance(key, str) else key
+    key_bytes = _input_key(record, source)
     origin = source.as_dict()
     origin["key"], key_encoding = _text(key_bytes)
     if key_encoding:

@@ -37,6 +37,7 @@ from worker.members import membership_key, merge_membership
 from worker.pipeline import (
     Settings,
     fit_letter,
+    input_key_header,
     output_dead_letter,
     process_forwarded,
     process_record,
@@ -193,12 +194,13 @@ class Processor:
                 tally.calls += 1
                 if isinstance(outcome, Enriched) and repartition is not None:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)
-                    reason = self._refusal(repartition, key, value)
+                    headers = input_key_header(record)
+                    reason = self._refusal(repartition, key, value, headers)
                     if reason is None:
                         if outcome.warnings:  # Counter.update costs ~0.2 µs, even empty
                             tally.warnings.update(outcome.warnings)
                         tally.forwarded += 1
-                        self._sink.produce(repartition, key, value, timestamp=arrival)
+                        self._sink.produce(repartition, key, value, headers, None, arrival)
                         continue
                     outcome = self._unwritable(reason, repartition, value, record, outcome.call)
                 elif isinstance(outcome, Enriched) and not _keyed_by(record, outcome.group_id):

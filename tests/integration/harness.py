@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker import codec
@@ -236,6 +242,14 @@ def create_topic(name: str, partitions: int, **configs: str) -> None:
     """Create ``name`` on the test broker (replication factor 1)."""
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     admin.create_topics([NewTopic(name, partitions, 1, config=configs)])[name].result(30)
+
+
+def set_topic_config(name: str, key: str, value: str) -> None:
+    """Change one setting of topic ``name`` on the test broker, as an operator would."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    entry = ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=[entry])
+    admin.incremental_alter_configs([resource])[resource].result(30)
 
 
 def produce(

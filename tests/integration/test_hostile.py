@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import random
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tests.integration.harness import (
     create_topic,
     produce,
     read_topic,
+    set_topic_config,
     values,
     wait_until,
 )
@@ -109,3 +111,36 @@ def test_a_dead_letter_the_broker_refuses_does_not_loop(
     assert worker.sample("group_worker_transaction_aborts_total") <= 3
     assert worker.sample("group_worker_batch_abort_streak") == 0
     assert worker.logged("dead_letter_dropped"), worker.log()
+
+
+def test_a_letter_of_stage_two_is_keyed_by_its_input_record(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A call whose enriched record the broker refuses as too large (the topic's limit
+    lowered while the worker runs) is dead-lettered by stage two under its input record's
+    key, with that record as its source, as in one stage."""
+    create_topic(topics.input, 3)
+    workers.append(WorkerProcess(topics, tmp_path).start())
+    produce(topics.input, [(b"user-key-0", group_call("first", "g2", {}))])
+    read_topic(topics.enriched, expect=1, idle=1, timeout=120)
+    set_topic_config(topics.enriched, "max.message.bytes", "12000")
+    # 24 KB of traits that lz4 cannot shrink below the new limit: the call still fits the
+    # repartition topic; its enriched record is refused.
+    notes = base64.b64encode(random.Random(3).randbytes(18_000)).decode()
+    big = group_call("big", "g1", {"notes": notes})
+    produce(topics.input, [(b"user-key-1", big), (None, group_call("small", "g2", {}))])
+
+    enriched = values(read_topic(topics.enriched, expect=2, idle=3, timeout=120))
+    assert [c["messageId"] for c in enriched] == ["first", "small"]
+    [letter] = read_topic(topics.dlq, expect=1, idle=3, timeout=30)
+    [raw] = [m for m in read_topic(topics.input, expect=3) if m.key() == b"user-key-1"]
+    assert letter.key() == b"user-key-1"
+    document = codec.decode(letter.value() or b"")
+    assert document["reason"] == "output_too_large"
+    source = document["source"]
+    assert (source["topic"], source["partition"], source["offset"], source["key"]) == (
+        topics.input,
+        raw.partition(),
+        raw.offset(),
+        "user-key-1",
+    )

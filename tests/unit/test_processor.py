@@ -531,3 +531,34 @@ def test_dead_letters_are_logged_without_values_and_rate_limited() -> None:
     with capture_logs() as logs:  # a reason not logged yet: missing_type
         processor.process([Record("in", 2, 9, b'{"a": 1}', timestamp_ms=1_424_730_535_111)])
     assert logs[0]["record_timestamp"] == T0
+
+
+def test_a_dead_letter_of_stage_two_is_keyed_by_its_input_record() -> None:
+    """A call too large once enriched in stage two is dead-lettered under its input
+    record's key (carried through the repartition topic in a header), as in one stage;
+    a null input key, or one over 1 KiB, leaves the letter without one."""
+    routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
+    limits = Limits({"out": 1_000, "dlq": 100_000, "rep": 100_000})
+    processor, sink, _ = make(routes, limits=limits, bound=GroupBound(10_000, 10_000))
+    keys = [b"user-7", None, b"k" * 1_025]
+    big = [call(f"m{n}", name="x" * 600) for n in range(len(keys))]
+    processor.process([Record("in", 3, n, big[n], key) for n, key in enumerate(keys)])
+    forwarded = [p for p in sink.open if p.topic == "rep"]
+    assert [p.key for p in forwarded] == [b"g1"] * 3
+    sink.open.clear()
+
+    processor.process(
+        [
+            Record("rep", 1, n, p.value, p.key, p.timestamp, list(p.headers or ()))
+            for n, p in enumerate(forwarded)
+        ]
+    )
+    letters = [p for p in sink.open if p.topic == "dlq"]
+    assert [p.key for p in letters] == [b"user-7", None, None]
+    sources = [codec.decode(p.value)["source"] for p in letters]
+    assert [s["key"] for s in sources] == ["user-7", None, None]
+    assert [(s["topic"], s["partition"], s["offset"]) for s in sources] == [
+        ("in", 3, 0),
+        ("in", 3, 1),
+        ("in", 3, 2),
+    ]
