@@ -368,7 +368,7 @@ def input_key_header(record: SourceRecord) -> list[tuple[str, bytes]] | None:
     has one of at most 1 KiB (a longer one is not carried: stage two's letter then has
     none)."""
     key = record.key()
-    if not key or len(key) > _MAX_CARRIED_KEY:
+    if key is None or len(key) > _MAX_CARRIED_KEY:
         return None
     return [(_INPUT_KEY_HEADER, key.encode() if isinstance(key, str) else key)]
 

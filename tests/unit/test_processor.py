@@ -540,11 +540,11 @@ def test_a_dead_letter_of_stage_two_is_keyed_by_its_input_record() -> None:
     routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
     limits = Limits({"out": 1_000, "dlq": 100_000, "rep": 100_000})
     processor, sink, _ = make(routes, limits=limits, bound=GroupBound(10_000, 10_000))
-    keys = [b"user-7", None, b"k" * 1_025]
+    keys = [b"user-7", None, b"", b"k" * 1_025]
     big = [call(f"m{n}", name="x" * 600) for n in range(len(keys))]
     processor.process([Record("in", 3, n, big[n], key) for n, key in enumerate(keys)])
     forwarded = [p for p in sink.open if p.topic == "rep"]
-    assert [p.key for p in forwarded] == [b"g1"] * 3
+    assert [p.key for p in forwarded] == [b"g1"] * 4
     sink.open.clear()
 
     processor.process(
@@ -554,11 +554,9 @@ def test_a_dead_letter_of_stage_two_is_keyed_by_its_input_record() -> None:
         ]
     )
     letters = [p for p in sink.open if p.topic == "dlq"]
-    assert [p.key for p in letters] == [b"user-7", None, None]
+    assert [p.key for p in letters] == [b"user-7", None, b"", None]
     sources = [codec.decode(p.value)["source"] for p in letters]
-    assert [s["key"] for s in sources] == ["user-7", None, None]
+    assert [s["key"] for s in sources] == ["user-7", None, "", None]
     assert [(s["topic"], s["partition"], s["offset"]) for s in sources] == [
-        ("in", 3, 0),
-        ("in", 3, 1),
-        ("in", 3, 2),
+        ("in", 3, n) for n in range(4)
     ]
