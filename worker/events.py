@@ -28,6 +28,10 @@ __all__ = [
 OutcomeKind = Literal["enriched", "duplicate", "skipped", "dead_letter"]
 
 
+# A record's headers as confluent-kafka's stubs type them (a consumed one has a list).
+Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
+
+
 class SourceRecord(Protocol):
     """The part of a consumed Kafka message the pipeline reads."""
 
@@ -38,10 +42,6 @@ class SourceRecord(Protocol):
     def value(self) -> str | bytes | None: ...
     def timestamp(self) -> tuple[int, int]: ...
     def headers(self) -> Headers | None: ...
-
-
-# A consumed record's headers, as confluent-kafka's stubs type them (a list of pairs).
-Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
