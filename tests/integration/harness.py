@@ -245,11 +245,18 @@ def create_topic(name: str, partitions: int, **configs: str) -> None:
 
 
 def set_topic_config(name: str, key: str, value: str) -> None:
-    """Change one setting of topic ``name`` on the test broker, as an operator would."""
+    """Change one setting of topic ``name`` on the test broker, as an operator would, and
+    wait until the broker describes the topic with it."""
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     entry = ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
     resource = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=[entry])
     admin.incremental_alter_configs([resource])[resource].result(30)
+
+    def applied() -> bool:
+        described = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, name)])
+        return bool(next(iter(described.values())).result(30)[key].value == value)
+
+    wait_until(applied, 30, f"{name} to take {key}={value}")
 
 
 def produce(

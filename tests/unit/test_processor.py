@@ -535,8 +535,8 @@ def test_dead_letters_are_logged_without_values_and_rate_limited() -> None:
 
 def test_a_dead_letter_of_stage_two_is_keyed_by_its_input_record() -> None:
     """A call too large once enriched in stage two is dead-lettered under its input
-    record's key (carried through the repartition topic in a header), as in one stage;
-    a null input key, or one over 1 KiB, leaves the letter without one."""
+    record's key (carried through the repartition topic in a header), as in one stage,
+    an empty key as empty; a null key, or one over 1 KiB, leaves the letter without one."""
     routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
     limits = Limits({"out": 1_000, "dlq": 100_000, "rep": 100_000})
     processor, sink, _ = make(routes, limits=limits, bound=GroupBound(10_000, 10_000))
