@@ -120,8 +120,7 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
     order.
     """
     source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
-    value = record.value()
-    raw = value.encode() if isinstance(value, str) else value
+    raw = _as_bytes(record.value())
     try:
         if not raw:
             raise _Invalid("invalid_json", "the record has an empty value")
@@ -191,8 +190,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     The value is an enriched call already validated and normalised, so nothing is done
     twice; a value that is not one (never written by a worker) is a dead letter.
     """
-    value = record.value()
-    raw = value.encode() if isinstance(value, str) else value
+    raw = _as_bytes(record.value())
     try:
         call = codec.decode(raw or b"")
         group_id, when = call["groupId"], parse_iso_time(call["timestamp"])
@@ -367,23 +365,27 @@ def input_key_header(record: SourceRecord) -> list[tuple[str, bytes]] | None:
     """The header stage one adds to a call it re-keys: the input record's key, when it
     has one of at most 1 KiB (a longer one is not carried: stage two's letter then has
     none)."""
-    key = record.key()
+    key = _as_bytes(record.key())
     if key is None or len(key) > _MAX_CARRIED_KEY:
         return None
-    return [(_INPUT_KEY_HEADER, key.encode() if isinstance(key, str) else key)]
+    return [(_INPUT_KEY_HEADER, key)]
 
 
 def _input_key(record: SourceRecord, source: Position) -> bytes | None:
     """The key of the input record that brought a call: ``record``'s own, or for a call
     stage two read from the repartition topic, the one stage one carried in a header."""
     if (record.topic() or "") == source.topic:
-        key = record.key()
-        return key.encode() if isinstance(key, str) else key
+        return _as_bytes(record.key())
     headers = record.headers() or ()
     for name, value in headers.items() if isinstance(headers, dict) else headers:
         if name == _INPUT_KEY_HEADER:
-            return value.encode() if isinstance(value, str) else value
+            return _as_bytes(value)
     return None
+
+
+def _as_bytes(data: str | bytes | None) -> bytes | None:
+    """A record's key, value or header value as bytes (the client gives str or bytes)."""
+    return data.encode() if isinstance(data, str) else data
 
 
 def _dead_letter(
