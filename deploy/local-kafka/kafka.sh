@@ -222,9 +222,11 @@ offsets.topic.num.partitions=1
 transaction.state.log.num.partitions=1
 share.coordinator.state.topic.num.partitions=1
 group.initial.rebalance.delay.ms=0
-# After an unclean stop (SIGKILL/crash) the restarted broker cannot register until
-# its previous incarnation's session expires (default 9 s): keep that short.
-broker.session.timeout.ms=4000
+# Kafka's default session (9 s), with a heartbeat every second. A shorter session
+# let a busy machine's slow metadata-log writes (3-4 s) fence the broker from its own
+# controller, taking every partition's leader away; the cost of 9 s is the restart
+# after an unclean stop (SIGKILL, crash), which waits for the old session to expire.
+broker.session.timeout.ms=9000
 broker.heartbeat.interval.ms=1000
 num.partitions=1
 auto.create.topics.enable=false
