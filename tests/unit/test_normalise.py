@@ -206,6 +206,7 @@ VALID = [
     ("website", "www.initech.com/path", "www.initech.com/path", "bare-domain-path"),
     ("website", "initech.com:8080", "initech.com:8080", "bare-domain-port"),
     ("website", "http://localhost:3000/", "http://localhost:3000/", "url-any-host"),
+    ("website", "x.io/?ref=https://y.io", "x.io/?ref=https://y.io", "bare-url-in-query"),
     # avatar
     ("avatar", " https://cdn.initech.com/a.png ", "https://cdn.initech.com/a.png", "url"),
     (
@@ -254,6 +255,10 @@ def test_valid_values_are_normalised(trait: str, value: Any, expected: Any) -> N
         pytest.param("+1 415-555-2671 ext. 12", None, "+1 415-555-2671 ext. 12", id="ext-kept"),
         pytest.param("call us", "US", "call us", id="not-a-number-kept"),
         pytest.param("+1" + "5" * 300, None, "+1" + "5" * 300, id="too-long-kept"),
+        # A doubled trunk prefix: libphonenumber drops one 0 per reading, so its E.164
+        # form would read back as another number.
+        pytest.param("+49 0030 1234567", None, "+49 0030 1234567", id="doubled-trunk-kept"),
+        pytest.param("0009801", "AU", "0009801", id="doubled-trunk-national-kept"),
     ],
 )
 def test_phone_becomes_e164_when_it_parses(value: Any, region: str | None, expected: str) -> None:
@@ -327,6 +332,11 @@ INVALID = [
     ("Avatar", "cdn.initech.com/a.png", "Avatar", "invalid_url", {}, "avatar-bare-domain"),
     ("avatar", "https://x.com:99999/a", "avatar", "invalid_url", {}, "avatar-bad-port"),
     ("avatar", "data:image/png;base64,AA", "avatar", "invalid_url", {}, "avatar-data-uri"),
+    ("avatar", "\x00https://x.com/a.png", "avatar", "invalid_url", {}, "avatar-leading-nul"),
+    ("avatar", "https://x.com/a\x00.png", "avatar", "invalid_url", {}, "avatar-nul-in-path"),
+    ("avatar", "https://x.com\x7f/a.png", "avatar", "invalid_url", {}, "avatar-del-in-host"),
+    ("website", "initech.com/\x01", "website", "invalid_url", {}, "website-bare-control"),
+    ("website", "ftp://x.com/?u=http://y", "website", "invalid_url", {}, "website-ftp-http-query"),
     ("phone", True, "phone", "invalid_type", {}, "phone-bool"),
     ("phone", 4155552671.5, "phone", "invalid_type", {}, "phone-fraction"),
     ("phone", ["+14155552671"], "phone", "invalid_type", {}, "phone-list"),
@@ -461,6 +471,16 @@ def test_each_trait_is_idempotent_on_scalars(name: str, value: Any, region: str 
     twice, warnings = normalise_traits(once, phone_region=region)
     assert repr(twice) == repr(once)
     assert warnings == []
+
+
+@given(
+    st.from_regex(r"\+?[1-9][0-9]{0,2} ?0{1,3}[0-9]{4,11}", fullmatch=True) | st.integers(0),
+    st.sampled_from([None, "US", "GB", "DE", "AU", "FR", "IN"]),
+)
+def test_phone_numbers_are_idempotent(value: Any, region: str | None) -> None:
+    """Phone-like text, national prefixes included, normalises to a fixed point at once."""
+    once, _ = normalise_traits({"phone": value}, phone_region=region)
+    assert normalise_traits(once, phone_region=region) == (once, [])
 
 
 @given(st.dictionaries(st.text(), _JSON), _REGIONS)
