@@ -76,6 +76,9 @@ _EXACT_FLOAT = 2**53
 # what a library writes about the request (analytics-java's batch sequence, and the
 # sender's write key, which must not spread into every enriched call).
 _ENVELOPE_ONLY = frozenset({"batch", "type", "messageId", "sequence", "writeKey"})
+# Envelope objects merged key by key into a call's own (analytics-java and analytics-go
+# put the library in the envelope's context and the call's IP in the call's).
+_MERGED_OBJECTS = frozenset({"context", "integrations"})
 # Fields a delivery may change: left out of a derived messageId, so replays dedupe.
 _DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
 # A re-keyed call carries its input record's key in this header, so that a dead letter of
@@ -167,12 +170,26 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
     # Envelope fields (context, sentAt...) apply to every call that lacks them; its own
     # type and messageId are the envelope's, not its calls'.
     defaults = {k: v for k, v in document.items() if k not in _ENVELOPE_ONLY}
+    merged = [k for k in _MERGED_OBJECTS & defaults.keys() if isinstance(defaults[k], dict)]
     outcomes: list[Outcome] = []
     for index, sent in enumerate(calls):
         position = Position(source.topic, source.partition, source.offset, index)
-        call = defaults | sent if isinstance(sent, dict) and defaults else sent
+        call = _with_defaults(sent, defaults, merged)
         outcomes.append(_process_call(call, record, position, None, settings, arrival_ms, sent))
     return outcomes
+
+
+def _with_defaults(sent: Any, defaults: dict[str, Any], merged: list[str]) -> Any:
+    """A call of an envelope with the envelope's fields it lacks; the envelope's objects
+    in ``merged`` fill in the keys the call's own objects lack."""
+    if not (isinstance(sent, dict) and defaults):
+        return sent
+    call = defaults | sent
+    for name in merged:
+        own = sent.get(name)
+        if isinstance(own, dict):
+            call[name] = defaults[name] | own
+    return call
 
 
 def _is_envelope(document: dict[str, Any]) -> bool:

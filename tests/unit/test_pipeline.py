@@ -225,6 +225,34 @@ def test_batch_envelope_is_split_into_one_outcome_per_call() -> None:
     assert fourth.reason == "missing_group_id"
 
 
+def test_envelope_context_and_integrations_fill_in_the_calls_own() -> None:
+    """The envelope's context and integrations (analytics-java puts the library there) add
+    the keys a call's own objects lack, the call's winning; other fields only fill in
+    absent ones, and a call's field that is not an object is kept as sent."""
+    envelope = {
+        "batch": [
+            call(context={"ip": "1.2.3.4", "locale": "fr"}, integrations={"Mixpanel": False}),
+            call(context=None, sentAt="2020-01-01T00:00:00Z"),
+        ],
+        "context": {"library": {"name": "analytics-java"}, "locale": "en"},
+        "integrations": {"All": True},
+        "sentAt": "2021-01-01T00:00:00Z",
+    }
+    first, second = run(codec.encode(envelope))
+    assert isinstance(first, Enriched)
+    assert isinstance(second, Enriched)
+    assert first.call["context"] == {
+        "library": {"name": "analytics-java"},
+        "locale": "fr",
+        "ip": "1.2.3.4",
+    }
+    assert first.call["integrations"] == {"All": True, "Mixpanel": False}
+    assert first.call["sentAt"] == "2021-01-01T00:00:00Z"
+    assert second.call["context"] is None
+    assert second.call["integrations"] == {"All": True}
+    assert second.call["sentAt"] == "2020-01-01T00:00:00Z"
+
+
 def test_empty_batch_has_no_outcomes() -> None:
     """An empty batch envelope carries no calls, so it has no outcomes."""
     assert run(b'{"batch": []}') == []
