@@ -129,7 +129,7 @@ class WorkerShaped(PassThrough):
     Stage one (when ``routes.repartition`` is set) copies a record to the repartition
     topic, keyed by its groupId (found by a byte search, not parsed: the benchmark's
     calls write it plainly). The last stage copies it to ``routes.enriched`` and puts a
-    membership record, a dedupe id (its arrival as timestamp) and the record as its
+    membership record, a dedupe id (its arrival as value) and the record as its
     group's state (one per group and commit) in its store's change set, which the
     worker's own ``write_changelog`` produces at the commit. Every record counts as a
     group call (the benchmark's input has 8% others), and the enriched and state records

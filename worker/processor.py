@@ -227,10 +227,14 @@ class Processor:
 
         Called just before a commit, so the changelog commits with the outputs; returns
         how many records. A state or membership record too large for its topic, or
-        refused before, is dead-lettered instead. A dedupe record carries its call's
-        arrival time as its timestamp, so the topic's retention expires it. The last
-        record of each topic partition asks for its delivery report: its offset is where
-        the store's copy of that changelog reaches at commit.
+        refused before, is dead-lettered instead. Every record is stamped with the time
+        it is written, a dedupe record too (its value is its call's arrival): the dedupe
+        topic's retention then keeps an id a window past its writing, however far behind
+        its input the worker was. Stamped with the arrival, the ids of a backlog older
+        than the window were deleted by Kafka as soon as written, and a partition restored
+        while the worker caught up lost them. The last record of each topic partition
+        asks for its delivery report: its offset is where the store's copy of that
+        changelog reaches at commit.
         """
         records = self._store.changes()
         ends = set({(r[0], r[1]): i for i, r in enumerate(records)}.values())
@@ -238,14 +242,14 @@ class Processor:
         room = {changelog: self._limits.record_bytes(topic) for changelog, topic in topics.items()}
         # A producer's clock ahead of ours would otherwise move the expiry horizon early.
         latest, now = self._latest_arrival, self._clock.now_ms()
-        for i, (changelog, partition, key, value, timestamp) in enumerate(records):
+        for i, (changelog, partition, key, value, arrival) in enumerate(records):
             topic = topics[changelog]
             if refused or len(key) + len(value) > room[changelog]:
-                self._write_changelog(topic, partition, key, value, timestamp, report=i in ends)
+                self._write_changelog(topic, partition, key, value, report=i in ends)
             else:  # _write_changelog for a record that fits, inlined: ~3 records a call
-                produce(topic, key, value, None, partition, timestamp, report=i in ends)
-            if timestamp and timestamp > latest.get(partition, 0):  # a dedupe id's arrival
-                latest[partition] = min(timestamp, now)
+                produce(topic, key, value, None, partition, 0, report=i in ends)
+            if arrival > latest.get(partition, 0):  # a dedupe id's
+                latest[partition] = min(arrival, now)
         return len(records)
 
     def expire_seen(self) -> None:
@@ -384,17 +388,13 @@ class Processor:
         partition: int,
         key: bytes,
         value: bytes,
-        timestamp: int,
         *,
         report: bool,
     ) -> None:
-        """Produce one changelog record (``timestamp`` 0: now); ``report`` asks for its
-        offset."""
+        """Produce one changelog record, stamped now; ``report`` asks for its offset."""
         reason = self._refusal(topic, key, value)
         if reason is None:
-            self._sink.produce(
-                topic, key, value, partition=partition, timestamp=timestamp, report=report
-            )
+            self._sink.produce(topic, key, value, partition=partition, report=report)
             return
         self._on_unwritable(self._route_of[topic])
         source = {"topic": topic, "partition": partition, "key": key.decode()}

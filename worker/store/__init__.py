@@ -55,8 +55,8 @@ ChangelogEntry = tuple[int, bytes, bytes | None]
 """``(offset, key, value)`` of a changelog record as read; ``None`` is a tombstone."""
 
 ChangelogRecord = tuple[Changelog, int, bytes, bytes, int]
-"""``(changelog, partition, key, value, timestamp ms)`` of a record the change set adds to a
-changelog (``StateStore.changes``); a timestamp of 0 means now."""
+"""``(changelog, partition, key, value, arrival ms)`` of a record the change set adds to a
+changelog (``StateStore.changes``): a dedupe id's arrival, 0 for the others."""
 
 ChangelogOffsets = Mapping[tuple[Changelog, int], int]
 """By ``(changelog, partition)``: the offset to replay that changelog partition from, i.e.
@@ -112,10 +112,9 @@ class StateStore(Protocol):
 
         Keys: a state's groupId, a membership's key, a dedupe id's
         ``dedupe.seen_record_key``; values: ``codec.encode`` of ``state.state_record``
-        and ``members.membership_record``, a dedupe id's arrival ms in ASCII digits. A
-        dedupe record's timestamp is its arrival ms (its topic's retention expires it),
-        the others' 0 (now). A durable store keeps what it made here, to write the same
-        bytes at ``commit``.
+        and ``members.membership_record``, a dedupe id's arrival ms in ASCII digits,
+        which its record's last field repeats (0 for the others). A durable store keeps
+        what it made here, to write the same bytes at ``commit``.
         """
         ...
 
