@@ -35,7 +35,7 @@ from worker.clock import SystemClock
 from worker.config import load_config
 from worker.events import SourceRecord
 from worker.metrics import Metrics
-from worker.pipeline import Settings
+from worker.pipeline import Settings, forward_headers, forwarded_arrival
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
@@ -151,10 +151,11 @@ class WorkerShaped(PassThrough):
         for record in records:
             value = record.value()
             value = value.encode() if isinstance(value, str) else (value or b"")
-            arrival = record.timestamp()[1]
             if repartition is not None and record.topic() != repartition:  # stage one
-                produce(repartition, group_id_of(value), value, timestamp=arrival)
+                arrival = record.timestamp()[1]
+                produce(repartition, group_id_of(value), value, forward_headers(record, arrival))
                 continue
+            arrival = forwarded_arrival(record, 0) if repartition else record.timestamp()[1]
             partition, offset = record.partition() or 0, record.offset() or 0
             group = group_id_of(value)
             produce(routes.enriched, group, value)

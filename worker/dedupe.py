@@ -2,14 +2,15 @@
 
 A call is a duplicate when its group already applied its messageId within the dedupe
 window of *arrival* time: the Kafka timestamp of the input record that brought it
-(carried through the repartition topic as that record's timestamp). Event time plays
+(carried through the repartition topic in a header, ``pipeline.forward_headers``). Event time plays
 no part: a call a phone queued offline for days, then retried, is still caught, and a
 group's busy day needs no bound. Segment dedupes the same way.
 
 The applied ids live in the store (``StateStore.seen``), one entry per (groupId,
 messageId), and in the dedupe changelog topic: key ``["<groupId>","<messageId>"]`` (the
-compact JSON text, unambiguous), value the arrival time in ms, record timestamp the
-arrival time too, so the topic's ``retention.ms`` (window plus a margin) expires them.
+compact JSON text, unambiguous), value the arrival time in ms, stamped when written,
+so the topic's ``retention.ms`` (window plus a margin) expires them a window after
+their writing, however old the backlog the worker was catching up.
 
 Pure: no Kafka, no clock.
 """

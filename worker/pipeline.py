@@ -38,10 +38,10 @@ from typing import Any, Final
 
 from worker import codec
 from worker.config import WorkerConfig
-from worker.dedupe import record_timestamp
+from worker.dedupe import arrival_ms, record_timestamp
 from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
 from worker.normalise import normalise_traits
-from worker.times import event_time, format_time, parse_iso_time
+from worker.times import MAX_MS, event_time, format_time, parse_iso_time
 
 __all__ = [
     "KNOWN_CALL_TYPES",
@@ -49,7 +49,8 @@ __all__ = [
     "REASONS",
     "Settings",
     "fit_letter",
-    "input_key_header",
+    "forward_headers",
+    "forwarded_arrival",
     "output_dead_letter",
     "process_forwarded",
     "process_record",
@@ -81,9 +82,11 @@ _ENVELOPE_ONLY = frozenset({"batch", "type", "messageId", "sequence", "writeKey"
 _MERGED_OBJECTS = frozenset({"context", "integrations"})
 # Fields a delivery may change: left out of a derived messageId, so replays dedupe.
 _DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
-# A re-keyed call carries its input record's key in this header, so that a dead letter of
-# stage two is keyed like one of stage one; a key over the bound is not carried (a batch
-# envelope would repeat it in each of its calls).
+# A re-keyed call carries what stage two needs of its input record in headers: its
+# arrival (epoch ms, ASCII digits), and its key, so that a dead letter of stage two is
+# keyed like one of stage one; a key over the bound is not carried (a batch envelope
+# would repeat it in each of its calls).
+_ARRIVAL_HEADER: Final = "arrival"
 _INPUT_KEY_HEADER: Final = "input-key"
 _MAX_CARRIED_KEY: Final = 1_024
 # Most calls one batch envelope may hold; a larger one is a too_large dead letter whole.
@@ -378,26 +381,53 @@ def _derive_message_id(call: Mapping[str, Any]) -> str:
     return "gw-" + hashlib.blake2b(codec.encode_sorted(content), digest_size=16).hexdigest()
 
 
-def input_key_header(record: SourceRecord) -> list[tuple[str, bytes]] | None:
-    """The header stage one adds to a call it re-keys: the input record's key, when it
-    has one of at most 1 KiB (a longer one is not carried: stage two's letter then has
-    none)."""
+def forward_headers(record: SourceRecord, arrival: int) -> list[tuple[str, bytes]]:
+    """The headers stage one adds to a call it re-keys: the call's ``arrival``, and the
+    input record's key when it has one of at most 1 KiB (a longer one is not carried:
+    stage two's letter then has none).
+
+    The re-keyed record itself is stamped when written, not with the arrival: stamped
+    with it, a backlog older than the repartition topic's retention could be deleted by
+    Kafka before stage two read it.
+    """
+    headers = [(_ARRIVAL_HEADER, b"%d" % arrival)]
     key = _as_bytes(record.key())
-    if key is None or len(key) > _MAX_CARRIED_KEY:
+    if key is not None and len(key) <= _MAX_CARRIED_KEY:
+        headers.append((_INPUT_KEY_HEADER, key))
+    return headers
+
+
+def forwarded_arrival(record: SourceRecord, now_ms: int) -> int:
+    """When a call stage two reads from the repartition topic arrived: the arrival stage
+    one carried, else (a record of a version before that header) ``arrival_ms``."""
+    carried = _carried_arrival(record)
+    return arrival_ms(record, now_ms) if carried is None else carried
+
+
+def _carried_arrival(record: SourceRecord) -> int | None:
+    arrival = _header(record, _ARRIVAL_HEADER)
+    if arrival is None or not arrival.isdigit() or len(arrival) > 15:
         return None
-    return [(_INPUT_KEY_HEADER, key)]
+    ms = int(arrival)
+    return ms if 0 < ms <= MAX_MS else None
 
 
-def _input_key(record: SourceRecord, source: Position) -> bytes | None:
-    """The key of the input record that brought a call: ``record``'s own, or for a call
-    stage two read from the repartition topic, the one stage one carried in a header."""
-    if (record.topic() or "") == source.topic:
-        return _as_bytes(record.key())
+def _header(record: SourceRecord, name: str) -> bytes | None:
     headers = record.headers() or ()
-    for name, value in headers.items() if isinstance(headers, dict) else headers:
-        if name == _INPUT_KEY_HEADER:
+    # The client's stubs allow a dict; a consumed message always has a list.
+    for header, value in headers.items() if isinstance(headers, dict) else headers:
+        if header == name:
             return _as_bytes(value)
     return None
+
+
+def _input_record(record: SourceRecord, source: Position) -> tuple[bytes | None, int | None]:
+    """The key and timestamp of the input record that brought a call: ``record``'s own,
+    or for a call stage two read from the repartition topic, what stage one carried."""
+    if (record.topic() or "") == source.topic:
+        return _as_bytes(record.key()), record_timestamp(record)
+    carried = _carried_arrival(record)
+    return _header(record, _INPUT_KEY_HEADER), carried or record_timestamp(record)
 
 
 def _as_bytes(data: str | bytes | None) -> bytes | None:
@@ -413,12 +443,11 @@ def _dead_letter(
     *,
     truncated: bool = False,
 ) -> DeadLetter:
-    key_bytes = _input_key(record, source)
+    key_bytes, ms = _input_record(record, source)
     origin = source.as_dict()
     origin["key"], key_encoding = _text(key_bytes)
     if key_encoding:
         origin["keyEncoding"] = key_encoding
-    ms = record_timestamp(record)
     origin["timestamp"] = None if ms is None else format_time(ms)
     letter: dict[str, Any] = {"reason": error.reason, "message": str(error), "source": origin}
     letter["value"], encoding = _text(raw)

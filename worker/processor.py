@@ -5,8 +5,10 @@ calls end there. A valid group call then goes either to the repartition topic, k
 by groupId, when the input is keyed by something else, or straight to stage two.
 Stage two (records of the repartition topic, or stage one's calls) dedupes each call by
 its arrival time (``worker.dedupe``), merges it into its group's state and emits the
-enriched call, or counts a duplicate. A re-keyed call keeps its input record's
-timestamp, so both stages see the same arrival time.
+enriched call, or counts a duplicate. A re-keyed call carries its input record's
+timestamp in a header (``pipeline.forward_headers``), so both stages see the same
+arrival time; the record is stamped when written, so retention never takes a backlog's
+calls before stage two reads them.
 State, membership and dedupe-id changes are written to their changelog topics at each
 commit, coalesced, on the partition number of the stateful input (co-partitioning).
 
@@ -37,7 +39,8 @@ from worker.members import membership_key, merge_membership
 from worker.pipeline import (
     Settings,
     fit_letter,
-    input_key_header,
+    forward_headers,
+    forwarded_arrival,
     output_dead_letter,
     process_forwarded,
     process_record,
@@ -182,11 +185,12 @@ class Processor:
             if budget and handled >= budget:
                 return index - 1, handled
             partition = record.partition() or 0
-            arrival = arrival_ms(record, now_ms)
             if record.topic() == repartition:
                 handled += 1
+                arrival = forwarded_arrival(record, now_ms)
                 self._finish(process_forwarded(record), record, partition, arrival, tally)
                 continue
+            arrival = arrival_ms(record, now_ms)
             tally.records += 1
             outcomes = process_record(record, self._settings, arrival)
             handled += len(outcomes)
@@ -194,13 +198,13 @@ class Processor:
                 tally.calls += 1
                 if isinstance(outcome, Enriched) and repartition is not None:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)
-                    headers = input_key_header(record)
+                    headers = forward_headers(record, arrival)
                     reason = self._refusal(repartition, key, value, headers)
                     if reason is None:
                         if outcome.warnings:  # Counter.update costs ~0.2 µs, even empty
                             tally.warnings.update(outcome.warnings)
                         tally.forwarded += 1
-                        self._sink.produce(repartition, key, value, headers, None, arrival)
+                        self._sink.produce(repartition, key, value, headers)
                         continue
                     outcome = self._unwritable(reason, repartition, value, record, outcome.call)
                 elif isinstance(outcome, Enriched) and not _keyed_by(record, outcome.group_id):

@@ -18,6 +18,7 @@ from tests.integration.harness import (
     Topics,
     WorkerProcess,
     cli,
+    create_topic,
     produce,
     read_topic,
     values,
@@ -136,9 +137,14 @@ def test_dead_letters_carry_source_position_and_reason_header(
 def test_a_call_keeps_its_arrival_through_the_repartition_topic_to_its_dedupe_record(
     topics: Topics, workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
-    """The input record's timestamp is the call's arrival: the repartitioned call and the
-    dedupe record carry it (Kafka expires dedupe ids by it), whatever the event time."""
-    arrival = int(time.time() * 1000) - 3_600_000
+    """The input record's timestamp is the call's arrival, whatever the event time: the
+    repartitioned call carries it in a header, the dedupe record as its value. Both
+    records are stamped when written, so a backlog eight days old (past the topics'
+    retention, and past segment.ms, so Kafka rolls a segment at each write) is not
+    deleted before it is read: stamped with the arrival, the dedupe ids were gone at once."""
+    arrival = int(time.time() * 1000) - 8 * 86_400_000
+    create_topic(topics.input, 1, **{"retention.ms": "-1"})
+    written = int(time.time() * 1000)
     workers.append(WorkerProcess(topics, tmp_path).start())
     producer = Producer({"bootstrap.servers": BOOTSTRAP})
     call = group_call(1, timestamp="2015-02-23T22:28:55.111Z")
@@ -146,8 +152,11 @@ def test_a_call_keeps_its_arrival_through_the_repartition_topic_to_its_dedupe_re
     assert producer.flush(10) == 0
     [forwarded] = read_topic(topics.repartition, expect=1)
     [seen] = read_topic(topics.dedupe, expect=1)
-    assert forwarded.timestamp() == (TIMESTAMP_CREATE_TIME, arrival)
-    assert seen.timestamp() == (TIMESTAMP_CREATE_TIME, arrival)
+    assert ("arrival", b"%d" % arrival) in (forwarded.headers() or [])
+    for record in (forwarded, seen):
+        kind, stamp = record.timestamp()
+        assert kind == TIMESTAMP_CREATE_TIME
+        assert stamp >= written
     assert seen.value() == b"%d" % arrival
 
 

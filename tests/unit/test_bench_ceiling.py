@@ -30,16 +30,16 @@ def test_two_stages_write_what_the_worker_writes_for_each_call() -> None:
         [Record("in", 0, i, call(g, i), b"u%d" % i, T0 + i) for i, g in enumerate(groups)]
     )
     forwarded = sink.open[:]
-    assert [(p.topic, p.key, p.timestamp) for p in forwarded] == [
-        ("out.repartition", b"g1", T0),
-        ("out.repartition", b"g1", T0 + 1),
-        ("out.repartition", b"g2", T0 + 2),
+    assert [(p.topic, p.key, p.timestamp, p.headers) for p in forwarded] == [
+        ("out.repartition", b"g1", 0, [("arrival", b"%d" % T0), ("input-key", b"u0")]),
+        ("out.repartition", b"g1", 0, [("arrival", b"%d" % (T0 + 1)), ("input-key", b"u1")]),
+        ("out.repartition", b"g2", 0, [("arrival", b"%d" % (T0 + 2)), ("input-key", b"u2")]),
     ]
     assert processor.finished is None  # stage one's records are not counted
     sink.open.clear()
     processor.process(
         [
-            Record("out.repartition", 4, i, p.value, p.key, p.timestamp)
+            Record("out.repartition", 4, i, p.value, p.key, p.timestamp, list(p.headers or []))
             for i, p in enumerate(forwarded)
         ]
     )

@@ -458,12 +458,25 @@ def test_dedupe_ids_are_written_with_their_arrival_time() -> None:
 
 
 def test_a_re_keyed_call_keeps_its_arrival_time() -> None:
-    """Stage one writes a call to the repartition topic with its input record's timestamp."""
+    """Stage one carries a call's arrival (its input record's timestamp) in a header of
+    the re-keyed record, which is stamped when written (0: the producer's now): stamped
+    with an old arrival, a backlog could be deleted by the repartition topic's retention
+    before stage two read it. Stage two takes the arrival from the header, and from the
+    record's timestamp when a record of an older version has none."""
     routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
     processor, sink, _ = make(routes)
-    processor.process([Record("in", 0, 0, call("m1"), timestamp_ms=1_234)])
+    processor.process([Record("in", 0, 0, call("m1"), b"user-7", timestamp_ms=1_234)])
     [forwarded] = sink.open
-    assert (forwarded.topic, forwarded.timestamp) == ("rep", 1_234)
+    assert (forwarded.topic, forwarded.timestamp) == ("rep", 0)
+    assert forwarded.headers == [("arrival", b"1234"), ("input-key", b"user-7")]
+    sink.open.clear()
+    older = Record("rep", 0, 1, call("m2", group="g2"), b"g2", 5_678, [("input-key", b"u")])
+    processor.process(
+        [Record("rep", 0, 0, forwarded.value, forwarded.key, 9_999, forwarded.headers), older]
+    )
+    processor.write_changelog()
+    ids = [(p.key, p.value) for p in sink.open if p.topic == "dedupe"]
+    assert ids == [(b'["g1","m1"]', b"1234"), (b'["g2","m2"]', b"5678")]
 
 
 def test_a_record_the_broker_refused_is_dead_lettered_on_replay() -> None:
