@@ -2,9 +2,9 @@
 
 A call is a duplicate when its group already applied its messageId within the dedupe
 window of *arrival* time: the Kafka timestamp of the input record that brought it
-(carried through the repartition topic in a header, ``pipeline.forward_headers``). Event time plays
-no part: a call a phone queued offline for days, then retried, is still caught, and a
-group's busy day needs no bound. Segment dedupes the same way.
+(carried through the repartition topic in a header, ``pipeline.forward_headers``).
+Event time plays no part: a call a phone queued offline for days, then retried, is
+still caught, and a group's busy day needs no bound. Segment dedupes the same way.
 
 The applied ids live in the store (``StateStore.seen``), one entry per (groupId,
 messageId), and in the dedupe changelog topic: key ``["<groupId>","<messageId>"]`` (the
