@@ -123,7 +123,7 @@ _HTTP_SCHEMES: Final = frozenset({"http", "https"})
 # accepts too: a host of ASCII letters, digits, dots and hyphens, no port, no user, no
 # whitespace or control character. 0.3 against 2 µs; anything else takes the full check.
 _PLAIN_HTTP_URL: Final = re.compile(
-    r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?:[/?#][^\s\x00-\x1f\x7f]*)?"
+    r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9][A-Za-z0-9.-]*(?:[/?#][^\s\x00-\x1f\x7f]*)?"
 )
 # A URL's scheme, at its start only: "initech.com/?ref=https://x" is a bare domain.
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -391,7 +391,9 @@ def _is_parsed_http_url(url: str) -> bool:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         return False
-    return parts.scheme.lower() in _HTTP_SCHEMES and bool(parts.hostname)
+    # A host of dots and hyphens only ("http://.") names nothing.
+    host = parts.hostname or ""
+    return parts.scheme.lower() in _HTTP_SCHEMES and host.strip(".-") != ""
 
 
 def _is_domain(domain: str) -> bool:

@@ -337,6 +337,8 @@ INVALID = [
     ("avatar", "https://x.com\x7f/a.png", "avatar", "invalid_url", {}, "avatar-del-in-host"),
     ("website", "initech.com/\x01", "website", "invalid_url", {}, "website-bare-control"),
     ("website", "ftp://x.com/?u=http://y", "website", "invalid_url", {}, "website-ftp-http-query"),
+    ("website", "http://.", "website", "invalid_url", {}, "website-host-a-dot"),
+    ("avatar", "https://-./a.png", "avatar", "invalid_url", {}, "avatar-host-no-label"),
     ("phone", True, "phone", "invalid_type", {}, "phone-bool"),
     ("phone", 4155552671.5, "phone", "invalid_type", {}, "phone-fraction"),
     ("phone", ["+14155552671"], "phone", "invalid_type", {}, "phone-list"),
