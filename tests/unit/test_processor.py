@@ -550,14 +550,16 @@ def test_dead_letters_are_logged_without_values_and_rate_limited() -> None:
 
 def test_a_dead_letter_of_stage_two_is_keyed_by_its_input_record() -> None:
     """A call too large once enriched in stage two is dead-lettered under its input
-    record's key (carried through the repartition topic in a header), as in one stage,
-    an empty key as empty; a null key, or one over 1 KiB, leaves the letter without one."""
+    record's key and timestamp (carried through the repartition topic in headers), as in
+    one stage, an empty key as empty; a null key, or one over 1 KiB, leaves the letter
+    without one."""
     routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
     limits = Limits({"out": 1_000, "dlq": 100_000, "rep": 100_000})
     processor, sink, _ = make(routes, limits=limits, bound=GroupBound(10_000, 10_000))
     keys = [b"user-7", None, b"", b"k" * 1_025]
     big = [call(f"m{n}", name="x" * 600) for n in range(len(keys))]
-    processor.process([Record("in", 3, n, big[n], key) for n, key in enumerate(keys)])
+    sent = 1_700_000_000_000
+    processor.process([Record("in", 3, n, big[n], key, sent + n) for n, key in enumerate(keys)])
     forwarded = [p for p in sink.open if p.topic == "rep"]
     assert [p.key for p in forwarded] == [b"g1"] * 4
     sink.open.clear()
@@ -572,6 +574,6 @@ def test_a_dead_letter_of_stage_two_is_keyed_by_its_input_record() -> None:
     assert [p.key for p in letters] == [b"user-7", None, b"", None]
     sources = [codec.decode(p.value)["source"] for p in letters]
     assert [s["key"] for s in sources] == ["user-7", None, "", None]
-    assert [(s["topic"], s["partition"], s["offset"]) for s in sources] == [
-        ("in", 3, n) for n in range(4)
+    assert [(s["topic"], s["partition"], s["offset"], s["timestamp"]) for s in sources] == [
+        ("in", 3, n, format_time(sent + n)) for n in range(4)
     ]
