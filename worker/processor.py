@@ -7,8 +7,8 @@ Stage two (records of the repartition topic, or stage one's calls) dedupes each 
 its arrival time (``worker.dedupe``), merges it into its group's state and emits the
 enriched call, or counts a duplicate. A re-keyed call carries its input record's
 timestamp in a header (``pipeline.forward_headers``), so both stages see the same
-arrival time; the record is stamped when written, so retention never takes a backlog's
-calls before stage two reads them.
+arrival time; the record is stamped when written, so the topic's retention counts from
+then, however old the backlog.
 State, membership and dedupe-id changes are written to their changelog topics at each
 commit, coalesced, on the partition number of the stateful input (co-partitioning).
 
