@@ -442,7 +442,11 @@ def _phone_text(text: str, region: str | None) -> str:
     # A doubled trunk prefix ("+49 0030 1234567") leaves one 0 in the number, and its
     # E.164 form reads back as another number: neither is sure to be the sender's, and
     # normalising must change nothing the second time, so the text stays.
-    return e164 if _e164(phonenumbers.parse(e164)) == e164 else text
+    try:
+        again = _e164(phonenumbers.parse(e164))
+    except phonenumbers.NumberParseException:  # never seen; a call must not fail on it
+        return text
+    return e164 if again == e164 else text
 
 
 def _e164(number: phonenumbers.PhoneNumber) -> str:

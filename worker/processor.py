@@ -194,11 +194,12 @@ class Processor:
             tally.records += 1
             outcomes = process_record(record, self._settings, arrival)
             handled += len(outcomes)
+            headers = None  # the re-keyed calls' headers, once per record (1.2 µs)
             for outcome in outcomes:
                 tally.calls += 1
                 if isinstance(outcome, Enriched) and repartition is not None:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)
-                    headers = forward_headers(record, arrival)
+                    headers = headers or forward_headers(record, arrival)
                     reason = self._refusal(repartition, key, value, headers)
                     if reason is None:
                         if outcome.warnings:  # Counter.update costs ~0.2 µs, even empty
