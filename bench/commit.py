@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             partition, group = i % 6, f"g{(i * 7919 + n * 13) % 50_000}"
             store.put(partition, GroupState(group, {"v": n}, {"v": (n, "m")}, None, 1, n, 0, 0, 0))
             store.put_member(partition, f"{group}|u{i}", Membership(group, "userId", f"u{i}", 0, n))
-            store.put_seen(partition, (group, f"m{n}-{i}"), 1_000 + i)
+            store.put_seen(partition, (group, f"m{n}-{i}"), 1_000 + i, 1_000 + i)
         for step, run in (
             ("write_changelog", processor.write_changelog),
             ("prepare", prepare),

@@ -97,7 +97,7 @@ def _replay(store: StateStore, records: int, pad: int) -> dict[str, float]:
         for index in range(start, min(start + _REPLAY, records)):
             value = _record(index, pad)
             size += len(value)
-            entries.append((index, group_id(index).encode(), value))
+            entries.append((index, group_id(index).encode(), value, 0))
         started = time.perf_counter()
         store.apply_changelog(0, "state", entries, next_offset=start + len(entries))
         seconds += time.perf_counter() - started
@@ -129,7 +129,7 @@ def _reads_and_calls(
             raise RuntimeError("a group vanished")
         arrival = _BASE_MS + 10**9 + call
         store.put(0, replace(state, event_count=state.event_count + 1, updated_ms=arrival))
-        store.put_seen(0, seen, arrival)
+        store.put_seen(0, seen, arrival, arrival)
         store.put_member(0, key, Membership(g, "userId", f"user-{call}", arrival, arrival))
         if call % _COMMIT_EVERY == _COMMIT_EVERY - 1:
             store.commit({("state", 0): records + call, ("dedupe", 0): call})

@@ -287,7 +287,7 @@ class FakeRestorer:
         records = (p for p in self.sink.topic(topic) if p.partition == partition)
         for offset, p in enumerate(records):
             if offset >= start:
-                yield offset, p.key, p.value
+                yield offset, p.key, p.value, p.timestamp
 
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         return 0, self.sink.ends.get((topic, partition), 0)

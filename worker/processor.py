@@ -134,10 +134,11 @@ class Processor:
         self._now_ms = 0  # read once per batch: a group's updatedAt
         # The latest arrival processed in each partition, and the latest of all at the
         # last expiry of dedupe ids; during an expiry pass (``expire_seen``), what it
-        # expires in each partition and has removed.
+        # expires in each partition, ids written before when, and has removed.
         self._latest_arrival: dict[int, int] = {}
         self._expired_at = 0
         self._expiring_before: dict[int, int] | None = None
+        self._written_before = 0
         self._expired = 0
         self._expire_slice = expire_slice
         self._limits = limits if limits is not None else Limits({})
@@ -260,9 +261,14 @@ class Processor:
     def expire_seen(self) -> None:
         """Forget ids older than the window, four times a window of arrival time.
 
-        Measured in each partition from the latest arrival processed there, not from the
-        clock or other partitions, so a partition catching up on old records keeps the
-        ids they need however far ahead the others are. Called after each commit, outside
+        An id goes once it is a window old both in arrival time and in the time it was
+        written. Arrival is measured in each partition from the latest arrival processed
+        there, not from the clock or other partitions, so a partition catching up on old
+        records keeps the ids they need however far ahead the others are. The write time
+        keeps what arrivals out of order need: a stage-two partition mixes the input
+        partitions' calls, and one input partition may be a day behind another (a
+        backlog), so an id from the slow one is old by the fast one's arrivals when it is
+        applied, and its retry is still to come. Called after each commit, outside
         any transaction. A pass scans every id held (about 0.5 µs each on RocksDB), so
         each call scans the next ``expire_slice`` ids only: millions of ids held stall
         no commit for seconds, and a pass over 5,000,000 ends within 250 commits.
@@ -274,7 +280,10 @@ class Processor:
             self._expired_at, self._expired = newest, 0
             window = self._window_ms
             self._expiring_before = {p: t - window for p, t in self._latest_arrival.items()}
-        removed, done = self._store.expire_seen(self._expiring_before, self._expire_slice)
+            self._written_before = self._clock.now_ms() - window
+        removed, done = self._store.expire_seen(
+            self._expiring_before, self._written_before, self._expire_slice
+        )
         self._expired += removed
         if done:
             log.info("dedupe_ids_expired", ids=self._expired)
@@ -367,7 +376,7 @@ class Processor:
             in_place=True,  # the store undoes it on rollback
         )
         self._store.put(partition, state)
-        self._store.put_seen(partition, seen, arrival)
+        self._store.put_seen(partition, seen, arrival, self._now_ms)
         moved = merge_membership(membership, applied)
         if moved is not None:
             self._store.put_member(partition, key, moved)

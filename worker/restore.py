@@ -28,7 +28,7 @@ __all__ = ["Changelogs", "Entry", "KafkaRestorer", "Restored", "Restorer", "rest
 
 log = structlog.get_logger("worker.restore")
 _T = TypeVar("_T")
-Entry = tuple[int, bytes | None, bytes | None]  # (offset, key, value)
+Entry = tuple[int, bytes | None, bytes | None, int]  # (offset, key, value, timestamp ms)
 # How long a restore retries while the broker's metadata settles before giving up.
 _RETRY_SECONDS = 60.0
 # consume() waits for a full batch or its timeout: keep the timeout short, so the
@@ -42,7 +42,8 @@ class Restorer(Protocol):
 
     def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         """The partition's records from offset ``start`` to its end, oldest first, as
-        ``(offset, key, value)``; from its first record when ``start`` is below it."""
+        ``(offset, key, value, timestamp ms)`` (0 or less: none); from its first record
+        when ``start`` is below it."""
         ...
 
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
@@ -187,8 +188,8 @@ class _Counted:
 
     def __iter__(self) -> Iterator[ChangelogEntry]:
         unreported = 0
-        for offset, key, value in self._entries:
-            yield offset, key or b"", value
+        for offset, key, value, timestamp in self._entries:
+            yield offset, key or b"", value, timestamp
             # Told once the record was applied: ``progress`` may end the restore by
             # raising, and the store then keeps every record before it.
             self.count += 1
@@ -240,7 +241,12 @@ class KafkaRestorer:
                 for message in self._consumer.consume(_BATCH, 0.05):
                     error = message.error()
                     if error is None:
-                        yield message.offset() or 0, message.key(), message.value()
+                        yield (
+                            message.offset() or 0,
+                            message.key(),
+                            message.value(),
+                            message.timestamp()[1],
+                        )
                     elif error.code() == ClientError._PARTITION_EOF:
                         return
                     elif not isinstance(translate(error), RetriableError):

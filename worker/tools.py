@@ -229,7 +229,7 @@ def _profiles(config: Config) -> dict[bytes, bytes]:
     latest: dict[bytes, bytes] = {}
     try:
         for partition in restorer.partitions(config.topics.state):
-            for _, key, value in restorer.read(config.topics.state, partition):
+            for _, key, value, _ in restorer.read(config.topics.state, partition):
                 if key is None:
                     continue
                 if value is None:

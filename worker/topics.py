@@ -68,8 +68,8 @@ class Layout:
 def plan_topics(config: Config) -> list[TopicSpec]:
     """The output topics of ``config``, in creation order (the input is handled apart).
 
-    The dedupe topic is compacted (one record per id) and deleted past the dedupe
-    window: its records carry their call's arrival time, so Kafka expires them.
+    The dedupe topic is compacted (one record per id) and deleted a window (and a
+    margin) after each record was written, so Kafka expires its ids as the store does.
     """
     t = config.topics
     window_ms = config.worker.dedupe_window_seconds * 1000

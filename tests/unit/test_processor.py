@@ -38,12 +38,15 @@ def call(message_id: str, group: str = "g1", user: str = "u1", **traits: Any) ->
     )
 
 
-def make(routes: Routes = ROUTES, **options: Any) -> tuple[Processor, FakeSink, InMemoryStateStore]:
+def make(
+    routes: Routes = ROUTES, clock: FakeClock | None = None, **options: Any
+) -> tuple[Processor, FakeSink, InMemoryStateStore]:
     """A processor over fakes; ``options`` are the Processor's keyword arguments."""
     sink = FakeSink(transactional=False)
     store = InMemoryStateStore()
+    clock = clock or FakeClock()
     processor = Processor(
-        routes, Settings(), store, sink, FakeClock(), dedupe_window_ms=3_600_000, **options
+        routes, Settings(), store, sink, clock, dedupe_window_ms=3_600_000, **options
     )
     return processor, sink, store
 
@@ -339,11 +342,13 @@ def test_a_redelivery_within_the_window_of_arrival_is_a_duplicate_however_old() 
 def test_dedupe_ids_expire_a_window_after_the_latest_arrival() -> None:
     """Ids older than the window, counted from the latest arrival processed, are forgotten
     (checked each quarter of a window of arrival time)."""
-    processor, _, store = make()  # a one-hour window
+    clock = FakeClock()
+    processor, _, store = make(clock=clock)  # a one-hour window
     hour = 3_600_000
     for offset, (mid, arrival) in enumerate(
         [("m1", 1_000), ("m2", 1_000 + hour), ("m3", 1_000 + hour + hour // 4)]
     ):
+        clock.now = arrival / 1000  # processed as it arrives
         processor.process([Record("in", 0, offset, call(mid), timestamp_ms=arrival)])
         processor.write_changelog()
         store.commit()
@@ -372,6 +377,30 @@ def test_a_partition_behind_the_others_keeps_the_ids_its_retries_need() -> None:
     state = store.get(1, "g1")
     assert state is not None
     assert state.event_count == 1
+
+
+def test_an_id_applied_out_of_arrival_order_is_kept_for_its_retry() -> None:
+    """An id is kept a window after it was written, however far the partition's arrivals
+    ran ahead of it: a partition mixing a backlog's calls with newer ones (stage two
+    reads every input partition's) catches a retry of a backlog call."""
+    hour = 3_600_000
+    start = 1_424_730_535_111
+    clock = FakeClock(start + 40 * hour)  # draining a backlog, a minute per record
+    processor, sink, store = make(clock=clock)  # a one-hour window
+    steps = [("m1", "g1", start), ("a", "g0", start + 30 * hour), ("m1", "g1", start + hour // 2)]
+    for offset, (mid, group, arrival) in enumerate(steps):
+        processor.process([Record("in", 0, offset, call(mid, group), timestamp_ms=arrival)])
+        processor.write_changelog()
+        store.commit()
+        processor.expire_seen()
+        clock.advance(60)
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m1", "a"]
+    clock.advance(3_600)  # a window after its writing, the id goes
+    processor.process([Record("in", 0, 3, call("b", "g0"), timestamp_ms=start + 40 * hour)])
+    processor.write_changelog()
+    store.commit()
+    processor.expire_seen()
+    assert store.seen(0, ("g1", "m1")) is None
 
 
 def test_calls_of_a_keyed_input_keyed_otherwise_are_counted_and_logged_once() -> None:
@@ -412,8 +441,9 @@ def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
     """Each call scans ``expire_slice`` ids, so many ids held stall no commit; the pass
     logs once, when done, how many ids it forgot."""
     store = RocksDBStateStore(tmp_path, cache_bytes=1 << 20)
+    clock = FakeClock()
     processor = Processor(
-        ROUTES, Settings(), store, FakeSink(transactional=False), FakeClock(),
+        ROUTES, Settings(), store, FakeSink(transactional=False), clock,
         dedupe_window_ms=3_600_000, expire_slice=2,
     )  # fmt: skip
     hour = 3_600_000
@@ -427,6 +457,7 @@ def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
         store.commit()
 
     commit(0, *[(f"m{i}", 1_000) for i in range(5)])
+    clock.advance(2 * 3_600)  # and a window and more of the clock
     with capture_logs() as logs:
         commit(5, ("n9", 2_000 + hour))  # after the others in key order
         processor.expire_seen()

@@ -12,7 +12,7 @@ from tests.unit.test_store import state
 from tests.unit.test_store_rocksdb import corrupt_blocks, dedupe_entries
 from worker import codec
 from worker.profile import state_record
-from worker.restore import Changelogs, restore_partition
+from worker.restore import Changelogs, Entry, restore_partition
 from worker.store import RocksDBStateStore
 from worker.store.directory import claim
 
@@ -78,9 +78,7 @@ class Truncated(FakeRestorer):
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         return self.low.get(topic, 0), super().bounds(topic, partition)[1]
 
-    def read(
-        self, topic: str, partition: int, start: int = 0
-    ) -> Iterator[tuple[int, bytes | None, bytes | None]]:
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         return super().read(topic, partition, max(start, self.low.get(topic, 0)))
 
 
@@ -156,7 +154,7 @@ def test_files_that_fail_during_the_replay_are_rebuilt(store: RocksDBStateStore)
 
     def write_ids(arrival: int) -> None:
         sink.begin()
-        for _, key, value in dedupe_entries(20_000, arrival):
+        for _, key, value, _ in dedupe_entries(20_000, arrival):
             sink.produce("dedupe", key, value, partition=0)
         sink.commit({}, None)  # type: ignore[arg-type]
 

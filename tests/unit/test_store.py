@@ -38,9 +38,9 @@ def member(member_id: str, last_seen_ms: int = 1) -> Membership:
     return Membership("g1", "userId", member_id, 0, last_seen_ms)
 
 
-def state_entry(offset: int, s: GroupState) -> tuple[int, bytes, bytes]:
+def state_entry(offset: int, s: GroupState) -> ChangelogEntry:
     """The state changelog record of ``s``, as read at ``offset``."""
-    return offset, s.group_id.encode(), codec.encode(state_record(s))
+    return offset, s.group_id.encode(), codec.encode(state_record(s)), 0
 
 
 def new_store(kind: str, directory: Path, deployment: str = "") -> StateStore:
@@ -125,10 +125,10 @@ def test_changes_coalesce_to_the_newest_membership_per_key(store: StateStore) ->
 
 def test_changes_list_states_then_memberships_then_dedupe_ids(store: StateStore) -> None:
     """A dedupe id's record is keyed like the dedupe topic and stamped with its arrival."""
-    store.put_seen(2, ("g1", "m1"), 1_000)
+    store.put_seen(2, ("g1", "m1"), 1_000, 0)
     store.put_member(0, "k1", member("u1"))
     store.put(1, state("g1"))
-    store.put_seen(2, ("g1", "m1"), 2_000)
+    store.put_seen(2, ("g1", "m1"), 2_000, 0)
     changes = store.changes()
     assert [(c, p) for c, p, *_ in changes] == [("state", 1), ("members", 0), ("dedupe", 2)]
     assert changes[2] == ("dedupe", 2, seen_record_key("g1", "m1").encode(), b"2000", 2_000)
@@ -140,7 +140,7 @@ def test_commit_clears_the_change_set_and_keeps_values(store: StateStore) -> Non
     """After commit() nothing is changed and every value stays readable."""
     committed(store, (0, state("g1", 1)))
     store.put_member(0, "k1", member("u1"))
-    store.put_seen(0, ("g1", "m1"), 100)
+    store.put_seen(0, ("g1", "m1"), 100, 0)
     store.commit()
     assert store.changes() == []
     assert store.get(0, "g1") == state("g1", 1)
@@ -225,7 +225,7 @@ def test_restore_does_not_mark_changed(store: StateStore) -> None:
     """Restored states and memberships are readable, not in changes(), and survive rollback."""
     store.restore(3, state("g1"))
     store.restore_member(3, "k1", member("u1"))
-    store.restore_seen(3, ("g1", "m1"), 5)
+    store.restore_seen(3, ("g1", "m1"), 5, 0)
     assert store.changes() == []
     store.rollback()
     assert store.get(3, "g1") == state("g1")
@@ -258,14 +258,14 @@ def test_a_fresh_partition_opens_with_no_offsets(store: StateStore) -> None:
 def test_apply_changelog_loads_records_and_tombstones_delete(store: StateStore) -> None:
     """Applied records read back parsed, the newest per key; tombstones delete; not changed."""
     states: list[ChangelogEntry] = [state_entry(0, state("g1", 1)), state_entry(1, state("g2"))]
-    states += [state_entry(2, state("g1", 2)), (3, b"g2", None), (4, b"g3", None)]
+    states += [state_entry(2, state("g1", 2)), (3, b"g2", None, 0), (4, b"g3", None, 0)]
     assert store.apply_changelog(0, "state", states, next_offset=5) == 0
     key = '["g1","userId","u1"]'
-    members = [(0, key.encode(), codec.encode(membership_record(member("u1"))))]
+    members = [(0, key.encode(), codec.encode(membership_record(member("u1"))), 0)]
     store.apply_changelog(0, "members", members, next_offset=1)
-    ids: list[ChangelogEntry] = [(0, seen_record_key("g1", "m1").encode(), b"100")]
-    ids += [(1, seen_record_key("g1", "m2").encode(), b"200")]
-    ids += [(2, seen_record_key("g1", "m1").encode(), None)]
+    ids: list[ChangelogEntry] = [(0, seen_record_key("g1", "m1").encode(), b"100", 0)]
+    ids += [(1, seen_record_key("g1", "m2").encode(), b"200", 0)]
+    ids += [(2, seen_record_key("g1", "m1").encode(), None, 0)]
     store.apply_changelog(0, "dedupe", ids, next_offset=3)
     assert store.get(0, "g1") == state("g1", 2)
     assert store.get(0, "g2") is None
@@ -281,14 +281,14 @@ def test_applied_records_replace_what_was_read_before(store: StateStore) -> None
     """A record applied after a read (a catch-up replay) is what the next read returns."""
     committed(store, (0, state("g1", 1)), (0, state("g2", 1)))
     assert (store.get(0, "g1"), store.get(0, "g2")) == (state("g1", 1), state("g2", 1))
-    store.apply_changelog(0, "state", [state_entry(5, state("g1", 2)), (6, b"g2", None)], 7)
+    store.apply_changelog(0, "state", [state_entry(5, state("g1", 2)), (6, b"g2", None, 0)], 7)
     assert (store.get(0, "g1"), store.get(0, "g2")) == (state("g1", 2), None)
     assert store.group_count() == 1
 
 
 def test_a_malformed_record_reads_as_absent(store: StateStore) -> None:
     """A malformed changelog record is skipped (on apply or on read) and can be replaced."""
-    store.apply_changelog(0, "state", [(0, b"g1", b'{"groupId": "g1"}')], next_offset=1)
+    store.apply_changelog(0, "state", [(0, b"g1", b'{"groupId": "g1"}', 0)], next_offset=1)
     assert store.get(0, "g1") is None
     store.put(0, state("g1"))
     store.commit()
@@ -305,7 +305,7 @@ def test_a_state_record_of_a_newer_format_raises_on_apply(store: StateStore, spa
     record["traits"]["merge"] = {"format": FORMAT, "x": 1}
     record["merge"]["format"] = 99
     value = json.dumps(record).encode() if spaced else codec.encode(record)
-    entries = [(0, b"g0", codec.encode(state_record(state("g0")))), (1, b"g1", value)]
+    entries = [(0, b"g0", codec.encode(state_record(state("g0"))), 0), (1, b"g1", value, 0)]
     with pytest.raises(StateFormatError, match="format 99"):
         store.apply_changelog(0, "state", entries, next_offset=2)
 
@@ -320,9 +320,9 @@ def test_a_state_record_of_another_deployment_raises_on_apply(make_store: MakeSt
     assert codec.decode(written[3])["merge"]["deployment"] == "a"
     store.commit()
 
-    def entry(offset: int, group_id: str, deployment: str) -> tuple[int, bytes, bytes]:
+    def entry(offset: int, group_id: str, deployment: str) -> ChangelogEntry:
         value = codec.encode(state_record(state(group_id), deployment))
-        return offset, group_id.encode(), value
+        return offset, group_id.encode(), value, 0
 
     store.apply_changelog(1, "state", [entry(0, "g0", "a"), entry(1, "g1", "")], 2)
     assert (store.get(1, "g0"), store.get(1, "g1")) == (state("g0"), state("g1"))
@@ -360,7 +360,7 @@ def test_rollback_returns_to_the_last_commit(
     for partition, group, version in before:
         store.put(partition, state(group, version))
         store.put_member(partition, group, member(group, version))
-        store.put_seen(partition, (group, "m"), version)
+        store.put_seen(partition, (group, "m"), version, 0)
     store.commit()
     keys = [(p, g) for p in range(3) for g in ("g1", "g2", "g3")]
 
@@ -372,7 +372,7 @@ def test_rollback_returns_to_the_last_commit(
     for partition, group, version in after:
         store.put(partition, state(group, version + 10))
         store.put_member(partition, group, member(group, version + 10))
-        store.put_seen(partition, (group, "m"), version + 10)
+        store.put_seen(partition, (group, "m"), version + 10, 0)
     store.rollback()
     assert contents() == snapshot
     assert (store.group_count(), store.member_count(), store.seen_count()) == counts
@@ -382,14 +382,14 @@ def test_rollback_returns_to_the_last_commit(
 
 def test_dedupe_ids_roll_back_and_expire_by_arrival(store: StateStore) -> None:
     """Seen ids follow the change set; expire_seen forgets those that arrived too long ago."""
-    store.put_seen(0, ("g1", "m1"), 100)
+    store.put_seen(0, ("g1", "m1"), 100, 0)
     store.commit()
-    store.put_seen(0, ("g1", "m2"), 200)
+    store.put_seen(0, ("g1", "m2"), 200, 0)
     assert [(c, p, ts) for c, p, _, _, ts in store.changes()] == [("dedupe", 0, 200)]
     store.rollback()
     assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (100, None)
-    store.restore_seen(1, ("g2", "m3"), 300)
-    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250) == (1, True)
+    store.restore_seen(1, ("g2", "m3"), 300, 0)
+    assert store.expire_seen(EXPIRE_BEFORE_250, written_before_ms=1) == (1, True)
     assert (store.seen(0, ("g1", "m1")), store.seen(1, ("g2", "m3"))) == (None, 300)
     assert store.seen_count() == 1
 
@@ -397,9 +397,29 @@ def test_dedupe_ids_roll_back_and_expire_by_arrival(store: StateStore) -> None:
 def test_ids_expire_by_their_own_partition_horizon(store: StateStore) -> None:
     """expire_seen takes a horizon per partition; a partition without one keeps its ids."""
     for partition in (0, 1, 2):
-        store.restore_seen(partition, ("g", "m"), 100)
-    assert store.expire_seen(before_ms={0: 200, 1: 50}) == (1, True)
+        store.restore_seen(partition, ("g", "m"), 100, 0)
+    assert store.expire_seen({0: 200, 1: 50}, written_before_ms=1) == (1, True)
     assert [store.seen(p, ("g", "m")) for p in (0, 1, 2)] == [None, 100, 100]
+
+
+def test_an_id_written_within_the_window_is_kept_however_old_its_arrival(
+    store: StateStore,
+) -> None:
+    """An id expires only once both its arrival and its writing are past their horizons,
+    whether it was committed or restored with its record's timestamp; an id restored
+    from a record without one expires by its arrival alone."""
+    store.put_seen(0, ("g", "old"), 100, 5_000)
+    store.put_seen(0, ("g", "new"), 100, 9_000)
+    store.commit()
+    dedupe = [
+        (0, seen_record_key("g", "kept").encode(), b"100", 9_000),
+        (1, seen_record_key("g", "stamped").encode(), b"100", 5_000),
+        (2, seen_record_key("g", "unstamped").encode(), b"100", -1),
+    ]
+    store.apply_changelog(0, "dedupe", dedupe, next_offset=3)
+    assert store.expire_seen({0: 200}, written_before_ms=8_000) == (3, True)
+    kept = [m for m in ("old", "new", "kept", "stamped", "unstamped") if store.seen(0, ("g", m))]
+    assert kept == ["new", "kept"]
 
 
 def test_close_forgets_everything(store: StateStore) -> None:

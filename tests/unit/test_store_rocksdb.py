@@ -63,7 +63,7 @@ def test_committed_entries_and_offsets_survive_a_new_store(
     """A new store on the same directory reads what was committed, its offsets and counts."""
     store.put(0, state("g1", 2))
     store.put_member(0, "k1", member("u1"))
-    store.put_seen(0, ("g1", "m1"), 100)
+    store.put_seen(0, ("g1", "m1"), 100, 0)
     store.put(3, state("g9"))
     store.commit({("state", 0): 10, ("members", 0): 4, ("dedupe", 0): 7, ("state", 3): 1})
     store.commit({("state", 0): 12})
@@ -81,15 +81,16 @@ def test_committed_entries_and_offsets_survive_a_new_store(
 
 
 def test_the_files_hold_the_changelog_records_byte_for_byte(store: RocksDBStateStore) -> None:
-    """Each entry is its kind byte and changelog key, to the changelog value."""
+    """Each entry is its kind byte and changelog key, to the changelog value (a dedupe
+    id's followed by when it was written)."""
     store.put(0, state("g1"))
     store.put_member(0, "k1", member("u1"))
-    store.put_seen(0, ("g1", "m1"), 100)
+    store.put_seen(0, ("g1", "m1"), 100, 7)
     store.commit({("state", 0): 5})
     held = on_disk(store, 0)
     assert held[b"sg1"] == codec.encode(state_record(state("g1")))
     assert held[b"mk1"] == codec.encode(membership_record(member("u1")))
-    assert held[b"d" + seen_record_key("g1", "m1").encode()] == b"100"
+    assert held[b"d" + seen_record_key("g1", "m1").encode()] == b"100 7"
     assert held[b"ostate"] == b"5"
 
 
@@ -99,11 +100,12 @@ def test_the_files_hold_the_records_changes_made_and_what_came_after(
     """commit() writes the bytes changes() gave the changelog, and a change made after
     changes() as well (then made again)."""
     store.put(0, state("g1"))
-    store.put_seen(0, ("g1", "m1"), 100)
+    store.put_seen(0, ("g1", "m1"), 100, 7)
     records = store.changes()
     store.commit()
     held = on_disk(store, 0)
-    assert all(held[{"state": b"s", "dedupe": b"d"}[c] + k] == v for c, _, k, v, _ in records)
+    written = {"state": b"", "dedupe": b" 7"}
+    assert all(held[c[0].encode() + k] == v + written[c] for c, _, k, v, _ in records)
     store.put(0, state("g1", 2))
     store.changes()
     store.put(0, state("g1", 3))
@@ -123,7 +125,7 @@ def test_an_uncommitted_or_rolled_back_change_is_never_on_disk(
     store.put(0, state("g1", 2))
     store.put(0, state("g2"))
     store.put_member(0, "k1", member("u1"))
-    store.put_seen(0, ("g1", "m1"), 100)
+    store.put_seen(0, ("g1", "m1"), 100, 0)
     assert store.get(0, "g2") == state("g2")
     held = on_disk(store, 0)
     assert held[b"sg1"] == codec.encode(state_record(state("g1", 1)))
@@ -161,11 +163,11 @@ def test_prepare_leaves_the_files_to_commit_and_rollback_undoes_it(
     assert on_disk(store, 0) == held
     store.put(0, state("g1", 3))
     store.prepare()
-    store.put_seen(0, ("g1", "m1"), 100)
+    store.put_seen(0, ("g1", "m1"), 100, 0)
     store.commit()
     held = on_disk(store, 0)
     assert held[b"sg1"] == codec.encode(state_record(state("g1", 3)))
-    assert held[b"d" + seen_record_key("g1", "m1").encode()] == b"100"
+    assert held[b"d" + seen_record_key("g1", "m1").encode()] == b"100 0"
     assert store.seen_count() == 1
 
 
@@ -175,7 +177,7 @@ def test_applied_records_are_parsed_on_read_and_tombstones_delete(
     """Records applied in many batches read back parsed, with exact counts and the offset."""
     monkeypatch.setattr(partition_module, "APPLY_BATCH", 2)
     entries: list[ChangelogEntry] = [state_entry(i, state(f"g{i % 4}", i)) for i in range(9)]
-    entries += [(9, b"g1", None), (10, b"g1", None), (11, b"g7", None)]
+    entries += [(9, b"g1", None, 0), (10, b"g1", None, 0), (11, b"g7", None, 0)]
     store.apply_changelog(0, "state", entries, next_offset=15)
     assert store.stored_offsets(0) == {"state": 15}
     again = reopened(store, directory)
@@ -255,11 +257,10 @@ def corrupt_blocks(path: Path) -> None:
     flip_bytes(table, start, start + 4096)
 
 
-def dedupe_entries(ids: int, arrival: int = 1) -> list[tuple[int, bytes, bytes]]:
+def dedupe_entries(ids: int, arrival: int = 1) -> list[tuple[int, bytes, bytes, int]]:
     """Dedupe changelog records of ``ids`` ids of 100 groups, as the worker writes them."""
-    return [
-        (i, seen_record_key(f"g{i % 100}", f"m{i}").encode(), b"%d" % arrival) for i in range(ids)
-    ]
+    key = seen_record_key
+    return [(i, key(f"g{i % 100}", f"m{i}").encode(), b"%d" % arrival, 0) for i in range(ids)]
 
 
 def test_a_read_of_corrupt_blocks_raises_store_corrupt(directory: Path) -> None:
@@ -422,11 +423,11 @@ def test_wipe_deletes_the_files(store: RocksDBStateStore) -> None:
 def test_expired_ids_leave_the_files(store: RocksDBStateStore, directory: Path) -> None:
     """expire_seen deletes old ids from disk with their count; a pending id re-put is kept."""
     for i in range(5):
-        store.put_seen(0, ("g1", f"m{i}"), 100 * i)
+        store.put_seen(0, ("g1", f"m{i}"), 100 * i, 0)
     store.commit()
-    store.put_seen(0, ("g1", "m1"), 1_000)  # applied again, under the change set
-    store.put_seen(0, ("g1", "m9"), 50)
-    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250) == (4, True)  # m0-m2 on disk, m9 pending
+    store.put_seen(0, ("g1", "m1"), 1_000, 0)  # applied again, under the change set
+    store.put_seen(0, ("g1", "m9"), 50, 0)
+    assert store.expire_seen(EXPIRE_BEFORE_250, 1) == (4, True)  # m0-m2 on disk, m9 pending
     assert [(c, p, ts) for c, p, _, _, ts in store.changes()] == [("dedupe", 0, 1_000)]
     assert store.seen_count() == 3
     store.commit()
@@ -444,12 +445,12 @@ def test_expiry_scans_a_slice_at_a_time_and_resumes(store: RocksDBStateStore) ->
     scanned, and the next call starts another."""
     for partition in (0, 1, 2):
         for i in range(4):
-            store.put_seen(partition, ("g1", f"m{i}"), 100 * i)
+            store.put_seen(partition, ("g1", f"m{i}"), 100 * i, 0)
     store.commit()
-    results = [store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=3) for _ in range(2)]
+    results = [store.expire_seen(EXPIRE_BEFORE_250, 1, limit=3) for _ in range(2)]
     assert results == [(3, False), (2, False)]  # 0: m0-m2 (3 gone), then 0: m3, 1: m0, m1
     store.drop(2)
-    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=3) == (
+    assert store.expire_seen(EXPIRE_BEFORE_250, 1, limit=3) == (
         1,
         True,
     )  # 1: m2, m3; 2 dropped
@@ -457,13 +458,13 @@ def test_expiry_scans_a_slice_at_a_time_and_resumes(store: RocksDBStateStore) ->
         None, None, None, 300, None, None, None, 300,
     ]  # fmt: skip
     assert store.seen_count() == 2
-    store.put_seen(0, ("g1", "m9"), 100)
+    store.put_seen(0, ("g1", "m9"), 100, 0)
     store.commit()
-    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=2) == (
+    assert store.expire_seen(EXPIRE_BEFORE_250, 1, limit=2) == (
         1,
         False,
     )  # a new pass: 0 done
-    assert store.expire_seen(before_ms=EXPIRE_BEFORE_250, limit=2) == (
+    assert store.expire_seen(EXPIRE_BEFORE_250, 1, limit=2) == (
         0,
         True,
     )  # 1: m3, the last id
@@ -471,8 +472,8 @@ def test_expiry_scans_a_slice_at_a_time_and_resumes(store: RocksDBStateStore) ->
 
 def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) -> None:
     """A record that does not parse reads as absent and says so; a put replaces it."""
-    store.apply_changelog(0, "members", [(0, b"k1", b"not json")], next_offset=1)
-    store.apply_changelog(0, "dedupe", [(0, seen_record_key("g", "m").encode(), b"x")], 1)
+    store.apply_changelog(0, "members", [(0, b"k1", b"not json", 0)], next_offset=1)
+    store.apply_changelog(0, "dedupe", [(0, seen_record_key("g", "m").encode(), b"x", 0)], 1)
     with capture_logs() as logs:
         assert store.get_member(0, "k1") is None
         assert store.seen(0, ("g", "m")) is None
@@ -480,7 +481,7 @@ def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) 
     store.put_member(0, "k1", member("u1"))
     store.commit()
     assert (store.get_member(0, "k1"), store.member_count()) == (member("u1"), 1)
-    assert store.expire_seen(before_ms={0: 0}) == (1, True)
+    assert store.expire_seen({0: 0}, 0) == (1, True)
 
 
 _KILLED = """
@@ -491,7 +492,7 @@ from worker.store import RocksDBStateStore
 store = RocksDBStateStore(Path(sys.argv[1]), cache_bytes=0)
 store.put(0, state("g1"))
 store.commit({("state", 0): 1})
-store.apply_changelog(0, "state", [(1, b"g2", sys.stdin.buffer.read())], next_offset=2)
+store.apply_changelog(0, "state", [(1, b"g2", sys.stdin.buffer.read(), 0)], next_offset=2)
 store.put(0, state("g3"))
 store.commit({("state", 0): 3})
 os.kill(os.getpid(), signal.SIGKILL)

@@ -51,8 +51,9 @@ SeenKey = tuple[str, str]
 Changelog = Literal["state", "members", "dedupe"]
 """A changelog topic by its role (the fields of ``restore.Changelogs``)."""
 
-ChangelogEntry = tuple[int, bytes, bytes | None]
-"""``(offset, key, value)`` of a changelog record as read; ``None`` is a tombstone."""
+ChangelogEntry = tuple[int, bytes, bytes | None, int]
+"""``(offset, key, value, timestamp ms)`` of a changelog record as read; ``None`` is a
+tombstone. The timestamp is when the record was written (0 or less when unknown)."""
 
 ChangelogRecord = tuple[Changelog, int, bytes, bytes, int]
 """``(changelog, partition, key, value, arrival ms)`` of a record the change set adds to a
@@ -101,8 +102,9 @@ class StateStore(Protocol):
         """When the call with this dedupe id was applied (its arrival ms), or ``None``."""
         ...
 
-    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
-        """Record that the call with this dedupe id was applied; rollback undoes it."""
+    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int, written_ms: int) -> None:
+        """Record that the call with this dedupe id was applied, at ``written_ms`` by the
+        worker's clock; rollback undoes it."""
         ...
 
     def changes(self) -> list[ChangelogRecord]:
@@ -155,7 +157,7 @@ class StateStore(Protocol):
         """Load a membership read from the members topic, outside the change set."""
         ...
 
-    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
+    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int, written_ms: int) -> None:
         """Load a dedupe id read from the dedupe topic, outside the change set."""
         ...
 
@@ -204,10 +206,14 @@ class StateStore(Protocol):
         """Forget a partition and delete its files, to rebuild it from the beginning."""
         ...
 
-    def expire_seen(self, before_ms: Mapping[int, int], limit: int = 0) -> tuple[int, bool]:
+    def expire_seen(
+        self, before_ms: Mapping[int, int], written_before_ms: int, limit: int = 0
+    ) -> tuple[int, bool]:
         """Forget the dedupe ids of each partition of ``before_ms`` that arrived before
-        its time there (a partition not in it keeps all), scanning at most about
-        ``limit`` of those held (0: all) and resuming where the last call stopped.
+        its time there (a partition not in it keeps all) and were written before
+        ``written_before_ms`` (an id restored from a record without a timestamp counts
+        as written at 0), scanning at most about ``limit`` of those held (0: all) and
+        resuming where the last call stopped.
 
         Returns how many were forgotten, and whether the scan has been through every
         id (the next call starts another). Outside the change set: an expired id is

@@ -115,7 +115,7 @@ class InMemoryStateStore:
         self._deployment = deployment
         self._groups: _Table[str, GroupState] = _Table()
         self._members: _Table[str, Membership] = _Table()
-        self._seen: _Table[SeenKey, int] = _Table()
+        self._seen: _Table[SeenKey, tuple[int, int]] = _Table()  # (arrival, written)
         self._tables = (self._groups, self._members, self._seen)
 
     def get(self, partition: int, group_id: str) -> GroupState | None:
@@ -135,10 +135,11 @@ class InMemoryStateStore:
         self._members.put(partition, key, m)
 
     def seen(self, partition: int, key: SeenKey) -> int | None:
-        return self._seen.get(partition, key)
+        applied = self._seen.get(partition, key)
+        return None if applied is None else applied[0]
 
-    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
-        self._seen.put(partition, key, arrival_ms)
+    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int, written_ms: int) -> None:
+        self._seen.put(partition, key, (arrival_ms, written_ms))
 
     def changes(self) -> list[ChangelogRecord]:
         records: list[ChangelogRecord] = [
@@ -151,7 +152,7 @@ class InMemoryStateStore:
         ]
         records += [
             ("dedupe", p, seen_record_key(*key).encode(), b"%d" % arrival, arrival)
-            for p, key, arrival in self._seen.changed()
+            for p, key, (arrival, _) in self._seen.changed()
         ]
         return records
 
@@ -173,8 +174,8 @@ class InMemoryStateStore:
     def restore_member(self, partition: int, key: str, m: Membership) -> None:
         self._members.restore(partition, key, m)
 
-    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
-        self._seen.restore(partition, key, arrival_ms)
+    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int, written_ms: int) -> None:
+        self._seen.restore(partition, key, (arrival_ms, written_ms))
 
     def open_partition(self, partition: int, source: bytes = b"") -> str | None:
         """Nothing to open: always ``None``."""
@@ -195,9 +196,9 @@ class InMemoryStateStore:
         if changelog not in _CHANGELOGS:
             raise ValueError(f"unknown changelog {changelog!r}")
         skipped = 0
-        for _, key, value in entries:
+        for _, key, value, timestamp in entries:
             try:
-                self._apply(partition, changelog, key, value)
+                self._apply(partition, changelog, key, value, timestamp)
             except StateFormatError:
                 raise
             except (ValueError, TypeError, AttributeError) as e:
@@ -207,7 +208,9 @@ class InMemoryStateStore:
                 )
         return skipped
 
-    def _apply(self, partition: int, changelog: str, key: bytes, value: bytes | None) -> None:
+    def _apply(
+        self, partition: int, changelog: str, key: bytes, value: bytes | None, timestamp: int
+    ) -> None:
         """Load one changelog record; raises ``ValueError`` when it is malformed."""
         name = key.decode()
         if changelog == "state":
@@ -226,16 +229,23 @@ class InMemoryStateStore:
         elif value is None:
             self._seen.remove(partition, seen_key(name))
         else:
-            self._seen.restore(partition, seen_key(name), arrival_value(codec.decode(value)))
+            arrival = arrival_value(codec.decode(value))
+            self._seen.restore(partition, seen_key(name), (arrival, max(timestamp, 0)))
 
     def wipe(self, partition: int) -> None:
         self.drop(partition)
 
-    def expire_seen(self, before_ms: Mapping[int, int], limit: int = 0) -> tuple[int, bool]:
+    def expire_seen(
+        self, before_ms: Mapping[int, int], written_before_ms: int, limit: int = 0
+    ) -> tuple[int, bool]:
         # Every id at once, whatever the limit (tests and benchmarks hold few).
         removed = 0
         for partition, before in before_ms.items():
-            removed += self._seen.remove_if(partition, before.__gt__)  # arrival < before
+
+            def old(applied: tuple[int, int], before: int = before) -> bool:
+                return applied[0] < before and applied[1] < written_before_ms
+
+            removed += self._seen.remove_if(partition, old)
         return removed, True
 
     def drop(self, partition: int) -> None:

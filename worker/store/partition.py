@@ -3,11 +3,14 @@
 The database lives at a directory of its own (``RocksDBStateStore.path``) and is opened
 through rocksdict, the binding Quix Streams uses. A key is a kind byte then the
 changelog record's key; a value is the changelog record's value, byte for byte, so a
-replay writes records as it reads them::
+replay writes records as it reads them (a dedupe id's with the record's timestamp
+appended)::
 
     b"s" + groupId          the state record (JSON of ``state.state_record``)
     b"m" + membership key   the membership record (JSON of ``members.membership_record``)
-    b"d" + dedupe key       the arrival ms in ASCII digits (key: ``dedupe.seen_record_key``)
+    b"d" + dedupe key       the arrival ms and the ms it was written, in ASCII digits
+                            with a space between (key: ``dedupe.seen_record_key``); an
+                            older store's, the arrival alone
     b"o" + changelog name   where to replay that changelog from, ASCII digits
     b"c" + kind byte        how many entries of that kind the database holds
     b"v"                    the layout version (``LAYOUT``)
@@ -200,15 +203,17 @@ class PartitionDB:
     def apply(self, changelog: Changelog, entries: Iterable[ChangelogEntry], end: int) -> None:
         """Write changelog records as they are, ``APPLY_BATCH`` to a write batch, each
         batch with the count and the offset after its last record; the last batch
-        stores ``end`` instead if that is later. A ``None`` value deletes its key."""
+        stores ``end`` instead if that is later. A ``None`` value deletes its key; a dedupe
+        id's value gets its record's timestamp (when it was written) appended."""
         kind = CHANGELOGS.index(changelog)
+        stamped = kind == SEEN
         prefix, count = KIND[kind], self.counts[kind]
         reached = end
         batch = new_batch()
         # Keys in the batch, and whether they exist once it is written (the database
         # does not see the batch yet).
         exists: dict[bytes, bool] = {}
-        for offset, key, value in entries:
+        for offset, key, value, timestamp in entries:
             db_key = prefix + key
             existed = exists.get(db_key)
             if existed is None:
@@ -217,6 +222,8 @@ class PartitionDB:
                 batch.delete(db_key)
                 count -= existed
             else:
+                if stamped and timestamp > 0:
+                    value += b" %d" % timestamp
                 batch.put(db_key, value)
                 count += not existed
             exists[db_key] = value is not None
@@ -239,12 +246,13 @@ class PartitionDB:
         self.counts[kind] = count
 
     def expire(
-        self, before_ms: int, start: bytes = KIND[SEEN], limit: int = 0
+        self, before_ms: int, written_before_ms: int, start: bytes = KIND[SEEN], limit: int = 0
     ) -> tuple[int, int, bytes | None]:
-        """Delete the dedupe ids that arrived before ``before_ms`` (and unreadable ones)
-        in one write batch, scanning at most ``limit`` ids (0: all) from the key
-        ``start``; returns how many went, how many were scanned, and the key to resume
-        from (``None`` when the scan reached the last id)."""
+        """Delete the dedupe ids that arrived before ``before_ms`` and were written
+        before ``written_before_ms`` (and unreadable ones) in one write batch, scanning
+        at most ``limit`` ids (0: all) from the key ``start``; returns how many went, how
+        many were scanned, and the key to resume from (``None`` when the scan reached the
+        last id)."""
         bound = ReadOptions()
         bound.set_iterate_upper_bound(bytes([KIND[SEEN][0] + 1]))
         batch = new_batch()
@@ -256,8 +264,8 @@ class PartitionDB:
                     resume = cast(bytes, key)  # raw mode: keys are bytes
                     break
                 scanned += 1
-                arrival = arrival_of(raw)
-                if arrival is None or arrival < before_ms:
+                applied = seen_value(raw)
+                if applied is None or (applied[0] < before_ms and applied[1] < written_before_ms):
                     batch.delete(key)
                     gone += 1
             if gone:
@@ -278,9 +286,15 @@ class PartitionDB:
             self.db.close()
 
 
-def arrival_of(raw: bytes) -> int | None:
-    """A dedupe value's arrival ms, or ``None`` when it is not ASCII digits."""
-    return int(raw) if raw.isdigit() else None
+def seen_value(raw: bytes) -> tuple[int, int] | None:
+    """A dedupe id's arrival and write ms, or ``None`` when the value is not ASCII digits
+    (with a space between the two; the arrival alone was written at 0)."""
+    arrival, _, written = raw.partition(b" ")
+    if not arrival.isdigit():
+        return None
+    if not written:
+        return int(arrival), 0
+    return (int(arrival), int(written)) if written.isdigit() else None
 
 
 def new_batch() -> WriteBatch:

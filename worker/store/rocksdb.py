@@ -51,9 +51,9 @@ from worker.store.partition import (
     STATES,
     PartitionDB,
     SharedMemory,
-    arrival_of,
     new_batch,
     remove_files,
+    seen_value,
 )
 
 if TYPE_CHECKING:
@@ -107,10 +107,10 @@ class RocksDBStateStore:
         self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
         self._memory = SharedMemory(_BLOCK_CACHE_BYTES, _WRITE_BUFFERS_BYTES)
         self._partitions: dict[int, PartitionDB] = {}
-        # The change set (``_Change``); a dedupe id's record is its arrival, not kept.
+        # The change set (``_Change``); a dedupe id's: arrival, written, key, whether new.
         self._groups: dict[tuple[int, str], _Change[GroupState]] = {}
         self._members: dict[tuple[int, str], _Change[Membership]] = {}
-        self._seen: dict[tuple[int, SeenKey], tuple[int, bytes, bool]] = {}
+        self._seen: dict[tuple[int, SeenKey], tuple[int, int, bytes, bool]] = {}
         # Keys the database was just found to lack, so the put that usually follows a
         # read that missed need not look again; forgotten whenever the database changes.
         self._absent: set[tuple[int, bytes]] = set()
@@ -183,20 +183,22 @@ class RocksDBStateStore:
         if raw is None:
             self._absent.add((partition, db_key))
             return None
-        arrival = arrival_of(raw)
-        if arrival is None:
+        applied = seen_value(raw)
+        if applied is None:
             log.warning("store_record_skipped", kind="dedupe", partition=partition)
-        return arrival
+            return None
+        return applied[0]
 
-    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
+    def put_seen(self, partition: int, key: SeenKey, arrival_ms: int, written_ms: int) -> None:
         self._prepared = None
         log_key = (partition, key)
         pending = self._seen.get(log_key)
         if pending is None:
             db_key = _seen_key(key)
-            self._seen[log_key] = (arrival_ms, db_key, self._is_new(partition, SEEN, db_key))
+            new = self._is_new(partition, SEEN, db_key)
+            self._seen[log_key] = (arrival_ms, written_ms, db_key, new)
         else:
-            self._seen[log_key] = (arrival_ms, pending[1], pending[2])
+            self._seen[log_key] = (arrival_ms, written_ms, pending[2], pending[3])
 
     def changes(self) -> list[ChangelogRecord]:
         """The change set as changelog records (``StateStore.changes``); each record is
@@ -207,7 +209,7 @@ class RocksDBStateStore:
         ]
         records += [
             ("dedupe", p, key[1:], b"%d" % arrival, arrival)
-            for (p, _), (arrival, key, _) in self._seen.items()
+            for (p, _), (arrival, _, key, _) in self._seen.items()
         ]
         return records
 
@@ -265,8 +267,8 @@ class RocksDBStateStore:
         self._write_one(partition, MEMBERS, db_key, value)
         self._cache.put((partition, db_key), m, _cost(value))
 
-    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int) -> None:
-        self._write_one(partition, SEEN, _seen_key(key), b"%d" % arrival_ms)
+    def restore_seen(self, partition: int, key: SeenKey, arrival_ms: int, written_ms: int) -> None:
+        self._write_one(partition, SEEN, _seen_key(key), b"%d %d" % (arrival_ms, written_ms))
 
     def open_partition(self, partition: int, source: bytes = b"") -> str | None:
         """Open the partition's database (``StateStore.open_partition``).
@@ -322,9 +324,11 @@ class RocksDBStateStore:
         self.drop(partition)
         remove_files(self.path(partition))
 
-    def expire_seen(self, before_ms: Mapping[int, int], limit: int = 0) -> tuple[int, bool]:
-        """Forget ids that arrived before their partition's ``before_ms``
-        (``StateStore.expire_seen``).
+    def expire_seen(
+        self, before_ms: Mapping[int, int], written_before_ms: int, limit: int = 0
+    ) -> tuple[int, bool]:
+        """Forget ids that arrived before their partition's ``before_ms`` and were written
+        before ``written_before_ms`` (``StateStore.expire_seen``).
 
         Scans the partitions' ids in key order, at most ``limit`` of them a call (0:
         all), resuming where the last call stopped, and deletes the expired ones (and
@@ -333,9 +337,9 @@ class RocksDBStateStore:
         """
         self._prepared = None  # pending ids may go
         removed = 0
-        for log_key, (arrival, _, new) in list(self._seen.items()):
+        for log_key, (arrival, written, _, new) in list(self._seen.items()):
             before = before_ms.get(log_key[0])
-            if before is not None and arrival < before:
+            if before is not None and arrival < before and written < written_before_ms:
                 del self._seen[log_key]
                 if new:  # else the database holds the id: expired below, or kept
                     self._partitions[log_key[0]].new[SEEN] -= 1
@@ -348,7 +352,9 @@ class RocksDBStateStore:
             before = before_ms.get(self._sweep[0])
             resume = None
             if part is not None and before is not None:  # else dropped, or none expire
-                gone, scanned, resume = part.expire(before, self._sweep_from, left)
+                gone, scanned, resume = part.expire(
+                    before, written_before_ms, self._sweep_from, left
+                )
                 removed += gone
                 left -= scanned if limit else 0
             if resume is None:
@@ -357,10 +363,10 @@ class RocksDBStateStore:
             self._sweep_from = resume
             if limit and left <= 0:
                 break
-        for log_key, (arrival, key, new) in list(self._seen.items()):
+        for log_key, (arrival, written, key, new) in list(self._seen.items()):
             part = self._partitions[log_key[0]]
             if not new and not part.has(key):  # expired from under the change set
-                self._seen[log_key] = (arrival, key, True)
+                self._seen[log_key] = (arrival, written, key, True)
                 part.new[SEEN] += 1
         return removed, not self._sweep
 
@@ -467,8 +473,8 @@ class RocksDBStateStore:
             cache_key = (partition, key)
             if changelog == "state" or cache_key in cache:
                 cache.put(cache_key, entry, _cost(value))
-        for (partition, _), (arrival, key, _) in self._seen.items():
-            batches[partition].put(key, b"%d" % arrival)
+        for (partition, _), (arrival, written, key, _) in self._seen.items():
+            batches[partition].put(key, b"%d %d" % (arrival, written))
         return batches
 
     def _is_new(self, partition: int, kind: int, key: bytes) -> bool:
