@@ -78,7 +78,7 @@ class PassThrough(Processor):
         self.runner: Runner | None = None
 
     def process_some(
-        self, records: list[SourceRecord], tally: Tally, budget: int = 0
+        self, records: list[SourceRecord], tally: Tally, budget: int = 0, max_bytes: int = 0
     ) -> tuple[int, int]:
         self._started()
         produce, output = self._out_sink.produce, self._output
@@ -142,7 +142,7 @@ class WorkerShaped(PassThrough):
         super().__init__(routes, sink, routes.enriched, expect, self._changes)
 
     def process_some(
-        self, records: list[SourceRecord], tally: Tally, budget: int = 0
+        self, records: list[SourceRecord], tally: Tally, budget: int = 0, max_bytes: int = 0
     ) -> tuple[int, int]:
         self._started()
         produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records

@@ -105,6 +105,7 @@ class WorkerConfig:
     commit_interval_ms: int = 100
     commit_min_interval_ms: int = 20
     commit_max_records: int = 10_000
+    commit_max_bytes: int = 33_554_432
     shutdown_timeout_seconds: int = 10
     # Local copies of group state, memberships and dedupe ids (RocksDB), per process
     # under <state_dir>/<group_id>/<slot>; relative paths are from the working directory.
@@ -183,6 +184,7 @@ _RANGES = (
     ("worker.commit_interval_ms", 1, 600_000),
     ("worker.commit_min_interval_ms", 0, 600_000),
     ("worker.commit_max_records", 1, 1_000_000),
+    ("worker.commit_max_bytes", 1_048_576, 1_073_741_824),
     ("worker.dedupe_window_seconds", 1, 366 * 86_400),
     ("worker.max_event_bytes", 1, 100_000_000),
     ("worker.max_batch_bytes", 1, 100_000_000),

@@ -91,6 +91,7 @@ class Tally:
     records: int = 0
     calls: int = 0
     forwarded: int = 0
+    produced_bytes: int = 0  # enriched and re-keyed calls' values
     unkeyed: int = 0  # group calls of a keyed input whose record key is not their groupId
     outcomes: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
@@ -173,17 +174,22 @@ class Processor:
         return tally
 
     def process_some(
-        self, records: list[SourceRecord], tally: Tally, budget: int = 0
+        self, records: list[SourceRecord], tally: Tally, budget: int = 0, max_bytes: int = 0
     ) -> tuple[int, int]:
         """``process`` the first of ``records``, as many as it takes to handle ``budget``
-        calls (a record of the repartition topic is one; 0: no bound), at least one;
-        returns how many records, and how many calls they held. A transaction then holds
-        about as many calls as its committer chooses, however many a record holds."""
+        calls (a record of the repartition topic is one; 0: no bound), or until ``tally``
+        counts ``max_bytes`` of calls produced (0: no bound), at least one; returns how
+        many records, and how many calls they held. A transaction then holds about as
+        many calls, and bytes, as its committer chooses, however many a record holds:
+        each call of a large group carries the group's profile, so a thousand calls can
+        be hundreds of megabytes, more than the transaction's timeout lets through."""
         now_ms = self._now_ms = self._clock.now_ms()
         repartition = self._routes.repartition
         handled = 0
         for index, record in enumerate(records, 1):
-            if budget and handled >= budget:
+            if index > 1 and (
+                (budget and handled >= budget) or (max_bytes and tally.produced_bytes >= max_bytes)
+            ):
                 return index - 1, handled
             partition = record.partition() or 0
             if record.topic() == repartition:
@@ -206,6 +212,7 @@ class Processor:
                         if outcome.warnings:  # Counter.update costs ~0.2 µs, even empty
                             tally.warnings.update(outcome.warnings)
                         tally.forwarded += 1
+                        tally.produced_bytes += len(value)
                         self._sink.produce(repartition, key, value, headers)
                         continue
                     outcome = self._unwritable(reason, repartition, value, record, outcome.call)
@@ -338,6 +345,7 @@ class Processor:
                 if outcome.warnings:
                     tally.warnings.update(outcome.warnings)
                 tally.event_times_ms.append(outcome.event_time_ms)
+                tally.produced_bytes += len(value)
                 self._sink.produce(enriched, key, value)
             else:
                 outcome = self._unwritable(reason, enriched, value, record, call)

@@ -57,6 +57,7 @@ class RunnerSettings:
     batch_size: int = 1_000
     commit_interval: float = 0.1
     commit_max_records: int = 10_000
+    commit_max_bytes: int = 33_554_432
     # Once consume() finds less than a full batch (the input is caught up), a batch this
     # old, and at least as old as the last commit took, commits without waiting for
     # commit_interval: latency at moderate rates, with commits never more than half the
@@ -312,8 +313,12 @@ class Runner:
                 self._batch_start.setdefault(_position(record), record.offset() or 0)
             # A batch holds about commit_max_records calls, however many a record holds
             # (an envelope can hold thousands): past that, commit and go on.
-            budget = max(self._settings.commit_max_records - self._uncommitted, 1)
-            done, calls = self._processor.process_some(records, self._tally, budget)
+            # And about commit_max_bytes of calls: those of a large group are large.
+            s = self._settings
+            budget = max(s.commit_max_records - self._uncommitted, 1)
+            done, calls = self._processor.process_some(
+                records, self._tally, budget, s.commit_max_bytes
+            )
             for record in records[:done]:
                 self._pending[_position(record)] = (record.offset() or 0) + 1
             self._uncommitted += calls
@@ -359,6 +364,7 @@ class Runner:
         return (
             age >= s.commit_interval
             or self._uncommitted >= s.commit_max_records
+            or self._tally.produced_bytes >= s.commit_max_bytes
             or (self._caught_up and age >= max(s.commit_min_interval, self._commit_took))
         )
 

@@ -323,5 +323,6 @@ def runner_settings(config: Config) -> RunnerSettings:
         w.batch_size,
         w.commit_interval_ms / 1000,
         w.commit_max_records,
+        w.commit_max_bytes,
         commit_min_interval=w.commit_min_interval_ms / 1000,
     )

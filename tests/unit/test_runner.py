@@ -939,6 +939,24 @@ def test_a_transaction_holds_about_commit_max_records_calls_however_records_hold
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 800
 
 
+def test_a_transaction_holds_about_commit_max_bytes_of_calls() -> None:
+    """Calls of a large group are large (each carries the group's profile): a consumed
+    batch is committed a few records at a time once the calls produced reach
+    commit_max_bytes, however few calls they are."""
+    source, sink = FakeSource(FakeClock(), 1), FakeSink()
+    settings = dataclasses.replace(SETTINGS, commit_max_bytes=20_000, commit_interval=60.0)
+    runner, metrics = build(source, sink, settings)
+    for n in range(10):  # one group, 3 KB more of traits a call: 6 KB, 9 KB... enriched
+        source.append(group_call(3 * n, traits={f"t{n}": "x" * 3_000}))
+    run_for(runner, source, 2)
+
+    assert sorted(message_ids(sink)) == sorted(f"m{3 * n}" for n in range(10))
+    # 6 + 9 + 12 KB, then 15 + 18 KB, then each call past 20 KB alone.
+    ends = [3, 5, 6, 7, 8, 9, 10]
+    assert sink.offset_commits == [{("in", 0): end} for end in ends]
+    assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 10
+
+
 def test_a_commit_cut_into_a_consumed_batch_that_must_be_retried_loses_no_record() -> None:
     """A commit the runner makes inside a consumed batch (its calls reached the bound)
     that fails retriably is tried again later, and the records after it, consumed but
