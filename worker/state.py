@@ -228,25 +228,7 @@ def _merge_bounded(
     mid_bytes = _json_bytes(stamp[1])
     for name, value in written.items():
         if name == "address":
-            # Sub-field by sub-field (each its own register): a new one left out does
-            # not keep the call from updating those the group has.
-            parts = [(name, value)] if not value else [(k, {k: v}) for k, v in value.items()]
-            for part, part_value in parts:
-                shown = traits.get("address")
-                before = 0 if address is None else _address_bytes(shown, address)
-                regs = _merge_address(address, traits, part_value, stamp)
-                grown = _address_bytes(traits["address"], regs) - before
-                adds = (
-                    address is None or not regs.field_stamps.keys() <= address.field_stamps.keys()
-                )
-                if grown > 0 and size + grown > (bound.new_keys if adds else bound.any_growth):
-                    if address is None:
-                        del traits["address"]
-                    else:
-                        traits["address"] = shown
-                    drop(name if part == name else f"{name}.{part}")
-                    continue
-                address, size = regs, size + grown
+            address, size = _merge_address_bounded(traits, address, value, stamp, size, bound, drop)
             continue
         old = stamps.get(name)
         if old is None:  # (_json_bytes inlined here: once per trait of every call)
@@ -265,6 +247,87 @@ def _merge_bounded(
         stamps[name] = stamp
         size += grown
     return address, size
+
+
+def _merge_address_bounded(
+    traits: dict[str, Any],
+    regs: AddressStamps | None,
+    value: Mapping[str, Any] | None,
+    stamp: Stamp,
+    size: int,
+    bound: GroupBound,
+    drop: Callable[[str], None],
+) -> tuple[AddressStamps | None, int]:
+    """``_merge_bounded`` for the ``address`` trait: an object sub-field by sub-field
+    (each its own register), so a new one left out does not keep the call from updating
+    those the group has. Returns the registers and the exact size.
+
+    Each sub-field's growth is what it adds to ``_address_bytes``, counted from its own
+    key, value and stamps: measuring the whole address again for each sub-field cost
+    (sub-fields in the call) x (sub-fields in the group), seconds for one call.
+    """
+    if not value:
+        # None or {}: one write, measured whole (once per call). It adds no sub-field,
+        # so it is a new key only to a group without an address.
+        shown = traits.get("address")
+        before = 0 if regs is None else _address_bytes(shown, regs)
+        merged = _merge_address(regs, traits, value, stamp)
+        grown = _address_bytes(traits["address"], merged) - before
+        if grown > 0 and size + grown > (bound.new_keys if regs is None else bound.any_growth):
+            if regs is None:
+                del traits["address"]
+            else:
+                traits["address"] = shown
+            drop("address")
+            return regs, size
+        return merged, size + grown
+    if regs is None:
+        null, obj, shown = None, None, None
+        fields: dict[str, Stamp] = {}
+        # The first sub-field in also brings the address itself: its key, twice, and
+        # its shown value (``null`` until then).
+        opening = 2 * len('"address"') + len(b"null")
+    else:
+        null, obj, shown = regs.null_stamp, regs.object_stamp, traits.get("address")
+        fields, opening = dict(regs.field_stamps), 0
+        if null is not None and stamp <= null:
+            return regs, size  # cleared after this call was made
+    # Copied once per call: the state's dicts may be shared (``copy_state``).
+    out: dict[str, Any] = dict(shown) if shown is not None else {}
+    shows_null, changed = shown is None, False
+    mid_bytes = _json_bytes(stamp[1])
+    for key, item in value.items():
+        old = fields.get(key)
+        write = old is None or stamp > old
+        grown = opening - (len(b"null") - len(b"{}") if shows_null else 0)
+        if obj is None:
+            grown += mid_bytes + _STAMP_BYTES
+        elif stamp > obj:
+            grown += mid_bytes - _json_bytes(obj[1])
+        if write:
+            key_bytes = _json_bytes(key)
+            if key in out:
+                grown += _json_bytes(item) - _json_bytes(out[key])
+            else:  # ``"key":item``, after a comma unless it is the first
+                grown += key_bytes + 1 + _json_bytes(item) + (1 if out else 0)
+            if old is None:
+                grown += key_bytes + mid_bytes + _STAMP_BYTES
+            else:
+                grown += mid_bytes - _json_bytes(old[1])
+        if grown > 0 and size + grown > (bound.new_keys if old is None else bound.any_growth):
+            drop("address" if key == "address" else f"address.{key}")
+            continue
+        size += grown
+        opening, shows_null, changed = 0, False, True
+        if obj is None or stamp > obj:
+            obj = stamp
+        if write:
+            fields[key] = stamp
+            out[key] = item
+    if not changed:
+        return regs, size
+    traits["address"] = out
+    return AddressStamps(null, obj, fields), size
 
 
 def group_size(state: GroupState) -> int:

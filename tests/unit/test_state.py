@@ -678,6 +678,24 @@ def test_address_sub_keys_count_as_new_keys() -> None:
     assert (dropped, state.traits["address"]["city"]) == ([], "Lyon")
 
 
+def test_address_sub_keys_at_the_bound_cost_the_same_whatever_the_address_holds() -> None:
+    """Merging new address sub-fields into a group at its bound encodes as many values
+    for a group with 1,000 sub-fields as for one with 10."""
+    roomy = GroupBound(new_keys=10**6, any_growth=10**6)
+    encodes: dict[int, int] = {}
+    for held in (10, 1_000):
+        address = {f"a{n}": "x" for n in range(held)}
+        state, _ = bounded(None, call("m1", T0, {"address": address}), roomy, count=True)
+        full = replace(roomy, new_keys=state.size)
+        sent = {f"b{n}": "y" for n in range(100)}
+        with mock.patch.object(state_module, "_encode", wraps=codec.encode) as encode:
+            state, dropped = bounded(state, call("m2", T0 + 1, {"address": sent}), full)
+        assert dropped == [f"address.{k}" for k in sent]
+        assert state.traits["address"] == address
+        encodes[held] = encode.call_count
+    assert encodes[10] == encodes[1_000]
+
+
 def test_group_size_bounds_the_state_record() -> None:
     """A state record is its group size plus a small fixed part (and its dedupe ids)."""
     state = fold(addr((1, {"city": "X"}), (2, {"zip": "75001"})))[0]["g1"]
