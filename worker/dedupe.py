@@ -34,12 +34,17 @@ __all__ = [
 
 # confluent-kafka's TIMESTAMP_NOT_AVAILABLE.
 _NO_TIMESTAMP = 0
+# A timestamp further ahead of the worker's clock is no clock skew but a producer's bug
+# or a hostile one: taken as the arrival, it would keep its ids from ever expiring and
+# set every retry of them a window apart.
+_AHEAD_MS = 86_400_000
 
 
 def arrival_ms(record: SourceRecord, now_ms: int) -> int:
-    """When ``record`` arrived: its ``record_timestamp``, else ``now_ms``."""
+    """When ``record`` arrived: its ``record_timestamp``, else (none, or one more than a
+    day ahead of ``now_ms``) ``now_ms``."""
     ms = record_timestamp(record)
-    return now_ms if ms is None else ms
+    return now_ms if ms is None or ms > now_ms + _AHEAD_MS else ms
 
 
 def record_timestamp(record: SourceRecord) -> int | None:

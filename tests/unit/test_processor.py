@@ -469,6 +469,19 @@ def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_record_stamped_days_ahead_arrives_now() -> None:
+    """A record stamped more than a day ahead of the worker's clock (a producer's bug)
+    arrives when it is read, so a retry stamped right is still its duplicate; a day
+    ahead or less is clock skew, and the stamp is kept."""
+    processor, _, store = make()
+    now, day = 1_700_000_000_000, 86_400_000  # FakeClock's
+    processor.process([Record("in", 0, 0, call("m1"), timestamp_ms=now + 300 * day)])
+    processor.process([Record("in", 0, 1, call("m2"), timestamp_ms=now + day)])
+    assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (now, now + day)
+    tally = processor.process([Record("in", 0, 2, call("m1"), timestamp_ms=now + 1)])
+    assert tally.outcomes == {"duplicate": 1}
+
+
 def test_dedupe_ids_are_written_with_their_arrival_time() -> None:
     """Each applied id goes to the dedupe topic once, on its partition, its arrival as its
     value. The record is stamped when written (0: the producer's now), not with the
