@@ -4,9 +4,10 @@ The broker refuses a record batch larger than its topic's ``max.message.bytes``,
 producer refuses a record larger than its own ``message.max.bytes``. A refused record
 aborts its transaction, and replaying the batch produces it again: a loop that stalls
 every group. So the worker reads the real limits at start (``topics.ensure_topics``),
-checks every output against them before handing it to the producer, and bounds each
+checks every output against them before handing it to the producer, bounds each
 group's state so that its state record and the group snapshot of an enriched call
-always fit (``GroupBound``).
+always fit (``GroupBound``), and bounds the warnings one enriched call lists
+(``add_warnings``), so that the rest of the call fits the room the bound leaves it.
 
 Pure: no Kafka. ``Limits`` is the one mutable value here: ``update`` takes limits read
 again after the broker refused a record as too large (a topic's limit was lowered while
@@ -15,16 +16,21 @@ the worker ran).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Final
 
+from worker import codec
 from worker.errors import ConfigError, TopicError
 
 __all__ = [
     "DEFAULT_MAX_GROUP_BYTES",
+    "MAX_WARNINGS",
     "PRODUCER_MAX_DEFAULT",
+    "WARNINGS_TRUNCATED",
     "GroupBound",
     "Limits",
+    "add_warnings",
     "group_bound",
 ]
 
@@ -38,10 +44,21 @@ DEFAULT_MAX_GROUP_BYTES = 262_144
 # codec that cannot shrink the value (lz4 adds about 0.4% to incompressible data).
 _BATCH_OVERHEAD = 512
 _COMPRESSION_SLACK = 0.99
-# What an enriched call holds beside the group snapshot: the call itself (at most
-# max_event_bytes), its normalised traits and the warnings quoting original values.
+# What an enriched call holds beside the group snapshot's traits, each at most
+# max_event_bytes: the call itself (its normalised traits in place of its own), its
+# warnings quoting what it sent (``add_warnings``), and the snapshot's id repeating its
+# groupId. The fixed part: the fields the worker adds (timestamp, messageId, source,
+# the snapshot's counts and times) and the one warning counting those left out. Not
+# covered: a call of one record is measured as sent, and a number written back longer
+# than sent (1e15 as 1000000000000000.0) can take it past its three copies.
 _CALL_COPIES = 3
 _FIXED_FIELDS = 8_192
+# The most warnings one enriched call lists; the rest are counted by one last warning of
+# this code. A 32 KB call can hold thousands of spellings of "email" (each a warning) or
+# name a 15,000-character address key in each of hundreds of sub-field warnings: listed
+# in full, its warnings took megabytes, and the valid call became output_too_large.
+MAX_WARNINGS: Final = 100
+WARNINGS_TRUNCATED: Final = "warnings_truncated"
 # Below this a group could not hold a handful of traits: the topics are misconfigured.
 _MIN_GROUP_BYTES = 4_096
 
@@ -131,3 +148,33 @@ def group_bound(
             f"got {max_group_bytes}"
         )
     return GroupBound(max_group_bytes, room)
+
+
+def add_warnings(
+    warnings: list[dict[str, Any]], new: Iterable[dict[str, Any]], max_bytes: int
+) -> None:
+    """Append ``new`` to a call's ``enrichment.warnings``, within the call's bound.
+
+    In order, as long as the list holds fewer than ``MAX_WARNINGS`` and takes at most
+    ``max_bytes`` as JSON (``worker.max_event_bytes``: warnings quote the call, so they
+    take no more room than it may); the rest are left out, and one last warning
+    ``{"code": "warnings_truncated", "trait": None, "value": <how many>}`` counts them,
+    also when a later step appends to a list already cut. Counting warnings by code is
+    the caller's, from every warning, listed or not.
+    """
+    last = warnings[-1] if warnings else None
+    if last is not None and last["code"] == WARNINGS_TRUNCATED:
+        last["value"] += sum(1 for _ in new)
+        return
+    room = max_bytes - len(codec.encode(warnings))
+    left_out = 0
+    for warning in new:
+        if not left_out:
+            size = len(codec.encode(warning)) + 1  # and its comma
+            if len(warnings) < MAX_WARNINGS and size <= room:
+                warnings.append(warning)
+                room -= size
+                continue
+        left_out += 1
+    if left_out:
+        warnings.append({"code": WARNINGS_TRUNCATED, "trait": None, "value": left_out})

@@ -40,6 +40,7 @@ from worker import codec
 from worker.config import WorkerConfig
 from worker.dedupe import arrival_ms, record_timestamp
 from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
+from worker.limits import add_warnings
 from worker.normalise import normalise_traits
 from worker.times import MAX_MS, event_time, format_time, parse_iso_time
 
@@ -297,6 +298,10 @@ def _enrich(
 
     normalised, warnings = normalise_traits(traits, phone_region=settings.phone_region)
     when = event_time(call, arrival_ms)
+    listed: list[dict[str, Any]] = []
+    if warnings:
+        new = ({"code": w.code, "trait": w.trait, "value": w.value} for w in warnings)
+        add_warnings(listed, new, settings.max_event_bytes)
     enriched = dict(call)
     enriched.update(
         type="group",
@@ -305,7 +310,7 @@ def _enrich(
         traits=normalised,
         timestamp=format_time(when),
         enrichment={
-            "warnings": [{"code": w.code, "trait": w.trait, "value": w.value} for w in warnings],
+            "warnings": listed,
             "source": source.as_dict(),
         },
     )
@@ -314,7 +319,7 @@ def _enrich(
         enriched["userId"] = user_id
     if anonymous_id is not None:
         enriched["anonymousId"] = anonymous_id
-    codes = tuple(w.code for w in warnings)
+    codes = tuple(w.code for w in warnings)  # every warning, listed or not
     if user_id is not None:
         return Enriched(group_id, enriched, when, "userId", user_id, codes)
     return Enriched(group_id, enriched, when, "anonymousId", anonymous_id or "", codes)

@@ -34,7 +34,7 @@ from worker.clock import Clock
 from worker.dedupe import arrival_ms, is_duplicate
 from worker.errors import KafkaError
 from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
-from worker.limits import GroupBound, Headers, Limits, group_bound
+from worker.limits import GroupBound, Headers, Limits, add_warnings, group_bound
 from worker.members import membership_key, merge_membership
 from worker.pipeline import (
     Settings,
@@ -391,8 +391,8 @@ class Processor:
         call["group"] = group_snapshot(state)
         if dropped:
             # The call's own traits keep these keys; only the group's state could not.
-            warnings = call["enrichment"]["warnings"]
-            warnings.extend({"code": GROUP_STATE_FULL, "trait": k, "value": None} for k in dropped)
+            new = ({"code": GROUP_STATE_FULL, "trait": k, "value": None} for k in dropped)
+            add_warnings(call["enrichment"]["warnings"], new, self._settings.max_event_bytes)
             codes = enriched.warnings + (GROUP_STATE_FULL,) * len(dropped)
             return Enriched(
                 enriched.group_id,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from worker import codec
 from worker.events import DeadLetter, Enriched, Outcome, Record, Skipped
+from worker.limits import MAX_WARNINGS
 from worker.pipeline import REASONS, Settings, process_record
 
 SETTINGS = Settings()
@@ -451,6 +452,33 @@ def test_trait_warnings_are_reported_with_their_code() -> None:
         {"code": "invalid_email", "trait": "email", "value": "not-an-email"}
     ]
     assert out.warnings == ("invalid_email",)
+
+
+def test_warnings_past_the_most_listed_are_counted_in_one_last_warning() -> None:
+    """A call lists its first 100 warnings, one more counts the rest, and all are counted."""
+    spellings = {"email" + "_" * n: n for n in range(1, 151)}
+    out = enriched(call(traits={"email": "a@b.io", **spellings}))
+    listed = out.call["enrichment"]["warnings"]
+    assert len(listed) == MAX_WARNINGS + 1
+    assert listed[0] == {"code": "duplicate_trait", "trait": "email_", "value": 1}
+    assert listed[-1] == {"code": "warnings_truncated", "trait": None, "value": 50}
+    assert out.warnings == ("duplicate_trait",) * 150
+    assert out.call["traits"] == {"email": "a@b.io"}
+
+
+def test_warnings_take_no_more_room_than_a_call_may() -> None:
+    """Warnings that each repeat a long key stop at max_event_bytes of JSON."""
+    key = "a" + "_" * 9_000 + "ddress"
+    marks = "-_.:/+*!#$%&()<=>?@[]^`{|}~,;"
+    spellings = [f"z{a}i{b}p" for a in marks for b in marks][:299]
+    address = {"zip": "0150", **dict.fromkeys(spellings, 1)}
+    out = enriched(call(traits={key: address}))
+    *listed, last = out.call["enrichment"]["warnings"]
+    assert 0 < len(listed) < 10
+    assert len(codec.encode(listed)) <= SETTINGS.max_event_bytes
+    assert last == {"code": "warnings_truncated", "trait": None, "value": 299 - len(listed)}
+    assert out.warnings == ("duplicate_trait",) * 299
+    assert out.call["traits"] == {"address": {"postalCode": "0150"}}
 
 
 JSON = st.recursive(

@@ -250,6 +250,47 @@ def test_a_hostile_group_is_bounded_and_other_groups_go_on() -> None:
     assert emitted(sink, "out")[-1]["group"]["traits"] == {"plan": "pro"}
 
 
+def test_a_call_of_many_warnings_beside_a_full_group_still_fits() -> None:
+    """A valid call whose traits make hundreds of warnings is enriched beside a full group."""
+    sink = FakeSink(transactional=False)
+    limits = Limits({"out": 100_000, "state": 100_000, "dlq": 100_000})
+    processor = Processor(
+        ROUTES,
+        Settings(max_event_bytes=8_000),
+        InMemoryStateStore(),
+        sink,
+        FakeClock(),
+        dedupe_window_ms=3_600_000,
+        limits=limits,
+    )
+    fill = [call(f"f{n}", **{f"k{n}_{i}": "v" * 1_000 for i in range(7)}) for n in range(12)]
+    marks = "-_.:/+*!#$%&()<=>?@[]^`{|}~,;"
+    spellings: list[str] = [f"e{a}m{b}ail" for a in marks for b in marks]
+    traits: dict[str, Any] = dict.fromkeys(spellings[:655], 1)
+    flood = call("flood", **traits)
+    assert len(flood) <= 8_000
+    tally = processor.process(records(*fill, flood))
+    assert tally.warnings["group_state_full"] > 0  # the group reached its bound
+    assert tally.outcomes == {"enriched": 13}
+    assert tally.warnings["duplicate_trait"] == 654
+    assert all(limits.fits(p.topic, p.key, p.value) for p in sink.open)
+
+
+def test_the_merges_warnings_past_the_most_listed_are_counted_on() -> None:
+    """Keys a full group leaves out add to the count of warnings not listed, not to the list."""
+    processor, sink, _ = make(bound=GroupBound(new_keys=4_096, any_growth=8_192))
+    spellings: dict[str, Any] = {"email" + "_" * n: n for n in range(1, 91)}
+    new_keys = {f"k{i}": "v" * 100 for i in range(60)}
+    tally = processor.process(records(call("m1", email="a@b.io", **spellings, **new_keys)))
+    dropped = tally.warnings["group_state_full"]
+    assert dropped > 20
+    assert tally.warnings["duplicate_trait"] == 90
+    listed = emitted(sink, "out")[0]["enrichment"]["warnings"]
+    assert len(listed) == 101
+    assert [w["code"] for w in listed[90:100]] == ["group_state_full"] * 10
+    assert listed[-1] == {"code": "warnings_truncated", "trait": None, "value": dropped - 10}
+
+
 def test_an_enriched_call_too_large_for_its_topic_is_dead_lettered() -> None:
     """An output over its topic's limit becomes an output_too_large letter carrying the call."""
     store = InMemoryStateStore()
