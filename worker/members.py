@@ -75,8 +75,9 @@ def membership_record(m: Membership) -> dict[str, Any]:
     }
 
 
-def membership_from_record(record: Mapping[str, Any]) -> Membership:
-    """Read a membership record back; raises ``ValueError`` when it is malformed."""
+def membership_from_record(record: Mapping[str, Any], *, key: str | None = None) -> Membership:
+    """Read a membership record back; raises ``ValueError`` when it is malformed, or
+    names another group or member than ``key`` (its members-topic key, when given)."""
     kinds = [k for k in ("userId", "anonymousId") if k in record]
     if len(kinds) != 1:
         raise ValueError("membership record: needs exactly one of userId and anonymousId")
@@ -84,9 +85,11 @@ def membership_from_record(record: Mapping[str, Any]) -> Membership:
     first, last = record_time(record, "firstSeenAt"), record_time(record, "lastSeenAt")
     if first > last:
         raise ValueError("membership record: firstSeenAt is after lastSeenAt")
-    return Membership(
-        record_field(record, "groupId", str), kind, record_field(record, kind, str), first, last
-    )
+    group_id, member_id = record_field(record, "groupId", str), record_field(record, kind, str)
+    if key is not None and membership_key(group_id, kind, member_id) != key:
+        # Restored under its key, it would be taken for another member's.
+        raise ValueError("membership record: its group and member are not its key's")
+    return Membership(group_id, kind, member_id, first, last)
 
 
 def membership_key(group_id: str, member_kind: MemberKind, member_id: str) -> str:

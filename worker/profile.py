@@ -131,16 +131,20 @@ def _check_version(version: Any) -> None:
         )
 
 
-def state_from_record(record: Mapping[str, Any]) -> GroupState:
+def state_from_record(record: Mapping[str, Any], *, group_id: str | None = None) -> GroupState:
     """Read a state record (as decoded from JSON) back into the state it was made from.
 
-    Raises ``StateFormatError`` for a format it does not read, and ``ValueError`` naming
-    the first problem when the record is malformed or its parts disagree (a trait
-    without a stamp, an address contradicting its registers).
+    ``group_id``, when given, is the record's key. Raises ``StateFormatError`` for a
+    format it does not read, and ``ValueError`` naming the first problem when the record
+    is malformed or its parts disagree (a trait without a stamp, an address contradicting
+    its registers, a groupId other than its key's).
     """
     merge = record_field(record, "merge", dict)
     version = merge.get("format", 1)
     _check_version(version)
+    if group_id is not None and record.get("groupId") != group_id:
+        # Restored under its key, it would be merged with another group's calls.
+        raise ValueError("state record: its groupId is not its key's")
     # One tuple per distinct stamp: a restored state takes the memory of a merged one.
     interned: dict[Stamp, Stamp] = {}
 

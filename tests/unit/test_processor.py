@@ -200,6 +200,28 @@ def test_both_layouts_write_the_same_enriched_calls() -> None:
     )
 
 
+@pytest.mark.parametrize("kind", ["memory", "rocksdb"])
+def test_restored_records_of_another_group_are_skipped_not_merged(
+    kind: str, tmp_path: Path
+) -> None:
+    """A changelog record whose key and content disagree never reaches a merge."""
+    store = InMemoryStateStore() if kind == "memory" else RocksDBStateStore(tmp_path, 1 << 20)
+    sink = FakeSink(transactional=False)
+    processor = Processor(ROUTES, Settings(), store, sink, FakeClock(), dedupe_window_ms=1_000)
+    processor.process(records(call("m0", group="other", plan="x")))
+    processor.write_changelog()
+    store.commit()
+    changelog = {
+        topic: [p for p in sink.open if p.topic == topic] for topic in ("state", "members")
+    }
+    member_key = b'["g1","userId","u1"]'
+    store.apply_changelog(2, "state", [(0, b"g1", changelog["state"][0].value, 0)], 1)
+    store.apply_changelog(2, "members", [(0, member_key, changelog["members"][0].value, 0)], 1)
+    tally = processor.process(records(call("m1", plan="pro")))
+    assert tally.outcomes == {"enriched": 1}
+    assert emitted(sink, "out")[-1]["group"]["traits"] == {"plan": "pro"}
+
+
 def test_corrupt_repartition_record_is_a_dead_letter() -> None:
     """A repartition record that is not a forwarded call is dead-lettered, not fatal."""
     routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")

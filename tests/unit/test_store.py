@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from worker import codec
 from worker.dedupe import seen_record_key
-from worker.members import Membership, membership_record
+from worker.members import Membership, membership_key, membership_record
 from worker.profile import FORMAT, StateFormatError, state_record
 from worker.state import Applied, GroupState, merge_call
 from worker.store import (
@@ -36,6 +37,11 @@ def state(group_id: str, version: int = 1) -> GroupState:
 
 def member(member_id: str, last_seen_ms: int = 1) -> Membership:
     return Membership("g1", "userId", member_id, 0, last_seen_ms)
+
+
+def member_key(member_id: str) -> str:
+    """The key of ``member(member_id)``."""
+    return membership_key("g1", "userId", member_id)
 
 
 def state_entry(offset: int, s: GroupState) -> ChangelogEntry:
@@ -108,25 +114,25 @@ def test_changes_coalesce_to_the_newest_state_per_group(store: StateStore) -> No
 
 def test_changes_coalesce_to_the_newest_membership_per_key(store: StateStore) -> None:
     """changes() lists each changed membership once, newest, until commit or rollback."""
-    store.put_member(0, "k1", member("u1", 1))
-    store.put_member(0, "k2", member("u2", 1))
-    store.put_member(0, "k1", member("u1", 5))
-    newest = [(0, "k1", member("u1", 5)), (0, "k2", member("u2", 1))]
+    store.put_member(0, member_key("u1"), member("u1", 1))
+    store.put_member(0, member_key("u2"), member("u2", 1))
+    store.put_member(0, member_key("u1"), member("u1", 5))
+    newest = [(0, member_key("u1"), member("u1", 5)), (0, member_key("u2"), member("u2", 1))]
     assert store.changes() == [
         ("members", p, k.encode(), codec.encode(membership_record(m)), 0) for p, k, m in newest
     ]
     store.commit()
     assert store.changes() == []
-    store.put_member(1, "k3", member("u3"))
+    store.put_member(1, member_key("u3"), member("u3"))
     store.rollback()
     assert store.changes() == []
-    assert store.get_member(1, "k3") is None
+    assert store.get_member(1, member_key("u3")) is None
 
 
 def test_changes_list_states_then_memberships_then_dedupe_ids(store: StateStore) -> None:
     """A dedupe id's record is keyed like the dedupe topic and stamped with its arrival."""
     store.put_seen(2, ("g1", "m1"), 1_000, 0)
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.put(1, state("g1"))
     store.put_seen(2, ("g1", "m1"), 2_000, 0)
     changes = store.changes()
@@ -139,12 +145,12 @@ def test_changes_list_states_then_memberships_then_dedupe_ids(store: StateStore)
 def test_commit_clears_the_change_set_and_keeps_values(store: StateStore) -> None:
     """After commit() nothing is changed and every value stays readable."""
     committed(store, (0, state("g1", 1)))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.put_seen(0, ("g1", "m1"), 100, 0)
     store.commit()
     assert store.changes() == []
     assert store.get(0, "g1") == state("g1", 1)
-    assert store.get_member(0, "k1") == member("u1")
+    assert store.get_member(0, member_key("u1")) == member("u1")
     assert store.seen(0, ("g1", "m1")) == 100
 
 
@@ -159,22 +165,22 @@ def test_commit_takes_the_changelog_offsets_reached(store: StateStore) -> None:
 def test_rollback_restores_earlier_values_and_removes_new_keys(store: StateStore) -> None:
     """rollback() puts back every value as of the last commit, across partitions."""
     committed(store, (0, state("g1", 1)), (1, state("g9", 1)))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.commit()
     store.put(0, state("g1", 2))
     store.put(0, state("g1", 3))
     store.put(0, state("g2", 1))
     store.put(2, state("g3", 1))
-    store.put_member(0, "k1", member("u1", 5))
-    store.put_member(0, "k2", member("u2"))
+    store.put_member(0, member_key("u1"), member("u1", 5))
+    store.put_member(0, member_key("u2"), member("u2"))
     store.rollback()
     assert store.changes() == []
     assert store.get(0, "g1") == state("g1", 1)
     assert store.get(0, "g2") is None
     assert store.get(2, "g3") is None
     assert store.get(1, "g9") == state("g9", 1)
-    assert store.get_member(0, "k1") == member("u1")
-    assert store.get_member(0, "k2") is None
+    assert store.get_member(0, member_key("u1")) == member("u1")
+    assert store.get_member(0, member_key("u2")) is None
     assert (store.group_count(), store.member_count()) == (2, 1)
 
 
@@ -210,7 +216,7 @@ def test_drop_forgets_a_partition_and_its_pending_changes(store: StateStore) -> 
     committed(store, (0, state("g1", 1)), (1, state("g1", 1)))
     store.put(0, state("g1", 2))
     store.put(1, state("g1", 2))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.drop(0)
     assert store.changes() == [state_record_of(1, state("g1", 2))]
     assert (store.group_count(), store.member_count()) == (1, 0)
@@ -218,18 +224,18 @@ def test_drop_forgets_a_partition_and_its_pending_changes(store: StateStore) -> 
     assert store.get(1, "g1") == state("g1", 1)
     # RocksDB keeps the committed files for the partition's return (test_store_rocksdb.py).
     assert store.get(0, "g1") in (None, state("g1", 1))
-    assert store.get_member(0, "k1") is None
+    assert store.get_member(0, member_key("u1")) is None
 
 
 def test_restore_does_not_mark_changed(store: StateStore) -> None:
     """Restored states and memberships are readable, not in changes(), and survive rollback."""
     store.restore(3, state("g1"))
-    store.restore_member(3, "k1", member("u1"))
+    store.restore_member(3, member_key("u1"), member("u1"))
     store.restore_seen(3, ("g1", "m1"), 5, 0)
     assert store.changes() == []
     store.rollback()
     assert store.get(3, "g1") == state("g1")
-    assert store.get_member(3, "k1") == member("u1")
+    assert store.get_member(3, member_key("u1")) == member("u1")
     assert store.seen(3, ("g1", "m1")) == 5
 
 
@@ -238,9 +244,9 @@ def test_counts_cover_every_partition(store: StateStore) -> None:
     store.put(0, state("g1"))
     store.put(0, state("g1", 2))
     store.restore(1, state("g1"))
-    store.put_member(0, "k1", member("u1"))
-    store.restore_member(1, "k1", member("u1"))
-    store.restore_member(1, "k2", member("u2"))
+    store.put_member(0, member_key("u1"), member("u1"))
+    store.restore_member(1, member_key("u1"), member("u1"))
+    store.restore_member(1, member_key("u2"), member("u2"))
     assert (store.group_count(), store.member_count()) == (2, 3)
     store.commit()
     store.put(1, state("g1", 3))
@@ -294,6 +300,31 @@ def test_a_malformed_record_reads_as_absent(store: StateStore) -> None:
     store.commit()
     assert store.get(0, "g1") == state("g1")
     assert store.group_count() == 1
+
+
+def test_a_record_of_another_group_or_member_than_its_key_reads_as_absent(
+    store: StateStore,
+) -> None:
+    """A record whose content is another group's or member's than its key is malformed."""
+    other_group = codec.encode(state_record(state("other")))
+    key = '["g1","userId","u1"]'
+    members: list[ChangelogEntry] = [
+        (
+            0,
+            key.encode(),
+            codec.encode(membership_record(Membership("g2", "userId", "u1", 0, 1))),
+            0,
+        ),
+        (1, b'["g1","userId","u2"]', codec.encode(membership_record(member("u1"))), 0),
+    ]
+    with capture_logs() as logs:
+        store.apply_changelog(0, "state", [(0, b"g1", other_group, 0)], next_offset=1)
+        store.apply_changelog(0, "members", members, next_offset=2)
+        assert store.get(0, "g1") is None
+        assert store.get_member(0, key) is None
+        assert store.get_member(0, '["g1","userId","u2"]') is None
+    assert [log["event"] for log in logs] == ["store_record_skipped"] * 3
+    assert not any("other" in str(log) or "u1" in str(log) for log in logs)
 
 
 @pytest.mark.parametrize("spaced", [False, True])

@@ -15,7 +15,7 @@ import pytest
 from rocksdict import AccessType, Options, Rdict
 from structlog.testing import capture_logs
 
-from tests.unit.test_store import EXPIRE_BEFORE_250, member, state, state_entry
+from tests.unit.test_store import EXPIRE_BEFORE_250, member, member_key, state, state_entry
 from worker import codec
 from worker.dedupe import seen_record_key
 from worker.errors import StoreCorrupt
@@ -62,7 +62,7 @@ def test_committed_entries_and_offsets_survive_a_new_store(
 ) -> None:
     """A new store on the same directory reads what was committed, its offsets and counts."""
     store.put(0, state("g1", 2))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.put_seen(0, ("g1", "m1"), 100, 0)
     store.put(3, state("g9"))
     store.commit({("state", 0): 10, ("members", 0): 4, ("dedupe", 0): 7, ("state", 3): 1})
@@ -73,7 +73,7 @@ def test_committed_entries_and_offsets_survive_a_new_store(
         assert again.stored_offsets(0) == {"state": 12, "members": 4, "dedupe": 7}
         assert again.stored_offsets(3) == {"state": 1}
         assert again.get(0, "g1") == state("g1", 2)
-        assert again.get_member(0, "k1") == member("u1")
+        assert again.get_member(0, member_key("u1")) == member("u1")
         assert again.seen(0, ("g1", "m1")) == 100
         assert (again.group_count(), again.member_count(), again.seen_count()) == (2, 1, 1)
     finally:
@@ -84,12 +84,12 @@ def test_the_files_hold_the_changelog_records_byte_for_byte(store: RocksDBStateS
     """Each entry is its kind byte and changelog key, to the changelog value (a dedupe
     id's followed by when it was written)."""
     store.put(0, state("g1"))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.put_seen(0, ("g1", "m1"), 100, 7)
     store.commit({("state", 0): 5})
     held = on_disk(store, 0)
     assert held[b"sg1"] == codec.encode(state_record(state("g1")))
-    assert held[b"mk1"] == codec.encode(membership_record(member("u1")))
+    assert held[b"m" + member_key("u1").encode()] == codec.encode(membership_record(member("u1")))
     assert held[b"d" + seen_record_key("g1", "m1").encode()] == b"100 7"
     assert held[b"ostate"] == b"5"
 
@@ -109,11 +109,11 @@ def test_the_files_hold_the_records_changes_made_and_what_came_after(
     store.put(0, state("g1", 2))
     store.changes()
     store.put(0, state("g1", 3))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.commit()
     held = on_disk(store, 0)
     assert held[b"sg1"] == codec.encode(state_record(state("g1", 3)))
-    assert held[b"mk1"] == codec.encode(membership_record(member("u1")))
+    assert held[b"m" + member_key("u1").encode()] == codec.encode(membership_record(member("u1")))
 
 
 def test_an_uncommitted_or_rolled_back_change_is_never_on_disk(
@@ -124,7 +124,7 @@ def test_an_uncommitted_or_rolled_back_change_is_never_on_disk(
     store.commit()
     store.put(0, state("g1", 2))
     store.put(0, state("g2"))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.put_seen(0, ("g1", "m1"), 100, 0)
     assert store.get(0, "g2") == state("g2")
     held = on_disk(store, 0)
@@ -150,16 +150,19 @@ def test_prepare_leaves_the_files_to_commit_and_rollback_undoes_it(
     (a membership is cached by prepare once it was read: the get below);
     a change made after it commits all the same."""
     store.put(0, state("g1", 1))
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.commit()
-    assert store.get_member(0, "k1") == member("u1")
+    assert store.get_member(0, member_key("u1")) == member("u1")
     held = on_disk(store, 0)
     store.put(0, state("g1", 2))
-    store.put_member(0, "k1", member("u2"))
+    store.put_member(0, member_key("u1"), member("u1", 5))
     store.prepare()
     assert on_disk(store, 0) == held
     store.rollback()
-    assert (store.get(0, "g1"), store.get_member(0, "k1")) == (state("g1", 1), member("u1"))
+    assert (store.get(0, "g1"), store.get_member(0, member_key("u1"))) == (
+        state("g1", 1),
+        member("u1"),
+    )
     assert on_disk(store, 0) == held
     store.put(0, state("g1", 3))
     store.prepare()
@@ -341,14 +344,14 @@ def test_the_cache_stays_within_its_bound(directory: Path, cache_bytes: int) -> 
     try:
         for i in range(300):
             store.put(i % 2, state(f"g{i}", i))
-            store.put_member(i % 2, f"k{i}", member(f"u{i}", i))
+            store.put_member(i % 2, member_key(f"u{i}"), member(f"u{i}", i))
             if i % 50 == 49:
                 assert store.cached_bytes <= cache_bytes
                 store.commit()
         assert store.cached_bytes <= cache_bytes
         for i in reversed(range(300)):
             assert store.get(i % 2, f"g{i}") == state(f"g{i}", i)
-            assert store.get_member(i % 2, f"k{i}") == member(f"u{i}", i)
+            assert store.get_member(i % 2, member_key(f"u{i}")) == member(f"u{i}", i)
             assert store.cached_bytes <= cache_bytes
         assert (store.cached_bytes > 0) == (cache_bytes > 0)
     finally:
@@ -361,15 +364,15 @@ def test_a_membership_is_cached_once_read_and_never_left_stale(
     """A commit caches the states it writes, and a membership only to replace one the
     cache holds: written and never read, it stays on disk alone; read, it is cached;
     written again, the cache holds the new one."""
-    store.put_member(0, "k1", member("u1", 1))
+    store.put_member(0, member_key("u1"), member("u1", 1))
     store.commit()
     assert store.cached_bytes == 0
-    assert store.get_member(0, "k1") == member("u1", 1)
+    assert store.get_member(0, member_key("u1")) == member("u1", 1)
     cached = store.cached_bytes
     assert cached > 0
-    store.put_member(0, "k1", member("u1", 2))
+    store.put_member(0, member_key("u1"), member("u1", 2))
     store.commit()
-    assert store.get_member(0, "k1") == member("u1", 2)
+    assert store.get_member(0, member_key("u1")) == member("u1", 2)
     assert store.cached_bytes == cached  # replaced, not added beside
     store.put(0, state("g1"))
     store.commit()
@@ -472,15 +475,17 @@ def test_expiry_scans_a_slice_at_a_time_and_resumes(store: RocksDBStateStore) ->
 
 def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) -> None:
     """A record that does not parse reads as absent and says so; a put replaces it."""
-    store.apply_changelog(0, "members", [(0, b"k1", b"not json", 0)], next_offset=1)
+    store.apply_changelog(
+        0, "members", [(0, member_key("u1").encode(), b"not json", 0)], next_offset=1
+    )
     store.apply_changelog(0, "dedupe", [(0, seen_record_key("g", "m").encode(), b"x", 0)], 1)
     with capture_logs() as logs:
-        assert store.get_member(0, "k1") is None
+        assert store.get_member(0, member_key("u1")) is None
         assert store.seen(0, ("g", "m")) is None
     assert [e["event"] for e in logs] == ["store_record_skipped"] * 2
-    store.put_member(0, "k1", member("u1"))
+    store.put_member(0, member_key("u1"), member("u1"))
     store.commit()
-    assert (store.get_member(0, "k1"), store.member_count()) == (member("u1"), 1)
+    assert (store.get_member(0, member_key("u1")), store.member_count()) == (member("u1"), 1)
     assert store.expire_seen({0: 0}, 0) == (1, True)
 
 

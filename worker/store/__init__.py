@@ -82,7 +82,8 @@ class StateStore(Protocol):
 
         Raises ``state.StateFormatError`` when RocksDB holds the group's record in a
         format this worker does not read (it parses records on first read); a malformed
-        record reads as ``None``, with a warning (as a restore skips it).
+        record (another group's included) reads as ``None``, with a warning (as a
+        restore skips it).
         """
         ...
 
@@ -91,11 +92,13 @@ class StateStore(Protocol):
         ...
 
     def get_member(self, partition: int, key: str) -> Membership | None:
-        """The membership under ``key`` (``members.membership_key``), or ``None``."""
+        """The membership under ``key`` (``members.membership_key``), or ``None``: also
+        for a malformed record, or one of another member than its key names."""
         ...
 
     def put_member(self, partition: int, key: str, m: Membership) -> None:
-        """Store a membership and mark it changed; rollback undoes it."""
+        """Store ``m`` under ``key``, its ``members.membership_key``, and mark it
+        changed; rollback undoes it."""
         ...
 
     def seen(self, partition: int, key: SeenKey) -> int | None:
@@ -197,7 +200,8 @@ class StateStore(Protocol):
         short (a crash, an error from ``entries``) resumes where it stopped; it parses
         them on ``get``. The in-memory store parses each record: it raises
         ``state.StateFormatError`` for a state record in a format this worker does not
-        read, and skips a malformed one with a warning. Returns how many were skipped.
+        read, and skips a malformed one (a record of another group or member than its
+        key included) with a warning. Returns how many were skipped.
         Meant for an assigned partition with no pending writes.
         """
         ...

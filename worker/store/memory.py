@@ -211,7 +211,8 @@ class InMemoryStateStore:
     def _apply(
         self, partition: int, changelog: str, key: bytes, value: bytes | None, timestamp: int
     ) -> None:
-        """Load one changelog record; raises ``ValueError`` when it is malformed."""
+        """Load one changelog record; raises ``ValueError`` when it is malformed, as is
+        a record whose content names another group or member than its key."""
         name = key.decode()
         if changelog == "state":
             if value is None:
@@ -219,12 +220,12 @@ class InMemoryStateStore:
             else:
                 record = codec.decode(value)
                 check_format(record, self._deployment)
-                self._groups.restore(partition, name, state_from_record(record))
+                self._groups.restore(partition, name, state_from_record(record, group_id=name))
         elif changelog == "members":
             if value is None:
                 self._members.remove(partition, name)
             else:
-                m = membership_from_record(codec.decode(value))
+                m = membership_from_record(codec.decode(value), key=name)
                 self._members.restore(partition, name, m)
         elif value is None:
             self._seen.remove(partition, seen_key(name))

@@ -419,14 +419,16 @@ class RocksDBStateStore:
         self._partitions[partition] = part
         return reason
 
-    def _read(self, partition: int, key: bytes, read: Callable[[bytes], _E]) -> _E | None:
-        """Parse and cache the record under ``key``; ``None`` when absent or malformed."""
+    def _read(self, partition: int, key: bytes, read: Callable[[bytes, bytes], _E]) -> _E | None:
+        """Parse and cache the record under ``key``; ``None`` when absent or malformed
+        (``read`` raises ``ValueError`` for a record of another group or member than
+        its key)."""
         raw = self._part(partition).get(key)
         if raw is None:
             self._absent.add((partition, key))
             return None
         try:
-            entry = read(raw)
+            entry = read(key, raw)
         except StateFormatError:
             raise
         except (ValueError, TypeError, AttributeError) as e:
@@ -517,12 +519,12 @@ def _forget(changes: dict[tuple[int, _K], _V], partition: int) -> None:
         del changes[log_key]
 
 
-def _read_state(raw: bytes) -> GroupState:
-    return state_from_record(codec.decode(raw))
+def _read_state(key: bytes, raw: bytes) -> GroupState:
+    return state_from_record(codec.decode(raw), group_id=key[1:].decode())
 
 
-def _read_membership(raw: bytes) -> Membership:
-    return membership_from_record(codec.decode(raw))
+def _read_membership(key: bytes, raw: bytes) -> Membership:
+    return membership_from_record(codec.decode(raw), key=key[1:].decode())
 
 
 def _seen_key(key: SeenKey) -> bytes:
