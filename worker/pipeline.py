@@ -12,7 +12,7 @@ Dead-letter reason codes (stable; also sent as the ``reason`` header):
 ``not_an_object``    the value (or a call in a batch) is not a JSON object
 ``too_large``        a group call over ``max_event_bytes``, a record over ``max_batch_bytes``,
                      or a batch of more than ``MAX_BATCH_CALLS`` calls
-``invalid_batch``    ``batch`` is present but not a list
+``invalid_batch``    ``batch`` is present but not a list, or a call in a batch is a batch
 ``missing_type``     no ``type`` string, so the call cannot be routed
 ``missing_group_id`` no usable ``groupId`` (absent, null, blank, or not a string/number)
 ``missing_identity`` neither a usable ``userId`` nor ``anonymousId``
@@ -178,6 +178,11 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
     outcomes: list[Outcome] = []
     for index, sent in enumerate(calls):
         position = Position(source.topic, source.partition, source.offset, index)
+        if isinstance(sent, dict) and _is_envelope(sent):
+            # Not split again: its calls would be lost as a skipped "other" call.
+            invalid = _Invalid("invalid_batch", "a batch inside a batch")
+            outcomes.append(_dead_letter(invalid, record, position, _reencode(sent)))
+            continue
         call = _with_defaults(sent, defaults, merged)
         outcomes.append(_process_call(call, record, position, None, settings, arrival_ms, sent))
     return outcomes

@@ -226,6 +226,20 @@ def test_batch_envelope_is_split_into_one_outcome_per_call() -> None:
     assert fourth.reason == "missing_group_id"
 
 
+@pytest.mark.parametrize("kind", [..., "batch", " Batch "])
+def test_a_batch_inside_a_batch_is_an_invalid_batch_letter(kind: Any) -> None:
+    """An envelope inside an envelope is dead-lettered whole, its calls kept in the letter."""
+    inner = {"batch": [call(messageId="a"), call(messageId="b")], "type": kind}
+    inner = {k: v for k, v in inner.items() if v is not ...}
+    outcomes = run(codec.encode({"batch": [call(messageId="c"), inner], "sentAt": "x"}))
+    assert [o.kind for o in outcomes] == ["enriched", "dead_letter"]
+    letter = outcomes[1]
+    assert isinstance(letter, DeadLetter)
+    assert (letter.reason, letter.letter["message"]) == ("invalid_batch", "a batch inside a batch")
+    assert letter.letter["source"]["index"] == 1
+    assert codec.decode(letter.letter["value"]) == inner
+
+
 def test_envelope_context_and_integrations_fill_in_the_calls_own() -> None:
     """The envelope's context and integrations (analytics-java puts the library there) add
     the keys a call's own objects lack, the call's winning; other fields only fill in
