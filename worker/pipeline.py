@@ -230,6 +230,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
             and isinstance(message_id, str)
             and type(traits) is dict
             and (traits.get("address") is None or type(traits["address"]) is dict)
+            and type(call["enrichment"]["warnings"]) is list  # the merge may add to it
         ):
             raise TypeError
     except (codec.DecodeError, TypeError, KeyError, AttributeError):

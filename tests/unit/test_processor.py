@@ -231,11 +231,14 @@ def test_corrupt_repartition_record_is_a_dead_letter() -> None:
     assert emitted(sink, "dlq")[0]["source"]["topic"] == "rep"
     # Written by something else than a worker: each a dead letter, none a crash.
     good = {"groupId": "g", "userId": "u", "messageId": "m", "timestamp": T0, "traits": {}}
+    good["enrichment"] = {"warnings": []}
     bad = [
         {k: v for k, v in good.items() if k != "messageId"},
         {**good, "messageId": 7},
         {**good, "traits": ["x"]},
         {**good, "traits": {"address": "Oslo"}},
+        {k: v for k, v in good.items() if k != "enrichment"},
+        {**good, "enrichment": {"warnings": None}},
         ["not", "a", "call"],
     ]
     values = [codec.encode(v) for v in bad] + [codec.encode(good)]
@@ -577,7 +580,8 @@ def test_a_re_keyed_call_keeps_its_arrival_time() -> None:
     assert (forwarded.topic, forwarded.timestamp) == ("rep", 0)
     assert forwarded.headers == [("arrival", b"1234"), ("input-key", b"user-7")]
     sink.open.clear()
-    older = Record("rep", 0, 1, call("m2", group="g2"), b"g2", 5_678, [("input-key", b"u")])
+    written = {**codec.decode(call("m2", group="g2")), "enrichment": {"warnings": []}}
+    older = Record("rep", 0, 1, codec.encode(written), b"g2", 5_678, [("input-key", b"u")])
     processor.process(
         [Record("rep", 0, 0, forwarded.value, forwarded.key, 9_999, forwarded.headers), older]
     )
