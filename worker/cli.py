@@ -20,7 +20,7 @@ from worker.errors import ConfigError, TopicError, WorkerError
 from worker.kafka import check_properties, translate
 from worker.logs import configure_logging
 from worker.service import run_service
-from worker.topics import await_topics, ensure_topics
+from worker.topics import ensure_topics
 
 __all__ = ["main"]
 
@@ -97,4 +97,4 @@ def _topics_create(config: Config, _: argparse.Namespace) -> int:
 
 
 def _run(config: Config, _: argparse.Namespace) -> int:
-    return run_service(config, await_topics(config))
+    return run_service(config)

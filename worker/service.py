@@ -21,6 +21,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +43,7 @@ from worker.sink import KafkaSink
 from worker.source import KafkaSource
 from worker.store import RocksDBStateStore
 from worker.store.directory import claim
-from worker.topics import Layout, read_limits
+from worker.topics import Layout, await_topics, read_limits
 
 __all__ = [
     "Loop",
@@ -156,13 +157,78 @@ class Supervisor:
         return 0
 
 
-def run_service(config: Config, layout: Layout) -> int:
+def run_service(config: Config) -> int:
     """Serve the HTTP endpoints and run the worker until a signal; returns the exit code.
 
-    Blocks. Expects the topics to exist, as ``layout`` (``topics.ensure_topics``) says.
-    Raises ``ConfigError`` or ``TopicError`` when one group's state cannot fit the
-    output topics' record limits.
+    Blocks. Steps: (1) serve ``/metrics`` and the probes, and take SIGTERM and SIGINT;
+    (2) wait for the brokers and the topics (``topics.await_topics``), live but not
+    ready meanwhile, and a signal then ends the process at once with 0 (there is nothing
+    to finish); (3) claim the state directory and run the loop under a ``Supervisor``.
+    Raises ``ConfigError`` when the HTTP port cannot be had, or one group's state cannot
+    fit the output topics' record limits, and what ``await_topics`` raises.
     """
+    tune_collector()
+    metrics, clock = Metrics(), SystemClock()
+    supervisor: Supervisor | None = None
+    probes = Probes(
+        live=lambda: supervisor is None or supervisor.live(),
+        ready=lambda: supervisor is not None and supervisor.ready(),
+    )
+    server = _serve(config, metrics, probes)  # (1)
+    budget = config.worker.shutdown_timeout_seconds + _SHUTDOWN_MARGIN
+    deadline: threading.Timer | None = None
+
+    def on_signal(signum: int, _: Any) -> None:
+        nonlocal deadline
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        if supervisor is None:
+            raise _Stopped
+        supervisor.stop()
+        if deadline is None:  # a second signal keeps the first one's deadline
+            deadline = _exit_after(budget)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        limits, bound = _limits(config, await_topics(config))  # (2)
+        # One transactional.id for the process: a rebuilt producer fences the one it
+        # replaces.
+        instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        state = claim(Path(config.worker.state_dir), config.worker.group_id)  # (3)
+        log.info("state_dir_claimed", path=str(state.path))
+        try:
+            supervisor = Supervisor(
+                lambda: build_runner(config, metrics, clock, instance, limits, bound, state.path),
+                clock,
+            )
+            return supervisor.run()
+        finally:
+            state.release()
+    except _Stopped:
+        log.info("worker_stopped")
+        return 0
+    finally:
+        server.shutdown()
+
+
+class _Stopped(Exception):
+    """A signal before the loop was built: the process ends with nothing to finish."""
+
+
+def _serve(config: Config, metrics: Metrics, probes: Probes) -> ThreadingHTTPServer:
+    http = config.http
+    try:
+        server = serve(http.host, http.port, metrics.registry, probes)
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        raise ConfigError(
+            f"config: http.port: cannot listen on {http.host}:{http.port}: {e.strerror or e}"
+        ) from None
+    log.info("http_listening", host=http.host, port=server.server_address[1])
+    return server
+
+
+def _limits(config: Config, layout: Layout) -> tuple[Limits, GroupBound]:
+    """The output topics' record limits and one group's bound, logged with the settings."""
     limits = record_limits(config, layout)
     routes = runner_settings(config).routes
     w = config.worker
@@ -172,47 +238,11 @@ def run_service(config: Config, layout: Layout) -> int:
         bootstrap_servers=config.kafka.bootstrap_servers,
         kafka=redact(config.kafka.properties),
         input=config.topics.input,
-        guarantee=config.worker.processing_guarantee,
+        guarantee=w.processing_guarantee,
         max_group_bytes=bound.new_keys,
         max_group_growth_bytes=bound.any_growth,
     )
-    tune_collector()
-    metrics, clock = Metrics(), SystemClock()
-    # One transactional.id for the process: a rebuilt producer fences the one it replaces.
-    instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    state = claim(Path(w.state_dir), w.group_id)  # held until the process ends
-    log.info("state_dir_claimed", path=str(state.path))
-    supervisor = Supervisor(
-        lambda: build_runner(config, metrics, clock, instance, limits, bound, state.path),
-        clock,
-    )
-    probes = Probes(live=supervisor.live, ready=supervisor.ready)
-    http = config.http
-    try:
-        server = serve(http.host, http.port, metrics.registry, probes)
-    except OSError as e:  # the port is taken, or the host is not this machine's
-        raise ConfigError(
-            f"config: http.port: cannot listen on {http.host}:{http.port}: {e.strerror or e}"
-        ) from None
-    log.info("http_listening", host=config.http.host, port=server.server_address[1])
-
-    budget = w.shutdown_timeout_seconds + _SHUTDOWN_MARGIN
-    deadline: threading.Timer | None = None
-
-    def on_signal(signum: int, _: Any) -> None:
-        nonlocal deadline
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        supervisor.stop()
-        if deadline is None:  # a second signal keeps the first one's deadline
-            deadline = _exit_after(budget)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        return supervisor.run()
-    finally:
-        server.shutdown()
-        state.release()
+    return limits, bound
 
 
 def _exit_after(seconds: float) -> threading.Timer:

@@ -25,6 +25,8 @@ __all__ = ["Layout", "TopicSpec", "await_topics", "ensure_topics", "plan_topics"
 
 log = structlog.get_logger("worker.topics")
 _TIMEOUT = 30.0
+# Listing the topics, the first step: how long before a start logs that no broker answers.
+_REACH_TIMEOUT = 10.0
 # Between tries of a start that found no broker: doubling up to the last.
 _UNREACHABLE_BACKOFF = (1.0, 2.0, 5.0, 10.0)
 _COMPACT = {"cleanup.policy": "compact"}
@@ -176,7 +178,7 @@ def _max_message_bytes(admin: AdminClient, specs: list[TopicSpec]) -> dict[str, 
 
 def _partition_counts(admin: AdminClient) -> dict[str, int]:
     try:
-        metadata = list_topics(admin, timeout=_TIMEOUT)
+        metadata = list_topics(admin, timeout=_REACH_TIMEOUT)
     except KafkaException as e:
         admin.poll(0)  # hand over the client's own lines (which broker failed, and how)
         raise RetriableError(f"cannot reach Kafka to list topics: {e.args[0].str()}") from None

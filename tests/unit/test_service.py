@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -219,3 +227,47 @@ def test_a_sink_that_cannot_start_leaves_no_consumer_behind(
             tmp_path,
         )
     assert closed == [True]
+
+
+def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
+    tmp_path: Path,
+) -> None:
+    """Started with no broker to answer, the worker serves /healthz 200 and /readyz 503
+    while it waits, and SIGTERM ends it at once with exit code 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    env["GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"  # nothing listens there
+    env["GROUP_WORKER_HTTP_PORT"] = str(port)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while (codes := _probes(port)) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert codes == (200, 503)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=5) == 0
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def _probes(port: int) -> tuple[int, int] | None:
+    """The /healthz and /readyz status codes, or None while nothing listens."""
+    codes = []
+    for path in ("/healthz", "/readyz"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+                codes.append(reply.status)
+        except urllib.error.HTTPError as e:
+            codes.append(e.code)
+        except OSError:
+            return None
+    return codes[0], codes[1]
