@@ -56,6 +56,18 @@ _SECRET_VALUES = (
     "ssl.key.pem",
     "sasl.oauthbearer.config",
 )
+# librdkafka properties the worker sets itself, with the setting that decides each:
+# its guarantees and the names of its consumer group and transactions hang on them, so
+# a value in [kafka] (which would win for its client) is refused.
+_WORKER_OWNED = {
+    "group.id": "worker.group_id",
+    "transactional.id": "worker.instance_id",
+    "enable.idempotence": "worker.processing_guarantee",
+    "isolation.level": "worker.processing_guarantee",
+    "enable.auto.commit": "worker.processing_guarantee",
+    "enable.auto.offset.store": "worker.processing_guarantee",
+}
+_CLIENT_SCOPES = ("consumer.", "producer.", "admin.")
 # What Kafka accepts as a topic name (besides "." and "..").
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _INTERNAL_TOPICS = ("repartition", "dedupe")
@@ -151,6 +163,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config: {path} is not UTF-8 text") from None
         for section, values in document.items():
             if section not in _SECTIONS:
                 raise ConfigError(f"config: unknown section [{section}]")
@@ -234,6 +248,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: worker.max_batch_bytes must be at least worker.max_event_bytes")
     if not config.worker.group_id:
         raise ConfigError("config: worker.group_id must not be empty")
+    if not config.kafka.bootstrap_servers.strip():
+        raise ConfigError("config: kafka.bootstrap_servers must not be empty")
     if not config.worker.state_dir:
         raise ConfigError("config: worker.state_dir must not be empty")
     region = config.worker.phone_default_region
@@ -295,9 +311,21 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
                 value = Path(value).read_text().strip()
             except OSError as e:
                 raise ConfigError(f"config: cannot read {name}={value}: {e.strerror}") from None
+            except UnicodeDecodeError:  # a secret's: not echoed, nor where it fails
+                raise ConfigError(f"config: the file {name} names is not UTF-8 text") from None
+        elif not value.isascii() and not _is_utf8(value):  # bytes the OS could not decode
+            raise ConfigError(f"config: {name} is not UTF-8 text")
         if section == "kafka" and key != "bootstrap_servers":
             key = key.replace("_", ".")
         raw.setdefault(section, {})[key] = _Text(value)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Text(str):
@@ -351,6 +379,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def _librdkafka_value(key: str, value: Any) -> str:
+    scope = next((s for s in _CLIENT_SCOPES if key.startswith(s)), "")
+    owner = _WORKER_OWNED.get(key.removeprefix(scope))
+    if owner is not None:
+        raise ConfigError(f"config: kafka.{key} is set by the worker from {owner}")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float | str):

@@ -220,6 +220,34 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         ),
         pytest.param("[worker\n", {}, "is not valid TOML", id="bad-toml"),
         pytest.param(
+            "",
+            {"GROUP_WORKER_KAFKA_SASL_PASSWORD": "pw\udcff"},
+            "GROUP_WORKER_KAFKA_SASL_PASSWORD is not UTF-8",
+            id="env-not-utf8",
+        ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": ""},
+            "kafka.bootstrap_servers must not be empty",
+            id="no-brokers",
+        ),
+        pytest.param(
+            "[kafka]\n'producer.enable.idempotence' = false\n",
+            {},
+            "kafka.producer.enable.idempotence is set by the worker from "
+            "worker.processing_guarantee",
+            id="owned-property",
+        ),
+        pytest.param(
+            "[kafka]\n'consumer.isolation.level' = 'read_uncommitted'\n",
+            {},
+            "kafka.consumer.isolation.level is set by the worker",
+            id="owned-scoped-property",
+        ),
+        pytest.param(
+            "", {"GROUP_WORKER_KAFKA_GROUP_ID": "other"}, "from worker.group_id", id="owned-env"
+        ),
+        pytest.param(
             "[worker]\nphone_default_region = 'USA'\n",
             {},
             "worker.phone_default_region must be a region code",
@@ -253,6 +281,22 @@ def test_bad_configuration_fails_with_one_line_naming_the_key(
         load_config(write(tmp_path, text), environ)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_bytes_that_are_not_utf8_fail_with_one_line_that_shows_no_secret(tmp_path: Path) -> None:
+    """A file of configuration or of a secret that is not UTF-8 is one line naming it,
+    quoting nothing of the secret."""
+    path = tmp_path / "worker.toml"
+    path.write_bytes(b"[worker]\ngroup_id = 'a\xff'\n")
+    with pytest.raises(ConfigError, match=r"worker\.toml is not UTF-8 text"):
+        load_config(path, {})
+    secret = tmp_path / "password"
+    secret.write_bytes(b"hunter2\xff")
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"GROUP_WORKER_KAFKA_SASL_PASSWORD_FILE": str(secret)})
+    assert str(error.value) == (
+        "config: the file GROUP_WORKER_KAFKA_SASL_PASSWORD_FILE names is not UTF-8 text"
+    )
 
 
 def test_a_phone_region_is_read_in_any_case(tmp_path: Path) -> None:
