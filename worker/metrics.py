@@ -188,6 +188,7 @@ class Metrics:
             (self.dead_letters, REASONS),
             (self.trait_warnings, (*WARNING_CODES, GROUP_STATE_FULL)),
             (self.skipped, (*sorted(KNOWN_CALL_TYPES - {"group"}), "other")),
+            (self.rebalances, ("assign", "revoke", "lost")),
         )
         for counter, values in known:
             for value in values:
