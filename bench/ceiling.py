@@ -146,6 +146,7 @@ class WorkerShaped(PassThrough):
     ) -> tuple[int, int]:
         self._started()
         produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records
+        now_ms = int(time.time() * 1000)  # the worker's clock, as the worker reads it
         last = 0
         repartition = routes.repartition
         for record in records:
@@ -155,7 +156,7 @@ class WorkerShaped(PassThrough):
                 arrival = record.timestamp()[1]
                 produce(repartition, group_id_of(value), value, forward_headers(record, arrival))
                 continue
-            arrival = forwarded_arrival(record, 0) if repartition else record.timestamp()[1]
+            arrival = forwarded_arrival(record, now_ms) if repartition else record.timestamp()[1]
             partition, offset = record.partition() or 0, record.offset() or 0
             group = group_id_of(value)
             produce(routes.enriched, group, value)

@@ -60,12 +60,15 @@ _SECRET_VALUES = (
 # its guarantees and the names of its consumer group and transactions hang on them, so
 # a value in [kafka] (which would win for its client) is refused.
 _WORKER_OWNED = {
-    "group.id": "worker.group_id",
-    "transactional.id": "worker.instance_id",
-    "enable.idempotence": "worker.processing_guarantee",
-    "isolation.level": "worker.processing_guarantee",
-    "enable.auto.commit": "worker.processing_guarantee",
-    "enable.auto.offset.store": "worker.processing_guarantee",
+    "group.id": "from worker.group_id",
+    "group.instance.id": "from worker.group_instance_id",
+    "transactional.id": "from worker.instance_id",
+    "enable.idempotence": "from worker.processing_guarantee",
+    "isolation.level": "from worker.processing_guarantee",
+    "enable.auto.commit": "from worker.processing_guarantee",
+    "enable.auto.offset.store": "from worker.processing_guarantee",
+    "partition.assignment.strategy": "(cooperative-sticky, none under group.protocol consumer)",
+    "enable.partition.eof": "(a restore reads each changelog to the end it reports)",
 }
 _CLIENT_SCOPES = ("consumer.", "producer.", "admin.")
 # What Kafka accepts as a topic name (besides "." and "..").
@@ -382,7 +385,7 @@ def _librdkafka_value(key: str, value: Any) -> str:
     scope = next((s for s in _CLIENT_SCOPES if key.startswith(s)), "")
     owner = _WORKER_OWNED.get(key.removeprefix(scope))
     if owner is not None:
-        raise ConfigError(f"config: kafka.{key} is set by the worker from {owner}")
+        raise ConfigError(f"config: kafka.{key} is set by the worker {owner}")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float | str):

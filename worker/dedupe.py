@@ -25,6 +25,7 @@ from worker.times import MAX_MS
 
 __all__ = [
     "arrival_ms",
+    "arrival_or_now",
     "arrival_value",
     "is_duplicate",
     "record_timestamp",
@@ -43,7 +44,11 @@ _AHEAD_MS = 86_400_000
 def arrival_ms(record: SourceRecord, now_ms: int) -> int:
     """When ``record`` arrived: its ``record_timestamp``, else (none, or one more than a
     day ahead of ``now_ms``) ``now_ms``."""
-    ms = record_timestamp(record)
+    return arrival_or_now(record_timestamp(record), now_ms)
+
+
+def arrival_or_now(ms: int | None, now_ms: int) -> int:
+    """``ms``, or ``now_ms`` when there is none or it is more than a day ahead of it."""
     return now_ms if ms is None or ms > now_ms + _AHEAD_MS else ms
 
 

@@ -163,7 +163,7 @@ def add_warnings(
     the caller's, from every warning, listed or not.
     """
     last = warnings[-1] if warnings else None
-    if last is not None and last["code"] == WARNINGS_TRUNCATED:
+    if last is not None and last["code"] == WARNINGS_TRUNCATED and type(last["value"]) is int:
         last["value"] += sum(1 for _ in new)
         return
     room = max_bytes - len(codec.encode(warnings))

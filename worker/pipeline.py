@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from worker import codec
 from worker.config import WorkerConfig
-from worker.dedupe import arrival_ms, record_timestamp
+from worker.dedupe import arrival_ms, arrival_or_now, record_timestamp
 from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
 from worker.limits import add_warnings
 from worker.normalise import normalise_traits
@@ -230,7 +230,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
             and isinstance(message_id, str)
             and type(traits) is dict
             and (traits.get("address") is None or type(traits["address"]) is dict)
-            and type(call["enrichment"]["warnings"]) is list  # the merge may add to it
+            and _warnings_list(call["enrichment"]["warnings"])  # the merge may add to it
         ):
             raise TypeError
     except (codec.DecodeError, TypeError, KeyError, AttributeError):
@@ -242,6 +242,13 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     if user_id is not None:
         return Enriched(group_id, call, when, "userId", user_id, (), encoded)
     return Enriched(group_id, call, when, "anonymousId", anonymous_id or "", (), encoded)
+
+
+def _warnings_list(warnings: Any) -> bool:
+    """Whether ``warnings`` is a list of warnings as stage one writes them."""
+    return type(warnings) is list and all(
+        type(w) is dict and isinstance(w.get("code"), str) for w in warnings
+    )
 
 
 def _process_call(
@@ -412,7 +419,7 @@ def forwarded_arrival(record: SourceRecord, now_ms: int) -> int:
     """When a call stage two reads from the repartition topic arrived: the arrival stage
     one carried, else (a record of a version before that header) ``arrival_ms``."""
     carried = _carried_arrival(record)
-    return arrival_ms(record, now_ms) if carried is None else carried
+    return arrival_ms(record, now_ms) if carried is None else arrival_or_now(carried, now_ms)
 
 
 def _carried_arrival(record: SourceRecord) -> int | None:

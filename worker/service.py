@@ -177,12 +177,16 @@ def run_service(config: Config) -> int:
     server = _serve(config, metrics, probes)  # (1)
     budget = config.worker.shutdown_timeout_seconds + _SHUTDOWN_MARGIN
     deadline: threading.Timer | None = None
+    waiting = True  # for the brokers: a signal ends the wait, once
 
     def on_signal(signum: int, _: Any) -> None:
-        nonlocal deadline
+        nonlocal deadline, waiting
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         if supervisor is None:
-            raise _Stopped
+            if waiting:
+                waiting = False
+                raise _Stopped
+            return  # a second signal, or one while the process ends
         supervisor.stop()
         if deadline is None:  # a second signal keeps the first one's deadline
             deadline = _exit_after(budget)
@@ -208,6 +212,7 @@ def run_service(config: Config) -> int:
         log.info("worker_stopped")
         return 0
     finally:
+        waiting = False
         server.shutdown()
 
 

@@ -465,13 +465,12 @@ def test_metric_series_stay_within_the_fixed_label_sets(
 def series_bound(partitions: int) -> int:
     """The most series one worker exports, from the code's closed label sets: the
     unlabelled metrics and pre-exported zeros of a fresh registry (every outcome, route,
-    skipped type, dead-letter reason and warning code), plus one series per rebalance
-    kind, per stage's input topic (assigned partitions) and per assigned partition of
-    each (lag)."""
+    skipped type, dead-letter reason, warning code and rebalance kind), plus one series
+    per stage's input topic (assigned partitions) and per assigned partition of each
+    (lag)."""
     fresh = sum(len(family.samples) for family in Metrics().registry.collect())
-    rebalance_kinds = 3  # assign, revoke, lost (runner.py)
     stage_inputs = 2  # the input and the repartition topic
-    return fresh + rebalance_kinds + stage_inputs + stage_inputs * partitions
+    return fresh + stage_inputs + stage_inputs * partitions
 
 
 def test_the_series_bound_is_the_one_readme_states() -> None:

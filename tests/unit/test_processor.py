@@ -14,10 +14,11 @@ from tests.fakes import FakeClock, FakeSink
 from worker import codec
 from worker.errors import KafkaError
 from worker.events import Record, SourceRecord
-from worker.limits import GroupBound, Limits
+from worker.limits import WARNINGS_TRUNCATED, GroupBound, Limits
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.sink import Refusal
+from worker.state import GROUP_STATE_FULL
 from worker.store import InMemoryStateStore, RocksDBStateStore
 from worker.times import format_time
 
@@ -239,11 +240,28 @@ def test_corrupt_repartition_record_is_a_dead_letter() -> None:
         {**good, "traits": {"address": "Oslo"}},
         {k: v for k, v in good.items() if k != "enrichment"},
         {**good, "enrichment": {"warnings": None}},
+        {**good, "enrichment": {"warnings": ["x"]}},
+        {**good, "enrichment": {"warnings": [{}]}},
         ["not", "a", "call"],
     ]
     values = [codec.encode(v) for v in bad] + [codec.encode(good)]
     tally = processor.process([Record("rep", 0, n + 1, v) for n, v in enumerate(values)])
     assert tally.outcomes == {"dead_letter": len(bad), "enriched": 1}
+
+
+def test_a_full_group_adds_its_warnings_to_any_forwarded_list() -> None:
+    """A re-keyed call whose warnings end in a count of its own that is not a number
+    (not written by a worker) still gets its group_state_full warning when a trait does
+    not fit its group, not a crash."""
+    routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
+    processor, sink, _ = make(routes, bound=GroupBound(4_096, 8_192))
+    odd: dict[str, Any] = {"code": WARNINGS_TRUNCATED, "trait": None, "value": "n"}
+    forwarded: dict[str, Any] = {"groupId": "g", "userId": "u", "messageId": "m1"}
+    forwarded |= {"timestamp": T0, "traits": {"a": "x" * 5_000}, "enrichment": {"warnings": [odd]}}
+    tally = processor.process([Record("rep", 0, 0, codec.encode(forwarded))])
+    assert tally.outcomes == {"enriched": 1}
+    codes = [w["code"] for w in emitted(sink, "out")[0]["enrichment"]["warnings"]]
+    assert codes == [WARNINGS_TRUNCATED, GROUP_STATE_FULL]
 
 
 # --- Outputs that do not fit, and outputs the broker refused --------------------------------
@@ -538,7 +556,8 @@ def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
 def test_a_record_stamped_days_ahead_arrives_now() -> None:
     """A record stamped more than a day ahead of the worker's clock (a producer's bug)
     arrives when it is read, so a retry stamped right is still its duplicate; a day
-    ahead or less is clock skew, and the stamp is kept."""
+    ahead or less is clock skew, and the stamp is kept. An arrival carried to stage two
+    that far ahead (by an older stage one) is taken as now too."""
     processor, _, store = make()
     now, day = 1_700_000_000_000, 86_400_000  # FakeClock's
     processor.process([Record("in", 0, 0, call("m1"), timestamp_ms=now + 300 * day)])
@@ -546,6 +565,12 @@ def test_a_record_stamped_days_ahead_arrives_now() -> None:
     assert (store.seen(0, ("g1", "m1")), store.seen(0, ("g1", "m2"))) == (now, now + day)
     tally = processor.process([Record("in", 0, 2, call("m1"), timestamp_ms=now + 1)])
     assert tally.outcomes == {"duplicate": 1}
+    routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
+    stage_two, _, store = make(routes)
+    written = codec.encode({**codec.decode(call("m3")), "enrichment": {"warnings": []}})
+    ahead: list[tuple[str, str | bytes | None]] = [("arrival", b"%d" % (now + 300 * day))]
+    stage_two.process([Record("rep", 0, 0, written, b"g1", now, ahead)])
+    assert store.seen(0, ("g1", "m3")) == now
 
 
 def test_dedupe_ids_are_written_with_their_arrival_time() -> None:

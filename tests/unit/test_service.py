@@ -233,7 +233,8 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
     tmp_path: Path,
 ) -> None:
     """Started with no broker to answer, the worker serves /healthz 200 and /readyz 503
-    while it waits, and SIGTERM ends it at once with exit code 0."""
+    while it waits, and SIGTERM ends it at once with exit code 0, a second signal on
+    its heels too."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -253,6 +254,8 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
             time.sleep(0.2)
         assert codes == (200, 503)
         worker.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        worker.send_signal(signal.SIGINT)
         assert worker.wait(timeout=5) == 0
     finally:
         worker.kill()

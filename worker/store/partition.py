@@ -9,8 +9,8 @@ appended)::
     b"s" + groupId          the state record (JSON of ``state.state_record``)
     b"m" + membership key   the membership record (JSON of ``members.membership_record``)
     b"d" + dedupe key       the arrival ms and the ms it was written, in ASCII digits
-                            with a space between (key: ``dedupe.seen_record_key``); an
-                            older store's, the arrival alone
+                            with a space between (key: ``dedupe.seen_record_key``); the
+                            arrival alone when restored from a record without a timestamp
     b"o" + changelog name   where to replay that changelog from, ASCII digits
     b"c" + kind byte        how many entries of that kind the database holds
     b"v"                    the layout version (``LAYOUT``)
@@ -78,7 +78,9 @@ _OFFSET: Final = b"o"
 _COUNT: Final = b"c"
 _LAYOUT_KEY: Final = b"v"
 _SOURCE_KEY: Final = b"t"
-LAYOUT: Final = b"1"
+# 2: a dedupe id's value holds when it was written. An older worker reads such a value as
+# unreadable, and would apply every retry again: told by the layout, it rebuilds instead.
+LAYOUT: Final = b"2"
 # Records per write batch when applying a changelog: a few MB, and what a kill loses.
 APPLY_BATCH = 10_000
 WRITE_BUFFER_BYTES: Final = 16 << 20
