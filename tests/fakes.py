@@ -177,6 +177,9 @@ class FakeSink:
     ends: dict[Partition, int] = field(default_factory=dict)
     # Stands for the topics' ids: another sink is another cluster (or topics re-created).
     cluster: str = "cluster-1"
+    # When set, a record produced with timestamp 0 is stamped with its time, as the
+    # producer does; else it keeps 0.
+    clock: FakeClock | None = None
 
     def begin(self) -> None:
         if self.transactional:
@@ -199,6 +202,8 @@ class FakeSink:
         if self.fail_produce is not None and len(self.open) == self.fail_produce[0]:
             error, self.fail_produce = self.fail_produce[1], None
             raise error
+        if timestamp == 0 and self.clock is not None:
+            timestamp = self.clock.now_ms()
         self.open.append(Produced(topic, key, value, headers, partition, timestamp, report))
 
     def commit(

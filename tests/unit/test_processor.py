@@ -10,13 +10,14 @@ import structlog
 from structlog.testing import capture_logs
 
 from bench.generator import generate_calls
-from tests.fakes import FakeClock, FakeSink
+from tests.fakes import FakeClock, FakeRestorer, FakeSink
 from worker import codec
 from worker.errors import KafkaError
 from worker.events import Record, SourceRecord
 from worker.limits import WARNINGS_TRUNCATED, GroupBound, Limits
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
+from worker.restore import Changelogs, restore_partition
 from worker.sink import Refusal
 from worker.state import GROUP_STATE_FULL
 from worker.store import InMemoryStateStore, RocksDBStateStore
@@ -551,6 +552,34 @@ def test_an_expiry_pass_runs_a_slice_after_each_commit(tmp_path: Path) -> None:
     assert store.seen_count() == 1
     assert [(e["event"], e["ids"]) for e in logs] == [("dedupe_ids_expired", 5)]
     store.close()
+
+
+def test_a_restored_id_keeps_the_time_it_was_written() -> None:
+    """Restored onto an empty store, a backlog call's id keeps its dedupe record's
+    timestamp as its write time, so the partition's later arrivals do not expire it
+    before its retry."""
+    hour = 3_600_000
+    start = 1_424_730_535_111
+    clock = FakeClock(start + 40 * hour)  # draining a backlog
+    sink = FakeSink(clock=clock)
+    first = Processor(ROUTES, Settings(), InMemoryStateStore(), sink, clock, dedupe_window_ms=hour)
+    sink.begin()
+    first.process([Record("in", 0, 0, call("m1"), timestamp_ms=start)])
+    first.write_changelog()
+    sink.commit({}, None)  # type: ignore[arg-type]
+    clock.advance(60)
+    store = InMemoryStateStore()  # the partition moved to a worker without its files
+    restore_partition(FakeRestorer(sink), store, Changelogs("state", "members", "dedupe"), 0)
+    out = FakeSink(transactional=False)
+    processor = Processor(ROUTES, Settings(), store, out, clock, dedupe_window_ms=hour)
+    steps = [("a", "g0", start + 30 * hour), ("m1", "g1", start + hour // 2)]
+    for offset, (mid, group, arrival) in enumerate(steps, 1):
+        tally = processor.process([Record("in", 0, offset, call(mid, group), timestamp_ms=arrival)])
+        processor.write_changelog()
+        store.commit()
+        processor.expire_seen()
+        clock.advance(60)
+    assert tally.outcomes == {"duplicate": 1}
 
 
 def test_a_record_stamped_days_ahead_arrives_now() -> None:
