@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from worker import codec
 from worker.config import WorkerConfig
-from worker.dedupe import arrival_ms, arrival_or_now, record_timestamp
+from worker.dedupe import arrival_or_now, record_timestamp
 from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
 from worker.limits import add_warnings
 from worker.normalise import normalise_traits
@@ -417,9 +417,10 @@ def forward_headers(record: SourceRecord, arrival: int) -> list[tuple[str, bytes
 
 def forwarded_arrival(record: SourceRecord, now_ms: int) -> int:
     """When a call stage two reads from the repartition topic arrived: the arrival stage
-    one carried, else (a record of a version before that header) ``arrival_ms``."""
+    one carried, else (a record of a version before that header) its own timestamp, as
+    ``dedupe.arrival_ms`` reads it."""
     carried = _carried_arrival(record)
-    return arrival_ms(record, now_ms) if carried is None else arrival_or_now(carried, now_ms)
+    return arrival_or_now(record_timestamp(record) if carried is None else carried, now_ms)
 
 
 def _carried_arrival(record: SourceRecord) -> int | None:
