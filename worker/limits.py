@@ -25,6 +25,7 @@ from worker.errors import ConfigError, TopicError
 
 __all__ = [
     "DEFAULT_MAX_GROUP_BYTES",
+    "ENVELOPE_ROOM",
     "MAX_WARNINGS",
     "PRODUCER_MAX_DEFAULT",
     "WARNINGS_TRUNCATED",
@@ -53,6 +54,10 @@ _COMPRESSION_SLACK = 0.99
 # than sent (1e15 as 1000000000000000.0) can take it past its three copies.
 _CALL_COPIES = 3
 _FIXED_FIELDS = 8_192
+# What a batch envelope's fields (sentAt, context.library...) may add to one of its calls
+# beyond max_event_bytes. Libraries hold each call to the limit as they send it, then
+# wrap the batch: analytics-java's 32,700-byte call is 32,802 bytes with its envelope's.
+ENVELOPE_ROOM: Final = 2_048
 # The most warnings one enriched call lists; the rest are counted by one last warning of
 # this code. A 32 KB call can hold thousands of spellings of "email" (each a warning) or
 # name a 15,000-character address key in each of hundreds of sub-field warnings: listed
@@ -128,7 +133,10 @@ def group_bound(
     ``TopicError`` when the topics leave no useful room at all.
     """
     rooms = {
-        enriched: limits.record_bytes(enriched) - _CALL_COPIES * max_event_bytes - _FIXED_FIELDS,
+        enriched: limits.record_bytes(enriched)
+        - _CALL_COPIES * max_event_bytes
+        - ENVELOPE_ROOM
+        - _FIXED_FIELDS,
         # The state record repeats the groupId (up to a call's size) beside the traits.
         state: limits.record_bytes(state) - max_event_bytes - _FIXED_FIELDS,
     }

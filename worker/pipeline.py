@@ -40,7 +40,7 @@ from worker import codec
 from worker.config import WorkerConfig
 from worker.dedupe import arrival_or_now, record_timestamp
 from worker.events import DeadLetter, Enriched, Outcome, Position, Skipped, SourceRecord
-from worker.limits import add_warnings
+from worker.limits import ENVELOPE_ROOM, add_warnings
 from worker.normalise import normalise_traits
 from worker.times import MAX_MS, event_time, format_time, parse_iso_time
 
@@ -263,9 +263,10 @@ def _process_call(
     """One call's outcome. ``raw`` is the record's value when the call is all of it;
     ``sent`` the call as its sender wrote it (before an envelope's fields), which its dead
     letter carries. ``max_event_bytes`` bounds a group call's size (other types are
-    skipped at any size) as the worker would write it: a call from a batch with the
-    envelope's fields it takes. Neither can one small envelope fan out into many large
-    calls, nor into many large dead letters."""
+    skipped at any size): a call from a batch as its sender wrote it, as libraries hold
+    it to the limit, and with the envelope's fields it takes within ``ENVELOPE_ROOM``
+    more. Neither can one small envelope fan out into many large calls, nor into many
+    large dead letters."""
     try:
         if not isinstance(call, dict):
             raise _Invalid("not_an_object", f"the call is a JSON {_json_type(call)}")
@@ -275,9 +276,7 @@ def _process_call(
         call_type = call_type.strip().lower()
         if call_type != "group":
             return Skipped(call_type if call_type in KNOWN_CALL_TYPES else "other")
-        size = len(raw) if raw is not None else len(codec.encode(call))
-        if size > settings.max_event_bytes:
-            raise _call_too_large(size, settings)
+        _check_size(call, raw, sent, settings.max_event_bytes)
         return _enrich(call, source, settings, arrival_ms)
     except _Invalid as e:
         return _dead_letter(e, record, source, raw if raw is not None else _reencode(sent))
@@ -338,10 +337,21 @@ def _enrich(
     return Enriched(group_id, enriched, when, "anonymousId", anonymous_id or "", codes)
 
 
-def _call_too_large(size: int, settings: Settings) -> _Invalid:
-    return _Invalid(
+def _check_size(call: dict[str, Any], raw: bytes | None, sent: Any, limit: int) -> None:
+    """Raise ``too_large`` for a group call over ``limit`` bytes (``_process_call``)."""
+    size = len(raw) if raw is not None else len(codec.encode(call))
+    if size <= limit:
+        return
+    where = room = ""
+    if raw is None and size > limit + ENVELOPE_ROOM:
+        where, room = " with its batch's fields", f" and {ENVELOPE_ROOM} for those fields"
+    elif raw is None:  # the envelope's fields took it over: measured as sent
+        size = len(codec.encode(sent))
+        if size <= limit:
+            return
+    raise _Invalid(
         "too_large",
-        f"the call is {size} bytes, over the limit of {settings.max_event_bytes} "
+        f"the call is {size} bytes{where}, over the limit of {limit}{room} "
         "(worker.max_event_bytes)",
     )
 

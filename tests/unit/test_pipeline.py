@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from worker import codec
 from worker.events import DeadLetter, Enriched, Outcome, Record, Skipped
-from worker.limits import MAX_WARNINGS
+from worker.limits import ENVELOPE_ROOM, MAX_WARNINGS
 from worker.pipeline import REASONS, Settings, process_record
 
 SETTINGS = Settings()
@@ -274,16 +274,44 @@ def test_empty_batch_has_no_outcomes() -> None:
 
 
 def test_call_in_batch_over_the_size_limit_is_too_large() -> None:
-    """Each call in an envelope is held to max_event_bytes on its own, with the envelope's
-    fields it takes: a small envelope cannot fan out into many large calls."""
+    """Each call in an envelope is held to max_event_bytes on its own, and with the
+    envelope's fields it takes to ENVELOPE_ROOM more: a small envelope cannot fan out
+    into many large calls."""
     small, big = call(messageId="s"), call(messageId="b", traits={"d": "x" * 500})
     envelope = {"batch": [small, big], "context": {"library": {"name": "analytics-node"}}}
     outcomes = run(codec.encode(envelope), Settings(max_event_bytes=300))
     assert [o.kind for o in outcomes] == ["enriched", "dead_letter"]
-    envelope["context"] = {"blob": "x" * 500}  # its own calls are small
+    envelope["context"] = {"blob": "x" * 2 * ENVELOPE_ROOM}  # its own calls are small
     outcomes = run(codec.encode(envelope), Settings(max_event_bytes=300))
     assert [o.kind for o in outcomes] == ["dead_letter", "dead_letter"]
     assert all(isinstance(o, DeadLetter) and o.reason == "too_large" for o in outcomes)
+    assert isinstance(outcomes[0], DeadLetter)
+    assert "with its batch's fields" in outcomes[0].letter["message"]
+
+
+def test_call_at_the_size_limit_as_sent_is_not_too_large_with_its_envelopes_fields() -> None:
+    """Libraries hold each call to the limit as they send it, then wrap the batch in
+    fields of its own (analytics-java: sentAt, context.library): a call of exactly
+    max_event_bytes is enriched with them, and one byte more is too large."""
+    base = len(codec.encode(call(messageId="j", traits={"d": ""})))
+    limit = base + 1_000
+    at_limit = call(messageId="j", traits={"d": "x" * 1_000})
+    assert len(codec.encode(at_limit)) == limit
+    envelope = {
+        "batch": [at_limit, call(messageId="k", traits={"d": "x" * 1_001})],
+        "sentAt": "2015-02-23T22:28:55.111Z",
+        "context": {"library": {"name": "analytics-java", "version": "3.5.1"}},
+    }
+    outcomes = run(codec.encode(envelope), Settings(max_event_bytes=limit))
+    assert [o.kind for o in outcomes] == ["enriched", "dead_letter"]
+    assert isinstance(outcomes[0], Enriched)
+    assert outcomes[0].call["context"]["library"]["name"] == "analytics-java"
+    letter = outcomes[1]
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == "too_large"
+    assert letter.letter["message"] == (
+        f"the call is {limit + 1} bytes, over the limit of {limit} (worker.max_event_bytes)"
+    )
 
 
 def nested(depth: int) -> Any:
