@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from worker.clock import Clock
-from worker.errors import AbortableError, KafkaError, RetriableError, StoreCorrupt
+from worker.errors import AbortableError, KafkaError, RetriableError, StoreCorrupt, TopicError
 from worker.events import SourceRecord
 from worker.metrics import Metrics
 from worker.processor import Processor, Routes, Tally
@@ -63,6 +63,9 @@ class RunnerSettings:
     # commit_interval: latency at moderate rates, with commits never more than half the
     # loop's time; a loop behind its input still commits by the interval.
     commit_min_interval: float = 0.02
+    # The input's partition count when the process started (its changelogs and the
+    # repartition topic have the same): a partition beyond it stops the worker. 0: any.
+    partitions: int = 0
     # consume() waits this long for a full batch: short, for latency (bench: p99 537 ->
     # 246 ms at half the maximum rate); an idle loop costs microseconds per round.
     poll_timeout: float = 0.01
@@ -186,6 +189,7 @@ class Runner:
     def on_assign(self, partitions: Sequence[Partition]) -> None:
         self._metrics.rebalances.labels("assign").inc()
         log.info("partitions_assigned", partitions=_names(partitions))
+        self._check_partition_count(partitions)
         stateful = [p for p in partitions if p[0] == self._settings.routes.stateful_input]
         if stateful:
             # Before restoring: a paused previous owner's last transaction may still
@@ -207,6 +211,25 @@ class Runner:
             self._source.pause(partitions)
         self.joined = True
         self._export_assignment()
+
+    def _check_partition_count(self, partitions: Sequence[Partition]) -> None:
+        """Raise ``TopicError`` for a partition beyond the count the topics had at start.
+
+        Partitions added while the worker runs move groups: calls keyed by groupId hash to
+        other partitions than their state, and a group's state splits in two. The first
+        worker given a new partition stops, and so does each one given it after (the
+        topics' counts then differ, or differ from the state's, and none starts again).
+        """
+        count = self._settings.partitions
+        beyond = sorted(p for p in partitions if count and p[1] >= count)
+        if beyond:
+            topic, partition = beyond[0]
+            raise TopicError(
+                f"topic {topic} has partition {partition}, beyond the {count} its "
+                "topics had when the worker started: partitions added to a running "
+                "deployment move groups away from their state; its partition count "
+                'cannot change in place (README, "Changing the partition count")'
+            )
 
     def on_revoke(self, partitions: Sequence[Partition]) -> None:
         self._metrics.rebalances.labels("revoke").inc()

@@ -21,6 +21,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
@@ -194,7 +195,9 @@ def run_service(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        limits, bound = _limits(config, await_topics(config))  # (2)
+        layout = await_topics(config)  # (2)
+        limits, bound = _limits(config, layout)
+        partitions = layout.partitions[config.topics.input]
         # One transactional.id for the process: a rebuilt producer fences the one it
         # replaces.
         instance = config.worker.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -202,7 +205,9 @@ def run_service(config: Config) -> int:
         log.info("state_dir_claimed", path=str(state.path))
         try:
             supervisor = Supervisor(
-                lambda: build_runner(config, metrics, clock, instance, limits, bound, state.path),
+                lambda: build_runner(
+                    config, metrics, clock, instance, limits, bound, state.path, partitions
+                ),
                 clock,
             )
             return supervisor.run()
@@ -285,12 +290,14 @@ def build_runner(
     limits: Limits,
     bound: GroupBound,
     state_dir: Path,
+    partitions: int = 0,
 ) -> Runner:
     """A runner over new Kafka clients and a store in ``state_dir``. Raises ``KafkaError``.
 
     ``instance`` names the process in its producer's ``transactional.id``; ``limits``
     and ``bound`` are what the output topics accept (``record_limits``, ``group_bound``);
-    ``state_dir`` is this process's own (``store.directory.claim``).
+    ``state_dir`` is this process's own (``store.directory.claim``); ``partitions`` the
+    input's partition count at start (``RunnerSettings.partitions``).
     """
     kafka, w = config.kafka, config.worker
     source = KafkaSource(
@@ -317,7 +324,7 @@ def build_runner(
         source.close()
         raise
     store = RocksDBStateStore(state_dir, w.state_cache_mb << 20, deployment=w.group_id)
-    settings = runner_settings(config)
+    settings = replace(runner_settings(config), partitions=partitions)
     processor = Processor(
         settings.routes,
         Settings.from_config(w),

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewPartitions
 
 from tests.fakes import FakeClock, FakeSink
 from tests.integration.harness import (
@@ -27,6 +28,7 @@ from tests.integration.harness import (
     values,
     wait_until,
 )
+from tests.integration.harness import PARTITIONS as COUNT
 from tests.integration.test_state import DAY_MS, assert_converges, calls, fold
 from worker import codec
 from worker.events import Record
@@ -203,6 +205,30 @@ def test_poison_corpus_is_dead_lettered_and_the_worker_goes_on(
     assert len(values(read_topic(topics.enriched, expect=1))) == 1
     assert worker.process is not None
     assert worker.process.poll() is None
+
+
+def test_partitions_added_to_a_running_deployment_stop_it_with_one_line(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Partitions added to the input while the worker runs stop it, exit 2, with one
+    line naming the topic: calls keyed by groupId then hash to other partitions than
+    their groups' state, and a worker that went on split each group in two."""
+    worker = WorkerProcess(topics, tmp_path)
+    workers.append(worker.start())
+    produce(topics.input, [(b"k", codec.encode(calls(1, seed=3)[0]))])
+    assert len(values(read_topic(topics.enriched, expect=1))) == 1
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin.create_partitions([NewPartitions(topics.input, COUNT + 2)])[topics.input].result(30)
+
+    assert worker.process is not None
+    assert worker.process.wait(90) == 2, worker.log()
+    lines = [line for line in worker.log().splitlines() if not line.startswith("{")]
+    assert lines == [
+        f"group-worker: topic {topics.input} has partition {COUNT}, beyond the "
+        f"{COUNT} its topics had when the worker started: partitions added to a running "
+        "deployment move groups away from their state; its partition count cannot change "
+        'in place (README, "Changing the partition count")'
+    ], worker.log()
 
 
 def test_duplicate_keys_take_the_last_value_like_segment() -> None:

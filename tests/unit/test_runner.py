@@ -267,6 +267,30 @@ def test_revoke_commits_before_partitions_move() -> None:
     assert sample(metrics, "group_worker_rebalances_total", kind="revoke") >= 1
 
 
+def test_a_partition_added_while_running_stops_the_worker_with_what_was_done_committed() -> None:
+    """A partition beyond the count the topics had at start (added while the worker
+    ran: groups now hash elsewhere than their state) stops the loop with TopicError,
+    before anything of it is restored or read; what was processed is committed."""
+    settings = dataclasses.replace(SETTINGS, partitions=2)
+    source = FakeSource(FakeClock(), 3)
+    source.pending_assign = [("in", 0), ("in", 1)]
+    sink = FakeSink()
+    runner, _ = build(source, sink, settings)
+    source.append(group_call(1), partition=0)
+    source.append(group_call(2), partition=2)
+
+    def add_partition(n: int) -> None:
+        if n == 3:
+            source.rebalance(revoke=[], assign=[("in", 2)])
+
+    source.on_consume = add_partition
+    with pytest.raises(TopicError, match=r"topic in has partition 2, beyond the 2 its topics"):
+        runner.run()
+    assert message_ids(sink) == ["m1"]
+    assert sink.offset_commits[-1] == {("in", 0): 1}
+    assert source.closed
+
+
 def test_lost_partitions_abort_and_keep_the_rest() -> None:
     """Lost partitions abort the open batch; kept partitions are read again and committed."""
     runner, source, sink, _ = make(partitions=2)
