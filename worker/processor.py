@@ -46,6 +46,7 @@ from worker.pipeline import (
     process_record,
 )
 from worker.profile import group_snapshot
+from worker.restore import DEPLOYMENT_HEADER
 from worker.sink import Refusal, Sink
 from worker.state import GROUP_STATE_FULL, Applied, merge_call
 from worker.store import Changelog, StateStore
@@ -125,6 +126,7 @@ class Processor:
         on_unwritable: Callable[[str], None] = lambda _: None,
         read_limits: Callable[[], Mapping[str, int]] = dict,
         expire_slice: int = _EXPIRE_SLICE,
+        deployment: str = "",
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -161,6 +163,14 @@ class Processor:
             "state": routes.state,
             "members": routes.members,
             "dedupe": routes.dedupe,
+        }
+        # Membership and dedupe records name their deployment in a header (a state record
+        # does in its value), so one that restores another's is stopped (``restore``).
+        writer = [(DEPLOYMENT_HEADER, deployment.encode())] if deployment else None
+        self._changelog_headers: dict[Changelog, Headers | None] = {
+            "state": None,
+            "members": writer,
+            "dedupe": writer,
         }
         # Outputs the broker refused for good, by ``_identity``: dead-lettered on replay.
         self._refused: dict[tuple[Any, ...], str] = {}
@@ -252,15 +262,20 @@ class Processor:
         records = self._store.changes()
         ends = set({(r[0], r[1]): i for i, r in enumerate(records)}.values())
         topics, produce, refused = self._changelog_topic, self._sink.produce, self._refused
-        room = {changelog: self._limits.record_bytes(topic) for changelog, topic in topics.items()}
+        headers_of = self._changelog_headers
+        room = {
+            changelog: self._limits.record_bytes(topic)
+            - sum(len(k) + len(v) for k, v in headers_of[changelog] or ())
+            for changelog, topic in topics.items()
+        }
         # A producer's clock ahead of ours would otherwise move the expiry horizon early.
         latest, now = self._latest_arrival, self._clock.now_ms()
         for i, (changelog, partition, key, value, arrival) in enumerate(records):
-            topic = topics[changelog]
+            topic, headers = topics[changelog], headers_of[changelog]
             if refused or len(key) + len(value) > room[changelog]:
-                self._write_changelog(topic, partition, key, value, report=i in ends)
+                self._write_changelog(topic, partition, key, value, headers, report=i in ends)
             else:  # _write_changelog for a record that fits, inlined: ~3 records a call
-                produce(topic, key, value, None, partition, 0, report=i in ends)
+                produce(topic, key, value, headers, partition, 0, report=i in ends)
             if arrival > latest.get(partition, 0):  # a dedupe id's
                 latest[partition] = min(arrival, now)
         return len(records)
@@ -410,13 +425,14 @@ class Processor:
         partition: int,
         key: bytes,
         value: bytes,
+        headers: Headers | None,
         *,
         report: bool,
     ) -> None:
         """Produce one changelog record, stamped now; ``report`` asks for its offset."""
-        reason = self._refusal(topic, key, value)
+        reason = self._refusal(topic, key, value, headers)
         if reason is None:
-            self._sink.produce(topic, key, value, partition=partition, report=report)
+            self._sink.produce(topic, key, value, headers, partition=partition, report=report)
             return
         self._on_unwritable(self._route_of[topic])
         source = {"topic": topic, "partition": partition, "key": key.decode()}

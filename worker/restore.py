@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaException, TopicCollection, TopicPartition
@@ -24,7 +24,15 @@ from worker.kafka import client_config, list_topics, raise_for, translate
 from worker.profile import StateFormatError
 from worker.store import Changelog, ChangelogEntry, StateStore
 
-__all__ = ["Changelogs", "Entry", "KafkaRestorer", "Restored", "Restorer", "restore_partition"]
+__all__ = [
+    "DEPLOYMENT_HEADER",
+    "Changelogs",
+    "Entry",
+    "KafkaRestorer",
+    "Restored",
+    "Restorer",
+    "restore_partition",
+]
 
 log = structlog.get_logger("worker.restore")
 _T = TypeVar("_T")
@@ -34,6 +42,9 @@ _RETRY_SECONDS = 60.0
 # consume() waits for a full batch or its timeout: keep the timeout short, so the
 # end-of-partition event of a small partition is seen at once.
 _BATCH = 10_000
+# The header that names the deployment (``worker.group_id``) which wrote a membership or
+# dedupe record; a restore stops at one another deployment wrote (``KafkaRestorer``).
+DEPLOYMENT_HEADER: Final = "deployment"
 _PROGRESS_EVERY = 10_000
 
 
@@ -201,11 +212,18 @@ class _Counted:
 
 
 class KafkaRestorer:
-    """A ``Restorer`` over a consumer that is assigned partitions by hand, never commits."""
+    """A ``Restorer`` over a consumer that is assigned partitions by hand, never commits.
+
+    A record whose ``DEPLOYMENT_HEADER`` names a deployment other than ``group_id``
+    stops the read with ``TopicError``: two deployments writing one membership or dedupe
+    topic would each take the other's members as known, or its calls as duplicates.
+    """
 
     def __init__(
         self, bootstrap_servers: str, group_id: str, properties: Mapping[str, str]
     ) -> None:
+        self._deployment = group_id
+        self._own = [(DEPLOYMENT_HEADER, group_id.encode())]
         settings = {
             "group.id": f"{group_id}-restore",
             "enable.auto.commit": False,
@@ -241,6 +259,9 @@ class KafkaRestorer:
                 for message in self._consumer.consume(_BATCH, 0.05):
                     error = message.error()
                     if error is None:
+                        headers = message.headers()
+                        if headers is not None and headers != self._own:
+                            self._check_writer(headers, topic, partition)
                         yield (
                             message.offset() or 0,
                             message.key(),
@@ -255,6 +276,18 @@ class KafkaRestorer:
             raise_for(e.args[0])
         finally:
             self._consumer.unassign()
+
+    def _check_writer(self, headers: Any, topic: str, partition: int) -> None:
+        # A consumed record's headers: a list of (name, bytes or None).
+        for name, value in headers:
+            writer = value.decode(errors="replace") if isinstance(value, bytes) else value
+            if name == DEPLOYMENT_HEADER and writer != self._deployment:
+                raise TopicError(
+                    f"topic {topic} partition {partition}: a record written by deployment "
+                    f"{writer!r} (its worker.group_id), not by this one ({self._deployment!r})"
+                    ": each deployment needs membership and dedupe topics of its own, or it "
+                    "takes the other's members as known and its calls as duplicates"
+                )
 
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         """Low and high watermarks, retrying while metadata settles. Raises ``TopicError``

@@ -336,6 +336,7 @@ def build_runner(
         bound=bound,
         on_unwritable=lambda route: metrics.unwritable_outputs.labels(route).inc(),
         read_limits=lambda: read_limits(config),
+        deployment=w.group_id,
     )
     restorer = KafkaRestorer(kafka.bootstrap_servers, w.group_id, kafka.properties)
     return Runner(settings, source, sink, processor, store, restorer, metrics, clock)

@@ -84,3 +84,27 @@ def test_a_deployment_refuses_state_topics_another_deployment_writes(
     assert len(lines) == 1, lines
     assert f"topic {first.state} partition " in lines[0], lines
     assert f"written by deployment {first.group_id!r}" in lines[0], lines
+
+
+def test_a_deployment_refuses_a_dedupe_topic_another_deployment_writes(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Two deployments (their own group ids and state topics) told the same dedupe topic
+    by name: the second stops at its restore, exit 2, naming the first. Sharing it, it
+    took every call the first had applied as a duplicate and enriched none of them."""
+    first = Topics.unique(name_repartition=False)
+    shared = {"TOPICS_DEDUPE": f"{first.group_id}.shared-dedupe"}
+    worker = WorkerProcess(first, tmp_path, "first", **shared)
+    workers.append(worker.start())
+    produce(first.input, calls("a"))
+    assert len(read_topic(first.enriched, expect=CALLS)) == CALLS
+    assert worker.stop() == 0
+
+    second = Topics.unique(name_repartition=False)
+    settings = {"WORKER_STATE_DIR": str(tmp_path / "second"), "HTTP_PORT": str(free_port())}
+    result = cli(dataclasses.replace(second, input=first.input), "run", **shared, **settings)
+    lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("{")]
+    assert result.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert f"topic {shared['TOPICS_DEDUPE']} partition " in lines[0], lines
+    assert f"written by deployment {first.group_id!r}" in lines[0], lines

@@ -742,3 +742,22 @@ def test_a_dead_letter_of_stage_two_is_keyed_by_its_input_record() -> None:
     assert [(s["topic"], s["partition"], s["offset"], s["timestamp"]) for s in sources] == [
         ("in", 3, n, format_time(sent + n)) for n in range(4)
     ]
+
+
+def test_membership_and_dedupe_records_name_their_deployment_in_a_header() -> None:
+    """Membership and dedupe records carry a header naming the deployment that wrote
+    them (a restore of another deployment's stops at it); a state record names it in
+    its value, with no header, and without a deployment nothing carries one."""
+    processor, sink, _ = make(deployment="prod-eu")
+    processor.process(records(call("m1", name="Initech")))
+    processor.write_changelog()
+    headers = {p.topic: p.headers for p in sink.open if p.topic != "out"}
+    assert headers == {
+        "state": None,
+        "members": [("deployment", b"prod-eu")],
+        "dedupe": [("deployment", b"prod-eu")],
+    }
+    processor, sink, _ = make()
+    processor.process(records(call("m1", name="Initech")))
+    processor.write_changelog()
+    assert {p.headers for p in sink.open} == {None}
