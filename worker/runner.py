@@ -171,6 +171,9 @@ class Runner:
                         log.info("restore_interrupted")
                         break
             self._commit_final()
+        except BaseException:
+            self._discard_open_batch()
+            raise
         finally:
             self.joined = False  # not ready while the service builds the next loop, if any
             closes = (self._source.close, self._sink.close, self._restorer.close, self._store.close)
@@ -487,6 +490,21 @@ class Runner:
             self._source.seek(rewind)
             log.info("partitions_rewound", partitions=_names(rewind))
         self._processor.learn(self._sink.take_refused())
+
+    def _discard_open_batch(self) -> None:
+        """Abort the open batch after an error the loop does not handle, maybe raised
+        half way through a record: closing the consumer revokes its partitions, and the
+        revoke commits what is open, which would commit that record's state and dedupe
+        id but not its offset (a call lost). Nothing of the batch may commit, even when
+        the abort fails (the broker aborts a transaction left open)."""
+        if self._batch_opened is None:
+            return
+        try:
+            self._abort_and_rewind(set())
+        except Exception as e:
+            log.warning("abort_failed", error=str(e))
+            self._store.rollback()
+            self._close_batch()
 
     def _close_batch(self) -> None:
         """Forget the batch's offsets: committed, or aborted and rewound."""

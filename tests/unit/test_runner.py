@@ -22,6 +22,7 @@ from worker.errors import (
     RetriableError,
     TopicError,
 )
+from worker.members import Membership
 from worker.metrics import Metrics
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
@@ -320,6 +321,34 @@ def test_fatal_error_stops_the_loop_and_closes() -> None:
     with pytest.raises(FatalError):
         run_for(runner, source, 10)
     assert source.closed
+
+
+class _FailingOnMember(InMemoryStateStore):
+    """A store that raises, like a bug would, half way through applying ``u2``'s call
+    (its group's state and dedupe id already put)."""
+
+    def put_member(self, partition: int, key: str, m: Membership) -> None:
+        if '"u2"' in key:
+            raise RuntimeError("a bug half way through a record")
+        super().put_member(partition, key, m)
+
+
+def test_an_error_half_way_through_a_record_commits_nothing_of_its_batch() -> None:
+    """An error the loop does not handle aborts the open batch: closing the consumer
+    revokes its partitions, and the revoke committed the batch, with the failing
+    record's state and dedupe id but not its offset, so its call was lost."""
+    source, sink, store = FakeSource(FakeClock()), FakeSink(), _FailingOnMember()
+    runner, _ = build(source, sink, store=store)
+    source.append(group_call(1))
+    source.append(group_call(2))
+    with pytest.raises(RuntimeError, match="half way"):
+        run_for(runner, source, 10)
+    assert source.closed
+    assert sink.offset_commits == []
+    assert message_ids(sink) == []
+    assert sink.topic("dedupe") == []
+    assert store.seen(0, ("g2", "m2")) is None
+    assert store.seen(0, ("g1", "m1")) is None
 
 
 def test_readiness_follows_the_group() -> None:

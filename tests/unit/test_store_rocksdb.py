@@ -489,6 +489,19 @@ def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) 
     assert store.expire_seen({0: 0}, 0) == (1, True)
 
 
+@pytest.mark.parametrize("value", [b"9" * 5_000, b"1 " + b"9" * 5_000, b"9" * 16])
+def test_a_dedupe_value_of_more_digits_than_a_time_is_malformed(
+    store: RocksDBStateStore, value: bytes
+) -> None:
+    """A dedupe value of more digits than a time in ms (not written by a worker) reads as
+    absent and expires: Python refused to read 5,000 digits, which failed every expiry
+    pass (the partition rebuilt at each commit) and the id's next call."""
+    store.apply_changelog(0, "dedupe", [(0, seen_record_key("g", "m").encode(), value, 0)], 1)
+    with capture_logs():
+        assert store.seen(0, ("g", "m")) is None
+    assert store.expire_seen({0: 0}, 0) == (1, True)
+
+
 _KILLED = """
 import os, signal, sys
 from pathlib import Path

@@ -78,6 +78,8 @@ _OFFSET: Final = b"o"
 _COUNT: Final = b"c"
 _LAYOUT_KEY: Final = b"v"
 _SOURCE_KEY: Final = b"t"
+# The most digits of a time in ms a dedupe value may hold (MAX_MS, year 9999, has 15).
+_MS_DIGITS: Final = 15
 # 2: a dedupe id's value holds when it was written. An older worker reads such a value as
 # unreadable, and would apply every retry again: told by the layout, it rebuilds instead.
 LAYOUT: Final = b"2"
@@ -290,13 +292,19 @@ class PartitionDB:
 
 def seen_value(raw: bytes) -> tuple[int, int] | None:
     """A dedupe id's arrival and write ms, or ``None`` when the value is not ASCII digits
-    (with a space between the two; the arrival alone was written at 0)."""
+    (with a space between the two; the arrival alone was written at 0), or more of them
+    than a time in ms takes (a record not written by a worker: Python refuses to read
+    more than 4,300 digits, and a refusal here failed every expiry pass)."""
     arrival, _, written = raw.partition(b" ")
-    if not arrival.isdigit():
+    if not _is_ms(arrival):
         return None
     if not written:
         return int(arrival), 0
-    return (int(arrival), int(written)) if written.isdigit() else None
+    return (int(arrival), int(written)) if _is_ms(written) else None
+
+
+def _is_ms(digits: bytes) -> bool:
+    return digits.isdigit() and len(digits) <= _MS_DIGITS
 
 
 def new_batch() -> WriteBatch:
