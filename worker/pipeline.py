@@ -218,7 +218,10 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     """
     raw = _as_bytes(record.value())
     try:
-        call = codec.decode(raw or b"")
+        data = raw or b""
+        call = codec.decode(data)
+        if data.count(b"[") + data.count(b"{") > codec.MAX_DEPTH and codec.too_deep(call):
+            raise TypeError  # it could not be written again
         group_id, when = call["groupId"], parse_iso_time(call["timestamp"])
         message_id, traits = call["messageId"], call["traits"]
         user_id = _identifier(call.get("userId"))
@@ -231,6 +234,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
             and type(traits) is dict
             and (traits.get("address") is None or type(traits["address"]) is dict)
             and _warnings_list(call["enrichment"]["warnings"])  # the merge may add to it
+            and _position(call["enrichment"]["source"])  # its dead letter's source
         ):
             raise TypeError
     except (codec.DecodeError, TypeError, KeyError, AttributeError):
@@ -242,6 +246,17 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     if user_id is not None:
         return Enriched(group_id, call, when, "userId", user_id, (), encoded)
     return Enriched(group_id, call, when, "anonymousId", anonymous_id or "", (), encoded)
+
+
+def _position(source: Any) -> bool:
+    """Whether ``source`` is an enriched call's ``enrichment.source`` as stage one writes it."""
+    return (
+        type(source) is dict
+        and type(source.get("topic")) is str
+        and type(source.get("partition")) is int
+        and type(source.get("offset")) is int
+        and type(source.get("index", 0)) is int
+    )
 
 
 def _warnings_list(warnings: Any) -> bool:

@@ -32,7 +32,7 @@ import structlog
 from worker import codec
 from worker.clock import Clock
 from worker.dedupe import arrival_ms, is_duplicate
-from worker.errors import KafkaError
+from worker.errors import KafkaError, TopicError
 from worker.events import DeadLetter, Duplicate, Enriched, Outcome, SourceRecord
 from worker.limits import GroupBound, Headers, Limits, add_warnings, group_bound
 from worker.members import membership_key, merge_membership
@@ -205,7 +205,10 @@ class Processor:
             if record.topic() == repartition:
                 handled += 1
                 arrival = forwarded_arrival(record, now_ms)
-                self._finish(process_forwarded(record), record, partition, arrival, tally)
+                forwarded = process_forwarded(record)
+                if isinstance(forwarded, Enriched):
+                    self._check_input(forwarded.call["enrichment"]["source"]["topic"])
+                self._finish(forwarded, record, partition, arrival, tally)
                 continue
             arrival = arrival_ms(record, now_ms)
             tally.records += 1
@@ -230,6 +233,19 @@ class Processor:
                     self._unkeyed(record, tally)
                 self._finish(outcome, record, partition, arrival, tally)
         return len(records), handled
+
+    def _check_input(self, topic: str) -> None:
+        """Raise ``TopicError`` for a re-keyed call read from a topic other than the
+        input: another deployment with the same ``worker.group_id`` (or a shared
+        ``topics.repartition``) writes the repartition topic, and each would merge half
+        of the other's calls into its own state."""
+        routes = self._routes
+        if topic != routes.input:
+            raise TopicError(
+                f"topic {routes.repartition} holds calls read from topic {topic}, not from "
+                f"this deployment's input {routes.input}: another deployment shares it (the "
+                "same worker.group_id or topics.repartition); each needs its own group id"
+            )
 
     def _unkeyed(self, record: SourceRecord, tally: Tally) -> None:
         """Count a group call of the keyed input whose record is keyed otherwise (its

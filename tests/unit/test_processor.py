@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from bench.generator import generate_calls
 from tests.fakes import FakeClock, FakeRestorer, FakeSink
 from worker import codec
-from worker.errors import KafkaError
+from worker.errors import KafkaError, TopicError
 from worker.events import Record, SourceRecord
 from worker.limits import WARNINGS_TRUNCATED, GroupBound, Limits
 from worker.pipeline import Settings
@@ -25,6 +25,12 @@ from worker.times import format_time
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
 T0 = "2015-02-23T22:28:55.111Z"
+# Where stage one read a call: its enriched call's enrichment.source.
+SOURCE = {"topic": "in", "partition": 0, "offset": 0}
+
+
+def nested_json(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
 
 
 def call(message_id: str, group: str = "g1", user: str = "u1", **traits: Any) -> bytes:
@@ -233,7 +239,7 @@ def test_corrupt_repartition_record_is_a_dead_letter() -> None:
     assert emitted(sink, "dlq")[0]["source"]["topic"] == "rep"
     # Written by something else than a worker: each a dead letter, none a crash.
     good = {"groupId": "g", "userId": "u", "messageId": "m", "timestamp": T0, "traits": {}}
-    good["enrichment"] = {"warnings": []}
+    good["enrichment"] = {"warnings": [], "source": SOURCE}
     bad = [
         {k: v for k, v in good.items() if k != "messageId"},
         {**good, "messageId": 7},
@@ -243,11 +249,30 @@ def test_corrupt_repartition_record_is_a_dead_letter() -> None:
         {**good, "enrichment": {"warnings": None}},
         {**good, "enrichment": {"warnings": ["x"]}},
         {**good, "enrichment": {"warnings": [{}]}},
+        {**good, "enrichment": {"warnings": []}},  # no source: its letter could not say
+        {**good, "enrichment": {"warnings": [], "source": {"topic": "in", "offset": 0}}},
+        {**good, "enrichment": {"warnings": [], "source": "in"}},
         ["not", "a", "call"],
     ]
-    values = [codec.encode(v) for v in bad] + [codec.encode(good)]
+    # Nested deeper than could be written again.
+    deep = codec.encode(good).replace(b'"traits":{}', b'"traits":{"d":' + nested_json(300) + b"}")
+    values = [codec.encode(v) for v in bad] + [deep, codec.encode(good)]
     tally = processor.process([Record("rep", 0, n + 1, v) for n, v in enumerate(values)])
-    assert tally.outcomes == {"dead_letter": len(bad), "enriched": 1}
+    assert tally.outcomes == {"dead_letter": len(bad) + 1, "enriched": 1}
+
+
+def test_a_call_another_deployments_first_stage_read_stops_the_second_stage() -> None:
+    """A re-keyed call read from a topic other than the input (another deployment with
+    the same group id writes the repartition topic) raises TopicError naming both
+    topics: merged, each deployment took half of the other's calls into its state."""
+    routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
+    processor, sink, store = make(routes)
+    call = {"groupId": "g", "userId": "u", "messageId": "m", "timestamp": T0, "traits": {}}
+    call["enrichment"] = {"warnings": [], "source": {**SOURCE, "topic": "other.raw"}}
+    with pytest.raises(TopicError, match=r"topic rep holds calls read from topic other\.raw"):
+        processor.process([Record("rep", 0, 0, codec.encode(call))])
+    assert store.group_count() == 0
+    assert sink.open == []
 
 
 def test_a_full_group_adds_its_warnings_to_any_forwarded_list() -> None:
@@ -258,7 +283,8 @@ def test_a_full_group_adds_its_warnings_to_any_forwarded_list() -> None:
     processor, sink, _ = make(routes, bound=GroupBound(4_096, 8_192))
     odd: dict[str, Any] = {"code": WARNINGS_TRUNCATED, "trait": None, "value": "n"}
     forwarded: dict[str, Any] = {"groupId": "g", "userId": "u", "messageId": "m1"}
-    forwarded |= {"timestamp": T0, "traits": {"a": "x" * 5_000}, "enrichment": {"warnings": [odd]}}
+    forwarded |= {"timestamp": T0, "traits": {"a": "x" * 5_000}}
+    forwarded["enrichment"] = {"warnings": [odd], "source": SOURCE}
     tally = processor.process([Record("rep", 0, 0, codec.encode(forwarded))])
     assert tally.outcomes == {"enriched": 1}
     codes = [w["code"] for w in emitted(sink, "out")[0]["enrichment"]["warnings"]]
@@ -596,7 +622,8 @@ def test_a_record_stamped_days_ahead_arrives_now() -> None:
     assert tally.outcomes == {"duplicate": 1}
     routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
     stage_two, _, store = make(routes)
-    written = codec.encode({**codec.decode(call("m3")), "enrichment": {"warnings": []}})
+    enrichment = {"warnings": [], "source": SOURCE}
+    written = codec.encode({**codec.decode(call("m3")), "enrichment": enrichment})
     ahead: list[tuple[str, str | bytes | None]] = [("arrival", b"%d" % (now + 300 * day))]
     stage_two.process([Record("rep", 0, 0, written, b"g1", now, ahead)])
     assert store.seen(0, ("g1", "m3")) == now
@@ -634,7 +661,8 @@ def test_a_re_keyed_call_keeps_its_arrival_time() -> None:
     assert (forwarded.topic, forwarded.timestamp) == ("rep", 0)
     assert forwarded.headers == [("arrival", b"1234"), ("input-key", b"user-7")]
     sink.open.clear()
-    written = {**codec.decode(call("m2", group="g2")), "enrichment": {"warnings": []}}
+    enrichment = {"warnings": [], "source": SOURCE}
+    written = {**codec.decode(call("m2", group="g2")), "enrichment": enrichment}
     older = Record("rep", 0, 1, codec.encode(written), b"g2", 5_678, [("input-key", b"u")])
     processor.process(
         [Record("rep", 0, 0, forwarded.value, forwarded.key, 9_999, forwarded.headers), older]
