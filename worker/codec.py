@@ -22,6 +22,7 @@ __all__ = [
     "DecodeError",
     "decode",
     "decode_repaired",
+    "decode_writable",
     "encode",
     "encode_lenient",
     "encode_sorted",
@@ -37,6 +38,16 @@ MAX_DEPTH = 200
 def decode(data: bytes | str) -> Any:
     """Parse one JSON document; raises ``DecodeError`` (a ``ValueError``) when invalid."""
     return orjson.loads(data)
+
+
+def decode_writable(data: bytes) -> Any:
+    """``decode``, raising ``ValueError`` too when the document nests deeper than
+    ``MAX_DEPTH`` levels, so could not be written again: for records read back from
+    topics anyone can write (a state record, a re-keyed call)."""
+    value = orjson.loads(data)
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and too_deep(value):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return value
 
 
 _BOM: Final = b"\xef\xbb\xbf"

@@ -218,10 +218,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     """
     raw = _as_bytes(record.value())
     try:
-        data = raw or b""
-        call = codec.decode(data)
-        if data.count(b"[") + data.count(b"{") > codec.MAX_DEPTH and codec.too_deep(call):
-            raise TypeError  # it could not be written again
+        call = codec.decode_writable(raw or b"")
         group_id, when = call["groupId"], parse_iso_time(call["timestamp"])
         message_id, traits = call["messageId"], call["traits"]
         user_id = _identifier(call.get("userId"))
@@ -237,7 +234,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
             and _position(call["enrichment"]["source"])  # its dead letter's source
         ):
             raise TypeError
-    except (codec.DecodeError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         invalid = _Invalid("invalid_json", "not a call written by the first stage")
         source = Position(record.topic() or "", record.partition() or 0, record.offset() or 0)
         return _dead_letter(invalid, record, source, raw)

@@ -302,6 +302,23 @@ def test_a_malformed_record_reads_as_absent(store: StateStore) -> None:
     assert store.group_count() == 1
 
 
+def test_a_state_record_nested_too_deep_to_write_again_reads_as_absent(store: StateStore) -> None:
+    """A state record with a trait nested deeper than could be written again (not
+    written by a worker) is skipped: read, its group's next call crash-looped the worker
+    as its state record could not be encoded."""
+    readable = state_record(state("g1"))
+    readable["traits"]["deep"] = "DEEP"
+    readable["merge"]["stamps"]["deep"] = 0
+    store.apply_changelog(0, "state", [(0, b"g1", codec.encode(readable), 0)], next_offset=1)
+    assert store.get(0, "g1") is not None
+    store.drop(0)
+    record = codec.encode(readable).replace(b'"DEEP"', b"[" * 300 + b"]" * 300)
+    with capture_logs() as logs:
+        store.apply_changelog(0, "state", [(0, b"g1", record, 0)], next_offset=1)
+        assert store.get(0, "g1") is None
+    assert [log["event"] for log in logs] == ["store_record_skipped"]
+
+
 def test_a_record_of_another_group_or_member_than_its_key_reads_as_absent(
     store: StateStore,
 ) -> None:

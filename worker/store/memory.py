@@ -218,7 +218,7 @@ class InMemoryStateStore:
             if value is None:
                 self._groups.remove(partition, name)
             else:
-                record = codec.decode(value)
+                record = codec.decode_writable(value)
                 check_format(record, self._deployment)
                 self._groups.restore(partition, name, state_from_record(record, group_id=name))
         elif changelog == "members":

@@ -520,7 +520,7 @@ def _forget(changes: dict[tuple[int, _K], _V], partition: int) -> None:
 
 
 def _read_state(key: bytes, raw: bytes) -> GroupState:
-    return state_from_record(codec.decode(raw), group_id=key[1:].decode())
+    return state_from_record(codec.decode_writable(raw), group_id=key[1:].decode())
 
 
 def _read_membership(key: bytes, raw: bytes) -> Membership:
