@@ -265,9 +265,14 @@ class KafkaSink:
                 return {}
             positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
             if positions:  # (1)
+                # Read on this thread: a revoke commits from inside consume(), and the
+                # client lets no other thread call the consumer until consume() returns,
+                # which waits for this commit (a deadlock until the deadline, and a
+                # rebuild, at about one join in three).
+                metadata = source.group_metadata()
                 self._retry(
                     lambda: self._producer.send_offsets_to_transaction(
-                        positions, source.group_metadata(), self._commit_timeout
+                        positions, metadata, self._commit_timeout
                     ),
                     meanwhile=last_records,
                 )

@@ -54,6 +54,8 @@ class KafkaSource:
 
     ``subscribe`` waits up to ``topic_timeout`` seconds for the topics to be usable:
     keep it below the service's liveness window (60 s), as the loop is not running yet.
+    Call it from the loop's thread only: while ``consume`` runs (and a revoke's commit
+    runs inside it), confluent-kafka makes a call from any other thread wait for it.
     """
 
     def __init__(

@@ -109,6 +109,29 @@ def test_the_last_records_join_the_transaction_while_its_offsets_are_sent() -> N
         source.consumer.close()
 
 
+def test_the_group_metadata_is_read_on_the_committing_thread() -> None:
+    """The consumer's group metadata is read on the thread that commits, not the one
+    that sends the offsets: a revoke commits from inside consume(), and the client lets
+    no other thread call the consumer until consume() returns, which waited for the
+    commit (a hang until the deadline, and a rebuild, at one join in three)."""
+    readers: list[str] = []
+
+    class Watched(_GroupSource):
+        def group_metadata(self) -> Any:
+            readers.append(threading.current_thread().name)
+            return super().group_metadata()
+
+    s, source = sink("exactly_once"), Watched()
+    try:
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+        s.commit({("out", 0): 1}, cast(Source, source))
+        assert readers == [threading.current_thread().name]
+    finally:
+        s.close()
+        source.consumer.close()
+
+
 class _Gated:
     """A producer whose ``commit_transaction`` first waits (5 s at most) for ``opened``."""
 
@@ -198,17 +221,25 @@ def test_after_a_transactional_call_hangs_every_later_one_fails_at_once(
     monkeypatch.setattr("worker.sink._DEADLINE_MARGIN", 0.0)
     released = threading.Event()
 
-    class Stuck(FakeSource):
-        def group_metadata(self) -> Any:
-            released.wait(30)  # the call hangs, as librdkafka's did after a broker restart
-            return super().group_metadata()
+    class Stuck:
+        """The producer's send of offsets hangs, as librdkafka's did after a broker restart."""
+
+        def __init__(self, producer: Any) -> None:
+            self._producer = producer
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._producer, name)
+
+        def send_offsets_to_transaction(self, *args: Any) -> None:
+            released.wait(30)
 
     s = KafkaSink("", _MOCK, "exactly_once", "sink-test", SystemClock(), commit_timeout=2)
+    producer, s._producer = s._producer, cast(Any, Stuck(s._producer))
     try:
         s.begin()
         s.produce("out", b"k", b"1", partition=0)
         with pytest.raises(KafkaError, match="hung"):
-            s.commit({("in", 0): 1}, cast(Source, Stuck(FakeClock())))
+            s.commit({("in", 0): 1}, cast(Source, FakeSource(FakeClock())))
         started = time.monotonic()
         with pytest.raises(KafkaError, match="hung"):
             s.commit({("in", 0): 1}, cast(Source, FakeSource(FakeClock())))
@@ -217,18 +248,22 @@ def test_after_a_transactional_call_hangs_every_later_one_fails_at_once(
         assert time.monotonic() - started < 1  # not behind the hung call's deadline (2 s)
     finally:
         released.set()
+        s._producer = producer
         s.close()
 
 
-class _TimingOut(FakeSource):
-    """Its sends of offsets time out, as librdkafka's did for minutes after a broker
-    restart (a coordinator request queued for a connection never made)."""
+class _TimingOut:
+    """A producer whose sends of offsets time out, as librdkafka's did for minutes after
+    a broker restart (a coordinator request queued for a connection never made)."""
 
-    def __init__(self) -> None:
-        super().__init__(FakeClock())
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
         self.calls = 0
 
-    def group_metadata(self) -> Any:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    def send_offsets_to_transaction(self, *args: Any) -> None:
         self.calls += 1
         raise KafkaException(ClientError(ClientError._TIMED_OUT, "Local: Timed out"))
 
@@ -237,16 +272,19 @@ def test_a_transactional_call_timing_out_breaks_the_sink() -> None:
     """A timeout and the producer is given up, for the service to build a new one
     (which found the coordinator at once), where retrying took minutes; every later
     call fails at once, the abort too."""
-    s, source = sink("exactly_once"), _TimingOut()
+    s = sink("exactly_once")
+    producer = _TimingOut(s._producer)
+    s._producer = cast(Any, producer)
     try:
         s.begin()
         s.produce("out", b"k", b"1", partition=0)
         with pytest.raises(KafkaError, match="timed out"):
-            s.commit({("out", 0): 1}, cast(Source, source))
+            s.commit({("out", 0): 1}, cast(Source, FakeSource(FakeClock())))
         with pytest.raises(KafkaError, match="timed out"):
             s.abort()
-        assert source.calls == 1
+        assert producer.calls == 1
     finally:
+        s._producer = producer._producer
         s.close()
 
 
