@@ -268,10 +268,10 @@ def test_revoke_commits_before_partitions_move() -> None:
     assert sample(metrics, "group_worker_rebalances_total", kind="revoke") >= 1
 
 
-def test_a_partition_added_while_running_stops_the_worker_with_what_was_done_committed() -> None:
+def test_a_partition_added_while_running_stops_the_worker() -> None:
     """A partition beyond the count the topics had at start (added while the worker
     ran: groups now hash elsewhere than their state) stops the loop with TopicError,
-    before anything of it is restored or read; what was processed is committed."""
+    before anything of it is restored or read; what was committed before stays."""
     settings = dataclasses.replace(SETTINGS, partitions=2)
     source = FakeSource(FakeClock(), 3)
     source.pending_assign = [("in", 0), ("in", 1)]
