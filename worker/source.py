@@ -79,16 +79,6 @@ class KafkaSource:
             # this refresh (librdkafka's default: 5 minutes). subscribe() waits for the
             # topics, so this only bounds what slips past that (a lagging broker).
             "topic.metadata.refresh.interval.ms": 30_000,
-            # Prefetch. librdkafka's default (64 MB in the one queue consume() reads, and
-            # 100,000 records a partition) put a hot partition's backlog ahead of every
-            # other partition's new calls: behind one group's 1,000,000 calls, calls of
-            # other partitions waited 5.5 s (p50) and up to 10 s; with these, 0.6 s and
-            # 1 s, at the same drain rate and half the memory. A partition whose share is
-            # full waits fetch.queue.backoff.ms before fetching again: at the default 1 s,
-            # the hot partition drained at a fifth of the rate.
-            "queued.max.messages.kbytes": 4_096,
-            "queued.min.messages": 2_000,
-            "fetch.queue.backoff.ms": 10,
         }
         if group_instance_id:
             settings["group.instance.id"] = group_instance_id
