@@ -45,7 +45,7 @@ def decode_writable(data: bytes) -> Any:
     ``MAX_DEPTH`` levels, so could not be written again: for records read back from
     topics anyone can write (a state record, a re-keyed call)."""
     value = orjson.loads(data)
-    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and too_deep(value):
+    if too_deep(value, data):
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     return value
 
@@ -72,10 +72,12 @@ def _replace_unpaired(escape: re.Match[bytes]) -> bytes:
     return b"\\ufffd" if escape[1] else escape[0]
 
 
-def too_deep(value: Any) -> bool:
-    """Whether ``value`` nests deeper than ``MAX_DEPTH`` levels (so could not be written
-    again). A walk of every container: worth it only for a document whose text has more
-    than ``MAX_DEPTH`` opening brackets, the most it could nest."""
+def too_deep(value: Any, text: bytes) -> bool:
+    """Whether ``value``, parsed from ``text``, nests deeper than ``MAX_DEPTH`` levels (so
+    could not be written again). Counts the text's opening brackets first, the most it
+    could nest, and walks the containers only when there are more than ``MAX_DEPTH``."""
+    if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
+        return False
     pending = [(value, 1)]
     while pending:
         node, depth = pending.pop()

@@ -150,7 +150,7 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
                 document = codec.decode_repaired(raw)
             except codec.DecodeError:
                 raise _Invalid("invalid_json", str(e)) from None
-        if raw.count(b"[") + raw.count(b"{") > codec.MAX_DEPTH and codec.too_deep(document):
+        if codec.too_deep(document, raw):
             raise _Invalid("invalid_json", f"nested deeper than {codec.MAX_DEPTH} levels")
         if not isinstance(document, dict):
             raise _Invalid("not_an_object", f"the value is a JSON {_json_type(document)}")
