@@ -320,7 +320,7 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
             raise ConfigError(f"config: {name} is not UTF-8 text")
         if section == "kafka" and key != "bootstrap_servers":
             key = key.replace("_", ".")
-        raw.setdefault(section, {})[key] = _Text(value)
+        raw.setdefault(section, {})[key] = _Text(value, name)
 
 
 def _is_utf8(text: str) -> bool:
@@ -333,7 +333,15 @@ def _is_utf8(text: str) -> bool:
 
 class _Text(str):
     """A value from the environment: text that may stand for a number or a boolean
-    (in the file, ``batch_size = "1000"`` is a string, and refused)."""
+    (in the file, ``batch_size = "1000"`` is a string, and refused). It keeps the
+    variable's name, which its errors give beside the key."""
+
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> _Text:
+        text = super().__new__(cls, value)
+        text.variable = variable
+        return text
 
 
 def _build(section: str, values: dict[str, Any]) -> Any:
@@ -346,11 +354,16 @@ def _build(section: str, values: dict[str, Any]) -> Any:
             if section == "kafka":
                 properties[key] = _librdkafka_value(key, value)
                 continue
-            raise ConfigError(f"config: unknown key {section}.{key}")
-        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+            raise ConfigError(f"config: unknown key {_named(f'{section}.{key}', value)}")
+        kwargs[key] = _coerce(_named(f"{section}.{key}", value), value, hints[key])
     if section == "kafka":
         kwargs["properties"] = properties
     return cls(**kwargs)
+
+
+def _named(key: str, value: Any) -> str:
+    """``key``, and the environment variable that set it, if one did."""
+    return f"{key} ({value.variable})" if isinstance(value, _Text) else key
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

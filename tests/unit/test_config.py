@@ -199,8 +199,20 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         ),
         pytest.param(
             "",
+            {"GROUP_WORKER_WORKER_BATCH_SIZE": "many"},
+            "worker.batch_size (GROUP_WORKER_WORKER_BATCH_SIZE) must be an integer, got 'many'",
+            id="env-error-names-the-variable",
+        ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_WORKER_BATCHSIZE": "10"},
+            "unknown key worker.batchsize (GROUP_WORKER_WORKER_BATCHSIZE)",
+            id="env-unknown-key-names-the-variable",
+        ),
+        pytest.param(
+            "",
             {"GROUP_WORKER_WORKER_COMMIT_MIN_INTERVAL_MS": "-1"},
-            "worker.commit_min_interval_ms must not be negative",
+            "(GROUP_WORKER_WORKER_COMMIT_MIN_INTERVAL_MS) must not be negative",
             id="negative-min-interval",
         ),
         pytest.param(
