@@ -124,6 +124,7 @@ class Supervisor:
         failures = 0  # in a row, for the backoff
         while not self._stopping:
             self._building = self._clock.monotonic()
+            self._current = None
             try:
                 self._current = self._build()
                 if self._stopping:  # a signal while building
@@ -138,6 +139,9 @@ class Supervisor:
                 if isinstance(e, FatalError) and not isinstance(e, FatalClientError):
                     log.error("fatal_kafka_error", error=str(e))
                     return 1
+                if self._stopping and self._current is None:  # the build failed: nothing open
+                    log.info("stopped_while_building", error=str(e))
+                    return 0
                 if self._stopping:  # its last commit failed: the next start reads it again
                     log.error("stopped_uncommitted", error=str(e))
                     return 1

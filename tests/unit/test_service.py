@@ -157,6 +157,25 @@ def test_stop_ends_the_current_loop_and_builds_no_other() -> None:
     assert loops[0].stopped
 
 
+def test_a_stop_while_a_rebuild_fails_exits_0() -> None:
+    """SIGTERM while a new loop is built (after a broker restart), and the build fails:
+    nothing was open, so the process ends cleanly, exit code 0, and builds no other."""
+    clock = FakeClock()
+    builds = 0
+
+    def build() -> Loop:
+        nonlocal builds
+        builds += 1
+        if builds == 2:
+            supervisor.stop()
+            raise RetriableError("the broker is away")
+        return FakeLoop(KafkaError("hung"))
+
+    supervisor = Supervisor(build, clock)
+    assert supervisor.run() == 0
+    assert builds == 2
+
+
 def test_probes_follow_the_current_loop() -> None:
     """Liveness needs a loop that came round, or a build begun, within a minute;
     readiness is the loop's."""
