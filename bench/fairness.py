@@ -1,0 +1,150 @@
+"""A hot group's backlog against every other group: ``python -m bench.fairness``.
+
+Fills the input with ``--calls`` calls of one group (all on one partition: keyed by the
+groupId, as the repartition topic is), starts a worker, and while it drains that
+backlog sends one call of each of ``--probes`` other groups every ``--interval``
+seconds, on the other partitions (groups are picked whose partition differs from the
+hot one's, in both stages). Prints how long the probes took until a ``read_committed``
+reader saw them enriched, and how fast the hot backlog drained. ``--set KEY=VALUE``
+passes a setting to the worker (``kafka_consumer_queued_min_messages=2000``), so
+consumer settings can be compared on the same command.
+
+Not part of ``make bench``: it measures the wait behind a backlog, not a rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from bench.process import ROOT, Topics, WorkerProcess, outcome_total
+from bench.runs import PARTITIONS, create_topic, delete_topics, fast_producer
+
+_random = random.Random(5)
+
+
+def _call(group: str, user: str, message_id: str) -> bytes:
+    """A call of about 800 bytes, as the benchmark's; its text compresses no better than
+    real calls do (the worker's records are lz4-compressed, and what a fetch brings is
+    counted in compressed bytes)."""
+    traits = {"name": group, "plan": "pro", "description": _random.randbytes(300).hex()}
+    call = {"type": "group", "groupId": group, "userId": user, "messageId": message_id}
+    return json.dumps(call | {"traits": traits}).encode()
+
+
+def _partitions_of(producer: Producer, topic: str, keys: list[str]) -> dict[str, int]:
+    """The partition the producer's partitioner gives each key (the worker's: murmur2)."""
+    found: dict[str, int] = {}
+
+    def delivered(error: Any, message: Any) -> None:
+        found[message.key().decode()] = message.partition()
+
+    for key in keys:
+        producer.produce(topic, b"", key, on_delivery=delivered)
+    producer.flush(30)
+    return found
+
+
+def _percentiles(values: list[float]) -> str:
+    if not values:
+        return "none seen"
+    ordered = sorted(values)
+    p = {q: ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.99)}
+    return f"p50 {p[0.5]:.2f} s, p99 {p[0.99]:.2f} s, max {ordered[-1]:.2f} s ({len(values)})"
+
+
+def run(args: argparse.Namespace) -> None:
+    topics = Topics.fresh("fairness")
+    raw, scratch = topics.name("raw"), topics.name("out")
+    for name in (raw, scratch):
+        create_topic(args.bootstrap, name, PARTITIONS)
+    producer = fast_producer(args.bootstrap)
+    candidates = [f"probe-{i}" for i in range(args.probes * 4)]
+    placed = _partitions_of(producer, scratch, ["hot", *candidates])
+    probes = [g for g in candidates if placed[g] != placed["hot"]][: args.probes]
+    for i in range(args.calls):
+        producer.produce(raw, _call("hot", f"u{i % 1000}", f"hot-{i}"), b"hot")
+        if i % 10_000 == 0:
+            producer.poll(0)
+    producer.flush(120)
+    print(f"{args.calls:,} calls of one group on partition {placed['hot']} of {raw}")
+    settings = dict(s.split("=", 1) for s in args.set)
+    settings.setdefault("worker_input_keyed_by_group_id", str(args.stages == 1).lower())
+    worker = WorkerProcess(args.bootstrap, topics, raw, Path(args.out), settings=settings)
+    sent: dict[str, float] = {}
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": args.bootstrap,
+                "group.id": f"{topics.tag}-watch",
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 5,
+            }
+        )
+        consumer.subscribe([topics.name("enriched")])
+        while not stop.is_set():
+            for m in consumer.consume(1000, 0.05):
+                if m.error() is None and m.key() != b"hot":
+                    message_id = json.loads(m.value() or b"{}").get("messageId")
+                    if message_id in sent:
+                        waits.append(time.time() - sent[message_id])
+        consumer.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        worker.wait_ready()
+        watcher.start()
+        started = time.perf_counter()
+        probes_sent = 0
+        for round_ in itertools.count():
+            done = outcome_total(worker.samples())
+            if done >= args.calls + probes_sent or time.perf_counter() - started > args.limit:
+                break
+            for group in probes:
+                message_id = f"{group}-{round_}"
+                sent[message_id] = time.time()
+                producer.produce(raw, _call(group, "u1", message_id), group)
+                probes_sent += 1
+            producer.poll(0)
+            time.sleep(args.interval)
+            worker.check_alive()
+        seconds = time.perf_counter() - started
+        producer.flush(30)
+        time.sleep(2)  # the last probes' transaction commits and is read
+    finally:
+        stop.set()
+        worker.stop()
+        watcher.join(10)
+        delete_topics(args.bootstrap, topics.all)
+    print(f"hot backlog drained in {seconds:.1f} s: {args.calls / seconds:,.0f} calls/s")
+    print(f"probes on other partitions, sent to seen enriched: {_percentiles(waits)}")
+    print(f"probes sent {probes_sent}, seen {len(waits)}; settings {settings}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__)
+    parser.add_argument("--bootstrap", default="127.0.0.1:39092")
+    parser.add_argument("--calls", type=int, default=300_000, help="the hot group's backlog")
+    parser.add_argument("--probes", type=int, default=10, help="other groups")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between probes")
+    parser.add_argument("--stages", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--limit", type=float, default=600, help="seconds at most")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=str(ROOT / ".cache" / "fairness"), help="worker logs")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""bench.fairness's calls: real group calls that compress no better than real ones."""
+
+from __future__ import annotations
+
+import zlib
+
+import orjson
+
+from bench.fairness import _call, _percentiles
+
+
+def test_a_probe_call_is_a_group_call_of_about_800_bytes_that_compresses_little() -> None:
+    """A padding of one repeated letter let a 1 MB fetch bring ten times the records,
+    which made the wait behind a backlog look five times longer than with real calls."""
+    calls = [_call("hot", f"u{i}", f"hot-{i}") for i in range(100)]
+    call = orjson.loads(calls[0])
+    assert (call["type"], call["groupId"], call["messageId"]) == ("group", "hot", "hot-0")
+    assert all(700 <= len(c) <= 900 for c in calls)
+    text = b"".join(calls)
+    assert len(zlib.compress(text)) > len(text) / 3
+
+
+def test_percentiles_of_the_waits() -> None:
+    assert _percentiles([]) == "none seen"
+    waits = [float(i) for i in range(1, 101)]
+    assert _percentiles(waits) == "p50 51.00 s, p99 100.00 s, max 100.00 s (100)"
