@@ -42,7 +42,7 @@ MAX_MS: Final[int] = (datetime(9999, 12, 31, 23, 59, 59, 999000) - _EPOCH) // _O
 """``9999-12-31T23:59:59.999Z``, the latest instant the parsers return."""
 
 SECONDS_THRESHOLD: Final[int] = 31_557_600_000
-"""Epoch numbers below this (in magnitude) are seconds, others milliseconds.
+"""Epoch numbers below this are seconds (negative ones too), others milliseconds.
 
 31,557,600,000 seconds is about the year 2970, and as milliseconds it is mid-1971: no
 real timestamp is ambiguous between the two readings.
@@ -130,7 +130,7 @@ def parse_created_at(value: object) -> int | None:
 
     Accepts everything ``parse_iso_time`` does, plus epoch numbers: an ``int`` or
     ``float``, or a string of ASCII digits (surrounding whitespace ignored). A number
-    whose magnitude is below ``SECONDS_THRESHOLD`` is seconds, otherwise milliseconds;
+    below ``SECONDS_THRESHOLD`` is seconds (any negative one too), otherwise milliseconds;
     fractions below a millisecond are truncated towards the past. A digit string is
     always an epoch number, never an ISO basic-format date. ``bool`` is not a number.
 
@@ -155,7 +155,7 @@ def parse_created_at(value: object) -> int | None:
         # digits the sender wrote; multiplying the binary float by 1000 would turn
         # 1424730535.111 into ...110.99999 on some values.
         exact = Decimal(repr(value))
-        if abs(exact) < SECONDS_THRESHOLD:
+        if exact < SECONDS_THRESHOLD:
             exact *= 1000
         return _in_range(math.floor(exact))
     return None
@@ -226,7 +226,7 @@ def _format_day(days: int) -> str:
 
 
 def _epoch_to_ms(number: int) -> int | None:
-    if abs(number) < SECONDS_THRESHOLD:
+    if number < SECONDS_THRESHOLD:
         number *= 1000
     return _in_range(number)
 
