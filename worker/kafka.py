@@ -163,7 +163,10 @@ def translate(error: ClientError | Any) -> KafkaError:
         return FatalError(f"Kafka refused the {what}: {text}")
     if error.code() in _NOT_AUTHORIZED:
         return FatalError(f"not authorized (check the ACLs): {text}")
-    if error.fatal():
+    # A consumer learns of its own fatal error from a message whose code is _FATAL, not
+    # flagged fatal (a static member fenced by a newer one with its group.instance.id):
+    # the client is dead all the same, and a new one rejoins.
+    if error.fatal() or error.code() == ClientError._FATAL:
         return FatalClientError(text)
     if error.txn_requires_abort():
         return AbortableError(text)

@@ -314,6 +314,40 @@ def test_a_worker_paused_past_its_transaction_timeout_goes_on(
     assert worker.stop() == 0
 
 
+def test_a_static_member_fenced_by_its_instance_id_rejoins_and_goes_on(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A consumer that joins with the worker's group.instance.id fences the worker's
+    (FENCED_INSTANCE_ID; a chaos run saw it as a broker stall expired the worker's
+    session). The consumer is dead then; the worker logged it and went on consuming
+    nothing, 90 s until it was killed. Now it builds a new consumer, which
+    takes the instance id back, and its calls are enriched again."""
+    worker = WorkerProcess(topics, tmp_path, WORKER_GROUP_INSTANCE_ID="static-0", **PARTITIONS)
+    workers.append(worker.start())
+    intruder = Consumer(
+        {
+            "bootstrap.servers": BOOTSTRAP,
+            "group.id": topics.group_id,
+            "group.instance.id": "static-0",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 6000,
+        }
+    )
+    intruder.subscribe([topics.input])
+    try:
+        wait_until(lambda: bool(intruder.poll(0.2) or intruder.assignment()), 60, "a join")
+    finally:
+        intruder.close()
+    wait_until(lambda: worker.logged("worker_rebuilding"), 60, "the worker to rebuild")
+    assert "fenced" in worker.log(), worker.log()
+    wait_until(worker.ready, 60, "the worker to be ready again")
+    call = {"type": "group", "groupId": "g1", "userId": "u1", "messageId": "after"}
+    produce(topics.input, [(b"u1", codec.encode(call))])
+    enriched = values(read_topic(topics.enriched, expect=1, timeout=60))
+    assert [c["messageId"] for c in enriched] == ["after"], worker.log()
+    assert worker.stop() == 0
+
+
 def test_a_paused_owners_last_transaction_is_in_its_successors_state(
     workers: list[WorkerProcess], tmp_path: Path
 ) -> None:

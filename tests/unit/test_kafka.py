@@ -45,6 +45,8 @@ def test_scoped_properties_reach_only_their_client_and_win() -> None:
 def test_errors_translate_by_class() -> None:
     """Fatal, abortable and retriable client errors map onto the worker's error tree."""
     assert isinstance(translate(ClientError(ClientError._FENCED, fatal=True)), FatalClientError)
+    fenced = ClientError(ClientError._FATAL, "Fatal error: Broker: Static consumer fenced")
+    assert isinstance(translate(fenced), FatalClientError)  # a consumer's, not flagged fatal
     assert isinstance(
         translate(ClientError(ClientError.INVALID_TXN_STATE, fatal=True)), FatalClientError
     )
