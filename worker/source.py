@@ -79,6 +79,14 @@ class KafkaSource:
             # this refresh (librdkafka's default: 5 minutes). subscribe() waits for the
             # topics, so this only bounds what slips past that (a lagging broker).
             "topic.metadata.refresh.interval.ms": 30_000,
+            # Prefetch, so that one hot partition's backlog does not queue ahead of every
+            # other partition's calls in the one queue consume() reads: librdkafka's
+            # default is 100,000 records a partition (within 64 MiB in all). A partition
+            # whose share is full fetches again after fetch.queue.backoff.ms: at its
+            # default of 1 s a hot partition drained at a fifth of the rate. The byte cap
+            # (queued.max.messages.kbytes) stays librdkafka's: it caps each fetch too.
+            "queued.min.messages": 2_000,
+            "fetch.queue.backoff.ms": 10,
         }
         if group_instance_id:
             settings["group.instance.id"] = group_instance_id
