@@ -9,7 +9,8 @@ reader saw them enriched, and how fast the hot backlog drained. ``--set KEY=VALU
 passes a setting to the worker (``kafka_consumer_queued_min_messages=2000``), so
 consumer settings can be compared on the same command.
 
-Not part of ``make bench``: it measures the wait behind a backlog, not a rate.
+Not part of ``make bench``: it measures the wait behind a backlog, not a rate. It needs a
+broker at ``--bootstrap`` (``KAFKA_PORT=39092 bash deploy/local-kafka/kafka.sh up``).
 """
 
 from __future__ import annotations
