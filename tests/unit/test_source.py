@@ -23,7 +23,7 @@ def consumer_config(monkeypatch: pytest.MonkeyPatch, properties: dict[str, str])
 def test_a_partition_prefetches_little_and_a_full_one_fetches_again_soon(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A small prefetch a partition keeps a hot partition's backlog from queueing ahead
+    """A small prefetch per partition keeps a hot partition's backlog from queueing ahead
     of other partitions' calls, and only with a short backoff: librdkafka's 1 s default
     after a partition's share fills cut a hot partition's drain to a fifth. The byte cap
     is left alone, as it caps each fetch too. A property of the configuration wins."""
