@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
+from bench.latency import percentiles, watch_committed
 from bench.process import ROOT, Topics, WorkerProcess, outcome_total
 from bench.runs import PARTITIONS, create_topic, delete_topics, fast_producer
 
@@ -57,9 +58,8 @@ def _partitions_of(producer: Producer, topic: str, keys: list[str]) -> dict[str,
 def _percentiles(values: list[float]) -> str:
     if not values:
         return "none seen"
-    ordered = sorted(values)
-    p = {q: ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.99)}
-    return f"p50 {p[0.5]:.2f} s, p99 {p[0.99]:.2f} s, max {ordered[-1]:.2f} s ({len(values)})"
+    p = percentiles(values)
+    return f"p50 {p['p50']:.2f} s, p99 {p['p99']:.2f} s, max {p['max']:.2f} s ({len(values)})"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -84,26 +84,16 @@ def run(args: argparse.Namespace) -> None:
     waits: list[float] = []
     stop = threading.Event()
 
-    def watch() -> None:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": args.bootstrap,
-                "group.id": f"{topics.tag}-watch",
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 5,
-            }
-        )
-        consumer.subscribe([topics.name("enriched")])
-        while not stop.is_set():
-            for m in consumer.consume(1000, 0.05):
-                if m.error() is None and m.key() != b"hot":
-                    message_id = json.loads(m.value() or b"{}").get("messageId")
-                    if message_id in sent:
-                        waits.append(time.time() - sent[message_id])
-        consumer.close()
+    def seen(m: Any) -> None:
+        if m.key() != b"hot":
+            message_id = json.loads(m.value() or b"{}").get("messageId")
+            if message_id in sent:
+                waits.append(time.time() - sent[message_id])
 
-    watcher = threading.Thread(target=watch, daemon=True)
+    enriched, group = topics.name("enriched"), f"{topics.tag}-watch"
+    watcher = threading.Thread(
+        target=watch_committed, args=(args.bootstrap, group, enriched, stop, seen), daemon=True
+    )
     try:
         worker.wait_ready()
         watcher.start()

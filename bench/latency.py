@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Message
 
 from bench.generator import generate_calls
 from bench.process import Topics, WorkerProcess, outcome_total
 from bench.runs import create_topic, delete_topics, fast_producer
 
-__all__ = ["Latency", "measure_latency"]
+__all__ = ["Latency", "measure_latency", "percentiles", "watch_committed"]
 
 # Latencies of calls sent in the first seconds (worker warming up) are left out.
 WARM_UP_SECONDS = 3.0
@@ -43,14 +43,44 @@ class Latency:
         return [part[int(len(part) * 0.99)] for part in slices]
 
     def percentiles(self, which: str) -> dict[str, float]:
-        values = sorted(self.produce_ms if which == "produce" else self.visible_ms)
-        if not values:
-            return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-        return {
-            "p50": values[len(values) // 2],
-            "p99": values[min(len(values) - 1, int(len(values) * 0.99))],
-            "max": values[-1],
+        return percentiles(self.produce_ms if which == "produce" else self.visible_ms)
+
+
+def watch_committed(
+    bootstrap: str, group: str, topic: str, stop: threading.Event, seen: Callable[[Any], None]
+) -> None:
+    """Hand ``seen`` each record of ``topic`` as soon as a ``read_committed`` consumer
+    receives it, from the beginning, until ``stop`` is set. Blocks: run it on a thread."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
         }
+    )
+    consumer.subscribe([topic])
+    try:
+        while not stop.is_set():
+            for m in consumer.consume(1000, 0.05):
+                if m.error() is None:
+                    seen(m)
+    finally:
+        consumer.close()
+
+
+def percentiles(measured: Sequence[float]) -> dict[str, float]:
+    """The p50, p99 and max of ``measured`` (NaN when there is none)."""
+    values = sorted(measured)
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    return {
+        "p50": values[len(values) // 2],
+        "p99": values[min(len(values) - 1, int(len(values) * 0.99))],
+        "max": values[-1],
+    }
 
 
 def measure_latency(
@@ -84,30 +114,16 @@ def measure_latency(
     arrivals: list[tuple[int, int, bytes]] = []  # (arrival ms, enriched record ts, value)
     stop = threading.Event()
 
-    def watch() -> None:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"{topics.tag}-watch",
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 5,
-            }
-        )
-        consumer.subscribe([topics.name("enriched")])
-        try:
-            while not stop.is_set():
-                for m in consumer.consume(1000, 0.05):
-                    if m.error() is None:
-                        now = time.time_ns() // 1_000_000
-                        arrivals.append((now, m.timestamp()[1], m.value() or b""))
-        finally:
-            consumer.close()
+    def arrived(m: Message) -> None:
+        now = time.time_ns() // 1_000_000
+        arrivals.append((now, m.timestamp()[1], m.value() or b""))
 
     try:
         worker.wait_ready()
-        watcher = threading.Thread(target=watch, daemon=True)
+        enriched, group = topics.name("enriched"), f"{topics.tag}-watch"
+        watcher = threading.Thread(
+            target=watch_committed, args=(bootstrap, group, enriched, stop, arrived), daemon=True
+        )
         watcher.start()
         producer = fast_producer(bootstrap, **{"linger.ms": 1, "batch.size": 65536})
         warm_up = topics.name("out")
