@@ -132,17 +132,13 @@ def process_record(record: SourceRecord, settings: Settings, arrival_ms: int) ->
         if not raw:
             raise _Invalid("invalid_json", "the record has an empty value")
         if len(raw) > settings.max_batch_bytes:
-            # Keep the letter producible: only the head of a huge value is kept.
-            invalid = _Invalid(
+            # Not parsed, but carried whole when the dead-letter topic takes it, so the
+            # batch can be replayed; the letter is cut to that topic's limit, not this one.
+            raise _Invalid(
                 "too_large",
                 f"the record is {len(raw)} bytes, over the limit of "
                 f"{settings.max_batch_bytes} (worker.max_batch_bytes)",
             )
-            return [
-                _dead_letter(
-                    invalid, record, source, raw[: settings.max_batch_bytes], truncated=True
-                )
-            ]
         try:
             document = codec.decode(raw)
         except codec.DecodeError as e:
@@ -481,8 +477,6 @@ def _dead_letter(
     record: SourceRecord,
     source: Position,
     raw: bytes | None,
-    *,
-    truncated: bool = False,
 ) -> DeadLetter:
     key_bytes, ms = _input_record(record, source)
     origin = source.as_dict()
@@ -494,8 +488,6 @@ def _dead_letter(
     letter["value"], encoding = _text(raw)
     if encoding:
         letter["encoding"] = encoding
-    if truncated:
-        letter["truncated"] = True
     return DeadLetter(error.reason, key_bytes, letter)
 
 

@@ -163,6 +163,11 @@ def test_broker_restart_loses_and_duplicates_nothing(
     assert worker.stop() == 0
 
 
+# Over worker.max_batch_bytes (512 KiB) but within the dead-letter topic's 1 MB, with
+# characters of two bytes (a cut at a byte count would split one).
+OVERSIZED_BATCH = (
+    b'{"batch": [' + b",".join([b'{"type": "group", "d": "\xc3\xa9"}'] * 20_000) + b"]}"
+)
 POISON: list[tuple[str, bytes | None]] = [
     ("invalid_json", b"\xc3\x28\xa0\xa1 invalid utf-8"),
     ("invalid_json", b'{"type": "group", "groupId": "g", "userId": "u", "traits": {"na'),
@@ -178,6 +183,7 @@ POISON: list[tuple[str, bytes | None]] = [
     ("not_an_object", b"12345"),
     ("too_large", b'{"type": "group", "traits": {"d": "' + b"x" * 200_000 + b'"}}'),
     ("too_large", b'"' + b"x" * 10_000_000 + b'"'),
+    ("too_large", OVERSIZED_BATCH),
     ("missing_type", b'{"type": 7, "groupId": "g", "userId": "u"}'),
     ("missing_group_id", b'{"type": "group", "groupId": {"id": "g"}, "userId": "u"}'),
     ("missing_group_id", b'{"type": "group", "groupId": "g", "groupId": null, "userId": "u"}'),
@@ -200,8 +206,14 @@ def test_poison_corpus_is_dead_lettered_and_the_worker_goes_on(
 
     letters = values(read_topic(topics.dlq, expect=len(POISON)))
     assert Counter(letter["reason"] for letter in letters) == Counter(r for r, _ in POISON)
-    huge = next(letter for letter in letters if len(letter.get("value") or "") > 500_000)
+    huge = next(letter for letter in letters if len(letter.get("value") or "") > 900_000)
     assert huge["truncated"] is True
+    # A batch over worker.max_batch_bytes that the dead-letter topic takes is kept whole.
+    [batch] = [
+        letter for letter in letters if (letter.get("value") or "").startswith('{"batch": [')
+    ]
+    assert batch["value"].encode() == OVERSIZED_BATCH
+    assert "truncated" not in batch
     assert len(values(read_topic(topics.enriched, expect=1))) == 1
     assert worker.process is not None
     assert worker.process.poll() is None
