@@ -113,7 +113,7 @@ def check_format(record: Any, deployment: str = "") -> None:
     merge = record.get("merge") if isinstance(record, dict) else None
     if not isinstance(merge, dict):
         return
-    _check_version(merge.get("format", 1))
+    _check_newer(merge.get("format", 1))
     writer = merge.get("deployment")
     if deployment and writer is not None and writer != deployment:
         raise StateFormatError(
@@ -124,7 +124,15 @@ def check_format(record: Any, deployment: str = "") -> None:
 
 
 def _check_version(version: Any) -> None:
-    if version not in _READABLE_FORMATS:
+    if type(version) is not int or version not in _READABLE_FORMATS:
+        _check_newer(version)
+        raise ValueError(f"state record: merge.format {version!r} is not a format")
+
+
+def _check_newer(version: Any) -> None:
+    """Raise ``StateFormatError`` for the format of a newer worker: a whole number past
+    this one's. Any other value is no format at all (a malformed record, skipped)."""
+    if type(version) is int and version > FORMAT:
         raise StateFormatError(
             f"state record format {version!r}: this worker reads formats "
             f"{', '.join(map(str, _READABLE_FORMATS))}"

@@ -358,6 +358,20 @@ def test_a_state_record_of_a_newer_format_raises_on_apply(store: StateStore, spa
         store.apply_changelog(0, "state", entries, next_offset=2)
 
 
+def test_a_state_record_whose_format_is_no_format_reads_as_absent(store: StateStore) -> None:
+    """A ``merge.format`` that is no whole number (a forged or broken record) is a
+    malformed record, skipped, not a newer format: that stopped every restore of the
+    partition for good, as replays read every record, a tombstone after it too."""
+    record = state_record(state("g1"))
+    record["merge"]["format"] = {"a": 1}
+    entries = [(0, b"g0", codec.encode(state_record(state("g0"))), 0)]
+    entries.append((1, b"g1", codec.encode(record), 0))
+    with capture_logs() as logs:
+        store.apply_changelog(0, "state", entries, next_offset=2)
+        assert (store.get(0, "g0"), store.get(0, "g1")) == (state("g0"), None)
+    assert [log["event"] for log in logs] == ["store_record_skipped"]
+
+
 def test_a_state_record_of_another_deployment_raises_on_apply(make_store: MakeStore) -> None:
     """A store of deployment "a" writes its name into its state records, takes records
     naming it or none (older workers), and raises at one naming "b": two deployments
