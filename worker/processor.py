@@ -207,7 +207,7 @@ class Processor:
                 arrival = forwarded_arrival(record, now_ms)
                 forwarded = process_forwarded(record)
                 if isinstance(forwarded, Enriched):
-                    self._check_input(forwarded.call["enrichment"]["source"]["topic"])
+                    self._check_input(forwarded.call["enrichment"]["source"]["topic"], record)
                 self._finish(forwarded, record, partition, arrival, tally)
                 continue
             arrival = arrival_ms(record, now_ms)
@@ -234,7 +234,7 @@ class Processor:
                 self._finish(outcome, record, partition, arrival, tally)
         return len(records), handled
 
-    def _check_input(self, topic: str) -> None:
+    def _check_input(self, topic: str, record: SourceRecord) -> None:
         """Raise ``TopicError`` for a re-keyed call read from a topic other than the
         input: another deployment with the same ``worker.group_id`` (or a shared
         ``topics.repartition``) writes the repartition topic, and each would merge half
@@ -242,7 +242,8 @@ class Processor:
         routes = self._routes
         if topic != routes.input:
             raise TopicError(
-                f"topic {routes.repartition} holds calls read from topic {topic}, not from "
+                f"topic {routes.repartition} partition {record.partition()} offset "
+                f"{record.offset()} holds a call read from topic {topic}, not from "
                 f"this deployment's input {routes.input}: another deployment shares it (the "
                 "same worker.group_id or topics.repartition); each needs its own group id"
             )

@@ -165,7 +165,8 @@ def _replay(
         try:
             skipped += store.apply_changelog(partition, changelog, entries, start)
         except StateFormatError as e:
-            raise TopicError(f"topic {topic} partition {partition}: {e}") from None
+            where = f"topic {topic} partition {partition} offset {entries.offset}"
+            raise TopicError(f"{where}: {e}") from None
         finally:
             if isinstance(reader, Generator):
                 reader.close()
@@ -196,10 +197,12 @@ class _Counted:
         self._entries = entries
         self._progress = progress
         self.count = 0
+        self.offset = -1  # of the last record passed on: the one a store refused
 
     def __iter__(self) -> Iterator[ChangelogEntry]:
         unreported = 0
         for offset, key, value, timestamp in self._entries:
+            self.offset = offset
             yield offset, key or b"", value, timestamp
             # Told once the record was applied: ``progress`` may end the restore by
             # raising, and the store then keeps every record before it.
@@ -261,7 +264,7 @@ class KafkaRestorer:
                     if error is None:
                         headers = message.headers()
                         if headers is not None and headers != self._own:
-                            self._check_writer(headers, topic, partition)
+                            self._check_writer(headers, topic, partition, message.offset())
                         yield (
                             message.offset() or 0,
                             message.key(),
@@ -277,14 +280,15 @@ class KafkaRestorer:
         finally:
             self._consumer.unassign()
 
-    def _check_writer(self, headers: Any, topic: str, partition: int) -> None:
+    def _check_writer(self, headers: Any, topic: str, partition: int, offset: int | None) -> None:
         # A consumed record's headers: a list of (name, bytes or None).
         for name, value in headers:
             writer = value.decode(errors="replace") if isinstance(value, bytes) else value
             if name == DEPLOYMENT_HEADER and writer != self._deployment:
                 raise TopicError(
-                    f"topic {topic} partition {partition}: a record written by deployment "
-                    f"{writer!r} (its worker.group_id), not by this one ({self._deployment!r})"
+                    f"topic {topic} partition {partition} offset {offset}: a record written "
+                    f"by deployment {writer!r} (its worker.group_id), not by this one "
+                    f"({self._deployment!r})"
                     ": each deployment needs membership and dedupe topics of its own, or it "
                     "takes the other's members as known and its calls as duplicates"
                 )

@@ -264,15 +264,19 @@ def test_corrupt_repartition_record_is_a_dead_letter() -> None:
 def test_a_call_another_deployments_first_stage_read_stops_the_second_stage() -> None:
     """A re-keyed call read from a topic other than the input (another deployment with
     the same group id writes the repartition topic) raises TopicError naming both
-    topics: merged, each deployment took half of the other's calls into its state."""
+    topics and where the call is (to move past it): merged, each deployment took half of
+    the other's calls into its state."""
     routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
     processor, sink, store = make(routes)
     call = {"groupId": "g", "userId": "u", "messageId": "m", "timestamp": T0, "traits": {}}
     call["enrichment"] = {"warnings": [], "source": {**SOURCE, "topic": "other.raw"}}
-    with pytest.raises(TopicError, match=r"topic rep holds calls read from topic other\.raw"):
-        processor.process([Record("rep", 0, 0, codec.encode(call))])
-    assert store.group_count() == 0
-    assert sink.open == []
+    good = dict(call, groupId="g0", enrichment={"warnings": [], "source": SOURCE})
+    records = [Record("rep", 0, 6, codec.encode(good)), Record("rep", 0, 7, codec.encode(call))]
+    expected = r"topic rep partition 0 offset 7 holds a call read from topic other\.raw"
+    with pytest.raises(TopicError, match=expected):
+        processor.process(records)
+    assert store.get(0, "g") is None
+    assert {p.key for p in sink.open} <= {b"g0", b'["g0","userId","u"]', b'["g0","m"]'}
 
 
 def test_a_full_group_adds_its_warnings_to_any_forwarded_list() -> None:
