@@ -633,6 +633,29 @@ def test_a_record_stamped_days_ahead_arrives_now() -> None:
     assert store.seen(0, ("g1", "m3")) == now
 
 
+def test_a_call_without_times_of_its_own_stamped_days_ahead_happens_now() -> None:
+    """A call with no time of its own takes its record's timestamp as its event time,
+    but not one more than a day ahead of the clock: the group's lastSeenAt would stay in
+    the future for good. Its dead letters still show the record's timestamp."""
+    processor, sink, _ = make()
+    now, day = 1_700_000_000_000, 86_400_000  # FakeClock's
+    timeless = codec.decode(call("m1"))
+    del timeless["timestamp"]
+    records = [
+        Record("in", 0, 0, codec.encode(timeless), timestamp_ms=now + 300 * day),
+        Record("in", 0, 1, codec.encode({**timeless, "messageId": "m2"}), timestamp_ms=now + day),
+        Record("in", 0, 2, b"{", timestamp_ms=now + 300 * day),
+    ]
+    processor.process(records)
+    assert [c["timestamp"] for c in emitted(sink, "out")] == [
+        format_time(now),
+        format_time(now + day),
+    ]
+    assert emitted(sink, "out")[-1]["group"]["lastSeenAt"] == format_time(now + day)
+    [letter] = emitted(sink, "dlq")
+    assert letter["source"]["timestamp"] == format_time(now + 300 * day)
+
+
 def test_dedupe_ids_are_written_with_their_arrival_time() -> None:
     """Each applied id goes to the dedupe topic once, on its partition, its arrival as its
     value. The record is stamped when written (0: the producer's now), not with the
