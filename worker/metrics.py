@@ -127,10 +127,11 @@ class Metrics:
             f"{_PREFIX}_repartitioned_calls", "Calls re-keyed by groupId", registry=r
         )
         # With input_keyed_by_group_id, valid group calls whose record key is not their
-        # groupId: their group's state may be split over partitions (README).
+        # groupId, or not on the partition murmur2 gives it: their group's state may be
+        # split over partitions (README).
         self.unkeyed_calls = Counter(
             f"{_PREFIX}_unkeyed_calls",
-            "Group calls on an input said to be keyed by groupId, keyed otherwise",
+            "Group calls on an input said to be keyed by groupId, keyed or placed otherwise",
             registry=r,
         )
         # State, membership and dedupe records written to the changelog topics (coalesced).

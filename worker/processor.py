@@ -45,6 +45,7 @@ from worker.pipeline import (
     process_forwarded,
     process_record,
 )
+from worker.placement import partition_of
 from worker.profile import group_snapshot
 from worker.restore import DEPLOYMENT_HEADER
 from worker.sink import Refusal, Sink
@@ -64,6 +65,8 @@ _LOG_EVERY = 10.0
 _MAX_REFUSED = 10_000
 # Dedupe ids an expiry pass scans after a commit: about 10 ms (``expire_seen``).
 _EXPIRE_SLICE = 20_000
+# GroupIds whose partition is remembered; emptied when full.
+_PLACED_SIZE = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,7 @@ class Processor:
         read_limits: Callable[[], Mapping[str, int]] = dict,
         expire_slice: int = _EXPIRE_SLICE,
         deployment: str = "",
+        partitions: int = 0,
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -176,6 +180,10 @@ class Processor:
         self._refused: dict[tuple[Any, ...], str] = {}
         self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
         self._unkeyed_seen = False
+        # The keyed input's partition count (0: not checked), and each groupId's
+        # partition, memoised: murmur2 in Python is 1.5 µs a key.
+        self._partitions = partitions
+        self._placed: dict[str, int] = {}
 
     def process(self, records: list[SourceRecord]) -> Tally:
         """Produce every output of ``records`` and update the store; returns the tally."""
@@ -229,7 +237,9 @@ class Processor:
                         self._sink.produce(repartition, key, value, headers)
                         continue
                     outcome = self._unwritable(reason, repartition, value, record, outcome.call)
-                elif isinstance(outcome, Enriched) and not _keyed_by(record, outcome.group_id):
+                elif isinstance(outcome, Enriched) and not self._placed_by(
+                    record, outcome.group_id
+                ):
                     self._unkeyed(record, tally)
                 self._finish(outcome, record, partition, arrival, tally)
         return len(records), handled
@@ -247,6 +257,21 @@ class Processor:
                 f"this deployment's input {routes.input}: another deployment shares it (the "
                 "same worker.group_id or topics.repartition); each needs its own group id"
             )
+
+    def _placed_by(self, record: SourceRecord, group_id: str) -> bool:
+        """Whether ``record`` of the keyed input is keyed by ``group_id`` and on the
+        partition the Java client puts that key on (when the partition count is known)."""
+        key = record.key()
+        if key != group_id.encode() and key != group_id:
+            return False
+        if not self._partitions:
+            return True
+        partition = self._placed.get(group_id)
+        if partition is None:
+            if len(self._placed) >= _PLACED_SIZE:
+                self._placed.clear()
+            partition = self._placed[group_id] = partition_of(group_id.encode(), self._partitions)
+        return record.partition() == partition
 
     def _unkeyed(self, record: SourceRecord, tally: Tally) -> None:
         """Count a group call of the keyed input whose record is keyed otherwise (its
@@ -539,8 +564,3 @@ def _position(letter: DeadLetter) -> dict[str, Any]:
     position = {k: v for k, v in letter.letter["source"].items() if k not in _NOT_LOGGED}
     position["record_timestamp"] = letter.letter["source"].get("timestamp")
     return position
-
-
-def _keyed_by(record: SourceRecord, group_id: str) -> bool:
-    key = record.key()
-    return key == group_id.encode() or key == group_id

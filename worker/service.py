@@ -341,6 +341,7 @@ def build_runner(
         on_unwritable=lambda route: metrics.unwritable_outputs.labels(route).inc(),
         read_limits=lambda: read_limits(config),
         deployment=w.group_id,
+        partitions=partitions if w.input_keyed_by_group_id else 0,
     )
     restorer = KafkaRestorer(kafka.bootstrap_servers, w.group_id, kafka.properties)
     return Runner(settings, source, sink, processor, store, restorer, metrics, clock)

@@ -268,6 +268,8 @@ def produce(
             "bootstrap.servers": BOOTSTRAP,
             "enable.idempotence": True,
             "message.max.bytes": max_bytes + 1000,
+            # As the Java client places keys: what a keyed input must be partitioned by.
+            "partitioner": "murmur2_random",
         }
     )
     count, errors = produce_all(producer, topic, values)

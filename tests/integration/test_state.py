@@ -174,6 +174,8 @@ def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
     produce(topics.input, [(c["groupId"].encode(), codec.encode(c)) for c in first_calls])
     assert_converges(topics, fold(first_calls, topics))
     assert first.sample("group_worker_repartitioned_calls_total") == 0
+    # Produced with murmur2_random: each call on the partition the worker computes for it.
+    assert first.sample("group_worker_unkeyed_calls_total") == 0
     assert first.stop() == 0
     members_before = len(read_topic(topics.members, idle=2))
 

@@ -16,6 +16,7 @@ from worker.errors import KafkaError, TopicError
 from worker.events import Record, SourceRecord
 from worker.limits import WARNINGS_TRUNCATED, GroupBound, Limits
 from worker.pipeline import Settings
+from worker.placement import partition_of
 from worker.processor import Processor, Routes
 from worker.restore import Changelogs, restore_partition
 from worker.sink import Refusal
@@ -535,6 +536,22 @@ def test_calls_of_a_keyed_input_keyed_otherwise_are_counted_and_logged_once() ->
     assert [c["messageId"] for c in emitted(sink, "out")] == ["m1", "m2", "m3", "m4"]
     unkeyed = [e for e in logs if e["event"] == "input_not_keyed_by_group_id"]
     assert [(e["partition"], e["offset"]) for e in unkeyed] == [(0, 1)]
+
+
+def test_calls_of_a_keyed_input_off_their_groups_partition_are_counted() -> None:
+    """Keyed by groupId but not on the partition murmur2 gives it (a producer with
+    librdkafka's default partitioner, CRC32): counted as not keyed by groupId, as the
+    group's calls may be on two partitions, each keeping a state of its own."""
+    processor, _, _ = make(partitions=6)
+    home = partition_of(b"g1", 6)
+    elsewhere = (home + 1) % 6
+    batch: list[Any] = [
+        Record("in", home, 0, call("m1", "g1"), b"g1"),
+        Record("in", elsewhere, 0, call("m2", "g1"), b"g1"),
+        Record("in", home, 1, call("m3", "g1"), "g1"),
+    ]
+    assert processor.process(batch).unkeyed == 1
+    assert make()[0].process(batch).unkeyed == 0  # the partition count unknown: not checked
 
 
 def test_an_arrival_ahead_of_the_clock_expires_no_id_early() -> None:
