@@ -295,7 +295,8 @@ class KafkaRestorer:
 
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         """Low and high watermarks, retrying while metadata settles. Raises ``TopicError``
-        when ``topic`` has no such partition: the input got partitions it has not."""
+        when ``topic`` has no such partition for as long: the input got partitions it has
+        not (a broker restarting forgets a topic's partitions for a moment)."""
         tp = TopicPartition(topic, partition)
 
         def watermarks() -> tuple[int, int]:
@@ -304,13 +305,16 @@ class KafkaRestorer:
             except KafkaException as e:
                 if e.args[0].code() != ClientError._UNKNOWN_PARTITION:
                     raise
-                raise TopicError(
-                    f"topic {topic} has no partition {partition}, which the input has: a "
-                    "changelog needs as many partitions as the input (state is co-partitioned)"
-                ) from None
+                raise _NoPartition(f"{topic} has no partition {partition} yet") from None
             return low, high
 
-        return _retrying(watermarks, topic)
+        try:
+            return _retrying(watermarks, topic)
+        except _NoPartition:
+            raise TopicError(
+                f"topic {topic} has no partition {partition}, which the input has: a "
+                "changelog needs as many partitions as the input (state is co-partitioned)"
+            ) from None
 
     def topic_ids(self, topics: Sequence[str]) -> list[str]:
         """The topics' ids, from the cluster's metadata (retrying while it settles)."""
@@ -332,6 +336,10 @@ class KafkaRestorer:
         self._consumer.close()
 
 
+class _NoPartition(RetriableError):
+    """A partition the broker does not know (yet): retried, then a ``TopicError``."""
+
+
 def _retrying(call: Callable[[], _T], topic: str) -> _T:
     """``call()``, retried for up to ``_RETRY_SECONDS`` while it fails retriably."""
     deadline = time.monotonic() + _RETRY_SECONDS
@@ -340,7 +348,9 @@ def _retrying(call: Callable[[], _T], topic: str) -> _T:
             return call()
         except KafkaException as e:
             error = translate(e.args[0])
-            if not isinstance(error, RetriableError) or time.monotonic() > deadline:
-                raise error from None
-            log.info("restore_retrying", topic=topic, error=str(error))
-            time.sleep(0.5)
+        except RetriableError as e:
+            error = e
+        if not isinstance(error, RetriableError) or time.monotonic() > deadline:
+            raise error from None
+        log.info("restore_retrying", topic=topic, error=str(error))
+        time.sleep(0.5)

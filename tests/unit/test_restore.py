@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError as ClientError
+from confluent_kafka import KafkaException
 
 from tests.fakes import FakeRestorer, FakeSink
 from tests.unit.test_store import state
 from tests.unit.test_store_rocksdb import corrupt_blocks, dedupe_entries
-from worker import codec
+from worker import codec, restore
+from worker.errors import TopicError
 from worker.profile import state_record
 from worker.restore import Changelogs, Entry, restore_partition
 from worker.store import RocksDBStateStore
@@ -171,3 +175,44 @@ def test_files_that_fail_during_the_replay_are_rebuilt(store: RocksDBStateStore)
     assert (restored.states, store.seen_count(), versions(store, "a")) == (1, 20_000, [1])
     assert store.seen(0, ("g7", "m7")) == 2
     assert store.stored_offsets(0) == {"state": 1, "members": 0, "dedupe": 40_000}
+
+
+class _Forgetful:
+    """A consumer whose broker does not know the partition for its first ``misses`` asks
+    (a broker restarting), then gives its watermarks."""
+
+    def __init__(self, misses: int) -> None:
+        self.misses = misses
+        self.asked = 0
+
+    def get_watermark_offsets(self, tp: Any, timeout: float) -> tuple[int, int]:
+        self.asked += 1
+        if self.asked <= self.misses:
+            raise KafkaException(ClientError(ClientError._UNKNOWN_PARTITION))
+        return 3, 9
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("misses", "found"), [(2, True), (10**9, False)])
+def test_a_partition_the_broker_forgets_for_a_moment_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch, misses: int, found: bool
+) -> None:
+    """A changelog partition the broker does not know while it restarts is retried: it
+    stopped the worker, exit 2, as if the topic had too few partitions. One still
+    unknown when the retries run out is that TopicError."""
+    monkeypatch.setattr(restore, "_RETRY_SECONDS", 1.2)
+    monkeypatch.setattr(restore.time, "sleep", lambda _: None)
+    restorer = restore.KafkaRestorer("", "g", {"test.mock.num.brokers": "1"})
+    restorer._consumer.close()
+    consumer = restorer._consumer = _Forgetful(misses)  # type: ignore[assignment]
+    try:
+        if found:
+            assert restorer.bounds("g.state", 4) == (3, 9)
+            assert consumer.asked == 3
+        else:
+            with pytest.raises(TopicError, match=r"topic g\.state has no partition 4, which"):
+                restorer.bounds("g.state", 4)
+    finally:
+        restorer.close()
