@@ -255,7 +255,9 @@ class Processor:
                 f"topic {routes.repartition} partition {record.partition()} offset "
                 f"{record.offset()} holds a call read from topic {topic}, not from "
                 f"this deployment's input {routes.input}: another deployment shares it (the "
-                "same worker.group_id or topics.repartition); each needs its own group id"
+                "same worker.group_id or topics.repartition; each needs its own group id), "
+                "or this one's input changed before its calls from the old one were read "
+                "(run it with the old input until the topic's lag is 0)"
             )
 
     def _placed_by(self, record: SourceRecord, group_id: str) -> bool:

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource, NewTopic
 
 from worker.config import Config
+from worker.drain import check_drained
 from worker.errors import FatalError, KafkaError, RetriableError, TopicError
 from worker.kafka import client_config, list_topics
 
@@ -116,8 +117,9 @@ def ensure_topics(config: Config) -> Layout:
     Blocks on the admin API (up to 30 s per step). Raises ``RetriableError`` when no
     broker answers, ``TopicError`` with one clear line when a topic cannot be created, a
     co-partitioned topic's partition count differs from the input's, or a topic that
-    must be compacted is not; ``FatalError`` when the broker refuses the login, or this
-    principal lacks an ACL the worker needs on one of the topics (naming both).
+    must be compacted is not, or a keyed start finds calls left in the repartition topic
+    (``drain``); ``FatalError`` when the broker refuses the login, or this principal
+    lacks an ACL the worker needs on one of the topics (naming both).
     """
     admin = _admin(config)
     existing = _partition_counts(admin)
@@ -144,6 +146,9 @@ def ensure_topics(config: Config) -> Layout:
         [NewTopic(s.name, partitions, replication, config=s.create_configs()) for s in missing],
     )
     _check_access(admin, {s.name: needs[s.name] for s in missing})
+    repartition = config.topics.repartition
+    if config.worker.input_keyed_by_group_id and repartition in existing:
+        check_drained(config, repartition, existing[repartition])
     existing.update((s.name, partitions) for s in missing)
     return Layout(
         {n: existing[n] for n in [input_topic, *(s.name for s in specs)]},

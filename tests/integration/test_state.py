@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from tests.fakes import FakeClock, FakeSink
 from tests.integration.harness import (
+    BOOTSTRAP,
     PARTITIONS,
     Topics,
     WorkerProcess,
@@ -200,6 +202,43 @@ def test_input_keyed_by_group_id_and_restart_without_re_emitting_memberships(
     one.pop("updatedAt")
     assert one == expected_states["g7"]
     assert cli(topics, "state", "get", "no-such-group").returncode == 1
+
+
+def test_a_switch_to_keyed_input_refuses_calls_left_in_the_repartition_topic(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Switched to input_keyed_by_group_id = true, a deployment no longer reads its
+    repartition topic. After a clean drain in two stages, the keyed worker starts (the
+    topic's transaction markers are no calls); with a call its first stage left there (a
+    worker killed between the stages) a start stops, exit 2, naming the topic, as the
+    call would be lost unseen; once its group has read past it, it starts."""
+    keyed = {"WORKER_INPUT_KEYED_BY_GROUP_ID": "true"}
+    two_stages = WorkerProcess(topics, tmp_path, "two-stages")
+    workers.append(two_stages.start())
+    sent = calls(300, seed=4)
+    produce(topics.input, [(c["userId"].encode(), codec.encode(c)) for c in sent])
+    assert_converges(topics, fold(sent, topics))
+    assert two_stages.stop() == 0
+    switched = WorkerProcess(topics, tmp_path, "keyed", **keyed)
+    workers.append(switched.start())
+    assert switched.stop() == 0
+
+    produce(topics.repartition, [(b"g1", codec.encode(sent[0]))])
+    settings = {"WORKER_STATE_DIR": str(tmp_path / "state"), "HTTP_PORT": str(free_port())}
+    result = cli(topics, "run", **keyed, **settings)
+    lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("{")]
+    assert result.returncode == 2, lines
+    assert len(lines) == 1, lines
+    assert f"topic {topics.repartition} holds calls" in lines[0], lines
+
+    reader = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": topics.group_id})
+    ends = [TopicPartition(topics.repartition, p) for p in range(PARTITIONS)]
+    for end in ends:
+        end.offset = reader.get_watermark_offsets(end, timeout=10)[1]
+    reader.commit(offsets=ends, asynchronous=False)
+    reader.close()
+    workers.append(switched.start())
+    assert switched.stop() == 0
 
 
 def test_a_state_record_of_a_newer_format_stops_the_worker_at_restore(tmp_path: Path) -> None:
