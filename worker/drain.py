@@ -22,8 +22,8 @@ __all__ = ["check_drained"]
 
 log = structlog.get_logger("worker.drain")
 _TIMEOUT = 10.0
-# How long reading the unread part of each partition may take before it counts as a
-# broker not answering (the start is tried again).
+# How long reading the partitions' unread parts may take before it counts as a broker
+# not answering (the start is tried again).
 _READ_SECONDS = 30.0
 
 
