@@ -60,6 +60,7 @@ _SECRET_VALUES = (
 # its guarantees and the names of its consumer group and transactions hang on them, so
 # a value in [kafka] (which would win for its client) is refused.
 _WORKER_OWNED = {
+    "bootstrap.servers": "from kafka.bootstrap_servers",
     "group.id": "from worker.group_id",
     "group.instance.id": "from worker.group_instance_id",
     "transactional.id": "from worker.instance_id",
@@ -69,6 +70,9 @@ _WORKER_OWNED = {
     "enable.auto.offset.store": "from worker.processing_guarantee",
     "partition.assignment.strategy": "(cooperative-sticky, none under group.protocol consumer)",
     "enable.partition.eof": "(a restore reads each changelog to the end it reports)",
+    # A new deployment reads its input from the start (and a restore its changelogs):
+    # "latest" skipped every call sent before it joined, with no error.
+    "auto.offset.reset": "(earliest: nothing sent before a deployment starts is skipped)",
 }
 _CLIENT_SCOPES = ("consumer.", "producer.", "admin.")
 # What Kafka accepts as a topic name (besides "." and "..").

@@ -106,10 +106,12 @@ def check_properties(bootstrap_servers: str, properties: Mapping[str, str]) -> N
         settings: dict[str, Any] = {"log_level": 0}  # its connection attempts are no news
         if role == "consumer":
             settings["group.id"] = "group-worker-check"
+        if role == "producer":  # as the worker's are: acks=0 is refused here, not at run
+            settings["enable.idempotence"] = True
         try:
             client = kind(client_config(bootstrap_servers, properties, role, settings))
         except KafkaException as e:
-            error = e.args[0].str()
+            error = " ".join(e.args[0].str().split())  # one line: librdkafka's may be two
             raise ConfigError(f"config: kafka: {error} (librdkafka, for the {role})") from None
         if role == "consumer":
             client.close()

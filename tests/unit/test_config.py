@@ -259,6 +259,18 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         pytest.param(
             "", {"GROUP_WORKER_KAFKA_GROUP_ID": "other"}, "from worker.group_id", id="owned-env"
         ),
+        pytest.param(  # "latest": a new deployment skipped every call sent before it
+            "[kafka]\n'consumer.auto.offset.reset' = 'latest'\n",
+            {},
+            "kafka.consumer.auto.offset.reset is set by the worker (earliest",
+            id="owned-offset-reset",
+        ),
+        pytest.param(  # beat kafka.bootstrap_servers and its variable, unseen
+            "[kafka]\n'bootstrap.servers' = '127.0.0.1:2'\n",
+            {},
+            "kafka.bootstrap.servers is set by the worker from kafka.bootstrap_servers",
+            id="owned-bootstrap",
+        ),
         pytest.param(
             "[worker]\nphone_default_region = 'USA'\n",
             {},

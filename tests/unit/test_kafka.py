@@ -9,8 +9,15 @@ import pytest
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka import KafkaException, Producer
 
-from worker.errors import AbortableError, FatalClientError, FatalError, KafkaError, RetriableError
-from worker.kafka import RefusalWatch, client_config, produce_all, translate
+from worker.errors import (
+    AbortableError,
+    ConfigError,
+    FatalClientError,
+    FatalError,
+    KafkaError,
+    RetriableError,
+)
+from worker.kafka import RefusalWatch, check_properties, client_config, produce_all, translate
 from worker.logs import kafka_client_logger
 
 PROPERTIES = {
@@ -140,3 +147,32 @@ def test_the_size_limit_named_is_the_one_given() -> None:
         "record 1: Broker: Message size too large "
         "(2000 bytes; the producer's limit is message.max.bytes=1000)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("properties", "refused"),
+    [
+        ({"bogus.prop": "1"}, 'No such configuration property: "bogus.prop" (librdkafka, for the'),
+        # What idempotence forbids: it passed the check, and run rebuilt its clients for
+        # 80 s before it exited 1, a configuration error read as a Kafka fault.
+        ({"producer.acks": "0"}, "`acks` must be set to `all` when `enable.idempotence`"),
+        ({"producer.max.in.flight": "10"}, "`max.in.flight` must be set <= 5"),
+        # librdkafka's range errors end in a newline: the line stays one.
+        ({"producer.linger.ms": "-5"}, "outside allowed range 0..900000 (librdkafka, for the"),
+    ],
+)
+def test_properties_librdkafka_refuses_are_a_one_line_config_error(
+    properties: dict[str, str], refused: str
+) -> None:
+    """Properties a worker's client would refuse are refused before any command runs."""
+    with pytest.raises(ConfigError) as raised:
+        check_properties("127.0.0.1:1", properties)
+    assert refused in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_properties_librdkafka_takes_pass_the_check() -> None:
+    """The check builds the worker's clients, refusing nothing they take."""
+    check_properties(
+        "127.0.0.1:1", {"producer.linger.ms": "5", "consumer.fetch.max.bytes": "1048576"}
+    )
