@@ -20,7 +20,7 @@ import os
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +79,7 @@ _CLIENT_SCOPES = ("consumer.", "producer.", "admin.")
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _INTERNAL_TOPICS = ("repartition", "dedupe")
 _TOPIC_RULE = "only letters, digits, '.', '_' and '-', at most 249 characters"
+_INTEGER = re.compile(r"-?[0-9]+").fullmatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +183,16 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raw[section] = dict(values)
     _apply_environment(raw, os.environ if environ is None else environ)
     config = Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
+    variables = {
+        f"{section}.{key}": value.variable
+        for section, values in raw.items()
+        for key, value in values.items()
+        if isinstance(value, _Text)
+    }
     config = _with_internal_topics(config)
     region = config.worker.phone_default_region.strip().upper()  # "us" means "US"
     config = replace(config, worker=replace(config.worker, phone_default_region=region))
-    _validate(config)
+    _validate(config, lambda key: f"{key} ({variables[key]})" if key in variables else key)
     return config
 
 
@@ -237,34 +244,39 @@ def _legal_topic(name: str) -> bool:
     return name not in (".", "..") and _TOPIC_NAME.fullmatch(name) is not None
 
 
-def _validate(config: Config) -> None:
+def _validate(config: Config, named: Callable[[str], str]) -> None:
+    """Raise ``ConfigError`` for a value out of its range; ``named`` gives a key with the
+    environment variable that set it, if one did."""
     for name, lowest, highest in _RANGES:
         section, key = name.split(".")
         value = getattr(getattr(config, section), key)
         if value < lowest:
-            raise ConfigError(f"config: {name} must be at least {lowest}, got {value}")
+            raise ConfigError(f"config: {named(name)} must be at least {lowest}, got {value}")
         if value > highest:
-            raise ConfigError(f"config: {name} must be at most {highest}, got {value}")
+            raise ConfigError(f"config: {named(name)} must be at most {highest}, got {value}")
     replication = config.topics.replication_factor
     if replication == 0 or replication < -1:
         raise ConfigError(
-            "config: topics.replication_factor must be -1 (the broker's default) or at "
-            f"least 1, got {replication}"
+            f"config: {named('topics.replication_factor')} must be -1 (the broker's default) "
+            f"or at least 1, got {replication}"
         )
     if config.worker.max_batch_bytes < config.worker.max_event_bytes:
         raise ConfigError("config: worker.max_batch_bytes must be at least worker.max_event_bytes")
-    if not config.worker.group_id:
-        raise ConfigError("config: worker.group_id must not be empty")
-    if not config.kafka.bootstrap_servers.strip():
-        raise ConfigError("config: kafka.bootstrap_servers must not be empty")
-    if not config.worker.state_dir:
-        raise ConfigError("config: worker.state_dir must not be empty")
+    for name, text in (
+        ("worker.group_id", config.worker.group_id),
+        ("kafka.bootstrap_servers", config.kafka.bootstrap_servers.strip()),
+        ("worker.state_dir", config.worker.state_dir),
+    ):
+        if not text:
+            raise ConfigError(f"config: {named(name)} must not be empty")
+    if "\0" in config.worker.state_dir:
+        raise ConfigError(f"config: {named('worker.state_dir')} must not hold a NUL character")
     region = config.worker.phone_default_region
     if region and region not in phonenumbers.SUPPORTED_REGIONS:
         # libphonenumber ignores a region it does not know: no number would convert.
         raise ConfigError(
-            "config: worker.phone_default_region must be a region code phone numbers are "
-            f'known for ("US", "GB", "DE"...) or empty, got {region!r}'
+            f"config: {named('worker.phone_default_region')} must be a region code phone "
+            f'numbers are known for ("US", "GB", "DE"...) or empty, got {region!r}'
         )
     t = config.topics
     names = {
@@ -279,10 +291,11 @@ def _validate(config: Config) -> None:
     seen: dict[str, str] = {}
     for key, topic in names.items():
         if not topic:
-            raise ConfigError(f"config: topics.{key} must not be empty")
+            raise ConfigError(f"config: {named(f'topics.{key}')} must not be empty")
         if not _legal_topic(topic):
             raise ConfigError(
-                f"config: topics.{key} {topic!r} is not a legal topic name ({_TOPIC_RULE})"
+                f"config: {named(f'topics.{key}')} {topic!r} is not a legal topic name "
+                f"({_TOPIC_RULE})"
             )
         if topic in seen:
             raise ConfigError(f"config: topics.{key} and topics.{seen[topic]} are both {topic!r}")
@@ -384,10 +397,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if hint is int:
         if isinstance(value, _Text):
-            try:
-                value = int(value)
-            except ValueError:
-                raise ConfigError(f"config: {name} must be an integer, got {value!r}") from None
+            # ASCII digits only: int() also reads "1_000" and other scripts' digits.
+            if not _INTEGER(value.strip()):
+                raise ConfigError(f"config: {name} must be an integer, got {value!r}")
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config: {name} must be an integer, got {value!r}")
         if value < 0 and not name.endswith("replication_factor"):
@@ -407,4 +420,9 @@ def _librdkafka_value(key: str, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float | str):
         return str(value)
+    if isinstance(value, dict):  # a dotted key unquoted: security.protocol = "SSL"
+        raise ConfigError(
+            f'config: kafka.{key} is a table: write a librdkafka property quoted, "{key}.'
+            f'{next(iter(value), "")}" = ..., or TOML reads its dots as tables'
+        )
     raise ConfigError(f"config: kafka.{key} must be a string, number or boolean")

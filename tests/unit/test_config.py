@@ -173,7 +173,7 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         pytest.param(
             "",
             {"GROUP_WORKER_TOPICS_REPLICATION_FACTOR": "0"},
-            "topics.replication_factor must be -1",
+            "topics.replication_factor (GROUP_WORKER_TOPICS_REPLICATION_FACTOR) must be -1",
             id="replication-factor-env",
         ),
         pytest.param(
@@ -240,8 +240,38 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         pytest.param(
             "",
             {"GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": ""},
-            "kafka.bootstrap_servers must not be empty",
+            "kafka.bootstrap_servers (GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS) must not be empty",
             id="no-brokers",
+        ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_WORKER_BATCH_SIZE": "99999999"},
+            "worker.batch_size (GROUP_WORKER_WORKER_BATCH_SIZE) must be at most 100000",
+            id="range-env",
+        ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_TOPICS_INPUT": "a b"},
+            "topics.input (GROUP_WORKER_TOPICS_INPUT) 'a b' is not a legal topic name",
+            id="illegal-topic-env",
+        ),
+        pytest.param(  # int() reads these: 3 and 1000
+            "", {"GROUP_WORKER_WORKER_BATCH_SIZE": "\u0663"}, "must be an integer", id="arabic-3"
+        ),
+        pytest.param(
+            "", {"GROUP_WORKER_WORKER_BATCH_SIZE": "1_000"}, "must be an integer", id="1_000"
+        ),
+        pytest.param(
+            '[worker]\nstate_dir = "/tmp/a\\u0000b"\n',  # TOML reads the escape
+            {},
+            "worker.state_dir must not hold a NUL character",
+            id="nul-in-path",
+        ),
+        pytest.param(
+            '[kafka]\nsecurity.protocol = "SSL"\n',
+            {},
+            'kafka.security is a table: write a librdkafka property quoted, "security.protocol"',
+            id="unquoted-dotted-key",
         ),
         pytest.param(
             "[kafka]\n'producer.enable.idempotence' = false\n",
