@@ -14,7 +14,7 @@ from tests.fakes import FakeRestorer, FakeSink
 from tests.unit.test_store import state
 from tests.unit.test_store_rocksdb import corrupt_blocks, dedupe_entries
 from worker import codec, restore
-from worker.errors import TopicError
+from worker.errors import ConfigError, TopicError
 from worker.profile import state_record
 from worker.restore import Changelogs, Entry, restore_partition
 from worker.store import RocksDBStateStore
@@ -148,6 +148,15 @@ def test_each_process_claims_a_slot_of_its_own(tmp_path: Path) -> None:
     third = claim(tmp_path, "group/one")
     assert third.path == first.path
     assert claim(tmp_path, "..").path.parent.name == "%2E."
+
+
+def test_a_state_dir_that_cannot_be_used_is_a_config_error(tmp_path: Path) -> None:
+    """A state_dir that is a file (or read-only) is a setting to fix: one line naming
+    worker.state_dir, exit 2 like any bad setting (it exited 1, as a runtime failure)."""
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(ConfigError, match=r"^worker\.state_dir: cannot use .*: Not a directory$"):
+        claim(file, "g")
 
 
 def test_files_that_fail_during_the_replay_are_rebuilt(store: RocksDBStateStore) -> None:

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from tests.unit.test_store import EXPIRE_BEFORE_250, member, member_key, state, state_entry
 from worker import codec
 from worker.dedupe import seen_record_key
-from worker.errors import StoreCorrupt
+from worker.errors import StoreCorrupt, StoreError
 from worker.members import membership_record
 from worker.profile import state_record
 from worker.store import ChangelogEntry, RocksDBStateStore
@@ -532,5 +532,24 @@ def test_a_killed_process_leaves_a_consistent_store(directory: Path) -> None:
             state(g) for g in ("g1", "g2", "g3")
         ]
         assert (store.stored_offsets(0), store.group_count()) == ({"state": 3}, 3)
+    finally:
+        store.close()
+
+
+def test_a_partition_that_cannot_be_created_is_a_store_error(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files RocksDB cannot open are wiped and the database made again; when that fails
+    too (a full disk), the error names the state_dir (it was a traceback of an internal
+    exception)."""
+
+    def unusable(*_: object) -> None:
+        raise partition_module._Unusable("IO error: No space left on device")
+
+    monkeypatch.setattr(partition_module, "_open", unusable)
+    store = RocksDBStateStore(directory, cache_bytes=1 << 20)
+    try:
+        with pytest.raises(StoreError, match=r"worker\.state_dir: cannot create .*No space left"):
+            store.get(0, "g1")
     finally:
         store.close()

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from worker.errors import StoreError
+from worker.errors import ConfigError, StoreError
 
 __all__ = ["Claim", "claim"]
 
@@ -37,7 +37,8 @@ class Claim:
 def claim(state_dir: Path, group_id: str) -> Claim:
     """Take the first slot of ``group_id`` under ``state_dir`` that no process holds.
 
-    Raises ``StoreError`` when the directory cannot be created or every slot is held.
+    Raises ``ConfigError`` when the directory cannot be used (not a directory, not
+    writable: the setting is wrong), ``StoreError`` when every slot is held.
     """
     name = quote(group_id, safe="")
     if name.startswith("."):  # never ".", "..", or a hidden directory
@@ -56,7 +57,7 @@ def claim(state_dir: Path, group_id: str) -> Claim:
                 continue
             return Claim(path, fd)
     except OSError as e:
-        raise StoreError(
+        raise ConfigError(
             f"worker.state_dir: cannot use {e.filename or group_dir}: {e.strerror}"
         ) from None
     raise StoreError(f"worker.state_dir: all {_SLOTS} slots of {group_dir} are in use")

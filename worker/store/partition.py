@@ -135,7 +135,7 @@ class PartitionDB:
         ``store_partition_discarded``), else it is ``None``. A database without a
         source takes ``source``.
         Raises ``StoreError`` when the files are locked (another store has them open),
-        and RocksDB's error when a database cannot be created.
+        or a database cannot be created there (a full disk, a read-only one).
         """
         try:
             return cls(partition, *_open(path, memory, source)), None
@@ -143,7 +143,10 @@ class PartitionDB:
             reason = str(e)
         log.warning("store_partition_discarded", path=str(path), reason=reason)
         remove_files(path)
-        return cls(partition, *_open(path, memory, source)), reason
+        try:
+            return cls(partition, *_open(path, memory, source)), reason
+        except _Unusable as e:
+            raise StoreError(f"worker.state_dir: cannot create {path}: {e}") from None
 
     def get(self, key: bytes) -> bytes | None:
         """The value under ``key``, or ``None``."""
