@@ -272,7 +272,10 @@ def test_a_call_another_deployments_first_stage_read_stops_the_second_stage() ->
     call = {"groupId": "g", "userId": "u", "messageId": "m", "timestamp": T0, "traits": {}}
     call["enrichment"] = {"warnings": [], "source": {**SOURCE, "topic": "other.raw"}}
     good = dict(call, groupId="g0", enrichment={"warnings": [], "source": SOURCE})
-    records = [Record("rep", 0, 6, codec.encode(good)), Record("rep", 0, 7, codec.encode(call))]
+    records: list[SourceRecord] = [
+        Record("rep", 0, 6, codec.encode(good)),
+        Record("rep", 0, 7, codec.encode(call)),
+    ]
     expected = r"topic rep partition 0 offset 7 holds a call read from topic other\.raw"
     with pytest.raises(TopicError, match=expected):
         processor.process(records)
@@ -548,7 +551,7 @@ def test_calls_of_a_keyed_input_off_their_groups_partition_are_counted() -> None
     batch: list[Any] = [
         Record("in", home, 0, call("m1", "g1"), b"g1"),
         Record("in", elsewhere, 0, call("m2", "g1"), b"g1"),
-        Record("in", home, 1, call("m3", "g1"), "g1"),
+        Record("in", home, 1, call("m3", "g1"), b"g1"),
     ]
     assert processor.process(batch).unkeyed == 1
     assert make()[0].process(batch).unkeyed == 0  # the partition count unknown: not checked
@@ -658,7 +661,7 @@ def test_a_call_without_times_of_its_own_stamped_days_ahead_happens_now() -> Non
     now, day = 1_700_000_000_000, 86_400_000  # FakeClock's
     timeless = codec.decode(call("m1"))
     del timeless["timestamp"]
-    records = [
+    records: list[SourceRecord] = [
         Record("in", 0, 0, codec.encode(timeless), timestamp_ms=now + 300 * day),
         Record("in", 0, 1, codec.encode({**timeless, "messageId": "m2"}), timestamp_ms=now + day),
         Record("in", 0, 2, b"{", timestamp_ms=now + 300 * day),

@@ -212,7 +212,7 @@ def test_a_partition_the_broker_forgets_for_a_moment_is_asked_again(
     stopped the worker, exit 2, as if the topic had too few partitions. One still
     unknown when the retries run out is that TopicError."""
     monkeypatch.setattr(restore, "_RETRY_SECONDS", 1.2)
-    monkeypatch.setattr(restore.time, "sleep", lambda _: None)
+    monkeypatch.setattr("worker.restore.time.sleep", lambda _: None)
     restorer = restore.KafkaRestorer("", "g", {"test.mock.num.brokers": "1"})
     restorer._consumer.close()
     consumer = restorer._consumer = _Forgetful(misses)  # type: ignore[assignment]

@@ -826,7 +826,7 @@ def test_a_state_topic_in_an_unknown_format_stops_the_worker() -> None:
     source = FakeSource(FakeClock())
     sink = FakeSink()
     record = {"groupId": "g1", "merge": {"format": 99}}
-    sink.committed.append(Produced("state", b"g0", None, None, 0))  # offset 0
+    sink.committed.append(Produced("state", b"g0", b"{}", None, 0))  # offset 0: malformed
     sink.committed.append(Produced("state", b"g1", codec.encode(record), None, 0))
     runner, _ = build(source, sink)
     expected = r"topic state partition 0 offset 1: state record format 99"
