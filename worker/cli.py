@@ -27,7 +27,10 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.config == "":  # an unset variable ($CFG): not the default file, unseen
+        parser.error("--config: an empty file name")
     try:
         config = load_config(args.config) if args.config else load_config(_default_config())
         configure_logging(config.log.level)  # before any Kafka client: its lines are JSON too
@@ -49,10 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `group-worker tail ... | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the output cannot be written: a full disk, /dev/full
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor flushed at exit
+        print(f"group-worker: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="group-worker", description=__doc__.split("\n")[0])
+    summary = __doc__.split("\n")[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="group-worker", description=summary)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--config",
@@ -62,7 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.set_defaults(uses_kafka=True)
     # After the command too (`group-worker run --config FILE`), where it wins.
     config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="as above")
+    config.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="TOML configuration (default: config/worker.toml if present)",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser(

@@ -7,6 +7,7 @@ Kafka at all, so users can check their own data before deploying.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 import uuid
@@ -28,6 +29,9 @@ from worker.restore import KafkaRestorer
 __all__ = ["add_commands", "read_calls"]
 
 _UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
+# The longest line read whole: past it, the rest is the next line (a value that long is
+# a too_large dead letter either way).
+_MAX_LINE = 64 << 20
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -37,11 +41,11 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "send", help="produce JSON calls to the input topic", parents=[common]
     )
     send.add_argument("file", help="JSON lines, or one JSON array; - for standard input")
-    send.add_argument("--topic", help="topic to send to (default: topics.input)")
+    send.add_argument("--topic", type=_not_empty, help="topic to send to (default: topics.input)")
     send.add_argument(
         "--key-field",
         default="userId",
-        help="call field used as the record key, falling back to anonymousId",
+        help="call field used as the record key, falling back to anonymousId (default: userId)",
     )
     send.set_defaults(command=_send)
 
@@ -68,7 +72,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     get = state_commands.add_parser(
         "get", help="print one group's current profile", parents=[common]
     )
-    get.add_argument("group_id")
+    get.add_argument("group_id", help="exit 1 when the state topic has no such group")
     get.set_defaults(command=_state_get)
     dump = state_commands.add_parser(
         "dump", help="print every group's profile as JSON lines", parents=[common]
@@ -90,6 +94,13 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         normalise.set_defaults(command=_normalise, uses_kafka=False)
 
 
+def _not_empty(text: str) -> str:
+    """An argparse type: ``text``, refused when empty (an unset variable)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse type: ``kind(text)``, refused below ``low`` with one line naming both."""
 
@@ -105,24 +116,31 @@ def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def read_calls(data: bytes) -> Iterator[bytes]:
-    """The raw values in ``data``: each element of a JSON array, else each non-blank line.
+def read_calls(f: BinaryIO) -> Iterator[bytes]:
+    """The raw values in ``f``: each element of one JSON array, else each non-blank line
+    (ended by ``\n``, ``\r\n`` or ``\r``), read as they come. ``send`` and ``normalise``
+    read a file alike.
 
-    Lines are sent verbatim, as bytes, even when they are not UTF-8 (so invalid input can
-    be sent on purpose to test dead letters).
+    Lines are kept verbatim, as bytes, even when they are not UTF-8 (so invalid input can
+    be sent on purpose to test dead letters). A line is read ``_MAX_LINE`` bytes at most
+    at a time: an endless one (``/dev/zero``) never fills the memory.
     """
-    stripped = data.lstrip()
-    if stripped.startswith(b"["):
+    lines = iter(lambda: f.readline(_MAX_LINE), b"")
+    first = next((line for line in lines if line.strip()), b"")
+    if first.lstrip().startswith(b"["):
+        data = first + f.read()
         try:
-            calls = codec.decode(stripped)
+            calls = codec.decode(data)
         except codec.DecodeError:
             calls = None
         if isinstance(calls, list):
             yield from (codec.encode(call) for call in calls)
             return
-    for line in data.splitlines():
-        if line.strip():
-            yield line
+        lines = iter(data.splitlines())
+    else:
+        lines = itertools.chain([first], lines)
+    for chunk in lines:
+        yield from (line for line in chunk.splitlines() if line.strip())
 
 
 def _open(path: str) -> BinaryIO:
@@ -139,7 +157,7 @@ def _open(path: str) -> BinaryIO:
 def _send(config: Config, args: argparse.Namespace) -> int:
     topic = args.topic or config.topics.input
     with _open(args.file) as f:
-        values = list(read_calls(f.read()))
+        values = list(read_calls(f))
     settings = {"enable.idempotence": True, "partitioner": "murmur2_random"}
     kafka = config.kafka
     producer_config = client_config(kafka.bootstrap_servers, kafka.properties, "producer", settings)
@@ -264,10 +282,8 @@ def _normalise(config: Config, args: argparse.Namespace) -> int:
     now_ms = time.time_ns() // 1_000_000
     out = sys.stdout.buffer
     with _open(args.file) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = Record(source, 0, number, line.rstrip(b"\r\n"), timestamp_ms=now_ms)
+        for number, value in enumerate(read_calls(f), start=1):
+            record = Record(source, 0, number, value, timestamp_ms=now_ms)
             for outcome in process_record(record, settings, now_ms):
                 counts[f"outcome {outcome.kind}"] += 1
                 if isinstance(outcome, Enriched):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import codec
+from worker import codec, tools
 from worker.cli import main
 from worker.tools import read_calls
 
@@ -31,14 +32,39 @@ def group_worker(cwd: Path, *args: str, **environ: str) -> subprocess.CompletedP
     )
 
 
+def calls_in(data: bytes) -> list[bytes]:
+    return list(read_calls(io.BytesIO(data)))
+
+
 def test_read_calls_keeps_a_line_that_is_not_utf8_verbatim() -> None:
-    """Each non-blank line is a value, byte for byte, even one that is not UTF-8."""
-    assert list(read_calls(GROUP + b"\r\n\n" + NOT_UTF8 + b"\n")) == [GROUP, NOT_UTF8]
+    """Each non-blank line is a value, byte for byte, even one that is not UTF-8; a line
+    may end in \\n, \\r\\n or \\r."""
+    data = GROUP + b"\r\n\n" + NOT_UTF8 + b"\r" + GROUP + b"\n"
+    assert calls_in(data) == [GROUP, NOT_UTF8, GROUP]
 
 
-def test_read_calls_splits_a_json_array_into_calls() -> None:
-    """A JSON array gives one value per element."""
-    assert list(read_calls(b' [{"a": 1}, 2]')) == [b'{"a":1}', b"2"]
+@pytest.mark.parametrize("data", [b' [{"a": 1}, 2]', b'\n\n[\n  {"a": 1},\n  2\n]\n'])
+def test_read_calls_splits_a_json_array_into_calls(data: bytes) -> None:
+    """A JSON array gives one value per element, on one line or pretty-printed."""
+    assert calls_in(data) == [b'{"a":1}', b"2"]
+
+
+def test_read_calls_reads_an_endless_line_a_bounded_part_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line longer than _MAX_LINE comes in parts, so /dev/zero cannot fill the memory."""
+    monkeypatch.setattr(tools, "_MAX_LINE", 4)
+    assert calls_in(b"abcdefghij\n") == [b"abcd", b"efgh", b"ij"]
+
+
+def test_normalise_reads_a_json_array_as_send_does(tmp_path: Path) -> None:
+    """`normalise` splits a JSON array into its calls, as `send` does (it read the array
+    as one record: not_an_object, where the worker enriched both calls)."""
+    calls = tmp_path / "calls.json"
+    calls.write_bytes(b"[" + GROUP + b", " + GROUP.replace(b"u1", b"u2") + b"]\n")
+    result = group_worker(tmp_path, "normalise", "--summary", str(calls))
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert b"outcome enriched\t2" in result.stdout
 
 
 def test_normalise_dead_letters_a_line_that_is_not_utf8_and_goes_on(tmp_path: Path) -> None:
@@ -123,3 +149,30 @@ def test_config_is_taken_before_or_after_the_command(
     command = ["state", "get", "g"]
     assert main(option + command if where == "before" else command + option) == 2
     assert f"cannot read {tmp_path / 'missing.toml'}" in capsys.readouterr().err
+
+
+def test_an_empty_config_or_topic_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--config ""`` (an unset variable) used the default file, unseen; ``--topic ""``
+    sent to the input topic. Both are usage errors now, exit 2."""
+    for argv in (["--config", "", "normalise"], ["send", "x", "--topic", ""]):
+        with pytest.raises(SystemExit) as raised:
+            main(argv)
+        assert raised.value.code == 2
+    assert "--config: an empty file name" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """Output to a full disk ends the command with one line and exit 1 (a traceback)."""
+    calls = tmp_path / "calls.jsonl"
+    calls.write_bytes(GROUP + b"\n")
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", "normalise", str(calls)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == ["group-worker: No space left on device"]
