@@ -80,6 +80,8 @@ _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _INTERNAL_TOPICS = ("repartition", "dedupe")
 _TOPIC_RULE = "only letters, digits, '.', '_' and '-', at most 249 characters"
 _INTEGER = re.compile(r"-?[0-9]+").fullmatch
+# The largest configuration or secret file read.
+_MAX_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +167,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                document = tomllib.load(f)
+            document = tomllib.loads(_read_bounded(path, "the configuration").decode())
         except OSError as e:
             raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
@@ -328,7 +329,7 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
         if key.endswith("_file"):
             key = key.removesuffix("_file")
             try:
-                value = Path(value).read_text().strip()
+                value = _read_bounded(value, name).decode().strip()
             except OSError as e:
                 raise ConfigError(f"config: cannot read {name}={value}: {e.strerror}") from None
             except UnicodeDecodeError:  # a secret's: not echoed, nor where it fails
@@ -338,6 +339,16 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
         if section == "kafka" and key != "bootstrap_servers":
             key = key.replace("_", ".")
         raw.setdefault(section, {})[key] = _Text(value, name)
+
+
+def _read_bounded(path: str | Path, what: str) -> bytes:
+    """The bytes of ``path``; ``ConfigError`` past ``_MAX_FILE_BYTES`` (``/dev/zero``
+    given by mistake would fill the memory)."""
+    with open(path, "rb") as f:
+        data = f.read(_MAX_FILE_BYTES + 1)
+    if len(data) > _MAX_FILE_BYTES:
+        raise ConfigError(f"config: {path} ({what}) is over {_MAX_FILE_BYTES} bytes")
+    return data
 
 
 def _is_utf8(text: str) -> bool:

@@ -13,6 +13,7 @@ rebuilds end the process with exit code 1 instead.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import signal
@@ -234,8 +235,10 @@ def _serve(config: Config, metrics: Metrics, probes: Probes) -> ThreadingHTTPSer
     try:
         server = serve(http.host, http.port, metrics.registry, probes)
     except OSError as e:  # the port is taken, or the host is not this machine's
+        taken = e.errno in (errno.EADDRINUSE, errno.EACCES)
         raise ConfigError(
-            f"config: http.port: cannot listen on {http.host}:{http.port}: {e.strerror or e}"
+            f"config: {'http.port' if taken else 'http.host'}: cannot listen on "
+            f"{http.host}:{http.port}: {e.strerror or e}"
         ) from None
     log.info("http_listening", host=http.host, port=server.server_address[1])
     return server

@@ -404,3 +404,13 @@ def test_paths_to_secrets_and_the_environment_are_accepted(tmp_path: Path) -> No
         "ssl.ca.location": "/ca.pem",
         "sasl.password": "pw",
     }
+
+
+def test_an_endless_config_or_secret_file_is_refused_not_read_whole() -> None:
+    """/dev/zero given as the configuration or a secret's file filled the memory (a
+    MemoryError traceback); past 1 MiB it is one line."""
+    with pytest.raises(ConfigError, match=r"^config: /dev/zero \(the configuration\) is over"):
+        load_config("/dev/zero", {})
+    environ = {"GROUP_WORKER_KAFKA_SASL_PASSWORD_FILE": "/dev/zero"}
+    with pytest.raises(ConfigError, match=r"\(GROUP_WORKER_KAFKA_SASL_PASSWORD_FILE\) is over"):
+        load_config(None, environ)

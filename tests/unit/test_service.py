@@ -21,9 +21,10 @@ from confluent_kafka import KafkaException
 from tests.fakes import FakeClock
 from worker import service
 from worker.config import load_config
-from worker.errors import FatalClientError, FatalError, KafkaError, RetriableError
+from worker.errors import ConfigError, FatalClientError, FatalError, KafkaError, RetriableError
 from worker.limits import GroupBound, Limits
 from worker.metrics import Metrics
+from worker.server import Probes
 from worker.service import Loop, Supervisor
 
 
@@ -293,3 +294,13 @@ def _probes(port: int) -> tuple[int, int] | None:
         except OSError:
             return None
     return codes[0], codes[1]
+
+
+@pytest.mark.parametrize("host", ["256.1.1.1", "192.0.2.1"])
+def test_an_http_host_that_cannot_be_listened_on_is_named(host: str) -> None:
+    """A host that is no address, or not this machine's, is http.host's fault: the line
+    named http.port, which was fine."""
+    environ = {"GROUP_WORKER_HTTP_HOST": host, "GROUP_WORKER_HTTP_PORT": "0"}
+    config = load_config(None, environ)
+    with pytest.raises(ConfigError, match=rf"^config: http\.host: cannot listen on {host}:0: "):
+        service._serve(config, Metrics(), Probes(lambda: True, lambda: True))
