@@ -44,8 +44,8 @@ def check_drained(config: Config, topic: str, partitions: int) -> None:
         unread = _unread(consumer, topic, partitions)
     except KafkaException as e:
         error = translate(e.args[0])
-        if not isinstance(error, FatalError):
-            raise error from None
+        if not isinstance(error, FatalError):  # the start is tried again (await_topics)
+            raise RetriableError(f"cannot read topic {topic}: {error}") from None
         # Not allowed to read it (a keyed deployment's ACLs need not cover it).
         log.warning("repartition_topic_unchecked", topic=topic, error=str(error))
         return
