@@ -181,6 +181,14 @@ def run_service(config: Config) -> int:
         ready=lambda: supervisor is not None and supervisor.ready(),
     )
     server = _serve(config, metrics, probes)  # (1)
+    # Before the brokers answer: when they do not, this is what an operator checks.
+    log.info(
+        "config_loaded",
+        bootstrap_servers=config.kafka.bootstrap_servers,
+        kafka=redact(config.kafka.properties),
+        input=config.topics.input,
+        guarantee=config.worker.processing_guarantee,
+    )
     budget = config.worker.shutdown_timeout_seconds + _SHUTDOWN_MARGIN
     deadline: threading.Timer | None = None
     waiting = True  # for the brokers: a signal ends the wait, once
@@ -245,20 +253,12 @@ def _serve(config: Config, metrics: Metrics, probes: Probes) -> ThreadingHTTPSer
 
 
 def _limits(config: Config, layout: Layout) -> tuple[Limits, GroupBound]:
-    """The output topics' record limits and one group's bound, logged with the settings."""
+    """The output topics' record limits and one group's bound, logged."""
     limits = record_limits(config, layout)
     routes = runner_settings(config).routes
     w = config.worker
     bound = group_bound(limits, routes.enriched, routes.state, w.max_event_bytes, w.max_group_bytes)
-    log.info(
-        "config_loaded",
-        bootstrap_servers=config.kafka.bootstrap_servers,
-        kafka=redact(config.kafka.properties),
-        input=config.topics.input,
-        guarantee=w.processing_guarantee,
-        max_group_bytes=bound.new_keys,
-        max_group_growth_bytes=bound.any_growth,
-    )
+    log.info("group_bound", max_group_bytes=bound.new_keys, max_group_growth_bytes=bound.any_growth)
     return limits, bound
 
 

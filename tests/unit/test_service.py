@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -254,7 +255,8 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
 ) -> None:
     """Started with no broker to answer, the worker serves /healthz 200 and /readyz 503
     while it waits, and SIGTERM ends it at once with exit code 0, a second signal on
-    its heels too."""
+    its heels too. Its configuration is logged before the brokers answer (when they do
+    not, it is what an operator checks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -266,7 +268,7 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 20
@@ -277,6 +279,9 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
         time.sleep(0.1)
         worker.send_signal(signal.SIGINT)
         assert worker.wait(timeout=5) == 0
+        assert worker.stderr is not None
+        events = [json.loads(line)["event"] for line in worker.stderr.read().splitlines()]
+        assert "config_loaded" in events  # no broker ever answered
     finally:
         worker.kill()
         worker.wait()
