@@ -285,6 +285,8 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
     finally:
         worker.kill()
         worker.wait()
+        if worker.stderr is not None:
+            worker.stderr.close()
 
 
 def _probes(port: int) -> tuple[int, int] | None:
