@@ -33,6 +33,7 @@ from worker.limits import PRODUCER_MAX_DEFAULT
 from worker.logs import kafka_client_logger
 
 __all__ = [
+    "Interrupted",
     "RefusalWatch",
     "check_properties",
     "client_config",
@@ -214,6 +215,14 @@ def list_topics(client: Any, topic: str | None = None, timeout: float = 30.0) ->
             client.poll(0)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``produce_all``: ``delivered`` records were confirmed by then."""
+
+    def __init__(self, delivered: int) -> None:
+        super().__init__(delivered)
+        self.delivered = delivered
+
+
 def produce_all(
     producer: Producer,
     topic: str,
@@ -240,19 +249,22 @@ def produce_all(
         else:
             errors.append(f"record {index}: {error.str()}")
 
-    for index, (key, value) in enumerate(records, start=1):
-        try:
-            _produce(producer, topic, key, value, partial(on_delivery, index))
-        except KafkaException as e:
-            errors.append(f"record {index}: {_refusal(e.args[0], value, max_bytes)}")
-        if index % 1000 == 0:
-            producer.poll(0)
-    # Flushed in slices: a refusal raised by the error_cb (RefusalWatch) surfaces only
-    # when a flush call returns.
-    deadline = time.monotonic() + timeout
-    remaining = len(producer)
-    while remaining and time.monotonic() < deadline:
-        remaining = producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
+    try:
+        for index, (key, value) in enumerate(records, start=1):
+            try:
+                _produce(producer, topic, key, value, partial(on_delivery, index))
+            except KafkaException as e:
+                errors.append(f"record {index}: {_refusal(e.args[0], value, max_bytes)}")
+            if index % 1000 == 0:
+                producer.poll(0)
+        # Flushed in slices: a refusal raised by the error_cb (RefusalWatch) surfaces
+        # only when a flush call returns.
+        deadline = time.monotonic() + timeout
+        remaining = len(producer)
+        while remaining and time.monotonic() < deadline:
+            remaining = producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
+    except KeyboardInterrupt:
+        raise Interrupted(delivered) from None
     if remaining:
         errors.append(f"{remaining} records still undelivered after {timeout:.0f}s")
     return delivered, errors

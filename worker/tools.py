@@ -22,7 +22,14 @@ from worker import codec
 from worker.config import Config
 from worker.errors import FatalError, WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
-from worker.kafka import client_config, list_topics, produce_all, producer_max_bytes, translate
+from worker.kafka import (
+    Interrupted,
+    client_config,
+    list_topics,
+    produce_all,
+    producer_max_bytes,
+    translate,
+)
 from worker.pipeline import Settings, process_record
 from worker.restore import KafkaRestorer
 
@@ -164,7 +171,15 @@ def _send(config: Config, args: argparse.Namespace) -> int:
     producer = Producer(producer_config)
     records = ((_key(value, args.key_field), value) for value in values)
     limit = producer_max_bytes(producer_config)
-    delivered, failures = produce_all(producer, topic, records, max_bytes=limit)
+    try:
+        delivered, failures = produce_all(producer, topic, records, max_bytes=limit)
+    except Interrupted as e:  # what got there, so a retry knows what it repeats
+        print(
+            f"send: interrupted: {e.delivered} of {len(values)} calls confirmed delivered "
+            f"to {topic}; the rest may or may not have been",
+            file=sys.stderr,
+        )
+        raise
     if failures:
         raise WorkerError(
             f"send: {len(values) - delivered} of {len(values)} calls not sent to {topic}: "

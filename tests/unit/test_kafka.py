@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
@@ -17,7 +17,14 @@ from worker.errors import (
     KafkaError,
     RetriableError,
 )
-from worker.kafka import RefusalWatch, check_properties, client_config, produce_all, translate
+from worker.kafka import (
+    Interrupted,
+    RefusalWatch,
+    check_properties,
+    client_config,
+    produce_all,
+    translate,
+)
 from worker.logs import kafka_client_logger
 
 PROPERTIES = {
@@ -176,3 +183,20 @@ def test_properties_librdkafka_takes_pass_the_check() -> None:
     check_properties(
         "127.0.0.1:1", {"producer.linger.ms": "5", "consumer.fetch.max.bytes": "1048576"}
     )
+
+
+def test_ctrl_c_while_producing_says_how_many_were_delivered() -> None:
+    """Interrupted, produce_all raises Interrupted (a KeyboardInterrupt: still exit 130)
+    with the records confirmed so far, which ``send`` prints (it said nothing)."""
+    producer = Producer({"test.mock.num.brokers": "1"})
+
+    def records() -> Iterator[tuple[bytes | None, bytes | None]]:
+        yield b"k", b"1"
+        producer.flush(10)  # the first is delivered before the interrupt
+        yield b"k", b"2"
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as raised:
+        produce_all(producer, "t", records())
+    assert isinstance(raised.value, KeyboardInterrupt)
+    assert raised.value.delivered == 1
