@@ -251,6 +251,9 @@ class Runner:
 
     def on_lost(self, partitions: Sequence[Partition]) -> None:
         self._metrics.rebalances.labels("lost").inc()
+        # Out of the group (its session expired) until it joins again, when on_assign
+        # is called, with no partitions too: not ready meanwhile.
+        self.joined = False
         # Offsets of lost partitions can no longer be committed by this member.
         try:
             self._abort_and_rewind(set(partitions))
@@ -370,9 +373,11 @@ class Runner:
         m.calls_consumed.inc(tally.calls)
         m.repartitioned_calls.inc(tally.forwarded)
         m.unkeyed_calls.inc(tally.unkeyed)
+        m.changelog_records.inc(tally.changelog)
         for labels, counter in (
             (tally.outcomes, m.outcomes),
             (tally.reasons, m.dead_letters),
+            (tally.changelog_letters, m.dead_letters),
             (tally.skipped, m.skipped),
             (tally.warnings, m.trait_warnings),
         ):
@@ -436,7 +441,7 @@ class Runner:
         self._export_state_size()
 
     def _write_changelog(self) -> None:
-        self._metrics.changelog_records.inc(self._processor.write_changelog())
+        self._processor.write_changelog(self._tally)
 
     def _prepare_store(self) -> None:
         # Runs while the transaction commits: an error here must not pass for the

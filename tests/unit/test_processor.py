@@ -328,6 +328,41 @@ def test_a_hostile_group_is_bounded_and_other_groups_go_on() -> None:
     assert emitted(sink, "out")[-1]["group"]["traits"] == {"plan": "pro"}
 
 
+def test_a_state_record_dead_lettered_at_the_commit_is_counted_as_a_dead_letter() -> None:
+    """A state record too large for its topic, dead-lettered as the changelog is written,
+    is told to the tally (group_worker_dead_letters_total missed it, and the changelog
+    counter took it as written)."""
+    sink = FakeSink(transactional=False)
+    processor = Processor(
+        ROUTES,
+        Settings(),
+        InMemoryStateStore(),
+        sink,
+        FakeClock(),
+        dedupe_window_ms=3_600_000,
+        limits=Limits({"out": 100_000, "state": 300, "dlq": 100_000}),
+        bound=GroupBound(10_000, 10_000),
+    )
+    tally = processor.process(records(call("m1", name="x" * 400)))
+    assert processor.write_changelog(tally) == 3  # a state, a membership, a dedupe id
+    assert (tally.changelog, tally.changelog_letters) == (2, {"output_too_large": 1})
+    [letter] = emitted(sink, "dlq")
+    assert (letter["reason"], letter["source"]["topic"]) == ("output_too_large", "state")
+
+
+def test_trait_warnings_are_counted_where_found_in_either_layout() -> None:
+    """A trait warning is counted when its call is normalised, whatever becomes of the
+    call, so both layouts count alike: a duplicate's (a redelivery brings the bad trait
+    again) counted in two stages but not keyed, before."""
+    bad = call("m1", email="not an email")
+    keyed, _, _ = make()
+    tally = keyed.process(records(bad, bad))
+    assert tally.outcomes == {"enriched": 1, "duplicate": 1}
+    assert tally.warnings == {"invalid_email": 2}
+    stage_one, _, _ = make(Routes("in", "out", "dlq", "state", "members", repartition="rep"))
+    assert stage_one.process(records(bad, bad)).warnings == {"invalid_email": 2}
+
+
 def test_a_call_of_many_warnings_beside_a_full_group_still_fits() -> None:
     """A valid call whose traits make hundreds of warnings is enriched beside a full group."""
     sink = FakeSink(transactional=False)

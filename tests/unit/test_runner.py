@@ -234,6 +234,9 @@ def test_abortable_commit_aborts_and_replays_exactly_once() -> None:
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 3
     assert sample(metrics, "group_worker_calls_consumed_total") == 3
     assert sample(metrics, "group_worker_records_consumed_total") == 3
+    # The aborted batch's changelog records were counted too, as they were produced.
+    changelog = [p for p in sink.committed if p.topic in ("state", "members", "dedupe")]
+    assert sample(metrics, "group_worker_changelog_records_total") == len(changelog) > 0
 
 
 def test_a_produce_failing_half_way_through_a_batch_loses_no_record() -> None:
@@ -311,6 +314,29 @@ def test_lost_partitions_abort_and_keep_the_rest() -> None:
     assert sink.aborts == 1
     assert message_ids(sink) == ["m1"]
     assert sink.offset_commits[-1] == {("in", 0): 1}
+
+
+def test_a_member_that_lost_its_partitions_is_not_ready_until_it_joins_again() -> None:
+    """Partitions lost (its session expired, the broker away) leave the worker out of
+    the group: /readyz said 200 for the 100 s a broker was down, with no partitions."""
+    runner, source, _, _ = make()
+    source.append(group_call(1))
+    readiness: list[bool] = []
+
+    def lose(n: int) -> None:
+        assert runner is not None
+        if n == 2:
+            runner.on_lost([("in", 0)])
+            source.position.pop(("in", 0))
+            readiness.append(runner.ready)
+            source.rebalance(revoke=[], assign=[("in", 0)])  # joined again
+        if n == 4:
+            readiness.append(runner.ready)
+            runner.stop()
+
+    source.on_consume = lose
+    runner.run()
+    assert readiness == [False, True]
 
 
 def test_fatal_error_stops_the_loop_and_closes() -> None:
