@@ -332,17 +332,8 @@ def test_a_state_record_dead_lettered_at_the_commit_is_counted_as_a_dead_letter(
     """A state record too large for its topic, dead-lettered as the changelog is written,
     is told to the tally (group_worker_dead_letters_total missed it, and the changelog
     counter took it as written)."""
-    sink = FakeSink(transactional=False)
-    processor = Processor(
-        ROUTES,
-        Settings(),
-        InMemoryStateStore(),
-        sink,
-        FakeClock(),
-        dedupe_window_ms=3_600_000,
-        limits=Limits({"out": 100_000, "state": 300, "dlq": 100_000}),
-        bound=GroupBound(10_000, 10_000),
-    )
+    limits = Limits({"out": 100_000, "state": 300, "dlq": 100_000})
+    processor, sink, _ = make(limits=limits, bound=GroupBound(10_000, 10_000))
     tally = processor.process(records(call("m1", name="x" * 400)))
     assert processor.write_changelog(tally) == 3  # a state, a membership, a dedupe id
     assert (tally.changelog, tally.changelog_letters) == (2, {"output_too_large": 1})
