@@ -305,6 +305,10 @@ class KafkaRestorer:
             except KafkaException as e:
                 if e.args[0].code() != ClientError._UNKNOWN_PARTITION:
                     raise
+                # The client keeps what a broker shutting down told it (the topic, no
+                # partitions) until it asks again: only a metadata request for the topic
+                # lets a retry see the partition.
+                list_topics(self._consumer, topic, timeout=10)
                 raise _NoPartition(f"{topic} has no partition {partition} yet") from None
             return low, high
 

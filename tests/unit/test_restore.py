@@ -187,18 +187,24 @@ def test_files_that_fail_during_the_replay_are_rebuilt(store: RocksDBStateStore)
 
 
 class _Forgetful:
-    """A consumer whose broker does not know the partition for its first ``misses`` asks
-    (a broker restarting), then gives its watermarks."""
+    """A consumer told by a broker shutting down that the topic has no partitions: it
+    says so until it has asked for the topic's metadata ``misses`` times (while the
+    broker is away), then gives the partition's watermarks."""
 
     def __init__(self, misses: int) -> None:
         self.misses = misses
         self.asked = 0
+        self.refreshed = 0
 
     def get_watermark_offsets(self, tp: Any, timeout: float) -> tuple[int, int]:
         self.asked += 1
-        if self.asked <= self.misses:
+        if self.refreshed < self.misses:
             raise KafkaException(ClientError(ClientError._UNKNOWN_PARTITION))
         return 3, 9
+
+    def list_topics(self, topic: str, timeout: float) -> object:
+        self.refreshed += 1
+        return object()
 
     def close(self) -> None:
         pass
@@ -208,9 +214,11 @@ class _Forgetful:
 def test_a_partition_the_broker_forgets_for_a_moment_is_asked_again(
     monkeypatch: pytest.MonkeyPatch, misses: int, found: bool
 ) -> None:
-    """A changelog partition the broker does not know while it restarts is retried: it
-    stopped the worker, exit 2, as if the topic had too few partitions. One still
-    unknown when the retries run out is that TopicError."""
+    """A changelog partition the broker does not know while it restarts is asked for
+    again, after a metadata request for its topic (the client kept what the broker told
+    it as it shut down, and a minute of retries could not succeed): the worker stopped,
+    exit 2, as if the topic had too few partitions. One still unknown when the retries
+    run out is that TopicError."""
     monkeypatch.setattr(restore, "_RETRY_SECONDS", 1.2)
     monkeypatch.setattr("worker.restore.time.sleep", lambda _: None)
     restorer = restore.KafkaRestorer("", "g", {"test.mock.num.brokers": "1"})
