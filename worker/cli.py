@@ -7,6 +7,7 @@ configuration (one line on standard error naming the problem).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,9 @@ from worker.service import run_service
 from worker.topics import ensure_topics
 
 __all__ = ["main"]
+
+# Errors of a write that no retry mends: one line, not a traceback.
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,9 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `group-worker tail ... | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as e:  # the output cannot be written: a full disk, /dev/full
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor flushed at exit
-        print(f"group-worker: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:
+        if e.errno not in _UNWRITABLE:
+            raise
+        # The output cannot be written (a full disk, /dev/full), nor flushed at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"group-worker: {e.strerror}", file=sys.stderr)
         return 1
 
 
