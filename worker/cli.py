@@ -17,7 +17,7 @@ from confluent_kafka import KafkaException
 
 from worker import __version__, tools
 from worker.config import Config, load_config
-from worker.errors import ConfigError, TopicError, WorkerError
+from worker.errors import ConfigError, RetriableError, TopicError, WorkerError
 from worker.kafka import check_properties, translate
 from worker.logs import configure_logging
 from worker.service import run_service
@@ -49,7 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"group-worker: {e}", file=sys.stderr)
         return 1
     except KafkaException as e:  # a client call of a data command (tail, state) failed
-        print(f"group-worker: {translate(e.args[0])}", file=sys.stderr)
+        error = translate(e.args[0])
+        where = ""
+        if isinstance(error, RetriableError):  # a wrong address, most likely: name it
+            where = f" (kafka.bootstrap_servers = {config.kafka.bootstrap_servers})"
+        print(f"group-worker: {error}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

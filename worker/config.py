@@ -338,7 +338,10 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
             raise ConfigError(f"config: {name} is not UTF-8 text")
         if section == "kafka" and key != "bootstrap_servers":
             key = key.replace("_", ".")
-        raw.setdefault(section, {})[key] = _Text(value, name)
+        previous = raw.setdefault(section, {}).get(key)
+        if isinstance(previous, _Text):  # which wins would depend on the environment's order
+            raise ConfigError(f"config: {previous.variable} and {name} both set {section}.{key}")
+        raw[section][key] = _Text(value, name)
 
 
 def _read_bounded(path: str | Path, what: str) -> bytes:

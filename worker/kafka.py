@@ -264,6 +264,7 @@ def produce_all(
         while remaining and time.monotonic() < deadline:
             remaining = producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
     except KeyboardInterrupt:
+        producer.poll(0)  # the delivery reports already in
         raise Interrupted(delivered) from None
     if remaining:
         errors.append(f"{remaining} records still undelivered after {timeout:.0f}s")

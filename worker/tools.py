@@ -163,29 +163,36 @@ def _open(path: str) -> BinaryIO:
 
 def _send(config: Config, args: argparse.Namespace) -> int:
     topic = args.topic or config.topics.input
-    with _open(args.file) as f:
-        values = list(read_calls(f))
     settings = {"enable.idempotence": True, "partitioner": "murmur2_random"}
     kafka = config.kafka
     producer_config = client_config(kafka.bootstrap_servers, kafka.properties, "producer", settings)
-    producer = Producer(producer_config)
-    records = ((_key(value, args.key_field), value) for value in values)
-    limit = producer_max_bytes(producer_config)
-    try:
-        delivered, failures = produce_all(producer, topic, records, max_bytes=limit)
-    except Interrupted as e:  # what got there, so a retry knows what it repeats
-        print(
-            f"send: interrupted: {e.delivered} of {len(values)} calls confirmed delivered "
-            f"to {topic}; the rest may or may not have been",
-            file=sys.stderr,
-        )
-        raise
+    read = 0
+
+    def records(f: BinaryIO) -> Iterator[tuple[bytes | None, bytes]]:
+        nonlocal read
+        for value in read_calls(f):  # sent as they are read: `send -` may be a stream
+            read += 1
+            yield _key(value, args.key_field), value
+
+    with _open(args.file) as f:
+        producer = Producer(producer_config)
+        _topic(producer, topic, "send")
+        try:
+            delivered, failures = produce_all(
+                producer, topic, records(f), max_bytes=producer_max_bytes(producer_config)
+            )
+        except Interrupted as e:  # what got there, so a retry knows what it repeats
+            print(
+                f"group-worker: send: interrupted: {e.delivered} of the {read} calls read so "
+                f"far confirmed delivered to {topic}; the rest may or may not have been",
+                file=sys.stderr,
+            )
+            raise
     if failures:
         raise WorkerError(
-            f"send: {len(values) - delivered} of {len(values)} calls not sent to {topic}: "
-            f"{failures[0]}"
+            f"send: {read - delivered} of {read} calls not sent to {topic}: {failures[0]}"
         )
-    print(f"sent {len(values)} calls to {topic}", file=sys.stderr)
+    print(f"sent {read} calls to {topic}", file=sys.stderr)
     return 0
 
 
@@ -209,12 +216,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     consumer = Consumer(
         client_config(config.kafka.bootstrap_servers, config.kafka.properties, "consumer", settings)
     )
-    metadata = list_topics(consumer, args.topic, timeout=10)
-    topic = metadata.topics.get(args.topic)
-    if topic is None or (topic.error is not None and topic.error.code() == _UNKNOWN_TOPIC):
-        raise WorkerError(f"tail: no topic {args.topic}")
-    if topic.error is not None:  # not authorized, most likely: say so
-        raise WorkerError(f"tail: topic {args.topic}: {translate(topic.error)}")
+    topic = _topic(consumer, args.topic, "tail")
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
     consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
     seen, last = 0, time.monotonic()
@@ -227,7 +229,10 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
                 continue
             if (error := message.error()) is not None:
                 if isinstance(refused := translate(error), FatalError):  # an ACL: say so
-                    raise FatalError(f"tail: topic {args.topic}: {refused}")
+                    what = f"topic {args.topic}"
+                    if error.code() == ClientError.GROUP_AUTHORIZATION_FAILED:
+                        what = f"consumer group {settings['group.id']} (prefix group-worker-tail-)"
+                    raise FatalError(f"tail: {what}: {refused}")
                 continue
             last = time.monotonic()
             seen += 1
@@ -236,6 +241,17 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     finally:
         consumer.close()
     return 0
+
+
+def _topic(client: Any, name: str, command: str) -> Any:
+    """The metadata of topic ``name``; ``WorkerError`` when there is none, or when
+    ``client`` may not see it (an ACL)."""
+    topic = list_topics(client, name, timeout=10).topics.get(name)
+    if topic is None or (topic.error is not None and topic.error.code() == _UNKNOWN_TOPIC):
+        raise WorkerError(f"{command}: no topic {name}")
+    if topic.error is not None:  # not authorized, most likely: say so
+        raise WorkerError(f"{command}: topic {name}: {translate(topic.error)}")
+    return topic
 
 
 def _printable(message: Any) -> dict[str, Any]:

@@ -319,14 +319,20 @@ def values(records: Iterable[Message]) -> list[Any]:
 
 def cli(topics: Topics, *args: str, **environ: str) -> subprocess.CompletedProcess[bytes]:
     """Run ``group-worker ARGS`` against the test broker with ``topics``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
-    env.update(topics.environ(), GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS=BOOTSTRAP)
-    env.update({f"GROUP_WORKER_{k}": v for k, v in environ.items()})
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
         capture_output=True,
         timeout=60,
         cwd=ROOT,
         check=False,
-        env=env,
+        env=cli_environ(topics, **environ),
     )
+
+
+def cli_environ(topics: Topics, **environ: str) -> dict[str, str]:
+    """The environment of ``cli``: the test broker, ``topics``, and ``GROUP_WORKER_``
+    before each of ``environ``'s names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    env.update(topics.environ(), GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS=BOOTSTRAP)
+    env.update({f"GROUP_WORKER_{k}": v for k, v in environ.items()})
+    return env

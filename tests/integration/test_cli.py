@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Topics, cli, create_topic, read_topic
+from tests.integration.harness import ROOT, Topics, cli, cli_environ, create_topic, read_topic
 from worker import codec
 
 pytestmark = pytest.mark.integration
@@ -42,6 +45,66 @@ def test_send_of_an_oversized_call_says_which_in_one_line_and_sends_the_rest(
         f"({len(big)} bytes; the producer's limit is message.max.bytes=1000000)"
     ]
     assert [r.value() for r in read_topic(topics.input, expect=2)] == [GROUP, GROUP]
+
+
+def test_send_sends_standard_input_as_it_comes_and_an_interrupt_counts_what_it_read(
+    topics: Topics,
+) -> None:
+    """`send -` sends each line as it is read (it read the whole input first: a stream
+    sent nothing until it ended), and Ctrl-C while it waits for more says how many of
+    the calls read were delivered (it said nothing)."""
+    create_topic(topics.input, 1)
+    send = subprocess.Popen(
+        [sys.executable, "-m", "worker", "send", "-"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=cli_environ(topics),
+    )
+    try:
+        assert send.stdin is not None
+        send.stdin.write(GROUP + b"\n")
+        send.stdin.flush()
+        assert [r.value() for r in read_topic(topics.input, expect=1)] == [GROUP]
+        send.send_signal(signal.SIGINT)  # while it waits for the next line
+        _, stderr = send.communicate(timeout=30)
+    finally:
+        send.kill()
+    assert send.returncode == 130
+    assert stderr.decode().splitlines() == [
+        f"group-worker: send: interrupted: 1 of the 1 calls read so far confirmed delivered "
+        f"to {topics.input}; the rest may or may not have been"
+    ]
+
+
+def test_send_to_a_topic_that_does_not_exist_names_it(topics: Topics, tmp_path: Path) -> None:
+    """`send` to a missing topic says so before sending (it waited 30 s for the
+    producer's timeout, then named a record)."""
+    calls = tmp_path / "calls.jsonl"
+    calls.write_bytes(GROUP + b"\n")
+    result = cli(topics, "send", "--topic", f"{topics.input}-missing", str(calls))
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"group-worker: send: no topic {topics.input}-missing"
+    ]
+
+
+@pytest.mark.parametrize(
+    "command", [("send", "calls.jsonl"), ("state", "get", "g1"), ("tail", "x")], ids=" ".join
+)
+def test_a_broker_that_does_not_answer_is_named_by_its_setting(
+    topics: Topics, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A wrong address ends each data command with one line that names the setting and
+    the address tried, not a bare transport error."""
+    (tmp_path / "calls.jsonl").write_bytes(GROUP + b"\n")
+    args = [str(tmp_path / a) if a.endswith(".jsonl") else a for a in command]
+    result = cli(topics, *args, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("{")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("group-worker: ")
+    assert lines[0].endswith("(kafka.bootstrap_servers = 127.0.0.1:9)")
 
 
 def test_run_with_its_http_port_taken_exits_2_with_one_line(topics: Topics) -> None:

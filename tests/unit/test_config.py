@@ -123,6 +123,25 @@ def test_secret_is_read_from_a_file(tmp_path: Path) -> None:
     assert redact(config.kafka.properties) == {"sasl.password": "***"}
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_a_setting_given_by_two_variables_is_refused_naming_both(
+    tmp_path: Path, order: int
+) -> None:
+    """A password both in the environment and in a file (or a key spelt two ways): which
+    one won depended on the environment's order, so neither is taken."""
+    secret = tmp_path / "password"
+    secret.write_text("from-file\n")
+    variables = [
+        ("GROUP_WORKER_KAFKA_SASL_PASSWORD", "from-env"),
+        ("GROUP_WORKER_KAFKA_SASL_PASSWORD_FILE", str(secret)),
+    ][::order]
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, dict(variables))
+    first, second = (name for name, _ in variables)
+    assert str(raised.value) == f"config: {first} and {second} both set kafka.sasl.password"
+    assert "from-" not in str(raised.value)
+
+
 def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
     """What may not be written in the file (a secret value) is never shown in a log."""
     names = ["sasl.password", "ssl.key.pem", "sasl.oauthbearer.config", "ssl.keystore.password"]
