@@ -197,6 +197,11 @@ def secure_run(secure_broker: SecureBroker, tmp_path_factory: pytest.TempPathFac
             "state dump": ("state", "dump"),
         }.items():
             cli[name], _ = group_worker(oncall_config, t, *args, **as_oncall)
+        # The worker's principal reads the state topic (its restores), in no tail group.
+        tail_state = ("tail", t.state, "--from-beginning", "--timeout", "5")
+        cli["tail state as the worker"], _ = group_worker(
+            worker_config, t, *tail_state, **as_worker
+        )
         exit_code = worker.stop(timeout=60)
     finally:
         worker.kill()
@@ -257,6 +262,11 @@ def test_the_worker_runs_exactly_once_over_tls_with_only_the_documented_acls(
     assert denied.returncode == 1
     assert f"topic {run.topics.members}" in denied.stderr.decode()
     assert "TOPIC_AUTHORIZATION_FAILED" in denied.stderr.decode()
+    # A topic it may read, in a group it may not use: the group is named, not the topic.
+    no_group = run.cli["tail state as the worker"]
+    assert no_group.returncode == 1
+    assert "tail: consumer group group-worker-tail-" in no_group.stderr.decode()
+    assert "GROUP_AUTHORIZATION_FAILED" in no_group.stderr.decode()
 
 
 def test_the_password_is_in_no_log_metric_or_probe(secure_run: SecureRun) -> None:
