@@ -93,8 +93,11 @@ class KafkaSource:
         config = client_config(bootstrap_servers, properties, "consumer", settings)
         if str(config.get("group.protocol", "")).lower() == "consumer":
             # KIP-848: the broker assigns partitions (incrementally), and librdkafka
-            # refuses a client-side strategy.
+            # refuses a client-side strategy. Its range assignor spreads each topic's
+            # partitions over the members; its default (uniform) balances their total,
+            # which left one of two workers all of stage one, the other all of stage two.
             del config["partition.assignment.strategy"]
+            config.setdefault("group.remote.assignor", "range")
         self._consumer = Consumer(config)
         self._listener: RebalanceListener | None = None
         # Exceptions raised in rebalance callbacks are swallowed by the C client; keep

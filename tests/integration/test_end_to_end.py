@@ -276,7 +276,9 @@ def test_workers_on_the_consumer_group_protocol_share_the_calls_exactly_once(
 ) -> None:
     """With KIP-848 (group.protocol=consumer) two workers join, split the partitions and
     enrich every call once (the worker set a client-side assignor librdkafka refuses
-    with it, so it could not start)."""
+    with it, so it could not start). Each works in both stages: the broker's default
+    assignor gave one all the input's partitions and the other all the repartition
+    topic's, so the stateful stage ran on one."""
     # The broker keeps the session timeout under this protocol; the client may not set it.
     protocol = {
         "KAFKA_CONSUMER_GROUP_PROTOCOL": "consumer",
@@ -290,5 +292,15 @@ def test_workers_on_the_consumer_group_protocol_share_the_calls_exactly_once(
     produce(topics.input, [(None, codec.encode(group_call(n))) for n in range(100, 200)])
     enriched = values(read_topic(topics.enriched, expect=200))
     assert Counter(c["messageId"] for c in enriched) == Counter(f"m{n}" for n in range(200))
+    stages = (topics.input, topics.repartition)
+    wait_until(
+        lambda: all(
+            w.sample("group_worker_assigned_partitions", topic=t) >= 1
+            for w in (first, second)
+            for t in stages
+        ),
+        60,
+        "each worker to hold partitions of both stages",
+    )
     assert first.stop() == 0
     assert second.stop() == 0
