@@ -33,6 +33,8 @@ _LAG_INTERVAL = 5.0
 # Longest wait for a previous owner's open transaction before a restore: the worker's
 # transaction timeout (10 s) plus the broker's check for timed-out ones (10 s), and some.
 _SETTLE_TIMEOUT = 30.0
+# A wait for settled offsets this long (seconds) is logged.
+_SETTLE_LOGGED = 1.0
 _RESTORE_LOG_INTERVAL = 10.0
 # glibc's malloc_trim (returns the allocator's free memory to the system); None elsewhere.
 _MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
@@ -197,10 +199,19 @@ class Runner:
         if stateful:
             # Before restoring: a paused previous owner's last transaction may still
             # commit changelog records with these partitions' offsets.
+            started = self._clock.monotonic()
             try:
                 self._source.settle(stateful, _SETTLE_TIMEOUT)
             except (RetriableError, AbortableError) as e:
                 raise _callback_failed(f"waiting for the offsets of {_names(stateful)}", e) from e
+            waited = self._clock.monotonic() - started
+            if waited >= _SETTLE_LOGGED:  # a gap in the log (and /readyz 503) explained
+                log.info(
+                    "offsets_settled",
+                    partitions=_names(stateful),
+                    seconds=round(waited, 1),
+                    why="a transaction that sent offsets for them was open",
+                )
         for topic, partition in stateful:
             try:
                 self._restore(partition)

@@ -983,6 +983,23 @@ def test_offsets_settle_before_a_restore() -> None:
     assert sorted(set(steps[1:])) == [("read", 0), ("read", 1)]
 
 
+@pytest.mark.parametrize("seconds", [0.5, 12.0])
+def test_a_long_wait_for_settled_offsets_is_logged(seconds: float) -> None:
+    """A wait for a previous owner's open transaction (up to 30 s) says so in the log,
+    where nothing came between partitions_assigned and partition_restored."""
+    clock = FakeClock()
+    source, sink = FakeSource(clock, partitions=1), FakeSink()
+    runner, _ = build(source, sink, restorer=FakeRestorer(sink))
+    source.settle = lambda partitions, timeout: clock.sleep(seconds)  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        run_for(runner, source, 2)
+    settled = [e for e in logs if e["event"] == "offsets_settled"]
+    if seconds < 1:
+        assert settled == []
+    else:
+        assert [(e["partitions"], e["seconds"]) for e in settled] == [(["in[0]"], seconds)]
+
+
 @pytest.mark.parametrize("transactional", [True, False], ids=["exactly_once", "at_least_once"])
 def test_an_abort_that_ends_the_loop_commits_nothing_of_its_batch(transactional: bool) -> None:
     """An abort whose aftermath ends the loop (a refusal within the topic's limit: the
