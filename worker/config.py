@@ -16,11 +16,12 @@ and ``topics.dedupe`` are ``<worker.group_id>.repartition`` and ``<worker.group_
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -176,7 +177,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"config: {path} is not UTF-8 text") from None
         for section, values in document.items():
             if section not in _SECTIONS:
-                raise ConfigError(f"config: unknown section [{section}]")
+                hint = _did_you_mean(section, _SECTIONS, "[{}]")
+                raise ConfigError(f"config: unknown section [{section}]{hint}")
             if not isinstance(values, dict):
                 raise ConfigError(f"config: [{section}] must be a table")
             if section == "kafka":
@@ -385,11 +387,22 @@ def _build(section: str, values: dict[str, Any]) -> Any:
             if section == "kafka":
                 properties[key] = _librdkafka_value(key, value)
                 continue
-            raise ConfigError(f"config: unknown key {_named(f'{section}.{key}', value)}")
+            known = [k for k in hints if k != "properties"]
+            raise ConfigError(
+                f"config: unknown key {_named(f'{section}.{key}', value)}"
+                + _did_you_mean(key, known, f"{section}.{{}}")
+            )
         kwargs[key] = _coerce(_named(f"{section}.{key}", value), value, hints[key])
     if section == "kafka":
         kwargs["properties"] = properties
     return cls(**kwargs)
+
+
+def _did_you_mean(name: str, known: Iterable[str], shown: str) -> str:
+    """`` (did you mean X?)`` for the known name closest to a misspelt ``name``, if one
+    is close; X is that name in ``shown`` (a format: ``"[{}]"``)."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {shown.format(close[0])}?)" if close else ""
 
 
 def _named(key: str, value: Any) -> str:

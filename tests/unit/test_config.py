@@ -114,6 +114,15 @@ def test_environment_overrides_single_keys(tmp_path: Path) -> None:
     assert config.kafka.properties == {"sasl.username": "svc"}
 
 
+def test_an_unknown_key_like_no_known_one_gets_no_suggestion(tmp_path: Path) -> None:
+    """The suggestion is only for a name close to a known one."""
+    path = tmp_path / "worker.toml"
+    path.write_text("[worker]\nzzz = 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+    assert str(raised.value) == "config: unknown key worker.zzz"
+
+
 def test_secret_is_read_from_a_file(tmp_path: Path) -> None:
     """A _FILE variable reads the value from the named file, for mounted secrets."""
     secret = tmp_path / "password"
@@ -156,9 +165,17 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
     ("text", "environ", "message"),
     [
         pytest.param(
-            "[worker]\nbatch_sise = 1\n", {}, "unknown key worker.batch_sise", id="unknown-key"
+            "[worker]\nbatch_sise = 1\n",
+            {},
+            "unknown key worker.batch_sise (did you mean worker.batch_size?)",
+            id="unknown-key",
         ),
-        pytest.param("[wroker]\n", {}, "unknown section [wroker]", id="unknown-section"),
+        pytest.param(
+            "[wroker]\n",
+            {},
+            "unknown section [wroker] (did you mean [worker]?)",
+            id="unknown-section",
+        ),
         pytest.param(
             "[worker]\nbatch_size = 'many'\n",
             {},
@@ -225,7 +242,8 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         pytest.param(
             "",
             {"GROUP_WORKER_WORKER_BATCHSIZE": "10"},
-            "unknown key worker.batchsize (GROUP_WORKER_WORKER_BATCHSIZE)",
+            "unknown key worker.batchsize (GROUP_WORKER_WORKER_BATCHSIZE) "
+            "(did you mean worker.batch_size?)",
             id="env-unknown-key-names-the-variable",
         ),
         pytest.param(
