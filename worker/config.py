@@ -327,7 +327,9 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
         rest = name[len(_ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
         if section not in _SECTIONS or not key:
-            raise ConfigError(f"config: unknown environment variable {name}")
+            sections = [known.upper() for known in _SECTIONS]
+            hint = _did_you_mean(section.upper(), sections, f"{_ENV_PREFIX}{{}}_{key.upper()}")
+            raise ConfigError(f"config: unknown environment variable {name}{hint}")
         if key.endswith("_file"):
             key = key.removesuffix("_file")
             try:

@@ -12,6 +12,8 @@ re-raises it from the ``poll``, ``consume`` or ``flush`` that served the callbac
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -65,6 +67,8 @@ _REFUSAL_GRACE = 5.0
 _REFUSAL_RESET = 60.0
 # Slices of a metadata wait, between which the client is polled (see list_topics).
 _METADATA_SLICE = 0.5
+# produce_all serves delivery reports at least this often (seconds) while records come.
+_POLL_EVERY = 0.5
 
 
 def client_config(
@@ -223,6 +227,44 @@ class Interrupted(KeyboardInterrupt):
         self.delivered = delivered
 
 
+class HeldInterrupts:
+    """Ctrl-C (SIGINT) held while a client call runs Python callbacks, and raised as
+    ``KeyboardInterrupt`` once it returns: raised inside a callback, confluent-kafka
+    loses it (``SystemError``: a traceback, exit 1). Elsewhere (reading the input) it is
+    raised at once. A context manager; on a thread other than the main one, which takes
+    no signals, it holds nothing."""
+
+    def __init__(self) -> None:
+        self._holding = self._pending = False
+        self._previous: Any = None
+        self._main = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> HeldInterrupts:
+        if self._main:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._main:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """``method(*args)`` with Ctrl-C held until it returns."""
+        self._holding = True
+        try:
+            return method(*args)
+        finally:
+            self._holding = False
+            if self._pending:
+                self._pending = False
+                raise KeyboardInterrupt  # the interrupt wins over an error
+
+    def _on_sigint(self, *_: object) -> None:
+        if not self._holding:
+            raise KeyboardInterrupt
+        self._pending = True
+
+
 def produce_all(
     producer: Producer,
     topic: str,
@@ -231,13 +273,15 @@ def produce_all(
     max_bytes: int = PRODUCER_MAX_DEFAULT,
 ) -> tuple[int, list[str]]:
     """Produce every ``(key, value)`` to ``topic`` and wait for them all to be delivered.
+    Call from the main thread (it takes Ctrl-C: ``HeldInterrupts``).
 
     Blocks, serving deliveries, while the local queue is full, then flushes for up to
     ``timeout`` seconds. Returns how many were delivered and one line per failure,
     naming the record by its position (from 1): a record the producer refuses outright
     (e.g. larger than ``max_bytes``, the producer's ``message.max.bytes``), which does
     not stop the others, or one whose delivery failed; records still queued at the
-    timeout make one line together. Never raises for a single record.
+    timeout make one line together. Raises ``FatalError`` at the first delivery refused
+    for want of an ACL (every other record would be), and ``Interrupted`` on Ctrl-C.
     """
     errors: list[str] = []
     delivered = 0
@@ -246,26 +290,32 @@ def produce_all(
         nonlocal delivered
         if error is None:
             delivered += 1
+        elif error.code() in _NOT_AUTHORIZED:  # a stream's input may never end: say it now
+            raise FatalError(f"topic {topic}: {translate(error)}")
         else:
             errors.append(f"record {index}: {error.str()}")
 
-    try:
-        for index, (key, value) in enumerate(records, start=1):
-            try:
-                _produce(producer, topic, key, value, partial(on_delivery, index))
-            except KafkaException as e:
-                errors.append(f"record {index}: {_refusal(e.args[0], value, max_bytes)}")
-            if index % 1000 == 0:
-                producer.poll(0)
-        # Flushed in slices: a refusal raised by the error_cb (RefusalWatch) surfaces
-        # only when a flush call returns.
-        deadline = time.monotonic() + timeout
-        remaining = len(producer)
-        while remaining and time.monotonic() < deadline:
-            remaining = producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
-    except KeyboardInterrupt:
-        producer.poll(0)  # the delivery reports already in
-        raise Interrupted(delivered) from None
+    with HeldInterrupts() as held:
+        try:
+            polled = time.monotonic()
+            for index, (key, value) in enumerate(records, start=1):
+                try:
+                    held.call(_produce, producer, topic, key, value, partial(on_delivery, index))
+                except KafkaException as e:
+                    errors.append(f"record {index}: {_refusal(e.args[0], value, max_bytes)}")
+                if index % 1000 == 0 or time.monotonic() - polled > _POLL_EVERY:
+                    held.call(producer.poll, 0)
+                    polled = time.monotonic()
+            # Flushed in slices: a refusal raised by the error_cb (RefusalWatch) surfaces
+            # only when a flush call returns.
+            deadline = time.monotonic() + timeout
+            remaining = len(producer)
+            while remaining and time.monotonic() < deadline:
+                left = max(deadline - time.monotonic(), 0.0)
+                remaining = held.call(producer.flush, min(1.0, left))
+        except KeyboardInterrupt:
+            held.call(producer.poll, 0)  # the delivery reports already in
+            raise Interrupted(delivered) from None
     if remaining:
         errors.append(f"{remaining} records still undelivered after {timeout:.0f}s")
     return delivered, errors

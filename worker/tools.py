@@ -36,6 +36,8 @@ from worker.restore import KafkaRestorer
 __all__ = ["add_commands", "read_calls"]
 
 _UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
+# How long a topic may be unknown before a command says there is none (seconds).
+_TOPIC_WAIT = 5.0
 # The longest line read whole: past it, the rest is the next line (a value that long is
 # a too_large dead letter either way).
 _MAX_LINE = 64 << 20
@@ -244,13 +246,23 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
 
 
 def _topic(client: Any, name: str, command: str) -> Any:
-    """The metadata of topic ``name``; ``WorkerError`` when there is none, or when
-    ``client`` may not see it (an ACL)."""
-    topic = list_topics(client, name, timeout=10).topics.get(name)
-    if topic is None or (topic.error is not None and topic.error.code() == _UNKNOWN_TOPIC):
-        raise WorkerError(f"{command}: no topic {name}")
-    if topic.error is not None:  # not authorized, most likely: say so
-        raise WorkerError(f"{command}: topic {name}: {translate(topic.error)}")
+    """The metadata of topic ``name``; ``WorkerError`` when there is none (for
+    ``_TOPIC_WAIT`` seconds: a topic just created may not be known to every broker yet),
+    or when ``client`` may not see it (an ACL)."""
+    deadline = time.monotonic() + _TOPIC_WAIT
+    while True:
+        topic = list_topics(client, name, timeout=10).topics.get(name)
+        missing = topic is None or (
+            topic.error is not None and topic.error.code() == _UNKNOWN_TOPIC
+        )
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise WorkerError(f"{command}: no topic {name}")
+        time.sleep(0.5)
+    # Not authorized: say so. Others pass (a topic just created has no leader yet).
+    if topic.error is not None and isinstance(refused := translate(topic.error), FatalError):
+        raise WorkerError(f"{command}: topic {name}: {refused}")
     return topic
 
 

@@ -122,7 +122,7 @@ def ensure_topics(config: Config) -> Layout:
     lacks an ACL the worker needs on one of the topics (naming both).
     """
     admin = _admin(config)
-    existing = _partition_counts(admin)
+    existing = _partition_counts(admin, config.kafka.bootstrap_servers)
     input_topic = config.topics.input
     replication = config.topics.replication_factor
     if input_topic not in existing:
@@ -181,12 +181,15 @@ def _max_message_bytes(admin: AdminClient, specs: list[TopicSpec]) -> dict[str, 
     }
 
 
-def _partition_counts(admin: AdminClient) -> dict[str, int]:
+def _partition_counts(admin: AdminClient, servers: str) -> dict[str, int]:
     try:
         metadata = list_topics(admin, timeout=_REACH_TIMEOUT)
     except KafkaException as e:
         admin.poll(0)  # hand over the client's own lines (which broker failed, and how)
-        raise RetriableError(f"cannot reach Kafka to list topics: {e.args[0].str()}") from None
+        raise RetriableError(
+            f"cannot reach Kafka at {servers} (kafka.bootstrap_servers) to list topics: "
+            f"{e.args[0].str()}"
+        ) from None
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 
 

@@ -90,7 +90,9 @@ def test_send_to_a_topic_that_does_not_exist_names_it(topics: Topics, tmp_path: 
 
 
 @pytest.mark.parametrize(
-    "command", [("send", "calls.jsonl"), ("state", "get", "g1"), ("tail", "x")], ids=" ".join
+    "command",
+    [("send", "calls.jsonl"), ("state", "get", "g1"), ("tail", "x"), ("topics", "create")],
+    ids=" ".join,
 )
 def test_a_broker_that_does_not_answer_is_named_by_its_setting(
     topics: Topics, tmp_path: Path, command: tuple[str, ...]
@@ -104,7 +106,8 @@ def test_a_broker_that_does_not_answer_is_named_by_its_setting(
     lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("{")]
     assert len(lines) == 1, lines
     assert lines[0].startswith("group-worker: ")
-    assert lines[0].endswith("(kafka.bootstrap_servers = 127.0.0.1:9)")
+    assert "kafka.bootstrap_servers" in lines[0]
+    assert "127.0.0.1:9" in lines[0]
 
 
 def test_run_with_its_http_port_taken_exits_2_with_one_line(topics: Topics) -> None:

@@ -169,6 +169,10 @@ def secure_run(secure_broker: SecureBroker, tmp_path_factory: pytest.TempPathFac
     assert cli["topics create"].returncode == 0, cli["topics create"].stderr.decode()
     (tmp / "calls.jsonl").write_bytes(b"\n".join(corpus()) + b"\n")
     cli["send"], _ = group_worker(oncall_config, t, "send", str(tmp / "calls.jsonl"), **as_oncall)
+    # Oncall may read the enriched topic (so it sees it) but not write it.
+    cli["send to enriched"], _ = group_worker(
+        oncall_config, t, "send", "--topic", t.enriched, str(tmp / "calls.jsonl"), **as_oncall
+    )
     assert cli["send"].returncode == 0, cli["send"].stderr.decode()
 
     worker = WorkerProcess(
@@ -262,6 +266,13 @@ def test_the_worker_runs_exactly_once_over_tls_with_only_the_documented_acls(
     assert denied.returncode == 1
     assert f"topic {run.topics.members}" in denied.stderr.decode()
     assert "TOPIC_AUTHORIZATION_FAILED" in denied.stderr.decode()
+    # A delivery refused for an ACL ends send at once (a stream's input may never end).
+    unwritable = run.cli["send to enriched"]
+    assert unwritable.returncode == 1
+    assert unwritable.stderr.decode().splitlines()[-1] == (
+        f"group-worker: topic {run.topics.enriched}: not authorized (check the ACLs): "
+        "TOPIC_AUTHORIZATION_FAILED: Broker: Topic authorization failed"
+    )
     # A topic it may read, in a group it may not use: the group is named, not the topic.
     no_group = run.cli["tail state as the worker"]
     assert no_group.returncode == 1

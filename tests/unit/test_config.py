@@ -241,6 +241,13 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         ),
         pytest.param(
             "",
+            {"GROUP_WORKER_WROKER_BATCH_SIZE": "10"},
+            "unknown environment variable GROUP_WORKER_WROKER_BATCH_SIZE "
+            "(did you mean GROUP_WORKER_WORKER_BATCH_SIZE?)",
+            id="env-unknown-section",
+        ),
+        pytest.param(
+            "",
             {"GROUP_WORKER_WORKER_BATCHSIZE": "10"},
             "unknown key worker.batchsize (GROUP_WORKER_WORKER_BATCHSIZE) "
             "(did you mean worker.batch_size?)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -18,6 +20,7 @@ from worker.errors import (
     RetriableError,
 )
 from worker.kafka import (
+    HeldInterrupts,
     Interrupted,
     RefusalWatch,
     check_properties,
@@ -200,3 +203,25 @@ def test_ctrl_c_while_producing_says_how_many_were_delivered() -> None:
         produce_all(producer, "t", records())
     assert isinstance(raised.value, KeyboardInterrupt)
     assert raised.value.delivered == 1
+
+
+def test_ctrl_c_inside_a_client_call_is_raised_once_it_returns() -> None:
+    """A SIGINT while a held call runs (a client's Python callbacks, where confluent-kafka
+    loses the KeyboardInterrupt: SystemError, a traceback and exit 1 for `send`) lets the
+    call finish, then raises; outside a call it raises at once; the handler is put back."""
+    finished = []
+
+    def interrupted_call() -> str:
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append(True)
+        return "done"
+
+    before = signal.getsignal(signal.SIGINT)
+    with HeldInterrupts() as held:
+        with pytest.raises(KeyboardInterrupt):
+            held.call(interrupted_call)
+        assert finished == [True]
+        assert held.call(lambda: "again") == "again"  # nothing left pending
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
