@@ -231,13 +231,16 @@ class HeldInterrupts:
     """Ctrl-C (SIGINT) held while a client call runs Python callbacks, and raised as
     ``KeyboardInterrupt`` once it returns: raised inside a callback, confluent-kafka
     loses it (``SystemError``: a traceback, exit 1). Elsewhere (reading the input) it is
-    raised at once. A context manager; on a thread other than the main one, which takes
-    no signals, it holds nothing."""
+    raised at once. A context manager; it holds nothing on a thread other than the main
+    one, which takes no signals, nor when SIGINT is not Python's (ignored: ``nohup``)."""
 
     def __init__(self) -> None:
         self._holding = self._pending = False
         self._previous: Any = None
-        self._main = threading.current_thread() is threading.main_thread()
+        self._main = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
 
     def __enter__(self) -> HeldInterrupts:
         if self._main:

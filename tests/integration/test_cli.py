@@ -60,6 +60,8 @@ def test_send_sends_standard_input_as_it_comes_and_an_interrupt_counts_what_it_r
         stderr=subprocess.PIPE,
         cwd=ROOT,
         env=cli_environ(topics),
+        # As in a terminal: a test run in the background inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert send.stdin is not None

@@ -216,12 +216,28 @@ def test_ctrl_c_inside_a_client_call_is_raised_once_it_returns() -> None:
         finished.append(True)
         return "done"
 
-    before = signal.getsignal(signal.SIGINT)
-    with HeldInterrupts() as held:
-        with pytest.raises(KeyboardInterrupt):
-            held.call(interrupted_call)
-        assert finished == [True]
-        assert held.call(lambda: "again") == "again"  # nothing left pending
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own handler, as in a terminal (a run in the background ignores SIGINT).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with HeldInterrupts() as held:
+            with pytest.raises(KeyboardInterrupt):
+                held.call(interrupted_call)
+            assert finished == [True]
+            assert held.call(lambda: "again") == "again"  # nothing left pending
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_an_ignored_ctrl_c_stays_ignored() -> None:
+    """Under ``nohup`` (SIGINT ignored) nothing is installed: the signal stays ignored."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with HeldInterrupts() as held:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+            assert held.call(lambda: "ran") == "ran"
+    finally:
+        signal.signal(signal.SIGINT, before)
