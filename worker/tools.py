@@ -156,6 +156,8 @@ def _open(path: str) -> BinaryIO:
     """``path`` (``-``: standard input) for reading bytes: input need not be UTF-8.
     Raises ``WorkerError`` naming the file when it cannot be opened."""
     if path == "-":
+        if sys.stdin is None:  # closed by the caller (`<&-`)
+            raise WorkerError("cannot read standard input: it is closed")
         return sys.stdin.buffer
     try:
         return open(path, "rb")
@@ -178,14 +180,15 @@ def _send(config: Config, args: argparse.Namespace) -> int:
 
     with _open(args.file) as f:
         producer = Producer(producer_config)
-        _topic(producer, topic, "send")
         try:
+            _topic(producer, topic, "send")
             delivered, failures = produce_all(
                 producer, topic, records(f), max_bytes=producer_max_bytes(producer_config)
             )
-        except Interrupted as e:  # what got there, so a retry knows what it repeats
+        except KeyboardInterrupt as e:  # what got there, so a retry knows what it repeats
+            confirmed = e.delivered if isinstance(e, Interrupted) else 0
             print(
-                f"group-worker: send: interrupted: {e.delivered} of the {read} calls read so "
+                f"group-worker: send: interrupted: {confirmed} of the {read} calls read so "
                 f"far confirmed delivered to {topic}; the rest may or may not have been",
                 file=sys.stderr,
             )

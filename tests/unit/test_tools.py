@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,51 @@ def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path: Path, command
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"group-worker: cannot read {path}: "), lines
         assert why in lines[0], lines
+
+
+@pytest.mark.parametrize("command", ["send", "normalise"])
+def test_standard_input_closed_is_named_in_one_line(tmp_path: Path, command: str) -> None:
+    """`-` with standard input closed (`<&-`) is one line, exit 1 (it was a traceback)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", command, "-"],
+        capture_output=True,
+        cwd=tmp_path,
+        env={**env, "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"},
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        "group-worker: cannot read standard input: it is closed"
+    ]
+
+
+def test_ctrl_c_before_anything_is_sent_says_so(tmp_path: Path) -> None:
+    """Ctrl-C while `send` still asks for its topic (here a broker that never answers)
+    prints the count, none (it printed nothing), exit 130."""
+    (tmp_path / "calls.jsonl").write_bytes(GROUP + b"\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    send = subprocess.Popen(
+        [sys.executable, "-m", "worker", "send", "calls.jsonl", "--topic", "t"],
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**env, "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    try:
+        assert send.stderr is not None
+        first = send.stderr.readline()  # the client's first line: it asks the broker
+        send.send_signal(signal.SIGINT)
+        _, stderr = send.communicate(timeout=30)
+    finally:
+        send.kill()
+    assert send.returncode == 130, first + stderr
+    assert stderr.decode().splitlines()[-1] == (
+        "group-worker: send: interrupted: 0 of the 0 calls read so far confirmed delivered "
+        "to t; the rest may or may not have been"
+    )
 
 
 @pytest.mark.parametrize(
