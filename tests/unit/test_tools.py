@@ -21,16 +21,20 @@ NOT_UTF8 = b'{"type":"group","groupId":"g\xff","userId":"u1"}'
 
 def group_worker(cwd: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[bytes]:
     """``group-worker ARGS`` in ``cwd``, with no ``GROUP_WORKER_`` variables but ``environ``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
-    env.update(environ)
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
         capture_output=True,
         cwd=cwd,
-        env=env,
+        env=own_environ(**environ),
         timeout=60,
         check=False,
     )
+
+
+def own_environ(**environ: str) -> dict[str, str]:
+    """This process's environment without its ``GROUP_WORKER_`` variables, plus ``environ``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
+    return {**env, **environ}
 
 
 def calls_in(data: bytes) -> list[bytes]:
@@ -99,12 +103,11 @@ def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path: Path, command
 @pytest.mark.parametrize("command", ["send", "normalise"])
 def test_standard_input_closed_is_named_in_one_line(tmp_path: Path, command: str) -> None:
     """`-` with standard input closed (`<&-`) is one line, exit 1 (it was a traceback)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
     result = subprocess.run(
         [sys.executable, "-m", "worker", command, "-"],
         capture_output=True,
         cwd=tmp_path,
-        env={**env, "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"},
+        env=own_environ(GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9"),
         timeout=60,
         check=False,
         preexec_fn=lambda: os.close(0),
@@ -119,12 +122,11 @@ def test_ctrl_c_before_anything_is_sent_says_so(tmp_path: Path) -> None:
     """Ctrl-C while `send` still asks for its topic (here a broker that never answers)
     prints the count, none (it printed nothing), exit 130."""
     (tmp_path / "calls.jsonl").write_bytes(GROUP + b"\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
     send = subprocess.Popen(
         [sys.executable, "-m", "worker", "send", "calls.jsonl", "--topic", "t"],
         stderr=subprocess.PIPE,
         cwd=tmp_path,
-        env={**env, "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"},
+        env=own_environ(GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9"),
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
     )
     try:
