@@ -102,6 +102,8 @@ class Restored:
     rebuilt: str | None = None
     # Whether RocksDB failed on the data during the replay (the reason it was rebuilt).
     failed: bool = False
+    # False when ``until`` cut the replay short: a later call goes on from where it ended.
+    finished: bool = True
 
 
 def restore_partition(
@@ -110,6 +112,7 @@ def restore_partition(
     topics: Changelogs,
     partition: int,
     progress: Callable[[int], None] = lambda _: None,
+    until: Callable[[], bool] = lambda: False,
 ) -> Restored:
     """Bring ``store``'s copy of ``partition`` up to date with its changelogs; blocks.
 
@@ -124,7 +127,9 @@ def restore_partition(
     and skipped); RocksDB failing on the files on the way (``StoreCorrupt``) wipes them,
     and the replay starts again from the beginning. ``progress`` is called with the
     number of records read since its last call, every ``_PROGRESS_EVERY`` records and
-    at the end. Raises ``KafkaError`` subclasses when the topics cannot be read, and
+    at the end. When ``until()`` (asked at those times) is true, the replay stops there,
+    with what it read stored, and ``Restored.finished`` is false: called again, it goes
+    on from the stored offsets. Raises ``KafkaError`` subclasses when the topics cannot be read, and
     ``TopicError`` when the state topic holds records in a format this worker does not
     read (a newer worker wrote them).
     """
@@ -135,13 +140,13 @@ def restore_partition(
         starts = store.stored_offsets(partition)
         stale = _stale(restorer, topics, partition, starts)  # (2)
         if stale is None:
-            return _replay(restorer, store, topics, partition, starts, progress, rebuilt)  # (3)
+            return _replay(restorer, store, topics, partition, starts, progress, until, rebuilt)
     except StoreCorrupt as e:
         stale, failed = str(e), True
     log.warning("store_partition_stale", partition=partition, reason=stale)
     store.wipe(partition)
     store.open_partition(partition, source)
-    restored = _replay(restorer, store, topics, partition, {}, progress, stale)
+    restored = _replay(restorer, store, topics, partition, {}, progress, until, stale)
     return replace(restored, failed=failed)
 
 
@@ -152,16 +157,18 @@ def _replay(
     partition: int,
     starts: Mapping[Changelog, int],
     progress: Callable[[int], None],
+    until: Callable[[], bool],
     rebuilt: str | None,
 ) -> Restored:
-    read: dict[Changelog, int] = {}
+    read = {"state": 0, "members": 0, "dedupe": 0}
     skipped = 0
+    finished = True
     for changelog, topic in topics.by_role():
         start = starts.get(changelog, 0)
         # Closed here however the apply ends: a reader left open would release its
         # partition whenever it is collected, maybe in the middle of the next read.
         reader = restorer.read(topic, partition, start)
-        entries = _Counted(reader, progress)
+        entries = _Counted(reader, progress, until)
         try:
             skipped += store.apply_changelog(partition, changelog, entries, start)
         except StateFormatError as e:
@@ -171,7 +178,12 @@ def _replay(
             if isinstance(reader, Generator):
                 reader.close()
         read[changelog] = entries.count
-    return Restored(read["state"], read["members"], read["dedupe"], skipped, rebuilt)
+        if entries.cut:
+            finished = False
+            break
+    return Restored(
+        read["state"], read["members"], read["dedupe"], skipped, rebuilt, finished=finished
+    )
 
 
 def _stale(
@@ -191,13 +203,21 @@ def _stale(
 
 
 class _Counted:
-    """``entries`` passed through, counted, with ``progress`` told every so often."""
+    """``entries`` passed through, counted, with ``progress`` told every so often; they
+    end early (``cut``) when ``until()`` is true at one of those times."""
 
-    def __init__(self, entries: Iterator[Entry], progress: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        entries: Iterator[Entry],
+        progress: Callable[[int], None],
+        until: Callable[[], bool],
+    ) -> None:
         self._entries = entries
         self._progress = progress
+        self._until = until
         self.count = 0
         self.offset = -1  # of the last record passed on: the one a store refused
+        self.cut = False
 
     def __iter__(self) -> Iterator[ChangelogEntry]:
         unreported = 0
@@ -211,6 +231,9 @@ class _Counted:
             if unreported == _PROGRESS_EVERY:
                 self._progress(unreported)
                 unreported = 0
+                if self._until():
+                    self.cut = True
+                    break
         self._progress(unreported)
 
 

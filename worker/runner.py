@@ -2,14 +2,17 @@
 
 The runner owns no Kafka client: it drives a ``Source``, a ``Sink``, a ``Processor``
 and a ``StateStore`` and is tested with fakes. It is its source's
-``RebalanceListener``: it restores state for assigned partitions before processing
-them, and commits (or aborts) before partitions are revoked.
+``RebalanceListener``: it commits (or aborts) before partitions are revoked, and holds
+assigned stateful partitions paused until their state is restored. Restores run in the
+loop, a slice at a time between batches, not in the rebalance callback: the worker's
+other partitions go on meanwhile, and the consumer keeps taking part in rebalances.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,7 +20,14 @@ from dataclasses import dataclass
 import structlog
 
 from worker.clock import Clock
-from worker.errors import AbortableError, KafkaError, RetriableError, StoreCorrupt, TopicError
+from worker.errors import (
+    AbortableError,
+    KafkaError,
+    RetriableError,
+    StoreCorrupt,
+    StoreError,
+    TopicError,
+)
 from worker.events import SourceRecord
 from worker.metrics import Metrics
 from worker.processor import Processor, Routes, Tally
@@ -36,6 +46,8 @@ _SETTLE_TIMEOUT = 30.0
 # A wait for settled offsets this long (seconds) is logged.
 _SETTLE_LOGGED = 1.0
 _RESTORE_LOG_INTERVAL = 10.0
+# A restore reads this long (seconds) before the loop serves its other partitions.
+_RESTORE_SLICE = 0.5
 # glibc's malloc_trim (returns the allocator's free memory to the system); None elsewhere.
 _MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
 _ERROR_BACKOFF = 0.5
@@ -47,8 +59,22 @@ _BACKLOG_LOW = 10_000
 _ABORT_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-class _Stopped(Exception):
-    """A restore cut short by ``stop()``: the worker leaves instead of finishing it."""
+@dataclass(slots=True)
+class _Restore:
+    """An assigned stateful partition waiting for its state, paused, and its progress."""
+
+    started: float
+    wiped: str | None = None  # why its files were deleted before (a rebuild), if they were
+    logged: float = 0.0  # when its progress was last logged
+    rebuilt: str | None = None
+    failed: bool = False
+    states: int = 0
+    members: int = 0
+    seen: int = 0
+    skipped: int = 0
+    read: int = 0  # records read, for the progress log
+    # Where to read from once restored: the first record of it consumed meanwhile.
+    rewind: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +131,9 @@ class Runner:
         self._caught_up = False  # the last consume() found less than a full batch
         self._commit_took = 0.0  # seconds the last commit took
         self._assigned: set[Partition] = set()
-        self._restoring = 0
-        self._restore_logged = 0.0  # when the restore under way last logged its progress
-        self._restore_read = 0  # records it read so far
+        # Stateful partitions assigned and not restored yet, in the order they came.
+        self._unrestored: dict[Partition, _Restore] = {}
+        self._settled: set[Partition] = set()  # of those, the ones whose offsets settled
         self._paused = False
         self._lag_checked = 0.0
         # Batches aborted since the last commit: the same records, tried again and again.
@@ -122,7 +148,7 @@ class Runner:
     @property
     def ready(self) -> bool:
         """Joined the group with every assigned partition restored, and not stopping."""
-        return self.joined and not self._restoring and not self._stopping
+        return self.joined and not self._unrestored and not self._stopping
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from a signal handler. Returns at once."""
@@ -152,10 +178,9 @@ class Runner:
                     self._apply_backpressure()
                     if self._commit_due():
                         self._commit()
+                    if self._unrestored and self._batch_opened is None:
+                        self._restore_slice()
                     self._export_lag()
-                except _Stopped:  # a store keeps what it replayed: the next start goes on
-                    log.info("restore_interrupted")
-                    break
                 except RetriableError as e:
                     log.warning("kafka_retriable_error", error=str(e))
                     self._clock.sleep(_ERROR_BACKOFF)
@@ -167,11 +192,7 @@ class Runner:
                         self._clock.sleep(_ABORT_BACKOFF[step])
                 except StoreCorrupt as e:  # a read while processing: the batch is replayed
                     self._abort_and_rewind(set())
-                    try:
-                        self._rebuild(e)
-                    except _Stopped:
-                        log.info("restore_interrupted")
-                        break
+                    self._rebuild(e)
             self._commit_final()
         except BaseException:
             self._discard_open_batch()
@@ -195,32 +216,9 @@ class Runner:
         self._metrics.rebalances.labels("assign").inc()
         log.info("partitions_assigned", partitions=_names(partitions))
         self._check_partition_count(partitions)
-        stateful = [p for p in partitions if p[0] == self._settings.routes.stateful_input]
-        if stateful:
-            # Before restoring: a paused previous owner's last transaction may still
-            # commit changelog records with these partitions' offsets.
-            started = self._clock.monotonic()
-            try:
-                self._source.settle(stateful, _SETTLE_TIMEOUT)
-            except (RetriableError, AbortableError) as e:
-                raise _callback_failed(f"waiting for the offsets of {_names(stateful)}", e) from e
-            waited = self._clock.monotonic() - started
-            if waited >= _SETTLE_LOGGED:  # a gap in the log (and /readyz 503) explained
-                log.info(
-                    "offsets_settled",
-                    partitions=_names(stateful),
-                    seconds=round(waited, 1),
-                    why="a transaction that sent offsets for them was open",
-                )
-        for topic, partition in stateful:
-            try:
-                self._restore(partition)
-            except (RetriableError, AbortableError) as e:
-                raise _callback_failed(f"restoring {topic}[{partition}]", e) from e
-        # What lives until now lives long (clients, caches): keep it out of the cyclic
-        # collector's scans (reference counting still frees it).
-        gc.freeze()
         self._assigned.update(partitions)
+        stateful = [p for p in partitions if p[0] == self._settings.routes.stateful_input]
+        self._hold(stateful)
         if self._paused:
             self._source.pause(partitions)
         self.joined = True
@@ -274,76 +272,133 @@ class Runner:
             self._forget(partitions)
         log.warning("partitions_lost", partitions=_names(partitions))
 
-    def _restore(self, partition: int, wiped: str | None = None) -> None:
-        """Restore ``partition``'s store from its changelogs; ``wiped`` says why its files
-        were deleted before, if they were (a rebuild, like files found unusable)."""
-        routes = self._settings.routes
-        m = self._metrics
+    def _hold(self, partitions: Sequence[Partition], wiped: str | None = None) -> None:
+        """Pause stateful ``partitions`` until the loop has restored their state;
+        ``wiped`` says why their files were deleted before, if they were."""
+        if not partitions:
+            return
+        self._source.pause(partitions)
+        now = self._clock.monotonic()
+        for partition in partitions:
+            self._unrestored.setdefault(partition, _Restore(now, wiped, logged=now))
+        self._metrics.restoring_partitions.set(len(self._unrestored))
+
+    def _restore_slice(self) -> None:
+        """Restore waiting partitions, oldest first, for up to ``_RESTORE_SLICE`` seconds,
+        and fetch each again once restored. A failure leaves them waiting: the loop
+        retries."""
+        self._settle()
+        deadline = self._clock.monotonic() + _RESTORE_SLICE
+
+        def cut() -> bool:
+            return self._stopping or self._clock.monotonic() >= deadline
+
+        while self._unrestored and not cut():
+            (topic, partition), restore = next(iter(self._unrestored.items()))
+            try:
+                restored = restore_partition(
+                    self._restorer,
+                    self._store,
+                    self._changelogs,
+                    partition,
+                    functools.partial(self._restore_progress, restore, partition),
+                    cut,
+                )
+            except StoreCorrupt as e:  # the files failed again after a wipe: not retried
+                raise StoreError(f"restoring {topic}[{partition}]: {e}") from e
+            restore.rebuilt = restore.rebuilt or restored.rebuilt
+            restore.failed |= restored.failed
+            restore.states += restored.states
+            restore.members += restored.members
+            restore.seen += restored.seen
+            restore.skipped += restored.skipped
+            if restored.finished:
+                self._restored((topic, partition), restore)
+            elif self._stopping:  # the store keeps what it replayed: the next start goes on
+                log.info("restore_interrupted", topic=topic, partition=partition)
+
+    def _settle(self) -> None:
+        """Wait for the offsets of waiting partitions not settled yet to be stable: a
+        paused previous owner's last transaction may still commit changelog records with
+        them, which their restore must read."""
+        unsettled = [p for p in self._unrestored if p not in self._settled]
+        if not unsettled:
+            return
         started = self._clock.monotonic()
-        m.restoring_partitions.inc()
-        self._restoring += 1
-        self._restore_logged = started
-        self._restore_read = 0
-        try:
-            restored = restore_partition(
-                self._restorer,
-                self._store,
-                self._changelogs,
-                partition,
-                lambda records: self._restore_progress(partition, records),
+        self._source.settle(unsettled, _SETTLE_TIMEOUT)
+        self._settled.update(unsettled)
+        waited = self._clock.monotonic() - started
+        if waited >= _SETTLE_LOGGED:  # a gap in the log (and /readyz 503) explained
+            log.info(
+                "offsets_settled",
+                partitions=_names(unsettled),
+                seconds=round(waited, 1),
+                why="a transaction that sent offsets for them was open",
             )
-        finally:
-            self._restoring -= 1
-            m.restoring_partitions.dec()
+
+    def _restored(self, position: Partition, restore: _Restore) -> None:
+        del self._unrestored[position]
+        self._settled.discard(position)
+        m = self._metrics
+        m.restoring_partitions.set(len(self._unrestored))
         # A restore churns through memory that glibc keeps (bench: 377 -> 179 MB RSS
         # after a rebuild of 1,000,000 groups): give it back before the next partition's.
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
-        seconds = self._clock.monotonic() - started
+        # What lives until now lives long (clients, caches): keep it out of the cyclic
+        # collector's scans (reference counting still frees it).
+        gc.freeze()
+        seconds = self._clock.monotonic() - restore.started
         m.restore_duration.observe(seconds)
-        rebuilt = restored.rebuilt or wiped
+        rebuilt = restore.rebuilt or restore.wiped
         if rebuilt is not None:
             m.store_rebuilds.inc()
-        if restored.failed:
+        if restore.failed:
             m.store_failures.inc()
         self._export_state_size()
         log.info(
             "partition_restored",
-            topic=routes.stateful_input,
-            partition=partition,
-            state_records=restored.states,
-            member_records=restored.members,
-            dedupe_records=restored.seen,
-            skipped=restored.skipped,
+            topic=position[0],
+            partition=position[1],
+            state_records=restore.states,
+            member_records=restore.members,
+            dedupe_records=restore.seen,
+            skipped=restore.skipped,
             rebuilt=rebuilt,
             seconds=round(seconds, 3),
         )
+        if restore.rewind is not None:  # records consumed while it waited: read again
+            self._source.seek({position: restore.rewind})
+        if not self._paused:
+            self._source.resume([position])
 
     def _rebuild(self, failure: StoreCorrupt) -> None:
         """RocksDB failed on these partitions' files: wipe them and restore each from its
-        changelogs, as on assignment. Failing again in the rebuild ends the loop."""
+        changelogs, as on assignment (paused meanwhile)."""
         log.error("store_partition_failed", partitions=failure.partitions, error=str(failure))
         self._metrics.store_failures.inc(len(failure.partitions))
+        topic = self._settings.routes.stateful_input
         for partition in failure.partitions:
             self._store.wipe(partition)
-            self._restore(partition, str(failure))
+        self._hold([(topic, p) for p in failure.partitions], str(failure))
 
-    def _restore_progress(self, partition: int, records: int) -> None:
+    def _restore_progress(self, restore: _Restore, partition: int, records: int) -> None:
         """A restore reading on is progress: it keeps liveness and shows on the metrics,
-        and in a log line every ``_RESTORE_LOG_INTERVAL`` seconds. After ``stop()`` it
-        ends the restore (``_Stopped``), so a long rebuild never holds up a shutdown."""
-        if self._stopping:
-            raise _Stopped
+        and in a log line every ``_RESTORE_LOG_INTERVAL`` seconds."""
         self._metrics.restored_records.inc(records)
         now = self.last_progress = self._clock.monotonic()
-        self._restore_read += records
-        if now - self._restore_logged >= _RESTORE_LOG_INTERVAL:
-            self._restore_logged = now
-            log.info("partition_restoring", partition=partition, records=self._restore_read)
+        restore.read += records
+        if now - restore.logged >= _RESTORE_LOG_INTERVAL:
+            restore.logged = now
+            log.info("partition_restoring", partition=partition, records=restore.read)
 
     def _process(self, records: list[SourceRecord]) -> None:
         started = self._clock.monotonic()
-        while records:
+        while True:
+            if self._unrestored:  # (a commit below can hold a partition for a rebuild)
+                records = self._without_unrestored(records)
+            if not records:
+                break
             if self._batch_opened is None:
                 self._sink.begin()
                 self._batch_opened = self._clock.monotonic()
@@ -375,6 +430,18 @@ class Runner:
                     self._source.seek(rest)
                     raise
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
+
+    def _without_unrestored(self, records: list[SourceRecord]) -> list[SourceRecord]:
+        """``records`` but those of partitions waiting for their state (fetched before
+        the pause took hold), which are read again once it is restored."""
+        kept = []
+        for record in records:
+            restore = self._unrestored.get(_position(record))
+            if restore is None:
+                kept.append(record)
+            elif restore.rewind is None:
+                restore.rewind = record.offset() or 0
+        return kept
 
     def _count(self, tally: Tally) -> None:
         """Count what a committed batch did: an aborted batch counts nothing, and its
@@ -472,8 +539,6 @@ class Runner:
             # Nothing of the batch may commit when the consumer closes (its revoke
             # commits what is open): the next start reads it again.
             self._close_batch()
-        except _Stopped:  # a partition rebuilt after the commit, cut short by the stop
-            log.info("restore_interrupted")
 
     def _apply_backpressure(self) -> None:
         backlog = self._sink.backlog()
@@ -483,7 +548,7 @@ class Runner:
             log.warning("backpressure_paused", backlog=backlog)
         elif self._paused and backlog <= _BACKLOG_LOW:
             self._paused = False
-            self._source.resume(list(self._assigned))
+            self._source.resume([p for p in self._assigned if p not in self._unrestored])
             log.info("backpressure_resumed", backlog=backlog)
         self._metrics.paused_partitions.set(len(self._assigned) if self._paused else 0)
 
@@ -550,10 +615,13 @@ class Runner:
             self._assigned.discard(partition)
             self._pending.pop(partition, None)
             self._batch_start.pop(partition, None)
+            self._unrestored.pop(partition, None)
+            self._settled.discard(partition)
             if partition[0] == self._settings.routes.stateful_input:
                 self._store.drop(partition[1])
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(*map(str, partition))
+        self._metrics.restoring_partitions.set(len(self._unrestored))
         self._export_assignment()
         self._export_state_size()
 

@@ -27,7 +27,8 @@ _TOPIC_RETRY = 0.2
 
 
 class RebalanceListener(Protocol):
-    """Called by ``Source.consume`` when partitions move, before they move."""
+    """Called by ``Source.consume`` when partitions move: ``on_assign`` once they are
+    assigned (so it may pause them), the others before they go."""
 
     def on_assign(self, partitions: Sequence[Partition]) -> None: ...
     def on_revoke(self, partitions: Sequence[Partition]) -> None: ...
@@ -91,13 +92,17 @@ class KafkaSource:
         if group_instance_id:
             settings["group.instance.id"] = group_instance_id
         config = client_config(bootstrap_servers, properties, "consumer", settings)
-        if str(config.get("group.protocol", "")).lower() == "consumer":
+        kip848 = str(config.get("group.protocol", "")).lower() == "consumer"
+        if kip848:
             # KIP-848: the broker assigns partitions (incrementally), and librdkafka
             # refuses a client-side strategy. Its range assignor spreads each topic's
             # partitions over the members; its default (uniform) balances their total,
             # which left one of two workers all of stage one, the other all of stage two.
             del config["partition.assignment.strategy"]
             config.setdefault("group.remote.assignor", "range")
+        self._cooperative = kip848 or "cooperative" in str(
+            config.get("partition.assignment.strategy")
+        )
         self._consumer = Consumer(config)
         self._listener: RebalanceListener | None = None
         # Exceptions raised in rebalance callbacks are swallowed by the C client; keep
@@ -130,7 +135,7 @@ class KafkaSource:
         self._listener = listener
         self._consumer.subscribe(
             list(topics),
-            on_assign=self._guard(listener.on_assign),
+            on_assign=self._guard(listener.on_assign, self._assign),
             on_revoke=self._guard(listener.on_revoke),
             on_lost=self._guard(listener.on_lost),
         )
@@ -239,9 +244,24 @@ class KafkaSource:
                 return f"partition {partition.id} has no leader"
         return None
 
-    def _guard(self, callback: Callable[[Sequence[Partition]], None]) -> Callable[..., None]:
+    def _assign(self, partitions: list[TopicPartition]) -> None:
+        """Take ``partitions`` in on_assign, before the listener hears of them: the
+        client assigns them only after the callback, which undoes a pause made in it.
+        Cooperative protocols add to the assignment; the eager one replaces it."""
+        if self._cooperative:
+            self._consumer.incremental_assign(partitions)
+        else:
+            self._consumer.assign(partitions)
+
+    def _guard(
+        self,
+        callback: Callable[[Sequence[Partition]], None],
+        first: Callable[[list[TopicPartition]], None] | None = None,
+    ) -> Callable[..., None]:
         def run(_: Consumer, partitions: list[TopicPartition]) -> None:
             try:
+                if first is not None:
+                    first(partitions)
                 callback([(tp.topic, tp.partition) for tp in partitions])
             except BaseException as e:  # surfaced from consume()
                 if self._callback_error is None:

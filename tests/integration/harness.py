@@ -150,7 +150,8 @@ class WorkerProcess:
         self._env = env
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> WorkerProcess:
+    def start(self, wait: bool = True) -> WorkerProcess:
+        """Start the process and, with ``wait``, wait until it is ready."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -166,7 +167,8 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
-        wait_until(self.ready, 60, f"the worker to be ready (log: {self.log_path})")
+        if wait:
+            wait_until(self.ready, 60, f"the worker to be ready (log: {self.log_path})")
         return self
 
     def wait_assigned(self, *topics: str, partitions: int = PARTITIONS) -> None:

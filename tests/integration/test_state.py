@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import signal
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.fakes import FakeClock, FakeSink
 from tests.integration.harness import (
@@ -20,6 +22,7 @@ from tests.integration.harness import (
     free_port,
     produce,
     read_topic,
+    values,
     wait_until,
 )
 from worker import codec
@@ -259,3 +262,43 @@ def test_a_state_record_of_a_newer_format_stops_the_worker_at_restore(tmp_path: 
     assert len(lines) == 1, lines
     assert f"topic {topics.state} partition " in lines[0], lines
     assert "state record format 99" in lines[0], lines
+
+
+def test_the_worker_goes_on_with_stage_one_while_a_long_restore_runs(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A stateful partition restoring for seconds holds up neither stage one nor the
+    consumer: calls are read and repartitioned while it restores (the restore ran in
+    the rebalance callback, and the worker did nothing else meanwhile), and every call
+    is enriched once after it."""
+    assert cli(topics, "topics", "create").returncode == 0
+    producer = Producer(
+        {
+            "bootstrap.servers": BOOTSTRAP,
+            "linger.ms": 50,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
+    for n in range(600_000):  # seconds of restore: memberships are replayed unparsed
+        producer.produce(topics.members, b"{}", b"fill-%d" % n, partition=0)
+        if n % 10_000 == 0:
+            producer.poll(0)
+    assert producer.flush(60) == 0
+    sent = [{**c, "messageId": f"m{n}"} for n, c in enumerate(calls(300, seed=5))]
+    produce(topics.input, [(None, codec.encode(c)) for c in sent])
+    worker = WorkerProcess(topics, tmp_path)
+    workers.append(worker.start(wait=False))
+    both: dict[str, float] = {}  # a moment of stage one committed while restoring
+    deadline = time.monotonic() + 90
+    while not worker.ready() and time.monotonic() < deadline:
+        if worker.get("/metrics")[0] == 200:
+            restoring = worker.sample("group_worker_restoring_partitions")
+            forwarded = worker.sample("group_worker_repartitioned_calls_total")
+            if restoring and forwarded and not both:
+                both = {"restoring": restoring, "repartitioned": forwarded}
+        time.sleep(0.05)
+    assert worker.ready(), worker.log()
+    assert both, f"nothing repartitioned while restoring:\n{worker.log()}"
+    enriched = values(read_topic(topics.enriched, expect=300))
+    assert Counter(c["messageId"] for c in enriched) == Counter(c["messageId"] for c in sent)
+    assert not worker.logged("partitions_lost")

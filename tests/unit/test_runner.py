@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +164,14 @@ def test_a_caught_up_loop_commits_before_the_interval() -> None:
 
     def drive(n: int) -> None:
         commits.append(len(sink.offset_commits))
-        if n >= 4:
+        if n >= 5:
             runner.stop()
 
     source.on_consume = drive
     runner.run()
-    # Consume 1 takes both (the batch is 0 s old); consume 2 finds nothing (0.1 s old).
-    assert commits == [0, 0, 1, 1]
+    # Consume 1 assigns the partition (restored after it); consume 2 takes both calls
+    # (the batch is 0 s old); consume 3 finds nothing (0.1 s old).
+    assert commits == [0, 0, 0, 1, 1]
     assert sink.offset_commits[0] == {("in", 0): 2}
 
 
@@ -194,16 +195,16 @@ def test_an_early_commit_waits_as_long_as_the_last_commit_took() -> None:
 
     def drive(n: int) -> None:
         commits.append(len(sink.offset_commits))
-        if n == 3:
+        if n == 4:
             source.append(group_call(2))
-        if n >= 9:
+        if n >= 10:
             runner.stop()
 
     source.on_consume = drive
     runner.run()
-    # Call 1 commits at 0.1 s (the commit takes 0.45 s); call 2, taken by consume 3,
-    # waits five empty consumes (0.5 s), not one.
-    assert commits == [0, 0, 1, 1, 1, 1, 1, 1, 2]
+    # Call 1, taken by consume 2 (consume 1 assigns), commits at 0.1 s (the commit takes
+    # 0.45 s); call 2, taken by consume 4, waits five empty consumes (0.5 s), not one.
+    assert commits == [0, 0, 0, 1, 1, 1, 1, 1, 1, 2]
 
 
 def test_a_loop_behind_its_input_commits_by_the_interval() -> None:
@@ -259,9 +260,9 @@ def test_revoke_commits_before_partitions_move() -> None:
     source.append(group_call(2), partition=1)
 
     def rebalance(n: int) -> None:
-        if n == 2:
+        if n == 3:  # consume 1 assigns, consume 2 reads both calls
             source.rebalance(revoke=[("in", 1)], assign=[])
-        if n >= 4:
+        if n >= 5:
             runner.stop()
 
     source.on_consume = rebalance
@@ -284,7 +285,7 @@ def test_a_partition_added_while_running_stops_the_worker() -> None:
     source.append(group_call(2), partition=2)
 
     def add_partition(n: int) -> None:
-        if n == 3:
+        if n == 4:
             source.rebalance(revoke=[], assign=[("in", 2)])
 
     source.on_consume = add_partition
@@ -396,12 +397,25 @@ def test_readiness_follows_the_group() -> None:
 
 def lagging() -> tuple[Runner, FakeSource, FakeSink, Metrics]:
     """A runner on two partitions, the first holding 15 calls and lag exported once the
-    loop has read 10 of them (the clock past the lag interval)."""
+    loop has read 10 of them: in its second consume (the first assigns the partitions),
+    the clock past the lag interval."""
     runner, source, sink, metrics = make(partitions=2)
     for n in range(15):
         source.append(group_call(n), partition=0)
-    source.clock.advance(10)
+    source.on_consume = lambda n: source.clock.advance(10) if n == 2 else None
     return runner, source, sink, metrics
+
+
+def also(source: FakeSource, then: Callable[[int], None]) -> None:
+    """Run ``then`` at each consume too, after what ``source`` already ran."""
+    first = source.on_consume
+
+    def both(n: int) -> None:
+        if first is not None:
+            first(n)
+        then(n)
+
+    source.on_consume = both
 
 
 def test_lag_is_exported_per_assigned_partition() -> None:
@@ -409,13 +423,13 @@ def test_lag_is_exported_per_assigned_partition() -> None:
     runner, source, _, metrics = lagging()
 
     def revoke(n: int) -> None:
-        if n == 2:
+        if n == 3:
             assert sample(metrics, "group_worker_consumer_lag", topic="in", partition="0") == 5
             source.rebalance(revoke=[("in", 0)], assign=[])
-        if n >= 3:
+        if n >= 4:
             runner.stop()
 
-    source.on_consume = revoke
+    also(source, revoke)
     runner.run()
     assert (
         metrics.registry.get_sample_value(
@@ -431,7 +445,7 @@ def test_a_loop_that_ends_on_an_error_leaves_no_partition_series_behind() -> Non
     runner, source, sink, metrics = lagging()
 
     def fail(n: int) -> None:
-        if n == 2:
+        if n == 3:
             assert sample(metrics, "group_worker_consumer_lag", topic="in", partition="0") == 5
             assert sample(metrics, "group_worker_assigned_partitions", topic="in") == 2
             source.clock.advance(10)
@@ -441,7 +455,7 @@ def test_a_loop_that_ends_on_an_error_leaves_no_partition_series_behind() -> Non
 
             sink.commit = hung  # type: ignore[method-assign, assignment]
 
-    source.on_consume = fail
+    also(source, fail)
     with pytest.raises(FatalError):
         runner.run()
     lag = {"topic": "in", "partition": "0"}
@@ -456,7 +470,7 @@ def test_a_loop_whose_consumer_cannot_close_leaves_no_series_and_is_not_ready() 
     runner, source, sink, metrics = lagging()
 
     def fail(n: int) -> None:
-        if n == 2:
+        if n == 3:
             assert runner.ready
             assert sample(metrics, "group_worker_consumer_lag", topic="in", partition="0") == 5
             sink.fail_next_commit = FatalError("fenced")
@@ -465,7 +479,7 @@ def test_a_loop_whose_consumer_cannot_close_leaves_no_series_and_is_not_ready() 
     def close() -> None:
         raise RuntimeError("the consumer could not leave the group")
 
-    source.on_consume = fail
+    also(source, fail)
     source.close = close  # type: ignore[method-assign]
     with pytest.raises(FatalError):
         runner.run()
@@ -725,12 +739,12 @@ def test_a_partition_whose_commit_write_fails_is_rebuilt_not_replayed(tmp_path: 
         source.append(group_call(n))
 
     def step(n: int) -> None:
-        if n == 3:  # two full batches processed, not committed yet
+        if n == 4:  # two full batches processed (after the assigning consume), uncommitted
             store._part(0).db.close()  # RocksDB now fails every call on partition 0
-        if n == 4:
+        if n == 5:
             for k in range(2_000, 2_003):
                 source.append(group_call(k))
-        if n >= 6:
+        if n >= 7:
             runner.stop()
 
     source.on_consume = step
@@ -745,6 +759,33 @@ def test_a_partition_whose_commit_write_fails_is_rebuilt_not_replayed(tmp_path: 
     reopened = RocksDBStateStore(tmp_path, 1 << 20)
     assert [event_count(reopened, g) for g in ("g0", "g1", "g2")] == [668, 668, 667]
     reopened.close()
+
+
+def test_records_after_a_commit_whose_store_write_fails_wait_for_the_rebuild(
+    tmp_path: Path,
+) -> None:
+    """A commit in the middle of a consumed batch (``commit_max_records``) whose store
+    write fails: the batch's records after it wait for the partition's rebuild, and are
+    merged into the rebuilt state, not into a wiped one."""
+    store = RocksDBStateStore(tmp_path, 1 << 20)
+
+    class ClosingSink(FakeSink):
+        def commit(self, *args: Any, **kwargs: Any) -> Any:
+            reached = super().commit(*args, **kwargs)
+            if len(self.offset_commits) == 1:  # RocksDB fails every call from here
+                store._part(0).db.close()
+            return reached
+
+    source, sink = FakeSource(FakeClock()), ClosingSink()
+    settings = RunnerSettings(ROUTES, 1000, commit_max_records=300, poll_timeout=0.1)
+    runner, metrics = build(source, sink, settings, store=store)
+    for n in range(900):
+        source.append(group_call(n))
+    run_for(runner, source, 6)
+    assert sample(metrics, "group_worker_store_rebuilds_total") == 1
+    assert len(message_ids(sink)) == 900
+    assert source.committed_offsets == {("in", 0): 900}
+    assert [states(sink)[g]["eventCount"] for g in ("g0", "g1", "g2")] == [300, 300, 300]
 
 
 def test_a_stop_during_a_long_restore_ends_it(tmp_path: Path) -> None:
@@ -802,6 +843,112 @@ def test_not_ready_while_restoring_and_restore_counts_as_progress() -> None:
     assert len(during) == 3 + 3 + 3  # three groups, three members, three dedupe ids
     assert not any(during)
     assert sample(metrics, "group_worker_restored_records_total") == len(during)
+
+
+class SlowRestorer(FakeRestorer):
+    """Takes ``seconds`` of the fake clock per changelog record read, and remembers the
+    consume() calls made before each read (the loop going on meanwhile)."""
+
+    def __init__(self, sink: FakeSink, source: FakeSource, seconds: float) -> None:
+        super().__init__(sink)
+        self.source, self.seconds = source, seconds
+        self.consumes: list[int] = []
+        self.starts: list[int] = []
+
+    def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+        if topic == "state":
+            self.starts.append(start)
+        for entry in super().read(topic, partition, start):
+            self.source.clock.advance(self.seconds)
+            self.consumes.append(self.source.consumes)
+            yield entry
+
+
+def filled_state(sink: FakeSink, groups: int) -> None:
+    """``groups`` state records committed on partition 0 of the state topic."""
+    sink.begin()
+    for n in range(groups):
+        record = {"groupId": f"x{n}", "traits": {}, "eventCount": 1}
+        sink.produce("state", f"x{n}".encode(), codec.encode(record), partition=0)
+    sink.commit({}, FakeSource(FakeClock()))
+
+
+def test_a_long_restore_runs_in_slices_between_consumes() -> None:
+    """A restore of seconds is cut into slices of about half a second: the loop consumes in
+    between (the consumer stays in its group, other partitions go on), while the
+    partition waits, paused, and the worker is not ready; then its calls are processed."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    filled_state(sink, 25_000)
+    restorer = SlowRestorer(sink, source, 0.0001)  # 2.5 s in all
+    runner, metrics = build(source, sink, restorer=restorer)
+    source.append(group_call(1))
+    ready: list[bool] = []
+
+    def watch(n: int) -> None:
+        ready.append(runner.ready)
+        if n >= 12:
+            runner.stop()
+
+    source.on_consume = watch
+    runner.run()
+    # Three slices (the time is looked at every 10,000 records, 1 s here), each going on
+    # from where the one before stopped, with a consume between them.
+    assert restorer.starts == [0, 10_000, 20_000]
+    assert len(set(restorer.consumes)) == 3
+    restored_at = restorer.consumes[-1]  # in the loop round of this consume
+    assert ready[:restored_at] == [False] * restored_at
+    assert ready[restored_at]  # the next consume's
+    assert message_ids(sink) == ["m1"]
+    assert states(sink)["g1"]["eventCount"] == 1
+    assert sample(metrics, "group_worker_restored_records_total") == 25_000
+    assert sample(metrics, "group_worker_restoring_partitions") == 0
+
+
+def test_records_fetched_before_the_pause_are_read_again_after_the_restore() -> None:
+    """Records of a partition waiting for its restore that consume() returned all the
+    same (fetched before the pause held) are not processed then, but after it."""
+
+    class LatePause(FakeSource):
+        def pause(self, partitions: Sequence[Partition]) -> None:
+            if self.consumes > 1:
+                super().pause(partitions)  # the assigning consume's pause comes too late
+
+    source, sink = LatePause(FakeClock()), FakeSink()
+    filled_state(sink, 30_000)
+    restorer = SlowRestorer(sink, source, 0.0001)
+    runner, _ = build(source, sink, restorer=restorer)
+    for n in range(3):
+        source.append(group_call(n))
+    run_for(runner, source, 12)
+    assert message_ids(sink) == ["m0", "m1", "m2"]
+    assert source.committed_offsets == {("in", 0): 3}
+    assert [states(sink)[g]["eventCount"] for g in ("g0", "g1", "g2")] == [1, 1, 1]
+
+
+def test_a_partition_revoked_during_its_restore_goes_on_from_there_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    """Revoked half-way through its restore, a partition leaves the queue (and is not
+    fetched); assigned again, its restore goes on from what the store kept."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    filled_state(sink, 30_000)
+    restorer = SlowRestorer(sink, source, 0.0001)
+    store = RocksDBStateStore(tmp_path, 1 << 20)
+    runner, _ = build(source, sink, restorer=restorer, store=store)
+    source.append(group_call(1))
+
+    def move(n: int) -> None:
+        if n == 3:
+            source.rebalance(revoke=[("in", 0)], assign=[])
+        if n == 5:
+            source.rebalance(revoke=[], assign=[("in", 0)])
+        if n >= 14:
+            runner.stop()
+
+    source.on_consume = move
+    runner.run()
+    assert restorer.starts[:3] == [0, 10_000, 20_000]  # the third after the revoke
+    assert message_ids(sink) == ["m1"]
 
 
 @pytest.mark.parametrize("transactional", [True, False], ids=["exactly_once", "at_least_once"])
@@ -883,9 +1030,9 @@ def test_the_abort_streak_counts_aborts_until_a_commit_whatever_joins_the_batch(
 # --- Failures inside rebalances and at shutdown -------------------------------------------
 
 
-def test_a_restore_that_fails_in_a_rebalance_ends_the_loop_and_loses_nothing() -> None:
-    """A partition whose restore fails is never processed without its state: the loop
-    ends (the service builds a new one), and the next reads from the committed offsets."""
+def test_a_restore_that_fails_is_retried_and_nothing_is_processed_before_it() -> None:
+    """A partition whose restore fails (the broker away) stays paused and its restore is
+    tried again by the loop: no call of it is processed without its state."""
     source, sink = FakeSource(FakeClock()), FakeSink()
     timed = {"groupId": "g", "userId": "u", "type": "group"}
     source.append(codec.encode({**timed, "messageId": "m1", "timestamp": "2020-01-01T00:00:00Z"}))
@@ -898,12 +1045,11 @@ def test_a_restore_that_fails_in_a_rebalance_ends_the_loop_and_loses_nothing() -
     restarted.append(
         codec.encode({**timed, "messageId": "m3", "timestamp": "2019-12-31T00:00:00Z"})
     )
-    runner, _ = build(restarted, sink, restorer=FlakyRestorer(sink, fail=1))
-    with pytest.raises(KafkaError, match=r"restoring in\[0\] failed in a rebalance") as error:
-        run_for(runner, restarted, 6)
-    assert not isinstance(error.value, (RetriableError, AbortableError, FatalError))
-    again = restarted.restarted()
-    run_for(build(again, sink)[0], again, 6)
+    runner, _ = build(restarted, sink, restorer=FlakyRestorer(sink, fail=2))
+    with structlog.testing.capture_logs() as logs:
+        run_for(runner, restarted, 8)
+    retried = [e["error"] for e in logs if e["event"] == "kafka_retriable_error"]
+    assert retried == ["restore: broker transport failure"] * 2
     assert [codec.decode(p.value)["messageId"] for p in sink.topic("out")] == ["m1", "m2", "m3"]
     last = states(sink)["g"]
     assert (last["eventCount"], last["firstSeenAt"]) == (3, "2019-12-31T00:00:00.000Z")

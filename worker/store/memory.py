@@ -117,6 +117,9 @@ class InMemoryStateStore:
         self._members: _Table[str, Membership] = _Table()
         self._seen: _Table[SeenKey, tuple[int, int]] = _Table()  # (arrival, written)
         self._tables = (self._groups, self._members, self._seen)
+        # Per partition, the offsets its changelogs were replayed to since it was loaded:
+        # a restore cut short goes on from there.
+        self._replayed: dict[int, dict[Changelog, int]] = {}
 
     def get(self, partition: int, group_id: str) -> GroupState | None:
         state = self._groups.get(partition, group_id)
@@ -182,8 +185,9 @@ class InMemoryStateStore:
         return None
 
     def stored_offsets(self, partition: int) -> dict[Changelog, int]:
-        """Always ``{}``: replay every changelog from its beginning."""
-        return {}
+        """The offsets replayed to since the partition was dropped (``{}`` then: every
+        changelog is replayed from its beginning)."""
+        return dict(self._replayed.get(partition, {}))
 
     def apply_changelog(
         self,
@@ -192,11 +196,13 @@ class InMemoryStateStore:
         entries: Iterable[ChangelogEntry],
         next_offset: int,
     ) -> int:
-        """Parse and load each record (``StateStore.apply_changelog``); ignores offsets."""
+        """Parse and load each record (``StateStore.apply_changelog``)."""
         if changelog not in _CHANGELOGS:
             raise ValueError(f"unknown changelog {changelog!r}")
         skipped = 0
-        for _, key, value, timestamp in entries:
+        reached = next_offset
+        for offset, key, value, timestamp in entries:
+            reached = offset + 1
             try:
                 self._apply(partition, changelog, key, value, timestamp)
             except StateFormatError:
@@ -206,6 +212,8 @@ class InMemoryStateStore:
                 log.warning(
                     "store_record_skipped", changelog=changelog, partition=partition, error=str(e)
                 )
+        replayed = self._replayed.setdefault(partition, {})
+        replayed[changelog] = max(replayed.get(changelog, 0), reached)
         return skipped
 
     def _apply(
@@ -250,11 +258,13 @@ class InMemoryStateStore:
         return removed, True
 
     def drop(self, partition: int) -> None:
+        self._replayed.pop(partition, None)
         for table in self._tables:
             table.drop(partition)
 
     def close(self) -> None:
         """Forget everything."""
+        self._replayed.clear()
         for table in self._tables:
             table.clear()
 
