@@ -167,11 +167,11 @@ class Metrics:
             "Partition stores that RocksDB failed to read or write, then rebuilt",
             registry=r,
         )
-        # Partitions being restored right now (the worker is not ready while > 0).
+        # Partitions being restored or waiting for it, paused (not ready while > 0).
         self.restoring_partitions = Gauge(
             f"{_PREFIX}_restoring_partitions", "Partitions being restored", registry=r
         )
-        # Time to restore one partition from its changelogs.
+        # Time restoring one partition from its changelogs: its slices, not the waits.
         self.restore_duration = Histogram(
             f"{_PREFIX}_restore_duration_seconds",
             "Restore time per partition",

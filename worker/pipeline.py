@@ -52,6 +52,7 @@ __all__ = [
     "fit_letter",
     "forward_headers",
     "forwarded_arrival",
+    "header",
     "output_dead_letter",
     "process_forwarded",
     "process_record",
@@ -442,14 +443,15 @@ def forwarded_arrival(record: SourceRecord, now_ms: int) -> int:
 
 
 def _carried_arrival(record: SourceRecord) -> int | None:
-    arrival = _header(record, _ARRIVAL_HEADER)
+    arrival = header(record, _ARRIVAL_HEADER)
     if arrival is None or not arrival.isdigit() or len(arrival) > 15:
         return None
     ms = int(arrival)
     return ms if 0 < ms <= MAX_MS else None
 
 
-def _header(record: SourceRecord, name: str) -> bytes | None:
+def header(record: SourceRecord, name: str) -> bytes | None:
+    """The value of ``record``'s first header called ``name``; None without one."""
     headers = record.headers() or ()
     # The client's stubs allow a dict; a consumed message always has a list.
     for header, value in headers.items() if isinstance(headers, dict) else headers:
@@ -464,7 +466,7 @@ def _input_record(record: SourceRecord, source: Position) -> tuple[bytes | None,
     if (record.topic() or "") == source.topic:
         return _as_bytes(record.key()), record_timestamp(record)
     carried = _carried_arrival(record)
-    return _header(record, _INPUT_KEY_HEADER), carried or record_timestamp(record)
+    return header(record, _INPUT_KEY_HEADER), carried or record_timestamp(record)
 
 
 def _as_bytes(data: str | bytes | None) -> bytes | None:

@@ -41,6 +41,7 @@ from worker.pipeline import (
     fit_letter,
     forward_headers,
     forwarded_arrival,
+    header,
     output_dead_letter,
     process_forwarded,
     process_record,
@@ -61,6 +62,7 @@ _NOT_LOGGED = ("key", "keyEncoding", "timestamp")
 log = structlog.get_logger("worker.processor")
 # At most one dead_letter log line per reason in this many seconds (the rest are counted).
 _LOG_EVERY = 10.0
+_FOREIGN = " foreign"  # the warning's key among the dead letters' reasons in _logged
 # Refused outputs remembered (by where their call came from), oldest forgotten first.
 _MAX_REFUSED = 10_000
 # Dedupe ids an expiry pass scans after a commit: about 10 ms (``expire_seen``).
@@ -172,9 +174,12 @@ class Processor:
             "members": routes.members,
             "dedupe": routes.dedupe,
         }
-        # Membership and dedupe records name their deployment in a header (a state record
-        # does in its value), so one that restores another's is stopped (``restore``).
-        writer = [(DEPLOYMENT_HEADER, deployment.encode())] if deployment else None
+        # Membership, dedupe and re-keyed records name their deployment in a header (a
+        # state record does in its value): a restore stops at another's (``restore``),
+        # stage two passes over another's calls (``_foreign``).
+        self._deployment = deployment.encode()
+        writer = [(DEPLOYMENT_HEADER, self._deployment)] if deployment else None
+        self._forward_writer = writer or []
         self._changelog_headers: dict[Changelog, Headers | None] = {
             "state": None,
             "members": writer,
@@ -216,6 +221,8 @@ class Processor:
             partition = record.partition() or 0
             if record.topic() == repartition:
                 handled += 1
+                if self._foreign(record):
+                    continue
                 arrival = forwarded_arrival(record, now_ms)
                 forwarded = process_forwarded(record)
                 if isinstance(forwarded, Enriched):
@@ -235,7 +242,7 @@ class Processor:
                     tally.warnings.update(outcome.warnings)
                 if isinstance(outcome, Enriched) and repartition is not None:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)
-                    headers = headers or forward_headers(record, arrival)
+                    headers = headers or forward_headers(record, arrival) + self._forward_writer
                     reason = self._refusal(repartition, key, value, headers)
                     if reason is None:
                         tally.forwarded += 1
@@ -249,6 +256,32 @@ class Processor:
                     self._unkeyed(record, tally)
                 self._finish(outcome, record, partition, arrival, tally)
         return len(records), handled
+
+    def _foreign(self, record: SourceRecord) -> bool:
+        """Whether a call in the repartition topic was written by another deployment (its
+        header names another ``worker.group_id``): one given this deployment's
+        ``topics.repartition`` for its own, which its own stage two reads and merges.
+        Passed over here, with a warning at most every 10 s; a call without the
+        header (a worker before it) is taken as this deployment's."""
+        writer = header(record, DEPLOYMENT_HEADER)
+        if writer is None or writer == self._deployment or not self._deployment:
+            return False
+        now = self._clock.monotonic()
+        last, passed = self._logged.get(_FOREIGN, (-_LOG_EVERY, 0))
+        if now - last < _LOG_EVERY:
+            self._logged[_FOREIGN] = (last, passed + 1)
+            return True
+        self._logged[_FOREIGN] = (now, 0)
+        log.warning(
+            "repartition_call_of_another_deployment",
+            topic=record.topic(),
+            partition=record.partition(),
+            offset=record.offset(),
+            deployment=writer.decode(errors="replace"),
+            passed_over_before=passed,
+            fix="give each deployment a topics.repartition of its own (or leave it unset)",
+        )
+        return True
 
     def _check_input(self, topic: str, record: SourceRecord) -> None:
         """Raise ``TopicError`` for a re-keyed call read from a topic other than the

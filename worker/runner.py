@@ -63,7 +63,7 @@ _ABORT_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 class _Restore:
     """An assigned stateful partition waiting for its state, paused, and its progress."""
 
-    started: float
+    started: float  # when it was assigned (or held for a rebuild)
     wiped: str | None = None  # why its files were deleted before (a rebuild), if they were
     logged: float = 0.0  # when its progress was last logged
     rebuilt: str | None = None
@@ -73,6 +73,7 @@ class _Restore:
     seen: int = 0
     skipped: int = 0
     read: int = 0  # records read, for the progress log
+    took: float = 0.0  # seconds its restore ran, its slices' time (waits excluded)
     # Where to read from once restored: the first record of it consumed meanwhile.
     rewind: int | None = None
 
@@ -295,6 +296,7 @@ class Runner:
 
         while self._unrestored and not cut():
             (topic, partition), restore = next(iter(self._unrestored.items()))
+            began = self._clock.monotonic()
             try:
                 restored = restore_partition(
                     self._restorer,
@@ -312,6 +314,7 @@ class Runner:
             restore.members += restored.members
             restore.seen += restored.seen
             restore.skipped += restored.skipped
+            restore.took += self._clock.monotonic() - began
             if restored.finished:
                 self._restored((topic, partition), restore)
             elif self._stopping:  # the store keeps what it replayed: the next start goes on
@@ -348,8 +351,7 @@ class Runner:
         # What lives until now lives long (clients, caches): keep it out of the cyclic
         # collector's scans (reference counting still frees it).
         gc.freeze()
-        seconds = self._clock.monotonic() - restore.started
-        m.restore_duration.observe(seconds)
+        m.restore_duration.observe(restore.took)
         rebuilt = restore.rebuilt or restore.wiped
         if rebuilt is not None:
             m.store_rebuilds.inc()
@@ -365,7 +367,8 @@ class Runner:
             dedupe_records=restore.seen,
             skipped=restore.skipped,
             rebuilt=rebuilt,
-            seconds=round(seconds, 3),
+            seconds=round(restore.took, 3),
+            since_assigned=round(self._clock.monotonic() - restore.started, 3),
         )
         if restore.rewind is not None:  # records consumed while it waited: read again
             self._source.seek({position: restore.rewind})

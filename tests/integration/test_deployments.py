@@ -111,3 +111,28 @@ def test_a_deployment_refuses_a_dedupe_topic_another_deployment_writes(
         rf"topic {re.escape(shared['TOPICS_DEDUPE'])} partition \d+ offset \d+: ", lines[0]
     )
     assert f"written by deployment {first.group_id!r}" in lines[0], lines
+
+
+def test_a_deployment_given_anothers_repartition_topic_merges_only_its_own_calls(
+    workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A second deployment on the same input told the first's repartition topic (a copied
+    config): each stage two reads both deployments' calls there and merges only its own
+    (stage one names its deployment on each). Before, each took the other's calls as
+    duplicates, and its outcomes outgrew the calls it consumed."""
+    first = Topics.unique()
+    second = dataclasses.replace(Topics.unique(), input=first.input, repartition=first.repartition)
+    runs = [WorkerProcess(first, tmp_path, "first"), WorkerProcess(second, tmp_path, "second")]
+    for run in runs:
+        workers.append(run.start())
+        run.wait_assigned(first.input, first.repartition)
+    produce(first.input, calls("x"))
+    for topics, run in zip((first, second), runs, strict=True):
+        enriched = values(read_topic(topics.enriched, expect=CALLS))
+        assert Counter(c["messageId"] for c in enriched) == Counter(f"x-{n}" for n in range(CALLS))
+        metrics = run.metrics()
+        outcomes = sum(
+            v for (name, _), v in metrics.items() if name == "group_worker_outcomes_total"
+        )
+        assert outcomes == run.sample("group_worker_calls_consumed_total") == CALLS
+        assert run.logged("repartition_call_of_another_deployment")

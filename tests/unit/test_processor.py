@@ -169,6 +169,37 @@ def test_first_stage_forwards_group_calls_keyed_by_group_id() -> None:
     assert store.get(5, "acme") is not None
 
 
+def test_stage_two_passes_over_calls_another_deployment_wrote() -> None:
+    """Stage one names its deployment on each re-keyed call; stage two passes over a call
+    another deployment wrote (one given this deployment's repartition topic, with the same
+    input: its own stage two merges it), with a warning, and takes one without the
+    header (a worker before it) as its own."""
+    routes = Routes("in", "out", "dlq", "state", "members", repartition="rep")
+    ours, sink, store = make(routes, deployment="a")
+    theirs, their_sink, _ = make(routes, deployment="c")
+    ours.process(records(call("m1", group="acme")))
+    theirs.process(records(call("m2", group="acme")))
+    [mine] = [p for p in sink.open if p.topic == "rep"]
+    [other] = [p for p in their_sink.open if p.topic == "rep"]
+    assert ("deployment", b"a") in (mine.headers or [])
+    unnamed = [h for h in mine.headers or [] if h[0] != "deployment"]
+    read = [
+        Record("rep", 5, n, p.value, p.key, 0, headers)
+        for n, (p, headers) in enumerate(
+            [(mine, mine.headers), (other, other.headers), (mine, unnamed)]
+        )
+    ]
+    with structlog.testing.capture_logs() as logs:
+        tally = ours.process(read)
+    assert tally.outcomes == {"enriched": 1, "duplicate": 1}  # the unnamed copy of m1
+    assert [c["messageId"] for c in emitted(sink, "out")] == ["m1"]
+    [warning] = [e for e in logs if e["event"] == "repartition_call_of_another_deployment"]
+    assert (warning["deployment"], warning["offset"]) == ("c", 1)
+    state = store.get(5, "acme")
+    assert state is not None
+    assert state.event_count == 1
+
+
 def test_both_layouts_write_the_same_enriched_calls() -> None:
     """Stage two writes a re-keyed call's bytes as read with the group appended, where one
     stage encodes the call whole: the enriched records must not differ by a byte. Over
