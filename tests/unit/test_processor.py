@@ -182,12 +182,11 @@ def test_stage_two_passes_over_calls_another_deployment_wrote() -> None:
     [mine] = [p for p in sink.open if p.topic == "rep"]
     [other] = [p for p in their_sink.open if p.topic == "rep"]
     assert ("deployment", b"a") in (mine.headers or [])
-    unnamed = [h for h in mine.headers or [] if h[0] != "deployment"]
-    read = [
+    named: list[Any] = [list(mine.headers or []), list(other.headers or [])]
+    named.append([h for h in named[0] if h[0] != "deployment"])
+    read: list[Any] = [
         Record("rep", 5, n, p.value, p.key, 0, headers)
-        for n, (p, headers) in enumerate(
-            [(mine, mine.headers), (other, other.headers), (mine, unnamed)]
-        )
+        for n, (p, headers) in enumerate(zip((mine, other, mine), named, strict=True))
     ]
     with structlog.testing.capture_logs() as logs:
         tally = ours.process(read)
