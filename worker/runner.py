@@ -285,9 +285,10 @@ class Runner:
         self._metrics.restoring_partitions.set(len(self._unrestored))
 
     def _restore_slice(self) -> None:
-        """Restore waiting partitions, oldest first, for up to ``_RESTORE_SLICE`` seconds,
-        and fetch each again once restored. A failure leaves them waiting: the loop
-        retries."""
+        """Restore waiting partitions for up to ``_RESTORE_SLICE`` seconds, and fetch each
+        again once restored. They take turns: one cut short goes to the back of the
+        queue, so a large partition does not hold up small ones. A failure leaves them
+        waiting: the loop retries."""
         self._settle()
         deadline = self._clock.monotonic() + _RESTORE_SLICE
 
@@ -319,6 +320,8 @@ class Runner:
                 self._restored((topic, partition), restore)
             elif self._stopping:  # the store keeps what it replayed: the next start goes on
                 log.info("restore_interrupted", topic=topic, partition=partition)
+            else:
+                self._unrestored[topic, partition] = self._unrestored.pop((topic, partition))
 
     def _settle(self) -> None:
         """Wait for the offsets of waiting partitions not settled yet to be stable: a
