@@ -481,6 +481,9 @@ def _dead_letter(
     raw: bytes | None,
 ) -> DeadLetter:
     key_bytes, ms = _input_record(record, source)
+    if source.index is not None and key_bytes is not None and len(key_bytes) > _MAX_CARRIED_KEY:
+        # Not in each of up to 2,000 letters of one envelope (its record has it).
+        key_bytes = None
     origin = source.as_dict()
     origin["key"], key_encoding = _text(key_bytes)
     if key_encoding:

@@ -97,7 +97,7 @@ class Tally:
     records: int = 0
     calls: int = 0
     forwarded: int = 0
-    produced_bytes: int = 0  # enriched and re-keyed calls' values
+    produced_bytes: int = 0  # enriched and re-keyed calls' values, dead letters' records
     unkeyed: int = 0  # group calls of a keyed input whose record key is not their groupId
     outcomes: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
@@ -458,7 +458,7 @@ class Processor:
         tally.outcomes[outcome.kind] += 1
         if isinstance(outcome, DeadLetter):
             tally.reasons[outcome.reason] += 1
-            self._dead_letter(outcome)
+            tally.produced_bytes += self._dead_letter(outcome)
         elif not isinstance(outcome, Enriched | Duplicate):
             tally.skipped[outcome.call_type] += 1
 
@@ -549,19 +549,21 @@ class Processor:
             )
         return f"{topic} refused its record: {self._refused[self._identity(topic, key, value)]}"
 
-    def _dead_letter(self, letter: DeadLetter) -> None:
+    def _dead_letter(self, letter: DeadLetter) -> int:
+        """Produce ``letter`` (cut to fit its topic); returns its record's bytes."""
         dlq, key = self._routes.dlq, letter.key
         headers = [("reason", letter.reason.encode())]
         room = self._limits.record_bytes(dlq) - len(letter.reason) - len("reason")
         if key is not None and len(key) > room // 2:
             key = None  # a huge input key would leave no room for the letter
         value = fit_letter(letter.letter, room - len(key or b""))
+        self._log_dead_letter(letter)
         if self._refusal(dlq, key, value, headers) is not None:
             self._on_unwritable("dlq")
             log.error("dead_letter_dropped", reason=letter.reason, **_position(letter))
-        else:
-            self._sink.produce(dlq, key, value, headers)
-        self._log_dead_letter(letter)
+            return 0
+        self._sink.produce(dlq, key, value, headers)
+        return len(value) + len(key or b"")
 
     def _log_dead_letter(self, letter: DeadLetter) -> None:
         """Log a dead letter (never its value), at most one line per reason per interval."""

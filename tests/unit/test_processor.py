@@ -17,7 +17,7 @@ from worker.events import Record, SourceRecord
 from worker.limits import WARNINGS_TRUNCATED, GroupBound, Limits
 from worker.pipeline import Settings
 from worker.placement import partition_of
-from worker.processor import Processor, Routes
+from worker.processor import Processor, Routes, Tally
 from worker.restore import Changelogs, restore_partition
 from worker.sink import Refusal
 from worker.state import GROUP_STATE_FULL
@@ -473,6 +473,28 @@ def test_a_dead_letter_is_cut_to_fit_its_topic() -> None:
     assert limits.fits(letter.topic, letter.key, letter.value, letter.headers)
     decoded = codec.decode(letter.value)
     assert (decoded["reason"], decoded["truncated"]) == ("invalid_json", True)
+
+
+def test_an_envelope_with_a_huge_key_makes_small_letters_counted_against_the_budget() -> None:
+    """A record key of 520 KB on an envelope of 2,000 bad calls: its letters do not each
+    carry the key (1 GB in one transaction, past its timeout, an abort loop that held up
+    every group); a call sent alone keeps it. Letters' bytes count toward
+    ``commit_max_bytes``, so a batch is cut between such records."""
+    processor, sink, _ = make()
+    key = b"k" * 520_000
+    envelope = codec.encode({"batch": [1] * 2_000})
+    tally = Tally()
+    inputs = [Record("in", 0, n, envelope, key) for n in range(3)]
+    done, calls = processor.process_some(inputs, tally, max_bytes=100_000)
+    letters = [p for p in sink.open if p.topic == "dlq"]
+    assert (done, calls, len(letters)) == (1, 2_000, 2_000)
+    assert all(p.key is None and len(p.value) < 1_000 for p in letters)
+    assert codec.decode(letters[0].value)["source"]["key"] is None
+    assert 100_000 < tally.produced_bytes < 2_000_000
+    sink.open.clear()
+    processor.process([Record("in", 0, 3, b"not json", key)])
+    [alone] = emitted(sink, "dlq")
+    assert alone["source"]["key"] == key.decode()
 
 
 def test_a_record_timestamp_out_of_range_is_not_a_poison_pill() -> None:
