@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol, TypeVar
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicCollection, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 from confluent_kafka.admin import AdminClient
 
@@ -113,6 +113,7 @@ def restore_partition(
     partition: int,
     progress: Callable[[int], None] = lambda _: None,
     until: Callable[[], bool] = lambda: False,
+    checked: bool = False,
 ) -> Restored:
     """Bring ``store``'s copy of ``partition`` up to date with its changelogs; blocks.
 
@@ -129,23 +130,25 @@ def restore_partition(
     number of records read since its last call, every ``_PROGRESS_EVERY`` records and
     at the end. When ``until()`` (asked at those times) is true, the replay stops there,
     with what it read stored, and ``Restored.finished`` is false: called again, it goes
-    on from the stored offsets. Raises ``KafkaError`` subclasses when the topics cannot be read, and
+    on from the stored offsets, and with ``checked`` skips steps (1) and (2), which that
+    first call did, as long as the partition's store stays open. Raises ``KafkaError``
+    subclasses when the topics cannot be read, and
     ``TopicError`` when the state topic holds records in a format this worker does not
     read (a newer worker wrote them).
     """
-    source = topics.source(restorer)
-    rebuilt = store.open_partition(partition, source)  # (1)
+    source = b"" if checked else topics.source(restorer)
+    rebuilt = None if checked else store.open_partition(partition, source)  # (1)
     failed = False
     try:
         starts = store.stored_offsets(partition)
-        stale = _stale(restorer, topics, partition, starts)  # (2)
+        stale = None if checked else _stale(restorer, topics, partition, starts)  # (2)
         if stale is None:
             return _replay(restorer, store, topics, partition, starts, progress, until, rebuilt)
     except StoreCorrupt as e:
         stale, failed = str(e), True
     log.warning("store_partition_stale", partition=partition, reason=stale)
     store.wipe(partition)
-    store.open_partition(partition, source)
+    store.open_partition(partition, source or topics.source(restorer))
     restored = _replay(restorer, store, topics, partition, {}, progress, until, stale)
     return replace(restored, failed=failed)
 
@@ -272,35 +275,55 @@ class KafkaRestorer:
             client_config(bootstrap_servers, properties, "consumer", settings)
         )
         self._admin = AdminClient(client_config(bootstrap_servers, properties, "admin"))
+        # A read closed before its end (a restore cut into slices) stays assigned, with
+        # the records consumed and not passed on: the next read of that partition from
+        # where it stopped goes on from them, without a new assignment's fetch (0.3 s).
+        self._parked: tuple[str, int, int] | None = None  # topic, partition, next offset
+        self._left: list[Message] = []
 
     def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         """The partition's records from ``start`` up to its last committed offset."""
-        tp = TopicPartition(topic, partition, start)
-        low, high = self.bounds(topic, partition)
-        if high <= max(low, start):  # nothing to read: no need to wait for the end event
-            return
-        self._consumer.assign([tp])
+        if self._parked == (topic, partition, start):
+            self._parked, left = None, self._left
+        else:
+            self._unpark()
+            low, high = self.bounds(topic, partition)
+            if high <= max(low, start):  # nothing to read: no need to wait for the end event
+                return
+            self._consumer.assign([TopicPartition(topic, partition, start)])
+            left = []
+        messages: list[Message] = []
+        passed = 0  # of messages
         try:
             while True:
-                for message in self._consumer.consume(_BATCH, 0.05):
+                messages, left, passed = left or self._consumer.consume(_BATCH, 0.05), [], 0
+                for message in messages:
+                    passed += 1
                     error = message.error()
                     if error is None:
                         headers = message.headers()
                         if headers is not None and headers != self._own:
                             self._check_writer(headers, topic, partition, message.offset())
-                        yield (
-                            message.offset() or 0,
-                            message.key(),
-                            message.value(),
-                            message.timestamp()[1],
-                        )
+                        start = (message.offset() or 0) + 1
+                        yield (start - 1, message.key(), message.value(), message.timestamp()[1])
                     elif error.code() == ClientError._PARTITION_EOF:
+                        self._consumer.unassign()
                         return
                     elif not isinstance(translate(error), RetriableError):
                         raise_for(error)  # retriable ones are retried by the client
+        except GeneratorExit:  # closed before the end: parked, the rest kept
+            self._parked, self._left = (topic, partition, start), messages[passed:]
+            raise
         except KafkaException as e:
+            self._consumer.unassign()
             raise_for(e.args[0])
-        finally:
+        except BaseException:
+            self._consumer.unassign()
+            raise
+
+    def _unpark(self) -> None:
+        if self._parked is not None:
+            self._parked, self._left = None, []
             self._consumer.unassign()
 
     def _check_writer(self, headers: Any, topic: str, partition: int, offset: int | None) -> None:

@@ -74,6 +74,7 @@ class _Restore:
     skipped: int = 0
     read: int = 0  # records read, for the progress log
     took: float = 0.0  # seconds its restore ran, its slices' time (waits excluded)
+    checked: bool = False  # its store opened and offsets checked: slices go on
     # Where to read from once restored: the first record of it consumed meanwhile.
     rewind: int | None = None
 
@@ -281,14 +282,16 @@ class Runner:
         self._source.pause(partitions)
         now = self._clock.monotonic()
         for partition in partitions:
-            self._unrestored.setdefault(partition, _Restore(now, wiped, logged=now))
+            if wiped is not None or partition not in self._unrestored:
+                self._unrestored[partition] = _Restore(now, wiped, logged=now)
         self._metrics.restoring_partitions.set(len(self._unrestored))
 
     def _restore_slice(self) -> None:
         """Restore waiting partitions for up to ``_RESTORE_SLICE`` seconds, and fetch each
-        again once restored. They take turns: one cut short goes to the back of the
-        queue, so a large partition does not hold up small ones. A failure leaves them
-        waiting: the loop retries."""
+        again once restored. Each has a first slice in turn (one cut short in it goes to
+        the back of the queue), so a large partition does not hold up small ones; then
+        the first in the queue goes on where it stopped (the restorer's read with it). A
+        failure leaves them waiting: the loop retries."""
         self._settle()
         deadline = self._clock.monotonic() + _RESTORE_SLICE
 
@@ -306,6 +309,7 @@ class Runner:
                     partition,
                     functools.partial(self._restore_progress, restore, partition),
                     cut,
+                    restore.checked,
                 )
             except StoreCorrupt as e:  # the files failed again after a wipe: not retried
                 raise StoreError(f"restoring {topic}[{partition}]: {e}") from e
@@ -320,8 +324,9 @@ class Runner:
                 self._restored((topic, partition), restore)
             elif self._stopping:  # the store keeps what it replayed: the next start goes on
                 log.info("restore_interrupted", topic=topic, partition=partition)
-            else:
+            elif not restore.checked:
                 self._unrestored[topic, partition] = self._unrestored.pop((topic, partition))
+            restore.checked = True
 
     def _settle(self) -> None:
         """Wait for the offsets of waiting partitions not settled yet to be stable: a

@@ -146,3 +146,27 @@ def test_a_partition_paused_as_it_is_assigned_stays_paused(
         assert read == [1] * 10 + [0] * 10
     finally:
         source.close()
+
+
+def test_a_restore_read_closed_early_goes_on_where_it_stopped(topics: Topics) -> None:
+    """A restore cut into slices reads each record once, in order: a read closed before
+    its end keeps its place (and the records consumed but not passed on), and a read of
+    another partition or offset starts afresh."""
+    create_topic(topics.state, 2)
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 20})
+    for n in range(30_000):
+        producer.produce(topics.state, b"{}", b"k%d" % n, partition=n % 2)
+    assert producer.flush(30) == 0
+    restorer = KafkaRestorer(BOOTSTRAP, topics.group_id, {})
+    try:
+        for partition in (0, 1):
+            offsets: list[int] = []
+            while len(offsets) < 15_000:
+                reader = restorer.read(topics.state, partition, len(offsets))
+                offsets += [entry[0] for _, entry in zip(range(4_000), reader, strict=False)]
+                reader.close()  # type: ignore[attr-defined]
+            assert offsets == list(range(15_000))
+        again = [entry[0] for entry in restorer.read(topics.state, 0, 14_990)]
+        assert again == list(range(14_990, 15_000))
+    finally:
+        restorer.close()

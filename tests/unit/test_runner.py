@@ -874,12 +874,12 @@ def filled_state(sink: FakeSink, groups: int) -> None:
 
 
 def test_a_long_restore_runs_in_slices_between_consumes() -> None:
-    """A restore of seconds is cut into slices of about half a second: the loop consumes in
+    """A restore of seconds is cut into slices of about 0.5 s: the loop consumes in
     between (the consumer stays in its group, other partitions go on), while the
     partition waits, paused, and the worker is not ready; then its calls are processed."""
     source, sink = FakeSource(FakeClock()), FakeSink()
     filled_state(sink, 25_000)
-    restorer = SlowRestorer(sink, source, 0.0001)  # 2.5 s in all
+    restorer = SlowRestorer(sink, source, 0.0006)  # 15 s in all
     runner, metrics = build(source, sink, restorer=restorer)
     source.append(group_call(1))
     ready: list[bool] = []
@@ -891,7 +891,7 @@ def test_a_long_restore_runs_in_slices_between_consumes() -> None:
 
     source.on_consume = watch
     runner.run()
-    # Three slices (the time is looked at every 10,000 records, 1 s here), each going on
+    # Three slices (the time is looked at every 10,000 records, 6 s here), each going on
     # from where the one before stopped, with a consume between them.
     assert restorer.starts == [0, 10_000, 20_000]
     assert len(set(restorer.consumes)) == 3
@@ -908,8 +908,8 @@ def test_partitions_take_turns_so_a_large_restore_holds_up_no_small_one() -> Non
     """A partition whose restore takes seconds goes to the back of the queue after each
     slice: a small partition assigned with it is restored and processed meanwhile."""
     source, sink = FakeSource(FakeClock(), partitions=2), FakeSink()
-    filled_state(sink, 45_000)  # all on partition 0: 4.5 s of restore
-    runner, _ = build(source, sink, restorer=SlowRestorer(sink, source, 0.0001))
+    filled_state(sink, 45_000)  # all on partition 0: 27 s of restore
+    runner, _ = build(source, sink, restorer=SlowRestorer(sink, source, 0.0006))
     source.append(group_call(1), partition=1)
     while_restoring: list[list[str]] = []
 
@@ -936,7 +936,7 @@ def test_records_fetched_before_the_pause_are_read_again_after_the_restore() -> 
 
     source, sink = LatePause(FakeClock()), FakeSink()
     filled_state(sink, 30_000)
-    restorer = SlowRestorer(sink, source, 0.0001)
+    restorer = SlowRestorer(sink, source, 0.0006)
     runner, _ = build(source, sink, restorer=restorer)
     for n in range(3):
         source.append(group_call(n))
@@ -953,7 +953,7 @@ def test_a_partition_revoked_during_its_restore_goes_on_from_there_when_it_retur
     fetched); assigned again, its restore goes on from what the store kept."""
     source, sink = FakeSource(FakeClock()), FakeSink()
     filled_state(sink, 30_000)
-    restorer = SlowRestorer(sink, source, 0.0001)
+    restorer = SlowRestorer(sink, source, 0.0006)
     store = RocksDBStateStore(tmp_path, 1 << 20)
     runner, _ = build(source, sink, restorer=restorer, store=store)
     source.append(group_call(1))
