@@ -484,7 +484,7 @@ def test_an_envelope_with_a_huge_key_makes_small_letters_counted_against_the_bud
     key = b"k" * 520_000
     envelope = codec.encode({"batch": [1] * 2_000})
     tally = Tally()
-    inputs = [Record("in", 0, n, envelope, key) for n in range(3)]
+    inputs: list[Any] = [Record("in", 0, n, envelope, key) for n in range(3)]
     done, calls = processor.process_some(inputs, tally, max_bytes=100_000)
     letters = [p for p in sink.open if p.topic == "dlq"]
     assert (done, calls, len(letters)) == (1, 2_000, 2_000)
