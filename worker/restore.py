@@ -102,8 +102,12 @@ class Restored:
     rebuilt: str | None = None
     # Whether RocksDB failed on the data during the replay (the reason it was rebuilt).
     failed: bool = False
-    # False when ``until`` cut the replay short: a later call goes on from where it ended.
-    finished: bool = True
+    # The changelog whose replay ``until`` cut short (a later call goes on from there).
+    cut_in: Changelog | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.cut_in is None
 
 
 def restore_partition(
@@ -113,7 +117,7 @@ def restore_partition(
     partition: int,
     progress: Callable[[int], None] = lambda _: None,
     until: Callable[[], bool] = lambda: False,
-    checked: bool = False,
+    resume: Changelog | None = None,
 ) -> Restored:
     """Bring ``store``'s copy of ``partition`` up to date with its changelogs; blocks.
 
@@ -129,21 +133,23 @@ def restore_partition(
     and the replay starts again from the beginning. ``progress`` is called with the
     number of records read since its last call, every ``_PROGRESS_EVERY`` records and
     at the end. When ``until()`` (asked at those times) is true, the replay stops there,
-    with what it read stored, and ``Restored.finished`` is false: called again, it goes
-    on from the stored offsets, and with ``checked`` skips steps (1) and (2), which that
-    first call did, as long as the partition's store stays open. Raises ``KafkaError``
-    subclasses when the topics cannot be read, and
-    ``TopicError`` when the state topic holds records in a format this worker does not
-    read (a newer worker wrote them).
+    with what it read stored, and ``Restored.cut_in`` names the changelog it was in.
+    Called again with that as ``resume`` (the partition's store still open), it goes on
+    from there, without steps (1) and (2) or the changelogs before it. Raises
+    ``KafkaError`` subclasses when the topics cannot be read, and ``TopicError`` when
+    the state topic holds records in a format this worker does not read (a newer worker
+    wrote them).
     """
-    source = b"" if checked else topics.source(restorer)
-    rebuilt = None if checked else store.open_partition(partition, source)  # (1)
+    source = b"" if resume else topics.source(restorer)
+    rebuilt = None if resume else store.open_partition(partition, source)  # (1)
     failed = False
     try:
         starts = store.stored_offsets(partition)
-        stale = None if checked else _stale(restorer, topics, partition, starts)  # (2)
+        stale = None if resume else _stale(restorer, topics, partition, starts)  # (2)
         if stale is None:
-            return _replay(restorer, store, topics, partition, starts, progress, until, rebuilt)
+            return _replay(
+                restorer, store, topics, partition, starts, progress, until, rebuilt, resume
+            )
     except StoreCorrupt as e:
         stale, failed = str(e), True
     log.warning("store_partition_stale", partition=partition, reason=stale)
@@ -162,11 +168,15 @@ def _replay(
     progress: Callable[[int], None],
     until: Callable[[], bool],
     rebuilt: str | None,
+    resume: Changelog | None = None,
 ) -> Restored:
     read = {"state": 0, "members": 0, "dedupe": 0}
     skipped = 0
-    finished = True
-    for changelog, topic in topics.by_role():
+    cut: Changelog | None = None
+    roles = topics.by_role()
+    if resume is not None:  # the changelogs before it were replayed to their end
+        roles = roles[[role for role, _ in roles].index(resume) :]
+    for changelog, topic in roles:
         start = starts.get(changelog, 0)
         # Closed here however the apply ends: a reader left open would release its
         # partition whenever it is collected, maybe in the middle of the next read.
@@ -182,11 +192,9 @@ def _replay(
                 reader.close()
         read[changelog] = entries.count
         if entries.cut:
-            finished = False
+            cut = changelog
             break
-    return Restored(
-        read["state"], read["members"], read["dedupe"], skipped, rebuilt, finished=finished
-    )
+    return Restored(read["state"], read["members"], read["dedupe"], skipped, rebuilt, cut_in=cut)
 
 
 def _stale(

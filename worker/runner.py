@@ -74,7 +74,9 @@ class _Restore:
     skipped: int = 0
     read: int = 0  # records read, for the progress log
     took: float = 0.0  # seconds its restore ran, its slices' time (waits excluded)
-    checked: bool = False  # its store opened and offsets checked: slices go on
+    # The changelog its last slice stopped in, once one did: the next goes on there.
+    resume: Changelog | None = None
+    sliced: bool = False  # it had its first slice
     # Where to read from once restored: the first record of it consumed meanwhile.
     rewind: int | None = None
 
@@ -309,7 +311,7 @@ class Runner:
                     partition,
                     functools.partial(self._restore_progress, restore, partition),
                     cut,
-                    restore.checked,
+                    restore.resume,
                 )
             except StoreCorrupt as e:  # the files failed again after a wipe: not retried
                 raise StoreError(f"restoring {topic}[{partition}]: {e}") from e
@@ -324,9 +326,9 @@ class Runner:
                 self._restored((topic, partition), restore)
             elif self._stopping:  # the store keeps what it replayed: the next start goes on
                 log.info("restore_interrupted", topic=topic, partition=partition)
-            elif not restore.checked:
+            elif not restore.sliced:
                 self._unrestored[topic, partition] = self._unrestored.pop((topic, partition))
-            restore.checked = True
+            restore.resume, restore.sliced = restored.cut_in, True
 
     def _settle(self) -> None:
         """Wait for the offsets of waiting partitions not settled yet to be stable: a

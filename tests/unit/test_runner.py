@@ -853,9 +853,11 @@ class SlowRestorer(FakeRestorer):
         super().__init__(sink)
         self.source, self.seconds = source, seconds
         self.consumes: list[int] = []
-        self.starts: list[int] = []
+        self.starts: list[int] = []  # of the state topic's reads
+        self.opened: list[tuple[str, int]] = []  # every read: its topic and start
 
     def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
+        self.opened.append((topic, start))
         if topic == "state":
             self.starts.append(start)
         for entry in super().read(topic, partition, start):
@@ -902,6 +904,27 @@ def test_a_long_restore_runs_in_slices_between_consumes() -> None:
     assert states(sink)["g1"]["eventCount"] == 1
     assert sample(metrics, "group_worker_restored_records_total") == 25_000
     assert sample(metrics, "group_worker_restoring_partitions") == 0
+
+
+def test_a_restore_cut_in_a_later_changelog_goes_on_there(tmp_path: Path) -> None:
+    """Cut short in the members changelog, the next slices go on in it: the state
+    changelog, replayed to its end, is not read again (nor the store opened and checked)."""
+    source, sink = FakeSource(FakeClock()), FakeSink()
+    filled_state(sink, 5)
+    sink.begin()
+    for n in range(25_000):
+        sink.produce("members", b"m%d" % n, b"{}", partition=0)
+    sink.commit({}, source)
+    restorer = SlowRestorer(sink, source, 0.0006)
+    runner, _ = build(source, sink, restorer=restorer, store=RocksDBStateStore(tmp_path, 0))
+    run_for(runner, source, 6)
+    assert restorer.opened == [
+        ("state", 0),
+        ("members", 0),
+        ("members", 10_000),
+        ("members", 20_000),
+        ("dedupe", 0),
+    ]
 
 
 def test_partitions_take_turns_so_a_large_restore_holds_up_no_small_one() -> None:
