@@ -76,7 +76,6 @@ class _Restore:
     took: float = 0.0  # seconds its restore ran, its slices' time (waits excluded)
     # The changelog its last slice stopped in, once one did: the next goes on there.
     resume: Changelog | None = None
-    sliced: bool = False  # it had its first slice
     # Where to read from once restored: the first record of it consumed meanwhile.
     rewind: int | None = None
 
@@ -289,11 +288,10 @@ class Runner:
         self._metrics.restoring_partitions.set(len(self._unrestored))
 
     def _restore_slice(self) -> None:
-        """Restore waiting partitions for up to ``_RESTORE_SLICE`` seconds, and fetch each
-        again once restored. Each has a first slice in turn (one cut short in it goes to
-        the back of the queue), so a large partition does not hold up small ones; then
-        the first in the queue goes on where it stopped (the restorer's read with it). A
-        failure leaves them waiting: the loop retries."""
+        """Restore waiting partitions, in the order they came, for up to
+        ``_RESTORE_SLICE`` seconds, and fetch each again once restored; the next slice
+        goes on where this one stopped (the restorer's read with it). A failure leaves
+        them waiting: the loop retries."""
         self._settle()
         deadline = self._clock.monotonic() + _RESTORE_SLICE
 
@@ -321,14 +319,13 @@ class Runner:
             restore.members += restored.members
             restore.seen += restored.seen
             restore.skipped += restored.skipped
-            restore.took += self._clock.monotonic() - began
             if restored.finished:
-                self._restored((topic, partition), restore)
-            elif self._stopping:  # the store keeps what it replayed: the next start goes on
+                self._restored((topic, partition), restore, began)
+                continue
+            restore.took += self._clock.monotonic() - began
+            restore.resume = restored.cut_in
+            if self._stopping:  # the store keeps what it replayed: the next start goes on
                 log.info("restore_interrupted", topic=topic, partition=partition)
-            elif not restore.sliced:
-                self._unrestored[topic, partition] = self._unrestored.pop((topic, partition))
-            restore.resume, restore.sliced = restored.cut_in, True
 
     def _settle(self) -> None:
         """Wait for the offsets of waiting partitions not settled yet to be stable: a
@@ -349,7 +346,8 @@ class Runner:
                 why="a transaction that sent offsets for them was open",
             )
 
-    def _restored(self, position: Partition, restore: _Restore) -> None:
+    def _restored(self, position: Partition, restore: _Restore, began: float) -> None:
+        """Fetch a restored partition again; ``began``: when its last slice did."""
         del self._unrestored[position]
         self._settled.discard(position)
         m = self._metrics
@@ -361,6 +359,7 @@ class Runner:
         # What lives until now lives long (clients, caches): keep it out of the cyclic
         # collector's scans (reference counting still frees it).
         gc.freeze()
+        restore.took += self._clock.monotonic() - began
         m.restore_duration.observe(restore.took)
         rebuilt = restore.rebuilt or restore.wiped
         if rebuilt is not None:

@@ -927,27 +927,6 @@ def test_a_restore_cut_in_a_later_changelog_goes_on_there(tmp_path: Path) -> Non
     ]
 
 
-def test_partitions_take_turns_so_a_large_restore_holds_up_no_small_one() -> None:
-    """A partition whose restore takes seconds goes to the back of the queue after each
-    slice: a small partition assigned with it is restored and processed meanwhile."""
-    source, sink = FakeSource(FakeClock(), partitions=2), FakeSink()
-    filled_state(sink, 45_000)  # all on partition 0: 27 s of restore
-    runner, _ = build(source, sink, restorer=SlowRestorer(sink, source, 0.0006))
-    source.append(group_call(1), partition=1)
-    while_restoring: list[list[str]] = []
-
-    def watch(n: int) -> None:
-        if not runner.ready:
-            while_restoring.append(message_ids(sink))
-        if n >= 12:
-            runner.stop()
-
-    source.on_consume = watch
-    runner.run()
-    assert ["m1"] in while_restoring
-    assert message_ids(sink) == ["m1"]
-
-
 def test_records_fetched_before_the_pause_are_read_again_after_the_restore() -> None:
     """Records of a partition waiting for its restore that consume() returned all the
     same (fetched before the pause held) are not processed then, but after it."""
