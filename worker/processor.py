@@ -62,7 +62,7 @@ _NOT_LOGGED = ("key", "keyEncoding", "timestamp")
 log = structlog.get_logger("worker.processor")
 # At most one dead_letter log line per reason in this many seconds (the rest are counted).
 _LOG_EVERY = 10.0
-_FOREIGN = " foreign"  # the warning's key among the dead letters' reasons in _logged
+_FOREIGN = " foreign"  # the foreign-call warning's key in _logged, beside dead letters' reasons
 # Refused outputs remembered (by where their call came from), oldest forgotten first.
 _MAX_REFUSED = 10_000
 # Dedupe ids an expiry pass scans after a commit: about 10 ms (``expire_seen``).
@@ -187,7 +187,7 @@ class Processor:
         }
         # Outputs the broker refused for good, by ``_identity``: dead-lettered on replay.
         self._refused: dict[tuple[Any, ...], str] = {}
-        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last line, suppressed)
+        self._logged: dict[str, tuple[float, int]] = {}  # key -> (last line, suppressed)
         self._unkeyed_seen = False
         # The keyed input's partition count (0: not checked), and each groupId's
         # partition, memoised: murmur2 in Python is 1.5 µs a key.
@@ -266,21 +266,16 @@ class Processor:
         writer = header(record, DEPLOYMENT_HEADER)
         if writer is None or writer == self._deployment or not self._deployment:
             return False
-        now = self._clock.monotonic()
-        last, passed = self._logged.get(_FOREIGN, (-_LOG_EVERY, 0))
-        if now - last < _LOG_EVERY:
-            self._logged[_FOREIGN] = (last, passed + 1)
-            return True
-        self._logged[_FOREIGN] = (now, 0)
-        log.warning(
-            "repartition_call_of_another_deployment",
-            topic=record.topic(),
-            partition=record.partition(),
-            offset=record.offset(),
-            deployment=writer.decode(errors="replace"),
-            passed_over_before=passed,
-            fix="give each deployment a topics.repartition of its own (or leave it unset)",
-        )
+        if (suppressed := self._log_due(_FOREIGN)) is not None:
+            log.warning(
+                "repartition_call_of_another_deployment",
+                topic=record.topic(),
+                partition=record.partition(),
+                offset=record.offset(),
+                deployment=writer.decode(errors="replace"),
+                suppressed=suppressed,
+                fix="give each deployment a topics.repartition of its own (or leave it unset)",
+            )
         return True
 
     def _check_input(self, topic: str, record: SourceRecord) -> None:
@@ -567,19 +562,25 @@ class Processor:
 
     def _log_dead_letter(self, letter: DeadLetter) -> None:
         """Log a dead letter (never its value), at most one line per reason per interval."""
+        if (suppressed := self._log_due(letter.reason)) is not None:
+            log.warning(
+                "dead_letter",
+                reason=letter.reason,
+                message=letter.letter["message"],
+                suppressed=suppressed,
+                **_position(letter),
+            )
+
+    def _log_due(self, key: str) -> int | None:
+        """Whether a line about ``key`` is due (one every ``_LOG_EVERY`` seconds at most):
+        the lines left out since the last one, or None when it is not due."""
         now = self._clock.monotonic()
-        last, suppressed = self._logged.get(letter.reason, (-_LOG_EVERY, 0))
+        last, suppressed = self._logged.get(key, (-_LOG_EVERY, 0))
         if now - last < _LOG_EVERY:
-            self._logged[letter.reason] = (last, suppressed + 1)
-            return
-        self._logged[letter.reason] = (now, 0)
-        log.warning(
-            "dead_letter",
-            reason=letter.reason,
-            message=letter.letter["message"],
-            suppressed=suppressed,
-            **_position(letter),
-        )
+            self._logged[key] = (last, suppressed + 1)
+            return None
+        self._logged[key] = (now, 0)
+        return suppressed
 
     def _refusal(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
