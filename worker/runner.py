@@ -74,6 +74,7 @@ class _Restore:
     skipped: int = 0
     read: int = 0  # records read, for the progress log
     took: float = 0.0  # seconds its restore ran, its slices' time (waits excluded)
+    settled: bool = False  # its committed offsets are stable (``Runner._settle``)
     # The changelog its last slice stopped in, once one did: the next goes on there.
     resume: Changelog | None = None
     # Where to read from once restored: the first record of it consumed meanwhile.
@@ -136,7 +137,6 @@ class Runner:
         self._assigned: set[Partition] = set()
         # Stateful partitions assigned and not restored yet, in the order they came.
         self._unrestored: dict[Partition, _Restore] = {}
-        self._settled: set[Partition] = set()  # of those, the ones whose offsets settled
         self._paused = False
         self._lag_checked = 0.0
         # Batches aborted since the last commit: the same records, tried again and again.
@@ -331,12 +331,13 @@ class Runner:
         """Wait for the offsets of waiting partitions not settled yet to be stable: a
         paused previous owner's last transaction may still commit changelog records with
         them, which their restore must read."""
-        unsettled = [p for p in self._unrestored if p not in self._settled]
+        unsettled = [p for p, restore in self._unrestored.items() if not restore.settled]
         if not unsettled:
             return
         started = self._clock.monotonic()
         self._source.settle(unsettled, _SETTLE_TIMEOUT)
-        self._settled.update(unsettled)
+        for partition in unsettled:
+            self._unrestored[partition].settled = True
         waited = self._clock.monotonic() - started
         if waited >= _SETTLE_LOGGED:  # a gap in the log (and /readyz 503) explained
             log.info(
@@ -349,7 +350,6 @@ class Runner:
     def _restored(self, position: Partition, restore: _Restore, began: float) -> None:
         """Fetch a restored partition again; ``began``: when its last slice did."""
         del self._unrestored[position]
-        self._settled.discard(position)
         m = self._metrics
         m.restoring_partitions.set(len(self._unrestored))
         # A restore churns through memory that glibc keeps (bench: 377 -> 179 MB RSS
@@ -628,7 +628,6 @@ class Runner:
             self._pending.pop(partition, None)
             self._batch_start.pop(partition, None)
             self._unrestored.pop(partition, None)
-            self._settled.discard(partition)
             if partition[0] == self._settings.routes.stateful_input:
                 self._store.drop(partition[1])
             with contextlib.suppress(KeyError):
