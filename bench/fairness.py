@@ -5,7 +5,8 @@ groupId, as the repartition topic is), starts a worker, and while it drains that
 backlog sends one call of each of ``--probes`` other groups every ``--interval``
 seconds, on the other partitions (groups are picked whose partition differs from the
 hot one's, in both stages). Prints how long the probes took until a ``read_committed``
-reader saw them enriched, and how fast the hot backlog drained. ``--set KEY=VALUE``
+reader saw them enriched, and how fast the hot backlog drained. ``--batch N`` sends the
+backlog in batch envelopes of N calls, as a library would. ``--set KEY=VALUE``
 passes a setting to the worker (``kafka_consumer_queued_min_messages=2000``), so
 consumer settings can be compared on the same command.
 
@@ -21,6 +22,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,23 @@ from bench.runs import PARTITIONS, create_topic, delete_topics, fast_producer
 _random = random.Random(5)
 
 
-def _call(group: str, user: str, message_id: str) -> bytes:
+def _call(group: str, user: str, message_id: str) -> dict[str, Any]:
     """A call of about 800 bytes, as the benchmark's; its text compresses no better than
     real calls do (the worker's records are lz4-compressed, and what a fetch brings is
     counted in compressed bytes)."""
     traits = {"name": group, "plan": "pro", "description": _random.randbytes(300).hex()}
     call = {"type": "group", "groupId": group, "userId": user, "messageId": message_id}
-    return json.dumps(call | {"traits": traits}).encode()
+    return call | {"traits": traits}
+
+
+def _backlog(calls: int, batch: int) -> Iterator[bytes]:
+    """The hot group's calls, alone or in batch envelopes of ``batch`` calls."""
+    for start in range(0, calls, batch):
+        chunk = [
+            _call("hot", f"u{i % 1000}", f"hot-{i}")
+            for i in range(start, min(start + batch, calls))
+        ]
+        yield json.dumps(chunk[0] if batch == 1 else {"batch": chunk}).encode()
 
 
 def _partitions_of(producer: Producer, topic: str, keys: list[str]) -> dict[str, int]:
@@ -71,12 +83,12 @@ def run(args: argparse.Namespace) -> None:
     candidates = [f"probe-{i}" for i in range(args.probes * 4)]
     placed = _partitions_of(producer, scratch, ["hot", *candidates])
     probes = [g for g in candidates if placed[g] != placed["hot"]][: args.probes]
-    for i in range(args.calls):
-        producer.produce(raw, _call("hot", f"u{i % 1000}", f"hot-{i}"), b"hot")
-        if i % 10_000 == 0:
-            producer.poll(0)
+    for value in _backlog(args.calls, args.batch):
+        producer.produce(raw, value, b"hot")
+        producer.poll(0)
     producer.flush(120)
-    print(f"{args.calls:,} calls of one group on partition {placed['hot']} of {raw}")
+    sent_as = f"in envelopes of {args.batch}" if args.batch > 1 else "one a record"
+    print(f"{args.calls:,} calls of one group ({sent_as}) on partition {placed['hot']} of {raw}")
     settings = dict(s.split("=", 1) for s in args.set)
     settings.setdefault("worker_input_keyed_by_group_id", str(args.stages == 1).lower())
     worker = WorkerProcess(args.bootstrap, topics, raw, Path(args.out), settings=settings)
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
             for group in probes:
                 message_id = f"{group}-{round_}"
                 sent[message_id] = time.time()
-                producer.produce(raw, _call(group, "u1", message_id), group)
+                producer.produce(raw, json.dumps(_call(group, "u1", message_id)).encode(), group)
                 probes_sent += 1
             producer.poll(0)
             time.sleep(args.interval)
@@ -128,6 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__)
     parser.add_argument("--bootstrap", default="127.0.0.1:39092")
     parser.add_argument("--calls", type=int, default=300_000, help="the hot group's backlog")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="send the backlog in envelopes of this many calls"
+    )
     parser.add_argument("--probes", type=int, default=10, help="other groups")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between probes")
     parser.add_argument("--stages", type=int, choices=(1, 2), default=2)

@@ -6,18 +6,25 @@ import zlib
 
 import orjson
 
-from bench.fairness import _call, _percentiles
+from bench.fairness import _backlog, _percentiles
 
 
-def test_a_probe_call_is_a_group_call_of_about_800_bytes_that_compresses_little() -> None:
+def test_a_backlog_call_is_a_group_call_of_about_800_bytes_that_compresses_little() -> None:
     """A padding of one repeated letter let a 1 MB fetch bring ten times the records,
     which made the wait behind a backlog look five times longer than with real calls."""
-    calls = [_call("hot", f"u{i}", f"hot-{i}") for i in range(100)]
+    calls = list(_backlog(100, 1))
     call = orjson.loads(calls[0])
     assert (call["type"], call["groupId"], call["messageId"]) == ("group", "hot", "hot-0")
     assert all(700 <= len(c) <= 900 for c in calls)
     text = b"".join(calls)
     assert len(zlib.compress(text)) > len(text) / 3
+
+
+def test_a_backlog_in_envelopes_holds_every_call_once() -> None:
+    envelopes = [orjson.loads(e) for e in _backlog(1_200, 500)]
+    assert [len(e["batch"]) for e in envelopes] == [500, 500, 200]
+    ids = [c["messageId"] for e in envelopes for c in e["batch"]]
+    assert ids == [f"hot-{i}" for i in range(1_200)]
 
 
 def test_percentiles_of_the_waits() -> None:
