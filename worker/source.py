@@ -82,16 +82,14 @@ class KafkaSource:
             "topic.metadata.refresh.interval.ms": 30_000,
             # Prefetch, so that one hot partition's backlog does not queue ahead of every
             # other partition's calls in the one queue consume() reads: librdkafka's
-            # default is 100,000 records a partition, within 64 MiB in all. A partition
+            # default is 100,000 records a partition (within 64 MiB in all). A partition
             # whose share is full fetches again after fetch.queue.backoff.ms: at its
-            # default of 1 s a hot partition drained at a fifth of the rate. The bytes
-            # count too: a batch envelope is one record of up to 2,000 calls, and 64 MiB
-            # of them held other groups' calls 4.5 s (p50) behind one group's backlog,
-            # 4 MiB 0.6 s, the backlog draining as fast (bench.fairness --batch 500).
-            # It caps each fetch too (fetch.max.bytes; a fetch takes one record at least):
-            # at 2 MiB single calls waited longer (max 1.6-3.2 s against 0.9).
+            # default of 1 s a hot partition drained at a fifth of the rate. The byte cap
+            # (queued.max.messages.kbytes) stays librdkafka's 64 MiB. At 4 MiB a hot
+            # group's batch envelopes held other groups' calls 0.5 s behind them against
+            # 4.5 s, but partitions starved for 30 s at a time after broker outages, and
+            # stage two caught up in 92-158 s against 57-73 s (docs/performance.md).
             "queued.min.messages": 2_000,
-            "queued.max.messages.kbytes": 4_096,
             "fetch.queue.backoff.ms": 10,
         }
         if group_instance_id:
