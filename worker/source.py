@@ -88,7 +88,7 @@ class KafkaSource:
             # (queued.max.messages.kbytes) stays librdkafka's 64 MiB. At 4 MiB a hot
             # group's batch envelopes held other groups' calls 0.5 s behind them against
             # 4.5 s, but partitions starved for 30 s at a time after broker outages, and
-            # stage two caught up in 92-158 s against 57-73 s (docs/performance.md).
+            # stage two caught up in 78-158 s against 54-73 s (docs/performance.md).
             "queued.min.messages": 2_000,
             "fetch.queue.backoff.ms": 10,
         }
