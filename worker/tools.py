@@ -70,9 +70,10 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     tail.add_argument("--max", type=_at_least(1, int), metavar="N", help="stop after N records")
     tail.add_argument(
         "--timeout",
-        type=_at_least(0, float),
+        # 0 stopped before the first poll, printing nothing even with records there.
+        type=_at_least(0.1, float),
         metavar="S",
-        help="stop after S seconds without a new record",
+        help="stop after S seconds without a new record (at least 0.1)",
     )
     tail.set_defaults(command=_tail)
 

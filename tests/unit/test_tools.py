@@ -149,15 +149,17 @@ def test_ctrl_c_before_anything_is_sent_says_so(tmp_path: Path) -> None:
         (["--max", "0"], "--max: must be at least 1, not 0"),
         (["--max", "-3"], "--max: must be at least 1, not -3"),
         (["--max", "1.5"], "--max: '1.5' is not a valid int"),
-        (["--timeout", "-1"], "--timeout: must be at least 0, not -1"),
-        (["--timeout", "nan"], "--timeout: must be at least 0, not nan"),
+        (["--timeout", "0"], "--timeout: must be at least 0.1, not 0"),
+        (["--timeout", "-1"], "--timeout: must be at least 0.1, not -1"),
+        (["--timeout", "nan"], "--timeout: must be at least 0.1, not nan"),
     ],
 )
 def test_tail_refuses_a_bound_it_cannot_keep(
     args: list[str], why: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`tail --max` below 1 or `--timeout` below 0 is a usage error (exit 2, one line
-    naming the option), before any broker is asked."""
+    """`tail --max` below 1 or `--timeout` below 0.1 is a usage error (exit 2, one line
+    naming the option), before any broker is asked. A timeout of 0 used to stop before
+    the first poll and print nothing, records or not."""
     with pytest.raises(SystemExit) as stopped:
         main(["tail", "some.topic", *args])
     assert stopped.value.code == 2
