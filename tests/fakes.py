@@ -115,7 +115,11 @@ class FakeSource:
         self.paused.difference_update(partitions)
 
     def seek(self, offsets: Offsets) -> None:
-        self.position.update(offsets)
+        # As librdkafka drops a partition's prefetch on seek and fetches it anew, behind
+        # what other partitions have queued: it is read after them.
+        for tp, offset in offsets.items():
+            self.position.pop(tp, None)
+            self.position[tp] = offset
 
     def group_metadata(self) -> Any:
         return "fake-group-metadata"

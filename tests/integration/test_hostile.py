@@ -80,6 +80,40 @@ def test_one_huge_group_cannot_stall_the_others(
     assert worker.sample("group_worker_transaction_aborts_total") == 0
 
 
+def test_a_hot_groups_batch_envelopes_do_not_hold_other_groups_behind_them(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """A backlog of one group in envelopes of 500 calls (keyed input: all on one
+    partition) fills the consumer's prefetch, one record per 500 calls, ahead of other
+    partitions' records. Calls of other groups sent while it drains are enriched long
+    before it is: the hot partition is read again behind them at each commit."""
+    hot = [
+        (
+            b"hot",
+            codec.encode(
+                {"batch": [codec.decode(group_call(f"h{n}-{i}", "hot", {})) for i in range(500)]}
+            ),
+        )
+        for n in range(200)
+    ]
+    others = [(f"g{n}".encode(), group_call(f"o{n}", f"g{n}", {"plan": "pro"})) for n in range(30)]
+    worker = WorkerProcess(topics, tmp_path, WORKER_INPUT_KEYED_BY_GROUP_ID="true")
+    workers.append(worker.start())
+    produce(topics.input, hot)
+    wait_until(lambda: worker.progress() >= 10_000, 120, "the hot backlog to start draining")
+    produce(topics.input, others)
+
+    enriched = read_topic(topics.enriched, expect=100_030, idle=3, timeout=300)
+    hot_partition = next(r.partition() for r in enriched if r.key() == b"hot")
+    elsewhere = [r for r in enriched if r.key() != b"hot" and r.partition() != hot_partition]
+    assert len(elsewhere) >= 10  # 30 groups over 3 partitions
+    last_other = max(r.timestamp()[1] for r in elsewhere)
+    after = sum(1 for r in enriched if r.key() == b"hot" and r.timestamp()[1] > last_other)
+    # Before the hot partition was read again, they all came after the whole backlog; now
+    # within a commit or two (10,000 calls each) of their sending, which took a second.
+    assert after >= 20_000, f"{after} hot calls enriched after the last other group's"
+
+
 @pytest.mark.parametrize("later", [False, True], ids=["first-batch", "later-batch"])
 def test_a_dead_letter_the_broker_refuses_does_not_loop(
     topics: Topics, workers: list[WorkerProcess], tmp_path: Path, later: bool

@@ -28,7 +28,7 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
-from worker.source import Partition
+from worker.source import Offsets, Partition
 from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
@@ -1197,11 +1197,12 @@ def test_a_transaction_holds_about_commit_max_records_calls_however_records_hold
     run_for(runner, source, 3)
 
     assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(800))
-    # 100 calls a record: a commit after each third record (300 calls), then the rest.
+    # 100 calls a record: a commit after each third record (300 calls), then the rest;
+    # after each commit the partition that had no turn yet goes first.
     assert sink.offset_commits == [
         {("in", 0): 3},
-        {("in", 0): 4, ("in", 1): 2},
-        {("in", 1): 4},
+        {("in", 1): 3},
+        {("in", 0): 4, ("in", 1): 4},
     ]
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 800
 
@@ -1222,6 +1223,60 @@ def test_a_transaction_holds_about_commit_max_bytes_of_calls() -> None:
     ends = [3, 5, 6, 7, 8, 9, 10]
     assert sink.offset_commits == [{("in", 0): end} for end in ends]
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 10
+
+
+def test_a_hot_partition_cut_by_a_commit_is_read_again_behind_the_others() -> None:
+    """A consumed batch cut by commit_max_records (one partition's envelopes) reads its
+    rest again, so that records of other partitions queued behind it are processed
+    next, not after the whole prefetch of the hot one."""
+    source, sink = FakeSource(FakeClock(), 2), FakeSink()
+    settings = dataclasses.replace(
+        SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
+    )
+    runner, metrics = build(source, sink, settings)
+    for r in range(8):  # the hot partition: 8 envelopes of 100 calls
+        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
+        source.append(codec.encode({"batch": calls}), partition=0)
+    source.append(group_call(900), partition=1)
+    run_for(runner, source, 6)
+
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in [*range(800), 900])
+    # The first cut comes after 300 calls of partition 0; the other's call is next.
+    assert message_ids(sink)[300] == "m900"
+    assert sink.offset_commits[:2] == [{("in", 0): 3}, {("in", 1): 1, ("in", 0): 6}]
+    assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 801
+
+
+@pytest.mark.parametrize("other_lag", [0, None])
+def test_a_hot_partition_is_read_again_only_when_another_may_be_waiting(
+    other_lag: int | None,
+) -> None:
+    """With nothing to read elsewhere the rest of a cut batch is processed as consumed
+    (a read again would fetch it anew for nothing); a partition whose lag is unknown
+    (nothing read from it since its assignment) may have records queued behind it."""
+    source, sink = FakeSource(FakeClock(), 2), FakeSink()
+    settings = dataclasses.replace(
+        SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
+    )
+    runner, _ = build(source, sink, settings)
+    for r in range(4):
+        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
+        source.append(codec.encode({"batch": calls}), partition=0)
+    seeks: list[dict[Partition, int]] = []
+    lag, seek = source.lag, source.seek
+
+    def lag_elsewhere(partition: Partition) -> int | None:
+        return lag(partition) if partition == ("in", 0) else other_lag
+
+    def recorded_seek(offsets: Offsets) -> None:
+        seeks.append(dict(offsets))
+        seek(offsets)
+
+    source.lag, source.seek = lag_elsewhere, recorded_seek  # type: ignore[method-assign]
+    run_for(runner, source, 4)
+
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(400))
+    assert seeks == ([] if other_lag == 0 else [{("in", 0): 3}])
 
 
 def test_a_commit_cut_into_a_consumed_batch_that_must_be_retried_loses_no_record() -> None:
