@@ -41,6 +41,11 @@ def group_call(n: int, **extra: Any) -> bytes:
     )
 
 
+def envelope(r: int) -> bytes:
+    """The ``r``-th batch envelope of 100 calls: m{100r} to m{100r + 99}."""
+    return codec.encode({"batch": [codec.decode(group_call(100 * r + n)) for n in range(100)]})
+
+
 def make(
     transactional: bool = True, partitions: int = 1
 ) -> tuple[Runner, FakeSource, FakeSink, Metrics]:
@@ -1192,8 +1197,7 @@ def test_a_transaction_holds_about_commit_max_records_calls_however_records_hold
     settings = dataclasses.replace(SETTINGS, commit_max_records=250, commit_interval=60.0)
     runner, metrics = build(source, sink, settings)
     for r in range(8):
-        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
-        source.append(codec.encode({"batch": calls}), partition=r % 2)
+        source.append(envelope(r), partition=r % 2)
     run_for(runner, source, 3)
 
     assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(800))
@@ -1235,8 +1239,7 @@ def test_a_hot_partition_cut_by_a_commit_is_read_again_behind_the_others() -> No
     )
     runner, metrics = build(source, sink, settings)
     for r in range(8):  # the hot partition: 8 envelopes of 100 calls
-        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
-        source.append(codec.encode({"batch": calls}), partition=0)
+        source.append(envelope(r), partition=0)
     source.append(group_call(900), partition=1)
     run_for(runner, source, 6)
 
@@ -1260,8 +1263,7 @@ def test_a_hot_partition_is_read_again_only_when_another_may_be_waiting(
     )
     runner, _ = build(source, sink, settings)
     for r in range(4):
-        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
-        source.append(codec.encode({"batch": calls}), partition=0)
+        source.append(envelope(r), partition=0)
     seeks: list[dict[Partition, int]] = []
     lag, seek = source.lag, source.seek
 
@@ -1287,8 +1289,7 @@ def test_a_commit_cut_into_a_consumed_batch_that_must_be_retried_loses_no_record
     settings = dataclasses.replace(SETTINGS, commit_max_records=250, commit_interval=60.0)
     runner, metrics = build(source, sink, settings)
     for r in range(6):
-        calls = [codec.decode(group_call(100 * r + n)) for n in range(100)]
-        source.append(codec.encode({"batch": calls}))
+        source.append(envelope(r))
     sink.fail_next_commit = RetriableError("coordinator not available")
     run_for(runner, source, 6)
 
