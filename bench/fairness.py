@@ -6,7 +6,9 @@ backlog sends one call of each of ``--probes`` other groups every ``--interval``
 seconds, on the other partitions (groups are picked whose partition differs from the
 hot one's, in both stages). Prints how long the probes took until a ``read_committed``
 reader saw them enriched, and how fast the hot backlog drained. ``--batch N`` sends the
-backlog in batch envelopes of N calls, as a library would. ``--set KEY=VALUE``
+backlog in batch envelopes of N calls, as a library would. ``--trait-bytes N`` gives each
+of the hot group's calls a new trait of N bytes, so its state grows to its bound (256
+KiB) and every enriched call carries that profile. ``--set KEY=VALUE``
 passes a setting to the worker (``kafka_consumer_queued_min_messages=2000``), so
 consumer settings can be compared on the same command.
 
@@ -44,13 +46,17 @@ def _call(group: str, user: str, message_id: str) -> dict[str, Any]:
     return call | {"traits": traits}
 
 
-def _backlog(calls: int, batch: int) -> Iterator[bytes]:
-    """The hot group's calls, alone or in batch envelopes of ``batch`` calls."""
+def _backlog(calls: int, batch: int, trait_bytes: int) -> Iterator[bytes]:
+    """The hot group's calls, alone or in batch envelopes of ``batch`` calls, each with a
+    new trait of ``trait_bytes`` (0: none)."""
     for start in range(0, calls, batch):
         chunk = [
             _call("hot", f"u{i % 1000}", f"hot-{i}")
             for i in range(start, min(start + batch, calls))
         ]
+        if trait_bytes:
+            for i, call in enumerate(chunk, start):
+                call["traits"][f"t{i}"] = _random.randbytes(trait_bytes // 2).hex()
         yield json.dumps(chunk[0] if batch == 1 else {"batch": chunk}).encode()
 
 
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
     candidates = [f"probe-{i}" for i in range(args.probes * 4)]
     placed = _partitions_of(producer, scratch, ["hot", *candidates])
     probes = [g for g in candidates if placed[g] != placed["hot"]][: args.probes]
-    for value in _backlog(args.calls, args.batch):
+    for value in _backlog(args.calls, args.batch, args.trait_bytes):
         producer.produce(raw, value, b"hot")
         producer.poll(0)
     producer.flush(120)
@@ -143,13 +149,22 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=1, help="send the backlog in envelopes of this many calls"
     )
+    parser.add_argument(
+        "--trait-bytes", type=int, default=0, help="a new trait of this size in each hot call"
+    )
     parser.add_argument("--probes", type=int, default=10, help="other groups")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between probes")
     parser.add_argument("--stages", type=int, choices=(1, 2), default=2)
     parser.add_argument("--limit", type=float, default=600, help="seconds at most")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=str(ROOT / ".cache" / "fairness"), help="worker logs")
-    run(parser.parse_args())
+    args = parser.parse_args()
+    # The worker dead-letters an envelope of more calls whole (too_large).
+    if not 1 <= args.batch <= 2_000:
+        parser.error("--batch: from 1 to 2000 calls")
+    if args.trait_bytes < 0:
+        parser.error("--trait-bytes: 0 or more")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ def test_a_partition_prefetches_little_and_a_full_one_fetches_again_soon(
 ) -> None:
     """A small prefetch per partition keeps a hot partition's backlog from queueing ahead
     of other partitions' calls, and only with a short backoff: librdkafka's 1 s default
-    after a partition's share fills cut a hot partition's drain to a fifth. The byte cap
+    after a partition's share fills cut a hot partition's drain to a fifth, and a short
+    wait for new data, so that a partition read again is fetched soon. The byte cap
     is left alone: lowered, it starved partitions after broker outages. A property of
     the configuration wins."""
     config = consumer_config(monkeypatch, {})
     assert config["queued.min.messages"] <= 5_000
     assert config["fetch.queue.backoff.ms"] <= 50
+    assert config["fetch.wait.max.ms"] <= 100  # a partition read again is fetched soon
     assert "queued.max.messages.kbytes" not in config
     config = consumer_config(monkeypatch, {"consumer.queued.min.messages": "100000"})
     assert config["queued.min.messages"] == "100000"
