@@ -93,9 +93,9 @@ class KafkaSource:
             "fetch.queue.backoff.ms": 10,
             # A partition read again (the runner's turns behind a hot partition) is
             # fetched only once the fetch in flight returns, which waits this long when
-            # the other partitions have nothing new. Behind a large group's calls, its
-            # backlog drained at 0.6x the rate without turns at librdkafka's 500 ms, 0.8x
-            # at 100 ms (bench.fairness); a fetch of idle partitions is cheap.
+            # the other partitions have nothing new. Behind envelopes a hot backlog drained
+            # at 20,300-21,100 calls/s with librdkafka's 500 ms, 24,200-29,200 at 100 ms
+            # (bench.fairness, docs/performance.md); a fetch of idle partitions is cheap.
             "fetch.wait.max.ms": 100,
         }
         if group_instance_id:
