@@ -285,10 +285,13 @@ def read_topic(
     idle: float = 3.0,
     timeout: float = 60.0,
     client: Mapping[str, Any] | None = None,
+    distinct: Callable[[Message], object] | None = None,
 ) -> list[Message]:
     """Every committed record of ``topic``: at least ``expect`` (waiting up to ``timeout``
     seconds for them), then until ``idle`` seconds pass without a new one. ``client`` is
-    the consumer's connection settings (default: the test broker's)."""
+    the consumer's connection settings (default: the test broker's). With ``distinct``,
+    ``expect`` counts records of distinct keys by it: repeats (at least once) do not
+    stand in for records still to come."""
     consumer = Consumer(
         {
             **(client or {"bootstrap.servers": BOOTSTRAP}),
@@ -301,13 +304,16 @@ def read_topic(
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
         records: list[Message] = []
+        keys: set[object] = set()
         start = last = time.monotonic()
         while time.monotonic() - last < idle or (
-            len(records) < expect and time.monotonic() - start < timeout
+            len(keys if distinct else records) < expect and time.monotonic() - start < timeout
         ):
             for message in consumer.consume(500, 0.2):
                 if message.error() is None:
                     records.append(message)
+                    if distinct:
+                        keys.add(distinct(message))
                     last = time.monotonic()
         return records
     finally:
