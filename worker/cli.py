@@ -18,7 +18,7 @@ from confluent_kafka import KafkaException
 from worker import __version__, tools
 from worker.config import Config, load_config
 from worker.errors import ConfigError, RetriableError, TopicError, WorkerError
-from worker.kafka import check_properties, translate
+from worker.kafka import check_properties, release_frames, translate
 from worker.logs import configure_logging
 from worker.service import run_service
 from worker.topics import ensure_topics
@@ -40,7 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(config.log.level)  # before any Kafka client: its lines are JSON too
         if args.uses_kafka:
             check_properties(config.kafka.bootstrap_servers, config.kafka.properties)
-        result: int = args.command(config, args)
+        try:
+            result: int = args.command(config, args)
+        except BaseException as e:
+            release_frames(e)  # the command's clients go before the process ends
+            raise
         return result
     except (ConfigError, TopicError) as e:
         print(f"group-worker: {e}", file=sys.stderr)

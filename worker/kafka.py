@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, Literal, NoReturn
@@ -43,6 +44,7 @@ __all__ = [
     "produce_all",
     "producer_max_bytes",
     "raise_for",
+    "release_frames",
     "translate",
 ]
 
@@ -158,6 +160,25 @@ class RefusalWatch:
         self._last = now
         if now - self._first >= self._grace:
             raise translate(error)
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the local variables of the frames ``error`` and the errors it chains went
+    through (but those still running), so that the clients they held go now.
+
+    confluent-kafka (2.16) keeps a reference to an exception raised in a client's
+    callback (a ``RefusalWatch``, a rebalance or delivery callback) for good. Its
+    traceback then keeps every frame it passed through alive, and the clients in them
+    with librdkafka's threads: a replaced producer would go on with its transactional
+    id, and a command that ended on a refused login crashed at exit (SIGSEGV) about
+    once in 80 runs, while those threads ran on as the process ended.
+    """
+    seen: set[int] = set()
+    chained: BaseException | None = error
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
 
 
 def translate(error: ClientError | Any) -> KafkaError:

@@ -33,7 +33,7 @@ from confluent_kafka import KafkaException
 from worker.clock import Clock, SystemClock
 from worker.config import Config, redact
 from worker.errors import ConfigError, FatalClientError, FatalError, KafkaError, RetriableError
-from worker.kafka import client_config, producer_max_bytes, translate
+from worker.kafka import client_config, producer_max_bytes, release_frames, translate
 from worker.limits import GroupBound, Limits, group_bound
 from worker.metrics import Metrics
 from worker.pipeline import Settings
@@ -133,6 +133,7 @@ class Supervisor:
                 self._current.run()
                 return 0
             except (KafkaError, KafkaException) as e:
+                release_frames(e)  # the failed loop's clients go before new ones start
                 # A client call that was not translated where it was made: its error may
                 # be fatal all the same (a fenced producer's next call).
                 if isinstance(e, KafkaException):

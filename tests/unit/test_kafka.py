@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -26,6 +28,7 @@ from worker.kafka import (
     check_properties,
     client_config,
     produce_all,
+    release_frames,
     translate,
 )
 from worker.logs import kafka_client_logger
@@ -109,6 +112,40 @@ def test_a_refused_login_is_fatal_once_it_persists() -> None:
     now[0] = 75.0
     with pytest.raises(FatalError, match="refused the login"):
         watch(refused)
+
+
+class _Client(Producer):  # a subclass: a weak reference can watch it go
+    pass
+
+
+def _fail_in_a_callback(clients: list[weakref.ref[_Client]]) -> None:
+    """Poll a producer whose error_cb raises (its broker: a closed port)."""
+
+    def refused(error: ClientError) -> None:
+        raise FatalError(error.str())
+
+    client = _Client({"bootstrap.servers": "127.0.0.1:1", "error_cb": refused})
+    clients.append(weakref.ref(client))
+    for _ in range(100):
+        client.poll(0.1)
+    raise AssertionError("the error_cb was never served")
+
+
+@pytest.mark.parametrize("released", [False, True])
+def test_a_client_whose_callback_raised_goes_once_its_frames_are_released(
+    released: bool,
+) -> None:
+    """confluent-kafka keeps the exception an error_cb raised: its traceback keeps the
+    client's frame, and so the client, alive until the process ends (the unreleased case
+    fails once a confluent-kafka no longer leaks it: the release is then not needed)."""
+    clients: list[weakref.ref[_Client]] = []
+    try:
+        _fail_in_a_callback(clients)
+    except FatalError as e:
+        if released:
+            release_frames(e)
+    gc.collect()
+    assert (clients[0]() is None) == released
 
 
 class FakeProducer:

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -71,6 +72,33 @@ def test_a_failed_loop_is_rebuilt_after_a_backoff() -> None:
     assert code == 0
     assert len(built) == 3
     assert clock.now_ms() - FakeClock().now_ms() == 3_000  # backoffs of 1 s and 2 s
+
+
+class _Client:
+    """Stands for a Kafka client in a failed loop's frame."""
+
+
+def test_a_failed_loops_clients_go_before_the_next_is_built() -> None:
+    """An error kept elsewhere (confluent-kafka keeps one its callback raised) must not
+    keep the failed loop's clients alive through the frames it passed: a replaced
+    producer would go on with its transactional id."""
+    kept: list[BaseException] = []
+    clients: list[weakref.ref[_Client]] = []
+
+    def fail() -> None:
+        client = _Client()
+        clients.append(weakref.ref(client))
+        try:
+            raise KafkaError("refused")
+        except KafkaError as e:
+            kept.append(e)
+            raise
+
+    alive: list[bool] = []
+    code, built, _ = supervise(
+        FakeLoop(on_run=fail), FakeLoop(on_run=lambda: alive.append(clients[0]() is not None))
+    )
+    assert (code, len(built), alive) == (0, 2, [False])
 
 
 def test_a_loop_that_ran_a_while_starts_the_backoff_afresh() -> None:
