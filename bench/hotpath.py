@@ -31,7 +31,7 @@ from bench.generator import generate_calls
 from worker.events import Record, SourceRecord
 from worker.pipeline import Settings
 from worker.processor import Processor, Routes
-from worker.service import tune_collector
+from worker.service import tune_allocator, tune_collector
 from worker.sink import Headers, Refusal
 from worker.source import Offsets, Source
 from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
@@ -171,7 +171,8 @@ def measure_hot_path(
     gc.collect()
     gc.freeze()
     thresholds = gc.get_threshold()
-    tune_collector()  # as the worker runs
+    tune_allocator()  # as the worker runs
+    tune_collector()
     steps = dict.fromkeys(("processing", "changelog", "prepare", "commit"), 0.0)
     clock = time.thread_time
     wall, cpu = time.perf_counter(), clock()
