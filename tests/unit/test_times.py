@@ -264,6 +264,17 @@ def test_the_memo_of_recent_instants_agrees_with_the_parser(ms: int, other: str)
         assert parse_iso_time(value) == times._parse_iso_time(value)
 
 
+_FORMAT_TIME_SHAPE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z"
+
+
+@given(st.from_regex(_FORMAT_TIME_SHAPE, fullmatch=True))
+def test_text_in_format_times_form_is_read_as_the_parser_reads_it(text: str) -> None:
+    """Text shaped as format_time writes it, an impossible date or not, parses as the
+    full parser parses it (it is read by a shorter path)."""
+    times._PARSED.clear()
+    assert parse_iso_time(text) == times._parse_iso_time(text)
+
+
 @given(st.integers(min_value=MIN_MS, max_value=MAX_MS), st.sampled_from(_SPELLINGS))
 def test_a_parsed_text_is_formatted_as_format_time_writes_it(ms: int, spelling: str) -> None:
     """Parsing remembers text in format_time's own form for the instant; any other
