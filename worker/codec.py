@@ -40,13 +40,13 @@ def decode(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-def decode_writable(data: bytes) -> Any:
+def decode_writable(data: bytes, depth: int = MAX_DEPTH) -> Any:
     """``decode``, raising ``ValueError`` too when the document nests deeper than
-    ``MAX_DEPTH`` levels, so could not be written again: for records read back from
+    ``depth`` levels, so could not be written again: for records read back from
     topics anyone can write (a state record, a re-keyed call)."""
     value = orjson.loads(data)
-    if too_deep(value, data):
-        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if too_deep(value, data, depth):
+        raise ValueError(f"nested deeper than {depth} levels")
     return value
 
 
@@ -72,16 +72,16 @@ def _replace_unpaired(escape: re.Match[bytes]) -> bytes:
     return b"\\ufffd" if escape[1] else escape[0]
 
 
-def too_deep(value: Any, text: bytes) -> bool:
-    """Whether ``value``, parsed from ``text``, nests deeper than ``MAX_DEPTH`` levels (so
+def too_deep(value: Any, text: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value``, parsed from ``text``, nests deeper than ``limit`` levels (so
     could not be written again). Counts the text's opening brackets first, the most it
-    could nest, and walks the containers only when there are more than ``MAX_DEPTH``."""
-    if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
+    could nest, and walks the containers only when there are more than ``limit``."""
+    if text.count(b"[") + text.count(b"{") <= limit:
         return False
     pending = [(value, 1)]
     while pending:
         node, depth = pending.pop()
-        if depth > MAX_DEPTH:
+        if depth > limit:
             return True
         inner = node.values() if isinstance(node, dict) else node
         pending.extend((v, depth + 1) for v in inner if isinstance(v, dict | list))

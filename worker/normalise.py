@@ -123,13 +123,13 @@ _HTTP_SCHEMES: Final = frozenset({"http", "https"})
 # accepts too: a host of ASCII letters, digits, dots and hyphens, no port, no user, no
 # whitespace or control character. 0.3 against 2 µs; anything else takes the full check.
 _PLAIN_HTTP_URL: Final = re.compile(
-    r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9][A-Za-z0-9.-]*(?:[/?#][^\s\x00-\x1f\x7f]*)?"
+    r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9][A-Za-z0-9.-]*(?:[/?#][^\s\x00-\x1f\x7f-\x9f]*)?"
 )
 # A URL's scheme, at its start only: "initech.com/?ref=https://x" is a bare domain.
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # Whitespace (which ``str.split`` knows) and the control characters it does not:
 # ``urlsplit`` skips some of them silently, so a URL with any is refused.
-_SPACE_OR_CONTROL: Final = re.compile(r"[\s\x00-\x1f\x7f]")
+_SPACE_OR_CONTROL: Final = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 # Memo bounds: entries per cache, and the longest string worth remembering. A cache
 # holds the distinct values of about as many groups (a group repeats its traits).

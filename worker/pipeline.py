@@ -75,6 +75,9 @@ REASONS = (
 KNOWN_CALL_TYPES = frozenset({"identify", "track", "page", "screen", "alias", "group"})
 _MAX_MESSAGE_ID = 100
 _EXACT_FLOAT = 2**53
+# How deep a re-keyed call may nest: a warning holds a trait's value as sent two levels
+# deeper than the call held it (``enrichment.warnings[i].value``).
+_FORWARDED_DEPTH: Final = codec.MAX_DEPTH + 2
 # Fields of a batch envelope that are not defaults for its calls: its own identity, and
 # what a library writes about the request (analytics-java's batch sequence, and the
 # sender's write key, which must not spread into every enriched call).
@@ -215,7 +218,7 @@ def process_forwarded(record: SourceRecord) -> Enriched | DeadLetter:
     """
     raw = _as_bytes(record.value())
     try:
-        call = codec.decode_writable(raw or b"")
+        call = codec.decode_writable(raw or b"", _FORWARDED_DEPTH)
         group_id, when = call["groupId"], parse_iso_time(call["timestamp"])
         message_id, traits = call["messageId"], call["traits"]
         user_id = _identifier(call.get("userId"))
@@ -314,7 +317,8 @@ def _enrich(
     if message_id is None or len(message_id) > _MAX_MESSAGE_ID:
         raise _Invalid(
             "invalid_message_id",
-            f"messageId must be a string or number of at most {_MAX_MESSAGE_ID} characters",
+            f"messageId must be a string or number of at most {_MAX_MESSAGE_ID} characters "
+            "(a float from 2^53 on is no usable ID)",
         )
 
     normalised, warnings = normalise_traits(traits, phone_region=settings.phone_region)
@@ -335,11 +339,17 @@ def _enrich(
             "source": source.as_dict(),
         },
     )
-    # Identities become strings; an explicit null beside the other identity stays null.
+    # Identities become strings. One unusable beside the other is kept when a string
+    # (blank) or null, and becomes null otherwise (an object, a boolean, a float past
+    # 2^53): an identity in the output is a string or null.
     if user_id is not None:
         enriched["userId"] = user_id
+    elif not isinstance(call.get("userId", ""), str):
+        enriched["userId"] = None
     if anonymous_id is not None:
         enriched["anonymousId"] = anonymous_id
+    elif not isinstance(call.get("anonymousId", ""), str):
+        enriched["anonymousId"] = None
     codes = tuple(w.code for w in warnings)  # every warning, listed or not
     if user_id is not None:
         return Enriched(group_id, enriched, when, "userId", user_id, codes)

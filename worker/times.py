@@ -58,9 +58,10 @@ _MAX_EPOCH_DIGITS: Final = 20
 _ISO_CHARS: Final = "0123456789-:.,+TtWZ "
 # The time of day after the separator, as ISO 8601 writes it: fromisoformat() also takes
 # an empty fraction ("55.Z"), a space before the offset ("55 +01:00"), offset minutes
-# past 59 ("+00:60") and offset seconds.
+# past 59 ("+00:60"), offset seconds, and a fraction of an hour or a minute ("22:28.5"),
+# which it reads as a fraction of a second (22:28:00.5, not ISO's 22:28:30).
 _ISO_TIME: Final = re.compile(
-    r"[0-9]{2}(?::?[0-9]{2}(?::?[0-9]{2})?)?(?:[.,][0-9]+)?(?:Z|[+-][0-9]{2}(?::?[0-5][0-9])?)?"
+    r"[0-9]{2}(?::?[0-9]{2}(?::?[0-9]{2}(?:[.,][0-9]+)?)?)?(?:Z|[+-][0-9]{2}(?::?[0-5][0-9])?)?"
 ).fullmatch
 
 # Instants formatted lately: a call's event time is formatted again for its group

@@ -455,10 +455,15 @@ def test_a_number_id_too_large_to_read_exactly_is_not_usable() -> None:
         pytest.param({"userId": 4.0}, "4", ..., id="whole-float-user-id"),
         pytest.param({"userId": None, "anonymousId": "a1"}, None, "a1", id="null-user-id"),
         pytest.param({"userId": "  ", "anonymousId": 7}, "  ", "7", id="blank-user-id"),
+        pytest.param({"userId": {"id": 1}, "anonymousId": "a1"}, None, "a1", id="object-user-id"),
+        pytest.param({"userId": True, "anonymousId": "a1"}, None, "a1", id="boolean-user-id"),
+        pytest.param({"userId": 1e20, "anonymousId": "a1"}, None, "a1", id="inexact-user-id"),
+        pytest.param({"userId": "u1", "anonymousId": [1]}, "u1", None, id="list-anonymous-id"),
     ],
 )
 def test_identities_become_strings(fields: dict[str, Any], user: Any, anonymous: Any) -> None:
-    """Numeric IDs become strings; a null or blank ID beside the other identity is kept as sent."""
+    """Numeric IDs become strings; a null or blank ID beside the other identity is kept as
+    sent, and any other unusable one becomes null."""
     out = enriched(call(**fields))
     assert out.call.get("userId", ...) == user
     assert out.call.get("anonymousId", ...) == anonymous

@@ -202,8 +202,9 @@ def test_stage_two_passes_over_calls_another_deployment_wrote() -> None:
 def test_both_layouts_write_the_same_enriched_calls() -> None:
     """Stage two writes a re-keyed call's bytes as read with the group appended, where one
     stage encodes the call whole: the enriched records must not differ by a byte. Over
-    the benchmark's mix, a call with a ``group`` of its own (which the merge replaces), and
-    calls whose traits the group's bound drops (a warning is added to the call)."""
+    the benchmark's mix, a call with a ``group`` of its own (which the merge replaces),
+    calls whose traits the group's bound drops (a warning is added to the call), and calls
+    nested to the limit whose warnings hold a trait's value deeper than the call did."""
     raw = [value for _, value, _ in generate_calls(3_000, seed=7)]
     own_group = codec.decode(call("own", group="g-own", plan="pro"))
     own_group["group"] = {"id": "sent by the client"}
@@ -211,7 +212,11 @@ def test_both_layouts_write_the_same_enriched_calls() -> None:
         call(f"full{n}", group="g-full", **{f"k{n}_{i}": "v" * 90 for i in range(30)})
         for n in range(6)
     ]
-    raw += [codec.encode(own_group), *full]
+    # 200 levels in all: the call, its traits, then the trait's value.
+    deep = codec.decode(nested_json(codec.MAX_DEPTH - 2))
+    deep_address = codec.decode(nested_json(codec.MAX_DEPTH - 3))
+    limit = [call("deep-name", name=deep), call("deep-city", address={"city": deep_address})]
+    raw += [codec.encode(own_group), *full, *limit]
     bound = GroupBound(new_keys=4_000, any_growth=8_000)
 
     def enriched(routes: Routes) -> list[bytes]:
@@ -237,6 +242,11 @@ def test_both_layouts_write_the_same_enriched_calls() -> None:
     assert any(
         w["code"] == "group_state_full" for c in decoded for w in c["enrichment"]["warnings"]
     )
+    deep_ones = [c for c in decoded if c["messageId"].startswith("deep-")]
+    assert [w["code"] for c in deep_ones for w in c["enrichment"]["warnings"]] == [
+        "invalid_type",
+        "invalid_type",
+    ]
 
 
 @pytest.mark.parametrize("kind", ["memory", "rocksdb"])
