@@ -43,6 +43,9 @@ __all__ = [
 # The state record format written; ``state_from_record`` reads this one, 2 and 1.
 FORMAT: Final = 3
 _READABLE_FORMATS: Final = (1, 2, FORMAT)
+# The largest count a record may hold: exact in JavaScript, and far from the 64 bits
+# JSON writers take (no group counts that far).
+_MAX_COUNT: Final = 2**53 - 1
 
 
 def group_snapshot(state: GroupState) -> dict[str, Any]:
@@ -266,6 +269,8 @@ def _count(record: Mapping[str, Any], key: str) -> int:
     value = _int(record.get(key), key)
     if value < 0:
         raise ValueError(f"record: {key} is negative")
+    if value > _MAX_COUNT:  # a forged one: counting on would overflow the record's JSON
+        raise ValueError(f"record: {key} is over 2^53 - 1")
     return value
 
 

@@ -355,6 +355,8 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         ("memberCount", -1),
         ("memberCount", True),
         ("eventCount", "3"),
+        ("eventCount", 2**64 - 1),  # the next call's count would not encode
+        ("memberCount", 2**53),
         ("firstSeenAt", "yesterday"),
         ("firstSeenAt", "2030-01-01T00:00:00.000Z"),
         ("updatedAt", None),

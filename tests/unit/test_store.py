@@ -392,6 +392,47 @@ def test_a_state_record_of_another_deployment_raises_on_apply(make_store: MakeSt
         store.apply_changelog(1, "state", [entry(2, "g2", "b")], 3)
 
 
+def _forged(merge: bytes, trait_merge: bytes) -> bytes:
+    """A state record of "g1" whose own ``merge`` is ``merge``, before a trait named
+    merge holding ``trait_merge``."""
+    record = state_record(state("g1"), "a")
+    rest = codec.encode({k: v for k, v in record.items() if k != "merge"})
+    trait = b'"merge":' + trait_merge + b","
+    return b'{"merge":' + merge + b"," + rest[1:].replace(b'"traits":{', b'"traits":{' + trait)
+
+
+_OURS = codec.encode(state_record(state("g1"), "a")["merge"])
+
+
+@pytest.mark.parametrize(
+    ("merge", "refused"),
+    [
+        pytest.param(_OURS.replace(b'"a"', b'"b"'), "deployment 'b'", id="another-deployment"),
+        pytest.param(_OURS.replace(b'"format":3', b'"format":99'), "format 99", id="newer-format"),
+        pytest.param(
+            _OURS.replace(b'"a",', b'"a","deployment":"b",'), "deployment 'b'", id="key-twice"
+        ),
+        pytest.param(
+            _OURS.replace(b'"format":3,', b'"format":3,"format":99,'),
+            "format 99",
+            id="format-twice",
+        ),
+    ],
+)
+@pytest.mark.parametrize("spelling", [b'"merge":', b'"merge" :', b'"m\\u0065rge":'])
+def test_a_forged_state_record_that_shows_this_deployments_merge_elsewhere_raises(
+    make_store: MakeStore, merge: bytes, refused: str, spelling: bytes
+) -> None:
+    """Anyone can write the state topic: a record whose merge names another deployment or
+    a newer format raises on apply however its key is spelled, beside a trait that holds
+    this deployment's merge as written, or with a key of its merge given twice."""
+    store = make_store("a")
+    value = _forged(merge, _OURS).replace(b'{"merge":', b"{" + spelling, 1)
+    assert codec.decode(value)["traits"]["merge"] == codec.decode(_OURS)
+    with pytest.raises(StateFormatError, match=refused):
+        store.apply_changelog(0, "state", [(0, b"g1", value, 0)], next_offset=1)
+
+
 def test_wipe_forgets_a_partition(store: StateStore) -> None:
     """wipe() leaves the partition empty, with no offsets, and other partitions as they were."""
     committed(store, (0, state("g1")), (1, state("g1")))

@@ -99,9 +99,8 @@ class RocksDBStateStore:
         self._directory = directory
         self._deployment = deployment
         self._state_record = functools.partial(state_record, deployment=deployment)
-        # Every state record this worker writes ends with its merge, which starts so (a
-        # trait named "merge" comes before it): the others are parsed to be checked.
-        self._written = _MERGE + b'{"format":%d,' % FORMAT
+        # Every state record this worker writes has its merge start so (``_plainly_ours``).
+        self._written = _MERGE + b':{"format":%d,' % FORMAT
         if deployment:
             self._written += b'"deployment":' + codec.encode(deployment) + b","
         self._cache: LRUCache[tuple[int, bytes], GroupState | Membership] = LRUCache(cache_bytes)
@@ -441,11 +440,11 @@ class RocksDBStateStore:
 
     def _checked(self, entries: Iterable[ChangelogEntry]) -> Iterator[ChangelogEntry]:
         """``entries``, raising ``StateFormatError`` at a state record in a format this
-        worker does not read or of another deployment; a parse only for records it did
-        not write (older formats, other deployments)."""
+        worker does not read or of another deployment; a parse only for records whose
+        bytes do not show they are this worker's and this deployment's."""
         for entry in entries:
             value = entry[2]
-            if value is not None and value.rfind(_MERGE) != value.rfind(self._written):
+            if value is not None and not self._plainly_ours(value):
                 try:
                     record = codec.decode(value)
                 except codec.DecodeError:
@@ -453,6 +452,21 @@ class RocksDBStateStore:
                 else:
                     check_format(record, self._deployment)
             yield entry
+
+    def _plainly_ours(self, value: bytes) -> bool:
+        """Whether a state record's bytes alone show its merge is in this worker's format
+        and names this deployment, so a parse would find nothing to refuse. Anyone can
+        write the topic: without an escape (a key spelled with one reads the same), each
+        key the check rests on appears once, so no other ``merge``, ``format`` or
+        ``deployment`` at any level can be the one a parser takes. A trait or a value of
+        those names, or any escape, sends the record to a parse (0.5 against 3 µs)."""
+        return (
+            b"\\" not in value
+            and value.count(_MERGE) == 1
+            and value.count(b'"format"') == 1
+            and (not self._deployment or value.count(b'"deployment"') == 1)
+            and self._written in value
+        )
 
     def _encoded(
         self,
@@ -537,4 +551,4 @@ def _cost(record: bytes) -> int:
     return len(record) * 3 // 2 + _ENTRY_BYTES
 
 
-_MERGE: Final = b'"merge":'
+_MERGE: Final = b'"merge"'
