@@ -75,6 +75,23 @@ _WORKER_OWNED = {
     # "latest" skipped every call sent before it joined, with no error.
     "auto.offset.reset": "(earliest: nothing sent before a deployment starts is skipped)",
 }
+# librdkafka's other names for them: a topic-level property may be given with the prefix
+# "topic." ("topic.auto.offset.reset"), and two have an old name of their own.
+_ALIASES = {"metadata.broker.list": "bootstrap.servers", "auto.commit.enable": "enable.auto.commit"}
+# confluent-kafka's own settings, read by the Python client rather than librdkafka: a
+# callback, a logger or a table cannot come from text.
+_PYTHON_CLIENT_KEYS = frozenset(
+    {
+        "error_cb",
+        "throttle_cb",
+        "stats_cb",
+        "oauth_cb",
+        "on_delivery",
+        "on_commit",
+        "logger",
+        "default.topic.config",
+    }
+)
 _CLIENT_SCOPES = ("consumer.", "producer.", "admin.")
 # What Kafka accepts as a topic name (besides "." and "..").
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -175,6 +192,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config: {path} is not UTF-8 text") from None
+        except ValueError as e:  # an integer of thousands of digits, which int() refuses
+            raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"config: {path} nests arrays or tables too deeply") from None
         for section, values in document.items():
             if section not in _SECTIONS:
                 hint = _did_you_mean(section, _SECTIONS, "[{}]")
@@ -182,7 +203,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             if not isinstance(values, dict):
                 raise ConfigError(f"config: [{section}] must be a table")
             if section == "kafka":
-                _refuse_secrets(values, path)
+                try:
+                    _refuse_secrets(values, path)
+                except RecursionError:  # a dotted key of thousands of parts
+                    raise ConfigError(f"config: [kafka] in {path} nests too deeply") from None
             raw[section] = dict(values)
     _apply_environment(raw, os.environ if environ is None else environ)
     config = Config(**{name: _build(name, raw.get(name, {})) for name in _SECTIONS})
@@ -258,10 +282,10 @@ def _validate(config: Config, named: Callable[[str], str]) -> None:
         if value > highest:
             raise ConfigError(f"config: {named(name)} must be at most {highest}, got {value}")
     replication = config.topics.replication_factor
-    if replication == 0 or replication < -1:
+    if replication == 0 or not -1 <= replication <= 32_767:  # Kafka's is 16 bits
         raise ConfigError(
             f"config: {named('topics.replication_factor')} must be -1 (the broker's default) "
-            f"or at least 1, got {replication}"
+            f"or at least 1 (at most 32767), got {replication}"
         )
     if config.worker.max_batch_bytes < config.worker.max_event_bytes:
         raise ConfigError("config: worker.max_batch_bytes must be at least worker.max_event_bytes")
@@ -394,7 +418,8 @@ def _build(section: str, values: dict[str, Any]) -> Any:
                 f"config: unknown key {_named(f'{section}.{key}', value)}"
                 + _did_you_mean(key, known, f"{section}.{{}}")
             )
-        kwargs[key] = _coerce(_named(f"{section}.{key}", value), value, hints[key])
+        name = _named(f"{section}.{key}", value)
+        kwargs[key] = _coerce(name, value, hints[key], negative=key == "replication_factor")
     if section == "kafka":
         kwargs["properties"] = properties
     return cls(**kwargs)
@@ -412,7 +437,7 @@ def _named(key: str, value: Any) -> str:
     return f"{key} ({value.variable})" if isinstance(value, _Text) else key
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
+def _coerce(name: str, value: Any, hint: Any, *, negative: bool = False) -> Any:
     if typing.get_origin(hint) is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -429,10 +454,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             # ASCII digits only: int() also reads "1_000" and other scripts' digits.
             if not _INTEGER(value.strip()):
                 raise ConfigError(f"config: {name} must be an integer, got {value!r}")
+            if len(value.strip()) > 20:  # int() refuses thousands of digits; none is valid
+                raise ConfigError(f"config: {name} is out of range ({len(value)} characters)")
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config: {name} must be an integer, got {value!r}")
-        if value < 0 and not name.endswith("replication_factor"):
+        if value < 0 and not negative:
             raise ConfigError(f"config: {name} must not be negative, got {value}")
         return value
     if not isinstance(value, str):
@@ -442,7 +469,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 def _librdkafka_value(key: str, value: Any) -> str:
     scope = next((s for s in _CLIENT_SCOPES if key.startswith(s)), "")
-    owner = _WORKER_OWNED.get(key.removeprefix(scope))
+    name = key.removeprefix(scope).removeprefix("topic.")
+    if name in _PYTHON_CLIENT_KEYS:
+        raise ConfigError(f"config: kafka.{key} is not a librdkafka property the worker passes on")
+    owner = _WORKER_OWNED.get(_ALIASES.get(name, name))
     if owner is not None:
         raise ConfigError(f"config: kafka.{key} is set by the worker {owner}")
     if isinstance(value, bool):

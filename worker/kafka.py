@@ -12,6 +12,7 @@ re-raises it from the ``poll``, ``consume`` or ``flush`` that served the callbac
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -63,6 +64,8 @@ _NOT_AUTHORIZED = frozenset(
         ClientError.CLUSTER_AUTHORIZATION_FAILED,
     }
 )
+# message.max.bytes as the worker reads it (``producer_max_bytes``).
+_DECIMAL = re.compile(r"[1-9][0-9]{0,9}").fullmatch
 # A refused login is fatal once refusals have gone on this long (seconds): a broker that
 # is starting may refuse briefly. Refusals further apart than the reset start afresh.
 _REFUSAL_GRACE = 5.0
@@ -126,11 +129,15 @@ def check_properties(bootstrap_servers: str, properties: Mapping[str, str]) -> N
 
 def producer_max_bytes(config: Mapping[str, Any]) -> int:
     """The largest record a producer with ``config`` (``client_config``) accepts itself:
-    its ``message.max.bytes``. Raises ``ConfigError`` when that is not an integer."""
-    try:
-        return int(config.get("message.max.bytes", PRODUCER_MAX_DEFAULT))
-    except ValueError:
-        raise ConfigError("config: kafka.message.max.bytes must be an integer") from None
+    its ``message.max.bytes``. Raises ``ConfigError`` unless that is a plain decimal
+    integer: librdkafka reads "01000000" as octal and "0x100000" as hexadecimal, so the
+    worker would bound records by another number than its producer."""
+    value = str(config.get("message.max.bytes", PRODUCER_MAX_DEFAULT)).strip()
+    if not _DECIMAL(value):
+        raise ConfigError(
+            f"config: kafka.message.max.bytes must be a decimal integer, got {value[:40]!r}"
+        )
+    return int(value)
 
 
 class RefusalWatch:

@@ -254,6 +254,8 @@ def _serve(config: Config, metrics: Metrics, probes: Probes) -> ThreadingHTTPSer
             f"config: {'http.port' if taken else 'http.host'}: cannot listen on "
             f"{http.host}:{http.port}: {e.strerror or e}"
         ) from None
+    except (TypeError, UnicodeError) as e:  # no host name at all: a NUL, an empty label
+        raise ConfigError(f"config: http.host {http.host!r} is not a host name: {e}") from None
     log.info("http_listening", host=http.host, port=server.server_address[1])
     return server
 

@@ -140,17 +140,24 @@ def read_calls(f: BinaryIO) -> Iterator[bytes]:
     if first.lstrip().startswith(b"["):
         data = first + f.read()
         try:
-            calls = codec.decode(data)
+            calls = codec.decode_repaired(data)  # as the worker reads a call
         except codec.DecodeError:
             calls = None
         if isinstance(calls, list):
-            yield from (codec.encode(call) for call in calls)
+            yield from (_reencoded(call, n) for n, call in enumerate(calls))
             return
         lines = iter(data.splitlines())
     else:
         lines = itertools.chain([first], lines)
     for chunk in lines:
         yield from (line for line in chunk.splitlines() if line.strip())
+
+
+def _reencoded(call: Any, index: int) -> bytes:
+    try:
+        return codec.encode(call)
+    except TypeError:  # nested past what JSON is written to (254 levels)
+        raise WorkerError(f"element {index} of the array nests too deeply to send") from None
 
 
 def _open(path: str) -> BinaryIO:

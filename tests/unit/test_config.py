@@ -369,6 +369,60 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
             "cannot read",
             id="missing-secret-file",
         ),
+        pytest.param(
+            "",
+            {"GROUP_WORKER_WORKER_BATCH_SIZE": "9" * 5_000},
+            "worker.batch_size (GROUP_WORKER_WORKER_BATCH_SIZE) is out of range",
+            id="thousands-of-digits-env",
+        ),
+        pytest.param(
+            "[worker]\nbatch_size = " + "9" * 5_000 + "\n", {}, "not valid TOML", id="toml-digits"
+        ),
+        pytest.param(
+            "[worker]\ngroup_id = " + "[" * 100_000 + "]" * 100_000 + "\n",
+            {},
+            "too deeply",
+            id="toml-nested",
+        ),
+        pytest.param(
+            "[kafka]\n" + "a." * 2_000 + "b = 1\n", {}, "[kafka] in", id="dotted-key-nested"
+        ),
+        pytest.param(
+            "[topics]\nreplication_factor = 2147483648\n",
+            {},
+            "topics.replication_factor must be -1 (the broker's default) or at least 1 (at most",
+            id="replication-factor-past-16-bits",
+        ),
+        pytest.param(
+            "[kafka]\n'consumer.topic.auto.offset.reset' = 'latest'\n",
+            {},
+            "kafka.consumer.topic.auto.offset.reset is set by the worker (earliest",
+            id="owned-with-topic-prefix",
+        ),
+        pytest.param(
+            "[kafka]\n'metadata.broker.list' = '127.0.0.1:2'\n",
+            {},
+            "kafka.metadata.broker.list is set by the worker from kafka.bootstrap_servers",
+            id="owned-by-its-alias",
+        ),
+        pytest.param(
+            "[kafka]\n'consumer.auto.commit.enable' = true\n",
+            {},
+            "is set by the worker from worker.processing_guarantee",
+            id="owned-by-its-topic-alias",
+        ),
+        pytest.param(
+            "[kafka]\nlogger = 'x'\n",
+            {},
+            "kafka.logger is not a librdkafka property",
+            id="python-client-logger",
+        ),
+        pytest.param(
+            "[kafka]\n'consumer.error_cb' = 1\n",
+            {},
+            "kafka.consumer.error_cb is not a librdkafka property",
+            id="python-client-callback",
+        ),
     ],
 )
 def test_bad_configuration_fails_with_one_line_naming_the_key(
@@ -379,6 +433,12 @@ def test_bad_configuration_fails_with_one_line_naming_the_key(
         load_config(write(tmp_path, text), environ)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_replication_factor_of_minus_one_may_come_from_the_environment() -> None:
+    """-1, the broker's default, is as valid from a variable as in the file."""
+    config = load_config(None, {"GROUP_WORKER_TOPICS_REPLICATION_FACTOR": "-1"})
+    assert config.topics.replication_factor == -1
 
 
 def test_bytes_that_are_not_utf8_fail_with_one_line_that_shows_no_secret(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from worker.kafka import (
     check_properties,
     client_config,
     produce_all,
+    producer_max_bytes,
     release_frames,
     translate,
 )
@@ -192,6 +193,15 @@ def test_the_size_limit_named_is_the_one_given() -> None:
         "record 1: Broker: Message size too large "
         "(2000 bytes; the producer's limit is message.max.bytes=1000)"
     ]
+
+
+@pytest.mark.parametrize("value", ["01000000", "0x100000", "1e6", "1_000_000"])
+def test_a_message_max_bytes_librdkafka_could_read_otherwise_is_refused(value: str) -> None:
+    """librdkafka reads "01000000" as octal and "0x100000" as hexadecimal: only a plain
+    decimal is taken, so the worker bounds records by its producer's own number."""
+    assert producer_max_bytes({"message.max.bytes": "1000000"}) == 1_000_000
+    with pytest.raises(ConfigError, match=r"kafka\.message\.max\.bytes must be a decimal integer"):
+        producer_max_bytes({"message.max.bytes": value})
 
 
 @pytest.mark.parametrize(

@@ -339,3 +339,12 @@ def test_an_http_host_that_cannot_be_listened_on_is_named(host: str) -> None:
     config = load_config(None, environ)
     with pytest.raises(ConfigError, match=rf"^config: http\.host: cannot listen on {host}:0: "):
         service._serve(config, Metrics(), Probes(lambda: True, lambda: True))
+
+
+@pytest.mark.parametrize("host", ["\u00e9..x", "a\x00b"])
+def test_an_http_host_that_is_no_host_name_is_named(host: str) -> None:
+    """A host the resolver cannot even take (an empty label, a NUL) is one line naming
+    http.host, not a traceback."""
+    config = load_config(None, {"GROUP_WORKER_HTTP_HOST": host, "GROUP_WORKER_HTTP_PORT": "0"})
+    with pytest.raises(ConfigError, match=r"^config: http\.host .* is not a host name"):
+        service._serve(config, Metrics(), Probes(lambda: True, lambda: True))

@@ -13,6 +13,7 @@ import pytest
 
 from worker import codec, tools
 from worker.cli import main
+from worker.errors import WorkerError
 from worker.tools import read_calls
 
 GROUP = b'{"type":"group","groupId":"g1","userId":"u1","traits":{"name":"Acme"}}'
@@ -52,6 +53,19 @@ def test_read_calls_keeps_a_line_that_is_not_utf8_verbatim() -> None:
 def test_read_calls_splits_a_json_array_into_calls(data: bytes) -> None:
     """A JSON array gives one value per element, on one line or pretty-printed."""
     assert calls_in(data) == [b'{"a":1}', b"2"]
+
+
+def test_read_calls_reads_an_array_with_half_a_character_as_the_worker_reads_a_call() -> None:
+    """An escaped lone surrogate (a string cut inside an emoji) leaves the array an
+    array, its character read as U+FFFD: the calls are not sent as one line."""
+    assert calls_in(b'[{"a": "x\\ud83d"}, 2]') == ['{"a":"x\ufffd"}'.encode(), b"2"]
+
+
+def test_read_calls_names_an_element_too_deep_to_send() -> None:
+    """An element nested past what JSON is written to is one line naming it."""
+    data = b"[1, " + b"[" * 300 + b"]" * 300 + b"]"
+    with pytest.raises(WorkerError, match=r"^element 1 of the array nests too deeply to send$"):
+        calls_in(data)
 
 
 def test_read_calls_reads_an_endless_line_a_bounded_part_at_a_time(
