@@ -40,13 +40,13 @@ def decode(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-def decode_writable(data: bytes, depth: int = MAX_DEPTH) -> Any:
+def decode_writable(data: bytes, limit: int = MAX_DEPTH) -> Any:
     """``decode``, raising ``ValueError`` too when the document nests deeper than
-    ``depth`` levels, so could not be written again: for records read back from
+    ``limit`` levels, so could not be written again: for records read back from
     topics anyone can write (a state record, a re-keyed call)."""
     value = orjson.loads(data)
-    if too_deep(value, data, depth):
-        raise ValueError(f"nested deeper than {depth} levels")
+    if too_deep(value, data, limit):
+        raise ValueError(f"nested deeper than {limit} levels")
     return value
 
 
