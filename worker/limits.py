@@ -132,13 +132,14 @@ def group_bound(
     Raises ``ConfigError`` when an explicit value does not fit the topics, and
     ``TopicError`` when the topics leave no useful room at all.
     """
+    # Each record is keyed by the groupId (up to a call's size), counted in its size.
     rooms = {
         enriched: limits.record_bytes(enriched)
-        - _CALL_COPIES * max_event_bytes
+        - (_CALL_COPIES + 1) * max_event_bytes
         - ENVELOPE_ROOM
         - _FIXED_FIELDS,
-        # The state record repeats the groupId (up to a call's size) beside the traits.
-        state: limits.record_bytes(state) - max_event_bytes - _FIXED_FIELDS,
+        # The state record repeats the groupId beside the traits.
+        state: limits.record_bytes(state) - 2 * max_event_bytes - _FIXED_FIELDS,
     }
     topic, room = min(rooms.items(), key=lambda item: item[1])
     if room < _MIN_GROUP_BYTES:

@@ -71,9 +71,11 @@ GROUP_STATE_FULL: Final = "group_state_full"
 """The warning code of a trait (or address sub-field) the bound left out."""
 
 _UNBOUNDED: Final = GroupBound(2**62, 2**62)
-# What a stamp adds to a state record beside its messageId: quotes, brackets, commas and
-# up to 14 digits of event time (``"k":[1424730535111,"m"],``).
-_STAMP_BYTES: Final = 24
+# What a stamp adds to a state record beside its key and messageId: its index in the
+# record's stamps (``"k":12345,``, up to 6 digits), and in its calls an event time of up
+# to 15 characters (years 1 to 9999, a minus before 1970) with brackets, quotes and commas
+# (``[-62135596800000,"m"],``).
+_STAMP_BYTES: Final = 29
 
 
 @dataclass(slots=True)  # per call: not frozen (module docstring)
@@ -315,7 +317,7 @@ def _merge_address_bounded(
             else:
                 grown += mid_bytes - _json_bytes(old[1])
         if grown > 0 and size + grown > (bound.new_keys if old is None else bound.any_growth):
-            drop("address" if key == "address" else f"address.{key}")
+            drop(f"address.{key}")  # a sub-field named "address" too
             continue
         size += grown
         opening, shows_null, changed = 0, False, True

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from worker import codec
 from worker import state as state_module
-from worker.limits import GroupBound
+from worker.limits import GroupBound, Limits, group_bound
 from worker.members import (
     Membership,
     membership_from_record,
@@ -26,6 +26,7 @@ from worker.members import (
 )
 from worker.profile import StateFormatError, group_snapshot, state_from_record, state_record
 from worker.state import AddressStamps, Applied, GroupState, MemberKind, group_size, merge_call
+from worker.times import MAX_MS, MIN_MS
 
 T0 = 1_424_730_535_111  # 2015-02-23T22:28:55.111Z
 WINDOW = 86_400_000
@@ -651,7 +652,8 @@ def test_a_full_group_drops_new_keys_and_still_updates_the_ones_it_has() -> None
     kept = set(state.traits)
     assert 10 < len(kept) < 50
     assert state.size == group_size(state) <= 2_000
-    state, dropped = bounded(state, call("late", T0 + 99, {"k0": "new", "fresh": "y"}), bound)
+    # "fresh" needs more room than any one more k-trait, even after k0's shrinks.
+    state, dropped = bounded(state, call("late", T0 + 99, {"k0": "new", "fresh": "y" * 100}), bound)
     assert dropped == ["fresh"]
     assert state.traits["k0"] == "new"
     assert "fresh" not in state.traits
@@ -686,6 +688,40 @@ def test_address_sub_keys_count_as_new_keys() -> None:
     assert state_from_record(state_record(state)) == state
     state, dropped = bounded(state, call("m3", T0 + 2, {"address": {"city": "Lyon"}}), bound)
     assert (dropped, state.traits["address"]["city"]) == ([], "Lyon")
+
+
+def test_an_address_sub_field_named_address_is_reported_as_one() -> None:
+    """A sub-field left out at the bound is named address.<sub-key>, even one called
+    "address": reported as "address", it read as if the whole address was left out."""
+    bound = GroupBound(new_keys=300, any_growth=300)
+    sent = {"address": {"city": "Bergen", "address": "y" * 300}}
+    state, dropped = bounded(None, call("m1", T0, sent), bound)
+    assert dropped == ["address.address"]
+    assert state.traits["address"] == {"city": "Bergen"}
+
+
+@pytest.mark.parametrize("ms", [MAX_MS - 10**6, MIN_MS])
+def test_a_group_filled_to_its_bound_fits_the_state_topic(ms: int) -> None:
+    """The bound the topics give keeps the state record within the state topic's limit,
+    keyed by a groupId as long as a call allows, with thousands of traits stamped with
+    the longest times written (years 9999 and 1) by distinct calls."""
+    # The enriched topic and the producer roomier: the state topic sets the hard bound.
+    limits = Limits({"enriched": 4_000_000, "state": 1_048_588}, 4_000_000)
+    bound = group_bound(limits, "enriched", "state", 32_768, 0)
+    group = "g" * 32_700
+    state: GroupState | None = None
+    for n in itertools.count():  # a new small trait per call, until one is left out
+        state, dropped = bounded(state, call(f"{n}", ms + n, {f"{n:x}": 0}, group=group), bound)
+        if dropped:
+            break
+    assert state is not None
+    assert len(state.traits) > 5_000
+    for n in range(len(state.traits)):  # then each grows, until the hard bound holds it
+        state, _ = bounded(
+            state, call(f"u{n}", ms + 10**5 + n, {f"{n:x}": "x" * 150}, group=group), bound
+        )
+    record = codec.encode(state_record(state, "group-worker"))
+    assert limits.fits("state", group.encode(), record)
 
 
 def test_address_sub_keys_at_the_bound_cost_the_same_whatever_the_address_holds() -> None:
