@@ -497,6 +497,20 @@ def test_dedupe_ids_roll_back_and_expire_by_arrival(store: StateStore) -> None:
     assert store.seen_count() == 1
 
 
+def test_an_id_expired_with_a_change_set_open_is_gone_for_good(store: StateStore) -> None:
+    """Expiry is outside the change set: an expired id, committed or pending, is neither
+    written by the change set nor brought back by its rollback, in either store."""
+    store.put_seen(0, ("g", "old"), 10, 10)
+    store.commit()
+    store.put_seen(0, ("g", "new"), 20, 20)
+    store.put_seen(0, ("g", "old"), 30, 30)
+    assert store.expire_seen({0: 100}, written_before_ms=100) == (2, True)
+    assert [c for c in store.changes() if c[0] == "dedupe"] == []
+    store.rollback()
+    assert (store.seen(0, ("g", "old")), store.seen(0, ("g", "new"))) == (None, None)
+    assert store.seen_count() == 0
+
+
 def test_ids_expire_by_their_own_partition_horizon(store: StateStore) -> None:
     """expire_seen takes a horizon per partition; a partition without one keeps its ids."""
     for partition in (0, 1, 2):

@@ -97,10 +97,14 @@ class _Table(Generic[_K, _V]):
         return sum(len(entries) for entries in self._data.values())
 
     def remove_if(self, partition: int, old: Callable[[_V], bool]) -> int:
+        """Remove the partition's entries ``old`` selects for good: out of the change set
+        too, so that neither a commit writes them nor a rollback brings them back."""
         entries = self._data.get(partition, {})
         gone = [key for key, value in entries.items() if old(value)]
         for key in gone:
             del entries[key]
+            self._changed.pop((partition, key), None)
+            self._undo.pop((partition, key), None)
         return len(gone)
 
 
