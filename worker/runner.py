@@ -661,6 +661,9 @@ class Runner:
                 self._store.drop(partition[1])
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(*map(str, partition))
+        if not self._batch_start:  # the aborted batch went with them: nothing is replayed
+            self._abort_streak = 0
+            self._metrics.abort_streak.set(0)
         self._metrics.restoring_partitions.set(len(self._unrestored))
         self._export_assignment()
         self._export_state_size()

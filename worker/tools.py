@@ -41,6 +41,8 @@ _TOPIC_WAIT = 5.0
 # The longest line read whole: past it, the rest is the next line (a value that long is
 # a too_large dead letter either way).
 _MAX_LINE = 64 << 20
+# librdkafka's RD_KAFKA_OFFSET_TAIL_BASE: an offset of BASE - N starts N before the end.
+_OFFSET_TAIL = -2000
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -62,10 +64,17 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "tail", help="print a topic's records as JSON lines", parents=[common]
     )
     tail.add_argument("topic")
-    tail.add_argument(
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument(
         "--from-beginning",
         action="store_true",
         help="start at the oldest record (default: only new records)",
+    )
+    start.add_argument(
+        "--last",
+        type=_at_least(1, int),
+        metavar="N",
+        help="start N offsets before each partition's end: its latest records",
     )
     tail.add_argument("--max", type=_at_least(1, int), metavar="N", help="stop after N records")
     tail.add_argument(
@@ -231,6 +240,8 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     )
     topic = _topic(consumer, args.topic, "tail")
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+    if args.last is not None:  # librdkafka's logical offset "N before the end"
+        start = _OFFSET_TAIL - args.last
     consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
     seen, last = 0, time.monotonic()
     try:

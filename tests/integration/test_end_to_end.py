@@ -218,7 +218,8 @@ def test_probes_and_metrics_are_served(
 
 
 def test_send_and_tail_round_trip(topics: Topics) -> None:
-    """`send` produces each line of a file; `tail --from-beginning` prints each as JSON."""
+    """`send` produces each line of a file; `tail --from-beginning` prints each as JSON,
+    `tail --last 1` the latest record of each partition."""
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     admin.create_topics([NewTopic(topics.input, 2, 1)])[topics.input].result(30)
     sent = cli(topics, "send", str(ROOT / "examples" / "group.json"))
@@ -232,6 +233,13 @@ def test_send_and_tail_round_trip(topics: Topics) -> None:
         for line in lines
         if isinstance(line["value"], dict) and "messageId" in line["value"]
     } >= {"ex-1", "ex-2", "ex-3", "ex-6"}
+    latest = cli(topics, "tail", topics.input, "--last", "1", "--timeout", "5")
+    assert latest.returncode == 0, latest.stderr
+    ends = {(p, max(line["offset"] for line in lines if line["partition"] == p)) for p in (0, 1)}
+    assert {
+        (line["partition"], line["offset"])
+        for line in map(codec.decode, latest.stdout.splitlines())
+    } == ends
 
 
 def test_topics_create_refuses_a_mismatched_state_topic(topics: Topics) -> None:

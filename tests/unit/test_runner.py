@@ -1022,6 +1022,28 @@ def test_a_batch_that_keeps_aborting_is_visible() -> None:
     assert source.commits == []
 
 
+def test_the_abort_streak_ends_when_the_stuck_batch_leaves_with_its_partition() -> None:
+    """A revoke that takes the aborting batch's partition away ends the streak: nothing
+    is replayed any more, and the critical alert on it must not fire on for good."""
+    runner, source, sink, metrics = make()
+    source.append(group_call(1))
+    streaks: list[float] = []
+
+    def fail_then_move(n: int) -> None:
+        if n < 8:
+            sink.fail_next_commit = AbortableError("broker says no")
+        if n == 8:
+            source.rebalance(revoke=[("in", 0)], assign=[])
+        streaks.append(sample(metrics, "group_worker_batch_abort_streak"))
+        if n >= 12:
+            runner.stop()
+
+    source.on_consume = fail_then_move
+    runner.run()
+    assert max(streaks) >= 3
+    assert streaks[-1] == 0
+
+
 def test_a_state_topic_in_an_unknown_format_stops_the_worker() -> None:
     """Restoring a state record of a format this worker does not read raises TopicError."""
     source = FakeSource(FakeClock())
