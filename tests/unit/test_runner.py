@@ -1000,21 +1000,37 @@ def test_a_record_refused_for_good_costs_one_abort_not_a_loop(transactional: boo
     assert sample(metrics, "group_worker_batch_abort_streak") == 0
 
 
-def test_a_batch_that_keeps_aborting_is_visible() -> None:
-    """The same batch aborting again raises the abort streak and logs its offsets."""
-    runner, source, sink, metrics = make()
-    source.append(group_call(1))
+def streaks_while_commits_fail(
+    made: tuple[Runner, FakeSource, FakeSink, Metrics],
+    turns: int,
+    failing: int | None = None,
+    also: Callable[[int], None] = lambda n: None,
+) -> list[float]:
+    """Run the loop for ``turns`` consumes, every commit failing (only the first
+    ``failing`` turns' when given), ``also(turn)`` at each; the abort streak at each."""
+    runner, source, sink, metrics = made
     streaks: list[float] = []
 
-    def fail_every_commit(n: int) -> None:
-        sink.fail_next_commit = AbortableError("broker says no")
+    def turn(n: int) -> None:
+        if failing is None or n < failing:
+            sink.fail_next_commit = AbortableError("broker says no")
+        also(n)
         streaks.append(sample(metrics, "group_worker_batch_abort_streak"))
-        if n >= 12:
+        if n >= turns:
             runner.stop()
 
-    source.on_consume = fail_every_commit
+    source.on_consume = turn
+    runner.run()
+    return streaks
+
+
+def test_a_batch_that_keeps_aborting_is_visible() -> None:
+    """The same batch aborting again raises the abort streak and logs its offsets."""
+    made = make()
+    source = made[1]
+    source.append(group_call(1))
     with structlog.testing.capture_logs() as logs:
-        runner.run()
+        streaks = streaks_while_commits_fail(made, 12)
     assert max(streaks) >= 3
     again = [e for e in logs if e["event"] == "batch_aborted_again"]
     assert again
@@ -1025,21 +1041,15 @@ def test_a_batch_that_keeps_aborting_is_visible() -> None:
 def test_the_abort_streak_ends_when_the_stuck_batch_leaves_with_its_partition() -> None:
     """A revoke that takes the aborting batch's partition away ends the streak: nothing
     is replayed any more, and the critical alert on it must not fire on for good."""
-    runner, source, sink, metrics = make()
+    made = make()
+    source = made[1]
     source.append(group_call(1))
-    streaks: list[float] = []
 
-    def fail_then_move(n: int) -> None:
-        if n < 8:
-            sink.fail_next_commit = AbortableError("broker says no")
+    def move(n: int) -> None:
         if n == 8:
             source.rebalance(revoke=[("in", 0)], assign=[])
-        streaks.append(sample(metrics, "group_worker_batch_abort_streak"))
-        if n >= 12:
-            runner.stop()
 
-    source.on_consume = fail_then_move
-    runner.run()
+    streaks = streaks_while_commits_fail(made, 12, failing=8, also=move)
     assert max(streaks) >= 3
     assert streaks[-1] == 0
 
@@ -1059,20 +1069,15 @@ def test_a_state_topic_in_an_unknown_format_stops_the_worker() -> None:
 
 def test_the_abort_streak_counts_aborts_until_a_commit_whatever_joins_the_batch() -> None:
     """A stuck batch that takes in another partition's records keeps raising the streak."""
-    runner, source, sink, metrics = make(partitions=2)
+    made = make(partitions=2)
+    source = made[1]
     source.append(group_call(1))
-    streaks: list[float] = []
 
-    def fail_every_commit(n: int) -> None:
-        sink.fail_next_commit = AbortableError("broker says no")
+    def join(n: int) -> None:
         if n == 5:
             source.append(group_call(2), partition=1)
-        streaks.append(sample(metrics, "group_worker_batch_abort_streak"))
-        if n >= 14:
-            runner.stop()
 
-    source.on_consume = fail_every_commit
-    runner.run()
+    streaks = streaks_while_commits_fail(made, 14, also=join)
     assert max(streaks) >= 4
     assert streaks == sorted(streaks)  # never back to 1 while nothing commits
 
