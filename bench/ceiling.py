@@ -27,7 +27,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from bench.generator import group_id_of
@@ -40,7 +40,7 @@ from worker.processor import Processor, Routes, Tally
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
 from worker.sink import KafkaSink, Sink
-from worker.source import KafkaSource
+from worker.source import KafkaSource, Partition
 from worker.store import Changelog, ChangelogOffsets, ChangelogRecord, InMemoryStateStore
 
 __all__ = ["PassThrough", "WorkerShaped", "main"]
@@ -78,8 +78,13 @@ class PassThrough(Processor):
         self.runner: Runner | None = None
 
     def process_some(
-        self, records: list[SourceRecord], tally: Tally, budget: int = 0, max_bytes: int = 0
-    ) -> tuple[int, int]:
+        self,
+        records: list[SourceRecord],
+        tally: Tally,
+        budget: int = 0,
+        max_bytes: int = 0,
+        cuts: Mapping[Partition, tuple[int, int]] | None = None,
+    ) -> tuple[int, int, int]:
         self._started()
         produce, output = self._out_sink.produce, self._output
         for record in records:
@@ -142,8 +147,13 @@ class WorkerShaped(PassThrough):
         super().__init__(routes, sink, routes.enriched, expect, self._changes)
 
     def process_some(
-        self, records: list[SourceRecord], tally: Tally, budget: int = 0, max_bytes: int = 0
-    ) -> tuple[int, int]:
+        self,
+        records: list[SourceRecord],
+        tally: Tally,
+        budget: int = 0,
+        max_bytes: int = 0,
+        cuts: Mapping[Partition, tuple[int, int]] | None = None,
+    ) -> tuple[int, int, int]:
         self._started()
         produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records
         now_ms = int(time.time() * 1000)  # the worker's clock, as the worker reads it
@@ -186,12 +196,12 @@ class _NoRestore:
         pass
 
 
-def _tallied(tally: Tally, records: int) -> tuple[int, int]:
+def _tallied(tally: Tally, records: int) -> tuple[int, int, int]:
     """``process_some``'s answer for ``records`` records of a call each, counted into
     ``tally``: every record is passed through, whatever the budget."""
     tally.records += records
     tally.calls += records
-    return records, records
+    return records, records, 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

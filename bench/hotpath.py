@@ -33,7 +33,7 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.service import tune_allocator, tune_collector
 from worker.sink import Headers, Refusal
-from worker.source import Offsets, Source
+from worker.source import NO_CUTS, Cuts, Offsets, Source
 from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
 
 __all__ = ["CountingSink", "FixedClock", "HotPathResult", "make_records", "measure_hot_path"]
@@ -81,6 +81,7 @@ class CountingSink:
         source: Source,
         last_records: Callable[[], None] = lambda: None,
         meanwhile: Callable[[], None] = lambda: None,
+        cuts: Cuts = NO_CUTS,
     ) -> Offsets:
         last_records()
         meanwhile()

@@ -34,17 +34,15 @@ def _freeze_after_first_batch() -> None:
     original = Processor.process_some
     frozen = False
 
-    def process_some(
-        self: Processor, records: Any, tally: Tally, budget: int = 0, max_bytes: int = 0
-    ) -> Any:
+    def process_some(self: Processor, records: Any, tally: Tally, *args: Any) -> Any:
         nonlocal frozen
         if not frozen:
             gc.collect()
             gc.freeze()
             frozen = True
-        return original(self, records, tally, budget, max_bytes)
+        return original(self, records, tally, *args)
 
-    Processor.process_some = process_some  # type: ignore[method-assign]
+    Processor.process_some = process_some  # type: ignore[method-assign,assignment]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from worker.errors import AbortableError, KafkaError, RetriableError
 from worker.events import Record, SourceRecord
 from worker.restore import Entry
 from worker.sink import Headers, Refusal
-from worker.source import Offsets, Partition, RebalanceListener, Source
+from worker.source import NO_CUTS, Cuts, Offsets, Partition, RebalanceListener, Source
 
 __all__ = ["FakeClock", "FakeRestorer", "FakeSink", "FakeSource", "Produced"]
 
@@ -48,7 +48,10 @@ class FakeSource:
         self.log: dict[Partition, list[Record]] = {(topic, p): [] for p in range(partitions)}
         self.position: dict[Partition, int] = {}
         self.committed_offsets: dict[Partition, int] = {}
+        self.committed_cuts: dict[Partition, int] = {}  # an offset's metadata, parsed
         self.commits: list[dict[Partition, int]] = []
+        self.fail_committed: KafkaError | None = None  # the next committed() raises it
+        self.committed_reads: list[list[Partition]] = []  # committed() calls, in order
         self.listener: RebalanceListener | None = None
         self.pending_assign: list[Partition] = list(self.log)
         self.pending_revoke: list[Partition] = []
@@ -65,6 +68,7 @@ class FakeSource:
         partitions and committed offsets."""
         source = FakeSource(self.clock, topic=self.topic)
         source.log, source.committed_offsets = self.log, self.committed_offsets
+        source.committed_cuts = self.committed_cuts
         source.pending_assign = list(self.log)
         return source
 
@@ -102,11 +106,30 @@ class FakeSource:
             self.clock.advance(timeout)
         return out
 
-    def commit(self, offsets: Offsets) -> None:
+    def commit(self, offsets: Offsets, cuts: Cuts = NO_CUTS) -> None:
         if self.fail_commit is not None:
             raise self.fail_commit
-        self.committed_offsets.update(offsets)
+        self.store_offsets(offsets, cuts)
         self.commits.append(dict(offsets))
+
+    def store_offsets(self, offsets: Offsets, cuts: Cuts = NO_CUTS) -> None:
+        """What a commit of ``offsets`` leaves in the group, each with its metadata."""
+        self.committed_offsets.update(offsets)
+        for partition in offsets:
+            self.committed_cuts[partition] = cuts.get(partition, 0)
+
+    def committed(
+        self, partitions: Sequence[Partition], timeout: float
+    ) -> dict[Partition, tuple[int, int]]:
+        self.committed_reads.append(list(partitions))
+        if self.fail_committed is not None:
+            error, self.fail_committed = self.fail_committed, None
+            raise error
+        return {
+            p: (self.committed_offsets[p], self.committed_cuts.get(p, 0))
+            for p in partitions
+            if p in self.committed_offsets
+        }
 
     def pause(self, partitions: Sequence[Partition]) -> None:
         self.paused.update(partitions)
@@ -163,6 +186,7 @@ class FakeSink:
     open: list[Produced] = field(default_factory=list)
     committed: list[Produced] = field(default_factory=list)
     offset_commits: list[dict[Partition, int]] = field(default_factory=list)
+    offset_cuts: list[dict[Partition, int]] = field(default_factory=list)  # with each
     fail_next_commit: KafkaError | None = None
     # Once set, every commit raises it, as every call of a fenced producer fails; a new
     # producer (``abort`` then clearing it) starts afresh.
@@ -216,6 +240,7 @@ class FakeSink:
         source: Source,
         last_records: Callable[[], None] = lambda: None,
         meanwhile: Callable[[], None] = lambda: None,
+        cuts: Cuts = NO_CUTS,
     ) -> Offsets:
         if self.transactional and not self.in_transaction:
             return {}  # as KafkaSink: no transaction open, nothing to commit
@@ -251,11 +276,12 @@ class FakeSink:
         if self.transactional:
             # The transaction commits the offsets to the group, as the broker does.
             self.offset_commits.append(dict(offsets))
+            self.offset_cuts.append(dict(cuts))
             if isinstance(source, FakeSource):
-                source.committed_offsets.update(offsets)
+                source.store_offsets(offsets, cuts)
             self.in_transaction = False
         else:
-            source.commit(offsets)
+            source.commit(offsets, cuts)
         return reached
 
     def abort(self) -> None:

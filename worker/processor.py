@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -50,6 +51,7 @@ from worker.placement import partition_of
 from worker.profile import group_snapshot
 from worker.restore import DEPLOYMENT_HEADER
 from worker.sink import Refusal, Sink
+from worker.source import Partition
 from worker.state import GROUP_STATE_FULL, Applied, merge_call
 from worker.store import Changelog, StateStore
 
@@ -69,6 +71,7 @@ _MAX_REFUSED = 10_000
 _EXPIRE_SLICE = 20_000
 # GroupIds whose partition is remembered; emptied when full.
 _PLACED_SIZE = 65_536
+_NO_CUTS: Mapping[Partition, tuple[int, int]] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,15 +204,25 @@ class Processor:
         return tally
 
     def process_some(
-        self, records: list[SourceRecord], tally: Tally, budget: int = 0, max_bytes: int = 0
-    ) -> tuple[int, int]:
+        self,
+        records: list[SourceRecord],
+        tally: Tally,
+        budget: int = 0,
+        max_bytes: int = 0,
+        cuts: Mapping[Partition, tuple[int, int]] = _NO_CUTS,
+    ) -> tuple[int, int, int]:
         """``process`` the first of ``records``, as many as it takes to handle ``budget``
-        calls (a record of the repartition topic is one; 0: no bound), or until ``tally``
-        counts ``max_bytes`` of calls produced (0: no bound), at least one; returns how
-        many records, and how many calls they held. A transaction then holds about as
-        many calls, and bytes, as its committer chooses, however many a record holds:
-        each call of a large group carries the group's profile, so a thousand calls can
-        be hundreds of megabytes, more than the transaction's timeout lets through."""
+        calls (a record of the repartition topic is one; 0: no bound), at least one, or
+        until ``tally`` counts ``max_bytes`` of calls produced (0: no bound), at least one
+        call, inside a record if need be. Returns how many records were done, how many
+        calls they held, and of the next record how many calls are done when the bytes
+        cut it (else 0): a transaction then holds about as many calls, and bytes, as its
+        committer chooses, however many a record holds. Each call of a large group
+        carries the group's profile: an envelope of 2,000 calls to a group near its
+        bound is 1.7 GB, more than a transaction's timeout lets through. (The calls'
+        budget cuts only between records: a record cut is parsed again, its calls left
+        normalised again.) ``cuts``: per partition, a record's offset and how many of
+        its calls are done (by an earlier cut), which it skips."""
         now_ms = self._now_ms = self._clock.now_ms()
         repartition = self._routes.repartition
         handled = 0
@@ -217,9 +230,10 @@ class Processor:
             if index > 1 and (
                 (budget and handled >= budget) or (max_bytes and tally.produced_bytes >= max_bytes)
             ):
-                return index - 1, handled
+                return index - 1, handled, 0
             partition = record.partition() or 0
-            if record.topic() == repartition:
+            topic = record.topic()
+            if topic == repartition:
                 handled += 1
                 if self._foreign(record):
                     continue
@@ -229,12 +243,18 @@ class Processor:
                     self._check_input(forwarded.call["enrichment"]["source"]["topic"], record)
                 self._finish(forwarded, record, partition, arrival, tally)
                 continue
+            skip = 0
+            if cuts and (cut := cuts.get((topic or "", partition))) and cut[0] == record.offset():
+                skip = cut[1]
+            else:
+                tally.records += 1  # once, whatever the commits it is cut in
             arrival = arrival_ms(record, now_ms)
-            tally.records += 1
-            outcomes = process_record(record, self._settings, arrival)
-            handled += len(outcomes)
+            outcomes = process_record(record, self._settings, arrival, skip)
             headers = None  # the re-keyed calls' headers, once per record (1.2 µs)
-            for outcome in outcomes:
+            for done, outcome in enumerate(outcomes, skip):
+                if done > skip and max_bytes and tally.produced_bytes >= max_bytes:
+                    return index - 1, handled, done
+                handled += 1
                 tally.calls += 1
                 # Counted where found, whatever becomes of the call (a duplicate's too),
                 # in either layout; Counter.update costs ~0.2 µs, even empty.
@@ -255,7 +275,7 @@ class Processor:
                 ):
                     self._unkeyed(record, tally)
                 self._finish(outcome, record, partition, arrival, tally)
-        return len(records), handled
+        return len(records), handled, 0
 
     def _foreign(self, record: SourceRecord) -> bool:
         """Whether a call in the repartition topic was written by another deployment (its

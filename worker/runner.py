@@ -129,6 +129,13 @@ class Runner:
         # Next offset to commit per partition, and where the uncommitted batch started.
         self._pending: dict[Partition, int] = {}
         self._batch_start: dict[Partition, int] = {}
+        # Per partition, a record cut by a commit (``Processor.process_some``): its
+        # offset and how many of its calls are done, as processed and as committed
+        # (what an abort goes back to); and assigned partitions whose committed cut
+        # is not read yet.
+        self._cuts: dict[Partition, tuple[int, int]] = {}
+        self._committed_cuts: dict[Partition, tuple[int, int]] = {}
+        self._cuts_unread: set[Partition] = set()
         self._batch_opened: float | None = None
         self._uncommitted = 0  # records consumed since the last commit
         self._tally = Tally()  # what they did, counted when they commit
@@ -220,6 +227,8 @@ class Runner:
         log.info("partitions_assigned", partitions=_names(partitions))
         self._check_partition_count(partitions)
         self._assigned.update(partitions)
+        # Only the input's records hold many calls (the repartition topic's, one each).
+        self._cuts_unread.update(p for p in partitions if p[0] == self._settings.routes.input)
         stateful = [p for p in partitions if p[0] == self._settings.routes.stateful_input]
         self._hold(stateful)
         if self._paused:
@@ -411,6 +420,8 @@ class Runner:
                 records = self._without_unrestored(records)
             if not records:
                 break
+            if self._cuts_unread:
+                self._read_cuts(records)
             if self._batch_opened is None:
                 self._sink.begin()
                 self._batch_opened = self._clock.monotonic()
@@ -423,15 +434,22 @@ class Runner:
             # And about commit_max_bytes of calls: those of a large group are large.
             s = self._settings
             budget = max(s.commit_max_records - self._uncommitted, 1)
-            done, calls = self._processor.process_some(
-                records, self._tally, budget, s.commit_max_bytes
+            done, calls, cut = self._processor.process_some(
+                records, self._tally, budget, s.commit_max_bytes, self._cuts
             )
             for record in records[:done]:
                 self._pending[_position(record)] = (record.offset() or 0) + 1
+            if self._cuts:
+                for record in records[:done]:
+                    self._cuts.pop(_position(record), None)
+            if cut:  # the offset stays at the record cut, whose calls done it names
+                position, offset = _position(records[done]), records[done].offset() or 0
+                self._pending[position] = offset
+                self._cuts[position] = (offset, cut)
             self._uncommitted += calls
             if done == len(records):
                 break
-            turn = {_position(r) for r in records[:done]}
+            turn = {_position(r) for r in records[: done + bool(cut)]}
             records = records[done:]
             try:
                 self._commit()
@@ -442,6 +460,27 @@ class Runner:
                 raise
             records = self._next_turn(records, turn)
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
+
+    def _read_cuts(self, records: list[SourceRecord]) -> None:
+        """Learn the committed cut of the input partitions assigned since the last
+        records (one round trip for all): how many calls of the record at the committed
+        offset an earlier owner (or this worker, before a restart) has done. On an error
+        ``records`` are read again, not processed without it."""
+        try:
+            committed = self._source.committed(sorted(self._cuts_unread), _SETTLE_TIMEOUT)
+        except RetriableError:
+            self._read_again(records)
+            raise
+        for partition, (offset, calls) in committed.items():
+            if calls:
+                self._cuts[partition] = self._committed_cuts[partition] = (offset, calls)
+                log.info(
+                    "record_cut_resumed",
+                    partition=_names([partition])[0],
+                    offset=offset,
+                    calls_done=calls,
+                )
+        self._cuts_unread.clear()
 
     def _next_turn(self, records: list[SourceRecord], turn: set[Partition]) -> list[SourceRecord]:
         """What to process after a commit cut a consumed batch, the partitions of
@@ -536,7 +575,11 @@ class Runner:
         started = self._clock.monotonic()
         try:
             reached = self._sink.commit(  # (1), (2)
-                self._pending, self._source, self._write_changelog, self._prepare_store
+                self._pending,
+                self._source,
+                self._write_changelog,
+                self._prepare_store,
+                {p: c for p, (o, c) in self._cuts.items() if self._pending.get(p) == o},
             )
         except Exception:
             self._metrics.commit_failures.inc()
@@ -551,6 +594,7 @@ class Runner:
             failure = e
         self._abort_streak = 0
         self._metrics.abort_streak.set(0)
+        self._committed_cuts = dict(self._cuts)
         self._count(self._tally)
         self._close_batch()
         self._commit_took = self._clock.monotonic() - started
@@ -603,6 +647,7 @@ class Runner:
         self._metrics.aborts.inc()
         self._sink.abort()
         self._store.rollback()
+        self._cuts = dict(self._committed_cuts)
         self._count_abort()
         rewind = {p: o for p, o in self._batch_start.items() if p not in gone}
         # Closed before anything below can raise: a batch left open would be committed,
@@ -656,6 +701,9 @@ class Runner:
             self._assigned.discard(partition)
             self._pending.pop(partition, None)
             self._batch_start.pop(partition, None)
+            self._cuts.pop(partition, None)
+            self._committed_cuts.pop(partition, None)
+            self._cuts_unread.discard(partition)
             self._unrestored.pop(partition, None)
             if partition[0] == self._settings.routes.stateful_input:
                 self._store.drop(partition[1])

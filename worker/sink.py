@@ -15,13 +15,13 @@ from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import KafkaError as ClientError
-from confluent_kafka import KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaException, Message, Producer
 
 from worker.clock import Clock
 from worker.config import ProcessingGuarantee
 from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
 from worker.kafka import client_config, raise_for, translate
-from worker.source import Offsets, Source
+from worker.source import NO_CUTS, Cuts, Offsets, Source, topic_partitions
 
 __all__ = ["Headers", "KafkaSink", "Refusal", "Sink"]
 
@@ -88,6 +88,7 @@ class Sink(Protocol):
         source: Source,
         last_records: Callable[[], None] = ...,
         meanwhile: Callable[[], None] = ...,
+        cuts: Cuts = ...,
     ) -> Offsets: ...
     def abort(self) -> None: ...
     def poll(self) -> None: ...
@@ -239,8 +240,10 @@ class KafkaSink:
         source: Source,
         last_records: Callable[[], None] = _nothing,
         meanwhile: Callable[[], None] = _nothing,
+        cuts: Cuts = NO_CUTS,
     ) -> Offsets:
-        """Make every output produced since the last commit durable, with ``offsets``.
+        """Make every output produced since the last commit durable, with ``offsets``
+        (and the ``cuts`` of the records there).
 
         ``last_records`` produces the batch's last records (the changelog);
         ``meanwhile`` is other work that may run before the commit is known to have
@@ -263,7 +266,7 @@ class KafkaSink:
         if self._transactional:
             if not self._in_transaction:
                 return {}
-            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            positions = topic_partitions(offsets, cuts)
             if positions:  # (1)
                 # Read on this thread: a revoke commits from inside consume(), and the
                 # client lets no other thread call the consumer until consume() returns,
@@ -296,7 +299,7 @@ class KafkaSink:
         failed, self._failed = self._failed, []
         if failed:  # replaying the batch re-sends them: duplicates, never loss
             raise AbortableError(f"{len(failed)} outputs undelivered: {failed[0]}")
-        source.commit(offsets)  # (2)
+        source.commit(offsets, cuts)  # (2)
         return self._take_reached()
 
     def abort(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -17,11 +18,27 @@ from worker.errors import FatalError, RetriableError, TopicError
 from worker.events import SourceRecord
 from worker.kafka import client_config, list_topics, raise_for, translate
 
-__all__ = ["KafkaSource", "Offsets", "Partition", "RebalanceListener", "Source"]
+__all__ = [
+    "NO_CUTS",
+    "Cuts",
+    "KafkaSource",
+    "Offsets",
+    "Partition",
+    "RebalanceListener",
+    "Source",
+    "read_cut",
+    "topic_partitions",
+]
 
 Partition = tuple[str, int]
 # The next offset to read, per partition: what a commit stores.
 Offsets = Mapping[Partition, int]
+# Of the record at a partition's committed offset, how many calls are done: a commit cut
+# inside an envelope (its calls' outputs can outgrow a transaction) says so in the
+# offset's metadata, and whoever reads the partition next skips them.
+Cuts = Mapping[Partition, int]
+NO_CUTS: Cuts = MappingProxyType({})
+_CUT = "group-worker calls done: "
 # How often subscribe() asks again for a topic the consumer's metadata does not show yet.
 _TOPIC_RETRY = 0.2
 
@@ -40,7 +57,10 @@ class Source(Protocol):
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None: ...
     def consume(self, max_records: int, timeout: float) -> list[SourceRecord]: ...
-    def commit(self, offsets: Offsets) -> None: ...
+    def commit(self, offsets: Offsets, cuts: Cuts = NO_CUTS) -> None: ...
+    def committed(
+        self, partitions: Sequence[Partition], timeout: float
+    ) -> dict[Partition, tuple[int, int]]: ...
     def pause(self, partitions: Sequence[Partition]) -> None: ...
     def resume(self, partitions: Sequence[Partition]) -> None: ...
     def seek(self, offsets: Offsets) -> None: ...
@@ -178,13 +198,33 @@ class KafkaSource:
                 self._on_error(translated)
         return records
 
-    def commit(self, offsets: Offsets) -> None:
-        """Commit ``offsets`` synchronously; raises ``KafkaError`` when it fails."""
+    def commit(self, offsets: Offsets, cuts: Cuts = NO_CUTS) -> None:
+        """Commit ``offsets`` synchronously, with ``cuts``; raises ``KafkaError`` when it
+        fails."""
         if offsets:
             try:
-                self._consumer.commit(offsets=_partitions(offsets), asynchronous=False)
+                self._consumer.commit(offsets=topic_partitions(offsets, cuts), asynchronous=False)
             except KafkaException as e:
                 raise_for(e.args[0])
+
+    def committed(
+        self, partitions: Sequence[Partition], timeout: float
+    ) -> dict[Partition, tuple[int, int]]:
+        """The committed offset of each of ``partitions`` that has one, and of the record
+        there how many calls are done (its cut; 0 for none). Waits, as ``settle``, for
+        offsets sent in a transaction still open; raises ``KafkaError`` after ``timeout``."""
+        try:
+            found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)
+        except KafkaException as e:
+            raise_for(e.args[0])
+        for tp in found:
+            if tp.error is not None:
+                raise_for(tp.error)
+        return {
+            (tp.topic, tp.partition): (tp.offset, read_cut(tp.metadata))
+            for tp in found
+            if tp.offset >= 0
+        }
 
     def pause(self, partitions: Sequence[Partition]) -> None:
         """Stop fetching ``partitions`` (backpressure); consume() still serves rebalances."""
@@ -196,7 +236,7 @@ class KafkaSource:
 
     def seek(self, offsets: Offsets) -> None:
         """Move the read position of assigned partitions back (or forward) to ``offsets``."""
-        for tp in _partitions(offsets):
+        for tp in topic_partitions(offsets):
             try:
                 self._consumer.seek(tp)
             except KafkaException as e:
@@ -279,5 +319,20 @@ class KafkaSource:
         return run
 
 
-def _partitions(offsets: Offsets) -> list[TopicPartition]:
-    return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+def topic_partitions(offsets: Offsets, cuts: Cuts = NO_CUTS) -> list[TopicPartition]:
+    """``offsets`` as the client takes them, with each partition's cut in its metadata."""
+    return [
+        TopicPartition(t, p, o, metadata=f"{_CUT}{cuts[t, p]}")
+        if (t, p) in cuts
+        else TopicPartition(t, p, o)
+        for (t, p), o in offsets.items()
+    ]
+
+
+def read_cut(metadata: str | None) -> int:
+    """The calls done that an offset's ``metadata`` records; 0 for any other text (another
+    tool's, none)."""
+    if not metadata or not metadata.startswith(_CUT):
+        return 0
+    count = metadata[len(_CUT) :]
+    return int(count) if count.isascii() and count.isdigit() and len(count) < 10 else 0

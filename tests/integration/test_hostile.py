@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import random
+import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,57 @@ def test_a_hot_groups_batch_envelopes_do_not_hold_other_groups_behind_them(
     # Before the hot partition was read again, they all came after the whole backlog; now
     # within a commit or two (10,000 calls each) of their sending, which took a second.
     assert after >= 20_000, f"{after} hot calls enriched after the last other group's"
+
+
+def test_an_envelope_to_a_large_group_commits_in_parts_and_a_kill_redoes_none(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """One envelope of 1,000 calls to a group of 100 KB: each enriched call carries the
+    profile, 100 MB for the envelope, in transactions of about commit_max_bytes (1 MiB)
+    cut between its calls. SIGKILLed part way, the next worker goes on from the last
+    cut committed (the offset's metadata): every call enriched exactly once, none of
+    the committed part done again."""
+    rng = random.Random(11)
+    profile = [
+        group_call(
+            f"p{n}", "big", {f"k{n}_{i}": f"{rng.getrandbits(496):0124x}" for i in range(180)}
+        )
+        for n in range(4)
+    ]
+    batch = [codec.decode(group_call(f"e{n}", "big", {"seats": str(n)})) for n in range(1_000)]
+    settings = {
+        "WORKER_INPUT_KEYED_BY_GROUP_ID": "true",
+        "WORKER_COMMIT_MAX_BYTES": "1048576",
+        "WORKER_INSTANCE_ID": "w",  # static membership: the restart takes over at once
+    }
+    first = WorkerProcess(topics, tmp_path, "w0", **settings)
+    workers.append(first.start())
+    produce(topics.input, [(b"big", v) for v in profile])
+    wait_until(
+        lambda: first.sample("group_worker_outcomes_total", outcome="enriched") == 4,
+        60,
+        "the profile's calls",
+    )
+    produce(topics.input, [(b"big", codec.encode({"batch": batch}))])
+    wait_until(
+        lambda: first.sample("group_worker_outcomes_total", outcome="enriched") >= 204,
+        120,
+        "a part of the envelope to commit",
+    )
+    first.stop(signal.SIGKILL)
+
+    second = WorkerProcess(topics, tmp_path, "w1", **settings)
+    workers.append(second.start())
+    enriched = values(read_topic(topics.enriched, expect=1_004, idle=5, timeout=240))
+    ids = Counter(c["messageId"] for c in enriched)
+    assert set(ids) == {f"p{n}" for n in range(4)} | {f"e{n}" for n in range(1_000)}
+    assert max(ids.values()) == 1, "a call enriched twice"
+    assert max(c["group"]["eventCount"] for c in enriched) == 1_004
+    assert second.logged("record_cut_resumed"), second.log()
+    redone = second.sample("group_worker_calls_consumed_total")
+    assert 0 < redone <= 800, f"the second worker handled {redone} calls of 1,000"
+    assert second.sample("group_worker_outcomes_total", outcome="duplicate") == 0
+    assert second.stop() == 0
 
 
 @pytest.mark.parametrize("later", [False, True], ids=["first-batch", "later-batch"])

@@ -205,3 +205,19 @@ def test_every_partition_of_a_backlog_is_fetched_while_the_prefetch_is_full(
         source.close()
     assert read == 48_000
     assert max(gap.values()) <= 20_000, gap
+
+
+def test_a_cut_commits_in_the_offsets_metadata_and_reads_back(topics: Topics) -> None:
+    """At least once the source commits a cut itself: the broker keeps it with the
+    offset, and a commit without one clears it."""
+    create_topic(topics.input, 1)
+    partition = (topics.input, 0)
+    source = KafkaSource(BOOTSTRAP, topics.group_id, {})
+    try:
+        assert source.committed([partition], 10) == {}
+        source.commit({partition: 5}, {partition: 17})
+        assert source.committed([partition], 10) == {partition: (5, 17)}
+        source.commit({partition: 6})
+        assert source.committed([partition], 10) == {partition: (6, 0)}
+    finally:
+        source.close()

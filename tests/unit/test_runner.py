@@ -1256,6 +1256,132 @@ def test_a_transaction_holds_about_commit_max_bytes_of_calls() -> None:
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 10
 
 
+def test_an_envelope_to_a_large_group_is_cut_into_transactions_of_commit_max_bytes() -> None:
+    """One envelope of calls to a group whose profile is large: each enriched call
+    carries the profile, so the envelope's outputs are many times commit_max_bytes
+    (1.7 GB for 2,000 calls to a group near its bound). The envelope is cut between
+    its calls, each transaction about commit_max_bytes, the offset left at the
+    envelope with its calls done."""
+    source, sink = FakeSource(FakeClock(), 1), FakeSink()
+    settings = dataclasses.replace(SETTINGS, commit_max_bytes=20_000, commit_interval=60.0)
+    runner, metrics = build(source, sink, settings)
+    source.append(group_call(0, traits={"big": "x" * 5_000}))
+    source.append(cut_envelope(1, 20))
+    run_for(runner, source, 2)
+
+    out = [p.value for p in sink.topic("out")]
+    ids = ["m0", *(f"m{n}" for n in range(1, 21) if n not in (4, 11))]
+    assert sorted(message_ids(sink)) == sorted(ids)
+    assert all(len(value) > 5_000 for value in out)
+    assert len(sink.offset_commits) >= 5
+    for offsets, cuts in zip(sink.offset_commits[:-1], sink.offset_cuts[:-1], strict=True):
+        assert offsets == {("in", 0): 1}
+        assert 0 < cuts[("in", 0)] < 20
+    assert (sink.offset_commits[-1], sink.offset_cuts[-1]) == ({("in", 0): 2}, {})
+    assert sample(metrics, "group_worker_records_consumed_total") == 2
+    assert sample(metrics, "group_worker_calls_consumed_total") == 21
+
+
+# Commits after about 10 KB of output: 20-30 calls of ``cut_envelope``.
+CUT_SETTINGS = dataclasses.replace(SETTINGS, commit_max_bytes=10_000, commit_interval=60.0)
+
+
+def cut_envelope(first: int, calls: int) -> bytes:
+    """An envelope of ``calls`` calls to g0 from message m{first}, its eleventh call
+    invalid (a dead letter, which no dedupe would catch twice) and its fourth a page
+    call (skipped)."""
+    sent: list[Any] = [
+        codec.decode(group_call(first + n)) | {"groupId": "g0"} for n in range(calls)
+    ]
+    sent[3] = {"type": "page", "messageId": "p"}
+    sent[10] = {"type": "group", "messageId": "bad", "userId": "u"}
+    return codec.encode({"batch": sent})
+
+
+def fail_commit(sink: FakeSink, number: int, error: KafkaError) -> None:
+    """Make ``sink``'s ``number``-th commit (from 1) fail with ``error``."""
+    commit, commits = sink.commit, 0
+
+    def failing(*args: Any, **kwargs: Any) -> Offsets:
+        nonlocal commits
+        commits += 1
+        if commits == number:
+            raise error
+        return commit(*args, **kwargs)
+
+    sink.commit = failing  # type: ignore[method-assign]
+
+
+def test_an_abort_after_a_cut_replays_only_the_calls_after_it() -> None:
+    """A batch aborted after a commit cut an envelope goes back to the cut, not to the
+    envelope's first call: every call of the envelope ends in exactly one outcome (no
+    dead letter twice, no call counted as its own duplicate)."""
+    source, sink = FakeSource(FakeClock(), 1), FakeSink()
+    runner, metrics = build(source, sink, CUT_SETTINGS)
+    source.append(cut_envelope(0, 100))
+    fail_commit(sink, 2, AbortableError("transaction aborted by the broker"))
+    run_for(runner, source, 4)
+
+    assert len(sink.offset_commits) >= 3  # cut, aborted, the replay's
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(100) if n not in (3, 10))
+    assert len(sink.topic("dlq")) == 1
+    outcomes = {
+        k: sample(metrics, "group_worker_outcomes_total", outcome=k)
+        for k in ("enriched", "skipped", "dead_letter", "duplicate")
+    }
+    assert outcomes == {"enriched": 98, "skipped": 1, "dead_letter": 1, "duplicate": 0}
+    assert sample(metrics, "group_worker_calls_consumed_total") == 100
+    assert sample(metrics, "group_worker_records_consumed_total") == 1
+    assert states(sink)["g0"]["eventCount"] == 98
+
+
+@pytest.mark.parametrize("transactional", [True, False], ids=["exactly_once", "at_least_once"])
+def test_a_restart_after_a_cut_goes_on_from_the_committed_cut(transactional: bool) -> None:
+    """A worker that stops for good inside an envelope (here a fatal error at its
+    second commit) leaves the offset at the envelope with its calls done in the
+    offset's metadata: the next worker reads it and does the rest only."""
+    source, sink = FakeSource(FakeClock(), 1), FakeSink(transactional=transactional)
+    runner, _ = build(source, sink, CUT_SETTINGS)
+    source.append(cut_envelope(0, 100))
+    fail_commit(sink, 2, FatalError("fenced"))
+    with pytest.raises(FatalError):
+        run_for(runner, source, 4)
+    cut = source.committed_cuts[("in", 0)]
+    assert source.committed_offsets == {("in", 0): 0}
+    assert 10 < cut < 50
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(cut) if n not in (3, 10))
+
+    restarted = source.restarted()
+    source.append(group_call(100))
+    runner, metrics = build(restarted, sink, CUT_SETTINGS)
+    with structlog.testing.capture_logs() as logs:
+        run_for(runner, restarted, 4)
+
+    assert restarted.committed_reads == [[("in", 0)]]
+    assert [e["calls_done"] for e in logs if e["event"] == "record_cut_resumed"] == [cut]
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(101) if n not in (3, 10))
+    assert len(sink.topic("dlq")) == 1
+    assert sample(metrics, "group_worker_calls_consumed_total") == 100 - cut + 1
+    assert sample(metrics, "group_worker_outcomes_total", outcome="duplicate") == 0
+    assert (source.committed_offsets, source.committed_cuts) == ({("in", 0): 2}, {("in", 0): 0})
+
+
+def test_a_cut_that_cannot_be_read_yet_is_read_before_the_partition_is_processed() -> None:
+    """The committed cut of a newly assigned partition is read before its first records
+    are processed; when the broker does not answer, they are read again later, not
+    processed without it (which would do its calls twice) nor lost."""
+    source, sink = FakeSource(FakeClock(), 1), FakeSink()
+    source.append(cut_envelope(0, 100))
+    source.store_offsets({("in", 0): 0}, {("in", 0): 60})
+    source.fail_committed = RetriableError("coordinator loading")
+    runner, metrics = build(source, sink)
+    run_for(runner, source, 6)
+
+    assert source.committed_reads == [[("in", 0)], [("in", 0)]]
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(60, 100))
+    assert sample(metrics, "group_worker_calls_consumed_total") == 40
+
+
 def test_a_hot_partition_cut_by_a_commit_is_read_again_behind_the_others() -> None:
     """A consumed batch cut by commit_max_records (one partition's envelopes) reads its
     rest again, so that records of other partitions queued behind it are processed

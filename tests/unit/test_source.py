@@ -71,3 +71,22 @@ def test_a_consumer_told_it_is_dead_ends_the_loop(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(FatalClientError, match="Static consumer fenced"):
         consumer.consume(10, 0.1)
     assert seen == []
+
+
+def test_a_cut_travels_in_the_offsets_metadata_and_only_ours_is_read() -> None:
+    """A commit's cut is written into its offset's metadata and read back from it;
+    metadata another tool wrote, or none, is no cut."""
+    [cut, plain] = source.topic_partitions({("in", 0): 7, ("in", 1): 9}, {("in", 0): 1_999})
+    assert (cut.offset, plain.offset) == (7, 9)
+    assert source.read_cut(cut.metadata) == 1_999
+    assert plain.metadata is None
+    for other in (
+        None,
+        "",
+        "1999",
+        "group-worker calls done: ",
+        "group-worker calls done: -3",
+        "group-worker calls done: \uff13",
+        "group-worker calls done: 99999999999",
+    ):
+        assert source.read_cut(other) == 0, other
