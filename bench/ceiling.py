@@ -27,7 +27,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.generator import group_id_of
@@ -40,7 +40,7 @@ from worker.processor import Processor, Routes, Tally
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
 from worker.sink import KafkaSink, Sink
-from worker.source import KafkaSource, Partition
+from worker.source import Cuts, KafkaSource
 from worker.store import Changelog, ChangelogOffsets, ChangelogRecord, InMemoryStateStore
 
 __all__ = ["PassThrough", "WorkerShaped", "main"]
@@ -83,7 +83,7 @@ class PassThrough(Processor):
         tally: Tally,
         budget: int = 0,
         max_bytes: int = 0,
-        cuts: Mapping[Partition, tuple[int, int]] | None = None,
+        cuts: Cuts | None = None,
     ) -> tuple[int, int, int]:
         self._started()
         produce, output = self._out_sink.produce, self._output
@@ -152,7 +152,7 @@ class WorkerShaped(PassThrough):
         tally: Tally,
         budget: int = 0,
         max_bytes: int = 0,
-        cuts: Mapping[Partition, tuple[int, int]] | None = None,
+        cuts: Cuts | None = None,
     ) -> tuple[int, int, int]:
         self._started()
         produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records

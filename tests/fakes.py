@@ -10,7 +10,7 @@ from worker.errors import AbortableError, KafkaError, RetriableError
 from worker.events import Record, SourceRecord
 from worker.restore import Entry
 from worker.sink import Headers, Refusal
-from worker.source import NO_CUTS, Cuts, Offsets, Partition, RebalanceListener, Source
+from worker.source import NO_CUTS, Cut, Cuts, Offsets, Partition, RebalanceListener, Source
 
 __all__ = ["FakeClock", "FakeRestorer", "FakeSink", "FakeSource", "Produced"]
 
@@ -48,17 +48,16 @@ class FakeSource:
         self.log: dict[Partition, list[Record]] = {(topic, p): [] for p in range(partitions)}
         self.position: dict[Partition, int] = {}
         self.committed_offsets: dict[Partition, int] = {}
-        self.committed_cuts: dict[Partition, int] = {}  # an offset's metadata, parsed
+        self.offset_cuts: dict[Partition, Cut] = {}  # in the committed offsets' metadata
         self.commits: list[dict[Partition, int]] = []
-        self.fail_committed: KafkaError | None = None  # the next committed() raises it
-        self.committed_reads: list[list[Partition]] = []  # committed() calls, in order
+        self.fail_committed: KafkaError | None = None  # the next committed_cuts() raises it
+        self.committed_reads: list[list[Partition]] = []  # committed_cuts() calls, in order
         self.listener: RebalanceListener | None = None
         self.pending_assign: list[Partition] = list(self.log)
         self.pending_revoke: list[Partition] = []
         self.fail_commit: KafkaError | None = None
         self.closed = False
         self.paused: set[Partition] = set()
-        self.settled: list[list[Partition]] = []  # settle() calls, in order
         self.consumes = 0
         # Called at the start of every consume(), with the number of calls so far.
         self.on_consume: Callable[[int], None] | None = None
@@ -68,7 +67,7 @@ class FakeSource:
         partitions and committed offsets."""
         source = FakeSource(self.clock, topic=self.topic)
         source.log, source.committed_offsets = self.log, self.committed_offsets
-        source.committed_cuts = self.committed_cuts
+        source.offset_cuts = self.offset_cuts
         source.pending_assign = list(self.log)
         return source
 
@@ -115,21 +114,21 @@ class FakeSource:
     def store_offsets(self, offsets: Offsets, cuts: Cuts = NO_CUTS) -> None:
         """What a commit of ``offsets`` leaves in the group, each with its metadata."""
         self.committed_offsets.update(offsets)
-        for partition in offsets:
-            self.committed_cuts[partition] = cuts.get(partition, 0)
+        for partition, offset in offsets.items():
+            cut = cuts.get(partition)
+            if cut is not None and cut.offset == offset:
+                self.offset_cuts[partition] = cut
+            else:
+                self.offset_cuts.pop(partition, None)
 
-    def committed(
+    def committed_cuts(
         self, partitions: Sequence[Partition], timeout: float
-    ) -> dict[Partition, tuple[int, int]]:
+    ) -> dict[Partition, Cut]:
         self.committed_reads.append(list(partitions))
         if self.fail_committed is not None:
             error, self.fail_committed = self.fail_committed, None
             raise error
-        return {
-            p: (self.committed_offsets[p], self.committed_cuts.get(p, 0))
-            for p in partitions
-            if p in self.committed_offsets
-        }
+        return {p: self.offset_cuts[p] for p in partitions if p in self.offset_cuts}
 
     def pause(self, partitions: Sequence[Partition]) -> None:
         self.paused.update(partitions)
@@ -146,9 +145,6 @@ class FakeSource:
 
     def group_metadata(self) -> Any:
         return "fake-group-metadata"
-
-    def settle(self, partitions: Sequence[Partition], timeout: float) -> None:
-        self.settled.append(list(partitions))
 
     def lag(self, partition: Partition) -> int | None:
         return len(self.log[partition]) - self.position.get(partition, 0)
@@ -186,7 +182,7 @@ class FakeSink:
     open: list[Produced] = field(default_factory=list)
     committed: list[Produced] = field(default_factory=list)
     offset_commits: list[dict[Partition, int]] = field(default_factory=list)
-    offset_cuts: list[dict[Partition, int]] = field(default_factory=list)  # with each
+    commit_cuts: list[dict[Partition, Cut]] = field(default_factory=list)  # with each
     fail_next_commit: KafkaError | None = None
     # Once set, every commit raises it, as every call of a fenced producer fails; a new
     # producer (``abort`` then clearing it) starts afresh.
@@ -276,7 +272,7 @@ class FakeSink:
         if self.transactional:
             # The transaction commits the offsets to the group, as the broker does.
             self.offset_commits.append(dict(offsets))
-            self.offset_cuts.append(dict(cuts))
+            self.commit_cuts.append({p: c for p, c in cuts.items() if offsets.get(p) == c.offset})
             if isinstance(source, FakeSource):
                 source.store_offsets(offsets, cuts)
             self.in_transaction = False

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -51,7 +50,7 @@ from worker.placement import partition_of
 from worker.profile import group_snapshot
 from worker.restore import DEPLOYMENT_HEADER
 from worker.sink import Refusal, Sink
-from worker.source import Partition
+from worker.source import NO_CUTS, Cuts
 from worker.state import GROUP_STATE_FULL, Applied, merge_call
 from worker.store import Changelog, StateStore
 
@@ -71,7 +70,6 @@ _MAX_REFUSED = 10_000
 _EXPIRE_SLICE = 20_000
 # GroupIds whose partition is remembered; emptied when full.
 _PLACED_SIZE = 65_536
-_NO_CUTS: Mapping[Partition, tuple[int, int]] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +207,7 @@ class Processor:
         tally: Tally,
         budget: int = 0,
         max_bytes: int = 0,
-        cuts: Mapping[Partition, tuple[int, int]] = _NO_CUTS,
+        cuts: Cuts = NO_CUTS,
     ) -> tuple[int, int, int]:
         """``process`` the first of ``records``, as many as it takes to handle ``budget``
         calls (a record of the repartition topic is one; 0: no bound), at least one, or
@@ -221,8 +219,7 @@ class Processor:
         carries the group's profile: an envelope of 2,000 calls to a group near its
         bound is 1.7 GB, more than a transaction's timeout lets through. (The calls'
         budget cuts only between records: a record cut is parsed again, its calls left
-        normalised again.) ``cuts``: per partition, a record's offset and how many of
-        its calls are done (by an earlier cut), which it skips."""
+        normalised again.) ``cuts``: records cut before, whose calls done it skips."""
         now_ms = self._now_ms = self._clock.now_ms()
         repartition = self._routes.repartition
         handled = 0
@@ -244,8 +241,9 @@ class Processor:
                 self._finish(forwarded, record, partition, arrival, tally)
                 continue
             skip = 0
-            if cuts and (cut := cuts.get((topic or "", partition))) and cut[0] == record.offset():
-                skip = cut[1]
+            cut = cuts.get((topic or "", partition)) if cuts else None
+            if cut and (cut.offset, cut.timestamp) == (record.offset(), record.timestamp()[1]):
+                skip = cut.calls
             else:
                 tally.records += 1  # once, whatever the commits it is cut in
             arrival = arrival_ms(record, now_ms)

@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import functools
 import gc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -33,7 +33,7 @@ from worker.metrics import Metrics
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Changelogs, Restorer, restore_partition
 from worker.sink import Sink
-from worker.source import Partition, Source
+from worker.source import Cut, Partition, Source
 from worker.store import Changelog, StateStore
 
 __all__ = ["Runner", "RunnerSettings"]
@@ -129,12 +129,11 @@ class Runner:
         # Next offset to commit per partition, and where the uncommitted batch started.
         self._pending: dict[Partition, int] = {}
         self._batch_start: dict[Partition, int] = {}
-        # Per partition, a record cut by a commit (``Processor.process_some``): its
-        # offset and how many of its calls are done, as processed and as committed
-        # (what an abort goes back to); and assigned partitions whose committed cut
-        # is not read yet.
-        self._cuts: dict[Partition, tuple[int, int]] = {}
-        self._committed_cuts: dict[Partition, tuple[int, int]] = {}
+        # Per partition, the record a commit cut (``Processor.process_some``), as
+        # processed and as committed (what an abort goes back to); and assigned input
+        # partitions whose committed cut is not read yet.
+        self._cuts: dict[Partition, Cut] = {}
+        self._committed_cuts: dict[Partition, Cut] = {}
         self._cuts_unread: set[Partition] = set()
         self._batch_opened: float | None = None
         self._uncommitted = 0  # records consumed since the last commit
@@ -339,12 +338,12 @@ class Runner:
     def _settle(self) -> None:
         """Wait for the offsets of waiting partitions not settled yet to be stable: a
         paused previous owner's last transaction may still commit changelog records with
-        them, which their restore must read."""
+        them, which their restore must read. Their committed cuts come with them."""
         unsettled = [p for p, restore in self._unrestored.items() if not restore.settled]
         if not unsettled:
             return
         started = self._clock.monotonic()
-        self._source.settle(unsettled, _SETTLE_TIMEOUT)
+        self._learn_cuts(self._source.committed_cuts(unsettled, _SETTLE_TIMEOUT), unsettled)
         for partition in unsettled:
             self._unrestored[partition].settled = True
         waited = self._clock.monotonic() - started
@@ -418,10 +417,10 @@ class Runner:
         while True:
             if self._unrestored:  # (a commit below can hold a partition for a rebuild)
                 records = self._without_unrestored(records)
+            if self._cuts_unread:
+                records = self._read_cuts(records)
             if not records:
                 break
-            if self._cuts_unread:
-                self._read_cuts(records)
             if self._batch_opened is None:
                 self._sink.begin()
                 self._batch_opened = self._clock.monotonic()
@@ -443,9 +442,10 @@ class Runner:
                 for record in records[:done]:
                     self._cuts.pop(_position(record), None)
             if cut:  # the offset stays at the record cut, whose calls done it names
-                position, offset = _position(records[done]), records[done].offset() or 0
-                self._pending[position] = offset
-                self._cuts[position] = (offset, cut)
+                record = records[done]
+                offset = record.offset() or 0
+                self._pending[_position(record)] = offset
+                self._cuts[_position(record)] = Cut(offset, record.timestamp()[1], cut)
             self._uncommitted += calls
             if done == len(records):
                 break
@@ -458,29 +458,52 @@ class Runner:
                 # processed, must be read again (an abort rewinds them anyway).
                 self._read_again(records)
                 raise
+            # A run of commits inside one consume (a large group's envelopes) is
+            # progress, and SIGTERM ends it: the rest is read again by the next start.
+            self.last_progress = self._clock.monotonic()
+            if self._stopping:
+                break
             records = self._next_turn(records, turn)
         self._metrics.processing_duration.observe(self._clock.monotonic() - started)
 
-    def _read_cuts(self, records: list[SourceRecord]) -> None:
-        """Learn the committed cut of the input partitions assigned since the last
-        records (one round trip for all): how many calls of the record at the committed
-        offset an earlier owner (or this worker, before a restart) has done. On an error
-        ``records`` are read again, not processed without it."""
+    def _read_cuts(self, records: list[SourceRecord]) -> list[SourceRecord]:
+        """``records``, once the committed cut of their partitions that have none known
+        yet (input partitions not settled before a restore: stage one's, in two stages)
+        is read. The open batch commits first: the read waits for any transaction that
+        holds offsets for them (a previous owner's, until it ends), and one of ours left
+        open meanwhile would outlive its timeout. When the read fails, those partitions'
+        records are read again later; the others go on."""
+        unread = sorted({_position(r) for r in records} & self._cuts_unread)
+        if not unread:
+            return records
         try:
-            committed = self._source.committed(sorted(self._cuts_unread), _SETTLE_TIMEOUT)
-        except RetriableError:
-            self._read_again(records)
+            self._commit()
+        except (AbortableError, RetriableError):
+            self._read_again(records)  # consumed, not processed
             raise
-        for partition, (offset, calls) in committed.items():
-            if calls:
-                self._cuts[partition] = self._committed_cuts[partition] = (offset, calls)
+        try:
+            self._learn_cuts(self._source.committed_cuts(unread, _SETTLE_TIMEOUT), unread)
+        except RetriableError as e:
+            log.warning("cut_read_failed", partitions=_names(unread), error=str(e))
+            self._read_again([r for r in records if _position(r) in self._cuts_unread])
+            return [r for r in records if _position(r) not in self._cuts_unread]
+        return records
+
+    def _learn_cuts(self, cuts: Mapping[Partition, Cut], partitions: Iterable[Partition]) -> None:
+        """Take the committed ``cuts`` of ``partitions`` read for the first time since
+        their assignment: calls an earlier owner (or this worker, before a restart) did
+        of the record at the committed offset."""
+        for partition in partitions:
+            cut = cuts.get(partition)
+            if cut is not None and partition in self._cuts_unread:
+                self._cuts[partition] = self._committed_cuts[partition] = cut
                 log.info(
                     "record_cut_resumed",
                     partition=_names([partition])[0],
-                    offset=offset,
-                    calls_done=calls,
+                    offset=cut.offset,
+                    calls_done=cut.calls,
                 )
-        self._cuts_unread.clear()
+            self._cuts_unread.discard(partition)
 
     def _next_turn(self, records: list[SourceRecord], turn: set[Partition]) -> list[SourceRecord]:
         """What to process after a commit cut a consumed batch, the partitions of
@@ -579,7 +602,7 @@ class Runner:
                 self._source,
                 self._write_changelog,
                 self._prepare_store,
-                {p: c for p, (o, c) in self._cuts.items() if self._pending.get(p) == o},
+                self._cuts,
             )
         except Exception:
             self._metrics.commit_failures.inc()

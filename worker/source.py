@@ -6,10 +6,11 @@ source (at least once) or inside the producer's transaction (exactly once).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
@@ -20,6 +21,7 @@ from worker.kafka import client_config, list_topics, raise_for, translate
 
 __all__ = [
     "NO_CUTS",
+    "Cut",
     "Cuts",
     "KafkaSource",
     "Offsets",
@@ -33,12 +35,23 @@ __all__ = [
 Partition = tuple[str, int]
 # The next offset to read, per partition: what a commit stores.
 Offsets = Mapping[Partition, int]
-# Of the record at a partition's committed offset, how many calls are done: a commit cut
-# inside an envelope (its calls' outputs can outgrow a transaction) says so in the
-# offset's metadata, and whoever reads the partition next skips them.
-Cuts = Mapping[Partition, int]
+
+
+class Cut(NamedTuple):
+    """A record a commit cut between two of its calls (an envelope whose calls' outputs
+    outgrow a transaction): its offset and Kafka timestamp, which tell it from any other
+    record found at that offset later (a topic created again, offsets carried to another
+    cluster), and how many of its calls are done. The committed offset stays at the
+    record and its metadata says so; whoever reads the partition next skips them."""
+
+    offset: int
+    timestamp: int
+    calls: int
+
+
+Cuts = Mapping[Partition, Cut]
 NO_CUTS: Cuts = MappingProxyType({})
-_CUT = "group-worker calls done: "
+_CUT = re.compile(r"group-worker calls done: ([0-9]{1,9}), record timestamp: (-?[0-9]{1,18})")
 # How often subscribe() asks again for a topic the consumer's metadata does not show yet.
 _TOPIC_RETRY = 0.2
 
@@ -58,14 +71,13 @@ class Source(Protocol):
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None: ...
     def consume(self, max_records: int, timeout: float) -> list[SourceRecord]: ...
     def commit(self, offsets: Offsets, cuts: Cuts = NO_CUTS) -> None: ...
-    def committed(
+    def committed_cuts(
         self, partitions: Sequence[Partition], timeout: float
-    ) -> dict[Partition, tuple[int, int]]: ...
+    ) -> dict[Partition, Cut]: ...
     def pause(self, partitions: Sequence[Partition]) -> None: ...
     def resume(self, partitions: Sequence[Partition]) -> None: ...
     def seek(self, offsets: Offsets) -> None: ...
     def group_metadata(self) -> Any: ...
-    def settle(self, partitions: Sequence[Partition], timeout: float) -> None: ...
     def lag(self, partition: Partition) -> int | None: ...
     def close(self) -> None: ...
 
@@ -207,24 +219,30 @@ class KafkaSource:
             except KafkaException as e:
                 raise_for(e.args[0])
 
-    def committed(
+    def committed_cuts(
         self, partitions: Sequence[Partition], timeout: float
-    ) -> dict[Partition, tuple[int, int]]:
-        """The committed offset of each of ``partitions`` that has one, and of the record
-        there how many calls are done (its cut; 0 for none). Waits, as ``settle``, for
-        offsets sent in a transaction still open; raises ``KafkaError`` after ``timeout``."""
+    ) -> dict[Partition, Cut]:
+        """The cut committed with the offset of each of ``partitions`` that has one.
+
+        Waits until their committed offsets are stable: no transaction that sent
+        offsets for them is still open. A previous owner paused past its session (a
+        stall, not a crash) may still commit one it sent offsets in before the
+        rebalance: its changelog records, and its cut, then commit with it, and a
+        restore must wait for them. Blocks up to ``timeout`` seconds (the open
+        transaction commits, or its timeout aborts it); raises ``KafkaError`` after
+        that."""
         try:
             found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)
         except KafkaException as e:
             raise_for(e.args[0])
+        cuts = {}
         for tp in found:
             if tp.error is not None:
                 raise_for(tp.error)
-        return {
-            (tp.topic, tp.partition): (tp.offset, read_cut(tp.metadata))
-            for tp in found
-            if tp.offset >= 0
-        }
+            cut = read_cut(tp.offset, tp.metadata)
+            if cut is not None:
+                cuts[tp.topic, tp.partition] = cut
+        return cuts
 
     def pause(self, partitions: Sequence[Partition]) -> None:
         """Stop fetching ``partitions`` (backpressure); consume() still serves rebalances."""
@@ -245,18 +263,6 @@ class KafkaSource:
     def group_metadata(self) -> Any:
         """The consumer group metadata a transactional producer commits offsets with."""
         return self._consumer.consumer_group_metadata()
-
-    def settle(self, partitions: Sequence[Partition], timeout: float) -> None:
-        """Wait until the committed offsets of ``partitions`` are stable: no transaction
-        that sent offsets for them is still open. A previous owner paused past its
-        session (a stall, not a crash) may still commit one it sent offsets in before
-        the rebalance: its changelog records then commit with it, and a restore must
-        wait for them. Blocks up to ``timeout`` seconds (the open transaction commits,
-        or its timeout aborts it); raises ``RetriableError`` after that."""
-        try:
-            self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)
-        except KafkaException as e:
-            raise_for(e.args[0])
 
     def lag(self, partition: Partition) -> int | None:
         """High watermark minus read position, from cached values; None when unknown."""
@@ -320,19 +326,23 @@ class KafkaSource:
 
 
 def topic_partitions(offsets: Offsets, cuts: Cuts = NO_CUTS) -> list[TopicPartition]:
-    """``offsets`` as the client takes them, with each partition's cut in its metadata."""
-    return [
-        TopicPartition(t, p, o, metadata=f"{_CUT}{cuts[t, p]}")
-        if (t, p) in cuts
-        else TopicPartition(t, p, o)
-        for (t, p), o in offsets.items()
-    ]
+    """``offsets`` as the client takes them, each with the cut of the record there, if
+    any, in its metadata."""
+    positions = []
+    for (t, p), o in offsets.items():
+        cut = cuts.get((t, p))
+        if cut is not None and cut.offset == o:
+            text = f"group-worker calls done: {cut.calls}, record timestamp: {cut.timestamp}"
+            positions.append(TopicPartition(t, p, o, metadata=text))
+        else:
+            positions.append(TopicPartition(t, p, o))
+    return positions
 
 
-def read_cut(metadata: str | None) -> int:
-    """The calls done that an offset's ``metadata`` records; 0 for any other text (another
-    tool's, none)."""
-    if not metadata or not metadata.startswith(_CUT):
-        return 0
-    count = metadata[len(_CUT) :]
-    return int(count) if count.isascii() and count.isdigit() and len(count) < 10 else 0
+def read_cut(offset: int, metadata: str | None) -> Cut | None:
+    """The cut a committed ``offset``'s ``metadata`` records; None for none, or any other
+    text (another tool's)."""
+    found = _CUT.fullmatch(metadata or "")
+    if offset < 0 or found is None:
+        return None
+    return Cut(offset, int(found[2]), int(found[1]))

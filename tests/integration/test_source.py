@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from tests.integration.harness import BOOTSTRAP, Topics, create_topic, free_port
 from worker.errors import RetriableError, TopicError
 from worker.restore import KafkaRestorer
-from worker.source import KafkaSource, Partition
+from worker.source import Cut, KafkaSource, Partition
 
 pytestmark = pytest.mark.integration
 
@@ -214,10 +214,11 @@ def test_a_cut_commits_in_the_offsets_metadata_and_reads_back(topics: Topics) ->
     partition = (topics.input, 0)
     source = KafkaSource(BOOTSTRAP, topics.group_id, {})
     try:
-        assert source.committed([partition], 10) == {}
-        source.commit({partition: 5}, {partition: 17})
-        assert source.committed([partition], 10) == {partition: (5, 17)}
+        assert source.committed_cuts([partition], 10) == {}
+        cut = Cut(5, 1_700_000_000_000, 17)
+        source.commit({partition: 5}, {partition: cut})
+        assert source.committed_cuts([partition], 10) == {partition: cut}
         source.commit({partition: 6})
-        assert source.committed([partition], 10) == {partition: (6, 0)}
+        assert source.committed_cuts([partition], 10) == {}
     finally:
         source.close()

@@ -21,6 +21,7 @@ from worker.placement import partition_of
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Changelogs, restore_partition
 from worker.sink import Refusal
+from worker.source import Cut
 from worker.state import GROUP_STATE_FULL
 from worker.store import InMemoryStateStore, RocksDBStateStore
 from worker.times import format_time
@@ -532,7 +533,7 @@ def test_envelopes_cut_anywhere_give_what_they_give_whole(max_bytes: int, layout
     cut_up, sink, _ = make(routes)
     counts: Counter[str] = Counter()
     rest, commits = inputs, 0
-    cuts: dict[tuple[str, int], tuple[int, int]] = {}
+    cuts: dict[tuple[str, int], Cut] = {}
     while rest:
         tally = Tally()  # a commit between: the bytes count from 0
         done, calls, cut = cut_up.process_some(rest, tally, 0, max_bytes, cuts)
@@ -540,7 +541,7 @@ def test_envelopes_cut_anywhere_give_what_they_give_whole(max_bytes: int, layout
         counts.update(records=tally.records, calls=calls, **tally.outcomes)
         commits += 1
         if cut:
-            cuts = {("in", 2): (rest[done].offset(), cut)}
+            cuts = {("in", 2): Cut(rest[done].offset(), rest[done].timestamp()[1], cut)}
         rest = rest[done:]
     assert commits >= {1: 45, 500: 15, 3_000: 3, 10_000: 1}[max_bytes]  # cut, most of them
     assert [(p.topic, p.key, p.value) for p in sink.open] == [

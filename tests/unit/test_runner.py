@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from worker.pipeline import Settings
 from worker.processor import Processor, Routes
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
-from worker.source import Offsets, Partition
+from worker.source import Cut, Offsets, Partition
 from worker.store import InMemoryStateStore, RocksDBStateStore, StateStore
 
 ROUTES = Routes(input="in", enriched="out", dlq="dlq", state="state", members="members")
@@ -1163,21 +1164,22 @@ def test_a_stop_during_the_rebuild_of_a_failed_partition_ends_cleanly(tmp_path: 
 
 def test_offsets_settle_before_a_restore() -> None:
     """Assigned stateful partitions wait for a previous owner's open transaction to end
-    (``Source.settle``) before their restore reads the changelogs."""
+    (``Source.committed_cuts``) before their restore reads the changelogs."""
     source, sink = FakeSource(FakeClock(), partitions=2), FakeSink()
     restorer = FakeRestorer(sink)
     runner, _ = build(source, sink, restorer=restorer)
     steps: list[tuple[str, Any]] = []
     read = restorer.read
 
-    def settle(partitions: Sequence[Partition], timeout: float) -> None:
+    def settle(partitions: Sequence[Partition], timeout: float) -> dict[Partition, Cut]:
         steps.append(("settle", list(partitions)))
+        return {}
 
     def reading(topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         steps.append(("read", partition))
         return read(topic, partition, start)
 
-    source.settle = settle  # type: ignore[method-assign]
+    source.committed_cuts = settle  # type: ignore[method-assign]
     restorer.read = reading  # type: ignore[method-assign]
     run_for(runner, source, 2)
     assert steps[0] == ("settle", [("in", 0), ("in", 1)])
@@ -1191,7 +1193,12 @@ def test_a_long_wait_for_settled_offsets_is_logged(seconds: float) -> None:
     clock = FakeClock()
     source, sink = FakeSource(clock, partitions=1), FakeSink()
     runner, _ = build(source, sink, restorer=FakeRestorer(sink))
-    source.settle = lambda partitions, timeout: clock.sleep(seconds)  # type: ignore[method-assign]
+
+    def settle(partitions: Sequence[Partition], timeout: float) -> dict[Partition, Cut]:
+        clock.sleep(seconds)
+        return {}
+
+    source.committed_cuts = settle  # type: ignore[method-assign]
     with structlog.testing.capture_logs() as logs:
         run_for(runner, source, 2)
     settled = [e for e in logs if e["event"] == "offsets_settled"]
@@ -1247,7 +1254,7 @@ def test_a_transaction_holds_about_commit_max_bytes_of_calls() -> None:
     runner, metrics = build(source, sink, settings)
     for n in range(10):  # one group, 3 KB more of traits a call: 6 KB, 9 KB... enriched
         source.append(group_call(3 * n, traits={f"t{n}": "x" * 3_000}))
-    run_for(runner, source, 2)
+    run_for(runner, source, 3)
 
     assert sorted(message_ids(sink)) == sorted(f"m{3 * n}" for n in range(10))
     # 6 + 9 + 12 KB, then 15 + 18 KB, then each call past 20 KB alone.
@@ -1267,17 +1274,17 @@ def test_an_envelope_to_a_large_group_is_cut_into_transactions_of_commit_max_byt
     runner, metrics = build(source, sink, settings)
     source.append(group_call(0, traits={"big": "x" * 5_000}))
     source.append(cut_envelope(1, 20))
-    run_for(runner, source, 2)
+    run_for(runner, source, 3)
 
     out = [p.value for p in sink.topic("out")]
     ids = ["m0", *(f"m{n}" for n in range(1, 21) if n not in (4, 11))]
     assert sorted(message_ids(sink)) == sorted(ids)
     assert all(len(value) > 5_000 for value in out)
     assert len(sink.offset_commits) >= 5
-    for offsets, cuts in zip(sink.offset_commits[:-1], sink.offset_cuts[:-1], strict=True):
+    for offsets, cuts in zip(sink.offset_commits[:-1], sink.commit_cuts[:-1], strict=True):
         assert offsets == {("in", 0): 1}
-        assert 0 < cuts[("in", 0)] < 20
-    assert (sink.offset_commits[-1], sink.offset_cuts[-1]) == ({("in", 0): 2}, {})
+        assert 0 < cuts[("in", 0)].calls < 20
+    assert (sink.offset_commits[-1], sink.commit_cuts[-1]) == ({("in", 0): 2}, {})
     assert sample(metrics, "group_worker_records_consumed_total") == 2
     assert sample(metrics, "group_worker_calls_consumed_total") == 21
 
@@ -1346,7 +1353,7 @@ def test_a_restart_after_a_cut_goes_on_from_the_committed_cut(transactional: boo
     fail_commit(sink, 2, FatalError("fenced"))
     with pytest.raises(FatalError):
         run_for(runner, source, 4)
-    cut = source.committed_cuts[("in", 0)]
+    cut = source.offset_cuts[("in", 0)].calls
     assert source.committed_offsets == {("in", 0): 0}
     assert 10 < cut < 50
     assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(cut) if n not in (3, 10))
@@ -1363,23 +1370,128 @@ def test_a_restart_after_a_cut_goes_on_from_the_committed_cut(transactional: boo
     assert len(sink.topic("dlq")) == 1
     assert sample(metrics, "group_worker_calls_consumed_total") == 100 - cut + 1
     assert sample(metrics, "group_worker_outcomes_total", outcome="duplicate") == 0
-    assert (source.committed_offsets, source.committed_cuts) == ({("in", 0): 2}, {("in", 0): 0})
+    assert (source.committed_offsets, source.offset_cuts) == ({("in", 0): 2}, {})
 
 
-def test_a_cut_that_cannot_be_read_yet_is_read_before_the_partition_is_processed() -> None:
+def test_sigterm_ends_a_run_of_commits_inside_a_consume() -> None:
+    """A consume's records can take many commits (cut by bytes, a large group's
+    envelopes): SIGTERM ends them after the commit it comes during, within the grace
+    period, and the next start goes on from that cut."""
+    source, sink = FakeSource(FakeClock(), 1), FakeSink()
+    runner, _ = build(source, sink, CUT_SETTINGS)
+    source.append(cut_envelope(0, 100))
+    commit = sink.commit
+
+    def commit_then_stop(*args: Any, **kwargs: Any) -> Offsets:
+        runner.stop()  # SIGTERM while the first commit runs
+        return commit(*args, **kwargs)
+
+    sink.commit = commit_then_stop  # type: ignore[method-assign]
+    runner.run()
+    assert len(sink.offset_commits) == 1
+    cut = source.offset_cuts[("in", 0)].calls
+    assert 10 < cut < 50
+
+    restarted = source.restarted()
+    sink.commit = commit  # type: ignore[method-assign]
+    runner, metrics = build(restarted, sink, CUT_SETTINGS)
+    run_for(runner, restarted, 4)
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(100) if n not in (3, 10))
+    assert sample(metrics, "group_worker_calls_consumed_total") == 100 - cut
+
+
+@pytest.mark.parametrize("same_record", [True, False])
+def test_a_cut_that_cannot_be_read_yet_is_read_before_the_partition_is_processed(
+    same_record: bool,
+) -> None:
     """The committed cut of a newly assigned partition is read before its first records
     are processed; when the broker does not answer, they are read again later, not
-    processed without it (which would do its calls twice) nor lost."""
+    processed without it (which would do its calls twice) nor lost. A cut is of one
+    record: another found at its offset (its timestamp differs) is processed whole."""
     source, sink = FakeSource(FakeClock(), 1), FakeSink()
     source.append(cut_envelope(0, 100))
-    source.store_offsets({("in", 0): 0}, {("in", 0): 60})
+    stamp = source.log[("in", 0)][0].timestamp()[1] + (0 if same_record else 1)
+    source.store_offsets({("in", 0): 0}, {("in", 0): Cut(0, stamp, 60)})
     source.fail_committed = RetriableError("coordinator loading")
     runner, metrics = build(source, sink)
     run_for(runner, source, 6)
 
     assert source.committed_reads == [[("in", 0)], [("in", 0)]]
-    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(60, 100))
-    assert sample(metrics, "group_worker_calls_consumed_total") == 40
+    first = 60 if same_record else 0
+    assert sorted(message_ids(sink)) == sorted(
+        f"m{n}" for n in range(first, 100) if n not in (3, 10)
+    )
+    assert sample(metrics, "group_worker_calls_consumed_total") == 100 - first
+
+
+# Stage one of two: its partitions are not restored, their cuts are read when their
+# first records come (the repartition topic's partitions are never assigned here).
+STAGE_ONE = dataclasses.replace(
+    SETTINGS, routes=dataclasses.replace(ROUTES, repartition="rep"), commit_interval=60.0
+)
+
+
+def forwarded_ids(sink: FakeSink) -> list[str]:
+    return message_ids(sink, "rep")
+
+
+def test_a_cut_read_waits_with_no_transaction_of_ours_open() -> None:
+    """A partition assigned while a batch is open (stage one of two: no restore, no
+    settle) has its cut read only once that batch is committed: the read waits for any
+    transaction holding its offsets, and ours would outlive its timeout meanwhile."""
+    source, sink = FakeSource(FakeClock(), 2), FakeSink()
+    source.pending_assign = [("in", 0)]
+    runner, _ = build(source, sink, STAGE_ONE)
+    for n in range(20):
+        source.append(group_call(n), partition=n % 2)
+    batch_open_at_read: list[bool] = []
+    read = source.committed_cuts
+
+    def reading(partitions: Sequence[Partition], timeout: float) -> dict[Partition, Cut]:
+        batch_open_at_read.append(sink.in_transaction)
+        return read(partitions, timeout)
+
+    source.committed_cuts = reading  # type: ignore[method-assign]
+    source.on_consume = lambda n: (
+        source.rebalance([], [("in", 1)]) if n == 2 else runner.stop() if n >= 6 else None
+    )
+    runner.run()
+
+    assert source.committed_reads == [[("in", 0)], [("in", 1)]]
+    assert batch_open_at_read == [False, False]
+    assert sorted(forwarded_ids(sink)) == sorted(f"m{n}" for n in range(20))
+
+
+def test_a_cut_read_that_fails_holds_back_only_its_partition() -> None:
+    """Stage one: a partition whose cut cannot be read (the broker does not answer) is
+    read again later; the other partitions' records go on meanwhile."""
+    source, sink = FakeSource(FakeClock(), 2), FakeSink()
+    source.pending_assign = [("in", 0)]
+    runner, _ = build(source, sink, STAGE_ONE)
+    for n in range(10):
+        source.append(group_call(n), partition=0)
+
+    def step(n: int) -> None:
+        if n == 3:
+            source.rebalance([], [("in", 1)])
+            source.append(group_call(50), partition=1)
+        if 3 <= n <= 5:  # three reads fail; partition 0 goes on meanwhile
+            source.fail_committed = RetriableError("coordinator loading")
+            source.append(group_call(100 + n), partition=0)
+        if n >= 12:
+            runner.stop()
+
+    source.on_consume = step
+    with structlog.testing.capture_logs() as logs:
+        runner.run()
+
+    failed = [e["partitions"] for e in logs if e["event"] == "cut_read_failed"]
+    assert failed == [["in[1]"]] * 3
+    assert sorted(forwarded_ids(sink)) == sorted(
+        [*(f"m{n}" for n in range(10)), "m50", *(f"m{100 + n}" for n in range(3, 6))]
+    )
+    assert forwarded_ids(sink).index("m105") < forwarded_ids(sink).index("m50")
+    assert Counter(forwarded_ids(sink)).most_common(1)[0][1] == 1
 
 
 def test_a_hot_partition_cut_by_a_commit_is_read_again_behind_the_others() -> None:

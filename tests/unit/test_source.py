@@ -74,19 +74,25 @@ def test_a_consumer_told_it_is_dead_ends_the_loop(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_cut_travels_in_the_offsets_metadata_and_only_ours_is_read() -> None:
-    """A commit's cut is written into its offset's metadata and read back from it;
-    metadata another tool wrote, or none, is no cut."""
-    [cut, plain] = source.topic_partitions({("in", 0): 7, ("in", 1): 9}, {("in", 0): 1_999})
-    assert (cut.offset, plain.offset) == (7, 9)
-    assert source.read_cut(cut.metadata) == 1_999
-    assert plain.metadata is None
-    for other in (
+    """A commit's cut is written into its offset's metadata and read back from it, only
+    with the offset of the record it cut; metadata another tool wrote, or none, is no
+    cut."""
+    cut = source.Cut(7, 1_700_000_000_123, 1_999)
+    cuts = {("in", 0): cut, ("in", 1): source.Cut(8, 5, 3)}
+    [with_cut, moved_on] = source.topic_partitions({("in", 0): 7, ("in", 1): 9}, cuts)
+    assert (with_cut.offset, moved_on.offset, moved_on.metadata) == (7, 9, None)
+    assert source.read_cut(7, with_cut.metadata) == cut
+    assert source.read_cut(7, "group-worker calls done: 3, record timestamp: -1") == (7, -1, 3)
+    texts = (
         None,
         "",
         "1999",
-        "group-worker calls done: ",
-        "group-worker calls done: -3",
-        "group-worker calls done: \uff13",
-        "group-worker calls done: 99999999999",
-    ):
-        assert source.read_cut(other) == 0, other
+        "group-worker calls done: 3",
+        "group-worker calls done: -3, record timestamp: 5",
+        "group-worker calls done: \uff13, record timestamp: 5",
+        "group-worker calls done: 9999999999, record timestamp: 5",
+        "group-worker calls done: 3, record timestamp: 5 and more",
+    )
+    for other in texts:
+        assert source.read_cut(7, other) is None, other
+    assert source.read_cut(-1001, with_cut.metadata) is None
