@@ -169,9 +169,8 @@ def process_record(
         invalid = _Invalid("invalid_batch", f"batch is a JSON {_json_type(calls)}")
         return [_dead_letter(invalid, record, source, raw)]
     if len(calls) > MAX_BATCH_CALLS:
-        # Senders batch tens to hundreds of calls. An envelope is parsed again, and its
-        # calls left normalised again, after each commit cut inside it: the work grows
-        # with the square of its calls (262,000 calls of "1" fit in 512 KB).
+        # Senders batch tens to hundreds of calls; 262,000 calls of "1" fit in 512 KB,
+        # each a dead letter of its own.
         invalid = _Invalid(
             "too_large", f"the batch holds {len(calls)} calls, over the limit of {MAX_BATCH_CALLS}"
         )

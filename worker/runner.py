@@ -415,10 +415,10 @@ class Runner:
     def _process(self, records: list[SourceRecord]) -> None:
         started = self._clock.monotonic()
         while True:
-            if self._unrestored:  # (a commit below can hold a partition for a rebuild)
-                records = self._without_unrestored(records)
-            if self._cuts_unread:
+            if self._cuts_unread:  # (it may commit: before the next line)
                 records = self._read_cuts(records)
+            if self._unrestored:  # (a commit can hold a partition for a rebuild)
+                records = self._without_unrestored(records)
             if not records:
                 break
             if self._batch_opened is None:
@@ -473,7 +473,9 @@ class Runner:
         holds offsets for them (a previous owner's, until it ends), and one of ours left
         open meanwhile would outlive its timeout. When the read fails, those partitions'
         records are read again later; the others go on."""
-        unread = sorted({_position(r) for r in records} & self._cuts_unread)
+        unread = sorted(
+            {_position(r) for r in records} & self._cuts_unread - self._unrestored.keys()
+        )
         if not unread:
             return records
         try:

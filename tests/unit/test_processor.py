@@ -16,7 +16,7 @@ from worker import codec
 from worker.errors import KafkaError, TopicError
 from worker.events import Record, SourceRecord
 from worker.limits import WARNINGS_TRUNCATED, GroupBound, Limits
-from worker.pipeline import Settings
+from worker.pipeline import Settings, process_record
 from worker.placement import partition_of
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Changelogs, restore_partition
@@ -548,6 +548,32 @@ def test_envelopes_cut_anywhere_give_what_they_give_whole(max_bytes: int, layout
         (p.topic, p.key, p.value) for p in whole_sink.open
     ]
     assert counts == Counter(records=3, calls=46, **expected.outcomes)
+
+
+def test_a_record_cut_goes_on_without_being_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calls after a cut are handled from the outcomes computed before it, not by
+    parsing the envelope and normalising them again at each cut; going back to an
+    earlier cut (an abort) computes them anew."""
+    parsed: list[int] = []
+
+    def counting(record: Any, settings: Settings, arrival: int, skip: int = 0) -> Any:
+        parsed.append(skip)
+        return process_record(record, settings, arrival, skip)
+
+    monkeypatch.setattr("worker.processor.process_record", counting)
+    processor, _, _ = make()
+    [envelope] = records(codec.encode({"batch": [codec.decode(call(f"m{n}")) for n in range(30)]}))
+    cuts: dict[tuple[str, int], Cut] = {}
+    done_at = []
+    for _ in range(3):
+        done, _calls, cut = processor.process_some([envelope], Tally(), 0, 2_000, cuts)
+        assert (done, cut > 0) == (0, True)
+        done_at.append(cut)
+        cuts = {("in", 2): Cut(envelope.offset(), envelope.timestamp()[1], cut)}
+    assert parsed == [0]
+    cuts = {("in", 2): Cut(envelope.offset(), envelope.timestamp()[1], done_at[0])}
+    processor.process_some([envelope], Tally(), 0, 0, cuts)  # back to the first cut
+    assert parsed == [0, done_at[0]]
 
 
 def test_a_record_timestamp_out_of_range_is_not_a_poison_pill() -> None:
