@@ -50,7 +50,7 @@ from worker.placement import partition_of
 from worker.profile import group_snapshot
 from worker.restore import DEPLOYMENT_HEADER
 from worker.sink import Refusal, Sink
-from worker.source import NO_CUTS, Cuts
+from worker.source import NO_CUTS, Cuts, fingerprint
 from worker.state import GROUP_STATE_FULL, Applied, merge_call
 from worker.store import Changelog, StateStore
 
@@ -196,7 +196,8 @@ class Processor:
         self._placed: dict[str, int] = {}
         # The outcomes of a record's calls after the last cut in it, not handled yet
         # (by its position and the calls done): the next batch goes on with them
-        # instead of parsing the record and normalising its calls again.
+        # instead of parsing the record and normalising its calls again. Kept until
+        # used or another cut: other partitions' records may come between.
         self._rest: tuple[tuple[str | None, int, int | None, int], list[Outcome]] | None = None
 
     def process(self, records: list[SourceRecord]) -> Tally:
@@ -246,14 +247,14 @@ class Processor:
                 continue
             skip = 0
             cut = cuts.get((topic or "", partition)) if cuts else None
-            if cut and (cut.offset, cut.timestamp) == (record.offset(), record.timestamp()[1]):
+            if cut and cut.offset == record.offset() and cut.record == fingerprint(record.value()):
                 skip = cut.calls
             else:
                 tally.records += 1  # once, whatever the commits it is cut in
             arrival = arrival_ms(record, now_ms)
-            rest, self._rest = self._rest, None
+            rest = self._rest
             if skip and rest is not None and rest[0] == (topic, partition, record.offset(), skip):
-                outcomes = rest[1]
+                outcomes, self._rest = rest[1], None
             else:
                 outcomes = process_record(record, self._settings, arrival, skip)
             headers = None  # the re-keyed calls' headers, once per record (1.2 µs)

@@ -33,7 +33,7 @@ from worker.metrics import Metrics
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Changelogs, Restorer, restore_partition
 from worker.sink import Sink
-from worker.source import Cut, Partition, Source
+from worker.source import Cut, Partition, Source, fingerprint
 from worker.store import Changelog, StateStore
 
 __all__ = ["Runner", "RunnerSettings"]
@@ -445,7 +445,7 @@ class Runner:
                 record = records[done]
                 offset = record.offset() or 0
                 self._pending[_position(record)] = offset
-                self._cuts[_position(record)] = Cut(offset, record.timestamp()[1], cut)
+                self._cuts[_position(record)] = Cut(offset, fingerprint(record.value()), cut)
             self._uncommitted += calls
             if done == len(records):
                 break

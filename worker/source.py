@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
@@ -28,6 +29,7 @@ __all__ = [
     "Partition",
     "RebalanceListener",
     "Source",
+    "fingerprint",
     "read_cut",
     "topic_partitions",
 ]
@@ -39,19 +41,20 @@ Offsets = Mapping[Partition, int]
 
 class Cut(NamedTuple):
     """A record a commit cut between two of its calls (an envelope whose calls' outputs
-    outgrow a transaction): its offset and Kafka timestamp, which tell it from any other
-    record found at that offset later (a topic created again, offsets carried to another
-    cluster), and how many of its calls are done. The committed offset stays at the
-    record and its metadata says so; whoever reads the partition next skips them."""
+    outgrow a transaction): its offset and its value's ``fingerprint``, which tell it
+    from any other record found at that offset later (a topic created again, offsets
+    carried to another cluster, where they may land on a neighbour), and how many of its
+    calls are done. The committed offset stays at the record and its metadata says so;
+    whoever reads the partition next skips them."""
 
     offset: int
-    timestamp: int
+    record: str
     calls: int
 
 
 Cuts = Mapping[Partition, Cut]
 NO_CUTS: Cuts = MappingProxyType({})
-_CUT = re.compile(r"group-worker calls done: ([0-9]{1,9}), record timestamp: (-?[0-9]{1,18})")
+_CUT = re.compile(r"group-worker calls done: ([0-9]{1,9}) of record ([0-9]{1,10}-[0-9a-f]{8})")
 # How often subscribe() asks again for a topic the consumer's metadata does not show yet.
 _TOPIC_RETRY = 0.2
 
@@ -332,7 +335,7 @@ def topic_partitions(offsets: Offsets, cuts: Cuts = NO_CUTS) -> list[TopicPartit
     for (t, p), o in offsets.items():
         cut = cuts.get((t, p))
         if cut is not None and cut.offset == o:
-            text = f"group-worker calls done: {cut.calls}, record timestamp: {cut.timestamp}"
+            text = f"group-worker calls done: {cut.calls} of record {cut.record}"
             positions.append(TopicPartition(t, p, o, metadata=text))
         else:
             positions.append(TopicPartition(t, p, o))
@@ -345,4 +348,11 @@ def read_cut(offset: int, metadata: str | None) -> Cut | None:
     found = _CUT.fullmatch(metadata or "")
     if offset < 0 or found is None:
         return None
-    return Cut(offset, int(found[2]), int(found[1]))
+    return Cut(offset, found[2], int(found[1]))
+
+
+def fingerprint(value: str | bytes | None) -> str:
+    """A record value's length and CRC-32, in hex: what tells a cut record from another
+    (records of one producer batch share a timestamp)."""
+    data = value.encode() if isinstance(value, str) else value or b""
+    return f"{len(data)}-{zlib.crc32(data):08x}"

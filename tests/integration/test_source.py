@@ -215,7 +215,7 @@ def test_a_cut_commits_in_the_offsets_metadata_and_reads_back(topics: Topics) ->
     source = KafkaSource(BOOTSTRAP, topics.group_id, {})
     try:
         assert source.committed_cuts([partition], 10) == {}
-        cut = Cut(5, 1_700_000_000_000, 17)
+        cut = Cut(5, "812-0badcafe", 17)
         source.commit({partition: 5}, {partition: cut})
         assert source.committed_cuts([partition], 10) == {partition: cut}
         source.commit({partition: 6})

@@ -21,7 +21,7 @@ from worker.placement import partition_of
 from worker.processor import Processor, Routes, Tally
 from worker.restore import Changelogs, restore_partition
 from worker.sink import Refusal
-from worker.source import Cut
+from worker.source import Cut, fingerprint
 from worker.state import GROUP_STATE_FULL
 from worker.store import InMemoryStateStore, RocksDBStateStore
 from worker.times import format_time
@@ -541,7 +541,7 @@ def test_envelopes_cut_anywhere_give_what_they_give_whole(max_bytes: int, layout
         counts.update(records=tally.records, calls=calls, **tally.outcomes)
         commits += 1
         if cut:
-            cuts = {("in", 2): Cut(rest[done].offset(), rest[done].timestamp()[1], cut)}
+            cuts = {("in", 2): Cut(rest[done].offset(), fingerprint(rest[done].value()), cut)}
         rest = rest[done:]
     assert commits >= {1: 45, 500: 15, 3_000: 3, 10_000: 1}[max_bytes]  # cut, most of them
     assert [(p.topic, p.key, p.value) for p in sink.open] == [
@@ -569,9 +569,9 @@ def test_a_record_cut_goes_on_without_being_parsed_again(monkeypatch: pytest.Mon
         done, _calls, cut = processor.process_some([envelope], Tally(), 0, 2_000, cuts)
         assert (done, cut > 0) == (0, True)
         done_at.append(cut)
-        cuts = {("in", 2): Cut(envelope.offset(), envelope.timestamp()[1], cut)}
+        cuts = {("in", 2): Cut(envelope.offset(), fingerprint(envelope.value()), cut)}
     assert parsed == [0]
-    cuts = {("in", 2): Cut(envelope.offset(), envelope.timestamp()[1], done_at[0])}
+    cuts = {("in", 2): Cut(envelope.offset(), fingerprint(envelope.value()), done_at[0])}
     processor.process_some([envelope], Tally(), 0, 0, cuts)  # back to the first cut
     assert parsed == [0, done_at[0]]
 

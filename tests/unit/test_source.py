@@ -77,21 +77,27 @@ def test_a_cut_travels_in_the_offsets_metadata_and_only_ours_is_read() -> None:
     """A commit's cut is written into its offset's metadata and read back from it, only
     with the offset of the record it cut; metadata another tool wrote, or none, is no
     cut."""
-    cut = source.Cut(7, 1_700_000_000_123, 1_999)
-    cuts = {("in", 0): cut, ("in", 1): source.Cut(8, 5, 3)}
+    cut = source.Cut(7, source.fingerprint(b'{"batch": []}'), 1_999)
+    assert cut.record == "13-9b23f39b"
+    cuts = {("in", 0): cut, ("in", 1): source.Cut(8, "5-00000000", 3)}
     [with_cut, moved_on] = source.topic_partitions({("in", 0): 7, ("in", 1): 9}, cuts)
     assert (with_cut.offset, moved_on.offset, moved_on.metadata) == (7, 9, None)
     assert source.read_cut(7, with_cut.metadata) == cut
-    assert source.read_cut(7, "group-worker calls done: 3, record timestamp: -1") == (7, -1, 3)
+    assert source.read_cut(7, "group-worker calls done: 3 of record 0-00000000") == (
+        7,
+        source.fingerprint(None),
+        3,
+    )
     texts = (
         None,
         "",
         "1999",
         "group-worker calls done: 3",
-        "group-worker calls done: -3, record timestamp: 5",
-        "group-worker calls done: \uff13, record timestamp: 5",
-        "group-worker calls done: 9999999999, record timestamp: 5",
-        "group-worker calls done: 3, record timestamp: 5 and more",
+        "group-worker calls done: -3 of record 5-0000000a",
+        "group-worker calls done: \uff13 of record 5-0000000a",
+        "group-worker calls done: 9999999999 of record 5-0000000a",
+        "group-worker calls done: 3 of record 5-0000000A",
+        "group-worker calls done: 3 of record 5-0000000a and more",
     )
     for other in texts:
         assert source.read_cut(7, other) is None, other
