@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Protocol
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
-from worker.errors import FatalError, RetriableError, TopicError
+from worker.errors import FatalError, KafkaError, RetriableError, TopicError
 from worker.events import SourceRecord
 from worker.kafka import client_config, list_topics, raise_for, translate
 
@@ -256,12 +256,16 @@ class KafkaSource:
         self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
 
     def seek(self, offsets: Offsets) -> None:
-        """Move the read position of assigned partitions back (or forward) to ``offsets``."""
+        """Move the read position of assigned partitions back (or forward) to ``offsets``.
+
+        Raises ``KafkaError``, never retriable: records consumed past ``offsets`` would
+        be lost to a loop that went on (it reads after them, then commits beyond them);
+        the next loop reads from the committed offsets."""
         for tp in topic_partitions(offsets):
             try:
                 self._consumer.seek(tp)
             except KafkaException as e:
-                raise RetriableError(f"seek {tp.topic}[{tp.partition}] failed: {e}") from None
+                raise KafkaError(f"seek {tp.topic}[{tp.partition}] failed: {e}") from None
 
     def group_metadata(self) -> Any:
         """The consumer group metadata a transactional producer commits offsets with."""

@@ -1516,6 +1516,33 @@ def test_a_hot_partition_cut_by_a_commit_is_read_again_behind_the_others() -> No
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 801
 
 
+def test_a_read_again_that_fails_ends_the_loop_and_loses_nothing() -> None:
+    """After a commit cut a consumed batch, the rest of a hot partition is read again
+    behind the others; when that seek fails the loop ends (a loop that went on read
+    after the rest and committed beyond it), and the next reads from the commit."""
+    source, sink = FakeSource(FakeClock(), 2), FakeSink()
+    settings = dataclasses.replace(
+        SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
+    )
+    runner, _ = build(source, sink, settings)
+    for r in range(8):
+        source.append(envelope(r), partition=0)
+    source.append(group_call(900), partition=1)
+
+    def failing(offsets: Offsets) -> None:
+        raise KafkaError("seek in[0] failed: Local: Erroneous state")
+
+    source.seek = failing  # type: ignore[method-assign]
+    with pytest.raises(KafkaError, match="seek"):
+        run_for(runner, source, 6)
+    assert len(message_ids(sink)) < 801
+
+    restarted = source.restarted()
+    runner, _ = build(restarted, sink, settings)
+    run_for(runner, restarted, 12)
+    assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in [*range(800), 900])
+
+
 @pytest.mark.parametrize("other_lag", [0, None])
 def test_a_hot_partition_is_read_again_only_when_another_may_be_waiting(
     other_lag: int | None,

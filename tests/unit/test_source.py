@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError as ClientError
+from confluent_kafka import KafkaException
 
 from worker import source
-from worker.errors import FatalClientError
+from worker.errors import FatalClientError, KafkaError, RetriableError
 from worker.source import KafkaSource
 
 
@@ -102,3 +103,21 @@ def test_a_cut_travels_in_the_offsets_metadata_and_only_ours_is_read() -> None:
     for other in texts:
         assert source.read_cut(7, other) is None, other
     assert source.read_cut(-1001, with_cut.metadata) is None
+
+
+def test_a_seek_that_fails_is_not_retriable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed seek (reading records again) ends the loop: one that went on would read
+    after the records it meant to read again and commit beyond them."""
+
+    class Consumer:
+        def __init__(self, config: Any) -> None:
+            pass
+
+        def seek(self, partition: Any) -> None:
+            raise KafkaException(ClientError(ClientError._STATE, "Erroneous state"))
+
+    monkeypatch.setattr(source, "Consumer", Consumer)
+    consumer = KafkaSource("127.0.0.1:1", "g", {})
+    with pytest.raises(KafkaError, match=r"seek in\[0\] failed") as failed:
+        consumer.seek({("in", 0): 5})
+    assert not isinstance(failed.value, RetriableError)
