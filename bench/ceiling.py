@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.generator import group_id_of
 from worker.clock import SystemClock
@@ -40,7 +41,7 @@ from worker.processor import Processor, Routes, Tally
 from worker.restore import Entry
 from worker.runner import Runner, RunnerSettings
 from worker.sink import KafkaSink, Sink
-from worker.source import Cuts, KafkaSource
+from worker.source import KafkaSource
 from worker.store import Changelog, ChangelogOffsets, ChangelogRecord, InMemoryStateStore
 
 __all__ = ["PassThrough", "WorkerShaped", "main"]
@@ -78,12 +79,7 @@ class PassThrough(Processor):
         self.runner: Runner | None = None
 
     def process_some(
-        self,
-        records: list[SourceRecord],
-        tally: Tally,
-        budget: int = 0,
-        max_bytes: int = 0,
-        cuts: Cuts | None = None,
+        self, records: list[SourceRecord], tally: Tally, *_: Any, **__: Any
     ) -> tuple[int, int, int]:
         self._started()
         produce, output = self._out_sink.produce, self._output
@@ -147,12 +143,7 @@ class WorkerShaped(PassThrough):
         super().__init__(routes, sink, routes.enriched, expect, self._changes)
 
     def process_some(
-        self,
-        records: list[SourceRecord],
-        tally: Tally,
-        budget: int = 0,
-        max_bytes: int = 0,
-        cuts: Cuts | None = None,
+        self, records: list[SourceRecord], tally: Tally, *_: Any, **__: Any
     ) -> tuple[int, int, int]:
         self._started()
         produce, routes, changes = self._out_sink.produce, self._routes, self._changes.records

@@ -86,6 +86,13 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def outcomes(metrics: Metrics) -> dict[str, float]:
+    return {
+        k: sample(metrics, "group_worker_outcomes_total", outcome=k)
+        for k in ("enriched", "skipped", "dead_letter", "duplicate")
+    }
+
+
 def message_ids(sink: FakeSink, topic: str = "out") -> list[str]:
     return [codec.decode(p.value)["messageId"] for p in sink.topic(topic)]
 
@@ -108,11 +115,7 @@ def test_every_call_ends_in_one_outcome_and_offsets_commit(transactional: bool) 
     assert source.committed_offsets == {("in", 0): 8}
     if transactional:
         assert sink.offset_commits[-1] == {("in", 0): 8}
-    outcomes = {
-        k: sample(metrics, "group_worker_outcomes_total", outcome=k)
-        for k in ("enriched", "skipped", "dead_letter", "duplicate")
-    }
-    assert outcomes == {"enriched": 6, "skipped": 2, "dead_letter": 1, "duplicate": 0}
+    assert outcomes(metrics) == {"enriched": 6, "skipped": 2, "dead_letter": 1, "duplicate": 0}
     assert sample(metrics, "group_worker_calls_consumed_total") == 9
     assert sample(metrics, "group_worker_records_consumed_total") == 8
     assert sample(metrics, "group_worker_dead_letters_total", reason="invalid_json") == 1
@@ -1332,11 +1335,7 @@ def test_an_abort_after_a_cut_replays_only_the_calls_after_it() -> None:
     assert len(sink.offset_commits) >= 3  # cut, aborted, the replay's
     assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(100) if n not in (3, 10))
     assert len(sink.topic("dlq")) == 1
-    outcomes = {
-        k: sample(metrics, "group_worker_outcomes_total", outcome=k)
-        for k in ("enriched", "skipped", "dead_letter", "duplicate")
-    }
-    assert outcomes == {"enriched": 98, "skipped": 1, "dead_letter": 1, "duplicate": 0}
+    assert outcomes(metrics) == {"enriched": 98, "skipped": 1, "dead_letter": 1, "duplicate": 0}
     assert sample(metrics, "group_worker_calls_consumed_total") == 100
     assert sample(metrics, "group_worker_records_consumed_total") == 1
     assert states(sink)["g0"]["eventCount"] == 98
