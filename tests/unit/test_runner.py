@@ -1494,15 +1494,18 @@ def test_a_cut_read_that_fails_holds_back_only_its_partition() -> None:
     assert Counter(forwarded_ids(sink)).most_common(1)[0][1] == 1
 
 
+# Small consumes, commits by a budget of 250 calls only: envelopes of 100 cut batches.
+HOT_SETTINGS = dataclasses.replace(
+    SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
+)
+
+
 def test_a_hot_partition_cut_by_a_commit_is_read_again_behind_the_others() -> None:
     """A consumed batch cut by commit_max_records (one partition's envelopes) reads its
     rest again, so that records of other partitions queued behind it are processed
     next, not after the whole prefetch of the hot one."""
     source, sink = FakeSource(FakeClock(), 2), FakeSink()
-    settings = dataclasses.replace(
-        SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
-    )
-    runner, metrics = build(source, sink, settings)
+    runner, metrics = build(source, sink, HOT_SETTINGS)
     for r in range(8):  # the hot partition: 8 envelopes of 100 calls
         source.append(envelope(r), partition=0)
     source.append(group_call(900), partition=1)
@@ -1520,10 +1523,7 @@ def test_a_read_again_that_fails_ends_the_loop_and_loses_nothing() -> None:
     behind the others; when that seek fails the loop ends (a loop that went on read
     after the rest and committed beyond it), and the next reads from the commit."""
     source, sink = FakeSource(FakeClock(), 2), FakeSink()
-    settings = dataclasses.replace(
-        SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
-    )
-    runner, _ = build(source, sink, settings)
+    runner, _ = build(source, sink, HOT_SETTINGS)
     for r in range(8):
         source.append(envelope(r), partition=0)
     source.append(group_call(900), partition=1)
@@ -1537,7 +1537,7 @@ def test_a_read_again_that_fails_ends_the_loop_and_loses_nothing() -> None:
     assert len(message_ids(sink)) < 801
 
     restarted = source.restarted()
-    runner, _ = build(restarted, sink, settings)
+    runner, _ = build(restarted, sink, HOT_SETTINGS)
     run_for(runner, restarted, 12)
     assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in [*range(800), 900])
 
@@ -1550,10 +1550,7 @@ def test_a_hot_partition_is_read_again_only_when_another_may_be_waiting(
     (a read again would fetch it anew for nothing); a partition whose lag is unknown
     (nothing read from it since its assignment) may have records queued behind it."""
     source, sink = FakeSource(FakeClock(), 2), FakeSink()
-    settings = dataclasses.replace(
-        SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
-    )
-    runner, _ = build(source, sink, settings)
+    runner, _ = build(source, sink, HOT_SETTINGS)
     for r in range(4):
         source.append(envelope(r), partition=0)
     seeks: list[dict[Partition, int]] = []
