@@ -10,7 +10,17 @@ from worker.errors import AbortableError, KafkaError, RetriableError
 from worker.events import Record, SourceRecord
 from worker.restore import Entry
 from worker.sink import Headers, Refusal
-from worker.source import NO_CUTS, Cut, Cuts, Offsets, Partition, RebalanceListener, Source
+from worker.source import (
+    NO_CUTS,
+    Cut,
+    Cuts,
+    Offsets,
+    Partition,
+    RebalanceListener,
+    Source,
+    read_cut,
+    topic_partitions,
+)
 
 __all__ = ["FakeClock", "FakeRestorer", "FakeSink", "FakeSource", "Produced"]
 
@@ -32,6 +42,17 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def metadata_cuts(offsets: Offsets, cuts: Cuts) -> dict[Partition, Cut]:
+    """The cuts a commit of ``offsets`` leaves in their metadata, through the text the
+    worker writes there and reads back."""
+    found = {}
+    for tp in topic_partitions(offsets, cuts):
+        cut = read_cut(tp.offset, tp.metadata)
+        if cut is not None:
+            found[tp.topic, tp.partition] = cut
+    return found
 
 
 class FakeSource:
@@ -114,12 +135,9 @@ class FakeSource:
     def store_offsets(self, offsets: Offsets, cuts: Cuts = NO_CUTS) -> None:
         """What a commit of ``offsets`` leaves in the group, each with its metadata."""
         self.committed_offsets.update(offsets)
-        for partition, offset in offsets.items():
-            cut = cuts.get(partition)
-            if cut is not None and cut.offset == offset:
-                self.offset_cuts[partition] = cut
-            else:
-                self.offset_cuts.pop(partition, None)
+        for partition in offsets:
+            self.offset_cuts.pop(partition, None)
+        self.offset_cuts.update(metadata_cuts(offsets, cuts))
 
     def committed_cuts(
         self, partitions: Sequence[Partition], timeout: float
@@ -272,7 +290,7 @@ class FakeSink:
         if self.transactional:
             # The transaction commits the offsets to the group, as the broker does.
             self.offset_commits.append(dict(offsets))
-            self.commit_cuts.append({p: c for p, c in cuts.items() if offsets.get(p) == c.offset})
+            self.commit_cuts.append(metadata_cuts(offsets, cuts))
             if isinstance(source, FakeSource):
                 source.store_offsets(offsets, cuts)
             self.in_transaction = False

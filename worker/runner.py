@@ -487,8 +487,9 @@ class Runner:
             self._learn_cuts(self._source.committed_cuts(unread, _SETTLE_TIMEOUT), unread)
         except RetriableError as e:
             log.warning("cut_read_failed", partitions=_names(unread), error=str(e))
-            self._read_again([r for r in records if _position(r) in self._cuts_unread])
-            return [r for r in records if _position(r) not in self._cuts_unread]
+            held = set(unread)
+            self._read_again([r for r in records if _position(r) in held])
+            return [r for r in records if _position(r) not in held]
         return records
 
     def _learn_cuts(self, cuts: Mapping[Partition, Cut], partitions: Iterable[Partition]) -> None:
