@@ -195,24 +195,8 @@ def run_service(config: Config) -> int:
         input=config.topics.input,
         guarantee=config.worker.processing_guarantee,
     )
-    budget = config.worker.shutdown_timeout_seconds + _SHUTDOWN_MARGIN
-    deadline: threading.Timer | None = None
-    waiting = True  # for the brokers: a signal ends the wait, once
-
-    def on_signal(signum: int, _: Any) -> None:
-        nonlocal deadline, waiting
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        if supervisor is None:
-            if waiting:
-                waiting = False
-                raise _Stopped
-            return  # a second signal, or one while the process ends
-        supervisor.stop()
-        if deadline is None:  # a second signal keeps the first one's deadline
-            deadline = _exit_after(budget)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    shutdown = Shutdown(config.worker.shutdown_timeout_seconds + _SHUTDOWN_MARGIN)
+    shutdown.install()
     try:
         layout = await_topics(config)  # (2)
         limits, bound = _limits(config, layout)
@@ -223,7 +207,7 @@ def run_service(config: Config) -> int:
         state = claim(Path(config.worker.state_dir), config.worker.group_id)  # (3)
         log.info("state_dir_claimed", path=str(state.path))
         try:
-            supervisor = Supervisor(
+            supervisor = shutdown.supervisor = Supervisor(
                 lambda: build_runner(
                     config, metrics, clock, instance, limits, bound, state.path, partitions
                 ),
@@ -236,7 +220,7 @@ def run_service(config: Config) -> int:
         log.info("worker_stopped")
         return 0
     finally:
-        waiting = False
+        shutdown.finished()
         server.shutdown()
 
 
@@ -270,22 +254,56 @@ def _limits(config: Config, layout: Layout) -> tuple[Limits, GroupBound]:
     return limits, bound
 
 
-def _exit_after(seconds: float) -> threading.Timer:
-    """End the process in ``seconds`` unless it has ended by then: a final commit stuck
-    on an unreachable broker (each transactional call retried, each waiting its
-    timeout) would otherwise run into the orchestrator's SIGKILL. Nothing committed is
-    lost: the open transaction is aborted by the broker or fenced by the next start, and
-    its records are read again."""
+class Shutdown:
+    """What SIGTERM and SIGINT do to ``run_service``: stop its ``supervisor``, or end the
+    wait for the brokers while there is none (``_Stopped``); and end the process with 1
+    when it has not finished ``budget`` seconds after the first signal.
 
-    def give_up() -> None:
-        log.error("shutdown_timed_out", seconds=seconds)
-        sys.stderr.flush()
-        os._exit(1)
+    Python runs the handler in the main thread between two of its bytecodes, maybe while
+    that thread holds a lock: a log line's, half written to a full pipe. So the handler
+    takes no lock and writes nothing (a log line there waited for ever on the lock its
+    own thread held). A thread of its own learns of the signal from Python's wakeup file
+    descriptor, written when the signal comes even while the main thread is inside a
+    client call; it logs the signal and keeps the deadline. A final commit stuck on an
+    unreachable broker would otherwise run into the orchestrator's SIGKILL. Nothing
+    committed is lost at the deadline: the open transaction is aborted by the broker or
+    fenced by the next start, and its records are read again.
+    """
 
-    timer = threading.Timer(seconds, give_up)
-    timer.daemon = True
-    timer.start()
-    return timer
+    def __init__(self, budget: float) -> None:
+        self.supervisor: Supervisor | None = None
+        self._budget = budget
+        self._waiting = True  # for the brokers: a signal ends the wait, once
+        self._finished = threading.Event()
+
+    def install(self) -> None:
+        """Take SIGTERM and SIGINT, from the main thread."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read,), name="signals", daemon=True).start()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def finished(self) -> None:
+        """The process ends on its own: no deadline any more, and a signal changes nothing."""
+        self._waiting = False
+        self._finished.set()
+
+    def _on_signal(self, *_: Any) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()  # sets flags, nothing more
+        elif self._waiting:
+            self._waiting = False
+            raise _Stopped
+
+    def _watch(self, read: int) -> None:
+        signum = os.read(read, 1)[0]  # the first signal; later ones keep its deadline
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        if not self._finished.wait(self._budget):
+            log.error("shutdown_timed_out", seconds=self._budget)
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def tune_allocator() -> None:

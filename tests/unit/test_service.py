@@ -348,3 +348,54 @@ def test_an_http_host_that_is_no_host_name_is_named(host: str) -> None:
     config = load_config(None, {"GROUP_WORKER_HTTP_HOST": host, "GROUP_WORKER_HTTP_PORT": "0"})
     with pytest.raises(ConfigError, match=r"^config: http\.host .* is not a host name"):
         service._serve(config, Metrics(), Probes(lambda: True, lambda: True))
+
+
+# The main thread logs until its loop is stopped; its stderr is a pipe nobody reads yet, so
+# it soon blocks in a write, inside the log line's lock, and the signal comes there.
+_LOGGING_WHEN_SIGNALLED = """
+import sys
+from worker.logs import configure_logging, get_logger
+from worker.service import Shutdown
+
+class Loop:
+    stopped = False
+    def stop(self):
+        Loop.stopped = True
+
+configure_logging()
+shutdown = Shutdown(budget=60)
+shutdown.install()
+shutdown.supervisor = Loop()
+log = get_logger()
+print("logging", flush=True)
+while not Loop.stopped:
+    log.info("filler", text="x" * 1000)
+shutdown.finished()
+log.info("loop_stopped")
+"""
+
+
+def test_a_signal_while_the_main_thread_writes_a_log_line_stops_the_loop() -> None:
+    """SIGTERM while the main thread is inside a log line's write (a pipe the log
+    collector is slow to read): the loop is stopped and the process ends once its
+    lines are read; the signal is logged. The handler logged before, and waited for
+    ever on the lock its own thread held."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _LOGGING_WHEN_SIGNALLED],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == b"logging\n"
+        time.sleep(0.5)  # a 64 KiB pipe takes about 60 lines: the writer is blocked
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        _, err = worker.communicate(timeout=10)
+        events = [json.loads(line)["event"] for line in err.splitlines()]
+        assert worker.returncode == 0
+        assert events.count("shutdown_requested") == 1
+        assert events[-1] == "loop_stopped"
+    finally:
+        worker.kill()
+        worker.wait()
