@@ -71,6 +71,9 @@ _WORKER_OWNED = {
     "enable.auto.offset.store": "from worker.processing_guarantee",
     "partition.assignment.strategy": "(cooperative-sticky, none under group.protocol consumer)",
     "enable.partition.eof": "(a restore reads each changelog to the end it reports)",
+    # Stage one's re-keyed calls are placed by it: another one would spread a group's
+    # calls over partitions, each merging a state of its own.
+    "partitioner": "(murmur2_random, the Java client's: each group on one partition)",
     # A new deployment reads its input from the start (and a restore its changelogs):
     # "latest" skipped every call sent before it joined, with no error.
     "auto.offset.reset": "(earliest: nothing sent before a deployment starts is skipped)",
@@ -296,6 +299,11 @@ def _validate(config: Config, named: Callable[[str], str]) -> None:
     ):
         if not text:
             raise ConfigError(f"config: {named(name)} must not be empty")
+    if not config.http.host.strip():  # Python's server would listen on every interface
+        raise ConfigError(
+            f"config: {named('http.host')} must not be empty (0.0.0.0 listens on every "
+            "interface, 127.0.0.1 on this machine only)"
+        )
     if "\0" in config.worker.state_dir:
         raise ConfigError(f"config: {named('worker.state_dir')} must not hold a NUL character")
     region = config.worker.phone_default_region

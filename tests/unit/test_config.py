@@ -339,6 +339,18 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
             "kafka.consumer.auto.offset.reset is set by the worker (earliest",
             id="owned-offset-reset",
         ),
+        pytest.param(  # "random": one group's re-keyed calls on several partitions
+            "",
+            {"GROUP_WORKER_KAFKA_PRODUCER_PARTITIONER": "random"},
+            "kafka.producer.partitioner is set by the worker (murmur2_random",
+            id="owned-partitioner",
+        ),
+        pytest.param(  # Python's server then listens on every interface
+            "",
+            {"GROUP_WORKER_HTTP_HOST": " "},
+            "http.host (GROUP_WORKER_HTTP_HOST) must not be empty (0.0.0.0 listens on every",
+            id="empty-http-host",
+        ),
         pytest.param(  # beat kafka.bootstrap_servers and its variable, unseen
             "[kafka]\n'bootstrap.servers' = '127.0.0.1:2'\n",
             {},
