@@ -118,8 +118,11 @@ def check_properties(bootstrap_servers: str, properties: Mapping[str, str]) -> N
             settings["group.id"] = "group-worker-check"
         if role == "producer":  # as the worker's are: acks=0 is refused here, not at run
             settings["enable.idempotence"] = True
+        config = client_config(bootstrap_servers, properties, role, settings)
+        if role == "producer":  # read by the worker only once the brokers answer
+            producer_max_bytes(config)
         try:
-            client = kind(client_config(bootstrap_servers, properties, role, settings))
+            client = kind(config)
         except KafkaException as e:
             error = " ".join(e.args[0].str().split())  # one line: librdkafka's may be two
             raise ConfigError(f"config: kafka: {error} (librdkafka, for the {role})") from None

@@ -214,6 +214,8 @@ def test_a_message_max_bytes_librdkafka_could_read_otherwise_is_refused(value: s
         ({"producer.max.in.flight": "10"}, "`max.in.flight` must be set <= 5"),
         # librdkafka's range errors end in a newline: the line stays one.
         ({"producer.linger.ms": "-5"}, "outside allowed range 0..900000 (librdkafka, for the"),
+        # Read by the worker once the brokers answered: it waited for them with this.
+        ({"message.max.bytes": "01000000"}, "kafka.message.max.bytes must be a decimal"),
     ],
 )
 def test_properties_librdkafka_refuses_are_a_one_line_config_error(
