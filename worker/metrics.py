@@ -51,7 +51,8 @@ class Metrics:
         self.skipped = Counter(
             f"{_PREFIX}_skipped_calls", "Non-group calls skipped, by type", ["type"], registry=r
         )
-        # Dead letters by reason code.
+        # Dead letters by reason code: calls', and the state or membership records a
+        # commit dead-letters (not calls' outcomes: outcomes{dead_letter} counts calls).
         self.dead_letters = Counter(
             f"{_PREFIX}_dead_letters", "Dead letters by reason", ["reason"], registry=r
         )
