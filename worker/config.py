@@ -373,6 +373,12 @@ def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str
         elif not value.isascii() and not _is_utf8(value):  # bytes the OS could not decode
             raise ConfigError(f"config: {name} is not UTF-8 text")
         if section == "kafka" and key != "bootstrap_servers":
+            # Else a librdkafka property, "bootstrap.server", which librdkafka refuses
+            # without naming the variable.
+            if hint := _did_you_mean(
+                key.upper(), ["BOOTSTRAP_SERVERS"], f"{_ENV_PREFIX}KAFKA_{{}}"
+            ):
+                raise ConfigError(f"config: unknown environment variable {name}{hint}")
             key = key.replace("_", ".")
         previous = raw.setdefault(section, {}).get(key)
         if isinstance(previous, _Text):  # which wins would depend on the environment's order

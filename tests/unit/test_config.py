@@ -375,6 +375,13 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         pytest.param(
             "", {"GROUP_WORKER_NOPE_KEY": "x"}, "GROUP_WORKER_NOPE_KEY", id="bad-env-section"
         ),
+        pytest.param(  # else the librdkafka property bootstrap.server, refused unnamed
+            "",
+            {"GROUP_WORKER_KAFKA_BOOTSTRAP_SERVER": "broker:9092"},
+            "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVER (did you mean "
+            "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS?)",
+            id="misspelt-bootstrap-env",
+        ),
         pytest.param(
             "",
             {"GROUP_WORKER_WORKER_X_FILE": "/nonexistent/x"},
