@@ -183,7 +183,7 @@ def test_tail_refuses_a_bound_it_cannot_keep(
 @pytest.mark.parametrize(
     ("command", "variable", "value", "why"),
     [
-        (["run"], "GROUP_WORKER_KAFKA_BOOTSTRAP_SERVER", "x:1", '"bootstrap.server"'),
+        (["run"], "GROUP_WORKER_KAFKA_CLIENT_IDD", "x", '"client.idd"'),
         (["run"], "GROUP_WORKER_KAFKA_SECURITY_PROTOCOL", "BOGUS", '"security.protocol"'),
         (["run"], "GROUP_WORKER_KAFKA_CONSUMER_FETCH_MAX_BYTES", "12", "fetch.max.bytes"),
         (["tail", "t"], "GROUP_WORKER_KAFKA_LINGER_MS", "soon", "queue.buffering.max.ms"),
