@@ -274,6 +274,8 @@ class Shutdown:
         self.supervisor: Supervisor | None = None
         self._budget = budget
         self._waiting = True  # for the brokers: a signal ends the wait, once
+        self._signalled = False
+        self._logged = threading.Event()  # the signal's line is written
         self._finished = threading.Event()
 
     def install(self) -> None:
@@ -286,11 +288,15 @@ class Shutdown:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def finished(self) -> None:
-        """The process ends on its own: no deadline any more, and a signal changes nothing."""
+        """The process ends on its own: no deadline any more, and a signal changes nothing.
+        The signal's log line, if one came, is written first (up to a second)."""
         self._waiting = False
         self._finished.set()
+        if self._signalled:
+            self._logged.wait(1.0)
 
     def _on_signal(self, *_: Any) -> None:
+        self._signalled = True
         if self.supervisor is not None:
             self.supervisor.stop()  # sets flags, nothing more
         elif self._waiting:
@@ -300,6 +306,7 @@ class Shutdown:
     def _watch(self, read: int) -> None:
         signum = os.read(read, 1)[0]  # the first signal; later ones keep its deadline
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        self._logged.set()
         if not self._finished.wait(self._budget):
             log.error("shutdown_timed_out", seconds=self._budget)
             sys.stderr.flush()
