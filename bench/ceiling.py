@@ -183,6 +183,9 @@ class _NoRestore:
     def topic_ids(self, topics: Sequence[str]) -> list[str]:
         return ["" for _ in topics]
 
+    def release(self, partition: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -330,6 +330,7 @@ class FakeRestorer:
     def __init__(self, sink: FakeSink) -> None:
         self.sink = sink
         self.reads: list[tuple[str, int]] = []
+        self.released: list[int] = []
 
     def read(self, topic: str, partition: int, start: int = 0) -> Iterator[Entry]:
         self.reads.append((topic, partition))
@@ -343,6 +344,9 @@ class FakeRestorer:
 
     def topic_ids(self, topics: Sequence[str]) -> list[str]:
         return [f"{self.sink.cluster}/{topic}" for topic in topics]
+
+    def release(self, partition: int) -> None:
+        self.released.append(partition)
 
     def close(self) -> None:
         pass

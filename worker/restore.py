@@ -65,6 +65,11 @@ class Restorer(Protocol):
         """Each topic's id: unique to one creation of one topic, in one cluster."""
         ...
 
+    def release(self, partition: int) -> None:
+        """Let go of a read closed before its end in ``partition`` of any topic (its
+        restore is revoked): what it fetched ahead is dropped."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -328,6 +333,10 @@ class KafkaRestorer:
         except BaseException:
             self._consumer.unassign()
             raise
+
+    def release(self, partition: int) -> None:
+        if self._parked is not None and self._parked[1] == partition:
+            self._unpark()
 
     def _unpark(self) -> None:
         if self._parked is not None:

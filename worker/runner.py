@@ -730,8 +730,10 @@ class Runner:
             self._cuts.pop(partition, None)
             self._committed_cuts.pop(partition, None)
             self._cuts_unread.discard(partition)
-            self._unrestored.pop(partition, None)
+            restoring = self._unrestored.pop(partition, None) is not None
             if partition[0] == self._settings.routes.stateful_input:
+                if restoring:  # a read it left parked holds a fetch of up to 12 MiB
+                    self._restorer.release(partition[1])
                 self._store.drop(partition[1])
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(*map(str, partition))

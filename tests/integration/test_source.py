@@ -172,6 +172,30 @@ def test_a_restore_read_closed_early_goes_on_where_it_stopped(topics: Topics) ->
         restorer.close()
 
 
+def test_a_read_closed_early_is_let_go_when_its_partition_is_released(topics: Topics) -> None:
+    """A restore read closed before its end stays assigned, holding what it fetched
+    ahead, until its partition is released (revoked in the middle of its restore)."""
+    create_topic(topics.state, 2)
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 20})
+    for n in range(2_000):
+        producer.produce(topics.state, b"{}", b"k%d" % n, partition=0)
+    assert producer.flush(30) == 0
+    restorer = KafkaRestorer(BOOTSTRAP, topics.group_id, {})
+    try:
+        reader = restorer.read(topics.state, 0)
+        next(reader)
+        reader.close()  # type: ignore[attr-defined]
+        parked = [(tp.topic, tp.partition) for tp in restorer._consumer.assignment()]
+        assert parked == [(topics.state, 0)]
+        restorer.release(1)
+        assert len(restorer._consumer.assignment()) == 1
+        restorer.release(0)
+        assert restorer._consumer.assignment() == []
+        assert [entry[0] for entry in restorer.read(topics.state, 0, 1_998)] == [1_998, 1_999]
+    finally:
+        restorer.close()
+
+
 def test_every_partition_of_a_backlog_is_fetched_while_the_prefetch_is_full(
     topics: Topics,
 ) -> None:

@@ -980,6 +980,7 @@ def test_a_partition_revoked_during_its_restore_goes_on_from_there_when_it_retur
     source.on_consume = move
     runner.run()
     assert restorer.starts[:3] == [0, 10_000, 20_000]  # the third after the revoke
+    assert restorer.released == [0]  # what its parked read fetched ahead is let go
     assert message_ids(sink) == ["m1"]
 
 
