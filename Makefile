@@ -62,7 +62,7 @@ lock: $(UV) ## re-pin requirements/*.txt (versions and hashes) from pyproject.to
 		pyproject.toml - -o requirements/bench.txt
 	$(UV_COMPILE) requirements/peer.in -o requirements/peer.txt
 
-kafka-up: ## start the local Kafka broker on 127.0.0.1:9092 (fetches the jars once)
+kafka-up: ## start the local Kafka broker on 127.0.0.1:9092, or KAFKA_PORT (fetches the jars once)
 	@bash $(KAFKA) up
 
 kafka-down: ## stop the local Kafka broker
@@ -86,7 +86,7 @@ test: prereqs-test venv ## set up, start a test broker, run every test, stop the
 	if [ $$started = 1 ]; then KAFKA_PORT=$(TEST_KAFKA_PORT) bash $(KAFKA) down; fi; \
 	exit $$rc
 
-test-unit: venv ## run the unit tests only (seconds, no broker)
+test-unit: venv ## run the unit tests only (no broker)
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: venv ## ruff lint and format check
@@ -96,7 +96,7 @@ lint: venv ## ruff lint and format check
 typecheck: venv ## mypy --strict on worker/ and tests/
 	$(BIN)/mypy
 
-check: lint typecheck test ## everything CI runs
+check: lint typecheck test ## lint, types and every test (CI also runs deploy-check)
 
 # Benchmark (bench/; never part of `make test`): a broker of its own on BENCH_KAFKA_PORT,
 # stopped afterwards if the benchmark started it. BENCH_ARGS adds `python -m bench` flags.

@@ -333,7 +333,8 @@ def _validate(config: Config, named: Callable[[str], str]) -> None:
                 f"({_TOPIC_RULE})"
             )
         if topic in seen:
-            raise ConfigError(f"config: topics.{key} and topics.{seen[topic]} are both {topic!r}")
+            first, second = named(f"topics.{seen[topic]}"), named(f"topics.{key}")
+            raise ConfigError(f"config: {second} and {first} are both {topic!r}")
         seen[topic] = key
 
 
@@ -485,10 +486,13 @@ def _librdkafka_value(key: str, value: Any) -> str:
     scope = next((s for s in _CLIENT_SCOPES if key.startswith(s)), "")
     name = key.removeprefix(scope).removeprefix("topic.")
     if name in _PYTHON_CLIENT_KEYS:
-        raise ConfigError(f"config: kafka.{key} is not a librdkafka property the worker passes on")
+        raise ConfigError(
+            f"config: {_named(f'kafka.{key}', value)} is not a librdkafka property the "
+            "worker passes on"
+        )
     owner = _WORKER_OWNED.get(_ALIASES.get(name, name))
     if owner is not None:
-        raise ConfigError(f"config: kafka.{key} is set by the worker {owner}")
+        raise ConfigError(f"config: {_named(f'kafka.{key}', value)} is set by the worker {owner}")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float | str):

@@ -7,6 +7,7 @@ Kafka at all, so users can check their own data before deploying.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 import time
@@ -20,7 +21,7 @@ from confluent_kafka import KafkaError as ClientError
 
 from worker import codec
 from worker.config import Config
-from worker.errors import FatalError, WorkerError
+from worker.errors import FatalError, TopicError, WorkerError
 from worker.events import DeadLetter, Enriched, Record, Skipped
 from worker.kafka import (
     Interrupted,
@@ -135,17 +136,24 @@ def _at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def read_calls(f: BinaryIO) -> Iterator[bytes]:
+def read_calls(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
     """The raw values in ``f``: each element of one JSON array, else each non-blank line
-    (ended by ``\n``, ``\r\n`` or ``\r``), read as they come. ``send`` and ``normalise``
-    read a file alike.
+    (ended by ``\n``, ``\r\n`` or ``\r``), read as they come, each with its number:
+    its line's in the file, or its place in the array (1 for the first). ``send`` and
+    ``normalise`` read a file alike.
 
     Lines are kept verbatim, as bytes, even when they are not UTF-8 (so invalid input can
     be sent on purpose to test dead letters). A line is read ``_MAX_LINE`` bytes at most
     at a time: an endless one (``/dev/zero``) never fills the memory.
     """
-    lines = iter(lambda: f.readline(_MAX_LINE), b"")
-    first = next((line for line in lines if line.strip()), b"")
+    chunks = iter(lambda: f.readline(_MAX_LINE), b"")
+    number = 0  # of the lines before the chunk at hand
+    for first in chunks:
+        if first.strip():
+            break
+        number += len(first.splitlines())
+    else:
+        return
     if first.lstrip().startswith(b"["):
         data = first + f.read()
         try:
@@ -153,13 +161,16 @@ def read_calls(f: BinaryIO) -> Iterator[bytes]:
         except codec.DecodeError:
             calls = None
         if isinstance(calls, list):
-            yield from (_reencoded(call, n) for n, call in enumerate(calls))
+            yield from ((n + 1, _reencoded(call, n)) for n, call in enumerate(calls))
             return
-        lines = iter(data.splitlines())
+        chunks = iter([data])
     else:
-        lines = itertools.chain([first], lines)
-    for chunk in lines:
-        yield from (line for line in chunk.splitlines() if line.strip())
+        chunks = itertools.chain([first], chunks)
+    for chunk in chunks:
+        for line in chunk.splitlines():
+            number += 1
+            if line.strip():
+                yield number, line
 
 
 def _reencoded(call: Any, index: int) -> bytes:
@@ -191,7 +202,7 @@ def _send(config: Config, args: argparse.Namespace) -> int:
 
     def records(f: BinaryIO) -> Iterator[tuple[bytes | None, bytes]]:
         nonlocal read
-        for value in read_calls(f):  # sent as they are read: `send -` may be a stream
+        for _, value in read_calls(f):  # sent as they are read: `send -` may be a stream
             read += 1
             yield _key(value, args.key_field), value
 
@@ -205,16 +216,16 @@ def _send(config: Config, args: argparse.Namespace) -> int:
         except KeyboardInterrupt as e:  # what got there, so a retry knows what it repeats
             confirmed = e.delivered if isinstance(e, Interrupted) else 0
             print(
-                f"group-worker: send: interrupted: {confirmed} of the {read} calls read so "
+                f"group-worker: send: interrupted: {confirmed} of the {read} records read so "
                 f"far confirmed delivered to {topic}; the rest may or may not have been",
                 file=sys.stderr,
             )
             raise
     if failures:
         raise WorkerError(
-            f"send: {read - delivered} of {read} calls not sent to {topic}: {failures[0]}"
+            f"send: {read - delivered} of {read} records not sent to {topic}: {failures[0]}"
         )
-    print(f"sent {read} calls to {topic}", file=sys.stderr)
+    print(f"sent {read} records to {topic}", file=sys.stderr)
     return 0
 
 
@@ -225,8 +236,11 @@ def _key(value: bytes, field: str) -> bytes | None:
         return None
     if not isinstance(call, dict):
         return None
-    key = call.get(field) or call.get("anonymousId")
-    return str(key).encode() if isinstance(key, str | int) else None
+    for name in (field, "anonymousId"):  # the first that is an ID, as the worker reads one
+        key = call.get(name)
+        if (isinstance(key, str) and key.strip()) or type(key) is int:
+            return str(key).encode()
+    return None
 
 
 def _tail(config: Config, args: argparse.Namespace) -> int:
@@ -268,9 +282,9 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
 
 
 def _topic(client: Any, name: str, command: str) -> Any:
-    """The metadata of topic ``name``; ``WorkerError`` when there is none (for
+    """The metadata of topic ``name``; ``TopicError`` when there is none (for
     ``_TOPIC_WAIT`` seconds: a topic just created may not be known to every broker yet),
-    or when ``client`` may not see it (an ACL)."""
+    ``WorkerError`` when ``client`` may not see it (an ACL)."""
     deadline = time.monotonic() + _TOPIC_WAIT
     while True:
         topic = list_topics(client, name, timeout=10).topics.get(name)
@@ -280,7 +294,7 @@ def _topic(client: Any, name: str, command: str) -> Any:
         if not missing:
             break
         if time.monotonic() > deadline:
-            raise WorkerError(f"{command}: no topic {name}")
+            raise TopicError(f"{command}: no topic {name}")
         time.sleep(0.5)
     # Not authorized: say so. Others pass (a topic just created has no leader yet).
     if topic.error is not None and isinstance(refused := translate(topic.error), FatalError):
@@ -289,19 +303,28 @@ def _topic(client: Any, name: str, command: str) -> Any:
 
 
 def _printable(message: Any) -> dict[str, Any]:
+    """A record as ``tail`` prints it: its value parsed when it is JSON, else as text
+    (``""`` when empty, null when there is none); its headers by name, as text or null,
+    a name the record has more than once with the list of its values."""
     value = message.value()
-    try:
-        shown = codec.decode(value) if value else value
-    except codec.DecodeError:
-        shown = value.decode(errors="replace")
-    key = message.key()
+    shown = _text(value)
+    if value:
+        with contextlib.suppress(codec.DecodeError):
+            shown = codec.decode(value)
+    headers: dict[str, list[str | None]] = {}
+    for name, raw in message.headers() or []:
+        headers.setdefault(name, []).append(_text(raw))
     return {
         "partition": message.partition(),
         "offset": message.offset(),
-        "key": key.decode(errors="replace") if key is not None else None,
-        "headers": {k: v.decode(errors="replace") for k, v in message.headers() or []},
+        "key": _text(message.key()),
+        "headers": {name: v[0] if len(v) == 1 else v for name, v in headers.items()},
         "value": shown,
     }
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode(errors="replace")
 
 
 def _profiles(config: Config) -> dict[bytes, bytes]:
@@ -347,7 +370,7 @@ def _normalise(config: Config, args: argparse.Namespace) -> int:
     now_ms = time.time_ns() // 1_000_000
     out = sys.stdout.buffer
     with _open(args.file) as f:
-        for number, value in enumerate(read_calls(f), start=1):
+        for number, value in read_calls(f):
             record = Record(source, 0, number, value, timestamp_ms=now_ms)
             for outcome in process_record(record, settings, now_ms):
                 counts[f"outcome {outcome.kind}"] += 1

@@ -40,7 +40,7 @@ def test_send_of_an_oversized_call_says_which_in_one_line_and_sends_the_rest(
     result = cli(topics, "send", str(calls))
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == [
-        f"group-worker: send: 1 of 3 calls not sent to {topics.input}: record 2: "
+        f"group-worker: send: 1 of 3 records not sent to {topics.input}: record 2: "
         "Unable to produce message: Broker: Message size too large "
         f"({len(big)} bytes; the producer's limit is message.max.bytes=1000000)"
     ]
@@ -74,18 +74,18 @@ def test_send_sends_standard_input_as_it_comes_and_an_interrupt_counts_what_it_r
         send.kill()
     assert send.returncode == 130
     assert stderr.decode().splitlines() == [
-        f"group-worker: send: interrupted: 1 of the 1 calls read so far confirmed delivered "
+        f"group-worker: send: interrupted: 1 of the 1 records read so far confirmed delivered "
         f"to {topics.input}; the rest may or may not have been"
     ]
 
 
 def test_send_to_a_topic_that_does_not_exist_names_it(topics: Topics, tmp_path: Path) -> None:
     """`send` to a missing topic says so before sending (it waited 30 s for the
-    producer's timeout, then named a record)."""
+    producer's timeout, then named a record), exit 2 as for the worker's own topics."""
     calls = tmp_path / "calls.jsonl"
     calls.write_bytes(GROUP + b"\n")
     result = cli(topics, "send", "--topic", f"{topics.input}-missing", str(calls))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.decode().splitlines() == [
         f"group-worker: send: no topic {topics.input}-missing"
     ]

@@ -263,6 +263,12 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
             "[topics]\nenriched = 'segment.raw'\n", {}, "topics.enriched", id="topic-reused"
         ),
         pytest.param(
+            "",
+            {"GROUP_WORKER_TOPICS_ENRICHED": "segment.raw"},
+            "topics.enriched (GROUP_WORKER_TOPICS_ENRICHED) and topics.input are both",
+            id="topic-reused-env",
+        ),
+        pytest.param(
             "[worker]\ngroup_id = 'segment'\n[topics]\ninput = 'segment.repartition'\n",
             {},
             "topics.repartition and topics.input are both 'segment.repartition'",
@@ -331,7 +337,11 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
             id="owned-scoped-property",
         ),
         pytest.param(
-            "", {"GROUP_WORKER_KAFKA_GROUP_ID": "other"}, "from worker.group_id", id="owned-env"
+            "",
+            {"GROUP_WORKER_KAFKA_GROUP_ID": "other"},
+            "kafka.group.id (GROUP_WORKER_KAFKA_GROUP_ID) is set by the worker from "
+            "worker.group_id",
+            id="owned-env",
         ),
         pytest.param(  # "latest": a new deployment skipped every call sent before it
             "[kafka]\n'consumer.auto.offset.reset' = 'latest'\n",
@@ -342,7 +352,8 @@ def test_every_secret_the_file_refuses_is_redacted_for_logs() -> None:
         pytest.param(  # "random": one group's re-keyed calls on several partitions
             "",
             {"GROUP_WORKER_KAFKA_PRODUCER_PARTITIONER": "random"},
-            "kafka.producer.partitioner is set by the worker (murmur2_random",
+            "kafka.producer.partitioner (GROUP_WORKER_KAFKA_PRODUCER_PARTITIONER) is set by "
+            "the worker (murmur2_random",
             id="owned-partitioner",
         ),
         pytest.param(  # Python's server then listens on every interface

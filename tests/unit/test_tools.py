@@ -14,6 +14,7 @@ import pytest
 from worker import codec, tools
 from worker.cli import main
 from worker.errors import WorkerError
+from worker.events import Headers, Record
 from worker.tools import read_calls
 
 GROUP = b'{"type":"group","groupId":"g1","userId":"u1","traits":{"name":"Acme"}}'
@@ -39,7 +40,7 @@ def own_environ(**environ: str) -> dict[str, str]:
 
 
 def calls_in(data: bytes) -> list[bytes]:
-    return list(read_calls(io.BytesIO(data)))
+    return [value for _, value in read_calls(io.BytesIO(data))]
 
 
 def test_read_calls_keeps_a_line_that_is_not_utf8_verbatim() -> None:
@@ -47,6 +48,21 @@ def test_read_calls_keeps_a_line_that_is_not_utf8_verbatim() -> None:
     may end in \\n, \\r\\n or \\r."""
     data = GROUP + b"\r\n\n" + NOT_UTF8 + b"\r" + GROUP + b"\n"
     assert calls_in(data) == [GROUP, NOT_UTF8, GROUP]
+
+
+@pytest.mark.parametrize(
+    ("data", "numbers"),
+    [
+        (b"\n\r\n" + GROUP + b"\n\n" + GROUP + b"\r\r" + GROUP, [3, 5, 7]),
+        (b"\n\n[1,\n\n 2]", [1, 2]),  # an array's elements: their place in it
+        (b"\n\n[1,\n\n 2", [3, 5]),  # not an array after all: lines again
+    ],
+)
+def test_read_calls_numbers_each_value_by_its_line(data: bytes, numbers: list[int]) -> None:
+    """Each value comes with its line's number in the file, blank lines counted (what
+    `normalise` gives as the source offset, so a bad line can be found), or with its
+    place in a JSON array."""
+    assert [number for number, _ in read_calls(io.BytesIO(data))] == numbers
 
 
 @pytest.mark.parametrize("data", [b' [{"a": 1}, 2]', b'\n\n[\n  {"a": 1},\n  2\n]\n'])
@@ -152,7 +168,7 @@ def test_ctrl_c_before_anything_is_sent_says_so(tmp_path: Path) -> None:
         send.kill()
     assert send.returncode == 130, first + stderr
     assert stderr.decode().splitlines()[-1] == (
-        "group-worker: send: interrupted: 0 of the 0 calls read so far confirmed delivered "
+        "group-worker: send: interrupted: 0 of the 0 records read so far confirmed delivered "
         "to t; the rest may or may not have been"
     )
 
@@ -240,3 +256,41 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == ["group-worker: No space left on device"]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(b'{"a": 1}', {"a": 1}), (b"not json \xff", "not json \ufffd"), (b"", ""), (None, None)],
+)
+def test_tail_prints_any_record_as_one_json_line(value: bytes | None, shown: object) -> None:
+    """`tail` prints any record: an empty value (it raised on it, and stopped), none (a
+    tombstone), text that is not JSON; a header with no value, and one sent twice."""
+    headers: Headers = [("reason", b"invalid_json"), ("x", None), ("twice", b"1"), ("twice", b"2")]
+    record = Record("t", 2, 7, value, headers_=headers)
+    line = codec.encode(tools._printable(record))
+    assert codec.decode(line) == {
+        "partition": 2,
+        "offset": 7,
+        "key": None,
+        "headers": {"reason": "invalid_json", "x": None, "twice": ["1", "2"]},
+        "value": shown,
+    }
+
+
+@pytest.mark.parametrize(
+    ("call", "key"),
+    [
+        (b'{"userId": "u1", "anonymousId": "a1"}', b"u1"),
+        (b'{"userId": 42}', b"42"),
+        (b'{"userId": {"a": 1}, "anonymousId": "a1"}', b"a1"),
+        (b'{"userId": "  ", "anonymousId": "a1"}', b"a1"),
+        (b'{"userId": true, "anonymousId": 7}', b"7"),
+        (b'{"userId": [1]}', None),
+        (b"[1]", None),
+        (b"not json", None),
+    ],
+)
+def test_send_keys_a_call_by_its_first_usable_id(call: bytes, key: bytes | None) -> None:
+    """`send` keys a record by its userId, else its anonymousId: a text that is not blank
+    or an integer, as the worker reads an ID (an object userId gave no key at all)."""
+    assert tools._key(call, "userId") == key
