@@ -473,6 +473,27 @@ def test_expiry_scans_a_slice_at_a_time_and_resumes(store: RocksDBStateStore) ->
     )  # 1: m3, the last id
 
 
+def test_an_expiry_pass_goes_on_to_partitions_opened_while_it_ran(
+    store: RocksDBStateStore,
+) -> None:
+    """A pass also scans the partitions opened after it began (restored one after
+    another on assignment): it ended with those open at its start, and the others kept
+    their expired ids until a later pass began with them open, a quarter window later
+    at the earliest, or never while rebalances came in step with the passes."""
+    for partition in (0, 1):
+        for i in range(4):
+            store.put_seen(partition, ("g1", f"m{i}"), 100 * i, 0)
+    store.commit()
+    store.drop(1)  # revoked and given back: its restore has not come round yet
+    assert store.expire_seen(EXPIRE_BEFORE_250, 1, limit=2) == (2, False)  # 0: m0, m1
+    assert store.open_partition(1) is None
+    passes = [store.expire_seen(EXPIRE_BEFORE_250, 1, limit=2) for _ in range(3)]
+    assert passes == [(1, False), (2, False), (1, True)]  # 0: m2, m3; 1: m0, m1; 1: m2, m3
+    assert [store.seen(p, ("g1", f"m{i}")) for p in (0, 1) for i in range(4)] == [
+        None, None, None, 300, None, None, None, 300,
+    ]  # fmt: skip
+
+
 def test_a_malformed_record_is_skipped_with_a_warning(store: RocksDBStateStore) -> None:
     """A record that does not parse reads as absent and says so; a put replaces it."""
     store.apply_changelog(

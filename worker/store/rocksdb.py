@@ -117,9 +117,10 @@ class RocksDBStateStore:
         # before, and again after any change to the change set.
         self._prepared: defaultdict[int, WriteBatch] | None = None
         # An expiry scan under way (``expire_seen``): the partitions it has yet to finish,
-        # and the key it resumes from in the first of them.
+        # the key it resumes from in the first of them, and those it finished.
         self._sweep: list[int] = []
         self._sweep_from = KIND[SEEN]
+        self._swept: set[int] = set()
 
     @property
     def cached_bytes(self) -> int:
@@ -343,8 +344,8 @@ class RocksDBStateStore:
                 if new:  # else the database holds the id: expired below, or kept
                     self._partitions[log_key[0]].new[SEEN] -= 1
                     removed += 1
-        if not self._sweep:
-            self._sweep = sorted(self._partitions)  # from the first id: _sweep_from
+        if not self._sweep:  # a new scan, from the first id (_sweep_from)
+            self._sweep, self._swept = sorted(self._partitions), set()
         left = limit  # ids this call may still scan (0: no bound)
         while self._sweep:
             part = self._partitions.get(self._sweep[0])
@@ -357,8 +358,10 @@ class RocksDBStateStore:
                 removed += gone
                 left -= scanned if limit else 0
             if resume is None:
-                self._sweep.pop(0)
+                self._swept.add(self._sweep.pop(0))
                 resume = KIND[SEEN]
+                if not self._sweep:  # partitions opened since it began (restores) too
+                    self._sweep = sorted(self._partitions.keys() - self._swept)
             self._sweep_from = resume
             if limit and left <= 0:
                 break
