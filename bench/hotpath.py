@@ -90,6 +90,9 @@ class CountingSink:
     def abort(self) -> None:
         pass
 
+    def renew(self) -> None:
+        pass
+
     def poll(self) -> None:
         pass
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from worker.errors import AbortableError, KafkaError, RetriableError
+from worker.errors import AbortableError, KafkaError, ProducerHungError, RetriableError
 from worker.events import Record, SourceRecord
 from worker.restore import Entry
 from worker.sink import Headers, Refusal
@@ -148,6 +148,9 @@ class FakeSource:
             raise error
         return {p: self.offset_cuts[p] for p in partitions if p in self.offset_cuts}
 
+    def committed(self, partitions: Sequence[Partition], timeout: float) -> Offsets:
+        return {p: self.committed_offsets.get(p, 0) for p in partitions}
+
     def pause(self, partitions: Sequence[Partition]) -> None:
         self.paused.update(partitions)
 
@@ -209,6 +212,14 @@ class FakeSink:
     # ``open`` from 0: as librdkafka refuses records once a transaction has failed.
     fail_produce: tuple[int, KafkaError] | None = None
     aborts: int = 0
+    # The next commit hangs, as a producer after a broker restart: before the broker
+    # committed ("uncommitted") or after ("committed"); from then on every transactional
+    # call fails at once with ``ProducerHungError``, until ``renew``.
+    hang_next_commit: Literal["uncommitted", "committed"] | None = None
+    hang_next_abort: bool = False
+    hung: ProducerHungError | None = None
+    renews: int = 0
+    fail_renew: KafkaError | None = None  # the next renew() raises it
     in_transaction: bool = False
     queued: int = 0  # what backlog() reports, set by tests
     # A broker's verdict on each record at commit: an error text refuses it for good
@@ -256,10 +267,16 @@ class FakeSink:
         meanwhile: Callable[[], None] = lambda: None,
         cuts: Cuts = NO_CUTS,
     ) -> Offsets:
+        if self.hung is not None:
+            raise self.hung
         if self.transactional and not self.in_transaction:
             return {}  # as KafkaSink: no transaction open, nothing to commit
         last_records()
         meanwhile()
+        hang, self.hang_next_commit = self.hang_next_commit, None
+        if hang == "uncommitted":
+            self.hung = ProducerHungError("a transactional call hung past 10s")
+            raise self.hung
         if self.fail_next_commit is not None:
             error, self.fail_next_commit = self.fail_next_commit, None
             raise error
@@ -296,9 +313,17 @@ class FakeSink:
             self.in_transaction = False
         else:
             source.commit(offsets, cuts)
+        if hang == "committed":  # the broker committed; the producer never heard
+            self.hung = ProducerHungError("a transactional call hung past 10s")
+            raise self.hung
         return reached
 
     def abort(self) -> None:
+        if self.hang_next_abort:
+            self.hang_next_abort = False
+            self.hung = ProducerHungError("a transactional call timed out")
+        if self.hung is not None:
+            raise self.hung
         self.aborts += 1
         # At least once too: KafkaSink raises AbortableError only once its flush is over
         # (every record delivered or failed) and forgets the batch's delivery reports,
@@ -306,6 +331,17 @@ class FakeSink:
         self.open.clear()
         if self.transactional:
             self.in_transaction = False
+
+    def renew(self) -> None:
+        """A new producer: it ends the open transaction (what was not committed is
+        dropped) and starts afresh."""
+        self.renews += 1
+        if self.fail_renew is not None:
+            error, self.fail_renew = self.fail_renew, None
+            raise error
+        self.hung = None
+        self.open.clear()
+        self.in_transaction = False
 
     def poll(self) -> None:
         pass

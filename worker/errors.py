@@ -15,6 +15,8 @@
     └── KafkaError           a Kafka failure, translated from confluent-kafka in one place
         ├── RetriableError   transient (broker away, timeouts): retried with backoff,
         │                    nothing committed meanwhile
+        ├── ProducerHungError  a transactional call hung or timed out (after a broker
+        │                    restart): the sink takes a new producer, the consumer stays
         ├── AbortableError   the open transaction must be aborted: the worker aborts it
         │                    and rewinds to the committed offsets
         └── FatalError       cannot continue (refused login or ACL, undeliverable
@@ -37,6 +39,7 @@ __all__ = [
     "FatalClientError",
     "FatalError",
     "KafkaError",
+    "ProducerHungError",
     "RetriableError",
     "StoreCorrupt",
     "StoreError",
@@ -76,6 +79,11 @@ class KafkaError(WorkerError):
 
 class RetriableError(KafkaError):
     """A transient Kafka failure; the operation may succeed if retried."""
+
+
+class ProducerHungError(KafkaError):
+    """A transactional call hung past its timeout, or timed out: whether the transaction
+    committed is unknown until a new producer with the same transactional.id ends it."""
 
 
 class AbortableError(KafkaError):

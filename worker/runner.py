@@ -22,7 +22,9 @@ import structlog
 from worker.clock import Clock
 from worker.errors import (
     AbortableError,
+    FatalError,
     KafkaError,
+    ProducerHungError,
     RetriableError,
     StoreCorrupt,
     StoreError,
@@ -51,6 +53,9 @@ _RESTORE_SLICE = 0.5
 # glibc's malloc_trim (returns the allocator's free memory to the system); None elsewhere.
 _MALLOC_TRIM: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
 _ERROR_BACKOFF = 0.5
+# Between tries of a new producer while the broker is away (each waits up to the commit
+# timeout for it), the consumer is polled this long.
+_RENEW_WAIT = 1.0
 # Backpressure: pause every partition when this many outputs wait for delivery, and
 # resume below the low mark, so a slow broker never grows memory without bound.
 _BACKLOG_HIGH = 50_000
@@ -147,6 +152,7 @@ class Runner:
         self._lag_checked = 0.0
         # Batches aborted since the last commit: the same records, tried again and again.
         self._abort_streak = 0
+        self._renewing = False  # the producer hung, and no new one has started yet
         routes = settings.routes
         self._changelogs = Changelogs(routes.state, routes.members, routes.dedupe)
         # Each changelog's role, by its topic.
@@ -156,8 +162,9 @@ class Runner:
 
     @property
     def ready(self) -> bool:
-        """Joined the group with every assigned partition restored, and not stopping."""
-        return self.joined and not self._unrestored and not self._stopping
+        """Joined the group with every assigned partition restored, a producer that
+        works, and not stopping."""
+        return self.joined and not self._unrestored and not self._renewing and not self._stopping
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from a signal handler. Returns at once."""
@@ -193,9 +200,15 @@ class Runner:
                 except RetriableError as e:
                     log.warning("kafka_retriable_error", error=str(e))
                     self._clock.sleep(_ERROR_BACKOFF)
+                except ProducerHungError as e:
+                    self._renew_producer(e)
                 except AbortableError as e:
                     log.warning("transaction_aborted", error=str(e))
-                    self._abort_and_rewind(set())
+                    try:
+                        self._abort_and_rewind(set())
+                    except ProducerHungError as hung:  # the abort's call hung
+                        self._renew_producer(hung)
+                        continue
                     if self._abort_streak > 1:
                         step = min(self._abort_streak - 2, len(_ABORT_BACKOFF) - 1)
                         self._clock.sleep(_ABORT_BACKOFF[step])
@@ -225,6 +238,12 @@ class Runner:
         self._metrics.rebalances.labels("assign").inc()
         log.info("partitions_assigned", partitions=_names(partitions))
         self._check_partition_count(partitions)
+        self._take(partitions)
+        self.joined = True
+
+    def _take(self, partitions: Sequence[Partition]) -> None:
+        """Take ``partitions`` up as assigned: read from where they are, the stateful
+        ones paused until their restore."""
         self._assigned.update(partitions)
         # Only the input's records hold many calls (the repartition topic's, one each).
         self._cuts_unread.update(p for p in partitions if p[0] == self._settings.routes.input)
@@ -232,7 +251,6 @@ class Runner:
         self._hold(stateful)
         if self._paused:
             self._source.pause(partitions)
-        self.joined = True
         self._export_assignment()
 
     def _check_partition_count(self, partitions: Sequence[Partition]) -> None:
@@ -258,12 +276,12 @@ class Runner:
         self._metrics.rebalances.labels("revoke").inc()
         try:
             self._commit()
-        except (AbortableError, RetriableError) as e:
+        except (AbortableError, RetriableError, ProducerHungError) as e:
             # The new owner reads from the committed offsets; rewind what we keep.
             log.warning("commit_failed_on_revoke", error=str(e))
             try:
                 self._abort_and_rewind(set(partitions))
-            except (AbortableError, RetriableError) as again:
+            except (AbortableError, RetriableError, ProducerHungError) as again:
                 raise _callback_failed("aborting on revoke", again) from again
         finally:  # a fatal error too: the partitions are gone, and so are their series
             self._forget(partitions)
@@ -277,7 +295,7 @@ class Runner:
         # Offsets of lost partitions can no longer be committed by this member.
         try:
             self._abort_and_rewind(set(partitions))
-        except (AbortableError, RetriableError) as e:
+        except (AbortableError, RetriableError, ProducerHungError) as e:
             raise _callback_failed("aborting on lost partitions", e) from e
         finally:
             self._forget(partitions)
@@ -391,6 +409,41 @@ class Runner:
             self._source.seek({position: restore.rewind})
         if not self._paused:
             self._source.resume([position])
+
+    def _renew_producer(self, hung: ProducerHungError) -> None:
+        """Go on after the producer hung (a broker restart), keeping the consumer: one
+        closed while the broker is away cannot leave the group, and holds its partitions
+        until its session ends (45 s by default, afresh at each restart of the broker).
+        The sink takes a new producer, tried again every few seconds while the broker is
+        away (the consumer polled meanwhile, what it returns dropped); the new one ends
+        the open transaction, committed or not, so every assigned partition is then
+        taken up again as on assignment: read from its committed offset, its state
+        caught up from its changelogs. A stop meanwhile returns at once. Raises
+        ``FatalError`` from the new producer, and what ``Source.committed`` raises."""
+        log.warning("producer_renewing", error=str(hung))
+        self._store.rollback()
+        self._close_batch()
+        self._renewing = True
+        while True:
+            try:
+                self._sink.renew()
+                self._renewing = False
+                break
+            except FatalError:
+                raise
+            except KafkaError as e:  # the broker still away; this is no hung loop
+                log.warning("producer_renew_failed", error=str(e))
+            with contextlib.suppress(RetriableError):
+                self._source.consume(self._settings.batch_size, _RENEW_WAIT)
+            self.last_progress = self._clock.monotonic()
+            if self._stopping:
+                return
+        partitions = sorted(self._assigned)
+        if partitions:
+            self._forget(partitions)
+            self._source.seek(self._source.committed(partitions, _SETTLE_TIMEOUT))
+            self._take(partitions)
+        log.info("producer_renewed", partitions=_names(partitions))
 
     def _rebuild(self, failure: StoreCorrupt) -> None:
         """RocksDB failed on these partitions' files: wipe them and restore each from its

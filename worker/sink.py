@@ -19,7 +19,13 @@ from confluent_kafka import KafkaException, Message, Producer
 
 from worker.clock import Clock
 from worker.config import ProcessingGuarantee
-from worker.errors import AbortableError, FatalError, KafkaError, RetriableError
+from worker.errors import (
+    AbortableError,
+    FatalError,
+    KafkaError,
+    ProducerHungError,
+    RetriableError,
+)
 from worker.kafka import client_config, raise_for, translate
 from worker.source import NO_CUTS, Cuts, Offsets, Source, topic_partitions
 
@@ -91,6 +97,7 @@ class Sink(Protocol):
         cuts: Cuts = ...,
     ) -> Offsets: ...
     def abort(self) -> None: ...
+    def renew(self) -> None: ...
     def poll(self) -> None: ...
     def backlog(self) -> int: ...
     def take_refused(self) -> list[Refusal]: ...
@@ -129,17 +136,40 @@ class KafkaSink:
             # A killed worker's open transaction blocks read_committed readers until it
             # times out: keep that short, as Kafka Streams does.
             settings["transaction.timeout.ms"] = 10_000
-        self._producer = Producer(
-            client_config(bootstrap_servers, properties, "producer", settings)
-        )
+        self._config = client_config(bootstrap_servers, properties, "producer", settings)
         self._transactional = guarantee == "exactly_once"
+        self._clock = clock
+        self._commit_timeout = commit_timeout
+        self._on_delivery_error = on_delivery_error
+        # Producers given up on (``renew``), each maybe still inside a call on its thread.
+        self._abandoned: list[tuple[Producer, _Caller]] = []
+        self._start()
+
+    def _start(self) -> None:
+        """Start a producer, with the sink's state afresh. Raises ``KafkaError`` when
+        its ``init_transactions`` fails (the broker away), leaving the sink as it was."""
+        producer = Producer(self._config)
+        if self._transactional:
+            try:
+                producer.init_transactions(self._commit_timeout)
+            except KafkaException as e:
+                error = translate(e.args[0])
+                if e.args[0].code() == ClientError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+                    transactional_id = self._config["transactional.id"]
+                    error = FatalError(
+                        f"transactional id {transactional_id} (needs Write, Describe): {error}"
+                    )
+                # Destroyed now, not when a collection finds the exception's cycle: alive,
+                # it goes on asking for the transactional id, and once the broker is back
+                # fences the producer the service built after it.
+                del producer
+                raise error from None
+        self._producer = producer
         self._in_transaction = False
         # Whether every record gets a delivery report (``produce``): at least once,
         # always; exactly once, in the first transaction and from an abort until the
         # next commit (a producer rebuilt after a failure learns what failed it).
         self._careful = True
-        self._clock = clock
-        self._commit_timeout = commit_timeout
         self._failed: list[str] = []
         # Per topic partition, the offset after the last record delivered since the
         # last commit or abort: where the outputs of the batch being committed end.
@@ -147,26 +177,23 @@ class KafkaSink:
         self._refused: list[Refusal] = []
         # A delivery the broker refused for want of an ACL: fatal at the next commit.
         self._denied: FatalError | None = None
-        self._on_delivery_error = on_delivery_error
         self._caller = _Caller()
         # Set once a transactional call hung or timed out: every later one fails at
-        # once (the loop ends, and its revoke's commit with it), for the caller's
-        # thread is still held, or the producer is stuck (``_retry``).
-        self._hung: KafkaError | None = None
-        if self._transactional:
-            try:
-                self._producer.init_transactions(commit_timeout)
-            except KafkaException as e:
-                error = translate(e.args[0])
-                if e.args[0].code() == ClientError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
-                    error = FatalError(
-                        f"transactional id {transactional_id} (needs Write, Describe): {error}"
-                    )
-                # Destroyed now, not when a collection finds the exception's cycle: alive,
-                # it goes on asking for the transactional id, and once the broker is back
-                # fences the producer the service built after it.
-                del self._producer
-                raise error from None
+        # once, for the caller's thread is still held, or the producer is stuck
+        # (``_retry``), until ``renew``.
+        self._hung: ProducerHungError | None = None
+
+    def renew(self) -> None:
+        """Give up on a producer that hung (``ProducerHungError``) for a new one with the
+        same transactional.id: its ``init_transactions`` fences the old one and ends its
+        transaction, committed or aborted, before it returns. Outputs not committed are
+        dropped. Blocks up to the commit timeout; raises ``KafkaError`` when the new
+        producer cannot start (the broker still away), the sink left as it was."""
+        old, caller = self._producer, self._caller
+        self._start()
+        caller.stop()
+        # Kept: a producer destroyed while its thread is inside a call of it would crash.
+        self._abandoned.append((old, caller))
 
     def begin(self) -> None:
         """Open a transaction if none is open (no-op at least once).
@@ -411,7 +438,7 @@ class KafkaSink:
                 if isinstance(error, FatalError):
                     raise error from None
                 if e.args[0].code() == ClientError._TIMED_OUT:
-                    self._hung = KafkaError(f"a transactional call timed out: {error}")
+                    self._hung = ProducerHungError(f"a transactional call timed out: {error}")
                     raise self._hung from None
                 if not isinstance(error, RetriableError) or backoff is None:
                     raise AbortableError(str(error)) from None
@@ -442,7 +469,9 @@ class KafkaSink:
             call.done.wait(deadline)
             raise
         if not call.done.wait(deadline):
-            self._hung = KafkaError(f"a transactional call hung past {self._commit_timeout:.0f}s")
+            self._hung = ProducerHungError(
+                f"a transactional call hung past {self._commit_timeout:.0f}s"
+            )
             raise self._hung
         if call.failure is not None:
             raise call.failure

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ClientError
 
 from worker.errors import FatalError, KafkaError, RetriableError, TopicError
@@ -77,6 +77,7 @@ class Source(Protocol):
     def committed_cuts(
         self, partitions: Sequence[Partition], timeout: float
     ) -> dict[Partition, Cut]: ...
+    def committed(self, partitions: Sequence[Partition], timeout: float) -> Offsets: ...
     def pause(self, partitions: Sequence[Partition]) -> None: ...
     def resume(self, partitions: Sequence[Partition]) -> None: ...
     def seek(self, offsets: Offsets) -> None: ...
@@ -234,18 +235,33 @@ class KafkaSource:
         restore must wait for them. Blocks up to ``timeout`` seconds (the open
         transaction commits, or its timeout aborts it); raises ``KafkaError`` after
         that."""
-        try:
-            found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)
-        except KafkaException as e:
-            raise_for(e.args[0])
         cuts = {}
-        for tp in found:
-            if tp.error is not None:
-                raise_for(tp.error)
+        for tp in self._read_committed(partitions, timeout):
             cut = read_cut(tp.offset, tp.metadata)
             if cut is not None:
                 cuts[tp.topic, tp.partition] = cut
         return cuts
+
+    def committed(self, partitions: Sequence[Partition], timeout: float) -> Offsets:
+        """The committed offset of each of ``partitions``, once stable (as
+        ``committed_cuts``); ``OFFSET_BEGINNING`` for one with none, where the consumer
+        starts it (``auto.offset.reset``). Raises ``KafkaError``."""
+        return {
+            (tp.topic, tp.partition): tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            for tp in self._read_committed(partitions, timeout)
+        }
+
+    def _read_committed(
+        self, partitions: Sequence[Partition], timeout: float
+    ) -> list[TopicPartition]:
+        try:
+            found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout)
+        except KafkaException as e:
+            raise_for(e.args[0])
+        for tp in found:
+            if tp.error is not None:
+                raise_for(tp.error)
+        return list(found)
 
     def pause(self, partitions: Sequence[Partition]) -> None:
         """Stop fetching ``partitions`` (backpressure); consume() still serves rebalances."""

@@ -7,7 +7,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import structlog
@@ -20,6 +20,7 @@ from worker.errors import (
     AbortableError,
     FatalError,
     KafkaError,
+    ProducerHungError,
     RetriableError,
     TopicError,
 )
@@ -279,6 +280,120 @@ def test_revoke_commits_before_partitions_move() -> None:
     assert sink.offset_commits[0] == {("in", 0): 1, ("in", 1): 1}
     assert message_ids(sink) == ["m1", "m2"]
     assert sample(metrics, "group_worker_rebalances_total", kind="revoke") >= 1
+
+
+@pytest.mark.parametrize("hang", ["uncommitted", "committed"])
+def test_a_producer_that_hangs_is_renewed_and_the_consumer_kept(
+    hang: Literal["uncommitted", "committed"],
+) -> None:
+    """A commit whose producer hangs (after a broker restart) is neither lost nor done
+    twice, whether the broker committed it or not: the sink takes a new producer, the
+    loop and its consumer go on, and each partition is read again from its committed
+    offset, its state caught up from the changelogs (the loop ended: a new consumer
+    waited for the old one's session in the group)."""
+    runner, source, sink, metrics = make(partitions=2)
+    for n in range(6):
+        source.append(group_call(n), partition=n % 3 % 2)  # a group's calls on one
+    sink.hang_next_commit = hang
+
+    def feed(n: int) -> None:
+        if n == 8:
+            for k in range(6, 9):
+                source.append(group_call(k), partition=k % 3 % 2)
+        if n >= 20:
+            runner.stop()
+
+    source.on_consume = feed
+    with structlog.testing.capture_logs() as logs:
+        runner.run()
+    assert sink.renews == 1
+    assert sorted(message_ids(sink), key=lambda m: int(m[1:])) == [f"m{k}" for k in range(9)]
+    assert source.committed_offsets == {("in", 0): 6, ("in", 1): 3}
+    assert {g: s["eventCount"] for g, s in states(sink).items()} == {"g0": 3, "g1": 3, "g2": 3}
+    assert outcomes(metrics)["duplicate"] == 0
+    events = [e["event"] for e in logs]
+    assert events.count("producer_renewing") == 1
+    assert events.index("producer_renewed") < len(events) - 1  # the loop went on
+
+
+def test_an_abort_that_hangs_renews_the_producer() -> None:
+    """An abort whose call hangs (the broker gone as the batch failed) renews the
+    producer too (it ended the loop), and the batch is read again, done once."""
+    runner, source, sink, _ = make()
+    for n in range(3):
+        source.append(group_call(n))
+    sink.fail_next_commit = AbortableError("53 message(s) failed delivery")
+    sink.hang_next_abort = True
+    run_for(runner, source, 12)
+    assert sink.renews == 1
+    assert message_ids(sink) == ["m0", "m1", "m2"]
+    assert source.committed_offsets == {("in", 0): 3}
+
+
+def test_a_new_producer_is_tried_again_while_the_broker_is_away() -> None:
+    """While the new producer cannot start (the broker still away), the loop tries
+    again, polling its consumer in between, and goes on once one starts."""
+    runner, source, sink, _ = make()
+    for n in range(3):
+        source.append(group_call(n))
+    sink.hang_next_commit = "uncommitted"
+    sink.fail_renew = RetriableError("init_transactions: broker transport failure")
+    waiting: list[bool] = []  # ready, at the consume while it waits for the broker
+
+    def watch(n: int) -> None:
+        if sink.renews == 1:
+            waiting.append(runner.ready)
+        if n >= 12:
+            runner.stop()
+
+    source.on_consume = watch
+    with structlog.testing.capture_logs() as logs:
+        runner.run()
+    assert sink.renews == 2
+    assert waiting == [False]
+    assert message_ids(sink) == ["m0", "m1", "m2"]
+    events = [e["event"] for e in logs]
+    assert events.index("producer_renew_failed") < events.index("producer_renewed")
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["fatal", "stopped"])
+def test_a_producer_that_cannot_be_renewed_for_good_ends_the_loop(stopped: bool) -> None:
+    """A new producer refused for good (an ACL) ends the loop with its error; a stop
+    while it waits for the broker ends it cleanly, nothing of the batch committed."""
+    runner, source, sink, _ = make()
+    source.append(group_call(1))
+    sink.hang_next_commit = "uncommitted"
+    if stopped:
+        sink.fail_renew = RetriableError("init_transactions: broker transport failure")
+        source.on_consume = lambda n: runner.stop() if sink.renews else None
+        runner.run()
+    else:
+        sink.fail_renew = FatalError("transactional id (needs Write, Describe)")
+        with pytest.raises(FatalError, match="needs Write"):
+            run_for(runner, source, 10)
+    assert sink.renews == 1
+    assert (source.closed, message_ids(sink), source.committed_offsets) == (True, [], {})
+
+
+def test_a_producer_that_hangs_in_a_revoke_ends_the_loop() -> None:
+    """A hang inside a rebalance callback ends the loop (consume()'s records went with
+    the callback's error): not a renewal."""
+    runner, source, sink, _ = make(partitions=2)
+    source.append(group_call(1), partition=0)
+    source.append(group_call(2), partition=1)
+
+    def rebalance(n: int) -> None:
+        if n == 3:  # consume 1 assigns, consume 2 reads both calls
+            sink.hang_next_commit = "uncommitted"
+            source.rebalance(revoke=[("in", 1)], assign=[])
+        if n >= 6:
+            runner.stop()
+
+    source.on_consume = rebalance
+    with pytest.raises(KafkaError, match="aborting on revoke failed") as failed:
+        runner.run()
+    assert not isinstance(failed.value, ProducerHungError)
+    assert sink.renews == 0
 
 
 def test_a_partition_added_while_running_stops_the_worker() -> None:

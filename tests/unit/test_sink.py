@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError as ClientError
 from tests.fakes import FakeClock, FakeSource
 from worker.clock import SystemClock
 from worker.config import ProcessingGuarantee
-from worker.errors import AbortableError, KafkaError, RetriableError
+from worker.errors import AbortableError, KafkaError, ProducerHungError, RetriableError
 from worker.sink import KafkaSink
 from worker.source import Source
 
@@ -250,6 +250,38 @@ def test_after_a_transactional_call_hangs_every_later_one_fails_at_once(
     finally:
         released.set()
         s._producer = producer
+        s.close()
+
+
+def test_a_sink_whose_producer_hung_goes_on_with_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """renew() gives up a producer that hung for a new one: its transactions commit
+    again, while the old one's call is still held on the thread it was left on."""
+    monkeypatch.setattr("worker.sink._DEADLINE_MARGIN", 0.0)
+    released = threading.Event()
+
+    class Stuck:
+        def __init__(self, producer: Any) -> None:
+            self._producer = producer
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._producer, name)
+
+        def commit_transaction(self, *args: Any) -> None:
+            released.wait(30)
+
+    s = KafkaSink("", _MOCK, "exactly_once", "sink-test", SystemClock(), commit_timeout=2)
+    s._producer = cast(Any, Stuck(s._producer))
+    try:
+        s.begin()
+        s.produce("out", b"k", b"1", partition=0)
+        with pytest.raises(ProducerHungError, match="hung"):
+            s.commit({}, cast(Source, FakeSource(FakeClock())))
+        s.renew()
+        assert batch(s, report_log=True)[("log", 0)] == 1  # its first record
+    finally:
+        released.set()
         s.close()
 
 
