@@ -7,6 +7,7 @@ after every output is delivered.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -143,6 +144,7 @@ class KafkaSink:
         self._on_delivery_error = on_delivery_error
         # Producers given up on (``renew``), each maybe still inside a call on its thread.
         self._abandoned: list[tuple[Producer, _Caller]] = []
+        self._generation = 0
         self._start()
 
     def _start(self) -> None:
@@ -165,6 +167,10 @@ class KafkaSink:
                 del producer
                 raise error from None
         self._producer = producer
+        # Reports of an abandoned producer's records (its hung call may still serve
+        # them) name an older generation, and are ignored.
+        self._generation += 1
+        self._report = functools.partial(self._delivered, self._generation)
         self._in_transaction = False
         # Whether every record gets a delivery report (``produce``): at least once,
         # always; exactly once, in the first transaction and from an abort until the
@@ -229,7 +235,7 @@ class KafkaSink:
         replay. At least once, every record gets one: a failed delivery is found by
         its report only.
         """
-        on_delivery = self._delivered if report or self._careful else None
+        on_delivery = self._report if report or self._careful else None
         while True:
             try:
                 # Positional: (topic, value, key, partition, callback, on_delivery,
@@ -365,7 +371,9 @@ class KafkaSink:
         reached, self._reached = self._reached, {}
         return reached
 
-    def _delivered(self, error: ClientError | None, message: Message) -> None:
+    def _delivered(self, generation: int, error: ClientError | None, message: Message) -> None:
+        if generation != self._generation:
+            return
         if error is None:
             position = (message.topic() or "", message.partition() or 0)
             end = (message.offset() or 0) + 1

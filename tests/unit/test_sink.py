@@ -17,6 +17,7 @@ from tests.fakes import FakeClock, FakeSource
 from worker.clock import SystemClock
 from worker.config import ProcessingGuarantee
 from worker.errors import AbortableError, KafkaError, ProducerHungError, RetriableError
+from worker.events import Record
 from worker.sink import KafkaSink
 from worker.source import Source
 
@@ -278,7 +279,11 @@ def test_a_sink_whose_producer_hung_goes_on_with_a_new_one(
         s.produce("out", b"k", b"1", partition=0)
         with pytest.raises(ProducerHungError, match="hung"):
             s.commit({}, cast(Source, FakeSource(FakeClock())))
+        report_of_old = s._report
         s.renew()
+        # The old producer's report, served late by its hung call, is not the new one's.
+        report_of_old(ClientError(ClientError._MSG_TIMED_OUT), cast(Any, Record("out", 0, 7, b"1")))
+        assert (s._failed, s._refused) == ([], [])
         assert batch(s, report_log=True)[("log", 0)] == 1  # its first record
     finally:
         released.set()
