@@ -214,6 +214,19 @@ def test_one_thread_runs_every_transactional_call_and_ends_with_the_sink() -> No
     assert not callers[0].is_alive()
 
 
+class _Stuck:
+    """A producer whose call ``hangs`` blocks until ``released``, as librdkafka's
+    transactional calls did after a broker restart."""
+
+    def __init__(self, producer: Any, hangs: str, released: threading.Event) -> None:
+        self._producer, self._hangs, self._released = producer, hangs, released
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._hangs:
+            return lambda *args: self._released.wait(30)
+        return getattr(self._producer, name)
+
+
 def test_after_a_transactional_call_hangs_every_later_one_fails_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -222,21 +235,9 @@ def test_after_a_transactional_call_hangs_every_later_one_fails_at_once(
     revoke's commit as the loop closes waited a second deadline)."""
     monkeypatch.setattr("worker.sink._DEADLINE_MARGIN", 0.0)
     released = threading.Event()
-
-    class Stuck:
-        """The producer's send of offsets hangs, as librdkafka's did after a broker restart."""
-
-        def __init__(self, producer: Any) -> None:
-            self._producer = producer
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._producer, name)
-
-        def send_offsets_to_transaction(self, *args: Any) -> None:
-            released.wait(30)
-
     s = KafkaSink("", _MOCK, "exactly_once", "sink-test", SystemClock(), commit_timeout=2)
-    producer, s._producer = s._producer, cast(Any, Stuck(s._producer))
+    producer = s._producer
+    s._producer = cast(Any, _Stuck(producer, "send_offsets_to_transaction", released))
     try:
         s.begin()
         s.produce("out", b"k", b"1", partition=0)
@@ -261,19 +262,8 @@ def test_a_sink_whose_producer_hung_goes_on_with_a_new_one(
     again, while the old one's call is still held on the thread it was left on."""
     monkeypatch.setattr("worker.sink._DEADLINE_MARGIN", 0.0)
     released = threading.Event()
-
-    class Stuck:
-        def __init__(self, producer: Any) -> None:
-            self._producer = producer
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._producer, name)
-
-        def commit_transaction(self, *args: Any) -> None:
-            released.wait(30)
-
     s = KafkaSink("", _MOCK, "exactly_once", "sink-test", SystemClock(), commit_timeout=2)
-    s._producer = cast(Any, Stuck(s._producer))
+    s._producer = cast(Any, _Stuck(s._producer, "commit_transaction", released))
     try:
         s.begin()
         s.produce("out", b"k", b"1", partition=0)
