@@ -294,7 +294,8 @@ class Runner:
         self.joined = False
         # Offsets of lost partitions can no longer be committed by this member.
         try:
-            self._abort_and_rewind(set(partitions))
+            if not self._renewing:  # else no batch is open, and the producer is stuck
+                self._abort_and_rewind(set(partitions))
         except (AbortableError, RetriableError, ProducerHungError) as e:
             raise _callback_failed("aborting on lost partitions", e) from e
         finally:

@@ -356,6 +356,29 @@ def test_a_new_producer_is_tried_again_while_the_broker_is_away() -> None:
     assert events.index("producer_renew_failed") < events.index("producer_renewed")
 
 
+def test_partitions_lost_while_waiting_for_a_new_producer_do_not_end_the_loop() -> None:
+    """Partitions lost while the broker is away (the consumer polled as a new producer
+    is awaited) are let go without an abort (the stuck producer's would end the loop)."""
+    runner, source, sink, _ = make(partitions=2)
+    source.append(group_call(1), partition=0)
+    source.append(group_call(2), partition=1)
+    sink.hang_next_commit = "uncommitted"
+    sink.fail_renew = RetriableError("init_transactions: broker transport failure")
+
+    def lose(n: int) -> None:
+        if sink.renews == 1 and ("in", 1) in source.position:
+            runner.on_lost([("in", 1)])
+            source.position.pop(("in", 1))
+        if n >= 12:
+            runner.stop()
+
+    source.on_consume = lose
+    runner.run()
+    assert sink.renews == 2
+    assert message_ids(sink) == ["m1"]
+    assert source.committed_offsets == {("in", 0): 1}
+
+
 @pytest.mark.parametrize("stopped", [False, True], ids=["fatal", "stopped"])
 def test_a_producer_that_cannot_be_renewed_for_good_ends_the_loop(stopped: bool) -> None:
     """A new producer refused for good (an ACL) ends the loop with its error; a stop
