@@ -360,20 +360,9 @@ def test_partitions_lost_while_waiting_for_a_new_producer_do_not_end_the_loop() 
     """Partitions lost while the broker is away (the consumer polled as a new producer
     is awaited) are let go without an abort (the stuck producer's would end the loop)."""
     runner, source, sink, _ = make(partitions=2)
-    source.append(group_call(1), partition=0)
-    source.append(group_call(2), partition=1)
     sink.hang_next_commit = "uncommitted"
     sink.fail_renew = RetriableError("init_transactions: broker transport failure")
-
-    def lose(n: int) -> None:
-        if sink.renews == 1 and ("in", 1) in source.position:
-            runner.on_lost([("in", 1)])
-            source.position.pop(("in", 1))
-        if n >= 12:
-            runner.stop()
-
-    source.on_consume = lose
-    runner.run()
+    run_losing_partition_1(runner, source, lambda _: sink.renews == 1, last=12)
     assert sink.renews == 2
     assert message_ids(sink) == ["m1"]
     assert source.committed_offsets == {("in", 0): 1}
@@ -443,22 +432,30 @@ def test_a_partition_added_while_running_stops_the_worker() -> None:
     assert source.closed
 
 
-def test_lost_partitions_abort_and_keep_the_rest() -> None:
-    """Lost partitions abort the open batch; kept partitions are read again and committed."""
-    runner, source, sink, _ = make(partitions=2)
+def run_losing_partition_1(
+    runner: Runner, source: FakeSource, when: Callable[[int], bool], last: int
+) -> None:
+    """Run the loop over m1 on partition 0 and m2 on partition 1, losing partition 1 (its
+    read position with it) at the first consume where ``when(consumes)`` holds, and
+    stopping at consume ``last``."""
     source.append(group_call(1), partition=0)
     source.append(group_call(2), partition=1)
 
     def lose(n: int) -> None:
-        if n == 2:
-            assert runner is not None
+        if when(n) and ("in", 1) in source.position:
             runner.on_lost([("in", 1)])
             source.position.pop(("in", 1))
-        if n >= 5:
+        if n >= last:
             runner.stop()
 
     source.on_consume = lose
     runner.run()
+
+
+def test_lost_partitions_abort_and_keep_the_rest() -> None:
+    """Lost partitions abort the open batch; kept partitions are read again and committed."""
+    runner, source, sink, _ = make(partitions=2)
+    run_losing_partition_1(runner, source, lambda n: n == 2, last=5)
     assert sink.aborts == 1
     assert message_ids(sink) == ["m1"]
     assert sink.offset_commits[-1] == {("in", 0): 1}
