@@ -78,7 +78,7 @@ def _unread(consumer: Consumer, topic: str, partitions: int) -> list[int]:
     while waiting:
         if time.monotonic() > deadline:
             raise RetriableError(f"cannot read topic {topic} to the end")
-        for message in consumer.consume(500, 0.5):
+        for message in consumer.consume(500, 0.01):
             error = message.error()
             if error is not None and error.code() != ClientError._PARTITION_EOF:
                 raise KafkaException(error)
