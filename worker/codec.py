@@ -21,6 +21,7 @@ __all__ = [
     "MAX_DEPTH",
     "DecodeError",
     "decode",
+    "decode_error",
     "decode_repaired",
     "decode_writable",
     "encode",
@@ -38,6 +39,16 @@ MAX_DEPTH = 200
 def decode(data: bytes | str) -> Any:
     """Parse one JSON document; raises ``DecodeError`` (a ``ValueError``) when invalid."""
     return orjson.loads(data)
+
+
+def decode_error(data: bytes, error: DecodeError) -> str:
+    """What is wrong with ``data``, which ``decode`` refused: of bytes that are not UTF-8
+    the parser says only that, placed at the document's start; this names the first."""
+    try:
+        data.decode()
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})"
+    return str(error)
 
 
 def decode_writable(data: bytes, limit: int = MAX_DEPTH) -> Any:

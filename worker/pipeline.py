@@ -153,7 +153,7 @@ def process_record(
             try:  # a byte order mark, or half an emoji, is no reason to lose a call or batch
                 document = codec.decode_repaired(raw)
             except codec.DecodeError:
-                raise _Invalid("invalid_json", str(e)) from None
+                raise _Invalid("invalid_json", codec.decode_error(raw, e)) from None
         if codec.too_deep(document, raw):
             raise _Invalid("invalid_json", f"nested deeper than {codec.MAX_DEPTH} levels")
         if not isinstance(document, dict):
@@ -394,17 +394,23 @@ def output_dead_letter(
 
 
 def fit_letter(letter: dict[str, Any], max_bytes: int) -> bytes:
-    """``letter`` encoded in at most ``max_bytes`` (when it can be): its ``value``, then its
-    source ``key``, are cut as needed, and the letter is marked ``"truncated": true``."""
+    """``letter`` encoded in at most ``max_bytes`` (when it can be): the longer of its
+    ``value`` and its source ``key`` is cut first, then the other, as needed (base64 to
+    whole groups of four characters, so it still decodes), and the letter is marked
+    ``"truncated": true``. Longer first: a huge key does not empty a small value, which
+    is what a replay needs."""
     encoded = codec.encode(letter)
-    for holder, field in ((letter, "value"), (letter["source"], "key")):
-        while len(encoded) > max_bytes and holder.get(field):
-            text: str = holder[field]
+    source = letter["source"]
+    fields = [(letter, "value", letter.get("encoding")), (source, "key", source.get("keyEncoding"))]
+    fields.sort(key=lambda field: -len(field[0].get(field[1]) or ""))
+    for holder, name, encoding in fields:
+        while len(encoded) > max_bytes and holder.get(name):
+            text: str = holder[name]
             # Cutting n characters saves at least n bytes (more when they were escaped).
             keep = max(len(text) - (len(encoded) - max_bytes) - 16, 0)
-            if field == "value" and letter.get("encoding") == "base64":
+            if encoding == "base64":
                 keep -= keep % 4
-            holder[field] = text[:keep]
+            holder[name] = text[:keep]
             letter["truncated"] = True
             encoded = codec.encode(letter)
     return encoded

@@ -151,6 +151,22 @@ def test_bad_input_is_a_dead_letter_with_its_reason(value: bytes | None, reason:
     assert letter.key == b"k"
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (b'{"groupId": "a\xff"}', "byte 0xff at offset 14 (invalid start byte)"),
+        (b'{"a": "\xc0\xaf"}', "byte 0xc0 at offset 7 (invalid start byte)"),
+        (b'{"a": "\xed\xa0\x80"}', "byte 0xed at offset 7 (invalid continuation byte)"),
+        (b'{"a": 1', "unexpected end of data"),
+    ],
+)
+def test_an_invalid_json_letter_says_where(value: bytes, message: str) -> None:
+    """Bytes that are not UTF-8 are named, with their offset, in the letter's message."""
+    letter = dead(value)
+    assert letter.reason == "invalid_json"
+    assert message in letter.letter["message"]
+
+
 def test_dead_letter_keeps_raw_text() -> None:
     """A dead letter carries the raw value as text when it is UTF-8."""
     assert dead(b"not json").letter["value"] == "not json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -485,6 +486,22 @@ def test_a_dead_letter_is_cut_to_fit_its_topic() -> None:
     assert limits.fits(letter.topic, letter.key, letter.value, letter.headers)
     decoded = codec.decode(letter.value)
     assert (decoded["reason"], decoded["truncated"]) == ("invalid_json", True)
+
+
+@pytest.mark.parametrize("key", [b"\xff" * 20_000, b"k" * 20_000], ids=["base64", "text"])
+def test_a_letter_too_large_for_its_key_keeps_its_value(key: bytes) -> None:
+    """A letter over the dead-letter topic's limit for its input key's sake has the key
+    cut, not its small value, and a base64 key cut still decodes."""
+    processor, sink, _ = make(limits=Limits({"dlq": 2_000}))
+    processor.process([Record("in", 0, 0, b"{bad", key)])
+    [letter] = emitted(sink, "dlq")
+    assert (letter["value"], letter["truncated"]) == ("{bad", True)
+    kept = letter["source"]["key"]
+    assert 0 < len(kept) < 2_000
+    if letter["source"].get("keyEncoding") == "base64":
+        assert set(base64.b64decode(kept, validate=True)) == {0xFF}
+    else:
+        assert set(kept) == {"k"}
 
 
 def test_an_envelope_with_a_huge_key_makes_small_letters_counted_against_the_budget() -> None:
