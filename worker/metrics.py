@@ -110,6 +110,16 @@ class Metrics:
         self.abort_streak = Gauge(
             f"{_PREFIX}_batch_abort_streak", "Batches aborted since the last commit", registry=r
         )
+        # Loops the service built anew after one failed, by kind: "retriable" (the broker
+        # away, waited out) or "other" (a fenced or broken client, a store failure...;
+        # too many of those in 10 minutes end the process).
+        self.loop_rebuilds = Counter(
+            f"{_PREFIX}_loop_rebuilds", "Worker loops rebuilt after a failure", ["kind"], registry=r
+        )
+        # Producers replaced in place after one hung (a broker restart), the loop kept.
+        self.producer_renewals = Counter(
+            f"{_PREFIX}_producer_renewals", "Hung producers replaced in place", registry=r
+        )
         # Partitions currently assigned to this worker, by topic (input, repartition).
         self.assigned_partitions = Gauge(
             f"{_PREFIX}_assigned_partitions", "Assigned partitions", ["topic"], registry=r
@@ -191,6 +201,7 @@ class Metrics:
             (self.trait_warnings, (*WARNING_CODES, GROUP_STATE_FULL)),
             (self.skipped, (*sorted(KNOWN_CALL_TYPES - {"group"}), "other")),
             (self.rebalances, ("assign", "revoke", "lost")),
+            (self.loop_rebuilds, ("retriable", "other")),
         )
         for counter, values in known:
             for value in values:

@@ -444,6 +444,7 @@ class Runner:
             self._forget(partitions)
             self._source.seek(self._source.committed(partitions, _SETTLE_TIMEOUT))
             self._take(partitions)
+        self._metrics.producer_renewals.inc()
         log.info("producer_renewed", partitions=_names(partitions))
 
     def _rebuild(self, failure: StoreCorrupt) -> None:

@@ -98,9 +98,12 @@ class Supervisor:
     two rebuild in turn until one has rebuilt too often.
     """
 
-    def __init__(self, build: Callable[[], Loop], clock: Clock) -> None:
+    def __init__(
+        self, build: Callable[[], Loop], clock: Clock, metrics: Metrics | None = None
+    ) -> None:
         self._build = build
         self._clock = clock
+        self._metrics = metrics if metrics is not None else Metrics()
         self._current: Loop | None = None
         self._stopping = False
         self._building = clock.monotonic()  # when the latest build began (or this start)
@@ -157,13 +160,15 @@ class Supervisor:
                 failures = 1 if now - self._building >= _STEADY else failures + 1
                 # The broker away (a retriable error) is waited out however long it lasts:
                 # a restart would find it away too, and come back later than a rebuild.
-                if not isinstance(e, RetriableError):
+                retriable = isinstance(e, RetriableError)
+                if not retriable:
                     rebuilds = [t for t in rebuilds if now - t < _REBUILD_WINDOW] + [now]
                 if len(rebuilds) > _MAX_REBUILDS:
                     log.error("too_many_rebuilds", error=str(e), window_seconds=_REBUILD_WINDOW)
                     return 1
                 backoff = _REBUILD_BACKOFF[min(failures, len(_REBUILD_BACKOFF)) - 1]
                 log.warning("worker_rebuilding", error=str(e), backoff=backoff)
+                self._metrics.loop_rebuilds.labels("retriable" if retriable else "other").inc()
                 self._clock.sleep(backoff)
         return 0
 
@@ -212,6 +217,7 @@ def run_service(config: Config) -> int:
                     config, metrics, clock, instance, limits, bound, state.path, partitions
                 ),
                 clock,
+                metrics,
             )
             return supervisor.run()
         finally:

@@ -306,7 +306,7 @@ def test_a_producer_that_hangs_is_renewed_and_the_consumer_kept(
     source.on_consume = feed
     with structlog.testing.capture_logs() as logs:
         runner.run()
-    assert sink.renews == 1
+    assert sink.renews == sample(metrics, "group_worker_producer_renewals_total") == 1
     assert sorted(message_ids(sink), key=lambda m: int(m[1:])) == [f"m{k}" for k in range(9)]
     assert source.committed_offsets == {("in", 0): 6, ("in", 1): 3}
     assert {g: s["eventCount"] for g, s in states(sink).items()} == {"g0": 3, "g1": 3, "g2": 3}

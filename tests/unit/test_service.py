@@ -74,6 +74,18 @@ def test_a_failed_loop_is_rebuilt_after_a_backoff() -> None:
     assert clock.now_ms() - FakeClock().now_ms() == 3_000  # backoffs of 1 s and 2 s
 
 
+def test_rebuilds_are_counted_by_kind() -> None:
+    """Each rebuilt loop counts in ``loop_rebuilds_total``, the broker away apart."""
+    loops = iter([FakeLoop(KafkaError("stuck")), FakeLoop(RetriableError("away")), FakeLoop()])
+    metrics = Metrics()
+    assert Supervisor(lambda: next(loops), FakeClock(), metrics).run() == 0
+    counts = {
+        kind: metrics.registry.get_sample_value("group_worker_loop_rebuilds_total", {"kind": kind})
+        for kind in ("retriable", "other")
+    }
+    assert counts == {"retriable": 1.0, "other": 1.0}
+
+
 class _Client:
     """Stands for a Kafka client in a failed loop's frame."""
 
