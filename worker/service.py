@@ -23,7 +23,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,8 +197,10 @@ def run_service(config: Config) -> int:
         "config_loaded",
         bootstrap_servers=config.kafka.bootstrap_servers,
         kafka=redact(config.kafka.properties),
-        input=config.topics.input,
+        group_id=config.worker.group_id,  # an environment variable wins over the file's
+        topics=asdict(config.topics),
         guarantee=config.worker.processing_guarantee,
+        keyed=config.worker.input_keyed_by_group_id,
     )
     shutdown = Shutdown(config.worker.shutdown_timeout_seconds + _SHUTDOWN_MARGIN)
     shutdown.install()

@@ -303,6 +303,7 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
     env = {k: v for k, v in os.environ.items() if not k.startswith("GROUP_WORKER_")}
     env["GROUP_WORKER_KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:1"  # nothing listens there
     env["GROUP_WORKER_HTTP_PORT"] = str(port)
+    env["GROUP_WORKER_WORKER_GROUP_ID"] = "staging"
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "run"],
         cwd=tmp_path,
@@ -320,8 +321,12 @@ def test_a_worker_waiting_for_its_brokers_serves_its_probes_and_stops_at_once(
         worker.send_signal(signal.SIGINT)
         assert worker.wait(timeout=5) == 0
         assert worker.stderr is not None
-        events = [json.loads(line)["event"] for line in worker.stderr.read().splitlines()]
-        assert "config_loaded" in events  # no broker ever answered
+        events = [json.loads(line) for line in worker.stderr.read().splitlines()]
+        # No broker ever answered; the deployment's names are there all the same.
+        [loaded] = [e for e in events if e["event"] == "config_loaded"]
+        assert loaded["group_id"] == "staging"
+        assert loaded["topics"]["repartition"] == "staging.repartition"
+        assert loaded["topics"]["enriched"] == "segment.group.enriched"
     finally:
         worker.kill()
         worker.wait()
