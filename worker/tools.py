@@ -42,8 +42,6 @@ _TOPIC_WAIT = 5.0
 # The longest line read whole: past it, the rest is the next line (a value that long is
 # a too_large dead letter either way).
 _MAX_LINE = 64 << 20
-# librdkafka's RD_KAFKA_OFFSET_TAIL_BASE: an offset of BASE - N starts N before the end.
-_OFFSET_TAIL = -2000
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -75,7 +73,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "--last",
         type=_at_least(1, int),
         metavar="N",
-        help="start N offsets before each partition's end: its latest records",
+        help="start at each partition's latest N records (transaction markers not counted)",
     )
     tail.add_argument("--max", type=_at_least(1, int), metavar="N", help="stop after N records")
     tail.add_argument(
@@ -248,17 +246,21 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
         "group.id": f"group-worker-tail-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False,
         "isolation.level": "read_committed",
+        "enable.partition.eof": True,  # where --last stops counting
     }
     consumer = Consumer(
         client_config(config.kafka.bootstrap_servers, config.kafka.properties, "consumer", settings)
     )
     topic = _topic(consumer, args.topic, "tail")
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
-    if args.last is not None:  # librdkafka's logical offset "N before the end"
-        start = _OFFSET_TAIL - args.last
-    consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
     seen, last = 0, time.monotonic()
     try:
+        if args.last is None:
+            consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
+        else:
+            consumer.assign(
+                [_latest(consumer, args.topic, p, args.last) for p in sorted(topic.partitions)]
+            )
         while args.max is None or seen < args.max:
             if args.timeout is not None and time.monotonic() - last > args.timeout:
                 break
@@ -279,6 +281,37 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     finally:
         consumer.close()
     return 0
+
+
+def _latest(consumer: Consumer, topic: str, partition: int, n: int) -> TopicPartition:
+    """Where the partition's latest ``n`` committed records begin. Transaction markers
+    and aborted records take offsets too (on a transactional topic the last offset is a
+    marker), so the records of the last ``n`` offsets are counted, and of 4 times as
+    many if they are fewer, until there are ``n`` or the partition's first is reached."""
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    window = n
+    while True:
+        start = max(low, high - window)
+        offsets = _offsets(consumer, TopicPartition(topic, partition, start))
+        if len(offsets) >= n or start == low:
+            return TopicPartition(topic, partition, offsets[-n] if len(offsets) >= n else start)
+        window *= 4
+
+
+def _offsets(consumer: Consumer, start: TopicPartition) -> list[int]:
+    """The offsets of the committed records from ``start`` to the partition's end."""
+    consumer.assign([start])
+    offsets: list[int] = []
+    while True:
+        message = consumer.poll(0.2)
+        if message is None:
+            continue
+        if (error := message.error()) is None:
+            offsets.append(message.offset() or 0)
+        elif error.code() == ClientError._PARTITION_EOF:
+            return offsets
+        elif isinstance(refused := translate(error), FatalError):
+            raise FatalError(f"tail: topic {start.topic}: {refused}")
 
 
 def _topic(client: Any, name: str, command: str) -> Any:
