@@ -381,19 +381,36 @@ def _profiles(config: Config) -> dict[bytes, bytes]:
 
 
 def _state_get(config: Config, args: argparse.Namespace) -> int:
-    profile = _profiles(config).get(args.group_id.encode())
+    key = args.group_id.encode()
+    profile = _profiles(config).get(key)
     if profile is None:
         group = codec.encode(args.group_id).decode()  # quoted: "" and " " show
         print(f"group-worker: no group {group} in {config.topics.state}", file=sys.stderr)
         return 1
-    sys.stdout.buffer.write(profile + b"\n")
-    return 0
+    return 0 if _print_profile(config, key, profile) else 1
 
 
 def _state_dump(config: Config, _: argparse.Namespace) -> int:
-    for profile in _profiles(config).values():
-        sys.stdout.buffer.write(profile + b"\n")
-    return 0
+    """Every profile as a JSON line; one that is not JSON (not the worker's: anyone with
+    write access can produce to the topic) is named on stderr instead, and exits 1."""
+    printed = [_print_profile(config, key, profile) for key, profile in _profiles(config).items()]
+    return 0 if all(printed) else 1
+
+
+def _print_profile(config: Config, key: bytes, profile: bytes) -> bool:
+    """Print ``profile`` as a line, if it is JSON; else say which group's is not."""
+    try:
+        codec.decode(profile)
+    except codec.DecodeError as e:
+        group = codec.encode(key.decode(errors="replace")).decode()
+        print(
+            f"group-worker: group {group} in {config.topics.state}: its latest record is "
+            f"not JSON ({codec.decode_error(profile, e)}); not printed",
+            file=sys.stderr,
+        )
+        return False
+    sys.stdout.buffer.write(profile + b"\n")
+    return True
 
 
 def _normalise(config: Config, args: argparse.Namespace) -> int:

@@ -294,3 +294,19 @@ def test_send_keys_a_call_by_its_first_usable_id(call: bytes, key: bytes | None)
     """`send` keys a record by its userId, else its anonymousId: a text that is not blank
     or an integer, as the worker reads an ID (an object userId gave no key at all)."""
     assert tools._key(call, "userId") == key
+
+
+def test_state_dump_names_a_profile_that_is_not_json_and_prints_the_rest(
+    monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """Anyone who may write the state topic can put bytes there that are not JSON: `state
+    dump` prints JSON lines all the same, names the group whose record is not, exits 1."""
+    profiles = {b"g1": b'{"groupId":"g1"}', b"g\n2": b"\xffnot json", b"g3": b'{"groupId":"g3"}'}
+    monkeypatch.setattr(tools, "_profiles", lambda config: profiles)
+    assert main(["state", "dump"]) == 1
+    out, err = capfdbinary.readouterr()
+    assert out.splitlines() == [b'{"groupId":"g1"}', b'{"groupId":"g3"}']
+    assert b'group "g\\n2" in segment.group.state' in err
+    assert b"byte 0xff at offset 0" in err
+    assert main(["state", "get", "g1"]) == 0
+    assert main(["state", "get", "g\n2"]) == 1
