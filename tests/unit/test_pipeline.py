@@ -375,16 +375,32 @@ def test_json_nested_200_levels_is_taken_and_written_out() -> None:
 
 
 def test_a_batch_of_more_calls_than_the_limit_is_one_too_large_letter() -> None:
-    """A batch of more than MAX_BATCH_CALLS calls is dead-lettered whole, as too_large:
-    a record commits in one transaction, and 262,000 calls of `1` in 512 KB outlasted
-    its timeout (the worker was fenced, at every restart)."""
+    """A batch of more than MAX_BATCH_CALLS calls, and more than one per 32 bytes, is
+    dead-lettered whole, as too_large: 262,000 calls of `1` fit in 512 KB, each a dead
+    letter of its own. Libraries batch by bytes, so more small calls pass (analytics-go:
+    2,500 calls in 440 KB)."""
     assert (
         len(run(codec.encode({"batch": [call(messageId=f"m{n}") for n in range(2_000)]}))) == 2_000
     )
     raw = codec.encode({"batch": [1] * 2_001})
     letter = dead(raw)
     assert (letter.reason, letter.letter["value"]) == ("too_large", raw.decode())
-    assert letter.letter["message"] == "the batch holds 2001 calls, over the limit of 2000"
+    assert letter.letter["message"] == (
+        f"the batch holds 2001 calls, over the limit of 2000 for its {len(raw)} bytes "
+        "(2000, or one call per 32 bytes)"
+    )
+    small_calls = [{"type": "group", "userId": "u", "groupId": f"{n}"} for n in range(2_500)]
+    outcomes = run(codec.encode({"batch": small_calls}))
+    assert [o.kind for o in outcomes] == ["enriched"] * 2_500
+    tiny = codec.encode({"batch": [{}] * 20_000})  # 60,011 bytes: 1,875 per 32 bytes
+    assert (
+        dead(tiny)
+        .letter["message"]
+        .startswith("the batch holds 20000 calls, over the limit of 2000")
+    )
+    at_limit = codec.encode({"batch": [{"pad": "x" * 21}] * 10_000})  # 32 bytes a call
+    assert len(run(at_limit)) == 10_000
+    assert dead(codec.encode({"batch": [{"pad": "x" * 20}] * 10_000})).reason == "too_large"
 
 
 def test_dead_letters_of_batch_calls_carry_the_call_as_sent() -> None:
@@ -421,7 +437,8 @@ def test_envelope_typed_batch_is_split_and_keeps_its_own_id_and_type() -> None:
         envelope = {
             **kind,
             "messageId": "envelope",
-            "writeKey": "secret",
+            "writeKey": "key",
+            "secret": "key",  # early Analytics.NET
             "sequence": 3,
             "batch": [first, second, {"a": 1}],
         }
@@ -430,7 +447,7 @@ def test_envelope_typed_batch_is_split_and_keeps_its_own_id_and_type() -> None:
         ids = {o.call["messageId"] for o in outcomes if isinstance(o, Enriched)}
         assert len(ids) == 2
         assert "envelope" not in ids
-        assert not any("writeKey" in o.call or "sequence" in o.call for o in outcomes[:2])  # type: ignore[union-attr]
+        assert not any({"writeKey", "secret", "sequence"} & o.call.keys() for o in outcomes[:2])  # type: ignore[union-attr]
         assert outcomes[2].reason == "missing_type"  # type: ignore[union-attr]
 
 
