@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 
 from worker import codec, tools
 from worker.cli import main
+from worker.config import load_config
 from worker.errors import WorkerError
 from worker.events import Headers, Record
 from worker.tools import read_calls
@@ -303,10 +305,11 @@ def test_state_dump_names_a_profile_that_is_not_json_and_prints_the_rest(
     dump` prints JSON lines all the same, names the group whose record is not, exits 1."""
     profiles = {b"g1": b'{"groupId":"g1"}', b"g\n2": b"\xffnot json", b"g3": b'{"groupId":"g3"}'}
     monkeypatch.setattr(tools, "_profiles", lambda config: profiles)
-    assert main(["state", "dump"]) == 1
+    config = load_config(environ={})
+    assert tools._state_dump(config, argparse.Namespace()) == 1
     out, err = capfdbinary.readouterr()
     assert out.splitlines() == [b'{"groupId":"g1"}', b'{"groupId":"g3"}']
     assert b'group "g\\n2" in segment.group.state' in err
     assert b"byte 0xff at offset 0" in err
-    assert main(["state", "get", "g1"]) == 0
-    assert main(["state", "get", "g\n2"]) == 1
+    assert tools._state_get(config, argparse.Namespace(group_id="g1")) == 0
+    assert tools._state_get(config, argparse.Namespace(group_id="g\n2")) == 1
