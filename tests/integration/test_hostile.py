@@ -167,6 +167,26 @@ def test_an_envelope_to_a_large_group_commits_in_parts_and_a_kill_redoes_none(
     assert second.stop() == 0
 
 
+def test_an_envelope_of_thousands_of_small_calls_is_enriched_exactly_once(
+    topics: Topics, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Libraries batch by bytes: 7,000 calls of ~65 bytes in one 450 KB record (past the
+    2,000 calls a batch held before) are each enriched once, in the default layout."""
+    batch = [
+        {"type": "group", "messageId": f"b{n}", "userId": f"u{n % 50}", "groupId": f"g{n % 20}"}
+        for n in range(7_000)
+    ]
+    record = codec.encode({"batch": batch, "context": {"library": {"name": "analytics-go"}}})
+    assert 400_000 < len(record) < 524_288
+    workers.append(WorkerProcess(topics, tmp_path).start())
+    produce(topics.input, [(b"sender", record)])
+    enriched = values(read_topic(topics.enriched, expect=7_000, idle=5, timeout=120))
+    assert Counter(c["messageId"] for c in enriched) == {f"b{n}": 1 for n in range(7_000)}
+    counts = {c["groupId"]: c["group"]["eventCount"] for c in enriched}
+    assert counts == {f"g{n}": 350 for n in range(20)}
+    assert read_topic(topics.dlq, idle=2) == []
+
+
 @pytest.mark.parametrize("later", [False, True], ids=["first-batch", "later-batch"])
 def test_a_dead_letter_the_broker_refuses_does_not_loop(
     topics: Topics, workers: list[WorkerProcess], tmp_path: Path, later: bool
