@@ -114,6 +114,9 @@ class Enriched:
     # appended, not the call encoded again. Changing ``call`` in any other way than
     # setting its ``group`` means dropping these bytes (a new ``Enriched`` without them).
     encoded: bytes | None = None
+    # The call's own ``timestamp`` when it is there but no valid ISO-8601 time (the
+    # event time fell back to the next source): for the metrics and a log line.
+    invalid_timestamp: Any = None
     kind: Literal["enriched"] = "enriched"
 
 

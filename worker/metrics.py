@@ -145,6 +145,13 @@ class Metrics:
             "Group calls on an input said to be keyed by groupId, keyed or placed otherwise",
             registry=r,
         )
+        # Group calls whose own timestamp is there but not a valid ISO-8601 time: their
+        # event time fell back to receivedAt or the record's time (README, Event time).
+        self.invalid_timestamps = Counter(
+            f"{_PREFIX}_invalid_timestamps",
+            "Group calls whose timestamp is not a valid ISO-8601 time",
+            registry=r,
+        )
         # State, membership and dedupe records written to the changelog topics (coalesced).
         self.changelog_records = Counter(
             f"{_PREFIX}_changelog_records", "Changelog records written", registry=r

@@ -54,6 +54,7 @@ __all__ = [
     "forward_headers",
     "forwarded_arrival",
     "header",
+    "json_type",
     "output_dead_letter",
     "process_forwarded",
     "process_record",
@@ -161,7 +162,7 @@ def process_record(
         if codec.too_deep(document, raw):
             raise _Invalid("invalid_json", f"nested deeper than {codec.MAX_DEPTH} levels")
         if not isinstance(document, dict):
-            raise _Invalid("not_an_object", f"the value is a JSON {_json_type(document)}")
+            raise _Invalid("not_an_object", f"the value is a JSON {json_type(document)}")
     except _Invalid as e:
         return [_dead_letter(e, record, source, raw)]
 
@@ -170,7 +171,7 @@ def process_record(
 
     calls = document["batch"]
     if not isinstance(calls, list):
-        invalid = _Invalid("invalid_batch", f"batch is a JSON {_json_type(calls)}")
+        invalid = _Invalid("invalid_batch", f"batch is a JSON {json_type(calls)}")
         return [_dead_letter(invalid, record, source, raw)]
     if len(calls) > (limit := _batch_call_limit(len(raw))):
         invalid = _Invalid(
@@ -297,7 +298,7 @@ def _process_call(
     large dead letters."""
     try:
         if not isinstance(call, dict):
-            raise _Invalid("not_an_object", f"the call is a JSON {_json_type(call)}")
+            raise _Invalid("not_an_object", f"the call is a JSON {json_type(call)}")
         call_type = call.get("type")
         if not isinstance(call_type, str) or not call_type.strip():
             raise _Invalid("missing_type", "the call has no type")
@@ -324,7 +325,7 @@ def _enrich(
     if traits is None:
         traits = {}
     elif not isinstance(traits, dict):
-        raise _Invalid("invalid_traits", f"traits is a JSON {_json_type(traits)}")
+        raise _Invalid("invalid_traits", f"traits is a JSON {json_type(traits)}")
     message_id = call.get("messageId")
     if message_id is None or (isinstance(message_id, str) and not message_id.strip()):
         message_id = _derive_message_id(call)
@@ -338,7 +339,12 @@ def _enrich(
         )
 
     normalised, warnings = normalise_traits(traits, phone_region=settings.phone_region)
-    when = event_time(call, arrival_ms)
+    stamp = call.get("timestamp")
+    when = parse_iso_time(stamp)  # event_time's first choice, parsed once
+    if when is None:
+        when = event_time(call, arrival_ms)
+    else:
+        stamp = None  # usable: nothing to report
     listed: list[dict[str, Any]] = []
     if warnings:
         new = ({"code": w.code, "trait": w.trait, "value": w.value} for w in warnings)
@@ -368,8 +374,8 @@ def _enrich(
         enriched["anonymousId"] = None
     codes = tuple(w.code for w in warnings)  # every warning, listed or not
     if user_id is not None:
-        return Enriched(group_id, enriched, when, "userId", user_id, codes)
-    return Enriched(group_id, enriched, when, "anonymousId", anonymous_id or "", codes)
+        return Enriched(group_id, enriched, when, "userId", user_id, codes, None, stamp)
+    return Enriched(group_id, enriched, when, "anonymousId", anonymous_id or "", codes, None, stamp)
 
 
 def _check_size(call: dict[str, Any], raw: bytes | None, sent: Any, limit: int) -> None:
@@ -545,6 +551,7 @@ def _reencode(call: Any) -> bytes | None:
         return None
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type: object, array, string, number..."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")

@@ -22,6 +22,7 @@ sink learns of it only from the replay's delivery reports: ``KafkaSink.produce``
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from worker.pipeline import (
     forward_headers,
     forwarded_arrival,
     header,
+    json_type,
     output_dead_letter,
     process_forwarded,
     process_record,
@@ -64,6 +66,11 @@ log = structlog.get_logger("worker.processor")
 # At most one dead_letter log line per reason in this many seconds (the rest are counted).
 _LOG_EVERY = 10.0
 _FOREIGN = " foreign"  # the foreign-call warning's key in _logged, beside dead letters' reasons
+_INVALID_TIMESTAMP = " timestamp"  # likewise for calls whose own timestamp is unusable
+# What of a call's unusable timestamp a log line shows: text that can only be a time,
+# and at most this many characters of its library's name and version.
+_TIME_LIKE = re.compile(r"[\d\sTtZz:+\-./,]{1,64}")
+_SHOWN = 64
 # Refused outputs remembered (by where their call came from), oldest forgotten first.
 _MAX_REFUSED = 10_000
 # Dedupe ids an expiry pass scans after a commit: about 10 ms (``expire_seen``).
@@ -104,6 +111,7 @@ class Tally:
     reasons: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
+    invalid_timestamps: int = 0  # group calls whose own timestamp is unusable
     event_times_ms: list[int] = field(default_factory=list)
     # The commit's changelog (``write_changelog``; set anew if the commit is retried):
     # records written, and state or membership records dead-lettered instead, by reason.
@@ -268,6 +276,8 @@ class Processor:
                 # in either layout; Counter.update costs ~0.2 µs, even empty.
                 if isinstance(outcome, Enriched) and outcome.warnings:
                     tally.warnings.update(outcome.warnings)
+                if isinstance(outcome, Enriched) and outcome.invalid_timestamp is not None:
+                    self._invalid_timestamp(outcome, tally)
                 if isinstance(outcome, Enriched) and repartition is not None:
                     key, value = outcome.group_id.encode(), codec.encode(outcome.call)
                     headers = headers or forward_headers(record, arrival) + self._forward_writer
@@ -588,6 +598,28 @@ class Processor:
         self._sink.produce(dlq, key, value, headers)
         return len(value) + len(key or b"")
 
+    def _invalid_timestamp(self, outcome: Enriched, tally: Tally) -> None:
+        """Count a call whose own ``timestamp`` is there but unusable (its event time fell
+        back to ``receivedAt`` or the record's time); log one in ``_LOG_EVERY`` seconds,
+        with the library that sent it: a library version that writes its times wrong
+        (analytics-swift once wrote ``45.123:Z``) moves its calls to their delivery time."""
+        tally.invalid_timestamps += 1
+        if (suppressed := self._log_due(_INVALID_TIMESTAMP)) is None:
+            return
+        call, stamp = outcome.call, outcome.invalid_timestamp
+        context = call.get("context")
+        library = context.get("library") if isinstance(context, dict) else None
+        named = [library.get(k) for k in ("name", "version")] if isinstance(library, dict) else []
+        source = call["enrichment"]["source"]
+        log.warning(
+            "invalid_timestamp",
+            value=_shown_time(stamp),
+            library=" ".join(v for v in named if isinstance(v, str))[:_SHOWN] or None,
+            event_time=call["timestamp"],
+            suppressed=suppressed,
+            **{k: v for k, v in source.items() if v is not None},
+        )
+
     def _log_dead_letter(self, letter: DeadLetter) -> None:
         """Log a dead letter (never its value), at most one line per reason per interval."""
         if (suppressed := self._log_due(letter.reason)) is not None:
@@ -637,6 +669,16 @@ class Processor:
             )
         except (codec.DecodeError, AttributeError, KeyError, TypeError):
             return (topic, key, value)
+
+
+def _shown_time(value: Any) -> Any:
+    """An unusable timestamp as a log line shows it: a number, or text of digits and
+    time punctuation, as it is; anything else only by its type and length, as a sender
+    may put anything there (logs carry no values of the sender's but times)."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _TIME_LIKE.fullmatch(value)):
+        return value
+    size = len(value) if isinstance(value, str) else len(codec.encode(value))
+    return f"(not shown: a JSON {json_type(value)} of {size} characters)"
 
 
 def _position(letter: DeadLetter) -> dict[str, Any]:

@@ -612,6 +612,7 @@ class Runner:
         m.calls_consumed.inc(tally.calls)
         m.repartitioned_calls.inc(tally.forwarded)
         m.unkeyed_calls.inc(tally.unkeyed)
+        m.invalid_timestamps.inc(tally.invalid_timestamps)
         m.changelog_records.inc(tally.changelog)
         for labels, counter in (
             (tally.outcomes, m.outcomes),

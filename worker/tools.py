@@ -426,6 +426,8 @@ def _normalise(config: Config, args: argparse.Namespace) -> int:
                 counts[f"outcome {outcome.kind}"] += 1
                 if isinstance(outcome, Enriched):
                     counts.update(f"warning {code}" for code in outcome.warnings)
+                    if outcome.invalid_timestamp is not None:
+                        counts["timestamp invalid"] += 1
                     shown = {
                         "topic": config.topics.enriched,
                         "key": outcome.group_id,

@@ -24,3 +24,4 @@ def test_every_label_value_known_in_advance_is_exported_at_zero() -> None:
     ):
         for value in values:
             assert registry.get_sample_value(name, {label: value}) == 0, (name, value)
+    assert registry.get_sample_value("group_worker_invalid_timestamps_total") == 0

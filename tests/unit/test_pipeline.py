@@ -529,6 +529,29 @@ def test_event_time_falls_back_to_the_record_timestamp() -> None:
     out = enriched(call(timestamp="yesterday"))
     assert out.call["timestamp"] == "2015-02-23T22:28:55.000Z"
     assert out.event_time_ms == RECORD_MS
+    assert out.invalid_timestamp == "yesterday"
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2021-10-17T12:30:45.123:Z",  # analytics-swift before 1.1
+        # analytics-kotlin's SimpleDateFormat in an Arabic locale: Arabic-Indic digits
+        "2023-06-05T10:48:29.5Z".translate({48 + d: 0x660 + d for d in range(10)}),
+        "2015-02-23T22:28:551110+00:00",  # an old analytics-php: no dot before the fraction
+        1488371445123,  # epoch milliseconds
+        {"$date": "2015-02-23T22:28:55Z"},
+    ],
+)
+def test_a_timestamp_there_but_unusable_is_reported_beside_the_fallback(stamp: Any) -> None:
+    """A sender's timestamp that is no ISO-8601 time gives way to the next source (here
+    receivedAt) and is carried on the outcome, for the metrics and a log line; a valid,
+    null or absent one is not."""
+    out = enriched(call(timestamp=stamp, receivedAt="2015-02-23T22:28:56Z"))
+    assert out.call["timestamp"] == "2015-02-23T22:28:56.000Z"
+    assert out.invalid_timestamp == stamp
+    for usable in ({"timestamp": "2015-02-23T22:28:55Z"}, {"timestamp": None}, {}):
+        assert enriched(call(**usable)).invalid_timestamp is None
 
 
 def test_trait_warnings_are_reported_with_their_code() -> None:

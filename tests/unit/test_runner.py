@@ -236,13 +236,14 @@ def test_abortable_commit_aborts_and_replays_exactly_once() -> None:
     counted its outcomes again, and never the calls consumed)."""
     runner, source, sink, metrics = make()
     for n in range(3):
-        source.append(group_call(n))
+        source.append(group_call(n, timestamp="not a time" if n == 1 else None))
     sink.fail_next_commit = AbortableError("fenced epoch bump")
     run_for(runner, source, 8)
     assert sink.aborts == 1
     assert message_ids(sink) == ["m0", "m1", "m2"]
     assert sink.offset_commits[-1] == {("in", 0): 3}
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 3
+    assert sample(metrics, "group_worker_invalid_timestamps_total") == 1
     assert sample(metrics, "group_worker_calls_consumed_total") == 3
     assert sample(metrics, "group_worker_records_consumed_total") == 3
     # The aborted batch's changelog records were counted too, as they were produced.

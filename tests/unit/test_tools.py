@@ -102,6 +102,18 @@ def test_normalise_reads_a_json_array_as_send_does(tmp_path: Path) -> None:
     result = group_worker(tmp_path, "normalise", "--summary", str(calls))
     assert (result.returncode, result.stderr) == (0, b"")
     assert b"outcome enriched\t2" in result.stdout
+    assert b"timestamp invalid" not in result.stdout
+
+
+def test_normalise_summary_counts_calls_whose_timestamp_is_unusable(tmp_path: Path) -> None:
+    """A call whose own timestamp is no ISO-8601 time (its event time falls back) is
+    counted in the summary, as the worker counts it on its metrics."""
+    calls = tmp_path / "calls.jsonl"
+    bad = GROUP.replace(b'"type"', b'"timestamp":"2021-10-17T12:30:45.123:Z","type"')
+    calls.write_bytes(bad + b"\n" + GROUP + b"\n")
+    result = group_worker(tmp_path, "normalise", "--summary", str(calls))
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert b"outcome enriched\t2\ntimestamp invalid\t1\n" in result.stdout
 
 
 def test_normalise_dead_letters_a_line_that_is_not_utf8_and_goes_on(tmp_path: Path) -> None:
