@@ -11,8 +11,7 @@ Dead-letter reason codes (stable; also sent as the ``reason`` header):
 ``invalid_json``     the value is empty, not UTF-8, or not valid JSON
 ``not_an_object``    the value (or a call in a batch) is not a JSON object
 ``too_large``        a group call over ``max_event_bytes``, a record over ``max_batch_bytes``,
-                     or a batch of more than ``MAX_BATCH_CALLS`` calls and one per
-                     32 bytes
+                     or a batch of more calls than ``_batch_call_limit`` allows
 ``invalid_batch``    ``batch`` is present but not a list, or a call in a batch is a batch
 ``missing_type``     no ``type`` string, so the call cannot be routed
 ``missing_group_id`` no usable ``groupId`` (absent, null, blank, or not a string/number)
@@ -97,10 +96,11 @@ _DELIVERY_FIELDS = frozenset({"messageId", "receivedAt", "sentAt"})
 _ARRIVAL_HEADER: Final = "arrival"
 _INPUT_KEY_HEADER: Final = "input-key"
 _MAX_CARRIED_KEY: Final = 1_024
-# Most calls one batch envelope may hold, or one per _MIN_CALL_BYTES of its record when
-# that is more; past it the envelope is a too_large dead letter whole (_batch_call_limit).
-MAX_BATCH_CALLS: Final = 2_000
-_MIN_CALL_BYTES: Final = 32
+# Most calls one batch envelope may hold (_batch_call_limit); past it the envelope is a
+# too_large dead letter whole.
+MAX_BATCH_CALLS: Final = 16_384
+_ANY_BATCH_CALLS: Final = 2_000  # whatever its size
+_MIN_CALL_BYTES: Final = 32  # per call, past those
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +177,8 @@ def process_record(
         invalid = _Invalid(
             "too_large",
             f"the batch holds {len(calls)} calls, over the limit of {limit} for its "
-            f"{len(raw)} bytes ({MAX_BATCH_CALLS}, or one call per {_MIN_CALL_BYTES} bytes)",
+            f"{len(raw)} bytes ({_ANY_BATCH_CALLS}, or one call per {_MIN_CALL_BYTES} "
+            f"bytes, at most {MAX_BATCH_CALLS})",
         )
         return [_dead_letter(invalid, record, source, raw)]
     # Envelope fields (context, sentAt...) apply to every call that lacks them; its own
@@ -199,10 +200,12 @@ def process_record(
 
 def _batch_call_limit(size: int) -> int:
     """The most calls a batch envelope of ``size`` bytes may hold: 2,000, or one per 32
-    bytes when that is more. Libraries batch by bytes (Segment's API takes 500 KB), so a
-    batch of small calls can pass 2,000 (analytics-go: 2,500 in 440 KB); no library's
-    call is near 32 bytes, while 262,000 calls of ``1``, each a dead letter, fit in 512 KB."""
-    return max(MAX_BATCH_CALLS, size // _MIN_CALL_BYTES)
+    bytes when that is more, at most 16,384 (the 512 KB default ``max_batch_bytes``
+    over 32; a larger limit does not raise it, as a record's outcomes are held at once).
+    Libraries batch by bytes (Segment's API takes 500 KB), so a batch of small calls can
+    pass 2,000 (analytics-go: 2,500 in 440 KB); no library's call is near 32 bytes,
+    while 262,000 calls of ``1``, each a dead letter, fit in 512 KB."""
+    return min(MAX_BATCH_CALLS, max(_ANY_BATCH_CALLS, size // _MIN_CALL_BYTES))
 
 
 def _with_defaults(sent: Any, defaults: dict[str, Any], merged: list[str]) -> Any:
@@ -339,12 +342,12 @@ def _enrich(
         )
 
     normalised, warnings = normalise_traits(traits, phone_region=settings.phone_region)
-    stamp = call.get("timestamp")
-    when = parse_iso_time(stamp)  # event_time's first choice, parsed once
+    stamp = call.get("timestamp")  # event_time's first choice; reported when unusable
+    when = parse_iso_time(stamp)
+    if when is not None or stamp is None or (isinstance(stamp, str) and not stamp.strip()):
+        stamp = None  # usable, or not there (a blank one is none)
     if when is None:
         when = event_time(call, arrival_ms)
-    else:
-        stamp = None  # usable: nothing to report
     listed: list[dict[str, Any]] = []
     if warnings:
         new = ({"code": w.code, "trait": w.trait, "value": w.value} for w in warnings)
@@ -374,8 +377,9 @@ def _enrich(
         enriched["anonymousId"] = None
     codes = tuple(w.code for w in warnings)  # every warning, listed or not
     if user_id is not None:
-        return Enriched(group_id, enriched, when, "userId", user_id, codes, None, stamp)
-    return Enriched(group_id, enriched, when, "anonymousId", anonymous_id or "", codes, None, stamp)
+        return Enriched(group_id, enriched, when, "userId", user_id, codes, invalid_timestamp=stamp)
+    member = anonymous_id or ""
+    return Enriched(group_id, enriched, when, "anonymousId", member, codes, invalid_timestamp=stamp)
 
 
 def _check_size(call: dict[str, Any], raw: bytes | None, sent: Any, limit: int) -> None:
@@ -520,7 +524,7 @@ def _dead_letter(
 ) -> DeadLetter:
     key_bytes, ms = _input_record(record, source)
     if source.index is not None and key_bytes is not None and len(key_bytes) > _MAX_CARRIED_KEY:
-        # Not in each of up to 2,000 letters of one envelope (its record has it).
+        # Not in each of up to 16,384 letters of one envelope (its record has it).
         key_bytes = None
     origin = source.as_dict()
     origin["key"], key_encoding = _text(key_bytes)

@@ -67,10 +67,10 @@ log = structlog.get_logger("worker.processor")
 _LOG_EVERY = 10.0
 _FOREIGN = " foreign"  # the foreign-call warning's key in _logged, beside dead letters' reasons
 _INVALID_TIMESTAMP = " timestamp"  # likewise for calls whose own timestamp is unusable
-# What of a call's unusable timestamp a log line shows: text that can only be a time,
-# and at most this many characters of its library's name and version.
-_TIME_LIKE = re.compile(r"[\d\sTtZz:+\-./,]{1,64}")
+# What a log line of a call's unusable timestamp shows: the timestamp's shape, of this
+# many characters at most, and its library's name and version when they are a package's.
 _SHOWN = 64
+_PACKAGE = re.compile(r"(@[\w.-]{1,64}/)?[\w.+-]{1,64}", re.ASCII)
 # Refused outputs remembered (by where their call came from), oldest forgotten first.
 _MAX_REFUSED = 10_000
 # Dedupe ids an expiry pass scans after a commit: about 10 ms (``expire_seen``).
@@ -223,16 +223,15 @@ class Processor:
         cuts: Cuts = NO_CUTS,
     ) -> tuple[int, int, int]:
         """``process`` the first of ``records``, as many as it takes to handle ``budget``
-        calls (a record of the repartition topic is one; 0: no bound), at least one, or
-        until ``tally`` counts ``max_bytes`` of calls produced (0: no bound), at least one
+        calls (a record of the repartition topic is one; 0: no bound), or until
+        ``tally`` counts ``max_bytes`` of calls produced (0: no bound), at least one
         call, inside a record if need be. Returns how many records were done, how many
-        calls they held, and of the next record how many calls are done when the bytes
-        cut it (else 0): a transaction then holds about as many calls, and bytes, as its
-        committer chooses, however many a record holds. Each call of a large group
-        carries the group's profile: an envelope of 2,000 calls to a group near its
-        bound is 1.7 GB, more than a transaction's timeout lets through. (The calls'
-        budget cuts only between records, as calls one a record need no more.)
-        ``cuts``: records cut before, whose calls done it skips."""
+        calls they held, and of the next record how many calls are done when it is cut
+        (else 0): a transaction then holds about as many calls, and bytes, as its
+        committer chooses, however many a record holds. An envelope holds up to 16,384
+        calls; each call of a large group carries the group's profile, so 2,000 calls to
+        a group near its bound are 1.7 GB, more than a transaction's timeout lets
+        through. ``cuts``: records cut before, whose calls done it skips."""
         now_ms = self._now_ms = self._clock.now_ms()
         repartition = self._routes.repartition
         handled = 0
@@ -267,7 +266,10 @@ class Processor:
                 outcomes = process_record(record, self._settings, arrival, skip)
             headers = None  # the re-keyed calls' headers, once per record (1.2 µs)
             for done, outcome in enumerate(outcomes, skip):
-                if done > skip and max_bytes and tally.produced_bytes >= max_bytes:
+                if done > skip and (
+                    (budget and handled >= budget)
+                    or (max_bytes and tally.produced_bytes >= max_bytes)
+                ):
                     self._rest = (topic, partition, record.offset(), done), outcomes[done - skip :]
                     return index - 1, handled, done
                 handled += 1
@@ -606,15 +608,15 @@ class Processor:
         tally.invalid_timestamps += 1
         if (suppressed := self._log_due(_INVALID_TIMESTAMP)) is None:
             return
-        call, stamp = outcome.call, outcome.invalid_timestamp
+        call = outcome.call
         context = call.get("context")
         library = context.get("library") if isinstance(context, dict) else None
         named = [library.get(k) for k in ("name", "version")] if isinstance(library, dict) else []
         source = call["enrichment"]["source"]
         log.warning(
             "invalid_timestamp",
-            value=_shown_time(stamp),
-            library=" ".join(v for v in named if isinstance(v, str))[:_SHOWN] or None,
+            shape=_time_shape(outcome.invalid_timestamp),
+            library=" ".join(_package_text(v) for v in named if v is not None) or None,
             event_time=call["timestamp"],
             suppressed=suppressed,
             **{k: v for k, v in source.items() if v is not None},
@@ -671,14 +673,31 @@ class Processor:
             return (topic, key, value)
 
 
-def _shown_time(value: Any) -> Any:
-    """An unusable timestamp as a log line shows it: a number, or text of digits and
-    time punctuation, as it is; anything else only by its type and length, as a sender
-    may put anything there (logs carry no values of the sender's but times)."""
-    if isinstance(value, int | float) or (isinstance(value, str) and _TIME_LIKE.fullmatch(value)):
+def _time_shape(value: Any) -> str:
+    """What an unusable timestamp looks like, not what it says (a sender may put anything
+    there): of its first 64 characters, ASCII digits as 9, other digits as #, letters
+    but T and Z as a, time punctuation as it is, anything else as ?; of a number its JSON
+    text so, of another type only its name."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return f"(a JSON {json_type(value)})"
+    text = value if isinstance(value, str) else codec.encode(value).decode()
+    return "".join(_shape(c) for c in text[:_SHOWN])
+
+
+def _shape(c: str) -> str:
+    if "0" <= c <= "9":
+        return "9"
+    if c in "TtZz:+-., /":
+        return c
+    return "#" if c.isdigit() else "a" if c.isalpha() else "?"
+
+
+def _package_text(value: Any) -> str:
+    """A library's name or version as a log line shows it: as it is when it is one
+    (``@segment/analytics-node``, ``1.2.3-beta``), else not at all."""
+    if isinstance(value, str) and _PACKAGE.fullmatch(value):
         return value
-    size = len(value) if isinstance(value, str) else len(codec.encode(value))
-    return f"(not shown: a JSON {json_type(value)} of {size} characters)"
+    return "(not shown)"
 
 
 def _position(letter: DeadLetter) -> dict[str, Any]:

@@ -39,6 +39,8 @@ __all__ = ["add_commands", "read_calls"]
 _UNKNOWN_TOPIC = ClientError.UNKNOWN_TOPIC_OR_PART
 # How long a topic may be unknown before a command says there is none (seconds).
 _TOPIC_WAIT = 5.0
+# How long tail --last may take to find each partition's latest records (seconds).
+_LAST_WAIT = 30.0
 # The longest line read whole: past it, the rest is the next line (a value that long is
 # a too_large dead letter either way).
 _MAX_LINE = 64 << 20
@@ -247,6 +249,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
         "enable.auto.commit": False,
         "isolation.level": "read_committed",
         "enable.partition.eof": True,  # where --last stops counting
+        "fetch.wait.max.ms": 100,  # the end event comes a fetch's wait after the end
     }
     consumer = Consumer(
         client_config(config.kafka.bootstrap_servers, config.kafka.properties, "consumer", settings)
@@ -255,12 +258,12 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
     seen, last = 0, time.monotonic()
     try:
+        partitions = sorted(topic.partitions)
         if args.last is None:
-            consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
+            consumer.assign([TopicPartition(args.topic, p, start) for p in partitions])
         else:
-            consumer.assign(
-                [_latest(consumer, args.topic, p, args.last) for p in sorted(topic.partitions)]
-            )
+            consumer.assign(_latest(consumer, args.topic, partitions, args.last))
+            last = time.monotonic()  # --timeout counts from here
         while args.max is None or seen < args.max:
             if args.timeout is not None and time.monotonic() - last > args.timeout:
                 break
@@ -283,35 +286,51 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _latest(consumer: Consumer, topic: str, partition: int, n: int) -> TopicPartition:
-    """Where the partition's latest ``n`` committed records begin. Transaction markers
+def _latest(consumer: Consumer, topic: str, partitions: list[int], n: int) -> list[TopicPartition]:
+    """Where each partition's latest ``n`` committed records begin. Transaction markers
     and aborted records take offsets too (on a transactional topic the last offset is a
-    marker), so the records of the last ``n`` offsets are counted, and of 4 times as
-    many if they are fewer, until there are ``n`` or the partition's first is reached."""
-    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    marker), so the records of each partition's last ``n`` offsets are counted, and of 4
+    times as many where they are fewer, until there are ``n`` or its first offset is
+    reached. For ``_LAST_WAIT`` seconds at most (the broker away): a partition not
+    counted by then starts where its count did."""
+    bounds = {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions
+    }
+    deadline = time.monotonic() + _LAST_WAIT
+    starts: dict[int, int] = {}
     window = n
-    while True:
-        start = max(low, high - window)
-        offsets = _offsets(consumer, TopicPartition(topic, partition, start))
-        if len(offsets) >= n or start == low:
-            return TopicPartition(topic, partition, offsets[-n] if len(offsets) >= n else start)
+    while len(starts) < len(partitions):
+        begin = {p: max(low, high - window) for p, (low, high) in bounds.items() if p not in starts}
+        found = _offsets(consumer, topic, begin, {p: bounds[p][1] for p in begin}, deadline)
+        for p, offsets in found.items():
+            if len(offsets) >= n or begin[p] == bounds[p][0] or time.monotonic() > deadline:
+                starts[p] = offsets[-n] if len(offsets) >= n else begin[p]
         window *= 4
+    return [TopicPartition(topic, p, starts[p]) for p in partitions]
 
 
-def _offsets(consumer: Consumer, start: TopicPartition) -> list[int]:
-    """The offsets of the committed records from ``start`` to the partition's end."""
-    consumer.assign([start])
-    offsets: list[int] = []
-    while True:
+def _offsets(
+    consumer: Consumer, topic: str, begin: dict[int, int], end: dict[int, int], deadline: float
+) -> dict[int, list[int]]:
+    """The offsets of each partition's committed records from ``begin`` up to ``end``
+    (records written since are not counted), all partitions read at once: a partition
+    is done at its end event (its end, or an open transaction's start) or at a record
+    from ``end`` on (the topic is busy), all of them at ``deadline``."""
+    consumer.assign([TopicPartition(topic, p, offset) for p, offset in begin.items()])
+    found: dict[int, list[int]] = {p: [] for p in begin}
+    reading = {p for p in begin if begin[p] < end[p]}
+    while reading and time.monotonic() < deadline:
         message = consumer.poll(0.2)
         if message is None:
             continue
-        if (error := message.error()) is None:
-            offsets.append(message.offset() or 0)
-        elif error.code() == ClientError._PARTITION_EOF:
-            return offsets
+        partition, offset = message.partition() or 0, message.offset() or 0
+        if (error := message.error()) is None and offset < end[partition]:
+            found[partition].append(offset)
+        elif error is None or error.code() == ClientError._PARTITION_EOF:
+            reading.discard(partition)
         elif isinstance(refused := translate(error), FatalError):
-            raise FatalError(f"tail: topic {start.topic}: {refused}")
+            raise FatalError(f"tail: topic {topic}: {refused}")
+    return found
 
 
 def _topic(client: Any, name: str, command: str) -> Any:
@@ -398,9 +417,10 @@ def _state_dump(config: Config, _: argparse.Namespace) -> int:
 
 
 def _print_profile(config: Config, key: bytes, profile: bytes) -> bool:
-    """Print ``profile`` as a line, if it is JSON; else say which group's is not."""
+    """Print ``profile`` as a line, if it is JSON (re-encoded when a line break in it
+    would make it more than one); else say which group's is not."""
     try:
-        codec.decode(profile)
+        document = codec.decode(profile)
     except codec.DecodeError as e:
         group = codec.encode(key.decode(errors="replace")).decode()
         print(
@@ -409,6 +429,8 @@ def _print_profile(config: Config, key: bytes, profile: bytes) -> bool:
             file=sys.stderr,
         )
         return False
+    if b"\n" in profile or b"\r" in profile:
+        profile = codec.encode(document)
     sys.stdout.buffer.write(profile + b"\n")
     return True
 

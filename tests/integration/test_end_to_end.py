@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -242,33 +243,77 @@ def test_send_and_tail_round_trip(topics: Topics) -> None:
     } == ends
 
 
+def transactions(topic: str, name: str) -> Producer:
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "transactional.id": f"{topic}-{name}"})
+    producer.init_transactions(30)
+    return producer
+
+
+def write(
+    producer: Producer, topic: str, partition: int, values: list[bytes], commit: bool
+) -> None:
+    producer.begin_transaction()
+    for value in values:
+        producer.produce(topic, value, partition=partition)
+    if commit:
+        producer.commit_transaction(30)
+    else:
+        producer.abort_transaction(30)
+
+
+def tailed(topics: Topics, *args: str) -> list[tuple[int, Any]]:
+    result = cli(topics, "tail", *args)
+    assert result.returncode == 0, result.stderr
+    return [
+        (line["partition"], line["value"]) for line in map(codec.decode, result.stdout.splitlines())
+    ]
+
+
 def test_tail_last_counts_records_not_offsets(topics: Topics) -> None:
     """On a transactional topic each commit's marker takes an offset and an aborted
-    transaction's records are not read: `--last 2` prints the two latest committed
-    records all the same (it printed none with a marker at the end)."""
+    transaction's records are not read: `--last 2` prints each partition's two latest
+    committed records all the same (it printed none with a marker at the end), with a
+    transaction open meanwhile, and none of an empty partition or of one whose records
+    all aborted."""
+    create_topic(topics.enriched, 3)
+    producer = transactions(topics.enriched, "tail")
+    write(producer, topics.enriched, 0, [b"a", b"b", b"c"], True)
+    write(producer, topics.enriched, 0, [b"d"], True)
+    write(producer, topics.enriched, 0, [b"x", b"y"], False)
+    write(producer, topics.enriched, 2, [b"p", b"q"], False)
+    producer.begin_transaction()  # open while the tails run
+    producer.produce(topics.enriched, b"open", partition=0)
+    producer.flush(10)
+    assert tailed(topics, topics.enriched, "--last", "2", "--timeout", "2") == [(0, "c"), (0, "d")]
+    everything = tailed(topics, topics.enriched, "--last", "50", "--timeout", "2")
+    assert everything == [(0, "a"), (0, "b"), (0, "c"), (0, "d")]
+    producer.abort_transaction(30)
+
+
+def test_tail_last_ends_its_count_on_a_busy_topic(topics: Topics) -> None:
+    """A partition that gets a transaction every 20 ms never shows its end, so the count
+    stops at the end it had when asked (it waited for the end for ever)."""
     create_topic(topics.enriched, 1)
-    producer = Producer(
-        {"bootstrap.servers": BOOTSTRAP, "transactional.id": f"{topics.enriched}-tail"}
-    )
-    producer.init_transactions(30)
-    for batch, commit in (([b"a", b"b", b"c"], True), ([b"d"], True), ([b"x", b"y"], False)):
-        producer.begin_transaction()
-        for value in batch:
-            producer.produce(topics.enriched, value, partition=0)
-        if commit:
-            producer.commit_transaction(30)
-        else:
-            producer.abort_transaction(30)
-    latest = cli(topics, "tail", topics.enriched, "--last", "2", "--timeout", "3")
-    assert latest.returncode == 0, latest.stderr
-    assert [line["value"] for line in map(codec.decode, latest.stdout.splitlines())] == ["c", "d"]
-    everything = cli(topics, "tail", topics.enriched, "--last", "50", "--timeout", "3")
-    assert [line["value"] for line in map(codec.decode, everything.stdout.splitlines())] == [
-        "a",
-        "b",
-        "c",
-        "d",
-    ]
+    producer = transactions(topics.enriched, "busy")
+    stop = threading.Event()
+
+    def busy() -> None:
+        n = 0
+        while not stop.is_set():
+            write(producer, topics.enriched, 0, [b"%d" % n], True)
+            n += 1
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=busy)
+    writer.start()
+    try:
+        time.sleep(1)
+        latest = [v for _, v in tailed(topics, topics.enriched, "--last", "3", "--max", "3")]
+    finally:
+        stop.set()
+        writer.join()
+    assert len(latest) == 3
+    assert latest == list(range(latest[0], latest[0] + 3))  # consecutive: none skipped
 
 
 def test_topics_create_refuses_a_mismatched_state_topic(topics: Topics) -> None:

@@ -375,10 +375,10 @@ def test_json_nested_200_levels_is_taken_and_written_out() -> None:
 
 
 def test_a_batch_of_more_calls_than_the_limit_is_one_too_large_letter() -> None:
-    """A batch of more than MAX_BATCH_CALLS calls, and more than one per 32 bytes, is
-    dead-lettered whole, as too_large: 262,000 calls of `1` fit in 512 KB, each a dead
-    letter of its own. Libraries batch by bytes, so more small calls pass (analytics-go:
-    2,500 calls in 440 KB)."""
+    """A batch of more than 2,000 calls and more than one per 32 bytes, or of more than
+    MAX_BATCH_CALLS (16,384), is dead-lettered whole, as too_large: 262,000 calls of `1`
+    fit in 512 KB, each a dead letter of its own. Libraries batch by bytes, so more
+    small calls pass (analytics-go: 2,500 calls in 440 KB)."""
     assert (
         len(run(codec.encode({"batch": [call(messageId=f"m{n}") for n in range(2_000)]}))) == 2_000
     )
@@ -387,7 +387,7 @@ def test_a_batch_of_more_calls_than_the_limit_is_one_too_large_letter() -> None:
     assert (letter.reason, letter.letter["value"]) == ("too_large", raw.decode())
     assert letter.letter["message"] == (
         f"the batch holds 2001 calls, over the limit of 2000 for its {len(raw)} bytes "
-        "(2000, or one call per 32 bytes)"
+        "(2000, or one call per 32 bytes, at most 16384)"
     )
     small_calls = [{"type": "group", "userId": "u", "groupId": f"{n}"} for n in range(2_500)]
     outcomes = run(codec.encode({"batch": small_calls}))
@@ -401,6 +401,11 @@ def test_a_batch_of_more_calls_than_the_limit_is_one_too_large_letter() -> None:
     at_limit = codec.encode({"batch": [{"pad": "x" * 21}] * 10_000})  # 32 bytes a call
     assert len(run(at_limit)) == 10_000
     assert dead(codec.encode({"batch": [{"pad": "x" * 20}] * 10_000})).reason == "too_large"
+    # A larger max_batch_bytes does not raise the most calls past 16,384.
+    wide = Settings(max_batch_bytes=2 << 20)
+    assert len(run(codec.encode({"batch": [{}] * 16_384, "pad": "x" * 600_000}), wide)) == 16_384
+    over = dead(codec.encode({"batch": [{}] * 16_385, "pad": "x" * 600_000}), wide)
+    assert over.letter["message"].startswith("the batch holds 16385 calls, over the limit of 16384")
 
 
 def test_dead_letters_of_batch_calls_carry_the_call_as_sent() -> None:
@@ -546,11 +551,12 @@ def test_event_time_falls_back_to_the_record_timestamp() -> None:
 def test_a_timestamp_there_but_unusable_is_reported_beside_the_fallback(stamp: Any) -> None:
     """A sender's timestamp that is no ISO-8601 time gives way to the next source (here
     receivedAt) and is carried on the outcome, for the metrics and a log line; a valid,
-    null or absent one is not."""
+    null, blank or absent one is not."""
     out = enriched(call(timestamp=stamp, receivedAt="2015-02-23T22:28:56Z"))
     assert out.call["timestamp"] == "2015-02-23T22:28:56.000Z"
     assert out.invalid_timestamp == stamp
-    for usable in ({"timestamp": "2015-02-23T22:28:55Z"}, {"timestamp": None}, {}):
+    blank = {"timestamp": " "}
+    for usable in ({"timestamp": "2015-02-23T22:28:55Z"}, {"timestamp": None}, {}, blank):
         assert enriched(call(**usable)).invalid_timestamp is None
 
 

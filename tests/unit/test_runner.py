@@ -1365,8 +1365,9 @@ def test_an_abort_that_ends_the_loop_commits_nothing_of_its_batch(transactional:
 
 def test_a_transaction_holds_about_commit_max_records_calls_however_records_hold_them() -> None:
     """Envelopes of many calls are committed a few records at a time, within one
-    consume: a transaction holds about commit_max_records calls plus one record's, not
-    every call of the consumed records (which outlasted the transaction's timeout)."""
+    consume: a transaction holds commit_max_records calls, cut inside a record if need
+    be (an envelope holds up to 16,384), not every call of the consumed records (which
+    outlasted the transaction's timeout)."""
     source, sink = FakeSource(FakeClock(), 2), FakeSink()
     settings = dataclasses.replace(SETTINGS, commit_max_records=250, commit_interval=60.0)
     runner, metrics = build(source, sink, settings)
@@ -1375,13 +1376,17 @@ def test_a_transaction_holds_about_commit_max_records_calls_however_records_hold
     run_for(runner, source, 3)
 
     assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in range(800))
-    # 100 calls a record: a commit after each third record (300 calls), then the rest;
-    # after each commit the partition that had no turn yet goes first.
+    # 100 calls a record: a commit after each 250 calls, the third record cut at 50
+    # (its offset committed, the cut in the metadata); after each commit the partition
+    # that had no turn yet goes first.
     assert sink.offset_commits == [
-        {("in", 0): 3},
-        {("in", 1): 3},
-        {("in", 0): 4, ("in", 1): 4},
+        {("in", 0): 2},
+        {("in", 1): 2},
+        {("in", 0): 4, ("in", 1): 3},
+        {("in", 1): 4},
     ]
+    cuts = [{p: (c.offset, c.calls) for p, c in cut.items()} for cut in sink.commit_cuts]
+    assert cuts == [{("in", 0): (2, 50)}, {("in", 1): (2, 50)}, {("in", 1): (3, 50)}, {}]
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 800
 
 
@@ -1632,8 +1637,8 @@ def test_a_cut_read_that_fails_holds_back_only_its_partition() -> None:
 
 
 # Small consumes, commits by a budget of 250 calls only: envelopes of 100 cut batches.
-HOT_SETTINGS = dataclasses.replace(
-    SETTINGS, batch_size=4, commit_max_records=250, commit_interval=60.0
+HOT_SETTINGS = dataclasses.replace(  # commits between envelopes of 100 calls
+    SETTINGS, batch_size=4, commit_max_records=300, commit_interval=60.0
 )
 
 
@@ -1651,7 +1656,8 @@ def test_a_hot_partition_cut_by_a_commit_is_read_again_behind_the_others() -> No
     assert sorted(message_ids(sink)) == sorted(f"m{n}" for n in [*range(800), 900])
     # The first cut comes after 300 calls of partition 0; the other's call is next.
     assert message_ids(sink)[300] == "m900"
-    assert sink.offset_commits[:2] == [{("in", 0): 3}, {("in", 1): 1, ("in", 0): 6}]
+    # The second holds that call and 299 of partition 0's: its sixth record cut at 99.
+    assert sink.offset_commits[:2] == [{("in", 0): 3}, {("in", 1): 1, ("in", 0): 5}]
     assert sample(metrics, "group_worker_outcomes_total", outcome="enriched") == 801
 
 

@@ -313,9 +313,14 @@ def test_send_keys_a_call_by_its_first_usable_id(call: bytes, key: bytes | None)
 def test_state_dump_names_a_profile_that_is_not_json_and_prints_the_rest(
     monkeypatch: pytest.MonkeyPatch, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
-    """Anyone who may write the state topic can put bytes there that are not JSON: `state
-    dump` prints JSON lines all the same, names the group whose record is not, exits 1."""
-    profiles = {b"g1": b'{"groupId":"g1"}', b"g\n2": b"\xffnot json", b"g3": b'{"groupId":"g3"}'}
+    """Anyone who may write the state topic can put bytes there that are not JSON, or
+    JSON over several lines: `state dump` prints JSON lines all the same, names the
+    group whose record is not JSON, exits 1."""
+    profiles = {
+        b"g1": b'{"groupId":"g1"}',
+        b"g\n2": b"\xffnot json",
+        b"g3": b'{"groupId":\r\n"g3"}\n',  # JSON, but not one line
+    }
     monkeypatch.setattr(tools, "_profiles", lambda config: profiles)
     config = load_config(environ={})
     assert tools._state_dump(config, argparse.Namespace()) == 1
