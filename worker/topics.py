@@ -126,7 +126,14 @@ def ensure_topics(config: Config) -> Layout:
     input_topic = config.topics.input
     replication = config.topics.replication_factor
     if input_topic not in existing:
-        _create(admin, [NewTopic(input_topic, config.topics.partitions, replication)])
+        if _create(admin, [NewTopic(input_topic, config.topics.partitions, replication)]):
+            log.warning(
+                "input_topic_created",
+                topic=input_topic,
+                partitions=config.topics.partitions,
+                note="there was no such topic: the worker reads what is sent to it from now "
+                "on (a mistyped topics.input reads nothing)",
+            )
         existing[input_topic] = config.topics.partitions
     partitions = existing[input_topic]
     specs = plan_topics(config)
@@ -141,10 +148,12 @@ def ensure_topics(config: Config) -> Layout:
     _check_access(admin, {n: ops for n, ops in needs.items() if n in existing})
     # Topics that exist must have the configs the design needs; new ones are made so.
     _check_configs(admin, [s for s in specs if s.create_configs() and s.name in existing])
-    _create(
+    created = _create(
         admin,
         [NewTopic(s.name, partitions, replication, config=s.create_configs()) for s in missing],
     )
+    if created:
+        log.info("topics_created", topics=created, partitions=partitions)
     _check_access(admin, {s.name: needs[s.name] for s in missing})
     repartition = config.topics.repartition
     if config.worker.input_keyed_by_group_id and repartition in existing:
@@ -193,16 +202,20 @@ def _partition_counts(admin: AdminClient, servers: str) -> dict[str, int]:
     return {name: len(topic.partitions) for name, topic in metadata.topics.items()}
 
 
-def _create(admin: AdminClient, topics: list[NewTopic]) -> None:
+def _create(admin: AdminClient, topics: list[NewTopic]) -> list[str]:
+    """Create ``topics``; returns the names of those this call created (not a peer)."""
     if not topics:
-        return
+        return []
+    created = []
     futures = admin.create_topics(topics, operation_timeout=_TIMEOUT)
     for name, future in futures.items():
         try:
             future.result(_TIMEOUT)
+            created.append(name)
         except KafkaException as e:
             if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:  # a peer created it first
                 raise TopicError(f"cannot create topic {name}: {e.args[0].str()}") from None
+    return created
 
 
 def _describe(admin: AdminClient, specs: list[TopicSpec]) -> list[Mapping[str, Any]]:

@@ -335,9 +335,21 @@ def test_topics_create_refuses_a_mismatched_state_topic(topics: Topics) -> None:
 
 
 def test_topics_create_makes_outputs_with_the_input_partition_count(topics: Topics) -> None:
-    """`topics create` creates every output with the input's partitions and shows its limit."""
+    """`topics create` creates every output with the input's partitions and shows its limit;
+    it logs what it created, the input with a warning (a mistyped name makes a new one)."""
     result = cli(topics, "topics", "create", TOPICS_PARTITIONS="4")
     assert result.returncode == 0, result.stderr
+    logged = [codec.decode(line) for line in result.stderr.splitlines()]
+    [warning] = [e for e in logged if e["event"] == "input_topic_created"]
+    assert (warning["level"], warning["topic"], warning["partitions"]) == (
+        "warning",
+        topics.input,
+        4,
+    )
+    [created] = [e for e in logged if e["event"] == "topics_created"]
+    assert len(created["topics"]) == 6
+    again = cli(topics, "topics", "create")
+    assert b"_created" not in again.stderr
     lines = result.stdout.decode().splitlines()
     dedupe = f"{topics.group_id}.dedupe"
     outputs = (
